@@ -1,0 +1,93 @@
+// pybind11 entry points: raw pointers, sizes, strides, a dtype code and a stream handle. No libtorch
+// link, so one build works with any torch. Compiled into _C (nvcc kernels, real GPUs) and _C_host
+// (the same kernels on the simt fiber simulator); TK_MODULE_NAME says which.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+
+#include "softmax.h"
+
+#ifdef TK_HOST_SIM
+#include "host/selftest.h"
+#endif
+
+namespace py = pybind11;
+using Strides = std::array<int64_t, 4>;
+
+namespace {
+
+// Raises RuntimeError (never crashes) when the CUDA build is called on a machine with no device.
+void require_device() {
+#ifndef TK_HOST_SIM
+  int n = 0;
+  cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess || n == 0)
+    throw std::runtime_error(std::string("no CUDA device: ") + (err != cudaSuccess ? cudaGetErrorString(err) : "0 devices"));
+#endif
+}
+
+tk_stream_t as_stream(uintptr_t s) { return reinterpret_cast<tk_stream_t>(s); }
+template <typename T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+void softmax_forward(uintptr_t x, uintptr_t mask, uintptr_t y, int64_t rows, int64_t cols, int64_t d1, int64_t d2,
+                     Strides x_stride, Strides mask_stride, float scale, bool causal, int64_t causal_offset,
+                     int dtype, int mask_kind, int algo, uintptr_t stream) {
+  require_device();
+  tk::SoftmaxFwdArgs a{};
+  a.x = ptr<const void>(x);
+  a.mask = ptr<const void>(mask);
+  a.y = ptr<void>(y);
+  a.rows = rows, a.cols = cols, a.d1 = d1, a.d2 = d2;
+  for (int i = 0; i < 4; ++i) a.x_stride[i] = x_stride[i], a.mask_stride[i] = mask_stride[i];
+  a.scale = scale, a.causal = causal, a.causal_offset = causal_offset, a.dtype = dtype, a.mask_kind = mask_kind;
+  tk::softmax_forward(a, algo, as_stream(stream));
+}
+
+void softmax_backward(uintptr_t y, uintptr_t dy, uintptr_t dx, int64_t rows, int64_t cols, int64_t d1, int64_t d2,
+                      Strides dy_stride, float scale, int dtype, int algo, uintptr_t stream) {
+  require_device();
+  tk::SoftmaxBwdArgs a{};
+  a.y = ptr<const void>(y);
+  a.dy = ptr<const void>(dy);
+  a.dx = ptr<void>(dx);
+  a.rows = rows, a.cols = cols, a.d1 = d1, a.d2 = d2;
+  for (int i = 0; i < 4; ++i) a.dy_stride[i] = dy_stride[i];
+  a.scale = scale, a.dtype = dtype;
+  tk::softmax_backward(a, algo, as_stream(stream));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TK_MODULE_NAME, m) {
+  m.doc() = "transformer-kernels CUDA C++ kernels (raw-pointer bindings)";
+#ifdef TK_HOST_SIM
+  m.attr("simulated") = true;
+#else
+  m.attr("simulated") = false;
+#endif
+  m.def("softmax_forward", &softmax_forward);
+  m.def("softmax_backward", &softmax_backward);
+  m.def("device_count", [] {
+    require_device();
+#ifdef TK_HOST_SIM
+    return 0;
+#else
+    int n = 0;
+    cudaGetDeviceCount(&n);
+    return n;
+#endif
+  });
+#ifdef TK_HOST_SIM
+  m.def("simt_seed", &simt::set_seed, "seeds the fiber scheduling order");
+  auto st = m.def_submodule("selftest", "kernels that test the simulator");
+  st.def("reverse_static", &simt_selftest::reverse_static);
+  st.def("reverse_dynamic", &simt_selftest::reverse_dynamic);
+  st.def("exit_before_barrier", &simt_selftest::exit_before_barrier);
+  st.def("different_barriers", &simt_selftest::different_barriers);
+  st.def("shuffles", &simt_selftest::shuffles);
+  st.def("int_shuffles", &simt_selftest::int_shuffles);
+  st.def("atomics", &simt_selftest::atomics);
+#endif
+}

@@ -1,0 +1,117 @@
+// Device helpers shared by every CUDA kernel file: element conversion, warp and block reductions,
+// dynamic shared memory, and the one launch helper (the only place a kernel launch is written).
+// The same text compiles under nvcc (real GPUs) and under the host compiler with host/simt.h.
+#pragma once
+
+#include <cstdint>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+using tk_stream_t = cudaStream_t;
+#define TK_EXTERN_SHARED(type, name) extern __shared__ __align__(16) unsigned char name##_raw[]; \
+  type* name = reinterpret_cast<type*>(name##_raw)
+#else
+#include "host/simt.h"
+using tk_stream_t = ::simt::stream_t;
+// simt keeps dynamic shared memory in a per-launch buffer instead of an extern symbol.
+#define TK_EXTERN_SHARED(type, name) type* name = static_cast<type*>(::simt::dynamic_shared())
+#endif
+
+namespace tk {
+
+// Element type codes shared with the Python side (transformer_kernels/_ext.py: DTYPE_CODES).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_float<uint8_t>(uint8_t v) { return static_cast<float>(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+
+template <typename Op>
+__device__ __forceinline__ float warp_allreduce(float v, Op op) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// All threads of the block get the reduction of `v`. blockDim.x must be a multiple of 32.
+// `scratch` holds at least 32 floats; the trailing barrier lets the caller reuse it at once.
+template <typename Op>
+__device__ __forceinline__ float block_allreduce(float v, Op op, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  v = warp_allreduce(v, op);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();  // every warp's partial is in shared memory
+  float total = scratch[0];
+  for (int w = 1; w < n_warps; ++w) total = op(total, scratch[w]);
+  __syncthreads();  // everyone has read scratch before the caller overwrites it
+  return total;
+}
+
+// Running softmax statistics: m = max of the scores seen, s = sum of exp(score - m).
+struct SoftmaxStat {
+  float m, s;
+};
+
+__device__ __forceinline__ SoftmaxStat stat_add(SoftmaxStat a, float x) {
+  // Masked scores are -inf and leave the statistics unchanged (no exp(-inf - -inf) = NaN).
+  if (x == -INFINITY) return a;
+  float m = fmaxf(a.m, x);
+  return SoftmaxStat{m, a.s * expf(a.m - m) + expf(x - m)};
+}
+
+__device__ __forceinline__ SoftmaxStat stat_merge(SoftmaxStat a, SoftmaxStat b) {
+  float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return SoftmaxStat{-INFINITY, 0.0f};
+  return SoftmaxStat{m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+
+__device__ __forceinline__ SoftmaxStat warp_allreduce_stat(SoftmaxStat st) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    SoftmaxStat o{__shfl_xor_sync(0xffffffffu, st.m, offset), __shfl_xor_sync(0xffffffffu, st.s, offset)};
+    st = stat_merge(st, o);
+  }
+  return st;
+}
+
+}  // namespace tk
+
+namespace tk {
+
+// Calls f(T{}) with T the element type of a DType code.
+template <typename F>
+inline void dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); break;
+    case kFloat16: f(__half{}); break;
+    case kBFloat16: f(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument("unsupported dtype code " + std::to_string(dtype));
+  }
+}
+
+// Splits a flat row index into the (i0, i1, i2) of a [d0, d1, d2, cols] view and returns the
+// element offset of the row's first column through `stride` (64-bit: rows * cols may pass 2^31).
+__device__ __forceinline__ int64_t row_offset(int64_t row, int64_t d1, int64_t d2, const int64_t* stride) {
+  const int64_t i2 = row % d2, i1 = (row / d2) % d1, i0 = row / (d1 * d2);
+  return i0 * stride[0] + i1 * stride[1] + i2 * stride[2];
+}
+
+}  // namespace tk

@@ -1,0 +1,14 @@
+// Launchers of the simulator's own test kernels (selftest.cu), called by the _C_host bindings.
+#pragma once
+
+#include <cstdint>
+
+namespace simt_selftest {
+void reverse_static(uintptr_t in, uintptr_t out, int blocks, int threads, bool with_barrier);
+void reverse_dynamic(uintptr_t in, uintptr_t out, int blocks, int threads);
+void exit_before_barrier(uintptr_t out, int threads);
+void different_barriers(uintptr_t out, int threads);
+void shuffles(uintptr_t out, int threads, int dtype);
+void int_shuffles(uintptr_t out, int threads);
+void atomics(uintptr_t fsum, uintptr_t isum, uintptr_t in, int n, int threads);
+}  // namespace simt_selftest

@@ -1,0 +1,440 @@
+// simt.h: runs unmodified CUDA kernel sources on the CPU, for verification without a GPU.
+//
+// Compiled by the host C++ compiler (never by nvcc), force-included before every .cu file of the
+// _C_host build. Each block's threads run as cooperative fibers (ucontext) on one OS thread:
+//  - a fiber runs until it reaches a barrier (__syncthreads, a warp collective) or returns;
+//  - between barriers the runnable fibers resume in a seeded random order, so code that reads
+//    another thread's shared-memory write without a barrier in between sees stale or poisoned data;
+//  - static __shared__ variables live in one ELF section ("simt_shared") and dynamic shared memory in
+//    one buffer per launch, both filled with 0xFF (a NaN pattern) at the start of every block;
+//  - barrier divergence (threads exited, or waiting at different barriers) and warp collectives
+//    whose lanes cannot all arrive raise std::runtime_error instead of hanging.
+// Blocks run one after another, in a seeded random order. Because fibers never run concurrently,
+// atomics are plain read-modify-writes.
+#pragma once
+
+#ifdef __CUDACC__
+#error "simt.h is the host simulator; nvcc builds use the real CUDA runtime"
+#endif
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <vector_types.h>
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+// CUDA's host_defines.h gives these GNU attributes meant for nvcc; on the CPU they are plain C++.
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __noinline__
+#undef __launch_bounds__
+#undef __shared__
+#undef __constant__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+#define __constant__ static
+// One copy per process, which is one copy per block because blocks run one at a time. The section
+// lets the runtime find (and poison) every static shared variable between blocks.
+#define __shared__ static __attribute__((section("simt_shared"), aligned(16)))
+
+namespace simt {
+
+using stream_t = void*;
+
+enum class State { Runnable, AtBarrier, AtWarpSync, Done };
+
+struct Fiber {
+  uint3 tid;
+  unsigned linear = 0;
+  ucontext_t ctx;
+  State state = State::Done;
+  const char* bar_file = nullptr;  // where a fiber waits, for barrier-divergence messages
+  int bar_line = 0;
+  unsigned warp_mask = 0;          // lanes a warp collective waits for
+};
+
+struct Runtime {
+  dim3 grid{1, 1, 1};
+  dim3 block{1, 1, 1};
+  uint3 block_idx{0, 0, 0};
+  std::vector<Fiber> fibers;
+  unsigned n_threads = 0;
+  Fiber* cur = nullptr;
+  ucontext_t sched;
+  std::string error;               // set by a fiber; the scheduler rethrows it on the main stack
+  const std::function<void()>* body = nullptr;
+  // per-warp exchange slots for shuffles/ballots: [warp][lane] of 16 bytes
+  std::vector<unsigned char> exchange;
+  std::vector<unsigned char> dyn_smem;
+  // fiber stacks, one mapping reused by every launch (lazily committed by the kernel)
+  unsigned char* stacks = nullptr;
+  size_t stack_bytes = 0;
+  size_t stacks_len = 0;
+  std::mt19937_64 rng{0x5eed};
+};
+
+inline Runtime& rt() {
+  static thread_local Runtime r;
+  return r;
+}
+
+inline void set_seed(uint64_t seed) { rt().rng.seed(seed); }
+
+inline size_t fiber_stack_bytes() {
+  static size_t bytes = [] {
+    const char* env = std::getenv("SIMT_STACK_KB");
+    size_t kb = env ? std::strtoull(env, nullptr, 10) : 256;
+    return std::max<size_t>(kb, 64) * 1024;
+  }();
+  return bytes;
+}
+
+[[noreturn]] inline void fail(const std::string& msg) { throw std::runtime_error("simt: " + msg); }
+
+inline std::string where(const Fiber& f) {
+  return "thread (" + std::to_string(f.tid.x) + "," + std::to_string(f.tid.y) + "," +
+         std::to_string(f.tid.z) + ")";
+}
+
+inline std::string block_name() {
+  auto& r = rt();
+  return "block (" + std::to_string(r.block_idx.x) + "," + std::to_string(r.block_idx.y) + "," +
+         std::to_string(r.block_idx.z) + ")";
+}
+
+// Gives control back to the scheduler; returns when the scheduler resumes this fiber.
+inline void yield_to_scheduler() {
+  auto& r = rt();
+  Fiber* self = r.cur;
+  swapcontext(&self->ctx, &r.sched);
+}
+
+inline void fiber_entry() {
+  auto& r = rt();
+  try {
+    (*r.body)();
+  } catch (const std::exception& e) {
+    if (r.error.empty()) r.error = e.what();
+  }
+  r.cur->state = State::Done;
+  setcontext(&r.sched);
+}
+
+inline void syncthreads(const char* file, int line) {
+  auto& r = rt();
+  r.cur->state = State::AtBarrier;
+  r.cur->bar_file = file;
+  r.cur->bar_line = line;
+  yield_to_scheduler();
+}
+
+inline unsigned lane_id() { return rt().cur->linear & 31u; }
+inline unsigned warp_id() { return rt().cur->linear >> 5; }
+
+// Lanes of this fiber's warp that exist (a last partial warp has fewer than 32).
+inline unsigned existing_lanes(unsigned warp) {
+  unsigned n = rt().n_threads - warp * 32u;
+  return n >= 32 ? 0xffffffffu : ((1u << n) - 1u);
+}
+
+inline void warp_sync(unsigned mask) {
+  auto& r = rt();
+  unsigned lane = lane_id();
+  if (!(mask & (1u << lane))) fail(where(*r.cur) + " calls a warp collective with a mask that excludes itself");
+  if (mask & ~existing_lanes(warp_id()))
+    fail(where(*r.cur) + " warp collective mask names lanes that do not exist in this block");
+  r.cur->state = State::AtWarpSync;
+  r.cur->warp_mask = mask;
+  yield_to_scheduler();
+}
+
+inline unsigned char* exchange_slot(unsigned warp, unsigned lane) {
+  return rt().exchange.data() + (static_cast<size_t>(warp) * 32 + lane) * 16;
+}
+
+// Writes this lane's value, waits for the lanes of `mask`, reads lane `src`, waits again so that
+// no lane overwrites its slot before every lane has read.
+template <typename T>
+inline T exchange(unsigned mask, T value, unsigned src) {
+  static_assert(sizeof(T) <= 16, "shuffle payload too large");
+  unsigned warp = warp_id();
+  std::memcpy(exchange_slot(warp, lane_id()), &value, sizeof(T));
+  warp_sync(mask);
+  if (!(mask & (1u << src))) fail(where(*rt().cur) + " shuffles from lane " + std::to_string(src) + " outside the mask");
+  T out;
+  std::memcpy(&out, exchange_slot(warp, src), sizeof(T));
+  warp_sync(mask);
+  return out;
+}
+
+inline void poison_static_shared();
+
+// Runs fibers of the current block until all are done; raises on divergence or deadlock.
+inline void run_block() {
+  auto& r = rt();
+  std::vector<unsigned> order;
+  order.reserve(r.n_threads);
+  for (;;) {
+    order.clear();
+    for (unsigned i = 0; i < r.n_threads; ++i)
+      if (r.fibers[i].state == State::Runnable) order.push_back(i);
+    if (!order.empty()) {
+      std::shuffle(order.begin(), order.end(), r.rng);
+      for (unsigned i : order) {
+        r.cur = &r.fibers[i];
+        swapcontext(&r.sched, &r.fibers[i].ctx);
+        r.cur = nullptr;
+        if (!r.error.empty()) fail(r.error + " [" + block_name() + "]");
+      }
+      continue;
+    }
+    unsigned done = 0, at_bar = 0;
+    const Fiber* first_bar = nullptr;
+    for (auto& f : r.fibers) {
+      if (f.state == State::Done) ++done;
+      if (f.state == State::AtBarrier) {
+        ++at_bar;
+        if (!first_bar) first_bar = &f;
+      }
+    }
+    if (done == r.n_threads) return;
+    // Release every warp whose collective has all its lanes waiting with the same mask.
+    bool released = false;
+    unsigned n_warps = (r.n_threads + 31) / 32;
+    for (unsigned w = 0; w < n_warps; ++w) {
+      unsigned waiting = 0, mask = 0;
+      bool agree = true;
+      for (unsigned l = 0; l < 32 && w * 32 + l < r.n_threads; ++l) {
+        const Fiber& f = r.fibers[w * 32 + l];
+        if (f.state != State::AtWarpSync) continue;
+        if (waiting && f.warp_mask != mask) agree = false;
+        waiting |= 1u << l;
+        mask = f.warp_mask;
+      }
+      if (waiting && agree && waiting == mask) {
+        for (unsigned l = 0; l < 32; ++l)
+          if (waiting & (1u << l)) r.fibers[w * 32 + l].state = State::Runnable;
+        released = true;
+      }
+    }
+    if (released) continue;
+    if (at_bar + done == r.n_threads && at_bar > 0) {
+      if (done > 0)
+        fail("barrier divergence in " + block_name() + ": " + std::to_string(at_bar) +
+             " threads wait at __syncthreads() (" + first_bar->bar_file + ":" +
+             std::to_string(first_bar->bar_line) + ") while " + std::to_string(done) + " threads have exited");
+      for (auto& f : r.fibers)
+        if (f.state == State::AtBarrier && (f.bar_line != first_bar->bar_line || std::strcmp(f.bar_file, first_bar->bar_file) != 0))
+          fail("barrier divergence in " + block_name() + ": " + where(*first_bar) + " waits at " +
+               first_bar->bar_file + ":" + std::to_string(first_bar->bar_line) + " but " + where(f) +
+               " waits at " + f.bar_file + ":" + std::to_string(f.bar_line));
+      for (auto& f : r.fibers)
+        if (f.state == State::AtBarrier) f.state = State::Runnable;
+      continue;
+    }
+    // Nothing can move: a warp collective waits for lanes that exited or sit at a block barrier.
+    for (auto& f : r.fibers)
+      if (f.state == State::AtWarpSync)
+        fail("warp collective divergence in " + block_name() + ": " + where(f) + " waits for lanes (mask 0x" +
+             [&] { char b[16]; std::snprintf(b, sizeof b, "%08x", f.warp_mask); return std::string(b); }() +
+             ") that exited or wait elsewhere");
+    fail("deadlock in " + block_name());
+  }
+}
+
+inline void ensure_stacks(unsigned n_threads) {
+  auto& r = rt();
+  size_t need = static_cast<size_t>(n_threads) * fiber_stack_bytes();
+  if (r.stacks_len >= need) return;
+  if (r.stacks) munmap(r.stacks, r.stacks_len);
+  void* p = mmap(nullptr, need, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) fail("cannot map fiber stacks");
+  r.stacks = static_cast<unsigned char*>(p);
+  r.stacks_len = need;
+  r.stack_bytes = fiber_stack_bytes();
+}
+
+// Runs `body` once per thread of every block of the grid. Blocks run one by one in a random order.
+inline void launch(dim3 grid, dim3 block, size_t dyn_smem_bytes, const std::function<void()>& body) {
+  auto& r = rt();
+  if (r.body) fail("nested kernel launch");
+  unsigned long long n_threads = 1ull * block.x * block.y * block.z;
+  if (n_threads == 0 || n_threads > 1024) fail("block of " + std::to_string(n_threads) + " threads (must be 1..1024)");
+  if (grid.y > 65535 || grid.z > 65535) fail("grid.y/grid.z above 65535");
+  unsigned long long n_blocks = 1ull * grid.x * grid.y * grid.z;
+  if (n_blocks == 0) return;
+  r.grid = grid;
+  r.block = block;
+  r.n_threads = static_cast<unsigned>(n_threads);
+  r.fibers.assign(r.n_threads, Fiber{});
+  r.exchange.assign(static_cast<size_t>((r.n_threads + 31) / 32) * 32 * 16, 0);
+  r.dyn_smem.assign(dyn_smem_bytes, 0);
+  r.error.clear();
+  r.body = &body;
+  ensure_stacks(r.n_threads);
+  std::vector<unsigned long long> blocks(n_blocks);
+  for (unsigned long long i = 0; i < n_blocks; ++i) blocks[i] = i;
+  std::shuffle(blocks.begin(), blocks.end(), r.rng);
+  try {
+    for (unsigned long long b : blocks) {
+      r.block_idx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
+                          static_cast<unsigned>(b / (1ull * grid.x * grid.y))};
+      poison_static_shared();
+      std::memset(r.dyn_smem.data(), 0xff, r.dyn_smem.size());
+      for (unsigned i = 0; i < r.n_threads; ++i) {
+        Fiber& f = r.fibers[i];
+        f.linear = i;
+        f.tid = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+        f.state = State::Runnable;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = r.stacks + static_cast<size_t>(i) * r.stack_bytes;
+        f.ctx.uc_stack.ss_size = r.stack_bytes;
+        f.ctx.uc_link = &r.sched;
+        makecontext(&f.ctx, fiber_entry, 0);
+      }
+      run_block();
+    }
+  } catch (...) {
+    r.body = nullptr;
+    r.cur = nullptr;
+    throw;
+  }
+  r.body = nullptr;
+}
+
+inline void* dynamic_shared() { return rt().dyn_smem.data(); }
+
+}  // namespace simt
+
+// Section bounds provided by the linker; weak so that a program without static shared memory links.
+extern "C" {
+extern unsigned char __start_simt_shared[] __attribute__((weak, visibility("hidden")));
+extern unsigned char __stop_simt_shared[] __attribute__((weak, visibility("hidden")));
+}
+
+inline void simt::poison_static_shared() {
+  if (__start_simt_shared && __stop_simt_shared > __start_simt_shared)
+    std::memset(__start_simt_shared, 0xff, static_cast<size_t>(__stop_simt_shared - __start_simt_shared));
+}
+
+// ---- CUDA built-ins -------------------------------------------------------------------------
+#define threadIdx (::simt::rt().cur->tid)
+#define blockIdx (::simt::rt().block_idx)
+#define blockDim (::simt::rt().block)
+#define gridDim (::simt::rt().grid)
+constexpr int warpSize = 32;
+
+#define __syncthreads() ::simt::syncthreads(__FILE__, __LINE__)
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::simt::warp_sync(mask); }
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize) {
+  unsigned lane = ::simt::lane_id();
+  unsigned src = (lane / width) * width + (static_cast<unsigned>(src_lane) % width);
+  return ::simt::exchange(mask, var, src);
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize) {
+  unsigned lane = ::simt::lane_id();
+  unsigned src = lane ^ static_cast<unsigned>(lane_mask);
+  // A lane reading from a later width-segment gets its own value back (CUDA's rule).
+  if (src / width > lane / width) src = lane;
+  return ::simt::exchange(mask, var, src);
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
+  unsigned lane = ::simt::lane_id();
+  unsigned src = lane + delta;
+  if (src / width != lane / width || src >= 32) src = lane;
+  return ::simt::exchange(mask, var, src);
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
+  unsigned lane = ::simt::lane_id();
+  unsigned src = lane >= delta ? lane - delta : lane;
+  if (src / width != lane / width) src = lane;
+  return ::simt::exchange(mask, var, src);
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  unsigned warp = ::simt::warp_id(), lane = ::simt::lane_id();
+  int p = pred != 0;
+  std::memcpy(::simt::exchange_slot(warp, lane), &p, sizeof p);
+  ::simt::warp_sync(mask);
+  unsigned out = 0;
+  for (unsigned l = 0; l < 32; ++l) {
+    int v;
+    std::memcpy(&v, ::simt::exchange_slot(warp, l), sizeof v);
+    if ((mask & (1u << l)) && v) out |= 1u << l;
+  }
+  ::simt::warp_sync(mask);
+  return out;
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
+
+template <typename T>
+inline T atomicAdd(T* address, T val) {
+  T old = *address;
+  *address = old + val;
+  return old;
+}
+template <typename T>
+inline T atomicMax(T* address, T val) {
+  T old = *address;
+  *address = std::max(old, val);
+  return old;
+}
+template <typename T>
+inline T atomicCAS(T* address, T compare, T val) {
+  T old = *address;
+  if (old == compare) *address = val;
+  return old;
+}
+template <typename T>
+inline T atomicExch(T* address, T val) {
+  T old = *address;
+  *address = val;
+  return old;
+}
+
+// Math intrinsics: the fast-math device variants map onto the exact libm functions.
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __fsqrt_rn(float x) { return std::sqrt(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __saturatef(float x) { return std::fmin(std::fmax(x, 0.0f), 1.0f); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline int __float_as_int(float f) { int v; std::memcpy(&v, &f, 4); return v; }
+inline float __uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned v; std::memcpy(&v, &f, 4); return v; }
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(static_cast<unsigned>(v)); }
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+using std::max;
+using std::min;

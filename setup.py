@@ -1,0 +1,135 @@
+"""Build: `_C_host` (host C++ compiler + csrc/host/simt.h) always, `_C` (nvcc) when a CUDA toolkit is found.
+
+Both are compiled through ninja for parallel compiles. Never imports torch.
+Environment: TK_CUDA_ARCHS (default "80;86;89;90"), TK_SKIP_CUDA_BUILD=1, CUDA_HOME, MAX_JOBS.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+DEFAULT_ARCHS = "80;86;89;90"
+
+
+def find_cuda_home() -> Path | None:
+    """The CUDA toolkit root (holds include/cuda_fp16.h): CUDA_HOME/CUDA_PATH, the nvcc on PATH, /usr/local/cuda."""
+    candidates = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates += [Path(nvcc).parent.parent, Path(nvcc).resolve().parent.parent]
+    candidates.append(Path("/usr/local/cuda"))
+    for path in candidates:
+        if (path / "include" / "cuda_fp16.h").exists():
+            return path
+    return None
+
+
+def ninja_escape(path: Path | str) -> str:
+    return str(path).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+
+
+class NinjaBuildExt(build_ext):
+    """Writes one build.ninja per extension and runs it; sources ending in .cu go to nvcc for _C and
+    to the host compiler (as C++) for _C_host."""
+
+    def build_extensions(self) -> None:
+        import pybind11  # build requirement, available in the build environment
+
+        self.cuda_home = find_cuda_home()
+        self.py_includes = [sysconfig.get_paths()["include"], pybind11.get_include()]
+        skip = os.environ.get("TK_SKIP_CUDA_BUILD") == "1"
+        nvcc = self.cuda_home / "bin" / "nvcc" if self.cuda_home else None
+        kept = []
+        for ext in self.extensions:
+            if ext.name.endswith("._C"):
+                if skip:
+                    print("transformer-kernels: TK_SKIP_CUDA_BUILD=1, not building the CUDA extension _C", flush=True)
+                    continue
+                if nvcc is None or not nvcc.exists():
+                    print("transformer-kernels: no CUDA toolkit (nvcc) found, not building the CUDA extension _C; "
+                          "the Triton and host-simulated backends still work", flush=True)
+                    continue
+            if self.cuda_home is None or not (self.cuda_home / "include" / "cuda_fp16.h").exists():
+                raise RuntimeError("transformer-kernels: the CUDA headers (cuda_fp16.h) are needed to build "
+                                   f"{ext.name}; set CUDA_HOME to a CUDA toolkit")
+            kept.append(ext)
+        self.extensions = kept
+        super().build_extensions()
+
+    def build_extension(self, ext: Extension) -> None:
+        is_cuda = ext.name.endswith("._C")
+        out = Path(self.get_ext_fullpath(ext.name)).resolve()
+        build_dir = Path(self.build_temp).resolve() / ext.name.split(".")[-1]
+        build_dir.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cuda_inc = self.cuda_home / "include"
+        module = ext.name.split(".")[-1]
+        includes = " ".join(f"-I{p}" for p in [CSRC, cuda_inc, *self.py_includes])
+        cxx = os.environ.get("CXX", "c++")
+        opt = "-O2" if not is_cuda else "-O3"
+        cxxflags = f"-std=c++17 {opt} -fPIC -fvisibility=hidden -DTK_MODULE_NAME={module} {includes}"
+        lines = [f"cxxflags = {cxxflags}", f"cxx = {cxx}"]
+        if is_cuda:
+            archs = [a.strip() for a in os.environ.get("TK_CUDA_ARCHS", DEFAULT_ARCHS).split(";") if a.strip()]
+            gencode = " ".join(f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs)
+            # PTX of the newest arch too, so newer GPUs can JIT it.
+            gencode += f" -gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"
+            lines += [
+                f"nvcc = {self.cuda_home / 'bin' / 'nvcc'}",
+                f"nvccflags = -std=c++17 -O3 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden "
+                f"-DTK_MODULE_NAME={module} {includes} {gencode} -Xptxas -warn-spills",
+                "rule cu\n  command = $nvcc $nvccflags -MD -MF $out.d -c $in -o $out\n  depfile = $out.d\n  deps = gcc",
+            ]
+            ldflags = f"-shared -L{self.cuda_home / 'lib64'} -lcudart_static -ldl -lrt -lpthread"
+        else:
+            lines[0] += " -DTK_HOST_SIM"
+            # The host build compiles .cu files as C++; simt.h supplies the CUDA built-ins.
+            lines.append("rule cu\n  command = $cxx -x c++ $cxxflags -MD -MF $out.d -c $in -o $out\n"
+                         "  depfile = $out.d\n  deps = gcc")
+            ldflags = "-shared"
+        lines.append("rule cc\n  command = $cxx $cxxflags -MD -MF $out.d -c $in -o $out\n  depfile = $out.d\n  deps = gcc")
+        lines.append(f"rule link\n  command = $cxx $in -o $out {ldflags}")
+        objs = []
+        for src in ext.sources:
+            src_path = (ROOT / src).resolve()
+            obj = build_dir / (src.replace("/", "_") + ".o")
+            rule = "cu" if src.endswith(".cu") else "cc"
+            lines.append(f"build {ninja_escape(obj)}: {rule} {ninja_escape(src_path)}")
+            objs.append(ninja_escape(obj))
+        lines.append(f"build {ninja_escape(out)}: link {' '.join(objs)}")
+        (build_dir / "build.ninja").write_text("\n".join(lines) + "\n")
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        cmd = [find_ninja(), "-C", str(build_dir), "-j", jobs]
+        print(f"transformer-kernels: building {ext.name} with ninja", flush=True)
+        subprocess.run(cmd, check=True)
+
+
+def find_ninja() -> str:
+    exe = shutil.which("ninja")
+    if exe:
+        return exe
+    import ninja  # build requirement: the PyPI package ships the binary
+
+    return str(Path(ninja.BIN_DIR) / "ninja")
+
+
+KERNEL_SOURCES = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
+HOST_ONLY_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (CSRC / "host").glob("*.cu"))
+
+setup(
+    ext_modules=[
+        Extension("transformer_kernels._C_host", ["csrc/bindings.cpp", *KERNEL_SOURCES, *HOST_ONLY_SOURCES]),
+        Extension("transformer_kernels._C", ["csrc/bindings.cpp", *KERNEL_SOURCES]),
+    ],
+    cmdclass={"build_ext": NinjaBuildExt},
+)
