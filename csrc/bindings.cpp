@@ -80,7 +80,7 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
 #endif
   });
 #ifdef TK_HOST_SIM
-  m.def("simt_seed", &simt::set_seed, "seeds the fiber scheduling order");
+  m.def("simt_seed", &simt_selftest::seed, "seeds the fiber scheduling order");
   auto st = m.def_submodule("selftest", "kernels that test the simulator");
   st.def("reverse_static", &simt_selftest::reverse_static);
   st.def("reverse_dynamic", &simt_selftest::reverse_dynamic);

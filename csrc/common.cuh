@@ -13,20 +13,17 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-using tk_stream_t = cudaStream_t;
 #define TK_EXTERN_SHARED(type, name) extern __shared__ __align__(16) unsigned char name##_raw[]; \
   type* name = reinterpret_cast<type*>(name##_raw)
 #else
 #include "host/simt.h"
-using tk_stream_t = ::simt::stream_t;
 // simt keeps dynamic shared memory in a per-launch buffer instead of an extern symbol.
 #define TK_EXTERN_SHARED(type, name) type* name = static_cast<type*>(::simt::dynamic_shared())
 #endif
 
-namespace tk {
+#include "types.h"
 
-// Element type codes shared with the Python side (transformer_kernels/_ext.py: DTYPE_CODES).
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace tk {
 
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }

@@ -3,7 +3,7 @@
 
 #include <cstdint>
 
-#include "common.cuh"
+#include "types.h"
 
 namespace tk {
 

@@ -1,0 +1,11 @@
+"""transformer-kernels: fused Triton and CUDA C++ kernels for transformer layers.
+
+Backends: ``set_backend("auto" | "triton" | "cuda" | "torch")`` or ``with use_backend(name):``.
+Ops live in ``transformer_kernels.ops``; the plain-PyTorch oracle in ``transformer_kernels.reference``.
+"""
+
+from . import ops, reference
+from .backends import BACKENDS, get_backend, set_backend, use_backend
+
+__version__ = "0.1.0"
+__all__ = ["BACKENDS", "get_backend", "ops", "reference", "set_backend", "use_backend"]

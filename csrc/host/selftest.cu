@@ -71,6 +71,8 @@ __global__ void atomics_kernel(float* fsum, int* isum, const float* in, int n) {
 
 // ---- launchers ----
 
+void seed(uint64_t s) { simt::set_seed(s); }
+
 void reverse_static(uintptr_t in, uintptr_t out, int blocks, int threads, bool with_barrier) {
   tk::launch(reverse_static_kernel, dim3(blocks), dim3(threads), 0, nullptr, reinterpret_cast<const float*>(in),
              reinterpret_cast<float*>(out), int(with_barrier));

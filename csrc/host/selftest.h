@@ -1,9 +1,10 @@
-// Launchers of the simulator's own test kernels (selftest.cu), called by the _C_host bindings.
+// The simulator's seed and the launchers of its own test kernels (selftest.cu), for the _C_host bindings.
 #pragma once
 
 #include <cstdint>
 
 namespace simt_selftest {
+void seed(uint64_t seed);
 void reverse_static(uintptr_t in, uintptr_t out, int blocks, int threads, bool with_barrier);
 void reverse_dynamic(uintptr_t in, uintptr_t out, int blocks, int threads);
 void exit_before_barrier(uintptr_t out, int threads);

@@ -56,8 +56,6 @@
 
 namespace simt {
 
-using stream_t = void*;
-
 enum class State { Runnable, AtBarrier, AtWarpSync, Done };
 
 struct Fiber {

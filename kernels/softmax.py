@@ -1,0 +1,197 @@
+"""Masked softmax over the last dim, in Triton.
+
+One program per row. Rows up to ``SINGLE_TILE_MAX_COLS`` are held in registers as one tile; longer
+rows stream in ``LOOP_BLOCK`` tiles twice: first a running (max, sum) per lane (online softmax),
+then the normalised output. Scores live in the exp2 domain: the scale and log2(e) are folded into
+one multiplier, so each element costs one FMA and one exp2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import is_interpreted, next_power_of_2
+
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # the same constant, usable inside @triton.jit
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+SINGLE_TILE_MAX_COLS = 8192
+LOOP_BLOCK = 2048
+MIN_BLOCK = 16
+
+
+@triton.jit
+def _masked_scores(X, M, x_row, m_row, cols, n_cols, query, causal_offset, sxk, smk, qk_scale,
+                   MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    # Scores in the log2 domain, -inf where hidden. Hidden entries are never read from X, so NaN or Inf
+    # under a bool or causal mask cannot reach the row.
+    visible = cols < n_cols
+    if IS_CAUSAL:
+        visible = visible & (cols <= query + causal_offset)
+    if MASK_KIND == 1:
+        keep = tl.load(M + m_row + cols * smk, mask=visible, other=0)
+        visible = visible & (keep != 0)
+    s = tl.load(X + x_row + cols * sxk, mask=visible, other=0.0).to(tl.float32) * qk_scale
+    if MASK_KIND == 2:
+        s += tl.load(M + m_row + cols * smk, mask=visible, other=0.0).to(tl.float32) * _LOG2E
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def softmax_fwd_kernel(
+    X, M, Y, n_cols, d1, d2,
+    sx0, sx1, sx2, sx3, sm0, sm1, sm2, sm3,
+    qk_scale, causal_offset,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    i2 = row % d2
+    i1 = (row // d2) % d1
+    i0 = row // (d1 * d2)
+    x_row = i0 * sx0 + i1 * sx1 + i2 * sx2
+    m_row = i0 * sm0 + i1 * sm1 + i2 * sm2
+    y_ptr = Y + row * n_cols
+    offs = tl.arange(0, BLOCK)
+    if SINGLE_TILE:
+        s = _masked_scores(X, M, x_row, m_row, offs, n_cols, i2, causal_offset, sx3, sm3, qk_scale, MASK_KIND, IS_CAUSAL)
+        m = tl.max(s, axis=0)
+        # A row with no visible key has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
+        p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m))
+        denom = tl.sum(p, axis=0)
+        y = p / tl.where(denom == 0.0, 1.0, denom)
+        tl.store(y_ptr + offs, y.to(Y.dtype.element_ty), mask=offs < n_cols)
+    else:
+        m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
+        l_vec = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            s = _masked_scores(X, M, x_row, m_row, start + offs, n_cols, i2, causal_offset, sx3, sm3, qk_scale,
+                               MASK_KIND, IS_CAUSAL)
+            m_new = tl.maximum(m_vec, s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_vec = l_vec * tl.exp2(m_vec - m_safe) + tl.exp2(s - m_safe)
+            m_vec = m_new
+        m = tl.max(m_vec, axis=0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        denom = tl.sum(l_vec * tl.exp2(m_vec - m_safe), axis=0)
+        inv = tl.where(denom == 0.0, 0.0, 1.0 / denom)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            s = _masked_scores(X, M, x_row, m_row, cols, n_cols, i2, causal_offset, sx3, sm3, qk_scale,
+                               MASK_KIND, IS_CAUSAL)
+            tl.store(y_ptr + cols, (tl.exp2(s - m_safe) * inv).to(Y.dtype.element_ty), mask=cols < n_cols)
+
+
+@triton.jit
+def softmax_bwd_kernel(
+    Y, DY, DX, n_cols, d1, d2, sd0, sd1, sd2, sd3, scale,
+    BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr,
+):
+    # dx = scale * y * (dy - sum(dy * y)): masked entries have y = 0, so their gradient is 0.
+    row = tl.program_id(0).to(tl.int64)
+    i2 = row % d2
+    i1 = (row // d2) % d1
+    i0 = row // (d1 * d2)
+    dy_ptr = DY + i0 * sd0 + i1 * sd1 + i2 * sd2
+    y_ptr = Y + row * n_cols
+    dx_ptr = DX + row * n_cols
+    offs = tl.arange(0, BLOCK)
+    if SINGLE_TILE:
+        inside = offs < n_cols
+        y = tl.load(y_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs * sd3, mask=inside, other=0.0).to(tl.float32)
+        dot = tl.sum(y * dy, axis=0)
+        tl.store(dx_ptr + offs, (scale * y * (dy - dot)).to(DX.dtype.element_ty), mask=inside)
+    else:
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            inside = cols < n_cols
+            y = tl.load(y_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + cols * sd3, mask=inside, other=0.0).to(tl.float32)
+            acc += y * dy
+        dot = tl.sum(acc, axis=0)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            inside = cols < n_cols
+            y = tl.load(y_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + cols * sd3, mask=inside, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + cols, (scale * y * (dy - dot)).to(DX.dtype.element_ty), mask=inside)
+
+
+# ---- launchers -------------------------------------------------------------------------------
+
+
+def pick_config(n_cols: int) -> tuple[int, int, bool]:
+    """(BLOCK, num_warps, SINGLE_TILE) for a row length: whole row in one tile up to
+    SINGLE_TILE_MAX_COLS, else LOOP_BLOCK tiles. Warps grow with the tile so each thread holds at most
+    16 fp32 values (no spills)."""
+    if n_cols <= SINGLE_TILE_MAX_COLS:
+        block = max(MIN_BLOCK, next_power_of_2(n_cols))
+        return block, min(16, max(1, block // 512)), True
+    return LOOP_BLOCK, 8, False
+
+
+def all_configs() -> list[tuple[int, int, bool]]:
+    """Every (BLOCK, num_warps, SINGLE_TILE) pick_config can return (for the resource check)."""
+    configs, n = [], MIN_BLOCK
+    while n <= SINGLE_TILE_MAX_COLS:
+        configs.append(pick_config(n))
+        n *= 2
+    configs.append(pick_config(SINGLE_TILE_MAX_COLS + 1))
+    return configs
+
+
+def _check(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D [d0, d1, d2, cols] view, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} dtype {t.dtype} is not supported by the Triton softmax (supported: {SUPPORTED_DTYPES})")
+    if t.device.type == "cpu" and not is_interpreted():
+        raise RuntimeError("Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 before importing triton")
+
+
+def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is_causal: bool,
+                    causal_offset: int = 0) -> torch.Tensor:
+    """x: ``[d0, d1, d2, N]`` any strides; mask: None, or bool (True = keep) / float (added) viewed as
+    ``[d0, d1, d2, N]`` through broadcast strides. Causal: key j visible to query i (index in d2) iff
+    ``j <= i + causal_offset``. Returns a contiguous ``[d0, d1, d2, N]`` in x's dtype."""
+    _check("x", x)
+    if mask is not None and mask.shape != x.shape:
+        raise ValueError(f"mask view {tuple(mask.shape)} must match x {tuple(x.shape)}")
+    d0, d1, d2, n = x.shape
+    y = torch.empty((d0, d1, d2, n), dtype=x.dtype, device=x.device)
+    rows = d0 * d1 * d2
+    if rows == 0 or n == 0:
+        return y
+    if mask is None:
+        kind, m, ms = MASK_NONE, x, (0, 0, 0, 0)
+    elif mask.dtype == torch.bool:
+        kind, m, ms = MASK_BOOL, mask.view(torch.uint8), mask.stride()
+    else:
+        kind, m, ms = MASK_ADD, mask, mask.stride()
+    block, warps, single = pick_config(n)
+    softmax_fwd_kernel[(rows,)](
+        x, m, y, n, d1, d2, *x.stride(), *ms, scale * LOG2E, causal_offset,
+        MASK_KIND=kind, IS_CAUSAL=bool(is_causal), BLOCK=block, SINGLE_TILE=single, num_warps=warps,
+    )
+    return y
+
+
+def softmax_backward(grad: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    """grad: ``[d0, d1, d2, N]`` any strides (an expanded grad is read in place); y: contiguous forward
+    output. Returns contiguous dx."""
+    _check("grad", grad)
+    if y.shape != grad.shape or not y.is_contiguous():
+        raise ValueError(f"y must be contiguous with grad's shape {tuple(grad.shape)}, got {tuple(y.shape)}")
+    d0, d1, d2, n = y.shape
+    dx = torch.empty_like(y)
+    rows = d0 * d1 * d2
+    if rows == 0 or n == 0:
+        return dx
+    block, warps, single = pick_config(n)
+    softmax_bwd_kernel[(rows,)](y, grad, dx, n, d1, d2, *grad.stride(), scale,
+                                BLOCK=block, SINGLE_TILE=single, num_warps=warps)
+    return dx

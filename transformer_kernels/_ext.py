@@ -1,0 +1,114 @@
+"""Glue to the C++ builds: loading `_C` (nvcc, real GPUs) or `_C_host` (simulator), and turning tensors
+into the raw pointers, strides, dtype codes and stream handles the bindings take."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+# Must match csrc/types.h (DType) and csrc/softmax.h (MaskKind, SoftmaxAlgo).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MASK_NONE, MASK_BOOL, MASK_SAME_DTYPE, MASK_FLOAT32 = 0, 1, 2, 3
+SOFTMAX_ALGOS = {"auto": 0, "warp": 1, "block": 2}
+
+_modules: dict[str, ModuleType | str] = {}
+
+
+def load(name: str) -> ModuleType:
+    """``_C`` or ``_C_host``; raises RuntimeError saying why it is missing."""
+    if name not in _modules:
+        try:
+            _modules[name] = importlib.import_module(f"transformer_kernels.{name}")
+        except ImportError as e:
+            hint = ("built only when nvcc is found at install time (reinstall with a CUDA toolkit)" if name == "_C"
+                    else "reinstall the package: pip install -e .")
+            _modules[name] = f"transformer_kernels.{name} is not available ({e}); it is {hint}"
+    mod = _modules[name]
+    if isinstance(mod, str):
+        raise RuntimeError(mod)
+    return mod
+
+
+def available(name: str) -> tuple[bool, str]:
+    try:
+        load(name)
+        return True, ""
+    except RuntimeError as e:
+        return False, str(e)
+
+
+def module_for(device: torch.device) -> ModuleType:
+    """The build that runs on tensors of this device: `_C` for CUDA, the simulator for CPU."""
+    return load("_C" if device.type == "cuda" else "_C_host")
+
+
+def stream_handle(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+_softmax_algo = "auto"
+
+
+@contextlib.contextmanager
+def force_softmax_algo(name: str) -> Iterator[None]:
+    """Makes the CUDA softmax use one kernel ('warp' or 'block') for every row length (tests)."""
+    global _softmax_algo
+    if name not in SOFTMAX_ALGOS:
+        raise ValueError(f"softmax algo must be one of {tuple(SOFTMAX_ALGOS)}, got {name!r}")
+    old, _softmax_algo = _softmax_algo, name
+    try:
+        yield
+    finally:
+        _softmax_algo = old
+
+
+def _mask_kind(mask: torch.Tensor | None, dtype: torch.dtype) -> int:
+    if mask is None:
+        return MASK_NONE
+    if mask.dtype == torch.bool:
+        return MASK_BOOL
+    if mask.dtype == dtype:
+        return MASK_SAME_DTYPE
+    if mask.dtype == torch.float32:
+        return MASK_FLOAT32
+    raise TypeError(f"mask dtype {mask.dtype} must be bool, float32 or x's dtype {dtype}")
+
+
+def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is_causal: bool,
+                    causal_offset: int = 0) -> torch.Tensor:
+    """CUDA C++ masked softmax; same contract as kernels/softmax.py:softmax_forward."""
+    if x.dim() != 4 or (mask is not None and mask.shape != x.shape):
+        raise ValueError(f"x and mask must be 4-D views of one shape, got {tuple(x.shape)} and "
+                         f"{None if mask is None else tuple(mask.shape)}")
+    if x.dtype not in DTYPE_CODES:
+        raise TypeError(f"x dtype {x.dtype} is not supported by the CUDA softmax (supported: {tuple(DTYPE_CODES)})")
+    kind = _mask_kind(mask, x.dtype)
+    mod = module_for(x.device)
+    d0, d1, d2, n = x.shape
+    y = torch.empty((d0, d1, d2, n), dtype=x.dtype, device=x.device)
+    mod.softmax_forward(
+        x.data_ptr(), 0 if mask is None else mask.data_ptr(), y.data_ptr(), d0 * d1 * d2, n, d1, d2,
+        list(x.stride()), [0] * 4 if mask is None else list(mask.stride()), float(scale), bool(is_causal),
+        int(causal_offset), DTYPE_CODES[x.dtype], kind, SOFTMAX_ALGOS[_softmax_algo], stream_handle(x),
+    )
+    return y
+
+
+def softmax_backward(grad: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    """CUDA C++ softmax backward; grad any strides, y contiguous; returns contiguous dx."""
+    if grad.dim() != 4 or y.shape != grad.shape or not y.is_contiguous():
+        raise ValueError(f"grad {tuple(grad.shape)} and contiguous y {tuple(y.shape)} must be 4-D of one shape")
+    if grad.dtype != y.dtype:
+        raise TypeError(f"grad dtype {grad.dtype} must equal y dtype {y.dtype}")
+    mod = module_for(y.device)
+    d0, d1, d2, n = y.shape
+    dx = torch.empty_like(y)
+    mod.softmax_backward(
+        y.data_ptr(), grad.data_ptr(), dx.data_ptr(), d0 * d1 * d2, n, d1, d2, list(grad.stride()), float(scale),
+        DTYPE_CODES[y.dtype], SOFTMAX_ALGOS[_softmax_algo], stream_handle(y),
+    )
+    return dx

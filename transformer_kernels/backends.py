@@ -1,0 +1,100 @@
+"""Which implementation runs an op: "auto", "triton", "cuda" or "torch".
+
+`auto` on CUDA tensors takes the first available backend of the op's entry in `GPU_PREFERENCE`; on CPU
+tensors it takes "torch" (the reference math on PyTorch's CPU kernels). A forced backend that cannot run
+raises a clear error instead of falling back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+
+# Order in which `auto` tries backends on CUDA tensors, per op. Not yet measured on a GPU (no GPU was
+# available when these ops landed): Triton first because it autotunes per architecture. Replace with
+# the measured winner once `python -m transformer_kernels bench` has run on a GPU.
+GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "masked_softmax": ("triton", "cuda", "torch"),
+}
+
+_default = "auto"
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("tk_backend", default=None)
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Sets the process-wide default backend."""
+    global _default
+    _default = _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend in force: the innermost `use_backend`, else the `set_backend` default."""
+    scoped = _scoped.get()
+    return _default if scoped is None else scoped
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Runs the block with `name` as the backend."""
+    token = _scoped.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
+
+
+def triton_status(device: torch.device) -> tuple[bool, str]:
+    """Whether Triton kernels can run on tensors of `device`."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton is not installed ({e})"
+    from .kernels.config import is_interpreted
+
+    if device.type == "cuda" or is_interpreted():
+        return True, ""
+    return False, "Triton on CPU tensors needs the interpreter: set TRITON_INTERPRET=1 before importing triton"
+
+
+def cuda_status(device: torch.device) -> tuple[bool, str]:
+    """Whether the CUDA C++ kernels can run on `device` (`_C` on GPUs, `_C_host` on the CPU)."""
+    return _ext.available("_C" if device.type == "cuda" else "_C_host")
+
+
+def status(name: str, device: torch.device) -> tuple[bool, str]:
+    if name == "triton":
+        return triton_status(device)
+    if name == "cuda":
+        return cuda_status(device)
+    return True, ""
+
+
+def resolve(op: str, device: torch.device, requested: str | None = None) -> str:
+    """The concrete backend ("triton" | "cuda" | "torch") that runs `op` on tensors of `device`."""
+    name = _check_name(requested) if requested is not None else get_backend()
+    if name == "auto":
+        if device.type != "cuda":
+            return "torch"
+        for candidate in GPU_PREFERENCE.get(op, ("torch",)):
+            if status(candidate, device)[0]:
+                return candidate
+        return "torch"
+    if name != "torch" and name not in GPU_PREFERENCE.get(op, ()):
+        raise NotImplementedError(f"backend {name!r} does not implement {op}")
+    ok, why = status(name, device)
+    if not ok:
+        raise RuntimeError(f"backend {name!r} cannot run {op} on {device.type} tensors: {why}")
+    return name

@@ -1,0 +1,40 @@
+"""Argument checks shared by the ops: they raise ValueError/TypeError naming the argument, its shape and
+dtype, and what was expected, before anything launches."""
+
+from __future__ import annotations
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_float_tensor(name: str, t: object, allow_fp64: bool = False) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    allowed = (*KERNEL_DTYPES, torch.float64) if allow_fp64 else KERNEL_DTYPES
+    if t.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype in {allowed}; got {describe(t)}")
+    return t
+
+
+def check_mask(name: str, mask: object, target: torch.Tensor) -> torch.Tensor | None:
+    """A bool or floating mask on target's device that broadcasts to target's shape."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"{name} must be bool (True = keep) or floating (added); got {describe(mask)}")
+    if mask.device != target.device:
+        raise ValueError(f"{name} is on {mask.device} but the input is on {target.device}")
+    try:
+        shape = torch.broadcast_shapes(mask.shape, target.shape)
+    except RuntimeError:
+        shape = None
+    if shape != target.shape:
+        raise ValueError(f"{name} with {describe(mask)} does not broadcast to the input shape {tuple(target.shape)}")
+    return mask
