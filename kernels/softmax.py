@@ -2,8 +2,9 @@
 
 One program per row. Rows up to ``SINGLE_TILE_MAX_COLS`` are held in registers as one tile; longer
 rows stream in ``LOOP_BLOCK`` tiles twice: first a running (max, sum) per lane (online softmax),
-then the normalised output. Scores live in the exp2 domain: the scale and log2(e) are folded into
-one multiplier, so each element costs one FMA and one exp2.
+then the normalised output. The max is subtracted in natural units before the log2(e) multiply
+that feeds exp2: folding log2(e) into the scale first (FlashAttention's trick) rounds scores near
+-6e4 to 2^-7 and the softmax of such a row off by ~0.5%.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ MIN_BLOCK = 16
 
 
 @triton.jit
-def _masked_scores(X, M, x_row, m_row, cols, n_cols, query, causal_offset, sxk, smk, qk_scale,
+def _masked_scores(X, M, x_row, m_row, cols, n_cols, query, causal_offset, sxk, smk, scale,
                    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    # Scores in the log2 domain, -inf where hidden. Hidden entries are never read from X, so NaN or Inf
+    # scale * x + additive mask in fp32, -inf where hidden. Hidden entries are never read from X, so NaN or Inf
     # under a bool or causal mask cannot reach the row.
     visible = cols < n_cols
     if IS_CAUSAL:
@@ -34,9 +35,9 @@ def _masked_scores(X, M, x_row, m_row, cols, n_cols, query, causal_offset, sxk, 
     if MASK_KIND == 1:
         keep = tl.load(M + m_row + cols * smk, mask=visible, other=0)
         visible = visible & (keep != 0)
-    s = tl.load(X + x_row + cols * sxk, mask=visible, other=0.0).to(tl.float32) * qk_scale
+    s = tl.load(X + x_row + cols * sxk, mask=visible, other=0.0).to(tl.float32) * scale
     if MASK_KIND == 2:
-        s += tl.load(M + m_row + cols * smk, mask=visible, other=0.0).to(tl.float32) * _LOG2E
+        s += tl.load(M + m_row + cols * smk, mask=visible, other=0.0).to(tl.float32)
     return tl.where(visible, s, float("-inf"))
 
 
@@ -44,7 +45,7 @@ def _masked_scores(X, M, x_row, m_row, cols, n_cols, query, causal_offset, sxk, 
 def softmax_fwd_kernel(
     X, M, Y, n_cols, d1, d2,
     sx0, sx1, sx2, sx3, sm0, sm1, sm2, sm3,
-    qk_scale, causal_offset,
+    scale, causal_offset,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -56,10 +57,10 @@ def softmax_fwd_kernel(
     y_ptr = Y + row * n_cols
     offs = tl.arange(0, BLOCK)
     if SINGLE_TILE:
-        s = _masked_scores(X, M, x_row, m_row, offs, n_cols, i2, causal_offset, sx3, sm3, qk_scale, MASK_KIND, IS_CAUSAL)
+        s = _masked_scores(X, M, x_row, m_row, offs, n_cols, i2, causal_offset, sx3, sm3, scale, MASK_KIND, IS_CAUSAL)
         m = tl.max(s, axis=0)
         # A row with no visible key has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
-        p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m))
+        p = tl.exp2((s - tl.where(m == float("-inf"), 0.0, m)) * _LOG2E)
         denom = tl.sum(p, axis=0)
         y = p / tl.where(denom == 0.0, 1.0, denom)
         tl.store(y_ptr + offs, y.to(Y.dtype.element_ty), mask=offs < n_cols)
@@ -67,21 +68,21 @@ def softmax_fwd_kernel(
         m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
         l_vec = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
-            s = _masked_scores(X, M, x_row, m_row, start + offs, n_cols, i2, causal_offset, sx3, sm3, qk_scale,
+            s = _masked_scores(X, M, x_row, m_row, start + offs, n_cols, i2, causal_offset, sx3, sm3, scale,
                                MASK_KIND, IS_CAUSAL)
             m_new = tl.maximum(m_vec, s)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_vec = l_vec * tl.exp2(m_vec - m_safe) + tl.exp2(s - m_safe)
+            l_vec = l_vec * tl.exp2((m_vec - m_safe) * _LOG2E) + tl.exp2((s - m_safe) * _LOG2E)
             m_vec = m_new
         m = tl.max(m_vec, axis=0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        denom = tl.sum(l_vec * tl.exp2(m_vec - m_safe), axis=0)
+        denom = tl.sum(l_vec * tl.exp2((m_vec - m_safe) * _LOG2E), axis=0)
         inv = tl.where(denom == 0.0, 0.0, 1.0 / denom)
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
-            s = _masked_scores(X, M, x_row, m_row, cols, n_cols, i2, causal_offset, sx3, sm3, qk_scale,
+            s = _masked_scores(X, M, x_row, m_row, cols, n_cols, i2, causal_offset, sx3, sm3, scale,
                                MASK_KIND, IS_CAUSAL)
-            tl.store(y_ptr + cols, (tl.exp2(s - m_safe) * inv).to(Y.dtype.element_ty), mask=cols < n_cols)
+            tl.store(y_ptr + cols, (tl.exp2((s - m_safe) * _LOG2E) * inv).to(Y.dtype.element_ty), mask=cols < n_cols)
 
 
 @triton.jit
@@ -174,7 +175,7 @@ def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is
         kind, m, ms = MASK_ADD, mask, mask.stride()
     block, warps, single = pick_config(n)
     softmax_fwd_kernel[(rows,)](
-        x, m, y, n, d1, d2, *x.stride(), *ms, scale * LOG2E, causal_offset,
+        x, m, y, n, d1, d2, *x.stride(), *ms, scale, causal_offset,
         MASK_KIND=kind, IS_CAUSAL=bool(is_causal), BLOCK=block, SINGLE_TILE=single, num_warps=warps,
     )
     return y

@@ -48,6 +48,8 @@ def _softmax_keep(scores: Tensor, keep: Tensor | None) -> Tensor:
     entries count. A row with nothing to keep, or whose kept scores are all -inf, gives zeros."""
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
+    if scores.shape[-1] == 0:
+        return scores
     row_max = scores.amax(dim=-1, keepdim=True)
     empty = row_max == float("-inf")
     # Subtracting the max keeps exp() in range; an empty row subtracts 0 so exp(-inf) = 0, not NaN.

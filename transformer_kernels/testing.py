@@ -1,0 +1,47 @@
+"""The accuracy rule every comparison with the reference uses (tests and `make check` alike).
+
+flash-attention's rule: a low-precision kernel may be off the fp32 reference by at most `factor` times
+the error of the reference itself run in that low precision, plus a small floor; gradients get factor 3.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Absolute floor per dtype, relative to the largest reference magnitude: covers summation-order
+# differences that the low-precision reference happens not to show.
+FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+FORWARD_FACTOR = 2.0
+GRADIENT_FACTOR = 3.0
+
+
+def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| in fp64; NaN or Inf where the reference is finite counts as infinite error."""
+    if out.shape != ref.shape:
+        raise AssertionError(f"shape {tuple(out.shape)} != reference shape {tuple(ref.shape)}")
+    if out.numel() == 0:
+        return 0.0
+    out, ref = out.detach(), ref.detach()
+    diff = (out.double() - ref.double()).abs()
+    diff = torch.where(torch.isfinite(out.double()) | ~torch.isfinite(ref.double()), diff, torch.inf)
+    return float(torch.nan_to_num(diff, nan=torch.inf).max())
+
+
+def error_bound(ref_fp32: torch.Tensor, ref_lowp: torch.Tensor, dtype: torch.dtype, factor: float = FORWARD_FACTOR) -> float:
+    scale = max(1.0, float(ref_fp32.detach().abs().max())) if ref_fp32.numel() else 1.0
+    return factor * max_error(ref_lowp, ref_fp32) + FLOOR[dtype] * scale
+
+
+def check(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Tensor | None = None,
+          factor: float = FORWARD_FACTOR) -> tuple[float, float]:
+    """(error, bound) of `out` against the fp32 reference; `ref_lowp` defaults to the fp32 reference
+    (fp32 inputs: the floor alone)."""
+    ref_lowp = ref_fp32 if ref_lowp is None else ref_lowp
+    return max_error(out, ref_fp32), error_bound(ref_fp32, ref_lowp, out.dtype, factor)
+
+
+def assert_close(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Tensor | None = None,
+                 factor: float = FORWARD_FACTOR, what: str = "output") -> None:
+    err, bound = check(out, ref_fp32, ref_lowp, factor)
+    if not err <= bound:
+        raise AssertionError(f"{what}: max error {err:.3e} exceeds bound {bound:.3e} (dtype {out.dtype})")
