@@ -6,6 +6,7 @@ Environment: TK_CUDA_ARCHS (default "80;86;89;90"), TK_SKIP_CUDA_BUILD=1, CUDA_H
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,20 +18,17 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-DEFAULT_ARCHS = "80;86;89;90"
 
 
-def find_cuda_home() -> Path | None:
-    """The CUDA toolkit root (holds include/cuda_fp16.h): CUDA_HOME/CUDA_PATH, the nvcc on PATH, /usr/local/cuda."""
-    candidates = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates += [Path(nvcc).parent.parent, Path(nvcc).resolve().parent.parent]
-    candidates.append(Path("/usr/local/cuda"))
-    for path in candidates:
-        if (path / "include" / "cuda_fp16.h").exists():
-            return path
-    return None
+def _load_toolchain():
+    """transformer_kernels/toolchain.py, loaded as a file: importing the package would import torch."""
+    spec = importlib.util.spec_from_file_location("_tk_toolchain", ROOT / "transformer_kernels" / "toolchain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+toolchain = _load_toolchain()
 
 
 def ninja_escape(path: Path | str) -> str:
@@ -44,7 +42,7 @@ class NinjaBuildExt(build_ext):
     def build_extensions(self) -> None:
         import pybind11  # build requirement, available in the build environment
 
-        self.cuda_home = find_cuda_home()
+        self.cuda_home = toolchain.cuda_home()
         self.py_includes = [sysconfig.get_paths()["include"], pybind11.get_include()]
         skip = os.environ.get("TK_SKIP_CUDA_BUILD") == "1"
         nvcc = self.cuda_home / "bin" / "nvcc" if self.cuda_home else None
@@ -79,13 +77,13 @@ class NinjaBuildExt(build_ext):
         cxxflags = f"-std=c++17 {opt} -fPIC -fvisibility=hidden -DTK_MODULE_NAME={module} {includes}"
         lines = [f"cxxflags = {cxxflags}", f"cxx = {cxx}"]
         if is_cuda:
-            archs = [a.strip() for a in os.environ.get("TK_CUDA_ARCHS", DEFAULT_ARCHS).split(";") if a.strip()]
+            archs = toolchain.cuda_archs()
             gencode = " ".join(f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs)
             # PTX of the newest arch too, so newer GPUs can JIT it.
             gencode += f" -gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"
             lines += [
                 f"nvcc = {self.cuda_home / 'bin' / 'nvcc'}",
-                f"nvccflags = -std=c++17 -O3 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden "
+                f"nvccflags = {' '.join(toolchain.NVCC_FLAGS)} -Xcompiler -fPIC -Xcompiler -fvisibility=hidden "
                 f"-DTK_MODULE_NAME={module} {includes} {gencode} -Xptxas -warn-spills",
                 "rule cu\n  command = $nvcc $nvccflags -MD -MF $out.d -c $in -o $out\n  depfile = $out.d\n  deps = gcc",
             ]

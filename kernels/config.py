@@ -1,8 +1,13 @@
-"""Small facts every Triton launcher needs: whether Triton runs interpreted, and size rounding."""
+"""Small facts every Triton launcher needs: whether Triton runs interpreted, size rounding, and the
+description of an ahead-of-time compile variant."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 
 def is_interpreted() -> bool:
@@ -12,3 +17,23 @@ def is_interpreted() -> bool:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class AotVariant:
+    """One compiled form a launcher can pick: the @triton.jit kernel, its argument types (Triton
+    signature strings), its constexprs and warps. Kernel files list theirs in `aot_variants()`; the
+    resource check compiles each for every target architecture without a GPU."""
+
+    kernel_name: str
+    fn: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int
+    label: str
+    num_stages: int = 3
+    # Pointer arguments the runtime sees 16-byte aligned (torch allocations), as Triton specialises them.
+    aligned: tuple[str, ...] = field(default_factory=tuple)
+
+
+TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -13,13 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import is_interpreted, next_power_of_2
+from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_of_2
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the same constant, usable inside @triton.jit
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
-SINGLE_TILE_MAX_COLS = 8192
+SINGLE_TILE_MAX_COLS = 4096
 LOOP_BLOCK = 2048
 MIN_BLOCK = 16
 
@@ -128,10 +128,10 @@ def softmax_bwd_kernel(
 def pick_config(n_cols: int) -> tuple[int, int, bool]:
     """(BLOCK, num_warps, SINGLE_TILE) for a row length: whole row in one tile up to
     SINGLE_TILE_MAX_COLS, else LOOP_BLOCK tiles. Warps grow with the tile so each thread holds at most
-    16 fp32 values (no spills)."""
+    8 elements: with 16 (and a 64-bit address per element for strided rows) ptxas spilled on sm_80."""
     if n_cols <= SINGLE_TILE_MAX_COLS:
         block = max(MIN_BLOCK, next_power_of_2(n_cols))
-        return block, min(16, max(1, block // 512)), True
+        return block, min(16, max(1, block // 256)), True
     return LOOP_BLOCK, 8, False
 
 
@@ -196,3 +196,33 @@ def softmax_backward(grad: torch.Tensor, y: torch.Tensor, scale: float) -> torch
     softmax_bwd_kernel[(rows,)](y, grad, dx, n, d1, d2, *grad.stride(), scale,
                                 BLOCK=block, SINGLE_TILE=single, num_warps=warps)
     return dx
+
+
+def aot_variants() -> list[AotVariant]:
+    """Every compiled form the launchers above can pick: each config of `all_configs()` for each dtype,
+    mask kind (and mask element type) and causal flag, forward and backward."""
+    out = []
+    strides = lambda p: {f"{p}{i}": "i64" for i in range(4)}
+    for dtype in SUPPORTED_DTYPES:
+        dt = TRITON_DTYPE_NAMES[dtype]
+        masks = [(MASK_NONE, dt), (MASK_BOOL, "u8"), (MASK_ADD, dt)] + ([(MASK_ADD, "fp32")] if dt != "fp32" else [])
+        for block, warps, single in all_configs():
+            for kind, mdt in masks:
+                for causal in (False, True):
+                    sig = {"X": f"*{dt}", "M": f"*{mdt}", "Y": f"*{dt}", "n_cols": "i32", "d1": "i32", "d2": "i32",
+                           **strides("sx"), **strides("sm"), "scale": "fp32", "causal_offset": "i64",
+                           "MASK_KIND": "constexpr", "IS_CAUSAL": "constexpr", "BLOCK": "constexpr",
+                           "SINGLE_TILE": "constexpr"}
+                    out.append(AotVariant(
+                        "softmax_fwd", softmax_fwd_kernel, sig,
+                        {"MASK_KIND": kind, "IS_CAUSAL": causal, "BLOCK": block, "SINGLE_TILE": single}, warps,
+                        f"{dt} BLOCK={block} warps={warps} {'tile' if single else 'loop'} mask={kind}:{mdt} causal={int(causal)}",
+                        aligned=("X", "M", "Y"),
+                    ))
+            sig = {"Y": f"*{dt}", "DY": f"*{dt}", "DX": f"*{dt}", "n_cols": "i32", "d1": "i32", "d2": "i32",
+                   **strides("sd"), "scale": "fp32", "BLOCK": "constexpr", "SINGLE_TILE": "constexpr"}
+            out.append(AotVariant(
+                "softmax_bwd", softmax_bwd_kernel, sig, {"BLOCK": block, "SINGLE_TILE": single}, warps,
+                f"{dt} BLOCK={block} warps={warps} {'tile' if single else 'loop'}", aligned=("Y", "DY", "DX"),
+            ))
+    return out

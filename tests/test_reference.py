@@ -21,10 +21,8 @@ def rand(*shape, dtype=torch.float64, seed=None):
 def test_sdpa_matches_torch(lq, lk, causal):
     torch.manual_seed(0)
     q, k, v = rand(2, 3, lq, 8), rand(2, 3, lk, 8), rand(2, 3, lk, 8)
-    if causal and lq > lk:
-        return_rows = torch.arange(lq) < lk  # SDPA gives NaN for rows with no key; ours gives 0
-    else:
-        return_rows = torch.ones(lq, dtype=torch.bool)
+    # SDPA gives NaN for causal rows with no key (lq > lk); ours gives 0: compare the others
+    return_rows = torch.arange(lq) < lk if causal and lq > lk else torch.ones(lq, dtype=torch.bool)
     out = ref.scaled_dot_product_attention(q, k, v, is_causal=causal)
     exp = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     torch.testing.assert_close(out[:, :, return_rows], exp[:, :, return_rows])

@@ -174,7 +174,7 @@ def test_bad_inputs_raise_before_launch(backend):
             tk.ops.masked_softmax(torch.ones(2, 3, dtype=torch.int32))
         with pytest.raises(ValueError, match=r"does not broadcast.*\(2, 3\)"):
             tk.ops.masked_softmax(torch.randn(2, 3), torch.ones(4, dtype=torch.bool))
-        with pytest.raises(TypeError, match="bool.*floating"):
+        with pytest.raises(TypeError, match=r"bool.*floating"):
             tk.ops.masked_softmax(torch.randn(2, 3), torch.ones(3, dtype=torch.int64))
         with pytest.raises(ValueError, match="is_causal"):
             tk.ops.masked_softmax(torch.randn(3), is_causal=True)

@@ -1,0 +1,64 @@
+"""Ahead-of-time resource check: every shipped kernel variant compiles for real GPUs with no spills."""
+
+import pytest
+from transformer_kernels.kernels import softmax as triton_softmax
+
+from transformer_kernels import resources, toolchain
+
+SAMPLE_USAGE = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function softmax_fwd_kernel:
+  REG:40 STACK:8 SHARED:64 LOCAL:0 CONSTANT[0]:568 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+SAMPLE_SASS = """
+        Function : k
+        /*0020*/                   HFMA2.MMA R7, -RZ, RZ, 0, 2.384185791015625e-07 ;
+        /*0030*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0040*/                   HGMMA.64x64x16.F32 gdesc[UR4], RZ, !UP0 ;
+"""
+
+
+def test_parsers_read_cuobjdump_output():
+    assert resources.parse_resource_usage(SAMPLE_USAGE) == {
+        "softmax_fwd_kernel": {"REG": 40, "STACK": 8, "SHARED": 64, "LOCAL": 0}
+    }
+    # HFMA2.MMA is a plain FMA, not a tensor-core instruction
+    assert resources.count_tensor_core(SAMPLE_SASS) == {"k": 2}
+
+
+@pytest.fixture(scope="module")
+def triton_rows():
+    return resources.triton_report(["softmax"])
+
+
+def test_every_triton_softmax_variant_compiles_without_spills(triton_rows):
+    variants = triton_softmax.aot_variants()
+    assert len(triton_rows) == len(variants) * len(resources.TRITON_ARCHS)
+    assert {r.arch for r in triton_rows} == set(resources.TRITON_ARCHS)
+    for r in triton_rows:
+        assert r.stack_bytes == 0, f"{r.kernel} {r.variant} sm_{r.arch} spills {r.stack_bytes} bytes"
+        assert 0 < r.registers <= 255
+        assert r.shared_bytes <= resources.MAX_SHARED[r.arch]
+        assert r.occupancy is not None and r.occupancy > 0
+
+
+def test_launcher_only_picks_enumerated_configs():
+    configs = set(triton_softmax.all_configs())
+    for n in [1, 7, 16, 17, 33, 1000, 5000, 8192, 8193, 70000, 10**7]:
+        assert triton_softmax.pick_config(n) in configs
+
+
+@pytest.mark.skipif(toolchain.nvcc() is None, reason="needs nvcc")
+def test_every_cuda_softmax_instantiation_compiles_without_spills():
+    rows = resources.cuda_report(["softmax.cu"])
+    archs = {int(a) for a in toolchain.cuda_archs()}
+    assert {r.arch for r in rows} == archs
+    names = {(r.kernel, r.variant) for r in rows}
+    # 4 mask kinds x 3 dtypes for each forward kernel, 3 dtypes for each backward kernel
+    assert len([n for n in names if n[0].startswith("softmax_fwd")]) == 2 * 4 * 3
+    assert len([n for n in names if n[0].startswith("softmax_bwd")]) == 2 * 3
+    for r in rows:
+        assert r.stack_bytes == 0, f"{r.kernel}<{r.variant}> sm_{r.arch} spills {r.stack_bytes} bytes"
+        assert r.shared_bytes <= resources.MAX_SHARED[r.arch]

@@ -1,0 +1,258 @@
+"""Ahead-of-time resource check: compiles every Triton kernel variant the launchers can pick, and
+every CUDA C++ kernel instantiation, for real GPU architectures without a GPU, and reads registers,
+stack (spill) bytes, shared memory and tensor-core instruction counts from the cubins.
+
+Triton compiles run in a child process with TRITON_INTERPRET unset (an interpreted kernel cannot be
+compiled), two at a time; results are cached on disk by a hash of the kernel source and options.
+`python -m transformer_kernels.resources [--json]` prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import toolchain
+
+TRITON_ARCHS = (80, 90)
+TRITON_KERNEL_MODULES = ("softmax",)  # kernels/<name>.py files that define aot_variants()
+CUDA_KERNEL_FILES = ("softmax.cu",)
+# Opcodes that run on tensor cores: HMMA (sm_80+ mma.sync), HGMMA (sm_90 wgmma), IMMA (int8).
+TENSOR_CORE_OPCODES = re.compile(r"\b(HMMA|HGMMA|IMMA|IGMMA)\.")
+CACHE_DIR = Path(os.environ.get("TK_CACHE_DIR", Path.home() / ".cache" / "transformer_kernels"))
+
+# Shared memory a block may use, per arch (opt-in maximum, bytes).
+MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+MAX_REGISTERS = 65536  # per SM, all arches here
+MAX_THREADS_PER_SM = {80: 2048, 86: 1536, 89: 1536, 90: 2048}
+
+
+@dataclass
+class Resources:
+    backend: str  # "triton" | "cuda"
+    kernel: str
+    variant: str
+    arch: int
+    threads: int  # per block (0 when the launcher decides at run time: CUDA kernels)
+    registers: int
+    stack_bytes: int  # local memory frame: where spills go
+    shared_bytes: int
+    tensor_core_instrs: int
+
+    @property
+    def occupancy(self) -> float | None:
+        """Resident warps per SM over the maximum, limited by registers and shared memory."""
+        if self.threads <= 0:
+            return None
+        regs_per_block = max(self.registers, 1) * self.threads
+        blocks = MAX_REGISTERS // regs_per_block
+        if self.shared_bytes:
+            blocks = min(blocks, MAX_SHARED[self.arch] // self.shared_bytes)
+        blocks = min(blocks, MAX_THREADS_PER_SM[self.arch] // self.threads, 32)
+        return blocks * self.threads / MAX_THREADS_PER_SM[self.arch]
+
+
+def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
+    """cuobjdump --dump-resource-usage → {function: {REG, STACK, SHARED, LOCAL}}."""
+    out: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            current = m.group(1)
+            continue
+        if current and "REG:" in line:
+            out[current] = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+            current = None
+    return out
+
+
+def count_tensor_core(sass: str) -> dict[str, int]:
+    """cuobjdump --dump-sass → {function: number of tensor-core instructions}."""
+    counts: dict[str, int] = {}
+    current = None
+    for line in sass.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            current = m.group(1)
+            counts[current] = 0
+        elif current and TENSOR_CORE_OPCODES.search(line):
+            counts[current] += 1
+    return counts
+
+
+def _cuobjdump(cubin: Path) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    tool = toolchain.triton_tool("cuobjdump")
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (ships with triton and with the CUDA toolkit)")
+    usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([tool, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
+    return parse_resource_usage(usage), count_tensor_core(sass)
+
+
+# ---- Triton ----------------------------------------------------------------------------------
+
+
+def _variant_key(v, arch: int) -> str:
+    import triton
+
+    h = hashlib.sha256()
+    h.update(v.fn.cache_key.encode())
+    h.update(json.dumps([v.signature, {k: str(x) for k, x in v.constexprs.items()}, v.num_warps, v.num_stages,
+                         list(v.aligned), arch, triton.__version__], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _compile_triton(job: tuple[str, int, int]) -> dict:
+    module_name, index, arch = job
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    v = importlib.import_module(f"transformer_kernels.kernels.{module_name}").aot_variants()[index]
+    attrs = {(v.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in v.aligned}
+    src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage, tc = _cuobjdump(cubin)
+    name = compiled.metadata.name
+    u = usage[name]
+    return asdict(Resources("triton", v.kernel_name, v.label, arch, v.num_warps * 32, u["REG"],
+                            max(u["STACK"], u["LOCAL"]), max(u["SHARED"], compiled.metadata.shared), tc.get(name, 0)))
+
+
+def _triton_report_in_process(modules: Iterable[str], jobs: int) -> list[dict]:
+    import importlib
+    from concurrent.futures import ProcessPoolExecutor
+
+    cache_file = CACHE_DIR / "triton_resources.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    work, keys, results = [], [], {}
+    for module_name in modules:
+        variants = importlib.import_module(f"transformer_kernels.kernels.{module_name}").aot_variants()
+        for i, v in enumerate(variants):
+            for arch in TRITON_ARCHS:
+                key = _variant_key(v, arch)
+                if key in cache:
+                    results[key] = cache[key]
+                else:
+                    work.append((module_name, i, arch))
+                keys.append(key)
+    if work:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for job, res in zip(work, pool.map(_compile_triton, work, chunksize=4), strict=False):
+                v = importlib.import_module(f"transformer_kernels.kernels.{job[0]}").aot_variants()[job[1]]
+                results[_variant_key(v, job[2])] = res
+        cache.update(results)
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cache))
+    return [results[k] for k in keys]
+
+
+def triton_report(modules: Iterable[str] = TRITON_KERNEL_MODULES, jobs: int | None = None) -> list[Resources]:
+    """Resources of every Triton variant on every arch of TRITON_ARCHS (compiled in a child process)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    cmd = [sys.executable, "-m", "transformer_kernels.resources", "--triton-only", "--json",
+           "--jobs", str(jobs or os.cpu_count() or 1), "--modules", ",".join(modules)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"Triton AOT compile failed:\n{proc.stderr[-4000:]}")
+    return [Resources(**r) for r in json.loads(proc.stdout)]
+
+
+# ---- CUDA C++ --------------------------------------------------------------------------------
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+        return dict(zip(names, out.splitlines(), strict=False))
+    except (OSError, subprocess.CalledProcessError):
+        return {n: n for n in names}
+
+
+def _short_kernel_name(demangled: str) -> tuple[str, str]:
+    """'void tk::(anonymous namespace)::softmax_fwd_warp<__half, 1>(tk::SoftmaxFwdArgs)' →
+    ('softmax_fwd_warp', '__half, 1')."""
+    m = re.search(r"(\w+)<(.*)>\(", demangled)
+    if m:
+        return m.group(1), m.group(2)
+    m = re.search(r"(\w+)\(", demangled)
+    return (m.group(1), "") if m else (demangled, "")
+
+
+def cuda_report(files: Iterable[str] = CUDA_KERNEL_FILES, archs: Iterable[str] | None = None) -> list[Resources]:
+    """nvcc-compiles each kernel file to a cubin per arch and reads every instantiated kernel."""
+    nvcc = toolchain.nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found: set CUDA_HOME to a CUDA toolkit")
+    csrc = toolchain.csrc_dir()
+    rows: list[Resources] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in files:
+            for arch in archs or toolchain.cuda_archs():
+                cubin = Path(tmp) / f"{f}.sm_{arch}.cubin"
+                cmd = [nvcc, *toolchain.NVCC_FLAGS, f"-arch=sm_{arch}", "-cubin", f"-I{csrc}", str(csrc / f), "-o", cubin]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"nvcc failed on {f} for sm_{arch}:\n{proc.stderr[-4000:]}")
+                usage, tc = _cuobjdump(cubin)
+                names = _demangle(list(usage))
+                for mangled, u in sorted(usage.items(), key=lambda kv: names[kv[0]]):
+                    kernel, variant = _short_kernel_name(names[mangled])
+                    rows.append(Resources("cuda", kernel, variant, int(arch), 0, u["REG"], max(u["STACK"], u["LOCAL"]),
+                                          u["SHARED"], tc.get(mangled, 0)))
+    return rows
+
+
+def format_table(rows: list[Resources]) -> str:
+    head = f"{'backend':7} {'kernel':22} {'arch':5} {'regs':>4} {'spill':>5} {'smem':>6} {'TC':>4} {'occ':>5}  variant"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        occ = "-" if r.occupancy is None else f"{r.occupancy:.2f}"
+        lines.append(f"{r.backend:7} {r.kernel:22} sm_{r.arch:<2} {r.registers:4d} {r.stack_bytes:5d} "
+                     f"{r.shared_bytes:6d} {r.tensor_core_instrs:4d} {occ:>5}  {r.variant}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--triton-only", action="store_true")
+    parser.add_argument("--cuda-only", action="store_true")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--modules", default=",".join(TRITON_KERNEL_MODULES))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    rows: list[dict] = []
+    if not args.cuda_only:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            rows += [asdict(r) for r in triton_report(args.modules.split(","), args.jobs)]
+        else:
+            rows += _triton_report_in_process(args.modules.split(","), args.jobs)
+    if not args.triton_only:
+        rows += [asdict(r) for r in cuda_report()]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(format_table([Resources(**r) for r in rows]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Where the CUDA toolkit and Triton's bundled NVIDIA tools are. Imports neither torch nor triton, so
+setup.py loads this file directly to find the toolkit it builds with."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+DEFAULT_CUDA_ARCHS = "80;86;89;90"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cuda_home() -> Path | None:
+    """The CUDA toolkit root (holds include/cuda_fp16.h): CUDA_HOME/CUDA_PATH, the nvcc on PATH
+    (following wrapper scripts' real location), or /usr/local/cuda."""
+    candidates = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    nvcc_on_path = shutil.which("nvcc")
+    if nvcc_on_path:
+        candidates += [Path(nvcc_on_path).parent.parent, Path(nvcc_on_path).resolve().parent.parent]
+    candidates.append(Path("/usr/local/cuda"))
+    for path in candidates:
+        if (path / "include" / "cuda_fp16.h").exists():
+            return path
+    return None
+
+
+def nvcc() -> Path | None:
+    home = cuda_home()
+    exe = home / "bin" / "nvcc" if home else None
+    return exe if exe and exe.exists() else None
+
+
+def cuda_archs() -> list[str]:
+    """The arches the CUDA build targets: TK_CUDA_ARCHS, default 80;86;89;90."""
+    return [a.strip() for a in os.environ.get("TK_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).split(";") if a.strip()]
+
+
+def triton_tool(name: str) -> Path | None:
+    """A binary Triton ships for NVIDIA (cuobjdump, ptxas, nvdisasm), else the toolkit's."""
+    spec = importlib.util.find_spec("triton")
+    if spec and spec.origin:
+        exe = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / name
+        if exe.exists():
+            return exe
+    home = cuda_home()
+    exe = home / "bin" / name if home else None
+    return exe if exe and exe.exists() else None
+
+
+def csrc_dir() -> Path:
+    """The CUDA C++ sources (an editable install or a source checkout)."""
+    return REPO_ROOT / "csrc"
+
+# Flags every nvcc compile of csrc/ uses: the extension build and the resource report alike.
+NVCC_FLAGS = ("-std=c++17", "-O3")
