@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cast_out
 from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_of_2
 
 LOG2E = 1.4426950408889634
@@ -47,6 +48,7 @@ def softmax_fwd_kernel(
     sx0, sx1, sx2, sx3, sm0, sm1, sm2, sm3,
     scale, causal_offset,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     i2 = row % d2
@@ -63,7 +65,7 @@ def softmax_fwd_kernel(
         p = tl.exp2((s - tl.where(m == float("-inf"), 0.0, m)) * _LOG2E)
         denom = tl.sum(p, axis=0)
         y = p / tl.where(denom == 0.0, 1.0, denom)
-        tl.store(y_ptr + offs, y.to(Y.dtype.element_ty), mask=offs < n_cols)
+        tl.store(y_ptr + offs, cast_out(y, Y.dtype.element_ty, INTERPRETED), mask=offs < n_cols)
     else:
         m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
         l_vec = tl.zeros([BLOCK], tl.float32)
@@ -82,13 +84,14 @@ def softmax_fwd_kernel(
             cols = start + offs
             s = _masked_scores(X, M, x_row, m_row, cols, n_cols, i2, causal_offset, sx3, sm3, scale,
                                MASK_KIND, IS_CAUSAL)
-            tl.store(y_ptr + cols, (tl.exp2((s - m_safe) * _LOG2E) * inv).to(Y.dtype.element_ty), mask=cols < n_cols)
+            y = tl.exp2((s - m_safe) * _LOG2E) * inv
+            tl.store(y_ptr + cols, cast_out(y, Y.dtype.element_ty, INTERPRETED), mask=cols < n_cols)
 
 
 @triton.jit
 def softmax_bwd_kernel(
     Y, DY, DX, n_cols, d1, d2, sd0, sd1, sd2, sd3, scale,
-    BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     # dx = scale * y * (dy - sum(dy * y)): masked entries have y = 0, so their gradient is 0.
     row = tl.program_id(0).to(tl.int64)
@@ -104,7 +107,7 @@ def softmax_bwd_kernel(
         y = tl.load(y_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs * sd3, mask=inside, other=0.0).to(tl.float32)
         dot = tl.sum(y * dy, axis=0)
-        tl.store(dx_ptr + offs, (scale * y * (dy - dot)).to(DX.dtype.element_ty), mask=inside)
+        tl.store(dx_ptr + offs, cast_out(scale * y * (dy - dot), DX.dtype.element_ty, INTERPRETED), mask=inside)
     else:
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
@@ -119,7 +122,7 @@ def softmax_bwd_kernel(
             inside = cols < n_cols
             y = tl.load(y_ptr + cols, mask=inside, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + cols * sd3, mask=inside, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + cols, (scale * y * (dy - dot)).to(DX.dtype.element_ty), mask=inside)
+            tl.store(dx_ptr + cols, cast_out(scale * y * (dy - dot), DX.dtype.element_ty, INTERPRETED), mask=inside)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -176,7 +179,8 @@ def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is
     block, warps, single = pick_config(n)
     softmax_fwd_kernel[(rows,)](
         x, m, y, n, d1, d2, *x.stride(), *ms, scale, causal_offset,
-        MASK_KIND=kind, IS_CAUSAL=bool(is_causal), BLOCK=block, SINGLE_TILE=single, num_warps=warps,
+        MASK_KIND=kind, IS_CAUSAL=bool(is_causal), BLOCK=block, SINGLE_TILE=single, INTERPRETED=is_interpreted(),
+        num_warps=warps,
     )
     return y
 
@@ -194,7 +198,7 @@ def softmax_backward(grad: torch.Tensor, y: torch.Tensor, scale: float) -> torch
         return dx
     block, warps, single = pick_config(n)
     softmax_bwd_kernel[(rows,)](y, grad, dx, n, d1, d2, *grad.stride(), scale,
-                                BLOCK=block, SINGLE_TILE=single, num_warps=warps)
+                                BLOCK=block, SINGLE_TILE=single, INTERPRETED=is_interpreted(), num_warps=warps)
     return dx
 
 
@@ -212,17 +216,19 @@ def aot_variants() -> list[AotVariant]:
                     sig = {"X": f"*{dt}", "M": f"*{mdt}", "Y": f"*{dt}", "n_cols": "i32", "d1": "i32", "d2": "i32",
                            **strides("sx"), **strides("sm"), "scale": "fp32", "causal_offset": "i64",
                            "MASK_KIND": "constexpr", "IS_CAUSAL": "constexpr", "BLOCK": "constexpr",
-                           "SINGLE_TILE": "constexpr"}
+                           "SINGLE_TILE": "constexpr", "INTERPRETED": "constexpr"}
                     out.append(AotVariant(
                         "softmax_fwd", softmax_fwd_kernel, sig,
-                        {"MASK_KIND": kind, "IS_CAUSAL": causal, "BLOCK": block, "SINGLE_TILE": single}, warps,
+                        {"MASK_KIND": kind, "IS_CAUSAL": causal, "BLOCK": block, "SINGLE_TILE": single,
+                         "INTERPRETED": False}, warps,
                         f"{dt} BLOCK={block} warps={warps} {'tile' if single else 'loop'} mask={kind}:{mdt} causal={int(causal)}",
                         aligned=("X", "M", "Y"),
                     ))
             sig = {"Y": f"*{dt}", "DY": f"*{dt}", "DX": f"*{dt}", "n_cols": "i32", "d1": "i32", "d2": "i32",
-                   **strides("sd"), "scale": "fp32", "BLOCK": "constexpr", "SINGLE_TILE": "constexpr"}
+                   **strides("sd"), "scale": "fp32", "BLOCK": "constexpr", "SINGLE_TILE": "constexpr",
+                   "INTERPRETED": "constexpr"}
             out.append(AotVariant(
-                "softmax_bwd", softmax_bwd_kernel, sig, {"BLOCK": block, "SINGLE_TILE": single}, warps,
+                "softmax_bwd", softmax_bwd_kernel, sig, {"BLOCK": block, "SINGLE_TILE": single, "INTERPRETED": False}, warps,
                 f"{dt} BLOCK={block} warps={warps} {'tile' if single else 'loop'}", aligned=("Y", "DY", "DX"),
             ))
     return out

@@ -60,6 +60,19 @@ def test_very_long_rows(backend, algo):
     run_and_compare(backend, algo, x, mask, scale=0.5)
 
 
+@pytest.mark.parametrize("backend,algo", IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("n", [100, 5000])
+def test_bf16_output_is_rounded_to_nearest(backend, algo, n):
+    # The interpreter truncates fp32 -> bf16 (up to 1 ulp off); a GPU rounds. Kernels must round everywhere.
+    torch.manual_seed(3)
+    x = torch.randn(4, n).bfloat16()
+    with impl(backend, algo):
+        y = tk.ops.masked_softmax(x, None, 1.3).float()
+    ref = reference.masked_softmax(x.float(), None, 1.3)
+    half_ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 8)
+    assert ((y - ref).abs() <= half_ulp * 1.01 + 1e-9).all()
+
+
 MASK_SHAPES = [(9,), (5, 9), (1, 1, 5, 9), (2, 1, 1, 9), (2, 3, 5, 9)]
 
 

@@ -45,3 +45,38 @@ def assert_close(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Tens
     err, bound = check(out, ref_fp32, ref_lowp, factor)
     if not err <= bound:
         raise AssertionError(f"{what}: max error {err:.3e} exceeds bound {bound:.3e} (dtype {out.dtype})")
+
+
+def _to_fp32(t: object) -> object:
+    return t.detach().float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def _fresh(t: object, grad: bool) -> object:
+    if not isinstance(t, torch.Tensor):
+        return t
+    return t.detach().clone().requires_grad_(grad)
+
+
+def compare(run, ref, inputs: dict[str, object], grad_of: tuple[str, ...] = (), grad_seed: int = 0,
+            ) -> list[tuple[str, float, float]]:
+    """Runs ``run(*inputs.values())`` and ``ref(*inputs.values())`` (the reference once in fp32, once in the
+    inputs' own precision), backpropagates one random grad_output through all three and returns
+    ``[(name, error, bound), ...]`` for the output and the gradient of each input named in ``grad_of``.
+    Non-tensor inputs pass through unchanged; bool tensors are never cast."""
+    names = list(inputs)
+    ours = [_fresh(inputs[n], n in grad_of) for n in names]
+    ref32_in = [_fresh(_to_fp32(inputs[n]), n in grad_of) for n in names]
+    reflp_in = [_fresh(inputs[n], n in grad_of) for n in names]
+    out = run(*ours)
+    ref32, reflp = ref(*ref32_in), ref(*reflp_in)
+    rows = [("out", *check(out, ref32, reflp))]
+    if not grad_of:
+        return rows
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype).to(out.device)
+    out.backward(g)
+    ref32.backward(g.float())
+    reflp.backward(g)
+    for i, n in enumerate(names):
+        if n in grad_of:
+            rows.append((f"d{n}", *check(ours[i].grad, ref32_in[i].grad, reflp_in[i].grad, GRADIENT_FACTOR)))
+    return rows

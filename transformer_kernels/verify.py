@@ -1,0 +1,129 @@
+"""The verification table behind `python -m transformer_kernels check`: every op on every backend that can
+run here, against the reference, with the accuracy rule of `testing.py`.
+
+On a CPU machine the Triton kernels run under the interpreter and the CUDA kernels through the `_C_host`
+simulator build; on a GPU machine both run on the GPU. Each case returns one row per compared tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _ext, backends, ops, reference
+from .testing import compare
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class Result:
+    op: str
+    impl: str
+    dtype: str
+    case: str
+    errors: list[tuple[str, float, float]] = field(default_factory=list)  # (tensor, error, bound)
+    failure: str = ""  # an exception the case raised
+
+    @property
+    def ok(self) -> bool:
+        return not self.failure and all(err <= bound for _, err, bound in self.errors)
+
+    def worst(self) -> tuple[str, float, float] | None:
+        """The compared tensor closest to (or furthest past) its bound."""
+        return max(self.errors, key=lambda r: r[1] / r[2] if r[2] else float("inf"), default=None)
+
+
+@dataclass
+class Case:
+    op: str
+    impl: str
+    dtype: torch.dtype
+    label: str
+    run: Callable[[], list[tuple[str, float, float]]]
+
+
+def implementations(op: str, device: torch.device) -> list[tuple[str, Callable[[], contextlib.AbstractContextManager]]]:
+    """(label, context manager) for each backend (and CUDA kernel variant) that can run ``op`` here."""
+    impls = []
+    for name in ("triton", "cuda", "torch"):
+        if name != "torch" and (name not in backends.GPU_PREFERENCE.get(op, ()) or not backends.status(name, device)[0]):
+            continue
+        if name == "cuda" and op == "masked_softmax":
+            # Both CUDA softmax kernels, each forced on every row length.
+            for algo in ("warp", "block"):
+                impls.append((f"cuda-{algo}", lambda a=algo: _scoped("cuda", _ext.force_softmax_algo(a))))
+        else:
+            impls.append((name, lambda n=name: _scoped(n)))
+    return impls
+
+
+@contextlib.contextmanager
+def _scoped(backend: str, extra: contextlib.AbstractContextManager | None = None) -> Iterator[None]:
+    with backends.use_backend(backend), (extra or contextlib.nullcontext()):
+        yield
+
+
+def _softmax_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    lengths = (1, 33, 1000) if quick else (1, 7, 33, 1000, 5000, 70000)
+    for impl, scope in implementations("masked_softmax", device):
+        for dtype in DTYPES:
+            for n in lengths:
+                # A long row runs alone and without causal masking, which would hide all but its first key.
+                shape, causal = ((2, 1, n), False) if n > 5000 else ((2, 6, n), True)
+
+                def run(shape=shape, causal=causal, dtype=dtype, scope=scope):
+                    g = torch.Generator().manual_seed(shape[-1])
+                    x = (torch.randn(shape, generator=g) * 3).to(dtype).to(device)
+                    n = shape[-1]
+                    mask = (torch.rand(2, 1, n, generator=g) > 0.25).to(device)
+
+                    def ours(x, mask):
+                        with scope():
+                            return ops.masked_softmax(x, mask, 0.7, is_causal=causal)
+
+                    def ref(x, mask):
+                        return reference.masked_softmax(x, mask, 0.7, is_causal=causal)
+
+                    return compare(ours, ref, {"x": x, "mask": mask}, grad_of=("x",))
+                yield Case("masked_softmax", impl, dtype, f"{list(shape)} bool{'+causal' if causal else ''}", run)
+
+
+# Case generators, one per op; later ops add theirs here.
+CASE_SOURCES: tuple[Callable[[torch.device, bool], Iterator[Case]], ...] = (_softmax_cases,)
+
+
+def cases(device: torch.device, quick: bool = False) -> list[Case]:
+    return [c for source in CASE_SOURCES for c in source(device, quick)]
+
+
+def run_cases(todo: list[Case], progress: Callable[[int, int, Case], None] | None = None) -> list[Result]:
+    results = []
+    for i, c in enumerate(todo):
+        if progress:
+            progress(i, len(todo), c)
+        res = Result(c.op, c.impl, str(c.dtype).removeprefix("torch."), c.label)
+        try:
+            res.errors = c.run()
+        except Exception as e:  # a crashing case is a failed row, not a crashed check
+            res.failure = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            res.errors = []
+            if progress is None:
+                traceback.print_exc()
+        results.append(res)
+    return results
+
+
+def format_results(results: list[Result]) -> str:
+    head = f"{'op':16} {'impl':11} {'dtype':8} {'case':28} {'worst':6} {'max error':>10} {'bound':>10}  result"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        w = r.worst()
+        name, err, bound = w if w else ("-", float("nan"), float("nan"))
+        verdict = "PASS" if r.ok else f"FAIL {r.failure}"
+        lines.append(f"{r.op:16} {r.impl:11} {r.dtype:8} {r.case:28} {name:6} {err:10.2e} {bound:10.2e}  {verdict}")
+    return "\n".join(lines)
