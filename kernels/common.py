@@ -25,8 +25,11 @@ def cast_out(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 @triton.jit
 def mma(a, b, acc, INTERPRETED: tl.constexpr):
-    """acc + a @ b on tensor cores. The interpreter's bf16 tl.dot multiplies raw bit patterns, so there the
+    """acc + a @ b on tensor cores. fp32 operands run as tf32x3 (three tf32 products, fp32 accuracy; plain
+    tf32 would lose 13 mantissa bits). The interpreter's bf16 tl.dot multiplies raw bit patterns, so there the
     operands are upcast to fp32 (exact: bf16/fp16 → fp32 loses nothing)."""
     if INTERPRETED:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
     return tl.dot(a, b, acc)

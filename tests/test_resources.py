@@ -1,7 +1,9 @@
 """Ahead-of-time resource check: every shipped kernel variant compiles for real GPUs with no spills."""
 
 import pytest
+from transformer_kernels.kernels import attention as triton_attention
 from transformer_kernels.kernels import softmax as triton_softmax
+from transformer_kernels.kernels.config import TRITON_DTYPE_NAMES
 
 from transformer_kernels import resources, toolchain
 
@@ -62,3 +64,27 @@ def test_every_cuda_softmax_instantiation_compiles_without_spills():
     for r in rows:
         assert r.stack_bytes == 0, f"{r.kernel}<{r.variant}> sm_{r.arch} spills {r.stack_bytes} bytes"
         assert r.shared_bytes <= resources.MAX_SHARED[r.arch]
+
+
+@pytest.fixture(scope="module")
+def attention_rows():
+    return resources.triton_report(["attention"])
+
+
+def test_every_triton_attention_config_compiles_without_spills_on_tensor_cores(attention_rows):
+    variants = triton_attention.aot_variants()
+    assert len(attention_rows) == len(variants) * len(resources.TRITON_ARCHS)
+    # every tile the launchers can pick, for every dtype, head-dim block and feature class, is in the report
+    labels = {r.variant for r in attention_rows}
+    for (features, elem, block_d), tiles in triton_attention.PASSES["fwd"].items():
+        for c in tiles:
+            for dtype in triton_attention.SUPPORTED_DTYPES:
+                if max(dtype.itemsize, 2) == elem:
+                    name = TRITON_DTYPE_NAMES[dtype]
+                    assert f"{name} D={block_d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} {features}" in labels
+    for r in attention_rows:
+        where = f"{r.kernel} {r.variant} sm_{r.arch}"
+        assert r.stack_bytes == 0, f"{where} spills {r.stack_bytes} bytes"
+        assert r.shared_bytes <= resources.MAX_SHARED[r.arch], f"{where} needs {r.shared_bytes} B of shared memory"
+        if r.kernel != "attn_bwd_preprocess":
+            assert r.tensor_core_instrs > 0, f"{where} does not use tensor cores"

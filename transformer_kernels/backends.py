@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -22,6 +22,7 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 # the measured winner once `python -m transformer_kernels bench` has run on a GPU.
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "masked_softmax": ("triton", "cuda", "torch"),
+    "attention": ("triton", "torch"),
 }
 
 _default = "auto"
@@ -82,14 +83,18 @@ def status(name: str, device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-def resolve(op: str, device: torch.device, requested: str | None = None) -> str:
-    """The concrete backend ("triton" | "cuda" | "torch") that runs `op` on tensors of `device`."""
+def resolve(op: str, device: torch.device, requested: str | None = None,
+            why_not: Callable[[str], str | None] | None = None) -> str:
+    """The concrete backend ("triton" | "cuda" | "torch") that runs `op` on tensors of `device`.
+
+    ``why_not(name)`` says why a kernel backend cannot take these particular inputs (a head dim it lacks, a
+    dtype), or None: `auto` then tries the next backend, a forced backend raises NotImplementedError."""
     name = _check_name(requested) if requested is not None else get_backend()
     if name == "auto":
         if device.type != "cuda":
             return "torch"
         for candidate in GPU_PREFERENCE.get(op, ("torch",)):
-            if status(candidate, device)[0]:
+            if candidate == "torch" or (status(candidate, device)[0] and not (why_not and why_not(candidate))):
                 return candidate
         return "torch"
     if name != "torch" and name not in GPU_PREFERENCE.get(op, ()):
@@ -97,4 +102,7 @@ def resolve(op: str, device: torch.device, requested: str | None = None) -> str:
     ok, why = status(name, device)
     if not ok:
         raise RuntimeError(f"backend {name!r} cannot run {op} on {device.type} tensors: {why}")
+    reason = why_not(name) if why_not and name != "torch" else None
+    if reason:
+        raise NotImplementedError(f"backend {name!r} cannot run {op} for these inputs: {reason}")
     return name

@@ -128,13 +128,17 @@ def scaled_dot_product_attention(
     causal_alignment: str = "top_left",
     dropout_mask: Tensor | None = None,
     return_weights: bool = False,
+    low_precision: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention as in ``F.scaled_dot_product_attention`` plus DESIGN.md's extras.
 
     q: ``[B, H, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` with ``H % Hkv == 0`` (each group of ``H // Hkv``
     query heads shares one K/V head). ``dropout_mask``: bool keep-mask broadcastable to
-    ``[B, H, Lq, Lk]``; without it, dropout draws one from torch's generator. Returns
-    ``[B, H, Lq, D]`` in q's dtype (and the ``[B, H, Lq, Lk]`` weights when ``return_weights``).
+    ``[B, H, Lq, Lk]``; without it, dropout draws one from torch's generator. A key that no query may see
+    contributes nothing, even when its K/V hold NaN or Inf (padded positions). ``low_precision``: round the
+    scores and the probabilities to q's dtype before each matmul, as a fused fp16/bf16 kernel does (the
+    "reference in low precision" of the accuracy rule). Returns ``[B, H, Lq, D]`` in q's dtype (and the
+    ``[B, H, Lq, Lk]`` weights when ``return_weights``).
     """
     h, hkv = q.shape[-3], k.shape[-3]
     if h % hkv != 0:
@@ -144,7 +148,7 @@ def scaled_dot_product_attention(
         v = v.repeat_interleave(h // hkv, dim=-3)
     lq, lk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.matmul(_acc(q), _acc(k).transpose(-2, -1)) * scale
+    rnd = (lambda t: t.to(q.dtype).to(_acc(q).dtype)) if low_precision else (lambda t: t)
     keep, bias = attention_bias(
         lq,
         lk,
@@ -154,6 +158,15 @@ def scaled_dot_product_attention(
         causal_alignment=causal_alignment,
         device=q.device,
     )
+    if bias is not None and bias.dtype != torch.bool:
+        # An additive -inf hides its key exactly like a bool False.
+        hidden = torch.isneginf(bias)
+        keep = ~hidden if keep is None else keep & ~hidden
+    k, v = _acc(k), _acc(v)
+    if keep is not None:
+        seen = keep.expand(*q.shape[:-1], lk).any(dim=-2).unsqueeze(-1)  # [B, H, Lk, 1]
+        k, v = k.where(seen, 0.0), v.where(seen, 0.0)
+    scores = rnd(torch.matmul(_acc(q), k.transpose(-2, -1)) * scale)
     if bias is not None:
         scores = scores + _acc(bias).to(scores.dtype)
     p = _softmax_keep(scores, keep)
@@ -162,7 +175,7 @@ def scaled_dot_product_attention(
         if dropout_mask is None:
             dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
         p = p * dropout_mask / (1.0 - dropout_p)
-    out = torch.matmul(p, _acc(v)).to(q.dtype)
+    out = torch.matmul(rnd(p), v).to(q.dtype)
     return (out, weights.to(q.dtype)) if return_weights else out
 
 

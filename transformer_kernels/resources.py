@@ -24,7 +24,7 @@ from pathlib import Path
 from . import toolchain
 
 TRITON_ARCHS = (80, 90)
-TRITON_KERNEL_MODULES = ("softmax",)  # kernels/<name>.py files that define aot_variants()
+TRITON_KERNEL_MODULES = ("softmax", "attention")  # kernels/<name>.py files that define aot_variants()
 CUDA_KERNEL_FILES = ("softmax.cu",)
 # Opcodes that run on tensor cores: HMMA (sm_80+ mma.sync), HGMMA (sm_90 wgmma), IMMA (int8).
 TENSOR_CORE_OPCODES = re.compile(r"\b(HMMA|HGMMA|IMMA|IGMMA)\.")
@@ -116,11 +116,15 @@ def _compile_triton(job: tuple[str, int, int]) -> dict:
     module_name, index, arch = job
     import importlib
 
+    return compile_variant(importlib.import_module(f"transformer_kernels.kernels.{module_name}").aot_variants()[index], arch)
+
+
+def compile_variant(v, arch: int) -> dict:
+    """Compiles one AotVariant for sm_<arch> (TRITON_INTERPRET must be unset) and reads its resources."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    v = importlib.import_module(f"transformer_kernels.kernels.{module_name}").aot_variants()[index]
     attrs = {(v.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in v.aligned}
     src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),

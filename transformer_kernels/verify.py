@@ -93,8 +93,41 @@ def _softmax_cases(device: torch.device, quick: bool) -> Iterator[Case]:
                 yield Case("masked_softmax", impl, dtype, f"{list(shape)} bool{'+causal' if causal else ''}", run)
 
 
+def _attention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    # (label, B, H, Hkv, Lq, Lk, D, mask builder): self, causal, padded, cross and GQA attention.
+    shapes = [
+        ("self", 2, 2, 2, 33, 33, 64, lambda b, h, lq, lk, g: {}),
+        ("causal", 2, 2, 2, 47, 47, 40, lambda b, h, lq, lk, g: {"is_causal": True}),
+        ("padded", 2, 2, 2, 29, 29, 64, lambda b, h, lq, lk, g: {"key_padding_mask": torch.rand(b, lk, generator=g) < 0.3}),
+        ("cross bias", 2, 2, 2, 17, 70, 32, lambda b, h, lq, lk, g: {"attn_mask": torch.randn(1, h, lq, lk, generator=g)}),
+        ("gqa causal_br", 1, 4, 2, 21, 50, 128,
+         lambda b, h, lq, lk, g: {"is_causal": True, "causal_alignment": "bottom_right", "enable_gqa": True,
+                                  "attn_mask": torch.rand(b, 1, 1, lk, generator=g) > 0.2}),
+    ]
+    if quick:
+        shapes = shapes[1:3]
+    for impl, scope in implementations("attention", device):
+        for dtype in DTYPES:
+            for label, b, h, hkv, lq, lk, d, masks in shapes:
+                def run(b=b, h=h, hkv=hkv, lq=lq, lk=lk, d=d, masks=masks, dtype=dtype, scope=scope):
+                    g = torch.Generator().manual_seed(lq * lk)
+                    q, k, v = (torch.randn(s, generator=g).to(dtype).to(device)
+                               for s in ((b, h, lq, d), (b, hkv, lk, d), (b, hkv, lk, d)))
+                    kw = {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in masks(b, h, lq, lk, g).items()}
+
+                    def ours(q, k, v):
+                        with scope():
+                            return ops.attention(q, k, v, **kw)
+
+                    def ref(q, k, v):
+                        return reference.scaled_dot_product_attention(q, k, v, low_precision=q.dtype != torch.float32, **kw)
+
+                    return compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v"))
+                yield Case("attention", impl, dtype, f"{label} [{b},{h},{lq}x{lk},{d}]", run)
+
+
 # Case generators, one per op; later ops add theirs here.
-CASE_SOURCES: tuple[Callable[[torch.device, bool], Iterator[Case]], ...] = (_softmax_cases,)
+CASE_SOURCES: tuple[Callable[[torch.device, bool], Iterator[Case]], ...] = (_softmax_cases, _attention_cases)
 
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:

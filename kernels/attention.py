@@ -1,0 +1,614 @@
+"""Fused scaled-dot-product attention in Triton: FlashAttention-2 forward and backward.
+
+Forward: one program per (query tile, batch·head), folded into grid x so any B·H fits. The query tile stays
+in registers while key/value tiles stream past it; the softmax is online (running max and sum, rescaling the
+accumulator) in fp32, in the exp2 domain. Scores stay in natural units until after the max is subtracted
+(see `_score_tile`), so rows whose scores all sit near -6e4 keep full precision. With a causal mask the key
+loop runs in two stages: tiles every query of the tile may see (no causal compare), then the diagonal tiles
+(masked); tiles above the diagonal are never visited. The row max and the reciprocal row sum are saved for
+the backward pass.
+
+Backward (deterministic, no atomics): a preprocess computes delta = rowsum(dO·O); one program per key tile
+accumulates dK and dV over every query tile of every query head in its GQA group; a separate pass per query
+tile accumulates dQ.
+
+Masks (read through their strides, never expanded): a bool or float `attn_mask` viewed as [B, H, Lq, Lk]
+(stride 0 on broadcast dims), a `[B, Lk]` key-padding mask (True = padding), and causal with an offset
+(key j visible to query i iff j <= i + offset). A key no query of a tile may see is zeroed in K/V before it
+reaches a dot product, so NaN or Inf in padded positions cannot leak; fully masked rows give zeros.
+
+Dropout: keep iff philox(seed, ((b·H + h)·Lq + i)·Lk + j) >= p, regenerated identically in backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import cast_out, mma
+from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_of_2
+
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+MIN_BLOCK_D = 16  # tl.dot needs every dimension >= 16
+HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+
+@triton.jit
+def _mix32(x):
+    # A 32-bit integer finaliser (lowbias32: two multiply-xorshift rounds): every input bit flips about half the
+    # output bits, so consecutive counters give independent-looking draws.
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _keep(seed, bh, Lq, Lk, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
+    # Counter-based dropout draw for element (b·H + h, i, j): the 64-bit row counter b·H·Lq + h·Lq + i is hashed
+    # with the 64-bit seed once per row, then each key costs one more hash of (row hash ^ j). One 32-bit word per
+    # element (Philox needs four, and spilled the backward tiles). Keep iff the top 24 bits >= p·2^24; the
+    # forward, both backward passes and the mask helper all call this, whatever their tile sizes.
+    row = bh.to(tl.int64) * Lq + offs_m
+    seed64 = tl.cast(seed, tl.int64)
+    # int64 -> uint32 casts keep the low word.
+    k0 = tl.cast(seed64, tl.uint32)
+    k1 = tl.cast(seed64 >> 32, tl.uint32)
+    row_hash = _mix32(_mix32(row.to(tl.uint32) ^ k0) ^ (row >> 32).to(tl.uint32) ^ k1)
+    cols = (start_n + tl.arange(0, BLOCK_N)).to(tl.uint32)
+    draw = _mix32(row_hash[:, None] ^ cols[None, :])
+    return (draw >> 8) >= tl.cast(dropout_p * 16777216.0, tl.uint32)
+
+
+@triton.jit
+def _key_cols(KPM, kpm_row, skp1, offs_n, Lk, HAS_KPM: tl.constexpr):
+    # Keys that exist and are not padding: the only columns ever loaded from K and V.
+    ok = offs_n < Lk
+    if HAS_KPM:
+        ok = ok & (tl.load(KPM + kpm_row + offs_n * skp1, mask=ok, other=1) == 0)
+    return ok
+
+
+@triton.jit
+def _score_tile(qk, offs_m, offs_n, col_ok, Lq, mask_base, sm2, sm3, sm_scale, causal_offset,
+                MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
+    # Scores in natural units with -inf where hidden, and the visibility. Natural units until after the max is
+    # subtracted: multiplying a score near -6e4 by log2(e) first would round it to 2^-7 and the probabilities
+    # of such a row off by ~0.5%. A float mask entry of -inf hides its key like a bool False.
+    visible = col_ok[None, :] & (offs_m[:, None] < Lq)
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+    s = qk * sm_scale
+    if MASK_KIND == 1:
+        keep = tl.load(mask_base + offs_m[:, None] * sm2 + offs_n[None, :] * sm3, mask=visible, other=0)
+        visible = visible & (keep != 0)
+    if MASK_KIND == 2:
+        bias = tl.load(mask_base + offs_m[:, None] * sm2 + offs_n[None, :] * sm3, mask=visible, other=0.0)
+        bias = bias.to(tl.float32)
+        visible = visible & (bias != float("-inf"))
+        s = s + bias
+    return tl.where(visible, s, float("-inf")), visible
+
+
+@triton.jit
+def _seen_by_any(visible):
+    # [BLOCK_N] mask of keys that at least one query of the tile may see.
+    return tl.max(visible.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, KPM, kpm_row, skp1, mask_base, sm2, sm3,
+              sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset, dropout_p, seed,
+              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+              BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    col_ok = _key_cols(KPM, kpm_row, skp1, offs_n, Lk, HAS_KPM)
+    kt = tl.load(k_base + offs_n[None, :] * sk2 + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    qk = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
+    s, visible = _score_tile(qk, offs_m, offs_n, col_ok, Lq, mask_base, sm2, sm3, sm_scale, causal_offset,
+                             MASK_KIND, CAUSAL)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row with nothing visible yet has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2((m_i - m_safe) * _LOG2E)
+    p = tl.exp2((s - m_safe[:, None]) * _LOG2E)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_base + offs_n[:, None] * sv2 + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    if MASK_KIND != 0:
+        v = tl.where(_seen_by_any(visible)[:, None], v, 0.0)
+    if DROPOUT:
+        # l_i keeps the undropped sum: dropout applies to the normalised probabilities.
+        p = tl.where(_keep(seed, bh, Lq, Lk, offs_m, start_n, dropout_p, BLOCK_N), p, 0.0)
+    acc = mma(p.to(v.dtype), v, acc * alpha[:, None], INTERPRETED)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, O, M_OUT, INV_L, MASK, KPM,
+    sq0, sq1, sq2, sk0, sk1, sk2, sv0, sv1, sv2,
+    sm0, sm1, sm2, sm3, skp0, skp1,
+    H, GROUP, Lq, Lk, sm_scale, causal_offset, dropout_p, seed, LQ_CLASS, LK_CLASS,
+    D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    n_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_m
+    start_m = (pid % n_m) * BLOCK_M
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sq0 + h * sq1 + offs_m[:, None] * sq2 + offs_d[None, :],
+                mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)
+    k_base = K + b * sk0 + hk * sk1
+    v_base = V + b * sv0 + hk * sv1
+    mask_base = MASK + b * sm0 + h * sm1
+    kpm_row = b * skp0
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if IS_CAUSAL:
+        # Keys up to the last valid row's limit (so a key no query sees is never loaded); tiles below `full`
+        # are visible to every row of the tile.
+        hi = tl.minimum(tl.maximum(tl.minimum(start_m + BLOCK_M, Lq) + causal_offset, 0), Lk)
+        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
+    else:
+        hi = Lk
+        full = Lk
+    for start_n in range(0, full, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, KPM, kpm_row, skp1, mask_base,
+                                  sm2, sm3, sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset,
+                                  dropout_p, seed, MASK_KIND, HAS_KPM, False, DROPOUT, BLOCK_N, INTERPRETED)
+    if IS_CAUSAL:
+        for start_n in range(full, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, KPM, kpm_row, skp1, mask_base,
+                                      sm2, sm3, sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset,
+                                      dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, BLOCK_N, INTERPRETED)
+    # A row with no visible key has l = 0: its output and (through inv_l = 0) its gradients are zeros.
+    inv_l = tl.where(l_i == 0.0, 0.0, 1.0 / tl.where(l_i == 0.0, 1.0, l_i))
+    out = acc * inv_l[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    row_ok = offs_m < Lq
+    o_rows = bh.to(tl.int64) * Lq + offs_m
+    tl.store(O + o_rows[:, None] * D + offs_d[None, :], cast_out(out, O.dtype.element_ty, INTERPRETED),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(M_OUT + o_rows, tl.where(m_i == float("-inf"), 0.0, m_i), mask=row_ok)
+    tl.store(INV_L + o_rows, inv_l, mask=row_ok)
+
+
+@triton.jit
+def attn_bwd_preprocess_kernel(O, DO, DELTA, sd0, sd1, sd2, H, Lq, D: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax-backward correction, once per row.
+    n_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_m
+    offs_m = (pid % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = bh.to(tl.int64) * Lq + offs_m
+    o = tl.load(O + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sd0 + h * sd1 + offs_m[:, None] * sd2 + offs_d[None, :], mask=ok, other=0.0)
+    tl.store(DELTA + rows, tl.sum(o * do.to(tl.float32), axis=1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _probs(q, kt, offs_m, offs_n, col_ok, rows, M_IN, INV_L, Lq, mask_base, sm2, sm3, sm_scale, causal_offset,
+           MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, INTERPRETED: tl.constexpr):
+    # Recomputes the forward probabilities of one tile from the saved row max and reciprocal sum.
+    qk = mma(q, kt, tl.zeros([q.shape[0], kt.shape[1]], tl.float32), INTERPRETED)
+    s, visible = _score_tile(qk, offs_m, offs_n, col_ok, Lq, mask_base, sm2, sm3, sm_scale, causal_offset,
+                             MASK_KIND, CAUSAL)
+    row_ok = offs_m < Lq
+    m = tl.load(M_IN + rows, mask=row_ok, other=0.0)
+    inv_l = tl.load(INV_L + rows, mask=row_ok, other=0.0)
+    return tl.exp2((s - m[:, None]) * _LOG2E) * inv_l[:, None], visible
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, Q, DO, M_IN, INV_L, DELTA, mask_base, sm2, sm3,
+               sq0, sq1, sq2, sd0, sd1, sd2, offs_n, offs_d, col_ok, D, Lq, Lk, sm_scale, causal_offset,
+               dropout_p, seed,
+               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+               INTERPRETED: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    q = tl.load(Q + b * sq0 + h * sq1 + offs_m[:, None] * sq2 + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + b * sd0 + h * sd1 + offs_m[:, None] * sd2 + offs_d[None, :], mask=ok, other=0.0)
+    rows = bh.to(tl.int64) * Lq + offs_m
+    p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, M_IN, INV_L, Lq, mask_base, sm2, sm3,
+                        sm_scale, causal_offset, MASK_KIND, CAUSAL, INTERPRETED)
+    dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, k.shape[0]], tl.float32), INTERPRETED)
+    if DROPOUT:
+        keep = _keep(seed, bh, Lq, Lk, offs_m, start_n, dropout_p, k.shape[0])
+        scale = 1.0 / (1.0 - dropout_p)
+        dv = mma(tl.trans(tl.where(keep, p * scale, 0.0).to(do.dtype)), do, dv, INTERPRETED)
+        dp = tl.where(keep, dp * scale, 0.0)
+    else:
+        dv = mma(tl.trans(p.to(do.dtype)), do, dv, INTERPRETED)
+    delta = tl.load(DELTA + rows, mask=offs_m < Lq, other=0.0)
+    # Hidden entries get exactly 0, even where a padded V holds NaN and made dp NaN.
+    ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
+    dk = mma(tl.trans(ds.to(q.dtype)), q, dk, INTERPRETED)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, M_IN, INV_L, DELTA, MASK, KPM,
+    sq0, sq1, sq2, sk0, sk1, sk2, sv0, sv1, sv2, sd0, sd1, sd2,
+    sm0, sm1, sm2, sm3, skp0, skp1,
+    H, GROUP, Lq, Lk, sm_scale, causal_offset, dropout_p, seed, LQ_CLASS, LK_CLASS,
+    D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    n_n = tl.cdiv(Lk, BLOCK_N)
+    pid = tl.program_id(0)
+    bhk = pid // n_n
+    start_n = (pid % n_n) * BLOCK_N
+    hkv = H // GROUP
+    b = (bhk // hkv).to(tl.int64)
+    hk = (bhk % hkv).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    col_ok = _key_cols(KPM, b * skp0, skp1, offs_n, Lk, HAS_KPM)
+    kv_ok = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * sk0 + hk * sk1 + offs_n[:, None] * sk2 + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + b * sv0 + hk * sv1 + offs_n[:, None] * sv2 + offs_d[None, :], mask=kv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if IS_CAUSAL:
+        # Query tiles before `lo` see none of these keys; from `full` on they see all of them.
+        lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+        full = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M, Lq)
+        full = tl.maximum(full, lo)
+    else:
+        lo = 0
+        full = 0
+    # Every query head of the GQA group adds into the same dK/dV: summed here, in a fixed order.
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        mask_base = MASK + b * sm0 + h * sm1
+        if IS_CAUSAL:
+            for start_m in range(lo, full, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, Q, DO, M_IN, INV_L, DELTA, mask_base, sm2, sm3,
+                                    sq0, sq1, sq2, sd0, sd1, sd2, offs_n, offs_d, col_ok, D, Lq, Lk,
+                                    sm_scale, causal_offset, dropout_p, seed, MASK_KIND, True, DROPOUT, BLOCK_M,
+                                    INTERPRETED)
+        for start_m in range(full, Lq, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, Q, DO, M_IN, INV_L, DELTA, mask_base, sm2, sm3,
+                                sq0, sq1, sq2, sd0, sd1, sd2, offs_n, offs_d, col_ok, D, Lq, Lk,
+                                sm_scale, causal_offset, dropout_p, seed, MASK_KIND, False, DROPOUT, BLOCK_M,
+                                INTERPRETED)
+    rows = bhk.to(tl.int64) * Lk + offs_n
+    out_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
+    tl.store(DK + rows[:, None] * D + offs_d[None, :], cast_out(dk * sm_scale, DK.dtype.element_ty, INTERPRETED),
+             mask=out_ok)
+    tl.store(DV + rows[:, None] * D + offs_d[None, :], cast_out(dv, DV.dtype.element_ty, INTERPRETED), mask=out_ok)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, KPM, kpm_row, skp1, M_IN, INV_L, mask_base,
+             sm2, sm3, sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset, dropout_p, seed,
+             MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+             BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ok = _key_cols(KPM, kpm_row, skp1, offs_n, Lk, HAS_KPM)
+    kv_ok = col_ok[:, None] & (offs_d[None, :] < D)
+    k = tl.load(k_base + offs_n[:, None] * sk2 + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * sv2 + offs_d[None, :], mask=kv_ok, other=0.0)
+    p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, M_IN, INV_L, Lq, mask_base, sm2, sm3,
+                        sm_scale, causal_offset, MASK_KIND, CAUSAL, INTERPRETED)
+    dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
+    if DROPOUT:
+        dp = tl.where(_keep(seed, bh, Lq, Lk, offs_m, start_n, dropout_p, BLOCK_N), dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
+    if MASK_KIND != 0:
+        k = tl.where(_seen_by_any(visible)[:, None], k, 0.0)
+    return mma(ds.to(k.dtype), k, dq, INTERPRETED)
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, M_IN, INV_L, DELTA, MASK, KPM,
+    sq0, sq1, sq2, sk0, sk1, sk2, sv0, sv1, sv2, sd0, sd1, sd2,
+    sm0, sm1, sm2, sm3, skp0, skp1,
+    H, GROUP, Lq, Lk, sm_scale, causal_offset, dropout_p, seed, LQ_CLASS, LK_CLASS,
+    D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    n_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_m
+    start_m = (pid % n_m) * BLOCK_M
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    q = tl.load(Q + b * sq0 + h * sq1 + offs_m[:, None] * sq2 + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + b * sd0 + h * sd1 + offs_m[:, None] * sd2 + offs_d[None, :], mask=ok, other=0.0)
+    rows = bh.to(tl.int64) * Lq + offs_m
+    delta = tl.load(DELTA + rows, mask=offs_m < Lq, other=0.0)
+    k_base = K + b * sk0 + hk * sk1
+    v_base = V + b * sv0 + hk * sv1
+    mask_base = MASK + b * sm0 + h * sm1
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if IS_CAUSAL:
+        hi = tl.minimum(tl.maximum(tl.minimum(start_m + BLOCK_M, Lq) + causal_offset, 0), Lk)
+        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
+    else:
+        hi = Lk
+        full = Lk
+    for start_n in range(0, full, BLOCK_N):
+        dq = _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, KPM, b * skp0, skp1, M_IN, INV_L,
+                      mask_base, sm2, sm3, sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset,
+                      dropout_p, seed, MASK_KIND, HAS_KPM, False, DROPOUT, BLOCK_N, INTERPRETED)
+    if IS_CAUSAL:
+        for start_n in range(full, hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, KPM, b * skp0, skp1, M_IN, INV_L,
+                          mask_base, sm2, sm3, sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset,
+                          dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, BLOCK_N, INTERPRETED)
+    tl.store(DQ + rows[:, None] * D + offs_d[None, :], cast_out(dq * sm_scale, DQ.dtype.element_ty, INTERPRETED),
+             mask=ok)
+
+
+@triton.jit
+def dropout_mask_kernel(KEEP, Lq, Lk, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The keep-mask the attention kernels draw, materialised (tests and the reference comparison only).
+    n_m = tl.cdiv(Lq, BLOCK_M)
+    n_n = tl.cdiv(Lk, BLOCK_N)
+    pid = tl.program_id(0)
+    bh = pid // (n_m * n_n)
+    offs_m = (pid // n_n) % n_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_n = pid % n_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    keep = _keep(seed, bh, Lq, Lk, offs_m, start_n, dropout_p, BLOCK_N)
+    ptr = KEEP + (bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
+    tl.store(ptr, keep.to(tl.int8), mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+
+
+# ---- launchers -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def triton(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.num_warps,
+                             num_stages=self.num_stages)
+
+
+_FWD: dict = {}
+_DKDV: dict = {}
+_DQ: dict = {}
+PASSES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ}
+# Under the interpreter every tile costs a numpy call per op: one small fixed tile, no tuning.
+INTERPRETER_CONFIG = TileConfig(32, 32, 1, 1)
+PREPROCESS_BLOCK_M = 64
+
+
+def feature_class(mask_kind: int, has_kpm: bool, dropout: bool) -> str:
+    """"all" when a mask tile, padding or dropout adds per-element registers, else "plain" (causal is cheap)."""
+    return "all" if mask_kind != MASK_NONE or has_kpm or dropout else "plain"
+
+
+def tile_configs(pass_name: str, block_d: int, elem_bytes: int, features: str) -> list[TileConfig]:
+    """The tiles autotune may pick for a pass ("fwd" | "dkdv" | "dq") at this head-dim block, element size and
+    feature class."""
+    if is_interpreted():
+        return [INTERPRETER_CONFIG]
+    return PASSES[pass_name][(features, max(elem_bytes, 2), block_d)]
+
+
+def _key(c: triton.Config) -> tuple[int, int, int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def _autotuned(kernel, pass_name: str):
+    """`kernel` autotuned over every tile of the pass, pruned per call to the head-dim block and element size."""
+    table = {"": [INTERPRETER_CONFIG]} if is_interpreted() else PASSES[pass_name]
+    configs = {_key(c.triton()): c.triton() for tiles in table.values() for c in tiles}
+
+    def prune(configs, named_args, **kwargs):
+        features = feature_class(kwargs["MASK_KIND"], kwargs["HAS_KPM"], kwargs["DROPOUT"])
+        allowed = {_key(c.triton()) for c in tile_configs(pass_name, kwargs["BLOCK_D"], named_args["Q"].element_size(),
+                                                          features)}
+        return [c for c in configs if _key(c) in allowed]
+
+    key = ["LQ_CLASS", "LK_CLASS", "GROUP", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "DROPOUT"]
+    return triton.autotune(list(configs.values()), key=key,
+                           prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+_fwd = _autotuned(attn_fwd_kernel, "fwd")
+_dkdv = _autotuned(attn_bwd_dkdv_kernel, "dkdv")
+_dq = _autotuned(attn_bwd_dq_kernel, "dq")
+
+
+def head_dim_block(d: int) -> int:
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} is not supported by the Triton attention (supported: 1..{MAX_HEAD_DIM})")
+    return max(MIN_BLOCK_D, next_power_of_2(d))
+
+
+def _length_class(n: int) -> int:
+    # Autotune once per power-of-two length bucket instead of once per length.
+    return min(next_power_of_2(max(n, 1)), 1 << 16)
+
+
+def _mask_args(mask: torch.Tensor | None, kpm: torch.Tensor | None, q: torch.Tensor):
+    if mask is None:
+        kind, m, ms = MASK_NONE, q, (0, 0, 0, 0)
+    elif mask.dtype == torch.bool:
+        kind, m, ms = MASK_BOOL, mask.view(torch.uint8), mask.stride()
+    else:
+        kind, m, ms = MASK_ADD, mask, mask.stride()
+    kp, kps = (q, (0, 0)) if kpm is None else (kpm.view(torch.uint8), kpm.stride())
+    return kind, m, ms, kp, kps
+
+
+def _rows_unit_stride(t: torch.Tensor) -> torch.Tensor:
+    # The kernels read head-dim rows with unit stride (vector loads; a runtime last-dim stride costs a 64-bit
+    # address per element and spills): a view with another last-dim stride is copied once, here.
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride()[:3]
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, kpm: torch.Tensor | None) -> None:
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q dtype {q.dtype} is not supported by the Triton attention (supported: {SUPPORTED_DTYPES})")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"expected q [B, H, Lq, D] and k, v [B, Hkv, Lk, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    b, h, lq, _ = q.shape
+    if mask is not None and mask.shape != (b, h, lq, k.shape[2]):
+        raise ValueError(f"mask must be viewed as [B, H, Lq, Lk] = {(b, h, lq, k.shape[2])}, got {tuple(mask.shape)}")
+    if kpm is not None and (kpm.shape != (b, k.shape[2]) or kpm.dtype != torch.bool):
+        raise ValueError(f"key_padding_mask must be bool [B, Lk] = {(b, k.shape[2])}, got {tuple(kpm.shape)} {kpm.dtype}")
+    if q.device.type == "cpu" and not is_interpreted():
+        raise RuntimeError("Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 before importing triton")
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      kpm: torch.Tensor | None, sm_scale: float, is_causal: bool, causal_offset: int,
+                      dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (any strides, H % Hkv == 0); mask None or bool (True = keep)
+    / float (added) viewed as ``[B, H, Lq, Lk]``; kpm None or bool ``[B, Lk]`` (True = padding). Returns the
+    contiguous output ``[B, H, Lq, D]`` and, per row, the max score and reciprocal softmax sum (fp32
+    ``[B, H, Lq]``) that the backward pass needs."""
+    _check(q, k, v, mask, kpm)
+    q, k, v = (_rows_unit_stride(t) for t in (q, k, v))
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    o = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
+    row_max = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    inv_l = torch.empty_like(row_max)
+    if o.numel() == 0:
+        return o, row_max, inv_l
+    kind, m, ms, kp, kps = _mask_args(mask, kpm, q)
+    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
+    _fwd[grid](
+        q, k, v, o, row_max, inv_l, m, kp, *_strides3(q), *_strides3(k), *_strides3(v), *ms, *kps,
+        h, h // hkv, lq, lk, sm_scale, causal_offset, dropout_p, seed, _length_class(lq), _length_class(lk),
+        D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
+        BLOCK_D=head_dim_block(d), INTERPRETED=is_interpreted(),
+    )
+    return o, row_max, inv_l
+
+
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       row_max: torch.Tensor, inv_l: torch.Tensor, mask: torch.Tensor | None, kpm: torch.Tensor | None,
+                       sm_scale: float, is_causal: bool, causal_offset: int, dropout_p: float, seed: int,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `attention_forward` for grad_output ``do`` (any strides, e.g. expanded); returns contiguous
+    dq, dk, dv. dK/dV of a GQA group are summed over its query heads."""
+    _check(q, k, v, mask, kpm)
+    q, k, v, do = (_rows_unit_stride(t) for t in (q, k, v, do))
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    dq = torch.zeros((b, h, lq, d), dtype=q.dtype, device=q.device)
+    dk = torch.zeros((b, hkv, lk, d), dtype=k.dtype, device=q.device)
+    dv = torch.zeros((b, hkv, lk, d), dtype=v.dtype, device=q.device)
+    if b * h * d == 0 or lq == 0 or lk == 0:
+        return dq, dk, dv
+    kind, m, ms, kp, kps = _mask_args(mask, kpm, q)
+    block_d = head_dim_block(d)
+    delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    attn_bwd_preprocess_kernel[(triton.cdiv(lq, PREPROCESS_BLOCK_M) * b * h,)](
+        o, do, delta, *_strides3(do), h, lq, D=d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d)
+    common = dict(D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
+                  BLOCK_D=block_d, INTERPRETED=is_interpreted())
+    sizes = (h, h // hkv, lq, lk, sm_scale, causal_offset, dropout_p, seed, _length_class(lq), _length_class(lk))
+    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *ms, *kps)
+    _dkdv[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)](
+        q, k, v, do, dk, dv, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)
+    _dq[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)](
+        q, k, v, do, dq, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)
+    return dq, dk, dv
+
+
+def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The bool keep-mask ``[B, H, Lq, Lk]`` the kernels use for this seed and p (True = kept)."""
+    b, h, lq, lk = shape
+    keep = torch.zeros(shape, dtype=torch.int8, device=device)
+    if keep.numel():
+        grid = (triton.cdiv(lq, 32) * triton.cdiv(lk, 32) * b * h,)
+        dropout_mask_kernel[grid](keep, lq, lk, dropout_p, seed, BLOCK_M=32, BLOCK_N=32)
+    return keep.bool()
+
+
+_AOT_POINTERS = {
+    "fwd": (attn_fwd_kernel, ("Q", "K", "V", "O", "M_OUT", "INV_L"), ("sq", "sk", "sv")),
+    "dkdv": (attn_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV", "M_IN", "INV_L", "DELTA"), ("sq", "sk", "sv", "sd")),
+    "dq": (attn_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ", "M_IN", "INV_L", "DELTA"), ("sq", "sk", "sv", "sd")),
+}
+# The most expensive feature set (float mask, key padding, causal, dropout) and the cheapest (causal only).
+AOT_FEATURES = {
+    "all": {"MASK_KIND": MASK_ADD, "HAS_KPM": True, "IS_CAUSAL": True, "DROPOUT": True},
+    "plain": {"MASK_KIND": MASK_NONE, "HAS_KPM": False, "IS_CAUSAL": True, "DROPOUT": False},
+}
+
+
+def aot_variant(pass_name: str, dtype: torch.dtype, block_d: int, c: TileConfig, features: str) -> AotVariant:
+    """One pass compiled as Triton specialises it for the usual call: 32-bit sizes and strides, strides divisible
+    by 16, unit stride along the mask's and padding mask's keys, D == BLOCK_D."""
+    fn, ptrs, stride_names = _AOT_POINTERS[pass_name]
+    dt = TRITON_DTYPE_NAMES[dtype]
+    strides = [f"{p}{i}" for p in stride_names for i in range(3)] + ["sm0", "sm1", "sm2", "skp0"]
+    sig = {p: ("*fp32" if p in ("M_OUT", "INV_L", "M_IN", "DELTA") else f"*{dt}") for p in ptrs}
+    sig |= {"MASK": f"*{dt}", "KPM": "*u8"} | {n: "i32" for n in strides} | {"sm3": "constexpr", "skp1": "constexpr"}
+    sig |= {"H": "i32", "GROUP": "i32", "Lq": "i32", "Lk": "i32", "sm_scale": "fp32", "causal_offset": "i32",
+            "dropout_p": "fp32", "seed": "i64", "LQ_CLASS": "i32", "LK_CLASS": "i32"}
+    consts = {**AOT_FEATURES[features], "INTERPRETED": False, "sm3": 1, "skp1": 1, "D": block_d,
+              "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": block_d}
+    sig |= {k: "constexpr" for k in consts}
+    return AotVariant(f"attn_{pass_name}", fn, sig, consts, c.num_warps,
+                      f"{dt} D={block_d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} {features}",
+                      num_stages=c.num_stages, aligned=(*ptrs, "MASK", *strides))
+
+
+def aot_variants() -> list[AotVariant]:
+    """Every tile configuration autotune can pick, for each dtype, head-dim block and feature class (see
+    `tile_configs`), forward and both backward passes, plus the preprocess."""
+    out = []
+    for dtype in SUPPORTED_DTYPES:
+        for block_d in HEAD_DIM_BLOCKS:
+            for pass_name in PASSES:
+                for features in AOT_FEATURES:
+                    for c in PASSES[pass_name][(features, max(dtype.itemsize, 2), block_d)]:
+                        out.append(aot_variant(pass_name, dtype, block_d, c, features))
+        dt = TRITON_DTYPE_NAMES[dtype]
+        sig = {"O": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32", "sd0": "i32", "sd1": "i32", "sd2": "i32", "H": "i32",
+               "Lq": "i32", "D": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}
+        for block_d in HEAD_DIM_BLOCKS:
+            out.append(AotVariant("attn_bwd_preprocess", attn_bwd_preprocess_kernel, sig,
+                                  {"D": block_d, "BLOCK_M": PREPROCESS_BLOCK_M, "BLOCK_D": block_d}, 4,
+                                  f"{dt} D={block_d} M={PREPROCESS_BLOCK_M}", aligned=("O", "DO", "DELTA", "sd0", "sd1", "sd2")))
+    return out

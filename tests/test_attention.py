@@ -1,0 +1,452 @@
+"""attention on every backend against the reference: mask kinds, shapes, layouts, GQA, dropout and EDGE_CASES.md."""
+
+import math
+
+import pytest
+import torch
+from transformer_kernels.kernels import attention as triton_attention
+
+import transformer_kernels as tk
+from transformer_kernels import backends, reference
+from transformer_kernels.ops.attention import draw_seed
+from transformer_kernels.testing import compare
+
+BACKENDS = ["triton", "torch"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_qkv(b, h, hkv, lq, lk, d, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, lq, d, generator=g)
+    k = torch.randn(b, hkv, lk, d, generator=g)
+    v = torch.randn(b, hkv, lk, d, generator=g)
+    return [t.to(dtype).to(device) for t in (q, k, v)]
+
+
+def check_against_reference(backend, q, k, v, grads=True, **kw):
+    """Forward and dq/dk/dv of the op vs the fp32 reference, bounded by the low-precision reference."""
+
+    def ours(q, k, v):
+        with tk.use_backend(backend):
+            return tk.ops.attention(q, k, v, **kw)
+
+    def ref(q, k, v):
+        return reference.scaled_dot_product_attention(q, k, v, low_precision=q.dtype != torch.float32, **kw)
+
+    rows = compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v") if grads else ())
+    for name, err, bound in rows:
+        assert err <= bound, f"{name}: max error {err:.3e} exceeds bound {bound:.3e} ({q.dtype}, {backend})"
+    return rows
+
+
+def masks_for(kind, b, h, lq, lk, seed=0):
+    """Keyword arguments for one mask combination."""
+    g = torch.Generator().manual_seed(seed)
+    bool_mask = torch.rand(b, 1, lq, lk, generator=g) > 0.3
+    float_mask = torch.randn(1, h, lq, lk, generator=g)
+    kpm = torch.rand(b, lk, generator=g) < 0.25
+    return {
+        "none": {},
+        "bool": {"attn_mask": bool_mask},
+        "float": {"attn_mask": float_mask},
+        "padding": {"key_padding_mask": kpm},
+        "causal": {"is_causal": True},
+        "causal_bottom_right": {"is_causal": True, "causal_alignment": "bottom_right"},
+        "bool+padding+causal": {"attn_mask": bool_mask, "key_padding_mask": kpm, "is_causal": True},
+        "float+padding+causal_br": {"attn_mask": float_mask, "key_padding_mask": kpm, "is_causal": True,
+                                    "causal_alignment": "bottom_right"},
+    }[kind]
+
+
+MASK_KINDS = ["none", "bool", "float", "padding", "causal", "causal_bottom_right", "bool+padding+causal",
+              "float+padding+causal_br"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_every_mask_kind_fp32(backend, kind, device):
+    q, k, v = make_qkv(2, 2, 2, 37, 45, 24, device=device)
+    check_against_reference(backend, q, k, v, **masks_for(kind, 2, 2, 37, 45))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["none", "bool+padding+causal", "float+padding+causal_br"])
+def test_low_precision(backend, dtype, kind, device):
+    q, k, v = make_qkv(2, 4, 2, 33, 50, 64, dtype, device)
+    check_against_reference(backend, q, k, v, enable_gqa=True, **masks_for(kind, 2, 4, 33, 50))
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 15, 17, 31, 97, 113, 127, 129, 257])
+def test_odd_lengths(length, device):
+    q, k, v = make_qkv(1, 2, 1, length, length, 16, device=device, seed=length)
+    check_against_reference("triton", q, k, v, enable_gqa=True, is_causal=True,
+                            attn_mask=torch.rand(length, length, device=device) > 0.1)
+
+
+@pytest.mark.parametrize("length", [1023, 1025])
+def test_tile_edge_lengths_long(length, device):
+    q, k, v = make_qkv(1, 1, 1, length, length, 16, device=device, seed=length)
+    check_against_reference("triton", q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("d", [16, 32, 40, 48, 59, 64, 72, 80, 96, 111, 128, 160, 256])
+def test_head_dims(d, device):
+    q, k, v = make_qkv(1, 2, 2, 19, 23, d, device=device, seed=d)
+    check_against_reference("triton", q, k, v, key_padding_mask=torch.arange(23, device=device).expand(1, 23) > 20)
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 239), (239, 1), (3, 799), (799, 3), (16, 1024), (1024, 16)])
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+def test_cross_attention_pairs(lq, lk, alignment, device):
+    q, k, v = make_qkv(1, 1, 1, lq, lk, 16, device=device, seed=lq + lk)
+    check_against_reference("triton", q, k, v, is_causal=True, causal_alignment=alignment)
+
+
+def test_causal_matches_explicit_mask_and_bottom_right_single_query_sees_all(device):
+    q, k, v = make_qkv(1, 2, 2, 9, 14, 16, device=device)
+    for alignment in ("top_left", "bottom_right"):
+        explicit = reference.causal_mask(9, 14, alignment, device)
+        with tk.use_backend("triton"):
+            a = tk.ops.attention(q, k, v, is_causal=True, causal_alignment=alignment)
+            b = tk.ops.attention(q, k, v, attn_mask=explicit)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    with tk.use_backend("triton"):
+        one = tk.ops.attention(q[:, :, :1], k, v, is_causal=True, causal_alignment="bottom_right")
+        full = tk.ops.attention(q[:, :, :1], k, v)
+    torch.testing.assert_close(one, full, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_views_and_expanded_grad_output(backend, device):
+    b, h, lq, lk, d = 2, 3, 21, 26, 16
+    g = torch.Generator().manual_seed(5)
+    # [B, L, 3·H·D] projections seen as [B, H, L, D] through chunk + view + transpose; k with a last-dim stride of 2.
+    qkv = torch.randn(b, lq, 3 * h * d, generator=g).to(device)
+    q = qkv.chunk(3, dim=-1)[0].view(b, lq, h, d).transpose(1, 2)
+    k = torch.randn(b, h, lk, 2 * d, generator=g).to(device)[..., ::2]
+    v = torch.randn(b, lk, h, d, generator=g).to(device).transpose(1, 2)
+    assert not q.is_contiguous() and k.stride(-1) == 2
+    kw = {"is_causal": True, "causal_alignment": "bottom_right"}
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    with tk.use_backend(backend):
+        out = tk.ops.attention(qs, ks, vs, **kw)
+        out.sum().backward()  # grad_output: a stride-0 expanded tensor of ones
+        ref = tk.ops.attention(qc, kc, vc, **kw)
+        ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    for a, c in ((qs, qc), (ks, kc), (vs, vc)):
+        torch.testing.assert_close(a.grad, c.grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fully_masked_rows_give_zero_output_and_gradients(backend, dtype, device):
+    b, h, lq, lk, d = 2, 2, 8, 6, 16
+    q, k, v = (t.requires_grad_() for t in make_qkv(b, h, h, lq, lk, d, dtype, device))
+    kpm = torch.zeros(b, lk, dtype=torch.bool, device=device)
+    kpm[1] = True  # batch 1: every key is padding
+    mask = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    mask[3] = False  # query 3 sees nothing
+    with tk.use_backend(backend):
+        # causal top-left with Lq > Lk: fine here since every query i >= 0 sees key 0; padding empties batch 1.
+        out = tk.ops.attention(q, k, v, attn_mask=mask, key_padding_mask=kpm, is_causal=True)
+        out.backward(torch.randn_like(out))
+    for t in (out, q.grad, k.grad, v.grad):
+        assert torch.isfinite(t).all()
+    assert (out[1] == 0).all() and (out[:, :, 3] == 0).all()
+    assert (q.grad[1] == 0).all() and (q.grad[:, :, 3] == 0).all()
+    assert (k.grad[1] == 0).all() and (v.grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_top_left_with_more_queries_than_keys_has_empty_rows(backend, device):
+    # top-left causal with Lq > Lk: every query sees key 0, so no row is empty; with a padded key 0, the first
+    # query sees nothing and must be exactly zero.
+    q, k, v = make_qkv(1, 1, 1, 7, 3, 16, device=device)
+    kpm = torch.tensor([[True, False, False]], device=device)
+    check_against_reference(backend, q, k, v, is_causal=True, key_padding_mask=kpm)
+    with tk.use_backend(backend):
+        out = tk.ops.attention(q, k, v, is_causal=True, key_padding_mask=kpm)
+    assert (out[0, 0, 0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_nan_or_inf_in_masked_keys_and_values_does_not_leak(backend, poison, device):
+    b, h, lq, lk, d = 2, 2, 11, 13, 16
+    q, k, v = make_qkv(b, h, h, lq, lk, d, device=device)
+    kpm = torch.zeros(b, lk, dtype=torch.bool, device=device)
+    kpm[:, 10:] = True
+    bool_mask = torch.ones(b, 1, 1, lk, dtype=torch.bool, device=device)
+    bool_mask[:, :, :, 4] = False
+    float_mask = torch.zeros(1, 1, lq, lk, device=device)
+    float_mask[..., 6] = float("-inf")
+    dirty_k, dirty_v = k.clone(), v.clone()
+    for col in (4, 6, 10, 11, 12):
+        dirty_k[:, :, col] = poison
+        dirty_v[:, :, col] = poison
+    for mask in (bool_mask, float_mask):
+        kw = {"attn_mask": mask, "key_padding_mask": kpm, "is_causal": True, "causal_alignment": "bottom_right"}
+        hidden = (4, 10, 11, 12) if mask is bool_mask else (6, 10, 11, 12)
+        kk, vv = k.clone(), v.clone()
+        for col in hidden:
+            kk[:, :, col], vv[:, :, col] = dirty_k[:, :, col], dirty_v[:, :, col]
+        qd, kd, vd = (t.clone().requires_grad_() for t in (q, kk, vv))
+        qc, kc, vc = (t.clone().requires_grad_() for t in (q, k, v))
+        with tk.use_backend(backend):
+            dirty = tk.ops.attention(qd, kd, vd, **kw)
+            clean = tk.ops.attention(qc, kc, vc, **kw)
+            g = torch.randn_like(clean)
+            dirty.backward(g)
+            clean.backward(g)
+        torch.testing.assert_close(dirty, clean, atol=1e-6, rtol=0)
+        torch.testing.assert_close(qd.grad, qc.grad, atol=1e-6, rtol=0)
+        for grad in (kd.grad, vd.grad):
+            assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_huggingface_style_float_masks_stay_finite(backend, dtype, device):
+    # -inf and finfo(dtype).min masks combined with causal and padding; rows 0..1 see only masked keys.
+    b, h, lq, lk, d = 2, 2, 9, 9, 16
+    q, k, v = make_qkv(b, h, h, lq, lk, d, dtype, device)
+    for fill in (float("-inf"), torch.finfo(dtype).min):
+        mask = torch.zeros(b, 1, lq, lk, dtype=dtype, device=device)
+        mask[:, :, :, :3] = fill
+        kpm = torch.zeros(b, lk, dtype=torch.bool, device=device)
+        kpm[0, -2:] = True
+        check_against_reference(backend, q, k, v, attn_mask=mask, key_padding_mask=kpm, is_causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_very_negative_scores_keep_full_precision(backend, device):
+    # An unmasked row whose scores all sit near -6e4: differences of O(1) must still give the right softmax.
+    q, k, v = make_qkv(1, 1, 1, 5, 40, 16, device=device)
+    bias = torch.full((5, 40), -6.0e4, device=device) + torch.randn(5, 40, device=device)
+    check_against_reference(backend, q, k, v, attn_mask=bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_huge_scores_do_not_overflow(backend, dtype, device):
+    # fp16 scores far above 65504 (and bf16 inputs near 1.3e5): fp32 accumulation and the scale before exp.
+    q, k, v = make_qkv(1, 2, 2, 17, 17, 64, device=device)
+    big = 1.3e5 if dtype == torch.bfloat16 else 300.0
+    q = (q * big / q.abs().max()).to(dtype)
+    k = (k * big / k.abs().max()).to(dtype)
+    v = v.to(dtype)
+    with tk.use_backend(backend):
+        out = tk.ops.attention(q, k, v, scale=1.0 if dtype == torch.float16 else 1e-6)
+    assert torch.isfinite(out).all()
+    check_against_reference(backend, q, k, v, grads=False, scale=1.0 if dtype == torch.float16 else 1e-6)
+
+
+MASK_SHAPES = [(13,), (7, 13), (1, 1, 7, 13), (2, 1, 1, 13), (2, 3, 7, 13)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_mask_broadcast_shapes_equal_the_full_mask(backend, shape, kind, device):
+    q, k, v = make_qkv(2, 3, 3, 7, 13, 16, device=device)
+    g = torch.Generator().manual_seed(len(shape))
+    mask = (torch.rand(shape, generator=g) > 0.3) if kind == "bool" else torch.randn(shape, generator=g)
+    mask = mask.to(device)
+    full = mask.expand(2, 3, 7, 13).contiguous()
+    # a non-contiguous view holding the same values
+    strided = torch.stack([full, full], dim=-1)[..., 0]
+    assert not strided.is_contiguous()
+    with tk.use_backend(backend):
+        outs = [tk.ops.attention(q, k, v, attn_mask=m) for m in (mask, mask.expand(2, 3, 7, 13), full, strided)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=0, rtol=0)
+    check_against_reference(backend, q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hkv", [1, 2])
+def test_grouped_and_multi_query_attention(backend, hkv, device):
+    q, k, v = make_qkv(2, 6, hkv, 19, 22, 32, device=device)
+    rows = check_against_reference(backend, q, k, v, enable_gqa=True, is_causal=True,
+                                   key_padding_mask=torch.rand(2, 22, device=device) < 0.2)
+    assert [r[0] for r in rows] == ["out", "dq", "dk", "dv"]
+    with pytest.raises(ValueError, match="enable_gqa"), tk.use_backend(backend):
+        tk.ops.attention(q, k, v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_sizes(backend, device):
+    with tk.use_backend(backend):
+        q, k, v = (t.requires_grad_() for t in make_qkv(0, 2, 2, 5, 6, 16, device=device))
+        out = tk.ops.attention(q, k, v)
+        out.sum().backward()
+        assert out.shape == (0, 2, 5, 16)
+        # Lq = 0: empty output, dK = dV = 0
+        q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 0, 6, 16, device=device))
+        out = tk.ops.attention(q, k, v, is_causal=True)
+        out.sum().backward()
+        assert out.shape == (1, 2, 0, 16) and (k.grad == 0).all() and (v.grad == 0).all()
+        # Lk = 0: no key to attend to, so zeros (and a zero dQ)
+        q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 5, 0, 16, device=device))
+        out = tk.ops.attention(q, k, v)
+        out.sum().backward()
+        assert out.shape == (1, 2, 5, 16) and (out == 0).all() and (q.grad == 0).all()
+
+
+@pytest.mark.gpu
+def test_batch_times_heads_beyond_grid_limit():
+    # B·H = 65540 > 65535 (CUDA's grid y/z limit): the kernels fold B·H into grid x. Needs a GPU: the
+    # interpreter would run 65540 programs one by one.
+    q, k, v = make_qkv(2, 32770, 32770, 3, 5, 16, torch.float16, "cuda")
+    check_against_reference("triton", q, k, v, is_causal=True)
+
+
+def keep_mask_of_next_call(seed_state: int, shape, p, device):
+    """The keep-mask the next attention call draws after torch.manual_seed(seed_state)."""
+    torch.manual_seed(seed_state)
+    seed = int(draw_seed().item())
+    return triton_attention.dropout_keep_mask(seed, shape, p, device)
+
+
+def test_dropout_matches_reference_with_the_kernels_mask(device):
+    b, h, lq, lk, d, p = 2, 2, 23, 29, 16, 0.3
+    q, k, v = make_qkv(b, h, h, lq, lk, d, device=device)
+    keep = keep_mask_of_next_call(7, (b, h, lq, lk), p, device)
+    kw = {"is_causal": True, "key_padding_mask": torch.rand(b, lk, device=device) < 0.2}
+
+    def ours(q, k, v):
+        torch.manual_seed(7)
+        with tk.use_backend("triton"):
+            return tk.ops.attention(q, k, v, dropout_p=p, **kw)
+
+    def ref(q, k, v):
+        return reference.scaled_dot_product_attention(q, k, v, dropout_p=p, dropout_mask=keep, **kw)
+
+    # Forward and backward agree with the reference given the kernel's own keep-mask: the same mask both ways.
+    for name, err, bound in compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")):
+        assert err <= bound, f"{name}: {err:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_seeding_and_statistics(backend, device):
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16, device=device)
+
+    def run(seed, p=0.25):
+        torch.manual_seed(seed)
+        with tk.use_backend(backend):
+            return tk.ops.attention(q, k, v, dropout_p=p)
+
+    a, b, c = run(1), run(1), run(2)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (a - c).abs().max() > 1e-3
+    with tk.use_backend(backend):
+        torch.testing.assert_close(run(1, p=0.0), tk.ops.attention(q, k, v), atol=0, rtol=0)
+    if backend == "triton":
+        for p in (0.1, 0.5):
+            keep = keep_mask_of_next_call(3, (2, 4, 128, 128), p, device)
+            assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend, device):
+    q, k, v = make_qkv(1, 4, 2, 40, 40, 32, device=device)
+    results = []
+    for _ in range(2):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        with tk.use_backend(backend):
+            out = tk.ops.attention(qq, kk, vv, is_causal=True, enable_gqa=True)
+        out.backward(torch.ones_like(out))
+        results.append([out, qq.grad, kk.grad, vv.grad])
+    for x, y in zip(*results, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_requires_grad_retain_graph_and_no_grad(backend, device):
+    q, k, v = make_qkv(1, 2, 2, 9, 9, 16, device=device)
+    k.requires_grad_()
+    with tk.use_backend(backend):
+        out = tk.ops.attention(q, k, v, is_causal=True)
+        out.sum().backward(retain_graph=True)
+        first = k.grad.clone()
+        out.sum().backward()
+        torch.testing.assert_close(k.grad, 2 * first)
+        assert q.grad is None and v.grad is None
+        with torch.no_grad():
+            assert not tk.ops.attention(q, k, v).requires_grad
+
+
+def test_opcheck(device):
+    backend = "triton"
+    q, k, v = make_qkv(1, 2, 1, 5, 7, 16, device=device)
+    mask = torch.rand(5, 7, device=device) > 0.2
+    kpm = torch.zeros(1, 7, dtype=torch.bool, device=device)
+    scale = 1 / math.sqrt(16)
+    for args in [
+        (q, k, v, None, None, 0.0, False, scale, 0, None, backend),
+        (q, k, v, mask, kpm, 0.0, True, scale, 2, None, backend),
+        (q, k, v, mask.float(), None, 0.2, False, scale, 0, torch.tensor([11]), backend),
+    ]:
+        args = tuple(a.clone().requires_grad_() if i < 3 else a for i, a in enumerate(args))
+        torch.library.opcheck(torch.ops.transformer_kernels.attention.default, args)
+
+
+def test_gradcheck_fp64_torch_backend():
+    q, k, v = (t.double().requires_grad_() for t in make_qkv(1, 2, 1, 4, 5, 3))
+    mask = torch.randn(4, 5, dtype=torch.float64)
+    kpm = torch.tensor([[False, False, True, False, False]])
+
+    def fn(q, k, v):
+        with tk.use_backend("torch"):
+            return tk.ops.attention(q, k, v, mask, is_causal=True, enable_gqa=True, key_padding_mask=kpm,
+                                    causal_alignment="bottom_right")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_bad_inputs_raise_before_launch(device):
+    q, k, v = make_qkv(1, 2, 2, 5, 6, 16, device=device)
+    cases = [
+        ((q.half(), k, v), {}, TypeError, "share one dtype"),
+        ((q.long(), k, v), {}, TypeError, "q must have dtype"),
+        ((q[0], k, v), {}, ValueError, "4-D"),
+        ((q, k[:, :, :, :8], v), {}, ValueError, "expected q"),
+        ((q, k[:1].expand(2, 2, 6, 16), v), {}, ValueError, "expected q"),
+        ((torch.randn(1, 3, 5, 16, device=device), k, v), {"enable_gqa": True}, ValueError, "multiple"),
+        ((q, k, v), {"attn_mask": torch.ones(4, 6, dtype=torch.bool)}, ValueError, "broadcast"),
+        ((q, k, v), {"attn_mask": torch.ones(5, 6, dtype=torch.int32)}, TypeError, "bool"),
+        ((q, k, v), {"key_padding_mask": torch.zeros(1, 5, dtype=torch.bool)}, ValueError, "key_padding_mask"),
+        ((q, k, v), {"key_padding_mask": torch.zeros(1, 6)}, TypeError, "key_padding_mask"),
+        ((q, k, v), {"dropout_p": 1.0}, ValueError, "dropout_p"),
+        ((q, k, v), {"causal_alignment": "middle"}, ValueError, "causal_alignment"),
+        ((q, k.to("meta"), v), {}, ValueError, "device"),
+    ]
+    for args, kw, exc, match in cases:
+        with pytest.raises(exc, match=match), tk.use_backend("triton"):
+            tk.ops.attention(*args, **kw)
+
+
+def test_unsupported_inputs_on_a_forced_backend_and_auto_fallback():
+    q, k, v = make_qkv(1, 1, 1, 3, 3, 300)
+    with pytest.raises(NotImplementedError, match=r"triton.*head dim 300"), tk.use_backend("triton"):
+        tk.ops.attention(q, k, v)
+    with tk.use_backend("torch"):
+        check_against_reference("torch", q, k, v)
+    # auto on a CUDA tensor skips a backend that cannot take the inputs (resolved without running anything)
+    from transformer_kernels.ops.attention import _why_not
+
+    cuda = torch.device("cuda")
+    assert backends.resolve("attention", cuda, "auto", _why_not(q, k, v)) == "torch"
+    small = make_qkv(1, 1, 1, 3, 3, 64)
+    assert backends.resolve("attention", cuda, "auto", _why_not(*small)) == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_shapes_on_gpu(dtype, causal):
+    q, k, v = make_qkv(2, 8, 8, 2048, 2048, 128, dtype, "cuda")
+    check_against_reference("triton", q, k, v, is_causal=causal)

@@ -1,0 +1,189 @@
+"""`attention`: scaled dot-product attention; the kernel backends run as a torch.library custom op (fake impl,
+autograd), the torch backend is the reference composition differentiated by autograd.
+
+Call-compatible with ``F.scaled_dot_product_attention``, plus DESIGN.md's extras: a ``[B, Lk]`` key-padding
+mask (True = padding) and the causal alignment for ``Lq != Lk``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import backends, reference
+from ._checks import KERNEL_DTYPES, check_float_tensor, check_mask, describe
+
+OP = "attention"
+
+
+def draw_seed() -> Tensor:
+    """The dropout seed of one call: drawn from torch's default generator, so torch.manual_seed reproduces it."""
+    return torch.randint(0, 2**62, (1,))
+
+
+def _torch_keep_mask(seed: Tensor, shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
+    # The torch backend's dropout draws from its own generator seeded with the op's seed, so backward
+    # regenerates the same mask (the kernels use philox on the same seed; the bits differ, the contract not).
+    g = torch.Generator(device=device).manual_seed(int(seed.item()))
+    return torch.rand(shape, generator=g, device=device) >= p
+
+
+def _reference(q, k, v, attn_mask, kpm, dropout_p, is_causal, scale, causal_offset, seed):
+    keep = None if dropout_p == 0.0 else _torch_keep_mask(seed, (*q.shape[:-1], k.shape[-2]), dropout_p, q.device)
+    alignment = "top_left" if causal_offset == 0 else "bottom_right"
+    return reference.scaled_dot_product_attention(
+        q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa=True, key_padding_mask=kpm,
+        causal_alignment=alignment, dropout_mask=keep)
+
+
+def _kernel_mask(attn_mask: Tensor | None, q: Tensor, lk: int) -> Tensor | None:
+    """The mask as a ``[B, H, Lq, Lk]`` view (stride 0 on broadcast dims, never expanded in memory); float
+    masks of another precision are cast first (only their own elements are copied)."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype != torch.bool and attn_mask.dtype not in (q.dtype, torch.float32):
+        attn_mask = attn_mask.to(torch.float32)
+    return attn_mask.expand(*q.shape[:-1], lk)
+
+
+@torch.library.custom_op("transformer_kernels::attention", mutates_args=())
+def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+               dropout_p: float, is_causal: bool, scale: float, causal_offset: int, seed: Tensor | None,
+               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels import attention as triton_attention
+
+    return triton_attention.attention_forward(
+        q, k, v, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale, is_causal, causal_offset,
+        dropout_p, 0 if seed is None else int(seed.item()))
+
+
+@_attention.register_fake
+def _(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, causal_offset, seed, backend):
+    stats = q.shape[:-1]
+    return q.new_empty(q.shape), q.new_empty(stats, dtype=torch.float32), q.new_empty(stats, dtype=torch.float32)
+
+
+@torch.library.custom_op("transformer_kernels::attention_backward", mutates_args=())
+def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, row_max: Tensor, inv_l: Tensor,
+                        attn_mask: Tensor | None, key_padding_mask: Tensor | None, dropout_p: float, is_causal: bool,
+                        scale: float, causal_offset: int, seed: Tensor | None, backend: str,
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels import attention as triton_attention
+
+    return triton_attention.attention_backward(
+        grad, q, k, v, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
+        is_causal, causal_offset, dropout_p, 0 if seed is None else int(seed.item()))
+
+
+@_attention_backward.register_fake
+def _(grad, q, k, v, out, row_max, inv_l, attn_mask, key_padding_mask, dropout_p, is_causal, scale, causal_offset,
+      seed, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, attn_mask, kpm, dropout_p, is_causal, scale, causal_offset, seed, backend = inputs
+    out, row_max, inv_l = output
+    ctx.save_for_backward(q, k, v, out, row_max, inv_l, attn_mask, kpm, seed)
+    ctx.args = (dropout_p, is_causal, scale, causal_offset, backend)
+
+
+def _backward(ctx, grad: Tensor, _grad_max: Tensor, _grad_inv_l: Tensor):
+    q, k, v, out, row_max, inv_l, attn_mask, kpm, seed = ctx.saved_tensors
+    dropout_p, is_causal, scale, causal_offset, backend = ctx.args
+    dq, dk, dv = _attention_backward(grad, q, k, v, out, row_max, inv_l, attn_mask, kpm, dropout_p, is_causal,
+                                     scale, causal_offset, seed, backend)
+    # Masks are constants of the layer (as in torch.nn): no gradient flows into them.
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _why_not(q: Tensor, k: Tensor, v: Tensor):
+    def why_not(backend: str) -> str | None:
+        from ..kernels.attention import MAX_HEAD_DIM
+
+        if q.dtype not in KERNEL_DTYPES:
+            return f"dtype {q.dtype} (supported: {KERNEL_DTYPES})"
+        if q.shape[-1] > MAX_HEAD_DIM:
+            return f"head dim {q.shape[-1]} (supported: 1..{MAX_HEAD_DIM})"
+        if v.shape[-1] != q.shape[-1]:
+            return f"value head dim {v.shape[-1]} differs from the query/key head dim {q.shape[-1]}"
+        return None
+    return why_not
+
+
+def _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, enable_gqa, causal_alignment) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, t, allow_fp64=True)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, L, D]; got {describe(t)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    (b, h, lq, d), (bk, hkv, lk, dk) = q.shape, k.shape
+    if bk != b or v.shape[0] != b or v.shape[1] != hkv or v.shape[2] != lk or dk != d:
+        raise ValueError(f"expected q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if hkv == 0 or h % hkv != 0:
+        raise ValueError(f"query heads {h} must be a multiple of key/value heads {hkv}")
+    if h != hkv and not enable_gqa:
+        raise ValueError(f"q has {h} heads but k/v have {hkv}: pass enable_gqa=True for grouped-query attention")
+    if attn_mask is not None and attn_mask.dim() > 4:
+        raise ValueError(f"attn_mask must broadcast to [B, H, Lq, Lk] = {(b, h, lq, lk)}; got {describe(attn_mask)}")
+    # A one-element tensor expanded to the full shape: the broadcast check without allocating it.
+    check_mask("attn_mask", attn_mask, q.new_empty(()).expand(b, h, lq, lk))
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool tensor [B, Lk] (True = padding)")
+        if key_padding_mask.shape != (b, lk):
+            raise ValueError(f"key_padding_mask must have shape [B, Lk] = {(b, lk)}; got {describe(key_padding_mask)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+    if causal_alignment not in reference.CAUSAL_ALIGNMENTS:
+        raise ValueError(f"causal_alignment must be one of {reference.CAUSAL_ALIGNMENTS}; got {causal_alignment!r}")
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    key_padding_mask: Tensor | None = None,
+    causal_alignment: str = "top_left",
+    backend: str | None = None,
+) -> Tensor:
+    """Scaled dot-product attention, call-compatible with ``F.scaled_dot_product_attention``.
+
+    q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` with any strides (H % Hkv == 0; Hkv < H needs
+    ``enable_gqa=True``), fp32/fp16/bf16 (fp64 on the torch backend), D up to 256 on the kernels.
+    attn_mask: broadcastable to ``[B, H, Lq, Lk]``, bool (True = may attend) or float (added), read through its
+    strides. key_padding_mask: bool ``[B, Lk]``, True = padding. is_causal: query i sees keys
+    ``j <= i + offset``, offset 0 (``causal_alignment="top_left"``, SDPA's) or ``Lk - Lq`` ("bottom_right", for
+    KV-cache decoding). Rows with no visible key give zeros and zero gradients. Dropout draws its seed from
+    torch's default generator (reproducible with ``torch.manual_seed``) and backward regenerates the same
+    mask. Returns a contiguous ``[B, H, Lq, D]`` tensor in q's dtype.
+    """
+    _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, enable_gqa, causal_alignment)
+    name = backends.resolve(OP, q.device, backend, _why_not(q, k, v))
+    lq, lk = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    offset = 0 if causal_alignment == "top_left" else lk - lq
+    seed = draw_seed() if dropout_p > 0.0 else None
+    if name == "torch":
+        # The reference math itself: plain PyTorch ops, differentiated by autograd.
+        return _reference(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, offset, seed).contiguous()
+    out, _, _ = torch.ops.transformer_kernels.attention(
+        q, k, v, attn_mask, key_padding_mask, float(dropout_p), bool(is_causal), scale, offset, seed, name)
+    return out
