@@ -34,7 +34,9 @@ from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_o
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
+# Largest head dim per dtype for which every pass has a spill-free tile on sm_80 and sm_90 (fp32 dots run as
+# tf32x3, which holds each operand twice: with masks and dropout no fp32 tile above D = 64 fits the registers).
+MAX_HEAD_DIM = {torch.float16: 256, torch.bfloat16: 256, torch.float32: 64}
 MIN_BLOCK_D = 16  # tl.dot needs every dimension >= 16
 HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
@@ -134,7 +136,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, KPM, kpm_row, skp1,
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, M_OUT, INV_L, MASK, KPM,
+    Q, K, V, OUT, M_OUT, INV_L, MASK, KPM,
     sq0, sq1, sq2, sk0, sk1, sk2, sv0, sv1, sv2,
     sm0, sm1, sm2, sm3, skp0, skp1,
     H, GROUP, Lq, Lk, sm_scale, causal_offset, dropout_p, seed, LQ_CLASS, LK_CLASS,
@@ -184,14 +186,14 @@ def attn_fwd_kernel(
         out = out * (1.0 / (1.0 - dropout_p))
     row_ok = offs_m < Lq
     o_rows = bh.to(tl.int64) * Lq + offs_m
-    tl.store(O + o_rows[:, None] * D + offs_d[None, :], cast_out(out, O.dtype.element_ty, INTERPRETED),
+    tl.store(OUT + o_rows[:, None] * D + offs_d[None, :], cast_out(out, OUT.dtype.element_ty, INTERPRETED),
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(M_OUT + o_rows, tl.where(m_i == float("-inf"), 0.0, m_i), mask=row_ok)
     tl.store(INV_L + o_rows, inv_l, mask=row_ok)
 
 
 @triton.jit
-def attn_bwd_preprocess_kernel(O, DO, DELTA, sd0, sd1, sd2, H, Lq, D: tl.constexpr,
+def attn_bwd_preprocess_kernel(OUT, DO, DELTA, sd0, sd1, sd2, H, Lq, D: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax-backward correction, once per row.
     n_m = tl.cdiv(Lq, BLOCK_M)
@@ -203,7 +205,7 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA, sd0, sd1, sd2, H, Lq, D: tl.constex
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     rows = bh.to(tl.int64) * Lq + offs_m
-    o = tl.load(O + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    o = tl.load(OUT + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DO + b * sd0 + h * sd1 + offs_m[:, None] * sd2 + offs_d[None, :], mask=ok, other=0.0)
     tl.store(DELTA + rows, tl.sum(o * do.to(tl.float32), axis=1), mask=offs_m < Lq)
 
@@ -402,9 +404,65 @@ class TileConfig:
                              num_stages=self.num_stages)
 
 
-_FWD: dict = {}
-_DKDV: dict = {}
-_DQ: dict = {}
+# Tiles autotune may try, per pass and (feature class, element bytes, head-dim block); the first is the preferred
+# one. Chosen by compiling candidates from large to small for sm_80 and sm_90 and keeping the first two with 0
+# spill bytes on both (tests/test_resources.py re-checks every entry): a "plain" kernel (causal at most) affords
+# bigger tiles than one that also loads a mask tile, padding and dropout draws ("all"), and fp32 (4 bytes, tf32x3
+# dots) needs the smallest. dkdv keeps K, V, dK and dV of its key tile resident, so its tiles are the smallest.
+_FWD = {
+    ("plain", 2, 16): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
+    ("plain", 2, 32): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
+    ("plain", 2, 64): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
+    ("plain", 2, 128): [TileConfig(64, 64, 8, 2), TileConfig(64, 32, 4, 2)],
+    ("plain", 2, 256): [TileConfig(64, 32, 8, 2), TileConfig(32, 32, 4, 2)],
+    ("plain", 4, 16): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
+    ("plain", 4, 32): [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2)],
+    ("plain", 4, 64): [TileConfig(32, 32, 4, 2), TileConfig(32, 32, 8, 1)],
+    ("all", 2, 16): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
+    ("all", 2, 32): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
+    ("all", 2, 64): [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2)],
+    ("all", 2, 128): [TileConfig(64, 32, 8, 2), TileConfig(32, 64, 8, 2)],
+    ("all", 2, 256): [TileConfig(32, 64, 8, 2), TileConfig(32, 32, 8, 1)],
+    ("all", 4, 16): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
+    ("all", 4, 32): [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2)],
+    ("all", 4, 64): [TileConfig(32, 32, 4, 2), TileConfig(32, 32, 8, 1)],
+}
+_DKDV = {
+    ("plain", 2, 16): [TileConfig(32, 128, 8, 2), TileConfig(64, 64, 8, 2)],
+    ("plain", 2, 32): [TileConfig(64, 64, 8, 2), TileConfig(32, 64, 8, 2)],
+    ("plain", 2, 64): [TileConfig(32, 32, 8, 2), TileConfig(32, 32, 4, 2)],
+    ("plain", 2, 128): [TileConfig(32, 32, 8, 2), TileConfig(16, 64, 8, 1)],
+    ("plain", 2, 256): [TileConfig(16, 32, 8, 1)],
+    ("plain", 4, 16): [TileConfig(32, 32, 8, 2), TileConfig(32, 32, 4, 2)],
+    ("plain", 4, 32): [TileConfig(16, 16, 4, 1)],
+    ("plain", 4, 64): [TileConfig(16, 32, 8, 1), TileConfig(16, 32, 4, 1)],
+    ("all", 2, 16): [TileConfig(32, 32, 8, 2), TileConfig(32, 32, 4, 2)],
+    ("all", 2, 32): [TileConfig(32, 32, 8, 2), TileConfig(32, 32, 4, 2)],
+    ("all", 2, 64): [TileConfig(32, 32, 8, 2), TileConfig(32, 32, 4, 2)],
+    ("all", 2, 128): [TileConfig(16, 64, 8, 1), TileConfig(16, 32, 8, 1)],
+    ("all", 2, 256): [TileConfig(16, 32, 8, 1)],
+    ("all", 4, 16): [TileConfig(16, 32, 4, 1), TileConfig(16, 16, 4, 1)],
+    ("all", 4, 32): [TileConfig(16, 16, 4, 1)],
+    ("all", 4, 64): [TileConfig(16, 32, 8, 1), TileConfig(16, 16, 4, 1)],
+}
+_DQ = {
+    ("plain", 2, 16): [TileConfig(128, 32, 8, 2), TileConfig(64, 64, 8, 2)],
+    ("plain", 2, 32): [TileConfig(128, 32, 8, 2), TileConfig(64, 64, 8, 2)],
+    ("plain", 2, 64): [TileConfig(128, 32, 8, 2), TileConfig(64, 64, 8, 2)],
+    ("plain", 2, 128): [TileConfig(64, 64, 8, 2), TileConfig(64, 32, 8, 2)],
+    ("plain", 2, 256): [TileConfig(32, 64, 8, 2), TileConfig(32, 32, 8, 2)],
+    ("plain", 4, 16): [TileConfig(128, 32, 8, 2), TileConfig(64, 64, 8, 2)],
+    ("plain", 4, 32): [TileConfig(64, 32, 8, 2), TileConfig(16, 32, 8, 1)],
+    ("plain", 4, 64): [TileConfig(16, 32, 8, 1), TileConfig(16, 32, 4, 1)],
+    ("all", 2, 16): [TileConfig(128, 32, 8, 2), TileConfig(64, 64, 8, 2)],
+    ("all", 2, 32): [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 8, 2)],
+    ("all", 2, 64): [TileConfig(32, 64, 8, 2), TileConfig(32, 32, 8, 2)],
+    ("all", 2, 128): [TileConfig(16, 32, 8, 1), TileConfig(16, 16, 4, 1)],
+    ("all", 2, 256): [TileConfig(16, 32, 8, 1)],
+    ("all", 4, 16): [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 8, 2)],
+    ("all", 4, 32): [TileConfig(16, 32, 8, 1), TileConfig(16, 32, 4, 1)],
+    ("all", 4, 64): [TileConfig(16, 16, 4, 1)],
+}
 PASSES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ}
 # Under the interpreter every tile costs a numpy call per op: one small fixed tile, no tuning.
 INTERPRETER_CONFIG = TileConfig(32, 32, 1, 1)
@@ -449,9 +507,10 @@ _dkdv = _autotuned(attn_bwd_dkdv_kernel, "dkdv")
 _dq = _autotuned(attn_bwd_dq_kernel, "dq")
 
 
-def head_dim_block(d: int) -> int:
-    if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim {d} is not supported by the Triton attention (supported: 1..{MAX_HEAD_DIM})")
+def head_dim_block(d: int, dtype: torch.dtype) -> int:
+    if not 1 <= d <= MAX_HEAD_DIM[dtype]:
+        raise ValueError(f"head dim {d} is not supported by the Triton attention for {dtype} "
+                         f"(supported: 1..{MAX_HEAD_DIM[dtype]})")
     return max(MIN_BLOCK_D, next_power_of_2(d))
 
 
@@ -518,7 +577,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         q, k, v, o, row_max, inv_l, m, kp, *_strides3(q), *_strides3(k), *_strides3(v), *ms, *kps,
         h, h // hkv, lq, lk, sm_scale, causal_offset, dropout_p, seed, _length_class(lq), _length_class(lk),
         D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
-        BLOCK_D=head_dim_block(d), INTERPRETED=is_interpreted(),
+        BLOCK_D=head_dim_block(d, q.dtype), INTERPRETED=is_interpreted(),
     )
     return o, row_max, inv_l
 
@@ -539,7 +598,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     if b * h * d == 0 or lq == 0 or lk == 0:
         return dq, dk, dv
     kind, m, ms, kp, kps = _mask_args(mask, kpm, q)
-    block_d = head_dim_block(d)
+    block_d = head_dim_block(d, q.dtype)
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     attn_bwd_preprocess_kernel[(triton.cdiv(lq, PREPROCESS_BLOCK_M) * b * h,)](
         o, do, delta, *_strides3(do), h, lq, D=d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d)
@@ -565,7 +624,7 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: fl
 
 
 _AOT_POINTERS = {
-    "fwd": (attn_fwd_kernel, ("Q", "K", "V", "O", "M_OUT", "INV_L"), ("sq", "sk", "sv")),
+    "fwd": (attn_fwd_kernel, ("Q", "K", "V", "OUT", "M_OUT", "INV_L"), ("sq", "sk", "sv")),
     "dkdv": (attn_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV", "M_IN", "INV_L", "DELTA"), ("sq", "sk", "sv", "sd")),
     "dq": (attn_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ", "M_IN", "INV_L", "DELTA"), ("sq", "sk", "sv", "sd")),
 }
@@ -599,16 +658,17 @@ def aot_variants() -> list[AotVariant]:
     `tile_configs`), forward and both backward passes, plus the preprocess."""
     out = []
     for dtype in SUPPORTED_DTYPES:
-        for block_d in HEAD_DIM_BLOCKS:
+        for block_d in (b for b in HEAD_DIM_BLOCKS if b <= next_power_of_2(MAX_HEAD_DIM[dtype])):
             for pass_name in PASSES:
                 for features in AOT_FEATURES:
                     for c in PASSES[pass_name][(features, max(dtype.itemsize, 2), block_d)]:
                         out.append(aot_variant(pass_name, dtype, block_d, c, features))
         dt = TRITON_DTYPE_NAMES[dtype]
-        sig = {"O": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32", "sd0": "i32", "sd1": "i32", "sd2": "i32", "H": "i32",
+        sig = {"OUT": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32", "sd0": "i32", "sd1": "i32", "sd2": "i32", "H": "i32",
                "Lq": "i32", "D": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}
         for block_d in HEAD_DIM_BLOCKS:
             out.append(AotVariant("attn_bwd_preprocess", attn_bwd_preprocess_kernel, sig,
                                   {"D": block_d, "BLOCK_M": PREPROCESS_BLOCK_M, "BLOCK_D": block_d}, 4,
-                                  f"{dt} D={block_d} M={PREPROCESS_BLOCK_M}", aligned=("O", "DO", "DELTA", "sd0", "sd1", "sd2")))
+                                  f"{dt} D={block_d} M={PREPROCESS_BLOCK_M}",
+                                  aligned=("OUT", "DO", "DELTA", "sd0", "sd1", "sd2")))
     return out

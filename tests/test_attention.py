@@ -92,8 +92,15 @@ def test_tile_edge_lengths_long(length, device):
 
 @pytest.mark.parametrize("d", [16, 32, 40, 48, 59, 64, 72, 80, 96, 111, 128, 160, 256])
 def test_head_dims(d, device):
-    q, k, v = make_qkv(1, 2, 2, 19, 23, d, device=device, seed=d)
-    check_against_reference("triton", q, k, v, key_padding_mask=torch.arange(23, device=device).expand(1, 23) > 20)
+    # fp16 runs every head dim up to 256; fp32 (tf32x3 dots, twice the registers) up to 64, and a clear error above.
+    dtypes = [torch.float16] + ([torch.float32] if d <= triton_attention.MAX_HEAD_DIM[torch.float32] else [])
+    for dtype in dtypes:
+        q, k, v = make_qkv(1, 2, 2, 19, 23, d, dtype, device, seed=d)
+        check_against_reference("triton", q, k, v, key_padding_mask=torch.arange(23, device=device).expand(1, 23) > 20)
+    if d > triton_attention.MAX_HEAD_DIM[torch.float32]:
+        q, k, v = make_qkv(1, 2, 2, 3, 3, d, device=device)
+        with pytest.raises(NotImplementedError, match=f"head dim {d} with torch.float32"), tk.use_backend("triton"):
+            tk.ops.attention(q, k, v)
 
 
 @pytest.mark.parametrize("lq,lk", [(1, 239), (239, 1), (3, 799), (799, 3), (16, 1024), (1024, 16)])

@@ -2,6 +2,7 @@
 
 import pytest
 from transformer_kernels.kernels import attention as triton_attention
+from transformer_kernels.kernels import norm as triton_norm
 from transformer_kernels.kernels import softmax as triton_softmax
 from transformer_kernels.kernels.config import TRITON_DTYPE_NAMES
 
@@ -88,3 +89,17 @@ def test_every_triton_attention_config_compiles_without_spills_on_tensor_cores(a
         assert r.shared_bytes <= resources.MAX_SHARED[r.arch], f"{where} needs {r.shared_bytes} B of shared memory"
         if r.kernel != "attn_bwd_preprocess":
             assert r.tensor_core_instrs > 0, f"{where} does not use tensor cores"
+
+
+def test_every_triton_norm_config_compiles_without_spills():
+    rows = resources.triton_report(["norm"])
+    assert len(rows) == len(triton_norm.aot_variants()) * len(resources.TRITON_ARCHS)
+    for r in rows:
+        assert r.stack_bytes == 0, f"{r.kernel} {r.variant} sm_{r.arch} spills {r.stack_bytes} bytes"
+        assert r.shared_bytes <= resources.MAX_SHARED[r.arch]
+
+
+def test_norm_launchers_only_pick_enumerated_configs():
+    for n in [1, 37, 1000, 4231, 8192, 8193, 9000, triton_norm.MAX_BACKWARD_COLS]:
+        assert triton_norm.pick_config(n) in triton_norm.all_configs()
+        assert triton_norm.pick_backward_config(n) in triton_norm.all_backward_configs()

@@ -23,6 +23,8 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "masked_softmax": ("triton", "cuda", "torch"),
     "attention": ("triton", "torch"),
+    "layer_norm": ("triton", "torch"),
+    "rms_norm": ("triton", "torch"),
 }
 
 _default = "auto"

@@ -100,7 +100,7 @@ def _attention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
         ("causal", 2, 2, 2, 47, 47, 40, lambda b, h, lq, lk, g: {"is_causal": True}),
         ("padded", 2, 2, 2, 29, 29, 64, lambda b, h, lq, lk, g: {"key_padding_mask": torch.rand(b, lk, generator=g) < 0.3}),
         ("cross bias", 2, 2, 2, 17, 70, 32, lambda b, h, lq, lk, g: {"attn_mask": torch.randn(1, h, lq, lk, generator=g)}),
-        ("gqa causal_br", 1, 4, 2, 21, 50, 128,
+        ("gqa causal_br", 1, 4, 2, 21, 50, 64,
          lambda b, h, lq, lk, g: {"is_causal": True, "causal_alignment": "bottom_right", "enable_gqa": True,
                                   "attn_mask": torch.rand(b, 1, 1, lk, generator=g) > 0.2}),
     ]
@@ -126,8 +126,33 @@ def _attention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
                 yield Case("attention", impl, dtype, f"{label} [{b},{h},{lq}x{lk},{d}]", run)
 
 
+def _norm_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    sizes = (37, 1000) if quick else (37, 1000, 4231, 9000)
+    for op, fn, ref_fn in (("layer_norm", ops.layer_norm, reference.layer_norm), ("rms_norm", ops.rms_norm, reference.rms_norm)):
+        for impl, scope in implementations(op, device):
+            for dtype in DTYPES:
+                for n in sizes:
+                    def run(n=n, dtype=dtype, scope=scope, fn=fn, ref_fn=ref_fn, op=op):
+                        g = torch.Generator().manual_seed(n)
+                        x, r = ((torch.randn(4, 3, n, generator=g) * 2 + 1).to(dtype).to(device) for _ in range(2))
+                        w = torch.randn(n, generator=g).to(dtype).to(device)
+                        extra = (None,) if op == "layer_norm" else ()  # no bias: the [N] weight alone
+
+                        def ours(x, r, w):
+                            with scope():
+                                y, s = fn(x, w, *extra, 1e-5, r, True)
+                            return y + 0.5 * s
+
+                        def ref(x, r, w):
+                            y, s = ref_fn(x, w, *extra, 1e-5, r, True)
+                            return y + 0.5 * s
+
+                        return compare(ours, ref, {"x": x, "r": r, "w": w}, grad_of=("x", "r", "w"))
+                    yield Case(op, impl, dtype, f"[4,3,{n}] +residual", run)
+
+
 # Case generators, one per op; later ops add theirs here.
-CASE_SOURCES: tuple[Callable[[torch.device, bool], Iterator[Case]], ...] = (_softmax_cases, _attention_cases)
+CASE_SOURCES: tuple[Callable[[torch.device, bool], Iterator[Case]], ...] = (_softmax_cases, _attention_cases, _norm_cases)
 
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:

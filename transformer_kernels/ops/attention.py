@@ -108,8 +108,8 @@ def _why_not(q: Tensor, k: Tensor, v: Tensor):
 
         if q.dtype not in KERNEL_DTYPES:
             return f"dtype {q.dtype} (supported: {KERNEL_DTYPES})"
-        if q.shape[-1] > MAX_HEAD_DIM:
-            return f"head dim {q.shape[-1]} (supported: 1..{MAX_HEAD_DIM})"
+        if q.shape[-1] > MAX_HEAD_DIM[q.dtype]:
+            return f"head dim {q.shape[-1]} with {q.dtype} (supported: 1..{MAX_HEAD_DIM[q.dtype]})"
         if v.shape[-1] != q.shape[-1]:
             return f"value head dim {v.shape[-1]} differs from the query/key head dim {q.shape[-1]}"
         return None

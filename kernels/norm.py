@@ -1,0 +1,265 @@
+"""LayerNorm and RMSNorm over the last dim, in Triton, with an optional fused residual add.
+
+Forward: one program per row. The residual is added first (s = x + residual, stored for the residual stream),
+then statistics in fp32: mean and variance from the row held in registers (one pass over memory) up to
+`SINGLE_TILE_MAX_COLS`, else in `LOOP_BLOCK` tiles (mean first, then the centred variance, so a large mean
+cannot cancel the variance away). The mean (LayerNorm) and 1/std are saved for backward.
+
+Backward: each program walks `ROWS_PER_PROGRAM` rows, writes dX for each and keeps its partial sums of
+dWeight (and dBias) in registers; the partials ``[programs, N]`` are summed afterwards in a fixed order, so
+results are bitwise reproducible (no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import cast_out
+from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_of_2
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SINGLE_TILE_MAX_COLS = 8192
+LOOP_BLOCK = 2048
+MIN_BLOCK = 16
+ROWS_PER_PROGRAM = 32
+_ROWS_PER_PROGRAM = tl.constexpr(ROWS_PER_PROGRAM)
+
+
+@triton.jit
+def _sum_row(X, R, S, x_row, s_row, cols, n_cols, HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr,
+             INTERPRETED: tl.constexpr):
+    # x (+ residual) in fp32; the sum is stored in the input dtype for the residual stream.
+    inside = cols < n_cols
+    s = tl.load(X + x_row + cols, mask=inside, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        s += tl.load(R + x_row + cols, mask=inside, other=0.0).to(tl.float32)
+        if STORE_SUM:
+            tl.store(S + s_row + cols, cast_out(s, S.dtype.element_ty, INTERPRETED), mask=inside)
+    return s
+
+
+@triton.jit
+def norm_fwd_kernel(
+    X, R, S, W, B, Y, MEAN, RSTD, n_cols, sx, eps,
+    RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    SINGLE_TILE: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = row * sx
+    out_row = row * n_cols
+    offs = tl.arange(0, BLOCK)
+    if SINGLE_TILE:
+        s = _sum_row(X, R, S, x_row, out_row, offs, n_cols, HAS_RESIDUAL, True, INTERPRETED)
+        if RMS:
+            mean = 0.0
+            var = tl.sum(s * s, axis=0) / n_cols
+        else:
+            mean = tl.sum(s, axis=0) / n_cols
+            centred = tl.where(offs < n_cols, s - mean, 0.0)
+            var = tl.sum(centred * centred, axis=0) / n_cols
+        rstd = 1.0 / tl.sqrt(var + eps)
+        w = tl.load(W + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
+        y = (s - mean) * rstd * w
+        if HAS_BIAS:
+            y += tl.load(B + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
+        tl.store(Y + out_row + offs, cast_out(y, Y.dtype.element_ty, INTERPRETED), mask=offs < n_cols)
+    else:
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            s = _sum_row(X, R, S, x_row, out_row, start + offs, n_cols, HAS_RESIDUAL, True, INTERPRETED)
+            if RMS:
+                acc += s * s
+            else:
+                acc += s
+        if RMS:
+            mean = 0.0
+            var = tl.sum(acc, axis=0) / n_cols
+        else:
+            mean = tl.sum(acc, axis=0) / n_cols
+            acc = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + offs
+                s = _sum_row(X, R, S, x_row, out_row, cols, n_cols, HAS_RESIDUAL, False, INTERPRETED)
+                centred = tl.where(cols < n_cols, s - mean, 0.0)
+                acc += centred * centred
+            var = tl.sum(acc, axis=0) / n_cols
+        rstd = 1.0 / tl.sqrt(var + eps)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            s = _sum_row(X, R, S, x_row, out_row, cols, n_cols, HAS_RESIDUAL, False, INTERPRETED)
+            y = (s - mean) * rstd * tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                y += tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            tl.store(Y + out_row + cols, cast_out(y, Y.dtype.element_ty, INTERPRETED), mask=cols < n_cols)
+    if not RMS:
+        tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def norm_bwd_kernel(
+    DY, X, R, W, MEAN, RSTD, DX, DW_PART, DB_PART, n_rows, n_cols, sdy, sx,
+    RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    # xhat = (s - mean)·rstd, g = w·dy:  dx = rstd·(g - mean(g) - xhat·mean(g·xhat))  (RMS: no mean(g) term),
+    # dw = Σ_rows dy·xhat, db = Σ_rows dy. The whole row sits in one tile (n_cols <= BLOCK). dX is also the
+    # residual's gradient.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < n_cols
+    w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], tl.float32)
+    db = tl.zeros([BLOCK], tl.float32)
+    first = pid * _ROWS_PER_PROGRAM
+    for i in range(0, _ROWS_PER_PROGRAM):
+        row = (first + i).to(tl.int64)
+        if row < n_rows:
+            # x + residual again in fp32, exactly the sum the forward normalised (the stored sum is rounded).
+            s = _sum_row(X, R, X, row * sx, 0, cols, n_cols, HAS_RESIDUAL, False, INTERPRETED)
+            dy = tl.load(DY + row * sdy + cols, mask=inside, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            mean = 0.0 if RMS else tl.load(MEAN + row)
+            xhat = tl.where(inside, (s - mean) * rstd, 0.0)
+            g = w * dy
+            dx = g - xhat * (tl.sum(g * xhat, axis=0) / n_cols)
+            if not RMS:
+                dx -= tl.sum(g, axis=0) / n_cols
+            tl.store(DX + row * n_cols + cols, cast_out(dx * rstd, DX.dtype.element_ty, INTERPRETED), mask=inside)
+            dw += dy * xhat
+            db += dy
+    tl.store(DW_PART + pid * n_cols + cols, dw, mask=inside)
+    if HAS_BIAS:
+        tl.store(DB_PART + pid * n_cols + cols, db, mask=inside)
+
+
+# ---- launchers -------------------------------------------------------------------------------
+
+
+def pick_config(n_cols: int) -> tuple[int, int, bool]:
+    """(BLOCK, num_warps, SINGLE_TILE) for the forward: the whole row in registers up to SINGLE_TILE_MAX_COLS
+    (at most 16 fp32 values per thread), LOOP_BLOCK tiles above."""
+    if n_cols <= SINGLE_TILE_MAX_COLS:
+        block = max(MIN_BLOCK, next_power_of_2(n_cols))
+        return block, min(16, max(1, block // 512)), True
+    return LOOP_BLOCK, 8, False
+
+
+def pick_backward_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for the backward, which holds a whole row (and its dW/dB partials) in registers."""
+    block = max(MIN_BLOCK, next_power_of_2(n_cols))
+    return block, min(16, max(1, block // 256))
+
+
+MAX_BACKWARD_COLS = 16384  # five fp32 row vectors per program must fit the registers of 16 warps
+
+
+def all_configs() -> list[tuple[int, int, bool]]:
+    configs, n = [], MIN_BLOCK
+    while n <= SINGLE_TILE_MAX_COLS:
+        configs.append(pick_config(n))
+        n *= 2
+    configs.append(pick_config(SINGLE_TILE_MAX_COLS + 1))
+    return configs
+
+
+def all_backward_configs() -> list[tuple[int, int]]:
+    configs, n = [], MIN_BLOCK
+    while n <= MAX_BACKWARD_COLS:
+        configs.append(pick_backward_config(n))
+        n *= 2
+    return configs
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x dtype {x.dtype} is not supported by the Triton norms (supported: {SUPPORTED_DTYPES})")
+    if x.dim() != 2 or weight.shape != (x.shape[1],):
+        raise ValueError(f"expected x [rows, N] and weight [N]; got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.device.type == "cpu" and not is_interpreted():
+        raise RuntimeError("Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 before importing triton")
+
+
+def norm_forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                 eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, residual: ``[rows, N]`` with unit stride along N; weight, bias: ``[N]``. Returns (y, s, mean, rstd):
+    y the normalised output, s = x + residual (x itself without a residual), and the fp32 row statistics
+    (mean is empty for RMS norm)."""
+    _check(x, weight)
+    rows, n = x.shape
+    if x.stride(1) != 1 or (residual is not None and residual.stride() != x.stride()):
+        x = x.contiguous()
+        residual = None if residual is None else residual.contiguous()
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    s = x if residual is None else torch.empty_like(y)
+    mean = torch.empty(0 if rms else rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows == 0 or n == 0:
+        return y, s, mean, rstd
+    block, warps, single = pick_config(n)
+    norm_fwd_kernel[(rows,)](
+        x, x if residual is None else residual, s, weight, weight if bias is None else bias, y, rstd if rms else mean,
+        rstd, n, x.stride(0), eps, RMS=rms, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+        BLOCK=block, SINGLE_TILE=single, INTERPRETED=is_interpreted(), num_warps=warps)
+    return y, s, mean, rstd
+
+
+def norm_backward(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                  mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool, rms: bool,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dy ``[rows, N]`` (an expanded grad is copied); x and residual the forward's inputs. Returns (dx, dweight,
+    dbias): dx is also the residual's gradient, dweight/dbias are in weight's dtype."""
+    rows, n = x.shape
+    if n > MAX_BACKWARD_COLS:
+        raise ValueError(f"the Triton norm backward supports rows up to {MAX_BACKWARD_COLS} elements, got {n}")
+    if dy.stride(1) != 1:
+        dy = dy.contiguous()
+    if x.stride(1) != 1 or (residual is not None and residual.stride() != x.stride()):
+        x = x.contiguous()
+        residual = None if residual is None else residual.contiguous()
+    dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    programs = max(1, triton.cdiv(rows, ROWS_PER_PROGRAM))
+    dw_part = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
+    db_part = torch.zeros((programs, n) if has_bias else (0,), dtype=torch.float32, device=x.device)
+    if rows and n:
+        block, warps = pick_backward_config(n)
+        norm_bwd_kernel[(programs,)](
+            dy, x, x if residual is None else residual, weight, rstd if rms else mean, rstd, dx, dw_part,
+            db_part if has_bias else dw_part, rows, n, dy.stride(0), x.stride(0), RMS=rms,
+            HAS_RESIDUAL=residual is not None, HAS_BIAS=has_bias, BLOCK=block, INTERPRETED=is_interpreted(),
+            num_warps=warps)
+    dw = dw_part.sum(0).to(weight.dtype)
+    db = db_part.sum(0).to(weight.dtype) if has_bias else None
+    return dx, dw, db
+
+
+def aot_variants() -> list[AotVariant]:
+    """Every forward config (single tile per power of two, the loop) and backward config, for each dtype, LayerNorm
+    and RMSNorm, with the residual and bias on (the most registers)."""
+    out = []
+    for dtype in SUPPORTED_DTYPES:
+        dt = TRITON_DTYPE_NAMES[dtype]
+        for rms in (False, True):
+            kind = "rms" if rms else "ln"
+            for block, warps, single in all_configs():
+                sig = {"X": f"*{dt}", "R": f"*{dt}", "S": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "Y": f"*{dt}",
+                       "MEAN": "*fp32", "RSTD": "*fp32", "n_cols": "i32", "sx": "i32", "eps": "fp32",
+                       "RMS": "constexpr", "HAS_RESIDUAL": "constexpr", "HAS_BIAS": "constexpr", "BLOCK": "constexpr",
+                       "SINGLE_TILE": "constexpr", "INTERPRETED": "constexpr"}
+                consts = {"RMS": rms, "HAS_RESIDUAL": True, "HAS_BIAS": not rms, "BLOCK": block, "SINGLE_TILE": single,
+                          "INTERPRETED": False}
+                out.append(AotVariant("norm_fwd", norm_fwd_kernel, sig, consts, warps,
+                                      f"{dt} {kind} BLOCK={block} warps={warps} {'tile' if single else 'loop'}",
+                                      aligned=("X", "R", "S", "W", "B", "Y", "sx")))
+            for block, warps in all_backward_configs():
+                sig = {"DY": f"*{dt}", "X": f"*{dt}", "R": f"*{dt}", "W": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32",
+                       "DX": f"*{dt}", "DW_PART": "*fp32", "DB_PART": "*fp32", "n_rows": "i32", "n_cols": "i32",
+                       "sdy": "i32", "sx": "i32", "RMS": "constexpr", "HAS_RESIDUAL": "constexpr", "HAS_BIAS": "constexpr",
+                       "BLOCK": "constexpr", "INTERPRETED": "constexpr"}
+                consts = {"RMS": rms, "HAS_RESIDUAL": True, "HAS_BIAS": not rms, "BLOCK": block, "INTERPRETED": False}
+                out.append(AotVariant("norm_bwd", norm_bwd_kernel, sig, consts, warps,
+                                      f"{dt} {kind} BLOCK={block} warps={warps}",
+                                      aligned=("DY", "X", "R", "W", "DX", "DW_PART", "DB_PART", "sdy", "sx")))
+    return out

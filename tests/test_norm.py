@@ -1,0 +1,144 @@
+"""layer_norm / rms_norm (with the fused residual add) on every backend against the reference."""
+
+import pytest
+import torch
+from transformer_kernels.kernels import norm as triton_norm
+
+import transformer_kernels as tk
+from transformer_kernels import reference
+from transformer_kernels.testing import compare
+
+BACKENDS = ["triton", "torch"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def run(kind, backend, x, w, b, r, eps=1e-5):
+    """y + 0.5·s so that the gradient through both outputs (normalised and pre-norm sum) is checked."""
+    with tk.use_backend(backend):
+        if kind == "rms":
+            y, s = tk.ops.rms_norm(x, w, eps, r, return_residual=True)
+        else:
+            y, s = tk.ops.layer_norm(x, w, b, eps, r, return_residual=True)
+    return y + 0.5 * s
+
+
+def ref(kind, x, w, b, r, eps=1e-5):
+    if kind == "rms":
+        y, s = reference.rms_norm(x, w, eps, r, return_residual=True)
+    else:
+        y, s = reference.layer_norm(x, w, b, eps, r, return_residual=True)
+    return y + 0.5 * s
+
+
+def check(kind, backend, x, w, b, r):
+    inputs = {"x": x, "w": w, "b": b, "r": r}
+    grads = tuple(n for n, t in inputs.items() if t is not None and not (kind == "rms" and n == "b"))
+    rows = compare(lambda x, w, b, r: run(kind, backend, x, w, b, r), lambda x, w, b, r: ref(kind, x, w, b, r),
+                   inputs, grad_of=grads)
+    for name, err, bound in rows:
+        assert err <= bound, f"{kind} {name}: max error {err:.3e} exceeds bound {bound:.3e} ({x.dtype}, {backend})"
+
+
+# LayerNorm of a single element is degenerate (variance 0, rstd = 1/sqrt(eps) amplifies the reference's own
+# rounding): it starts at 2.
+SIZES = {"ln": [2, 37, 1000, 4231, 9000], "rms": [1, 37, 1000, 4231, 9000]}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,n", [(k, n) for k in SIZES for n in SIZES[k]])
+def test_sizes_dtypes_residual(backend, dtype, kind, n, device):
+    g = torch.Generator().manual_seed(n)
+    x, r = ((torch.randn(3, 5, n, generator=g) * 2 + 1).to(dtype).to(device) for _ in range(2))
+    w, b = (torch.randn(n, generator=g).to(dtype).to(device) for _ in range(2))
+    check(kind, backend, x, w, b if kind == "ln" else None, r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_without_residual_and_without_affine(backend, kind, device):
+    x = torch.randn(7, 48, device=device)
+    check(kind, backend, x, torch.randn(48, device=device), torch.randn(48, device=device) if kind == "ln" else None, None)
+    with tk.use_backend(backend):
+        y = tk.ops.layer_norm(x) if kind == "ln" else tk.ops.rms_norm(x)
+    ref_y = reference.layer_norm(x, None, None) if kind == "ln" else reference.rms_norm(x, None)
+    torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_views_expanded_grad_and_zero_rows(backend, device):
+    base = torch.randn(6, 2 * 33, device=device)
+    x = base[:, ::2].detach().requires_grad_()  # last-dim stride 2
+    w = torch.randn(33, device=device, requires_grad=True)
+    with tk.use_backend(backend):
+        y = tk.ops.layer_norm(x, w, None)
+        y.sum().backward()  # expanded grad_output
+    xc = x.detach().contiguous().requires_grad_()
+    wc = w.detach().clone().requires_grad_()
+    reference.layer_norm(xc, wc, None).sum().backward()
+    torch.testing.assert_close(y, reference.layer_norm(xc, wc, None), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.grad, xc.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(w.grad, wc.grad, atol=1e-5, rtol=0)
+    with tk.use_backend(backend):
+        empty = torch.randn(0, 33, device=device, requires_grad=True)
+        out = tk.ops.rms_norm(empty, w)
+        out.sum().backward()
+    assert out.shape == (0, 33) and empty.grad.shape == (0, 33)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_torch_nn(backend, device):
+    ln = torch.nn.LayerNorm(40, eps=1e-6).to(device)
+    torch.nn.init.normal_(ln.weight)
+    torch.nn.init.normal_(ln.bias)
+    x = torch.randn(4, 9, 40, device=device)
+    with tk.use_backend(backend):
+        torch.testing.assert_close(tk.ops.layer_norm(x, ln.weight, ln.bias, 1e-6), ln(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(tk.ops.rms_norm(x, ln.weight, 1e-6),
+                                   torch.nn.functional.rms_norm(x, (40,), ln.weight, 1e-6), atol=1e-5, rtol=0)
+
+
+def test_deterministic(device):
+    x = torch.randn(100, 300, device=device)
+    w = torch.randn(300, device=device)
+    grads = []
+    for _ in range(2):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with tk.use_backend("triton"):
+            tk.ops.layer_norm(xx, ww, None).backward(torch.ones(100, 300, device=device))
+        grads.append((xx.grad, ww.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_opcheck(device):
+    x = torch.randn(5, 24, device=device)
+    r = torch.randn(5, 24, device=device)
+    w, b = torch.randn(24, device=device), torch.randn(24, device=device)
+    for args in [(x, r, w, b, 1e-5, False, "triton"), (x, None, w, None, 1e-6, True, "triton")]:
+        args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(torch.ops.transformer_kernels.norm.default, args)
+
+
+def test_gradcheck_fp64_torch_backend():
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, r, w):
+        with tk.use_backend("torch"):
+            return tk.ops.layer_norm(x, w, None, 1e-5, r, return_residual=True)
+
+    assert torch.autograd.gradcheck(fn, (x, r, w))
+
+
+def test_bad_inputs_and_unsupported_sizes(device):
+    x = torch.randn(4, 8, device=device)
+    with pytest.raises(ValueError, match="weight"), tk.use_backend("triton"):
+        tk.ops.layer_norm(x, torch.ones(7, device=device))
+    with pytest.raises(ValueError, match="residual"), tk.use_backend("triton"):
+        tk.ops.rms_norm(x, None, residual=torch.ones(4, 9, device=device))
+    with pytest.raises(TypeError, match="x must have dtype"), tk.use_backend("triton"):
+        tk.ops.layer_norm(x.long())
+    big = torch.randn(1, triton_norm.MAX_BACKWARD_COLS + 1, device=device)
+    with pytest.raises(NotImplementedError, match="hidden size"), tk.use_backend("triton"):
+        tk.ops.layer_norm(big)
