@@ -17,7 +17,7 @@ Masks (read through their strides, never expanded): a bool or float `attn_mask` 
 (key j visible to query i iff j <= i + offset). A key no query of a tile may see is zeroed in K/V before it
 reaches a dot product, so NaN or Inf in padded positions cannot leak; fully masked rows give zeros.
 
-Dropout: keep iff philox(seed, ((b·H + h)·Lq + i)·Lk + j) >= p, regenerated identically in backward.
+Dropout: `common.dropout_keep` on row (b·H + h)·Lq + i and column j, regenerated identically in backward.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast_out, mma
+from .common import cast_out, dropout_keep, mma
 from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_of_2
 
 LOG2E = 1.4426950408889634
@@ -43,31 +43,10 @@ MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
 
 @triton.jit
-def _mix32(x):
-    # A 32-bit integer finaliser (lowbias32: two multiply-xorshift rounds): every input bit flips about half the
-    # output bits, so consecutive counters give independent-looking draws.
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    return x ^ (x >> 16)
-
-
-@triton.jit
 def _keep(seed, bh, Lq, Lk, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
-    # Counter-based dropout draw for element (b·H + h, i, j): the 64-bit row counter b·H·Lq + h·Lq + i is hashed
-    # with the 64-bit seed once per row, then each key costs one more hash of (row hash ^ j). One 32-bit word per
-    # element (Philox needs four, and spilled the backward tiles). Keep iff the top 24 bits >= p·2^24; the
-    # forward, both backward passes and the mask helper all call this, whatever their tile sizes.
-    row = bh.to(tl.int64) * Lq + offs_m
-    seed64 = tl.cast(seed, tl.int64)
-    # int64 -> uint32 casts keep the low word.
-    k0 = tl.cast(seed64, tl.uint32)
-    k1 = tl.cast(seed64 >> 32, tl.uint32)
-    row_hash = _mix32(_mix32(row.to(tl.uint32) ^ k0) ^ (row >> 32).to(tl.uint32) ^ k1)
-    cols = (start_n + tl.arange(0, BLOCK_N)).to(tl.uint32)
-    draw = _mix32(row_hash[:, None] ^ cols[None, :])
-    return (draw >> 8) >= tl.cast(dropout_p * 16777216.0, tl.uint32)
+    # Element (b·H + h, i, j) of the [B·H·Lq, Lk] draw grid: forward, both backward passes and the mask helper
+    # all call this, whatever their tile sizes.
+    return dropout_keep(seed, bh.to(tl.int64) * Lq + offs_m, start_n + tl.arange(0, BLOCK_N), dropout_p)
 
 
 @triton.jit

@@ -33,3 +33,29 @@ def mma(a, b, acc, INTERPRETED: tl.constexpr):
     if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="tf32x3")
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _mix32(x):
+    # A 32-bit integer finaliser (lowbias32: two multiply-xorshift rounds): every input bit flips about half the
+    # output bits, so consecutive counters give independent-looking draws.
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, dropout_p):
+    """Counter-based dropout draws for a ``[len(rows), len(cols)]`` tile of a ``[R, C]`` grid: ``rows`` int64,
+    ``cols`` int32 indices. The 64-bit row index is hashed with the 64-bit seed once per row, then each element
+    costs one more hash of (row hash ^ column): one 32-bit word per element, where Philox needs four and spilled
+    the attention backward. Keep iff the top 24 bits of the draw >= p·2^24."""
+    seed64 = tl.cast(seed, tl.int64)
+    # int64 -> uint32 casts keep the low word.
+    k0 = tl.cast(seed64, tl.uint32)
+    k1 = tl.cast(seed64 >> 32, tl.uint32)
+    row_hash = _mix32(_mix32(rows.to(tl.uint32) ^ k0) ^ (rows >> 32).to(tl.uint32) ^ k1)
+    draw = _mix32(row_hash[:, None] ^ cols.to(tl.uint32)[None, :])
+    return (draw >> 8) >= tl.cast(dropout_p * 16777216.0, tl.uint32)

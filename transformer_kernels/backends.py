@@ -25,6 +25,10 @@ GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "attention": ("triton", "torch"),
     "layer_norm": ("triton", "torch"),
     "rms_norm": ("triton", "torch"),
+    "linear": ("triton", "torch"),
+    "gated_linear": ("triton", "torch"),
+    "qkv_projection": ("triton", "torch"),
+    "out_projection": ("triton", "torch"),
 }
 
 _default = "auto"

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import toolchain
 
 TRITON_ARCHS = (80, 90)
-TRITON_KERNEL_MODULES = ("softmax", "attention", "norm")  # kernels/<name>.py files that define aot_variants()
+TRITON_KERNEL_MODULES = ("softmax", "attention", "norm", "linear")  # kernels/<name>.py files that define aot_variants()
 CUDA_KERNEL_FILES = ("softmax.cu",)
 # Opcodes that run on tensor cores: HMMA (sm_80+ mma.sync), HGMMA (sm_90 wgmma), IMMA (int8).
 TENSOR_CORE_OPCODES = re.compile(r"\b(HMMA|HGMMA|IMMA|IGMMA)\.")

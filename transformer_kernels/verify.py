@@ -151,8 +151,54 @@ def _norm_cases(device: torch.device, quick: bool) -> Iterator[Case]:
                     yield Case(op, impl, dtype, f"[4,3,{n}] +residual", run)
 
 
+def _projection_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    """linear (gelu + bias + residual), gated_linear (swiglu), qkv_projection (GQA) and out_projection."""
+
+    def rnd(g, *shape, scale=1.0):
+        return torch.randn(shape, generator=g) * scale
+
+    def linear_case(g):
+        m, n, k = 37, 100, 341
+        return ({"x": rnd(g, m, k), "w": rnd(g, n, k, scale=k**-0.5), "b": rnd(g, n), "r": rnd(g, m, n)},
+                lambda x, w, b, r: ops.linear(x, w, b, "gelu", r),
+                lambda x, w, b, r: reference.linear(x, w, b, "gelu", r))
+
+    def gated_case(g):
+        m, n, k = 45, 64, 100
+        return ({"x": rnd(g, m, k), "wg": rnd(g, n, k, scale=0.1), "wu": rnd(g, n, k, scale=0.1)},
+                lambda x, wg, wu: ops.gated_linear(x, wg, wu, activation="silu"),
+                lambda x, wg, wu: reference.gated_linear(x, wg, wu, activation_name="silu"))
+
+    def qkv_case(g):
+        def cat(qkv):
+            return torch.cat([t.flatten() for t in qkv])
+        return ({"x": rnd(g, 2, 13, 64), "w": rnd(g, (4 + 2 * 2) * 16, 64, scale=0.125), "b": rnd(g, (4 + 2 * 2) * 16)},
+                lambda x, w, b: cat(ops.qkv_projection(x, w, b, 4, 2)),
+                lambda x, w, b: cat(reference.qkv_projection(x, w, b, 4, 2)))
+
+    def out_case(g):
+        return ({"a": rnd(g, 2, 4, 13, 16), "w": rnd(g, 64, 64, scale=0.125), "b": rnd(g, 64), "r": rnd(g, 2, 13, 64)},
+                ops.out_projection, reference.out_projection)
+
+    builders = {"linear": linear_case, "gated_linear": gated_case, "qkv_projection": qkv_case, "out_projection": out_case}
+    for op, build in builders.items():
+        for impl, scope in implementations(op, device):
+            for dtype in DTYPES if not quick else DTYPES[:2]:
+                def run(build=build, dtype=dtype, scope=scope):
+                    inputs, ours_fn, ref_fn = build(torch.Generator().manual_seed(11))
+                    inputs = {n: t.to(dtype).to(device) for n, t in inputs.items()}
+
+                    def ours(*args):
+                        with scope():
+                            return ours_fn(*args)
+
+                    return compare(ours, ref_fn, inputs, grad_of=tuple(inputs))
+                yield Case(op, impl, dtype, op.replace("_", " "), run)
+
+
 # Case generators, one per op; later ops add theirs here.
-CASE_SOURCES: tuple[Callable[[torch.device, bool], Iterator[Case]], ...] = (_softmax_cases, _attention_cases, _norm_cases)
+CASE_SOURCES: tuple[Callable[[torch.device, bool], Iterator[Case]], ...] = (
+    _softmax_cases, _attention_cases, _norm_cases, _projection_cases)
 
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:

@@ -1,7 +1,9 @@
 """Functional ops: torch.library custom ops with fake impls and autograd, one name per op, three backends."""
 
 from .attention import attention
+from .linear import feed_forward, gated_linear, linear, out_projection, qkv_projection
 from .norm import layer_norm, rms_norm
 from .softmax import masked_softmax
 
-__all__ = ["attention", "layer_norm", "masked_softmax", "rms_norm"]
+__all__ = ["attention", "feed_forward", "gated_linear", "layer_norm", "linear", "masked_softmax", "out_projection",
+           "qkv_projection", "rms_norm"]

@@ -1,0 +1,349 @@
+"""Tiled GEMM with fused prologues and epilogues, in Triton: the projections and the feed-forward.
+
+C = A @ B with A ``[M, K]`` and B ``[K, N]`` read through strides (``W.T`` is a view, never copied), fp32
+accumulation on tensor cores (fp32 operands as tf32x3), tiles visited in grouped order (GROUP_M row tiles share
+each column of B while it is in L2). Epilogue, in order: + bias, activation (the pre-activation can be stored for
+backward), dropout, + residual, and the store, either row-major or split into heads: row m = b·L + l, column
+n = h·D + d goes to ``out[b, h, l, d]`` (the QKV projection writes ``[B, H, L, D]`` directly). The A operand can
+instead be gathered from ``[B, H, L, D]`` (head merge in the prologue, for the output projection). A gated mode
+multiplies with a second B (``act(A@Bg + bg) · (A@Bu + bu)``, swiglu/geglu) sharing each A tile.
+
+Backward (ops/linear.py): `dact_kernel` turns dY into dZ = dY·dropout·act'(Z) in one elementwise pass (the
+pre-activation Z is saved in forward: M·N elements of the input dtype), then dX = dZ @ W and dW = dZᵀ @ X run
+through the same GEMM; dBias is a column sum of dZ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import cast_out, dropout_keep, mma
+from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT == 1:
+        return tl.maximum(z, 0.0)
+    if ACT == 2:
+        return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT_HALF))
+    if ACT == 3:
+        # tanh(u) = 2·sigmoid(2u) − 1 (Triton has no portable tanh that the interpreter also runs)
+        u = _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)
+        return 0.5 * z * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
+    if ACT == 4:
+        return z * tl.sigmoid(z)
+    return z
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    # d act / dz at the saved pre-activation.
+    if ACT == 1:
+        return tl.where(z > 0.0, 1.0, 0.0)
+    if ACT == 2:
+        return 0.5 * (1.0 + tl.math.erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    if ACT == 3:
+        u = _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * z * z)
+    if ACT == 4:
+        sg = tl.sigmoid(z)
+        return sg * (1.0 + z * (1.0 - sg))
+    return tl.full(z.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _a_tile(A, offs_m, offs_k, M, K, sam, sak, L, sa_b, sa_h, sa_l, MERGE_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    ok = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    if MERGE_HEADS:
+        # A[m, k] = attn[b, h, l, d] with m = b·L + l, k = h·D + d: the head merge happens in the load.
+        b = offs_m // L
+        l_idx = offs_m % L
+        h = offs_k // HEAD_DIM
+        d = offs_k % HEAD_DIM
+        ptrs = A + (b.to(tl.int64) * sa_b + l_idx * sa_l)[:, None] + (h * sa_h + d)[None, :]
+    else:
+        ptrs = A + offs_m.to(tl.int64)[:, None] * sam + offs_k[None, :] * sak
+    return tl.load(ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
+def matmul_kernel(
+    A, B, B2, C, Z, Z2, BIAS, BIAS2, RES,
+    M, N, K, sam, sak, sbk, sbn, scm, scn, srm, srn,
+    L, sa_b, sa_h, sa_l, sc_b, sc_h, sc_l,
+    dropout_p, seed,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, STORE_Z: tl.constexpr,
+    GATED: tl.constexpr, MERGE_HEADS: tl.constexpr, SPLIT_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M consecutive programs walk down one column of tiles, so B's tiles are reused from L2.
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    rows_in_group = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % rows_in_group
+    pid_n = (pid % (GROUP_M * n_n)) // rows_in_group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        a = _a_tile(A, offs_m, ks, M, K, sam, sak, L, sa_b, sa_h, sa_l, MERGE_HEADS, HEAD_DIM)
+        b_ok = (ks[:, None] < K) & (offs_n[None, :] < N)
+        b_off = ks[:, None] * sbk + offs_n[None, :].to(tl.int64) * sbn
+        acc = mma(a, tl.load(B + b_off, mask=b_ok, other=0.0), acc, INTERPRETED)
+        if GATED:
+            acc2 = mma(a, tl.load(B2 + b_off, mask=b_ok, other=0.0), acc2, INTERPRETED)
+    out_ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    z_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc2 += tl.load(BIAS2 + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if STORE_Z:
+        tl.store(Z + z_off, cast_out(acc, Z.dtype.element_ty, INTERPRETED), mask=out_ok)
+        if GATED:
+            tl.store(Z2 + z_off, cast_out(acc2, Z2.dtype.element_ty, INTERPRETED), mask=out_ok)
+    y = _act(acc, ACT)
+    if GATED:
+        y = y * acc2
+    if DROPOUT:
+        keep = dropout_keep(seed, offs_m.to(tl.int64), offs_n, dropout_p)
+        y = tl.where(keep, y * (1.0 / (1.0 - dropout_p)), 0.0)
+    if HAS_RES:
+        y += tl.load(RES + offs_m.to(tl.int64)[:, None] * srm + offs_n[None, :] * srn, mask=out_ok, other=0.0).to(tl.float32)
+    if SPLIT_HEADS:
+        b = offs_m // L
+        l_idx = offs_m % L
+        h = offs_n // HEAD_DIM
+        d = offs_n % HEAD_DIM
+        c_ptrs = C + (b.to(tl.int64) * sc_b + l_idx * sc_l)[:, None] + (h * sc_h + d)[None, :]
+    else:
+        c_ptrs = C + offs_m.to(tl.int64)[:, None] * scm + offs_n[None, :] * scn
+    tl.store(c_ptrs, cast_out(y, C.dtype.element_ty, INTERPRETED), mask=out_ok)
+
+
+@triton.jit
+def dact_kernel(DY, Z, Z2, DZ, DZ2, M, N, sdm, sdn, dropout_p, seed,
+                ACT: tl.constexpr, DROPOUT: tl.constexpr, GATED: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
+    # dZ = dY · dropout-keep/(1−p) · act'(Z); gated: y = act(Zg)·Zu, so dZg = g·Zu·act'(Zg) and dZu = g·act(Zg).
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    g = tl.load(DY + offs_m.to(tl.int64)[:, None] * sdm + offs_n[None, :] * sdn, mask=ok, other=0.0).to(tl.float32)
+    if DROPOUT:
+        g = tl.where(dropout_keep(seed, offs_m.to(tl.int64), offs_n, dropout_p), g * (1.0 / (1.0 - dropout_p)), 0.0)
+    off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    z = tl.load(Z + off, mask=ok, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.load(Z2 + off, mask=ok, other=0.0).to(tl.float32)
+        tl.store(DZ2 + off, cast_out(g * _act(z, ACT), DZ2.dtype.element_ty, INTERPRETED), mask=ok)
+        g = g * up
+    tl.store(DZ + off, cast_out(g * _act_grad(z, ACT), DZ.dtype.element_ty, INTERPRETED), mask=ok)
+
+
+# ---- launchers -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def triton(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k},
+                             num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# Tiles autotune tries per (feature class, element bytes). "all" = gated with every epilogue feature (two
+# accumulators, residual, dropout draws), the most registers. 16-bit and fp32 (tf32x3) lists are separate;
+# tests/test_resources.py checks each entry compiles for sm_80 and sm_90 with 0 spills and tensor cores.
+GEMM_CONFIGS: dict[tuple[str, int], list[GemmConfig]] = {
+    ("plain", 2): [GemmConfig(128, 128, 32, 8, 3), GemmConfig(128, 64, 32, 4, 4), GemmConfig(64, 64, 32, 4, 4)],
+    ("all", 2): [GemmConfig(128, 64, 32, 8, 3), GemmConfig(64, 64, 32, 4, 4)],
+    ("plain", 4): [GemmConfig(64, 64, 32, 4, 3), GemmConfig(32, 64, 32, 4, 3)],
+    ("all", 4): [GemmConfig(64, 64, 32, 8, 2), GemmConfig(32, 32, 32, 4, 2)],
+}
+INTERPRETER_CONFIG = GemmConfig(32, 32, 32, 1, 1)
+GROUP_M = 8
+DACT_BLOCK = (32, 64)
+
+
+def feature_class(gated: bool, has_res: bool, dropout: bool) -> str:
+    return "all" if gated or has_res or dropout else "plain"
+
+
+def _key(c: triton.Config) -> tuple[int, ...]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
+
+
+def gemm_configs(elem_bytes: int, features: str) -> list[GemmConfig]:
+    if is_interpreted():
+        return [INTERPRETER_CONFIG]
+    return GEMM_CONFIGS[(features, max(elem_bytes, 2))]
+
+
+def _prune(configs, named_args, **kwargs):
+    features = feature_class(kwargs["GATED"], kwargs["HAS_RES"], kwargs["DROPOUT"])
+    allowed = {_key(c.triton()) for c in gemm_configs(named_args["A"].element_size(), features)}
+    return [c for c in configs if _key(c) in allowed]
+
+
+_all_tiles = [INTERPRETER_CONFIG] if is_interpreted() else [c for cs in GEMM_CONFIGS.values() for c in cs]
+_matmul = triton.autotune(
+    list({_key(c.triton()): c.triton() for c in _all_tiles}.values()),
+    key=["M", "N", "K", "ACT", "HAS_RES", "DROPOUT", "GATED", "MERGE_HEADS", "SPLIT_HEADS"],
+    prune_configs_by={"early_config_prune": _prune},
+)(matmul_kernel)
+
+
+@dataclass
+class HeadLayout:
+    """``[B, H, L, D]`` tensor seen as a ``[B·L, H·D]`` matrix: its length L, head dim D and strides."""
+
+    tensor: torch.Tensor
+
+    @property
+    def args(self) -> tuple[int, int, int, int]:
+        t = self.tensor
+        return t.shape[2], t.stride(0), t.stride(1), t.stride(2)
+
+
+def matmul(a: torch.Tensor | HeadLayout, b: torch.Tensor, *, b2: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None, bias2: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+           activation: str | None = None, dropout_p: float = 0.0, seed: int = 0, store_z: bool = False,
+           out: torch.Tensor | HeadLayout | None = None, out_dtype: torch.dtype | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``epilogue(a @ b)`` with a ``[M, K]`` (or heads ``[B, H, L, D]`` merged) and b ``[K, N]`` (any strides;
+    b2 ``[K, N]`` for the gated up projection). Returns (C, Z, Z2): C ``[M, N]`` (or written into ``out``), and
+    the pre-activations when ``store_z``. Heads layouts need the last-dim stride 1."""
+    merge = isinstance(a, HeadLayout)
+    if merge:
+        t = a.tensor
+        m, k, head_dim = t.shape[0] * t.shape[2], t.shape[1] * t.shape[3], t.shape[3]
+        a_ptr, a_strides, a_heads = t, (0, 0), a.args
+    else:
+        m, k = a.shape
+        a_ptr, a_strides, a_heads, head_dim = a, a.stride(), (1, 0, 0, 0), 1
+    if b.shape[0] != k:
+        raise ValueError(f"inner dims differ: A is [{m}, {k}], B is {tuple(b.shape)}")
+    n = b.shape[1]
+    dtype = out_dtype or a_ptr.dtype
+    split = isinstance(out, HeadLayout)
+    if out is None:
+        out = torch.empty((m, n), dtype=dtype, device=b.device)
+    c_ptr = out.tensor if split else out
+    if split:
+        head_dim = c_ptr.shape[3]
+        c_strides, c_heads = (0, 0), out.args[1:]
+        l_len = out.args[0]
+    else:
+        c_strides, c_heads = out.stride(), (0, 0, 0)
+        l_len = a_heads[0]
+    if merge and split:
+        raise ValueError("a GEMM cannot both merge and split heads")
+    z = torch.empty((m, n), dtype=dtype, device=b.device) if store_z else None
+    z2 = torch.empty((m, n), dtype=dtype, device=b.device) if store_z and b2 is not None else None
+    if m == 0 or n == 0:
+        return (out.tensor if split else out), z, z2
+    if k == 0:
+        # Nothing to multiply: the epilogue still runs on zeros through a K = 1 product of zero operands.
+        a_ptr = torch.zeros((m, 1), dtype=a_ptr.dtype, device=b.device)
+        b = torch.zeros((1, n), dtype=b.dtype, device=b.device)
+        b2 = None if b2 is None else torch.zeros((1, n), dtype=b.dtype, device=b.device)
+        k, merge, a_strides, a_heads = 1, False, (1, 1), (l_len, 0, 0, 0)
+    res = residual
+    _matmul[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
+        a_ptr, b, b if b2 is None else b2, c_ptr, c_ptr if z is None else z, c_ptr if z2 is None else z2,
+        b if bias is None else bias, b if bias2 is None else bias2, b if res is None else res,
+        m, n, k, *a_strides, *b.stride(), *c_strides, *((0, 0) if res is None else res.stride()),
+        l_len if (merge or split) else 1, *a_heads[1:], *c_heads, dropout_p, seed,
+        ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, HAS_RES=res is not None, DROPOUT=dropout_p > 0.0,
+        STORE_Z=store_z, GATED=b2 is not None, MERGE_HEADS=merge, SPLIT_HEADS=split, HEAD_DIM=head_dim,
+        GROUP_M=GROUP_M, INTERPRETED=is_interpreted(),
+    )
+    return c_ptr, z, z2
+
+
+def activation_backward(dy: torch.Tensor, z: torch.Tensor, z2: torch.Tensor | None, activation: str | None,
+                        dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dZ (and dZ_up for the gated form) from dY ``[M, N]`` (any strides) and the saved pre-activations."""
+    m, n = z.shape
+    dz = torch.empty_like(z)
+    dz2 = torch.empty_like(z) if z2 is not None else None
+    if m and n:
+        grid = (triton.cdiv(m, DACT_BLOCK[0]), triton.cdiv(n, DACT_BLOCK[1]))
+        dact_kernel[grid](dy, z, z if z2 is None else z2, dz, dz if dz2 is None else dz2, m, n, *dy.stride(), dropout_p,
+                          seed, ACT=ACTIVATIONS[activation], DROPOUT=dropout_p > 0.0, GATED=z2 is not None,
+                          BLOCK_M=DACT_BLOCK[0], BLOCK_N=DACT_BLOCK[1], INTERPRETED=is_interpreted(), num_warps=4)
+    return dz, dz2
+
+
+def aot_variants() -> list[AotVariant]:
+    """Every GEMM tile for each dtype: "plain" (bias only) and "all" (gated, gelu, residual, dropout, stored
+    pre-activations) compiled row-major; plus the head-merging and head-splitting forms with the plain tiles,
+    and the activation-backward kernel."""
+    out = []
+    for dtype in SUPPORTED_DTYPES:
+        dt = TRITON_DTYPE_NAMES[dtype]
+        ptrs = ["A", "B", "B2", "C", "Z", "Z2", "BIAS", "BIAS2", "RES"]
+        ints = ["M", "N", "K", "sam", "sak", "sbk", "sbn", "scm", "scn", "srm", "srn", "L", "sa_b", "sa_h", "sa_l",
+                "sc_b", "sc_h", "sc_l"]
+        flags = ["ACT", "HAS_BIAS", "HAS_RES", "DROPOUT", "STORE_Z", "GATED", "MERGE_HEADS", "SPLIT_HEADS",
+                 "HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "INTERPRETED"]
+        sig = {p: f"*{dt}" for p in ptrs} | {i: "i32" for i in ints} | {"dropout_p": "fp32", "seed": "i64"}
+        sig |= {f: "constexpr" for f in flags}
+        # unit strides along K of row-major A and along N of B = W.T seen as [K, N] is stride K: leave runtime
+        forms = {
+            "plain": {"ACT": 0, "HAS_BIAS": True, "HAS_RES": False, "DROPOUT": False, "STORE_Z": False, "GATED": False,
+                      "MERGE_HEADS": False, "SPLIT_HEADS": False, "HEAD_DIM": 1},
+            "all": {"ACT": ACTIVATIONS["gelu"], "HAS_BIAS": True, "HAS_RES": True, "DROPOUT": True, "STORE_Z": True,
+                    "GATED": True, "MERGE_HEADS": False, "SPLIT_HEADS": False, "HEAD_DIM": 1},
+            "merge_heads": {"ACT": 0, "HAS_BIAS": True, "HAS_RES": True, "DROPOUT": False, "STORE_Z": False,
+                            "GATED": False, "MERGE_HEADS": True, "SPLIT_HEADS": False, "HEAD_DIM": 64},
+            "split_heads": {"ACT": 0, "HAS_BIAS": True, "HAS_RES": False, "DROPOUT": False, "STORE_Z": False,
+                            "GATED": False, "MERGE_HEADS": False, "SPLIT_HEADS": True, "HEAD_DIM": 64},
+        }
+        for form, consts in forms.items():
+            features = "all" if form == "all" else "plain" if form == "plain" else feature_class(
+                False, consts["HAS_RES"], False)
+            for c in GEMM_CONFIGS[(features, max(dtype.itemsize, 2))]:
+                out.append(AotVariant(
+                    "matmul", matmul_kernel, sig,
+                    {**consts, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "GROUP_M": GROUP_M,
+                     "INTERPRETED": False}, c.num_warps,
+                    f"{dt} {form} M={c.block_m} N={c.block_n} K={c.block_k} w={c.num_warps} s={c.num_stages}",
+                    num_stages=c.num_stages, aligned=(*ptrs, "sam", "sbn", "scm", "srm", "sa_b", "sa_h", "sa_l",
+                                                      "sc_b", "sc_h", "sc_l", "K", "N"),
+                ))
+        sig = {"DY": f"*{dt}", "Z": f"*{dt}", "Z2": f"*{dt}", "DZ": f"*{dt}", "DZ2": f"*{dt}", "M": "i32", "N": "i32",
+               "sdm": "i32", "sdn": "i32", "dropout_p": "fp32", "seed": "i64", "ACT": "constexpr", "DROPOUT": "constexpr",
+               "GATED": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "INTERPRETED": "constexpr"}
+        for act in ("gelu", "gelu_tanh"):
+            out.append(AotVariant(
+                "dact", dact_kernel, sig, {"ACT": ACTIVATIONS[act], "DROPOUT": True, "GATED": True,
+                                           "BLOCK_M": DACT_BLOCK[0], "BLOCK_N": DACT_BLOCK[1], "INTERPRETED": False},
+                4, f"{dt} {act} gated dropout", aligned=("DY", "Z", "Z2", "DZ", "DZ2", "sdm", "N")))
+    return out

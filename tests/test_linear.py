@@ -1,0 +1,216 @@
+"""linear / gated_linear / qkv_projection / out_projection / feed_forward against the reference."""
+
+import pytest
+import torch
+from transformer_kernels.kernels import attention as triton_attention
+
+import transformer_kernels as tk
+from transformer_kernels import reference
+from transformer_kernels.ops.attention import draw_seed
+from transformer_kernels.testing import compare
+
+BACKENDS = ["triton", "torch"]
+LOW = [torch.float16, torch.bfloat16]
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed + sum(shape))
+    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
+
+
+def assert_rows(rows, what):
+    for name, err, bound in rows:
+        assert err <= bound, f"{what} {name}: max error {err:.3e} exceeds bound {bound:.3e}"
+
+
+def check_linear(backend, m, n, k, dtype, device, activation="gelu", residual=True, bias=True):
+    inputs = {"x": rand(m, k, dtype=dtype, device=device), "w": rand(n, k, dtype=dtype, device=device, scale=k**-0.5),
+              "b": rand(n, dtype=dtype, device=device) if bias else None,
+              "r": rand(m, n, dtype=dtype, device=device, seed=1) if residual else None}
+
+    def ours(x, w, b, r):
+        with tk.use_backend(backend):
+            return tk.ops.linear(x, w, b, activation, r)
+
+    grads = tuple(name for name, t in inputs.items() if t is not None)
+    assert_rows(compare(ours, lambda x, w, b, r: reference.linear(x, w, b, activation, r), inputs, grads),
+                f"linear {backend} {dtype} {m}x{n}x{k}")
+
+
+SIZES = [(1, 37, 100), (37, 1, 341), (100, 341, 1), (341, 100, 37), (1000, 37, 100), (37, 100, 4231), (4231, 37, 16)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m,n,k", SIZES, ids=str)
+def test_linear_sizes_not_multiples_of_16(backend, m, n, k, device):
+    check_linear(backend, m, n, k, torch.float32, device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
+def test_linear_activations_low_precision(backend, dtype, activation, device):
+    check_linear(backend, 45, 70, 100, dtype, device, activation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=str)
+def test_linear_dropout_matches_reference_with_the_kernels_mask(dtype, device):
+    m, n, k, p = 50, 40, 30, 0.3
+    x, w, b, r = rand(m, k, dtype=dtype, device=device), rand(n, k, dtype=dtype, device=device, scale=0.2), \
+        rand(n, dtype=dtype, device=device), rand(m, n, dtype=dtype, device=device, seed=2)
+    torch.manual_seed(5)
+    seed = int(draw_seed().item())
+    # linear draws over the [M, N] grid as attention does over [B·H·Lq, Lk]: the same helper materialises it.
+    keep = triton_attention.dropout_keep_mask(seed, (1, 1, m, n), p, device)[0, 0]
+
+    def ours(x, w, b, r):
+        torch.manual_seed(5)
+        with tk.use_backend("triton"):
+            return tk.ops.linear(x, w, b, "silu", r, dropout_p=p)
+
+    rows = compare(ours, lambda x, w, b, r: reference.linear(x, w, b, "silu", r, p, keep),
+                   {"x": x, "w": w, "b": b, "r": r}, ("x", "w", "b", "r"))
+    assert_rows(rows, "dropout")
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.05
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=str)
+@pytest.mark.parametrize("kind", ["swiglu", "geglu"])
+def test_gated_linear(backend, dtype, kind, device):
+    act = reference.GATED_ACTIVATIONS[kind]
+    m, n, k = 37, 50, 64
+    inputs = {"x": rand(m, k, dtype=dtype, device=device), "wg": rand(n, k, dtype=dtype, device=device, scale=0.15),
+              "wu": rand(n, k, dtype=dtype, device=device, scale=0.15, seed=3), "bg": rand(n, dtype=dtype, device=device),
+              "bu": rand(n, dtype=dtype, device=device, seed=4)}
+
+    def ours(x, wg, wu, bg, bu):
+        with tk.use_backend(backend):
+            return tk.ops.gated_linear(x, wg, wu, bg, bu, act)
+
+    assert_rows(compare(ours, lambda x, wg, wu, bg, bu: reference.gated_linear(x, wg, wu, bg, bu, act), inputs,
+                        tuple(inputs)), f"{kind} {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+def test_qkv_projection_writes_heads_layout(backend, dtype, hkv, device):
+    b, length, e, h, d = 2, 13, 48, 4, 12
+    inputs = {"x": rand(b, length, e, dtype=dtype, device=device),
+              "w": rand((h + 2 * hkv) * d, e, dtype=dtype, device=device, scale=0.15),
+              "bias": rand((h + 2 * hkv) * d, dtype=dtype, device=device)}
+
+    def flat(fn):
+        def run(x, w, bias):
+            q, k, v = fn(x, w, bias)
+            assert q.shape == (b, h, length, d) and k.shape == v.shape == (b, hkv, length, d)
+            return torch.cat([q.flatten(), 2 * k.flatten(), 3 * v.flatten()])
+        return run
+
+    def ours(x, w, bias):
+        with tk.use_backend(backend):
+            return tk.ops.qkv_projection(x, w, bias, h, hkv)
+
+    rows = compare(flat(ours), flat(lambda x, w, bias: reference.qkv_projection(x, w, bias, h, hkv)), inputs, tuple(inputs))
+    assert_rows(rows, f"qkv {dtype} hkv={hkv}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_out_projection_reads_heads_layout(backend, dtype, device):
+    b, h, length, d, e = 2, 3, 11, 16, 40
+    # attention output as a kernel would leave it, and as a transposed view of [B, L, H, D]
+    for attn in (rand(b, h, length, d, dtype=dtype, device=device),
+                 rand(b, length, h, d, dtype=dtype, device=device).transpose(1, 2)):
+        inputs = {"a": attn, "w": rand(e, h * d, dtype=dtype, device=device, scale=0.15),
+                  "bias": rand(e, dtype=dtype, device=device), "r": rand(b, length, e, dtype=dtype, device=device)}
+
+        def ours(a, w, bias, r):
+            with tk.use_backend(backend):
+                return tk.ops.out_projection(a, w, bias, r)
+
+        assert_rows(compare(ours, reference.out_projection, inputs, tuple(inputs)), f"out_proj {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_feed_forward(backend, dtype, device):
+    e, f = 40, 96
+    inputs = {"x": rand(3, 9, e, dtype=dtype, device=device), "w1": rand(f, e, dtype=dtype, device=device, scale=0.15),
+              "b1": rand(f, dtype=dtype, device=device), "w2": rand(e, f, dtype=dtype, device=device, scale=0.1),
+              "b2": rand(e, dtype=dtype, device=device), "r": rand(3, 9, e, dtype=dtype, device=device, seed=7)}
+
+    def ours(x, w1, b1, w2, b2, r):
+        with tk.use_backend(backend):
+            return tk.ops.feed_forward(x, w1, b1, w2, b2, "gelu", residual=r)
+
+    def ref(x, w1, b1, w2, b2, r):
+        # two linears, so the low-precision reference rounds the hidden activation as the fused pair does
+        return reference.linear(reference.linear(x, w1, b1, "gelu"), w2, b2, residual=r)
+
+    assert_rows(compare(ours, ref, inputs, tuple(inputs)), f"ffn {dtype}")
+    # in fp64 the composition is the oracle's feed_forward itself
+    d = {n: t.double() for n, t in inputs.items()}
+    torch.testing.assert_close(ref(*d.values()), reference.feed_forward(d["x"], d["w1"], d["b1"], d["w2"], d["b2"], "gelu",
+                                                                        d["r"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_views_expanded_grad_and_zero_sizes(backend, device):
+    base = rand(30, 2 * 24, device=device)
+    x = base[:, ::2].detach().requires_grad_()  # last-dim stride 2
+    w = rand(17, 24, device=device, scale=0.2).requires_grad_()
+    with tk.use_backend(backend):
+        y = tk.ops.linear(x, w, None, "relu")
+        y.sum().backward()  # expanded grad_output
+    xc, wc = x.detach().contiguous().requires_grad_(), w.detach().clone().requires_grad_()
+    reference.linear(xc, wc, None, "relu").sum().backward()
+    torch.testing.assert_close(y, reference.linear(xc, wc, None, "relu"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.grad, xc.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(w.grad, wc.grad, atol=1e-5, rtol=0)
+    with tk.use_backend(backend):
+        for m, n, k in [(0, 5, 7), (4, 0, 7), (4, 5, 0)]:
+            xs = rand(m, k, device=device).requires_grad_()
+            ws = rand(n, k, device=device).requires_grad_()
+            bs = rand(n, device=device).requires_grad_()
+            out = tk.ops.linear(xs, ws, bs, "gelu")
+            out.sum().backward()
+            ref = reference.linear(xs.detach(), ws.detach(), bs.detach(), "gelu")
+            torch.testing.assert_close(out, ref)
+            assert xs.grad.shape == xs.shape and ws.grad.shape == ws.shape
+
+
+def test_opcheck(device):
+    x, w, b, r = rand(9, 20, device=device), rand(12, 20, device=device), rand(12, device=device), rand(9, 12, device=device)
+    ops = torch.ops.transformer_kernels
+    cases = [
+        (ops.linear.default, (x, w, b, r, "gelu", 0.0, None, "triton")),
+        (ops.linear.default, (x, w, None, None, "", 0.2, torch.tensor([3]), "triton")),
+        (ops.gated_linear.default, (x, w, w * 0.5, b, b, "silu", "triton")),
+        (ops.qkv_projection.default, (rand(2 * 5, 16, device=device), rand(3 * 2 * 4, 16, device=device), None, 2, 2, 2,
+                                      "triton")),
+        (ops.out_projection.default, (rand(2, 3, 5, 4, device=device), rand(7, 12, device=device), None,
+                                      rand(10, 7, device=device), "triton")),
+    ]
+    for op, args in cases:
+        args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in args)
+        torch.library.opcheck(op, args)
+
+
+def test_bad_inputs(device):
+    x, w = rand(4, 8, device=device), rand(6, 8, device=device)
+    with tk.use_backend("triton"):
+        with pytest.raises(ValueError, match="in-features"):
+            tk.ops.linear(x, rand(6, 7, device=device))
+        with pytest.raises(TypeError, match="dtype"):
+            tk.ops.linear(x, w.half())
+        with pytest.raises(ValueError, match="bias"):
+            tk.ops.linear(x, w, rand(5, device=device))
+        with pytest.raises(ValueError, match="activation"):
+            tk.ops.linear(x, w, None, "tanh")
+        with pytest.raises(ValueError, match="num_heads"):
+            tk.ops.qkv_projection(rand(1, 3, 8, device=device), rand(24, 8, device=device), None, 3, 2)
+        with pytest.raises(ValueError, match="w_o"):
+            tk.ops.out_projection(rand(1, 2, 3, 4, device=device), rand(5, 7, device=device))
