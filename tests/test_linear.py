@@ -214,3 +214,57 @@ def test_bad_inputs(device):
             tk.ops.qkv_projection(rand(1, 3, 8, device=device), rand(24, 8, device=device), None, 3, 2)
         with pytest.raises(ValueError, match="w_o"):
             tk.ops.out_projection(rand(1, 2, 3, 4, device=device), rand(5, 7, device=device))
+
+
+def test_dropout_seeding_and_disabling(device):
+    x, w = rand(64, 32, device=device), rand(48, 32, device=device, scale=0.2)
+
+    def run(seed, p=0.25):
+        torch.manual_seed(seed)
+        with tk.use_backend("triton"):
+            return tk.ops.linear(x, w, None, "relu", dropout_p=p)
+
+    torch.testing.assert_close(run(1), run(1), atol=0, rtol=0)
+    assert not torch.equal(run(1), run(2))
+    with tk.use_backend("triton"):
+        torch.testing.assert_close(run(1, p=0.0), tk.ops.linear(x, w, None, "relu"), atol=0, rtol=0)
+
+
+def test_gradcheck_fp64_torch_backend():
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w1, w2 = torch.randn(6, 5, dtype=torch.float64, requires_grad=True), torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    b1 = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    wqkv = torch.randn(3 * 2 * 2, 5, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w1, w2, b1, wqkv):
+        with tk.use_backend("torch"):
+            h = tk.ops.feed_forward(x, w1, b1, w2, None, "gelu", residual=x)
+            q, k, v = tk.ops.qkv_projection(h, wqkv, None, 2)
+            return tk.ops.out_projection(q * k + v, torch.ones(5, 4, dtype=torch.float64))
+
+    assert torch.autograd.gradcheck(fn, (x, w1, w2, b1, wqkv))
+
+
+def test_only_some_inputs_require_grad_and_no_grad(device):
+    x, w, b = rand(6, 8, device=device), rand(5, 8, device=device).requires_grad_(), rand(5, device=device)
+    with tk.use_backend("triton"):
+        tk.ops.linear(x, w, b, "silu").sum().backward()
+        assert w.grad is not None and x.grad is None
+        with torch.no_grad():
+            assert not tk.ops.linear(x, w, b).requires_grad
+
+
+def test_fp64_on_the_triton_backend_is_a_clear_error():
+    x, w = torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="triton.*float64"), tk.use_backend("triton"):
+        tk.ops.linear(x, w)
+
+
+@pytest.mark.gpu
+def test_more_than_2_31_elements():
+    # [1, 540_000, 4096] fp16 input: 2.2e9 elements, so every offset must be 64-bit.
+    x = torch.randn(540_000, 4096, device="cuda", dtype=torch.float16)
+    w = torch.randn(64, 4096, device="cuda", dtype=torch.float16) * 0.02
+    y = tk.ops.linear(x, w, backend="triton")
+    ref = (x[-1000:].float() @ w.float().t())
+    torch.testing.assert_close(y[-1000:].float(), ref, atol=2e-2, rtol=1e-2)

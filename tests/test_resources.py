@@ -2,6 +2,7 @@
 
 import pytest
 from transformer_kernels.kernels import attention as triton_attention
+from transformer_kernels.kernels import linear as triton_linear
 from transformer_kernels.kernels import norm as triton_norm
 from transformer_kernels.kernels import softmax as triton_softmax
 from transformer_kernels.kernels.config import TRITON_DTYPE_NAMES
@@ -103,3 +104,19 @@ def test_norm_launchers_only_pick_enumerated_configs():
     for n in [1, 37, 1000, 4231, 8192, 8193, 9000, triton_norm.MAX_BACKWARD_COLS]:
         assert triton_norm.pick_config(n) in triton_norm.all_configs()
         assert triton_norm.pick_backward_config(n) in triton_norm.all_backward_configs()
+
+
+def test_every_triton_gemm_config_compiles_without_spills_on_tensor_cores():
+    rows = resources.triton_report(["linear"])
+    assert len(rows) == len(triton_linear.aot_variants()) * len(resources.TRITON_ARCHS)
+    labels = {r.variant for r in rows}
+    for (features, elem), tiles in triton_linear.GEMM_CONFIGS.items():
+        for c in tiles:
+            tile = f"M={c.block_m} N={c.block_n} K={c.block_k} w={c.num_warps} s={c.num_stages}"
+            assert any(label.endswith(f"{features} {tile}") for label in labels), (features, elem, tile)
+    for r in rows:
+        where = f"{r.kernel} {r.variant} sm_{r.arch}"
+        assert r.stack_bytes == 0, f"{where} spills {r.stack_bytes} bytes"
+        assert r.shared_bytes <= resources.MAX_SHARED[r.arch]
+        if r.kernel == "matmul":
+            assert r.tensor_core_instrs > 0, f"{where} does not use tensor cores"
