@@ -232,7 +232,8 @@ def test_dropout_seeding_and_disabling(device):
 
 def test_gradcheck_fp64_torch_backend():
     x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    w1, w2 = torch.randn(6, 5, dtype=torch.float64, requires_grad=True), torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     b1 = torch.randn(6, dtype=torch.float64, requires_grad=True)
     wqkv = torch.randn(3 * 2 * 2, 5, dtype=torch.float64, requires_grad=True)
 
@@ -256,7 +257,7 @@ def test_only_some_inputs_require_grad_and_no_grad(device):
 
 def test_fp64_on_the_triton_backend_is_a_clear_error():
     x, w = torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match="triton.*float64"), tk.use_backend("triton"):
+    with pytest.raises(NotImplementedError, match=r"triton.*float64"), tk.use_backend("triton"):
         tk.ops.linear(x, w)
 
 
