@@ -46,3 +46,10 @@ def test_check_exits_nonzero_when_a_case_fails(monkeypatch, capsys):
     assert cli.cmd_check(argparse.Namespace(quick=True, json=False)) == 1
     out = capsys.readouterr().out
     assert "0/2 passed" in out and "ZeroDivisionError" in out
+
+
+def test_importing_the_package_does_not_import_triton():
+    # TRITON_INTERPRET is read when triton is first imported: the package must leave that moment to the user.
+    code = "import sys, transformer_kernels; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stderr

@@ -4,8 +4,10 @@ Backends: ``set_backend("auto" | "triton" | "cuda" | "torch")`` or ``with use_ba
 Ops live in ``transformer_kernels.ops``; the plain-PyTorch oracle in ``transformer_kernels.reference``.
 """
 
-from . import ops, reference
-from .backends import BACKENDS, get_backend, set_backend, use_backend
-
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "get_backend", "ops", "reference", "set_backend", "use_backend"]
+
+from . import nn, ops, reference
+from .backends import BACKENDS, get_backend, set_backend, use_backend
+from .convert import convert
+
+__all__ = ["BACKENDS", "convert", "get_backend", "nn", "ops", "reference", "set_backend", "use_backend"]

@@ -2,8 +2,8 @@
 
 info   versions, CUDA toolkit, GPU, which builds and backends load (and why not)
 check  environment report, then every op on every backend here against the reference; exit 1 on failure
-bench  without a GPU: the static resource report of every shipped kernel (sm_80 / sm_90 and nvcc arches);
-       with a GPU: the pytest-benchmark suites in benchmarks/
+bench  with a GPU: timings of every op (CSV + PNG); without one: the static resource report of every shipped
+       kernel (sm_80 / sm_90 and nvcc arches) and the analytic memory traffic of each fused op (table + PNG)
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -104,21 +103,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if torch.cuda.is_available():
-        bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
-        if not bench_dir.is_dir():
-            print(f"benchmarks/ not found next to the package ({bench_dir}); run from a source checkout", file=sys.stderr)
-            return 1
-        return subprocess.call([sys.executable, "-m", "pytest", str(bench_dir), "-q", "--benchmark-only"])
-    from . import resources
+    from . import bench
 
-    print("No GPU: static resource report (ahead-of-time compiles; no timings).\n")
-    rows = resources.triton_report()
-    if resources.toolchain.nvcc() is not None:
-        rows += resources.cuda_report()
-    print(resources.format_table(rows))
-    spills = [r for r in rows if r.stack_bytes]
-    print(f"\n{len(rows)} kernel variants, {len(spills)} with spills")
+    out_dir = Path(args.out) if args.out else bench.RESULTS_DIR
+    if torch.cuda.is_available() and not args.static:
+        seq_lens = (512, 1024) if args.quick else bench.SEQ_LENS
+        table, csv_path, png = bench.gpu_report(torch.device("cuda"), out_dir, seq_lens=seq_lens)
+        print(table)
+        print(f"\nappended to {csv_path}; plot: {png}")
+        return 0
+    print("No GPU: static report (ahead-of-time compiles for sm_80/sm_90 and analytic memory traffic; no timings).\n")
+    text, spills, png = bench.static_report(out_dir)
+    print(text)
+    print(f"\nplot: {png}")
     return 1 if spills else 0
 
 
@@ -132,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer sizes")
     p.add_argument("--json", action="store_true", help="results as JSON on stdout")
     p.set_defaults(fn=cmd_check)
-    p = sub.add_parser("bench", help="benchmarks (GPU) or the static resource report (no GPU)")
+    p = sub.add_parser("bench", help="GPU timings, or without a GPU the static resource and memory-traffic report")
+    p.add_argument("--quick", action="store_true", help="fewer sequence lengths")
+    p.add_argument("--static", action="store_true", help="the static report even on a GPU machine")
+    p.add_argument("--out", default=None, help="folder for the CSV and PNG files (default: $TK_BENCH_DIR or bench_results)")
     p.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
     return args.fn(args)

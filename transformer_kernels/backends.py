@@ -8,7 +8,6 @@ raises a clear error instead of falling back.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Callable, Iterator
 
 import torch
@@ -32,7 +31,10 @@ GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
 }
 
 _default = "auto"
-_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("tk_backend", default=None)
+# The stack of `use_backend` scopes. A plain list rather than a ContextVar: torch.compile can read a list but
+# cannot trace ContextVar.set, and modules must compile with fullgraph=True. Scopes are per process, not per
+# thread.
+_scoped: list[str] = []
 
 
 def _check_name(name: str) -> str:
@@ -49,18 +51,17 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     """The backend in force: the innermost `use_backend`, else the `set_backend` default."""
-    scoped = _scoped.get()
-    return _default if scoped is None else scoped
+    return _scoped[-1] if _scoped else _default
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Runs the block with `name` as the backend."""
-    token = _scoped.set(_check_name(name))
+    _scoped.append(_check_name(name))
     try:
         yield
     finally:
-        _scoped.reset(token)
+        _scoped.pop()
 
 
 def triton_status(device: torch.device) -> tuple[bool, str]:
@@ -82,11 +83,23 @@ def cuda_status(device: torch.device) -> tuple[bool, str]:
 
 
 def status(name: str, device: torch.device) -> tuple[bool, str]:
+    """(available, why not) for a backend on tensors of `device`."""
+    return _status(name, device.type)
+
+
+def _status(name: str, device_type: str) -> tuple[bool, str]:
+    device = torch.device(device_type)
     if name == "triton":
         return triton_status(device)
     if name == "cuda":
         return cuda_status(device)
     return True, ""
+
+
+# Availability cannot change while a process runs, so torch.compile may take the answer as a constant instead of
+# tracing the imports behind it. This is all torch._dynamo.assume_constant_result does; importing torch._dynamo
+# here would import triton before TRITON_INTERPRET can be set.
+_status._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def resolve(op: str, device: torch.device, requested: str | None = None,

@@ -80,3 +80,17 @@ def compare(run, ref, inputs: dict[str, object], grad_of: tuple[str, ...] = (), 
         if n in grad_of:
             rows.append((f"d{n}", *check(ours[i].grad, ref32_in[i].grad, reflp_in[i].grad, GRADIENT_FACTOR)))
     return rows
+
+
+# Whole models compose dozens of ops; in fp32 their outputs and gradients agree with the same model on torch.nn
+# layers to this fraction of the largest reference magnitude.
+MODEL_RTOL = 1e-4
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere, in place (torch.nn zero-initialises biases, which would hide bias bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_((torch.randn(p.shape, generator=g) * (0.2 if p.dim() > 1 else 0.1)).to(p.device))
+    return module

@@ -196,9 +196,60 @@ def _projection_cases(device: torch.device, quick: bool) -> Iterator[Case]:
                 yield Case(op, impl, dtype, op.replace("_", " "), run)
 
 
+def _architecture_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    """Each model family on each backend against the same model built on torch.nn layers with the same
+    state_dict: logits (padded positions zeroed) and every parameter's gradient, fp32."""
+    from . import models
+    from .testing import MODEL_RTOL, max_error, randomize_
+
+    cfg = models.ModelConfig(vocab_size=53, d_model=32, nhead=4, num_layers=2, dim_feedforward=48, max_len=24)
+
+    def tokens(g: torch.Generator, b: int, n: int) -> torch.Tensor:
+        return torch.randint(0, cfg.vocab_size, (b, n), generator=g).to(device)
+
+    def encoder_args(g):
+        mask = torch.ones(2, 10, dtype=torch.long, device=device)
+        mask[1, -3:] = 0
+        return (tokens(g, 2, 10), mask), mask.bool().unsqueeze(-1)
+
+    def decoder_args(g):
+        return (tokens(g, 2, 9),), None
+
+    def seq2seq_args(g):
+        mask = torch.ones(2, 10, dtype=torch.long, device=device)
+        mask[0, -4:] = 0
+        return (tokens(g, 2, 10), tokens(g, 2, 6), mask), None
+
+    archs = {"encoder (BERT)": (models.EncoderModel, encoder_args), "decoder (GPT)": (models.DecoderModel, decoder_args),
+             "enc-dec (BART)": (models.EncoderDecoderModel, seq2seq_args)}
+    for arch, (cls, make_args) in archs.items():
+        for backend in ("triton", "cuda", "torch"):
+            needed = ("attention", "linear", "qkv_projection", "out_projection", "layer_norm")
+            if backend != "torch" and not (backends.status(backend, device)[0]
+                                           and all(backend in backends.GPU_PREFERENCE[op] for op in needed)):
+                continue
+
+            def run(cls=cls, make_args=make_args, backend=backend):
+                ref = randomize_(cls(cfg, layers="torch")).to(device).eval()
+                ours = cls(cfg, layers="tk", backend=backend).to(device).eval()
+                ours.load_state_dict(ref.state_dict())
+                args, keep = make_args(torch.Generator().manual_seed(0))
+                a, b = ref(*args), ours(*args)
+                if keep is not None:  # torch.nn gives NaN/garbage on padded rows: compare the tokens only
+                    a, b = a * keep, b * keep
+                a.square().mean().backward()
+                b.square().mean().backward()
+                rows = [("logits", max_error(b, a), MODEL_RTOL * max(1.0, float(a.abs().max())))]
+                grads = [(q.grad, p.grad) for p, q in zip(ref.parameters(), ours.parameters(), strict=True)]
+                g_err = max(max_error(q, p) for q, p in grads)
+                g_max = max(float(p.abs().max()) for _, p in grads)
+                return [*rows, ("grads", g_err, MODEL_RTOL * max(1.0, g_max))]
+            yield Case(arch, backend, torch.float32, "vs torch.nn layers", run)
+
+
 # Case generators, one per op; later ops add theirs here.
 CASE_SOURCES: tuple[Callable[[torch.device, bool], Iterator[Case]], ...] = (
-    _softmax_cases, _attention_cases, _norm_cases, _projection_cases)
+    _softmax_cases, _attention_cases, _norm_cases, _projection_cases, _architecture_cases)
 
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:

@@ -38,3 +38,19 @@ def check_mask(name: str, mask: object, target: torch.Tensor) -> torch.Tensor | 
     if shape != target.shape:
         raise ValueError(f"{name} with {describe(mask)} does not broadcast to the input shape {tuple(target.shape)}")
     return mask
+
+
+def autocast_dtype(t: torch.Tensor, fp32_op: bool = False) -> torch.dtype | None:
+    """The dtype an op should run in under torch.autocast for ``t``'s device, as torch's own policy does: matmul
+    ops in the autocast dtype, reductions (softmax, norms) in fp32; None when autocast is off."""
+    device_type = t.device.type
+    if not torch.is_autocast_enabled(device_type) or not t.is_floating_point():
+        return None
+    return torch.float32 if fp32_op else torch.get_autocast_dtype(device_type)
+
+
+def cast_all(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple:
+    """Floating tensors cast to ``dtype`` (no-op for None dtype or None tensors; bool masks untouched)."""
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._checks import KERNEL_DTYPES, check_float_tensor, check_mask, describe
+from ._checks import KERNEL_DTYPES, autocast_dtype, cast_all, check_float_tensor, check_mask, describe
 
 OP = "attention"
 
@@ -175,6 +175,8 @@ def attention(
     torch's default generator (reproducible with ``torch.manual_seed``) and backward regenerates the same
     mask. Returns a contiguous ``[B, H, Lq, D]`` tensor in q's dtype.
     """
+    if isinstance(q, Tensor):
+        q, k, v = cast_all(autocast_dtype(q), q, k, v)
     _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, enable_gqa, causal_alignment)
     name = backends.resolve(OP, q.device, backend, _why_not(q, k, v))
     lq, lk = q.shape[-2], k.shape[-2]

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._checks import KERNEL_DTYPES, check_float_tensor, describe
+from ._checks import KERNEL_DTYPES, autocast_dtype, cast_all, check_float_tensor, describe
 from .attention import draw_seed
 
 
@@ -283,6 +283,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
     Returns ``[..., N]`` in x's dtype.
     """
     check_float_tensor("x", x, allow_fp64=True)
+    ac = autocast_dtype(x)
+    if ac is not None and residual is not None and residual.dtype != ac:
+        # Under autocast torch adds a wider residual after the matmul and the sum promotes: keep that dtype.
+        return linear(x, weight, bias, activation, None, dropout_p, backend=backend) + residual
+    x, weight, bias = cast_all(ac, x, weight, bias)
     if x.dim() == 0:
         raise ValueError(f"x must have at least 1 dim; got {describe(x)}")
     if weight.dim() != 2:
@@ -317,6 +322,7 @@ def gated_linear(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None 
     """``act(x W_gateᵀ + b_gate) · (x W_upᵀ + b_up)`` in one kernel (swiglu with "silu", geglu with "gelu").
     x ``[..., K]``, w_gate/w_up ``[N, K]`` → ``[..., N]``."""
     check_float_tensor("x", x, allow_fp64=True)
+    x, w_gate, w_up, b_gate, b_up = cast_all(autocast_dtype(x), x, w_gate, w_up, b_gate, b_up)
     if w_gate.dim() != 2:
         raise ValueError(f"w_gate must be 2-D [N, K]; got {describe(w_gate)}")
     n, k = w_gate.shape
@@ -338,6 +344,7 @@ def qkv_projection(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, num_heads: in
     """x ``[B, L, E]``, w_qkv ``[(H + 2·Hkv)·D, E]`` (rows: q heads, k heads, v heads) → q ``[B, H, L, D]``,
     k and v ``[B, Hkv, L, D]``, written in that layout by the GEMM epilogue."""
     check_float_tensor("x", x, allow_fp64=True)
+    x, w_qkv, b_qkv = cast_all(autocast_dtype(x), x, w_qkv, b_qkv)
     if x.dim() != 3:
         raise ValueError(f"x must be [B, L, E]; got {describe(x)}")
     hkv = num_heads if num_kv_heads is None else num_kv_heads
@@ -358,6 +365,10 @@ def out_projection(attn: Tensor, w_o: Tensor, b_o: Tensor | None = None, residua
                    backend: str | None = None) -> Tensor:
     """attn ``[B, H, L, D]`` (head merge in the GEMM prologue) ``@ w_oᵀ + b_o (+ residual)`` → ``[B, L, E]``."""
     check_float_tensor("attn", attn, allow_fp64=True)
+    ac = autocast_dtype(attn)
+    if ac is not None and residual is not None and residual.dtype != ac:
+        return out_projection(attn, w_o, b_o, None, backend=backend) + residual  # keeps torch's promotion
+    attn, w_o, b_o = cast_all(ac, attn, w_o, b_o)
     if attn.dim() != 4:
         raise ValueError(f"attn must be [B, H, L, D]; got {describe(attn)}")
     b, h, length, d = attn.shape

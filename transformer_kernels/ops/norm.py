@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._checks import check_float_tensor, describe
+from ._checks import autocast_dtype, cast_all, check_float_tensor, describe
 
 OP = "norm"
 
@@ -68,6 +68,8 @@ def _norm_call(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
                return_residual: bool, rms: bool, backend: str | None) -> Tensor | tuple[Tensor, Tensor]:
     name_of_op = "rms_norm" if rms else "layer_norm"
     check_float_tensor("x", x, allow_fp64=True)
+    # autocast runs norms in fp32, as torch's policy does for layer_norm
+    x, weight, bias, residual = cast_all(autocast_dtype(x, fp32_op=True), x, weight, bias, residual)
     if x.dim() == 0:
         raise ValueError(f"x must have at least 1 dim; got {describe(x)}")
     n = x.shape[-1]

@@ -1,0 +1,56 @@
+"""`python -m transformer_kernels bench`: the GPU path run with only the timer faked, and the static report."""
+
+import csv
+
+import torch
+
+from transformer_kernels import __main__ as cli
+from transformer_kernels import bench
+
+
+def test_fused_ops_move_fewer_bytes_than_the_unfused_sequence():
+    rows = bench.memory_traffic("bert-base", 512)
+    assert {r.op for r in rows} >= {"attention", "linear+bias+gelu+residual", "layer_norm+residual", "feed_forward"}
+    for r in rows:
+        assert 0 < r.fused_bytes < r.unfused_bytes, r
+    norm = next(r for r in rows if r.op == "layer_norm+residual")
+    tokens_x_embed = 8 * 512 * 768
+    # fused: read x and residual, write the sum and y; unfused: add (2 reads, 1 write) then norm (1 read, 1 write)
+    assert norm.fused_bytes == 2 * 4 * tokens_x_embed and norm.unfused_bytes == 2 * 5 * tokens_x_embed
+    assert "saving" in bench.format_traffic(rows)
+
+
+def test_attention_flop_count():
+    assert bench.attention_flops(1, 1, 128, 128, 64, False, False) == 4 * 128 * 128 * 64
+    assert bench.attention_flops(2, 3, 128, 128, 64, True, True) == 4 * 2 * 3 * 128 * 128 * 64 * 0.5 * 3.5
+
+
+def test_gpu_path_with_a_fake_timer(tmp_path):
+    calls = []
+
+    def fake_timer(step, quantiles):
+        step()  # the real forward (and backward) runs once; only the timing is made up
+        calls.append(quantiles)
+        return 2.0, 1.5, 2.5
+
+    table, csv_path, png = bench.gpu_report(torch.device("cpu"), tmp_path, timer=fake_timer, models=("gpt2",),
+                                            seq_lens=(16, 32), dtype=torch.float32)
+    n_cases = len(bench.cases(("gpt2",), (16, 32), torch.float32))
+    assert len(calls) == n_cases and all(q == [0.5, 0.2, 0.8] for q in calls)
+    with csv_path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == n_cases and rows[0]["gpu"] == "cpu"
+    attn = next(r for r in rows if r["op"] == "attention" and r["impl"] == "triton" and r["pass_"] == "fwd"
+                and r["seq_len"] == "32")
+    b, h, d = bench.MODELS["gpt2"][:3]
+    expected = bench.attention_flops(b, h, 32, 32, d, True, False) / 2e-3 / 1e12
+    assert abs(float(attn["tflops"]) - expected) < 1e-9
+    assert png.exists() and png.stat().st_size > 1000
+    assert "attention" in table and "feed_forward" in table and "layer_norm" in table
+
+
+def test_static_bench_command_writes_the_report_and_plot(tmp_path, capsys):
+    assert cli.main(["bench", "--static", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "0 with spills" in out and "Memory traffic" in out and "attn_fwd" in out
+    assert (tmp_path / "memory_traffic.png").stat().st_size > 1000

@@ -1,0 +1,322 @@
+"""`python -m transformer_kernels bench`: GPU timings, or without a GPU the static report.
+
+GPU: every op at BERT-base / GPT-2 / BART-base sizes, forward and forward+backward, timed by
+``triton.testing.do_bench`` (median with p20/p80), with TFLOP/s (the FlashAttention FLOP count for attention),
+GB/s (the bytes the fused kernel must move) and peak memory, next to eager PyTorch and
+F.scaled_dot_product_attention; rows are appended to a CSV keyed by GPU and package version, and TFLOP/s and
+memory are plotted against sequence length.
+
+No GPU: the resource table of every shipped kernel on sm_80/sm_90 (resources.py), and the analytic memory
+traffic of each fused op against the unfused PyTorch sequence it replaces, as a table and a PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__, ops, reference
+
+# (name, batch, heads, head dim, embed, ffn hidden): the sizes the tables and plots use
+MODELS = {
+    "bert-base": (8, 12, 64, 768, 3072),
+    "gpt2": (8, 12, 64, 768, 3072),
+    "bart-base": (8, 12, 64, 768, 3072),
+}
+SEQ_LENS = (128, 512, 1024, 2048)
+RESULTS_DIR = Path(os.environ.get("TK_BENCH_DIR", "bench_results"))
+
+
+# ---- analytic memory traffic -----------------------------------------------------------------
+
+
+@dataclass
+class Traffic:
+    op: str
+    fused_bytes: int
+    unfused_bytes: int
+    unfused_steps: str
+
+    @property
+    def saving(self) -> float:
+        return self.unfused_bytes / self.fused_bytes
+
+
+def memory_traffic(model: str = "bert-base", seq_len: int = 512, elem: int = 2) -> list[Traffic]:
+    """Bytes each fused forward op reads and writes at a model's size, against the unfused PyTorch ops (each
+    reads its inputs from and writes its output to HBM; weights counted once per GEMM)."""
+    b, h, _, e, f = MODELS[model]
+    m = b * seq_len  # tokens
+    s = b * h * seq_len * seq_len  # attention scores
+    t = m * e  # one [tokens, embed] activation
+    w = e * e
+    return [
+        Traffic("attention", elem * 4 * t,
+                elem * (3 * t + s) + elem * 2 * s + elem * 2 * s + elem * (s + t + t),
+                "QKᵀ → scores; mask add; softmax; P·V"),
+        Traffic("masked_softmax", elem * 2 * s + b * seq_len,
+                elem * 2 * s + elem * 3 * s + elem * 2 * s, "scale; mask add; softmax"),
+        Traffic("linear+bias+gelu+residual", elem * (t + w + e + 2 * t),
+                elem * (t + w + t) + elem * 2 * t * 2 + elem * 3 * t, "matmul; bias add; gelu; residual add"),
+        Traffic("qkv_projection", elem * (t + 3 * w + 3 * t),
+                elem * (t + 3 * w + 3 * t) + elem * 2 * 3 * t, "matmul + bias; split + transpose copies"),
+        Traffic("out_projection+residual", elem * (t + w + 2 * t),
+                elem * 2 * t + elem * (t + w + t) + elem * 3 * t, "merge-heads copy; matmul + bias; residual add"),
+        Traffic("feed_forward", elem * (t + 2 * e * f + m * f * 2 + 2 * t),
+                elem * (t + e * f + m * f) + elem * 2 * m * f * 2 + elem * (m * f + e * f + t) + elem * 3 * t,
+                "matmul; bias; gelu; matmul + bias; residual add"),
+        Traffic("layer_norm+residual", elem * 4 * t, elem * 3 * t + elem * 2 * t, "residual add; layer norm"),
+    ]
+
+
+def format_traffic(rows: list[Traffic]) -> str:
+    head = f"{'fused op':28} {'fused MB':>9} {'unfused MB':>11} {'saving':>7}  unfused sequence"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.op:28} {r.fused_bytes / 1e6:9.1f} {r.unfused_bytes / 1e6:11.1f} {r.saving:6.2f}x  {r.unfused_steps}")
+    return "\n".join(lines)
+
+
+def plot_traffic(rows: list[Traffic], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ys = range(len(rows))
+    ax.barh([y + 0.2 for y in ys], [r.unfused_bytes / 1e6 for r in rows], 0.4, label="unfused PyTorch")
+    ax.barh([y - 0.2 for y in ys], [r.fused_bytes / 1e6 for r in rows], 0.4, label="fused kernel")
+    ax.set_yticks(list(ys), [r.op for r in rows])
+    ax.set_xscale("log")
+    ax.set_xlabel("HBM traffic per forward call (MB, log scale), bert-base, L=512, fp16")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- GPU timings -----------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    op: str
+    impl: str
+    model: str
+    seq_len: int
+    backward: bool
+    flops: float
+    bytes: float
+    make: Callable[[torch.device], Callable[[], torch.Tensor]] = field(repr=False)
+
+
+@dataclass
+class Timing:
+    op: str
+    impl: str
+    model: str
+    seq_len: int
+    pass_: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    tflops: float
+    gbps: float
+    peak_mib: float | None
+
+
+def attention_flops(b: int, h: int, lq: int, lk: int, d: int, causal: bool, backward: bool) -> float:
+    """FlashAttention's count: 2 matmuls of 2·Lq·Lk·D forward (half when causal); backward is 2.5× forward."""
+    fwd = 4 * b * h * lq * lk * d * (0.5 if causal else 1.0)
+    return fwd * (3.5 if backward else 1.0)
+
+
+def _step(fn: Callable[[], torch.Tensor], backward: bool) -> Callable[[], None]:
+    if not backward:
+        return lambda: fn()
+    out = fn()
+    grad = torch.randn_like(out)
+    return lambda: fn().backward(grad)
+
+
+def _attention_maker(impl: str, shape: tuple[int, ...], causal: bool, dtype: torch.dtype, backward: bool):
+    def make(device: torch.device) -> Callable[[], torch.Tensor]:
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=backward) for _ in range(3))
+        if impl == "triton":
+            return lambda: ops.attention(q, k, v, is_causal=causal, backend="triton")
+        if impl == "sdpa":
+            return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return lambda: reference.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return make
+
+
+def _ffn_maker(impl: str, tokens: int, e: int, f: int, dtype: torch.dtype, backward: bool):
+    def make(device: torch.device) -> Callable[[], torch.Tensor]:
+        x, w1, b1, w2, b2 = (torch.randn(s, device=device, dtype=dtype, requires_grad=backward) * 0.02
+                             for s in ((tokens, e), (f, e), (f,), (e, f), (e,)))
+        if impl == "triton":
+            return lambda: ops.feed_forward(x, w1, b1, w2, b2, "gelu", backend="triton")
+        return lambda: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    return make
+
+
+def _norm_maker(impl: str, tokens: int, e: int, dtype: torch.dtype, backward: bool):
+    def make(device: torch.device) -> Callable[[], torch.Tensor]:
+        x = torch.randn(tokens, e, device=device, dtype=dtype, requires_grad=backward)
+        w, b = torch.ones(e, device=device, dtype=dtype), torch.zeros(e, device=device, dtype=dtype)
+        if impl == "triton":
+            return lambda: ops.layer_norm(x, w, b, backend="triton")
+        return lambda: F.layer_norm(x, (e,), w, b)
+    return make
+
+
+def cases(models: tuple[str, ...] = tuple(MODELS), seq_lens: tuple[int, ...] = SEQ_LENS,
+          dtype: torch.dtype = torch.float16) -> list[Case]:
+    """Attention (kernel, SDPA, eager), feed-forward (kernel, eager) and LayerNorm (kernel, torch) per model and
+    length, forward and forward+backward. GB/s counts the bytes the fused kernel must move."""
+    out = []
+    for model in models:
+        b, h, d, e, f = MODELS[model]
+        causal = model != "bert-base"  # encoders attend both ways, decoders causally
+        for length in seq_lens:
+            tokens = b * length
+            for backward in (False, True):
+                twice = 2 if backward else 1
+                flops = attention_flops(b, h, length, length, d, causal, backward)
+                io = 2 * 4 * b * h * length * d * twice
+                for impl in ("triton", "sdpa", "eager"):
+                    make = _attention_maker(impl, (b, h, length, d), causal, dtype, backward)
+                    out.append(Case("attention", impl, model, length, backward, flops, io, make))
+                flops = 4 * tokens * e * f * (3 if backward else 1)
+                io = 2 * (2 * tokens * e + 2 * e * f + tokens * f) * twice
+                for impl in ("triton", "eager"):
+                    out.append(Case("feed_forward", impl, model, length, backward, flops, io,
+                                    _ffn_maker(impl, tokens, e, f, dtype, backward)))
+                io = 2 * 2 * tokens * e * twice
+                for impl in ("triton", "torch"):
+                    out.append(Case("layer_norm", impl, model, length, backward, 0.0, io,
+                                    _norm_maker(impl, tokens, e, dtype, backward)))
+    return out
+
+
+def run_cases(todo: list[Case], device: torch.device, timer: Callable | None = None,
+              progress: Callable[[int, int, Case], None] | None = None) -> list[Timing]:
+    """Times each case with ``timer(fn, quantiles=[0.5, 0.2, 0.8]) -> (median, p20, p80)`` in ms (default:
+    triton.testing.do_bench). A case that fails to run (e.g. out of memory for the eager reference) is skipped."""
+    if timer is None:
+        from triton.testing import do_bench as timer
+    rows = []
+    for i, c in enumerate(todo):
+        if progress:
+            progress(i, len(todo), c)
+        try:
+            step = _step(c.make(device), c.backward)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            median, p20, p80 = timer(step, quantiles=[0.5, 0.2, 0.8])
+        except torch.OutOfMemoryError:
+            continue
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        sec = median / 1e3
+        rows.append(Timing(c.op, c.impl, c.model, c.seq_len, "fwd+bwd" if c.backward else "fwd", median, p20, p80,
+                           c.flops / sec / 1e12 if c.flops else 0.0, c.bytes / sec / 1e9, peak))
+    return rows
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def append_csv(rows: list[Timing], device: torch.device, path: Path) -> Path:
+    """Appends rows keyed by GPU name, package version, torch and triton versions."""
+    import triton
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.writer(fh)
+        keys = ["gpu", "transformer_kernels", "torch", "triton"]
+        fields = list(asdict(rows[0]).keys()) if rows else []
+        if new:
+            writer.writerow(keys + fields)
+        for r in rows:
+            writer.writerow([device_name(device), __version__, torch.__version__, triton.__version__, *asdict(r).values()])
+    return path
+
+
+def plot_timings(rows: list[Timing], path: Path, model: str = "gpt2") -> Path:
+    """TFLOP/s and peak memory of attention against sequence length, one line per implementation and pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    series: dict[tuple[str, str], list[Timing]] = {}
+    for r in rows:
+        if r.op == "attention" and r.model == model:
+            series.setdefault((r.impl, r.pass_), []).append(r)
+    for (impl, pass_), pts in sorted(series.items()):
+        pts.sort(key=lambda r: r.seq_len)
+        xs = [r.seq_len for r in pts]
+        ax1.plot(xs, [r.tflops for r in pts], marker="o", label=f"{impl} {pass_}")
+        ax2.plot(xs, [r.peak_mib or math.nan for r in pts], marker="o", label=f"{impl} {pass_}")
+    for ax, label in ((ax1, "TFLOP/s"), (ax2, "peak memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    ax1.set_title(f"attention, {model} sizes")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_timings(rows: list[Timing]) -> str:
+    head = (f"{'op':13} {'impl':7} {'model':10} {'L':>5} {'pass':8} {'median ms':>10} {'p20':>8} {'p80':>8} "
+            f"{'TFLOP/s':>8} {'GB/s':>8} {'peak MiB':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        peak = "-" if r.peak_mib is None else f"{r.peak_mib:.0f}"
+        lines.append(f"{r.op:13} {r.impl:7} {r.model:10} {r.seq_len:5d} {r.pass_:8} {r.median_ms:10.3f} {r.p20_ms:8.3f} "
+                     f"{r.p80_ms:8.3f} {r.tflops:8.1f} {r.gbps:8.1f} {peak:>9}")
+    return "\n".join(lines)
+
+
+def gpu_report(device: torch.device, out_dir: Path = RESULTS_DIR, timer: Callable | None = None,
+               models: tuple[str, ...] = tuple(MODELS), seq_lens: tuple[int, ...] = SEQ_LENS,
+               dtype: torch.dtype = torch.float16,
+               progress: Callable[[int, int, Case], None] | None = None) -> tuple[str, Path, Path]:
+    """Times every case, appends the CSV and draws the plot; returns (table, csv path, png path)."""
+    rows = run_cases(cases(models, seq_lens, dtype), device, timer, progress)
+    csv_path = append_csv(rows, device, out_dir / "results.csv")
+    png = plot_timings(rows, out_dir / "attention_tflops_memory.png", model=models[-1])
+    return format_timings(rows), csv_path, png
+
+
+def static_report(out_dir: Path = RESULTS_DIR) -> tuple[str, int, Path]:
+    """Resource table of every shipped kernel and the memory-traffic table + PNG; returns (text, spills, png)."""
+    from . import resources, toolchain
+
+    rows = resources.triton_report()
+    if toolchain.nvcc() is not None:
+        rows += resources.cuda_report()
+    spills = sum(1 for r in rows if r.stack_bytes)
+    traffic = memory_traffic()
+    png = plot_traffic(traffic, out_dir / "memory_traffic.png")
+    text = (resources.format_table(rows) + f"\n\n{len(rows)} kernel variants, {spills} with spills\n\n"
+            + "Memory traffic per forward call, bert-base (B=8, L=512, fp16):\n" + format_traffic(traffic))
+    return text, spills, png

@@ -1,0 +1,146 @@
+"""`MultiheadAttention`: a drop-in for torch.nn.MultiheadAttention running on the fused ops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops, reference
+
+
+def nn_masks_to_sdpa(attn_mask: Tensor | None, key_padding_mask: Tensor | None, b: int, h: int, lq: int, lk: int,
+                     dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """torch.nn masks (bool True = masked out, float added; attn_mask ``[Lq, Lk]`` or ``[B·H, Lq, Lk]``,
+    key_padding_mask ``[B, Lk]`` bool or float) → the ops' (attn_mask in SDPA polarity, bool key_padding_mask)."""
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.view(b, h, lq, lk) if attn_mask.dim() == 3 else attn_mask
+        mask = ~mask if mask.dtype == torch.bool else mask.to(dtype)
+    kpm = None
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype == torch.bool:
+            kpm = key_padding_mask
+        else:
+            add = key_padding_mask.to(dtype)[:, None, None, :]
+            if mask is None:
+                mask = add
+            elif mask.dtype == torch.bool:
+                mask = torch.zeros_like(add).masked_fill(~mask, float("-inf")) + add
+            else:
+                mask = mask + add
+    return mask, kpm
+
+
+class MultiheadAttention(nn.Module):
+    """torch.nn.MultiheadAttention with the same constructor, forward arguments, mask polarities and state_dict
+    keys (``in_proj_weight``/``in_proj_bias`` or ``q/k/v_proj_weight``, ``out_proj.weight``/``.bias``).
+
+    Self-attention runs the fused QKV projection (q, k, v written as ``[B, H, L, D]``), the attention kernel and
+    the output projection reading the heads in place. ``need_weights=True`` (torch.nn's default) also returns the
+    attention weights, computed by the reference path: that is the slow path, and it applies no dropout to the
+    weights; pass ``need_weights=False`` for the kernels. ``add_bias_kv`` and ``add_zero_attn`` are not supported
+    (ValueError). ``backend`` is passed to every op (None: ``set_backend``/``use_backend`` decide).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
+                 vdim: int | None = None, batch_first: bool = False, device=None, dtype=None,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be a positive multiple of num_heads {num_heads}")
+        if add_bias_kv or add_zero_attn:
+            raise ValueError("add_bias_kv and add_zero_attn are not supported by transformer_kernels.nn.MultiheadAttention")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
+        self.head_dim = embed_dim // num_heads
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.backend = backend
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory)) if bias else None
+        if not bias:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # torch.nn.MultiheadAttention's initialisation
+        for w in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            if w is not None:
+                nn.init.xavier_uniform_(w)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+            nn.init.constant_(self.out_proj.bias, 0.0)
+
+    def _projections(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.in_proj_weight is not None:
+            return self.in_proj_weight.chunk(3)
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+               attn_mask: Tensor | None = None, is_causal: bool = False, cache: dict | None = None,
+               static_kv: bool = False) -> Tensor:
+        """Batch-first inputs ``[B, L, E]`` → the attention heads ``[B, H, Lq, D]`` (before the output projection),
+        so a layer can fuse the output projection with its residual.
+
+        ``cache`` (a dict the caller keeps between decoding steps): self-attention appends this step's K/V to the
+        cached ones and aligns the causal mask bottom-right (query i of the step sees every earlier key);
+        ``static_kv`` (cross-attention) projects key/value once and reuses them afterwards."""
+        b, lq, _ = query.shape
+        h, d = self.num_heads, self.head_dim
+        bias = self.in_proj_bias
+        w_q, w_k, w_v = self._projections()
+        b_q, b_k, b_v = (None, None, None) if bias is None else bias.chunk(3)
+
+        def heads(t: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+            # [B, L, H·D] seen as [B, H, L, D]: the attention kernel reads the transposed view in place.
+            return ops.linear(t, w, bias, backend=self.backend).view(b, t.shape[1], h, d).transpose(1, 2)
+
+        if cache is not None and static_kv and "k" in cache:
+            q, k, v = heads(query, w_q, b_q), cache["k"], cache["v"]
+        elif query is key and key is value and self.in_proj_weight is not None:
+            q, k, v = ops.qkv_projection(query, self.in_proj_weight, bias, h, backend=self.backend)
+        else:
+            q, k, v = heads(query, w_q, b_q), heads(key, w_k, b_k), heads(value, w_v, b_v)
+        if cache is not None:
+            if not static_kv and "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        lk = k.shape[2]
+        mask, kpm = nn_masks_to_sdpa(attn_mask, key_padding_mask, b, h, lq, lk, query.dtype)
+        return ops.attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                             is_causal=is_causal and attn_mask is None, scale=1.0 / math.sqrt(d), key_padding_mask=kpm,
+                             causal_alignment="bottom_right" if cache is not None else "top_left", backend=self.backend)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        """query ``[Lq, B, E]`` (``[B, Lq, E]`` with batch_first), key/value ``[Lk, B, kdim/vdim]``; returns
+        (output like query, averaged or per-head weights or None). Fully masked query rows give zeros."""
+        if need_weights:
+            state = dict(self.named_parameters())
+            out, weights = reference.multi_head_attention(
+                query, key, value, state, self.num_heads, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                is_causal=is_causal, need_weights=True, average_attn_weights=average_attn_weights,
+                batch_first=self.batch_first)
+            return out, weights
+        q, k, v = (t if self.batch_first else t.transpose(0, 1) for t in (query, key, value))
+        heads = self.attend(q, k, v, key_padding_mask, attn_mask, is_causal)
+        out = ops.out_projection(heads, self.out_proj.weight, self.out_proj.bias, backend=self.backend)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
