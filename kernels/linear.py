@@ -8,9 +8,11 @@ n = h·D + d goes to ``out[b, h, l, d]`` (the QKV projection writes ``[B, H, L, 
 instead be gathered from ``[B, H, L, D]`` (head merge in the prologue, for the output projection). A gated mode
 multiplies with a second B (``act(A@Bg + bg) · (A@Bu + bu)``, swiglu/geglu) sharing each A tile.
 
-Backward (ops/linear.py): `dact_kernel` turns dY into dZ = dY·dropout·act'(Z) in one elementwise pass (the
-pre-activation Z is saved in forward: M·N elements of the input dtype), then dX = dZ @ W and dW = dZᵀ @ X run
-through the same GEMM; dBias is a column sum of dZ.
+Backward (ops/linear.py): the pre-activation Z is saved in forward (M·N elements of the input dtype, only when
+there is an activation). dX = dZ @ W and dW = dZᵀ @ X run through the same GEMM with a prologue that turns each dY
+tile into the dZ tile in registers (dropout draw, act'(Z), the gated product rule), so dZ is never written; the dW
+GEMM also sums its A rows into dBias. `dact_kernel` forms dZ on its own only when there are no in-features (no
+dW GEMM to carry dBias).
 """
 
 from __future__ import annotations
@@ -80,13 +82,40 @@ def _a_tile(A, offs_m, offs_k, M, K, sam, sak, L, sa_b, sa_h, sa_l, MERGE_HEADS:
 
 
 @triton.jit
+def _dz_tile(dy, ZA, Z2A, offs_m, offs_k, M, K, szm, szk, dropout_p, seed, DACT: tl.constexpr, A_ACT: tl.constexpr,
+             A_TRANS: tl.constexpr, A_DROPOUT: tl.constexpr):
+    # The backward prologue: a dY tile becomes the dZ tile in registers, so dZ is never written to memory.
+    # DACT 1: dZ = dY·keep/(1−p)·act'(Z); gated 2: dZg = dY·Zu·act'(Zg); gated 3: dZu = dY·act(Zg). With A_TRANS the
+    # tile is [n, m] of the forward's [m, n] (the dW GEMM), so the dropout draw is transposed back.
+    g = dy.to(tl.float32)
+    if A_DROPOUT:
+        if A_TRANS:
+            keep = tl.trans(dropout_keep(seed, offs_k.to(tl.int64), offs_m, dropout_p))
+        else:
+            keep = dropout_keep(seed, offs_m.to(tl.int64), offs_k, dropout_p)
+        g = tl.where(keep, g * (1.0 / (1.0 - dropout_p)), 0.0)
+    if DACT == 1 and A_ACT == 0:
+        return g
+    ok = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    z_off = offs_m.to(tl.int64)[:, None] * szm + offs_k[None, :] * szk
+    z = tl.load(ZA + z_off, mask=ok, other=0.0).to(tl.float32)
+    if DACT == 3:
+        return g * _act(z, A_ACT)
+    g = g * _act_grad(z, A_ACT)
+    if DACT == 2:
+        g = g * tl.load(Z2A + z_off, mask=ok, other=0.0).to(tl.float32)
+    return g
+
+
+@triton.jit
 def matmul_kernel(
-    A, B, B2, C, Z, Z2, BIAS, BIAS2, RES,
-    M, N, K, sam, sak, sbk, sbn, scm, scn, srm, srn,
+    A, B, B2, C, Z, Z2, BIAS, BIAS2, RES, ZA, Z2A, DBIAS,
+    M, N, K, sam, sak, sbk, sbn, scm, scn, srm, srn, szm, szk,
     L, sa_b, sa_h, sa_l, sc_b, sc_h, sc_l,
     dropout_p, seed,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, STORE_Z: tl.constexpr,
     GATED: tl.constexpr, MERGE_HEADS: tl.constexpr, SPLIT_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DACT: tl.constexpr, A_ACT: tl.constexpr, A_TRANS: tl.constexpr, A_DROPOUT: tl.constexpr, HAS_DBIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
@@ -104,14 +133,25 @@ def matmul_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    dbias = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         a = _a_tile(A, offs_m, ks, M, K, sam, sak, L, sa_b, sa_h, sa_l, MERGE_HEADS, HEAD_DIM)
+        if DACT != 0:
+            dz = _dz_tile(a, ZA, Z2A, offs_m, ks, M, K, szm, szk, dropout_p, seed, DACT, A_ACT, A_TRANS, A_DROPOUT)
+            if HAS_DBIAS:
+                dbias += tl.sum(dz, axis=1)  # the dW GEMM's A is dZᵀ: its row sums are dBias
+            a = cast_out(dz, A.dtype.element_ty, INTERPRETED)
+        elif HAS_DBIAS:
+            dbias += tl.sum(a.to(tl.float32), axis=1)
         b_ok = (ks[:, None] < K) & (offs_n[None, :] < N)
         b_off = ks[:, None] * sbk + offs_n[None, :].to(tl.int64) * sbn
         acc = mma(a, tl.load(B + b_off, mask=b_ok, other=0.0), acc, INTERPRETED)
         if GATED:
             acc2 = mma(a, tl.load(B2 + b_off, mask=b_ok, other=0.0), acc2, INTERPRETED)
+    if HAS_DBIAS:  # noqa: SIM102 (a constexpr test around a runtime one: "and" would not fold at compile time)
+        if pid_n == 0:
+            tl.store(DBIAS + offs_m, dbias, mask=offs_m < M)
     out_ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     z_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     if HAS_BIAS:
@@ -191,8 +231,8 @@ GROUP_M = 8
 DACT_BLOCK = (32, 64)
 
 
-def feature_class(gated: bool, has_res: bool, dropout: bool) -> str:
-    return "all" if gated or has_res or dropout else "plain"
+def feature_class(gated: bool, has_res: bool, dropout: bool, dact: int = 0) -> str:
+    return "all" if gated or has_res or dropout or dact else "plain"
 
 
 def _key(c: triton.Config) -> tuple[int, ...]:
@@ -206,7 +246,7 @@ def gemm_configs(elem_bytes: int, features: str) -> list[GemmConfig]:
 
 
 def _prune(configs, named_args, **kwargs):
-    features = feature_class(kwargs["GATED"], kwargs["HAS_RES"], kwargs["DROPOUT"])
+    features = feature_class(kwargs["GATED"], kwargs["HAS_RES"], kwargs["DROPOUT"], kwargs["DACT"])
     allowed = {_key(c.triton()) for c in gemm_configs(named_args["A"].element_size(), features)}
     return [c for c in configs if _key(c) in allowed]
 
@@ -214,9 +254,25 @@ def _prune(configs, named_args, **kwargs):
 _all_tiles = [INTERPRETER_CONFIG] if is_interpreted() else [c for cs in GEMM_CONFIGS.values() for c in cs]
 _matmul = triton.autotune(
     list({_key(c.triton()): c.triton() for c in _all_tiles}.values()),
-    key=["M", "N", "K", "ACT", "HAS_RES", "DROPOUT", "GATED", "MERGE_HEADS", "SPLIT_HEADS"],
+    key=["M", "N", "K", "ACT", "HAS_RES", "DROPOUT", "GATED", "MERGE_HEADS", "SPLIT_HEADS", "DACT", "A_TRANS",
+         "HAS_DBIAS"],
     prune_configs_by={"early_config_prune": _prune},
 )(matmul_kernel)
+
+
+@dataclass
+class DzPrologue:
+    """The backward prologue of a GEMM whose A operand is dY (or dYᵀ for the dW GEMM): turn it into dZ in registers.
+    kind 1: dZ = dY·keep/(1−p)·act'(z); 2: the gate of a gated unit, dY·z2·act'(z); 3: its up part, dY·act(z).
+    ``z``/``z2`` are the saved forward pre-activations ``[M, N]``."""
+
+    kind: int
+    activation: str | None
+    z: torch.Tensor
+    z2: torch.Tensor | None = None
+    transposed: bool = False
+    dropout_p: float = 0.0
+    seed: int = 0
 
 
 @dataclass
@@ -235,10 +291,13 @@ def matmul(a: torch.Tensor | HeadLayout, b: torch.Tensor, *, b2: torch.Tensor | 
            bias: torch.Tensor | None = None, bias2: torch.Tensor | None = None, residual: torch.Tensor | None = None,
            activation: str | None = None, dropout_p: float = 0.0, seed: int = 0, store_z: bool = False,
            out: torch.Tensor | HeadLayout | None = None, out_dtype: torch.dtype | None = None,
+           dz: DzPrologue | None = None, dbias: torch.Tensor | None = None,
            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``epilogue(a @ b)`` with a ``[M, K]`` (or heads ``[B, H, L, D]`` merged) and b ``[K, N]`` (any strides;
     b2 ``[K, N]`` for the gated up projection). Returns (C, Z, Z2): C ``[M, N]`` (or written into ``out``), and
-    the pre-activations when ``store_z``. Heads layouts need the last-dim stride 1."""
+    the pre-activations when ``store_z``. Heads layouts need the last-dim stride 1. ``dz`` turns the A tiles from
+    dY into dZ on the fly; ``dbias`` (fp32 ``[M]``) then receives the row sums of the A operand (dBias when A is
+    dZᵀ)."""
     merge = isinstance(a, HeadLayout)
     if merge:
         t = a.tensor
@@ -274,14 +333,25 @@ def matmul(a: torch.Tensor | HeadLayout, b: torch.Tensor, *, b2: torch.Tensor | 
         b = torch.zeros((1, n), dtype=b.dtype, device=b.device)
         b2 = None if b2 is None else torch.zeros((1, n), dtype=b.dtype, device=b.device)
         k, merge, a_strides, a_heads = 1, False, (1, 1), (l_len, 0, 0, 0)
+        dz = None  # an empty dY has nothing to turn into dZ (and its Z holds no column to read)
     res = residual
+    if dz is not None:
+        za, z2a = dz.z, (dz.z if dz.z2 is None else dz.z2)
+        z_strides = za.stride()[::-1] if dz.transposed else za.stride()
+        dropout_p, seed = dz.dropout_p, dz.seed
+    else:
+        za, z2a, z_strides = b, b, (0, 0)
     _matmul[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
         a_ptr, b, b if b2 is None else b2, c_ptr, c_ptr if z is None else z, c_ptr if z2 is None else z2,
-        b if bias is None else bias, b if bias2 is None else bias2, b if res is None else res,
-        m, n, k, *a_strides, *b.stride(), *c_strides, *((0, 0) if res is None else res.stride()),
+        b if bias is None else bias, b if bias2 is None else bias2, b if res is None else res, za, z2a,
+        b if dbias is None else dbias,
+        m, n, k, *a_strides, *b.stride(), *c_strides, *((0, 0) if res is None else res.stride()), *z_strides,
         l_len if (merge or split) else 1, *a_heads[1:], *c_heads, dropout_p, seed,
-        ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, HAS_RES=res is not None, DROPOUT=dropout_p > 0.0,
-        STORE_Z=store_z, GATED=b2 is not None, MERGE_HEADS=merge, SPLIT_HEADS=split, HEAD_DIM=head_dim,
+        ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, HAS_RES=res is not None,
+        DROPOUT=dropout_p > 0.0 and dz is None, STORE_Z=store_z, GATED=b2 is not None, MERGE_HEADS=merge,
+        SPLIT_HEADS=split, HEAD_DIM=head_dim, DACT=0 if dz is None else dz.kind,
+        A_ACT=0 if dz is None else ACTIVATIONS[dz.activation], A_TRANS=dz is not None and dz.transposed,
+        A_DROPOUT=dz is not None and dz.dropout_p > 0.0, HAS_DBIAS=dbias is not None,
         GROUP_M=GROUP_M, INTERPRETED=is_interpreted(),
     )
     return c_ptr, z, z2
@@ -308,14 +378,17 @@ def aot_variants() -> list[AotVariant]:
     out = []
     for dtype in SUPPORTED_DTYPES:
         dt = TRITON_DTYPE_NAMES[dtype]
-        ptrs = ["A", "B", "B2", "C", "Z", "Z2", "BIAS", "BIAS2", "RES"]
-        ints = ["M", "N", "K", "sam", "sak", "sbk", "sbn", "scm", "scn", "srm", "srn", "L", "sa_b", "sa_h", "sa_l",
-                "sc_b", "sc_h", "sc_l"]
+        ptrs = ["A", "B", "B2", "C", "Z", "Z2", "BIAS", "BIAS2", "RES", "ZA", "Z2A"]
+        ints = ["M", "N", "K", "sam", "sak", "sbk", "sbn", "scm", "scn", "srm", "srn", "szm", "szk", "L", "sa_b", "sa_h",
+                "sa_l", "sc_b", "sc_h", "sc_l"]
         flags = ["ACT", "HAS_BIAS", "HAS_RES", "DROPOUT", "STORE_Z", "GATED", "MERGE_HEADS", "SPLIT_HEADS",
-                 "HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "INTERPRETED"]
-        sig = {p: f"*{dt}" for p in ptrs} | {i: "i32" for i in ints} | {"dropout_p": "fp32", "seed": "i64"}
+                 "HEAD_DIM", "DACT", "A_ACT", "A_TRANS", "A_DROPOUT", "HAS_DBIAS", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                 "GROUP_M", "INTERPRETED"]
+        sig = {p: f"*{dt}" for p in ptrs} | {"DBIAS": "*fp32"} | {i: "i32" for i in ints}
+        sig |= {"dropout_p": "fp32", "seed": "i64"}
         sig |= {f: "constexpr" for f in flags}
         # unit strides along K of row-major A and along N of B = W.T seen as [K, N] is stride K: leave runtime
+        no_dz = {"DACT": 0, "A_ACT": 0, "A_TRANS": False, "A_DROPOUT": False, "HAS_DBIAS": False}
         forms = {
             "plain": {"ACT": 0, "HAS_BIAS": True, "HAS_RES": False, "DROPOUT": False, "STORE_Z": False, "GATED": False,
                       "MERGE_HEADS": False, "SPLIT_HEADS": False, "HEAD_DIM": 1},
@@ -326,16 +399,24 @@ def aot_variants() -> list[AotVariant]:
             "split_heads": {"ACT": 0, "HAS_BIAS": True, "HAS_RES": False, "DROPOUT": False, "STORE_Z": False,
                             "GATED": False, "MERGE_HEADS": False, "SPLIT_HEADS": True, "HEAD_DIM": 64},
         }
+        forms = {name: {**no_dz, **consts} for name, consts in forms.items()}
+        # the backward GEMMs: dW = dZᵀ·X with gelu' and the dropout draw in the prologue and dBias (the heaviest),
+        # and the gated gate part (two saved pre-activations) for dX
+        bwd = {"ACT": 0, "HAS_BIAS": False, "DROPOUT": False, "STORE_Z": False, "GATED": False, "MERGE_HEADS": False,
+               "SPLIT_HEADS": False, "HEAD_DIM": 1}
+        forms["dW_dact_dropout"] = {**bwd, "HAS_RES": False, "DACT": 1, "A_ACT": ACTIVATIONS["gelu"], "A_TRANS": True,
+                                    "A_DROPOUT": True, "HAS_DBIAS": True}
+        forms["dX_gated"] = {**bwd, "HAS_RES": True, "DACT": 2, "A_ACT": ACTIVATIONS["silu"], "A_TRANS": False,
+                             "A_DROPOUT": False, "HAS_DBIAS": False}
         for form, consts in forms.items():
-            features = "all" if form == "all" else "plain" if form == "plain" else feature_class(
-                False, consts["HAS_RES"], False)
+            features = feature_class(consts["GATED"], consts["HAS_RES"], consts["DROPOUT"], consts["DACT"])
             for c in GEMM_CONFIGS[(features, max(dtype.itemsize, 2))]:
                 out.append(AotVariant(
                     "matmul", matmul_kernel, sig,
                     {**consts, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "GROUP_M": GROUP_M,
                      "INTERPRETED": False}, c.num_warps,
                     f"{dt} {form} M={c.block_m} N={c.block_n} K={c.block_k} w={c.num_warps} s={c.num_stages}",
-                    num_stages=c.num_stages, aligned=(*ptrs, "sam", "sbn", "scm", "srm", "sa_b", "sa_h", "sa_l",
+                    num_stages=c.num_stages, aligned=(*ptrs, "DBIAS", "sam", "sbn", "scm", "srm", "sa_b", "sa_h", "sa_l",
                                                       "sc_b", "sc_h", "sc_l", "K", "N"),
                 ))
         sig = {"DY": f"*{dt}", "Z": f"*{dt}", "Z2": f"*{dt}", "DZ": f"*{dt}", "DZ2": f"*{dt}", "M": "i32", "N": "i32",

@@ -24,12 +24,14 @@ import torch.nn.functional as F
 
 from . import __version__, ops, reference
 
-# (name, batch, heads, head dim, embed, ffn hidden): the sizes the tables and plots use
+# name: (batch, heads, head dim, embed, ffn hidden); the sizes the tables and plots use
 MODELS = {
     "bert-base": (8, 12, 64, 768, 3072),
     "gpt2": (8, 12, 64, 768, 3072),
     "bart-base": (8, 12, 64, 768, 3072),
 }
+# name: family ("encoder" | "decoder" | "encoder-decoder"): which layer and whether attention is causal
+FAMILIES = {"bert-base": "encoder", "gpt2": "decoder", "bart-base": "encoder-decoder"}
 SEQ_LENS = (128, 512, 1024, 2048)
 RESULTS_DIR = Path(os.environ.get("TK_BENCH_DIR", "bench_results"))
 
@@ -180,14 +182,42 @@ def _norm_maker(impl: str, tokens: int, e: int, dtype: torch.dtype, backward: bo
     return make
 
 
+def _layer_maker(model: str, impl: str, tokens_shape: tuple[int, int], e: int, h: int, f: int, dtype: torch.dtype,
+                 backward: bool):
+    """The model family's layer: BERT post-norm encoder layer, GPT pre-norm causal layer, BART decoder layer with
+    cross-attention over a memory of the same length; torch.nn with the same weights as the fused one."""
+    from . import nn as tk_nn
+
+    def make(device: torch.device) -> Callable[[], torch.Tensor]:
+        lib = tk_nn if impl == "triton" else torch.nn
+        kw = {"backend": "triton"} if impl == "triton" else {}
+        family = FAMILIES[model]
+        first = family == "decoder"
+        cls = lib.TransformerDecoderLayer if family == "encoder-decoder" else lib.TransformerEncoderLayer
+        layer = cls(e, h, f, 0.0, "gelu", batch_first=True, norm_first=first, device=device, dtype=dtype, **kw)
+        x = torch.randn(*tokens_shape, e, device=device, dtype=dtype, requires_grad=backward)
+        if family == "encoder-decoder":
+            mem = torch.randn(*tokens_shape, e, device=device, dtype=dtype)
+            return lambda: layer(x, mem, tgt_is_causal=True, tgt_mask=_causal(tokens_shape[1], device))
+        if family == "decoder":
+            return lambda: layer(x, src_mask=_causal(tokens_shape[1], device), is_causal=True)
+        return lambda: layer(x)
+    return make
+
+
+def _causal(n: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+
+
 def cases(models: tuple[str, ...] = tuple(MODELS), seq_lens: tuple[int, ...] = SEQ_LENS,
           dtype: torch.dtype = torch.float16) -> list[Case]:
-    """Attention (kernel, SDPA, eager), feed-forward (kernel, eager) and LayerNorm (kernel, torch) per model and
-    length, forward and forward+backward. GB/s counts the bytes the fused kernel must move."""
+    """Attention (kernel, SDPA, eager), feed-forward (kernel, eager), LayerNorm (kernel, torch) and the family's
+    whole layer (fused vs torch.nn) per model and length, forward and forward+backward. GB/s counts the bytes the
+    fused kernel must move (for a layer: its input and output only)."""
     out = []
     for model in models:
         b, h, d, e, f = MODELS[model]
-        causal = model != "bert-base"  # encoders attend both ways, decoders causally
+        causal = FAMILIES[model] != "encoder"  # encoders attend both ways, decoders causally
         for length in seq_lens:
             tokens = b * length
             for backward in (False, True):
@@ -206,6 +236,13 @@ def cases(models: tuple[str, ...] = tuple(MODELS), seq_lens: tuple[int, ...] = S
                 for impl in ("triton", "torch"):
                     out.append(Case("layer_norm", impl, model, length, backward, 0.0, io,
                                     _norm_maker(impl, tokens, e, dtype, backward)))
+                # the family's whole layer: projections + attention (+ cross-attention for BART) + FFN
+                attn_blocks = 2 if FAMILIES[model] == "encoder-decoder" else 1
+                flops = (2 * tokens * (4 * e * e * attn_blocks + 2 * e * f)
+                         + attn_blocks * attention_flops(b, h, length, length, d, causal, False)) * (3 if backward else 1)
+                for impl in ("triton", "torch"):
+                    out.append(Case("layer", impl, model, length, backward, flops, 2 * 2 * tokens * e * twice,
+                                    _layer_maker(model, impl, (b, length), e, h, f, dtype, backward)))
     return out
 
 

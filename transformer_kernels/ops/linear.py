@@ -52,14 +52,24 @@ def _(x, weight, bias, residual, activation, dropout_p, seed, backend):
 def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, has_bias: bool, activation: str,
                      dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     g = _gemm()
-    if activation or dropout_p > 0.0:
-        dz, _ = g.activation_backward(dy, z if activation else dy.contiguous(), None, activation or None, dropout_p,
-                                      _seed_of(seed))
-    else:
+    if x.shape[1] == 0:
+        # No in-features: no dW GEMM to carry dBias, so dZ is formed on its own.
         dz = dy
-    dx, _, _ = g.matmul(dz, weight)
-    dw, _, _ = g.matmul(dz.t(), x, out_dtype=weight.dtype)
-    return dx, dw, (_col_sum(dz, weight.dtype) if has_bias else weight.new_empty(0))
+        if activation or dropout_p > 0.0:
+            dz, _ = g.activation_backward(dy, z if activation else dy.contiguous(), None, activation or None,
+                                          dropout_p, _seed_of(seed))
+        return x.new_zeros(x.shape), weight.new_zeros(weight.shape), (
+            _col_sum(dz, weight.dtype) if has_bias else weight.new_empty(0))
+    # dZ = dY·dropout·act'(Z) is formed tile by tile in each GEMM's prologue (never written to memory); the dW
+    # GEMM, whose A is dZᵀ, also sums dBias.
+    pro = None
+    if activation or dropout_p > 0.0:
+        pro = lambda transposed: g.DzPrologue(1, activation or None, z if activation else dy, None, transposed,
+                                              dropout_p, _seed_of(seed))
+    dx, _, _ = g.matmul(dy, weight, dz=pro and pro(False))
+    db = torch.zeros(weight.shape[0] if has_bias else 0, dtype=torch.float32, device=dy.device)
+    dw, _, _ = g.matmul(dy.t(), x, out_dtype=weight.dtype, dz=pro and pro(True), dbias=db if has_bias else None)
+    return dx, dw, (db.to(weight.dtype) if has_bias else weight.new_empty(0))
 
 
 @_linear_backward.register_fake
@@ -104,14 +114,22 @@ def _(x, w_gate, w_up, b_gate, b_up, activation, backend):
 def _gated_backward(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, zg: Tensor, zu: Tensor, has_bias: bool,
                     activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     g = _gemm()
-    dzg, dzu = g.activation_backward(dy, zg, zu, activation, 0.0, 0)
-    dx_gate, _, _ = g.matmul(dzg, w_gate)
-    dx, _, _ = g.matmul(dzu, w_up, residual=dx_gate)  # dX = dZg·Wg + dZu·Wu, the sum fused in the epilogue
-    dwg, _, _ = g.matmul(dzg.t(), x, out_dtype=w_gate.dtype)
-    dwu, _, _ = g.matmul(dzu.t(), x, out_dtype=w_up.dtype)
-    empty = w_gate.new_empty(0)
-    return (dx, dwg, dwu, _col_sum(dzg, w_gate.dtype) if has_bias else empty,
-            _col_sum(dzu, w_up.dtype) if has_bias else empty.clone())
+    n = w_gate.shape[0]
+    if x.shape[1] == 0:
+        dzg, dzu = g.activation_backward(dy, zg, zu, activation, 0.0, 0)
+        empty = w_gate.new_empty(0)
+        return (x.new_zeros(x.shape), w_gate.new_zeros(w_gate.shape), w_up.new_zeros(w_up.shape),
+                _col_sum(dzg, w_gate.dtype) if has_bias else empty, _col_sum(dzu, w_up.dtype) if has_bias else empty.clone())
+    # dZg = dY·Zu·act'(Zg) and dZu = dY·act(Zg) are formed in the GEMM prologues from the saved pre-activations.
+    gate = lambda t: g.DzPrologue(2, activation, zg, zu, t)
+    up = lambda t: g.DzPrologue(3, activation, zg, None, t)
+    dx_gate, _, _ = g.matmul(dy, w_gate, dz=gate(False))
+    dx, _, _ = g.matmul(dy, w_up, residual=dx_gate, dz=up(False))  # dX = dZg·Wg + dZu·Wu, summed in the epilogue
+    dbg = torch.zeros(n if has_bias else 0, dtype=torch.float32, device=dy.device)
+    dbu = torch.zeros(n if has_bias else 0, dtype=torch.float32, device=dy.device)
+    dwg, _, _ = g.matmul(dy.t(), x, out_dtype=w_gate.dtype, dz=gate(True), dbias=dbg if has_bias else None)
+    dwu, _, _ = g.matmul(dy.t(), x, out_dtype=w_up.dtype, dz=up(True), dbias=dbu if has_bias else None)
+    return dx, dwg, dwu, dbg.to(w_gate.dtype), dbu.to(w_up.dtype)
 
 
 @_gated_backward.register_fake
