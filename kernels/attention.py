@@ -114,6 +114,20 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, KPM, kpm_row, skp1,
 
 
 @triton.jit
+def _key_range(start_m, Lq, Lk, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    # (hi, full) for the query tile at start_m: keys below hi are visited; tiles below full are visible to every
+    # row of the tile (no causal compare). Causal: up to the last valid row's limit, so a key no query sees is
+    # never loaded.
+    if IS_CAUSAL:
+        hi = tl.minimum(tl.maximum(tl.minimum(start_m + BLOCK_M, Lq) + causal_offset, 0), Lk)
+        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
+    else:
+        hi = Lk
+        full = Lk
+    return hi, full
+
+
+@triton.jit
 def attn_fwd_kernel(
     Q, K, V, OUT, M_OUT, INV_L, MASK, KPM,
     sq0, sq1, sq2, sk0, sk1, sk2, sv0, sv1, sv2,
@@ -141,14 +155,7 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if IS_CAUSAL:
-        # Keys up to the last valid row's limit (so a key no query sees is never loaded); tiles below `full`
-        # are visible to every row of the tile.
-        hi = tl.minimum(tl.maximum(tl.minimum(start_m + BLOCK_M, Lq) + causal_offset, 0), Lk)
-        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
-    else:
-        hi = Lk
-        full = Lk
+    hi, full = _key_range(start_m, Lq, Lk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, full, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, KPM, kpm_row, skp1, mask_base,
                                   sm2, sm3, sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset,
@@ -334,12 +341,7 @@ def attn_bwd_dq_kernel(
     v_base = V + b * sv0 + hk * sv1
     mask_base = MASK + b * sm0 + h * sm1
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if IS_CAUSAL:
-        hi = tl.minimum(tl.maximum(tl.minimum(start_m + BLOCK_M, Lq) + causal_offset, 0), Lk)
-        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
-    else:
-        hi = Lk
-        full = Lk
+    hi, full = _key_range(start_m, Lq, Lk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, full, BLOCK_N):
         dq = _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, KPM, b * skp0, skp1, M_IN, INV_L,
                       mask_base, sm2, sm3, sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset,

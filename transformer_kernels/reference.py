@@ -355,14 +355,28 @@ def out_projection(attn: Tensor, w_o: Tensor, b_o: Tensor | None = None, residua
 # ---------------------------------------------------------------------------------------------
 
 
-def _nn_mask_to_sdpa(mask: Tensor | None, b: int, h: int, lq: int, lk: int) -> Tensor | None:
-    """torch.nn attn_mask ``[Lq, Lk]`` or ``[B*H, Lq, Lk]`` (bool True = masked out, float added) →
-    SDPA polarity broadcastable to ``[B, H, Lq, Lk]``."""
-    if mask is None:
-        return None
-    if mask.dim() == 3:
-        mask = mask.view(b, h, lq, lk)
-    return ~mask if mask.dtype == torch.bool else mask
+def nn_masks_to_sdpa(attn_mask: Tensor | None, key_padding_mask: Tensor | None, b: int, h: int, lq: int, lk: int,
+                     dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """torch.nn masks → the functional contract. attn_mask ``[Lq, Lk]`` or ``[B*H, Lq, Lk]`` (bool True = masked
+    out, float added) becomes SDPA polarity broadcastable to ``[B, H, Lq, Lk]``; a bool key_padding_mask
+    ``[B, Lk]`` (True = padding) is returned as is, a float one is folded into the additive mask."""
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.view(b, h, lq, lk) if attn_mask.dim() == 3 else attn_mask
+        mask = ~mask if mask.dtype == torch.bool else mask.to(dtype)
+    kpm = None
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype == torch.bool:
+            kpm = key_padding_mask
+        else:
+            add = key_padding_mask.to(dtype)[:, None, None, :]
+            if mask is None:
+                mask = add
+            elif mask.dtype == torch.bool:
+                mask = torch.zeros_like(add).masked_fill(~mask, float("-inf")) + add
+            else:
+                mask = mask + add
+    return mask, kpm
 
 
 def multi_head_attention(
@@ -401,19 +415,7 @@ def multi_head_attention(
     q = split_heads(linear(query, w_q, b_q), num_heads)
     k = split_heads(linear(key, w_k, b_k), num_heads)
     v = split_heads(linear(value, w_v, b_v), num_heads)
-    mask = _nn_mask_to_sdpa(attn_mask, b, num_heads, lq, lk)
-    kpm = None
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype == torch.bool:
-            kpm = key_padding_mask
-        else:
-            add = key_padding_mask[:, None, None, :]
-            if mask is None:
-                mask = add
-            elif mask.dtype == torch.bool:
-                mask = torch.zeros_like(add).masked_fill(~mask, float("-inf")) + add
-            else:
-                mask = mask + add
+    mask, kpm = nn_masks_to_sdpa(attn_mask, key_padding_mask, b, num_heads, lq, lk, q.dtype)
     out, weights = scaled_dot_product_attention(
         q,
         k,

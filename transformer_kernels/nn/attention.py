@@ -8,29 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops, reference
-
-
-def nn_masks_to_sdpa(attn_mask: Tensor | None, key_padding_mask: Tensor | None, b: int, h: int, lq: int, lk: int,
-                     dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-    """torch.nn masks (bool True = masked out, float added; attn_mask ``[Lq, Lk]`` or ``[B·H, Lq, Lk]``,
-    key_padding_mask ``[B, Lk]`` bool or float) → the ops' (attn_mask in SDPA polarity, bool key_padding_mask)."""
-    mask = None
-    if attn_mask is not None:
-        mask = attn_mask.view(b, h, lq, lk) if attn_mask.dim() == 3 else attn_mask
-        mask = ~mask if mask.dtype == torch.bool else mask.to(dtype)
-    kpm = None
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype == torch.bool:
-            kpm = key_padding_mask
-        else:
-            add = key_padding_mask.to(dtype)[:, None, None, :]
-            if mask is None:
-                mask = add
-            elif mask.dtype == torch.bool:
-                mask = torch.zeros_like(add).masked_fill(~mask, float("-inf")) + add
-            else:
-                mask = mask + add
-    return mask, kpm
+from ..reference import nn_masks_to_sdpa
 
 
 class MultiheadAttention(nn.Module):
