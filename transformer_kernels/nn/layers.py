@@ -38,7 +38,7 @@ class _Layer(nn.Module):
         return ops.layer_norm(x, norm.weight, norm.bias, norm.eps, residual, backend=self.backend)
 
     def _ff(self, x: Tensor, residual: Tensor | None) -> Tensor:
-        """linear2(dropout(act(linear1(x)))) then dropout2-like ``self.dropout_ff`` and + residual, fused."""
+        """linear2(dropout(act(linear1(x)))), then the layer's last dropout (``_ff_dropout``) and + residual, fused."""
         if self._act_name is not None:
             hidden = ops.linear(x, self.linear1.weight, self.linear1.bias, self._act_name, dropout_p=self._p(self.dropout),
                                 backend=self.backend)
