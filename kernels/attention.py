@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .common import cast_out, dropout_keep, mma
-from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_of_2
+from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_of_2, require_runnable
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -114,6 +114,25 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, KPM, kpm_row, skp1,
 
 
 @triton.jit
+def _query_tile(H, GROUP, Lq, BLOCK_M: tl.constexpr):
+    # Program id → (b·H + h, first query row, b, h, kv head): B·H is folded into grid x, so any B·H fits.
+    n_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    return bh, (pid % n_m) * BLOCK_M, b, h, h // GROUP
+
+
+@triton.jit
+def _load_rows(PTR, b, h, s0, s1, s2, offs_m, offs_d, Lq, D):
+    # A [rows, head dim] tile of a [B, H, L, D] tensor with unit stride along D; rows past Lq and the padding of D
+    # up to BLOCK_D read as 0.
+    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    return tl.load(PTR + b * s0 + h * s1 + offs_m[:, None] * s2 + offs_d[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
 def _key_range(start_m, Lq, Lk, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
     # (hi, full) for the query tile at start_m: keys below hi are visited; tiles below full are visible to every
     # row of the tile (no causal compare). Causal: up to the last valid row's limit, so a key no query sees is
@@ -136,18 +155,11 @@ def attn_fwd_kernel(
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    n_m = tl.cdiv(Lq, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // n_m
-    start_m = (pid % n_m) * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP
+    bh, start_m, b, h, hk = _query_tile(H, GROUP, Lq, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(Q + b * sq0 + h * sq1 + offs_m[:, None] * sq2 + offs_d[None, :],
-                mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)
+    q = _load_rows(Q, b, h, sq0, sq1, sq2, offs_m, offs_d, Lq, D)
     k_base = K + b * sk0 + hk * sk1
     v_base = V + b * sv0 + hk * sv1
     mask_base = MASK + b * sm0 + h * sm1
@@ -182,17 +194,13 @@ def attn_fwd_kernel(
 def attn_bwd_preprocess_kernel(OUT, DO, DELTA, sd0, sd1, sd2, H, Lq, D: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax-backward correction, once per row.
-    n_m = tl.cdiv(Lq, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // n_m
-    offs_m = (pid % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, start_m, b, h, _ = _query_tile(H, 1, Lq, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     rows = bh.to(tl.int64) * Lq + offs_m
     o = tl.load(OUT + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sd0 + h * sd1 + offs_m[:, None] * sd2 + offs_d[None, :], mask=ok, other=0.0)
+    do = _load_rows(DO, b, h, sd0, sd1, sd2, offs_m, offs_d, Lq, D)
     tl.store(DELTA + rows, tl.sum(o * do.to(tl.float32), axis=1), mask=offs_m < Lq)
 
 
@@ -216,9 +224,8 @@ def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, Q, DO, M_IN, INV_L, DEL
                MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                INTERPRETED: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-    q = tl.load(Q + b * sq0 + h * sq1 + offs_m[:, None] * sq2 + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + b * sd0 + h * sd1 + offs_m[:, None] * sd2 + offs_d[None, :], mask=ok, other=0.0)
+    q = _load_rows(Q, b, h, sq0, sq1, sq2, offs_m, offs_d, Lq, D)
+    do = _load_rows(DO, b, h, sd0, sd1, sd2, offs_m, offs_d, Lq, D)
     rows = bh.to(tl.int64) * Lq + offs_m
     p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, M_IN, INV_L, Lq, mask_base, sm2, sm3,
                         sm_scale, causal_offset, MASK_KIND, CAUSAL, INTERPRETED)
@@ -323,18 +330,12 @@ def attn_bwd_dq_kernel(
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    n_m = tl.cdiv(Lq, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // n_m
-    start_m = (pid % n_m) * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP
+    bh, start_m, b, h, hk = _query_tile(H, GROUP, Lq, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-    q = tl.load(Q + b * sq0 + h * sq1 + offs_m[:, None] * sq2 + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + b * sd0 + h * sd1 + offs_m[:, None] * sd2 + offs_d[None, :], mask=ok, other=0.0)
+    q = _load_rows(Q, b, h, sq0, sq1, sq2, offs_m, offs_d, Lq, D)
+    do = _load_rows(DO, b, h, sd0, sd1, sd2, offs_m, offs_d, Lq, D)
     rows = bh.to(tl.int64) * Lq + offs_m
     delta = tl.load(DELTA + rows, mask=offs_m < Lq, other=0.0)
     k_base = K + b * sk0 + hk * sk1
@@ -532,8 +533,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         raise ValueError(f"mask must be viewed as [B, H, Lq, Lk] = {(b, h, lq, k.shape[2])}, got {tuple(mask.shape)}")
     if kpm is not None and (kpm.shape != (b, k.shape[2]) or kpm.dtype != torch.bool):
         raise ValueError(f"key_padding_mask must be bool [B, Lk] = {(b, k.shape[2])}, got {tuple(kpm.shape)} {kpm.dtype}")
-    if q.device.type == "cpu" and not is_interpreted():
-        raise RuntimeError("Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 before importing triton")
+    require_runnable(q)
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -37,3 +37,19 @@ class AotVariant:
 
 
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def require_runnable(t: torch.Tensor) -> None:
+    """Triton runs on CUDA tensors, or on CPU tensors only when interpreted."""
+    if t.device.type == "cpu" and not is_interpreted():
+        raise RuntimeError("Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 before importing triton")
+
+
+def power_of_two_configs(pick, min_cols: int, max_cols: int) -> list:
+    """What ``pick(n)`` returns for every power-of-two row length from min_cols to max_cols: a row launcher's
+    complete set of configurations when it rounds lengths up to powers of two (for the resource check)."""
+    configs, n = [], min_cols
+    while n <= max_cols:
+        configs.append(pick(n))
+        n *= 2
+    return configs

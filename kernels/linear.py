@@ -67,15 +67,18 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _heads_offsets(rows, cols, L, s_b, s_h, s_l, HEAD_DIM: tl.constexpr):
+    # Element (m, n) of a [B·L, H·D] matrix that lives in a [B, H, L, D] tensor: m = b·L + l, n = h·D + d.
+    return (((rows // L).to(tl.int64) * s_b + (rows % L) * s_l)[:, None]
+            + ((cols // HEAD_DIM) * s_h + cols % HEAD_DIM)[None, :])
+
+
+@triton.jit
 def _a_tile(A, offs_m, offs_k, M, K, sam, sak, L, sa_b, sa_h, sa_l, MERGE_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
     ok = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     if MERGE_HEADS:
-        # A[m, k] = attn[b, h, l, d] with m = b·L + l, k = h·D + d: the head merge happens in the load.
-        b = offs_m // L
-        l_idx = offs_m % L
-        h = offs_k // HEAD_DIM
-        d = offs_k % HEAD_DIM
-        ptrs = A + (b.to(tl.int64) * sa_b + l_idx * sa_l)[:, None] + (h * sa_h + d)[None, :]
+        # A[m, k] = attn[b, h, l, d]: the head merge happens in the load.
+        ptrs = A + _heads_offsets(offs_m, offs_k, L, sa_b, sa_h, sa_l, HEAD_DIM)
     else:
         ptrs = A + offs_m.to(tl.int64)[:, None] * sam + offs_k[None, :] * sak
     return tl.load(ptrs, mask=ok, other=0.0)
@@ -171,11 +174,7 @@ def matmul_kernel(
     if HAS_RES:
         y += tl.load(RES + offs_m.to(tl.int64)[:, None] * srm + offs_n[None, :] * srn, mask=out_ok, other=0.0).to(tl.float32)
     if SPLIT_HEADS:
-        b = offs_m // L
-        l_idx = offs_m % L
-        h = offs_n // HEAD_DIM
-        d = offs_n % HEAD_DIM
-        c_ptrs = C + (b.to(tl.int64) * sc_b + l_idx * sc_l)[:, None] + (h * sc_h + d)[None, :]
+        c_ptrs = C + _heads_offsets(offs_m, offs_n, L, sc_b, sc_h, sc_l, HEAD_DIM)
     else:
         c_ptrs = C + offs_m.to(tl.int64)[:, None] * scm + offs_n[None, :] * scn
     tl.store(c_ptrs, cast_out(y, C.dtype.element_ty, INTERPRETED), mask=out_ok)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .common import cast_out
-from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_of_2
+from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_of_2, power_of_two_configs, require_runnable
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SINGLE_TILE_MAX_COLS = 4096
@@ -157,20 +157,12 @@ MAX_BACKWARD_COLS = 8192  # a whole row and its dW/dB partials in registers: at 
 
 
 def all_configs() -> list[tuple[int, int, bool]]:
-    configs, n = [], MIN_BLOCK
-    while n <= SINGLE_TILE_MAX_COLS:
-        configs.append(pick_config(n))
-        n *= 2
-    configs.append(pick_config(SINGLE_TILE_MAX_COLS + 1))
-    return configs
+    """Every forward config pick_config can return (for the resource check)."""
+    return [*power_of_two_configs(pick_config, MIN_BLOCK, SINGLE_TILE_MAX_COLS), pick_config(SINGLE_TILE_MAX_COLS + 1)]
 
 
 def all_backward_configs() -> list[tuple[int, int]]:
-    configs, n = [], MIN_BLOCK
-    while n <= MAX_BACKWARD_COLS:
-        configs.append(pick_backward_config(n))
-        n *= 2
-    return configs
+    return power_of_two_configs(pick_backward_config, MIN_BLOCK, MAX_BACKWARD_COLS)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -178,8 +170,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise TypeError(f"x dtype {x.dtype} is not supported by the Triton norms (supported: {SUPPORTED_DTYPES})")
     if x.dim() != 2 or weight.shape != (x.shape[1],):
         raise ValueError(f"expected x [rows, N] and weight [N]; got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if x.device.type == "cpu" and not is_interpreted():
-        raise RuntimeError("Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 before importing triton")
+    require_runnable(x)
 
 
 def norm_forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,

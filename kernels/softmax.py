@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import cast_out
-from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_of_2
+from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_of_2, power_of_two_configs, require_runnable
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the same constant, usable inside @triton.jit
@@ -140,12 +140,7 @@ def pick_config(n_cols: int) -> tuple[int, int, bool]:
 
 def all_configs() -> list[tuple[int, int, bool]]:
     """Every (BLOCK, num_warps, SINGLE_TILE) pick_config can return (for the resource check)."""
-    configs, n = [], MIN_BLOCK
-    while n <= SINGLE_TILE_MAX_COLS:
-        configs.append(pick_config(n))
-        n *= 2
-    configs.append(pick_config(SINGLE_TILE_MAX_COLS + 1))
-    return configs
+    return [*power_of_two_configs(pick_config, MIN_BLOCK, SINGLE_TILE_MAX_COLS), pick_config(SINGLE_TILE_MAX_COLS + 1)]
 
 
 def _check(name: str, t: torch.Tensor) -> None:
@@ -153,8 +148,7 @@ def _check(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a 4-D [d0, d1, d2, cols] view, got shape {tuple(t.shape)}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} dtype {t.dtype} is not supported by the Triton softmax (supported: {SUPPORTED_DTYPES})")
-    if t.device.type == "cpu" and not is_interpreted():
-        raise RuntimeError("Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 before importing triton")
+    require_runnable(t)
 
 
 def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is_causal: bool,

@@ -457,3 +457,10 @@ def test_unsupported_inputs_on_a_forced_backend_and_auto_fallback():
 def test_large_shapes_on_gpu(dtype, causal):
     q, k, v = make_qkv(2, 8, 8, 2048, 2048, 128, dtype, "cuda")
     check_against_reference("triton", q, k, v, is_causal=causal)
+
+
+def test_a_backend_without_the_op_is_a_clear_error(device):
+    # EDGE_CASES 21: the CUDA C++ backend has no attention kernel (yet): forcing it names the backend and the op.
+    q, k, v = make_qkv(1, 1, 1, 3, 3, 16, device=device)
+    with pytest.raises(NotImplementedError, match="backend 'cuda' does not implement attention"), tk.use_backend("cuda"):
+        tk.ops.attention(q, k, v)

@@ -31,6 +31,28 @@ def _activation_name(activation: str | Callable[[Tensor], Tensor]) -> str | None
 class _Layer(nn.Module):
     """Shared pieces: norms, the feed-forward block, the batch-first switch, dropout in training only."""
 
+    def _build(self, d_model: int, dim_feedforward: int, dropout: float, activation, eps: float, batch_first: bool,
+               norm_first: bool, bias: bool, factory: dict, backend: str | None, blocks: int) -> None:
+        """Everything after the attention modules, registered in torch.nn's order (so state_dict keys and their
+        order match): linear1, dropout, linear2, norm1..norm<blocks>, dropout1..dropout<blocks>."""
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+        self.norm_first = norm_first
+        for i in range(1, blocks + 1):
+            setattr(self, f"norm{i}", nn.LayerNorm(d_model, eps=eps, bias=bias, **factory))
+        for i in range(1, blocks + 1):
+            setattr(self, f"dropout{i}", nn.Dropout(dropout))
+        self.activation = F.relu if activation == "relu" else F.gelu if activation == "gelu" else activation
+        self._act_name = _activation_name(activation)
+        self.batch_first = batch_first
+        self.backend = backend
+
+    @property
+    def _ff_dropout(self) -> nn.Dropout:
+        """The dropout before the feed-forward block's residual add: the layer's last one."""
+        return self.dropout3 if hasattr(self, "dropout3") else self.dropout2
+
     def _p(self, dropout: nn.Dropout) -> float:
         return dropout.p if self.training else 0.0
 
@@ -72,22 +94,8 @@ class TransformerEncoderLayer(_Layer):
         factory = {"device": device, "dtype": dtype}
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
                                             backend=backend, **factory)
-        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
-        self.norm_first = norm_first
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.activation = F.relu if activation == "relu" else F.gelu if activation == "gelu" else activation
-        self._act_name = _activation_name(activation)
-        self.batch_first = batch_first
-        self.backend = backend
-
-    @property
-    def _ff_dropout(self) -> nn.Dropout:
-        return self.dropout2
+        self._build(d_model, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first, bias,
+                    factory, backend, blocks=2)
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool = False, cache: dict | None = None) -> Tensor:
@@ -120,24 +128,8 @@ class TransformerDecoderLayer(_Layer):
                                             backend=backend, **factory)
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
                                                  backend=backend, **factory)
-        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
-        self.norm_first = norm_first
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-        self.activation = F.relu if activation == "relu" else F.gelu if activation == "gelu" else activation
-        self._act_name = _activation_name(activation)
-        self.batch_first = batch_first
-        self.backend = backend
-
-    @property
-    def _ff_dropout(self) -> nn.Dropout:
-        return self.dropout3
+        self._build(d_model, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first, bias,
+                    factory, backend, blocks=3)
 
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None, memory_mask: Tensor | None = None,
                 tgt_key_padding_mask: Tensor | None = None, memory_key_padding_mask: Tensor | None = None,

@@ -29,6 +29,16 @@ def _col_sum(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.float().sum(0).to(dtype)
 
 
+def _weight_and_bias_grads(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, dz=None) -> tuple[Tensor, Tensor]:
+    """dW = dZᵀ·X, with dBias summed from the same GEMM's A rows (an empty tensor without a bias). dZ is dY, or
+    formed from it in the GEMM prologue when ``dz`` (a transposed DzPrologue) is given."""
+    if x.shape[1] == 0:  # no dW GEMM to carry the sum (callers with a prologue handle this case themselves)
+        return weight.new_zeros(weight.shape), (_col_sum(dy, weight.dtype) if has_bias else weight.new_empty(0))
+    db = torch.zeros(weight.shape[0] if has_bias else 0, dtype=torch.float32, device=dy.device)
+    dw, _, _ = _gemm().matmul(dy.t(), x, out_dtype=weight.dtype, dz=dz, dbias=db if has_bias else None)
+    return dw, db.to(weight.dtype)
+
+
 # ---- linear ----------------------------------------------------------------------------------
 
 
@@ -67,9 +77,8 @@ def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, has_bias:
         pro = lambda transposed: g.DzPrologue(1, activation or None, z if activation else dy, None, transposed,
                                               dropout_p, _seed_of(seed))
     dx, _, _ = g.matmul(dy, weight, dz=pro and pro(False))
-    db = torch.zeros(weight.shape[0] if has_bias else 0, dtype=torch.float32, device=dy.device)
-    dw, _, _ = g.matmul(dy.t(), x, out_dtype=weight.dtype, dz=pro and pro(True), dbias=db if has_bias else None)
-    return dx, dw, (db.to(weight.dtype) if has_bias else weight.new_empty(0))
+    dw, db = _weight_and_bias_grads(dy, x, weight, has_bias, pro and pro(True))
+    return dx, dw, db
 
 
 @_linear_backward.register_fake
@@ -114,7 +123,6 @@ def _(x, w_gate, w_up, b_gate, b_up, activation, backend):
 def _gated_backward(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, zg: Tensor, zu: Tensor, has_bias: bool,
                     activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     g = _gemm()
-    n = w_gate.shape[0]
     if x.shape[1] == 0:
         dzg, dzu = g.activation_backward(dy, zg, zu, activation, 0.0, 0)
         empty = w_gate.new_empty(0)
@@ -125,11 +133,9 @@ def _gated_backward(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, zg: Ten
     up = lambda t: g.DzPrologue(3, activation, zg, None, t)
     dx_gate, _, _ = g.matmul(dy, w_gate, dz=gate(False))
     dx, _, _ = g.matmul(dy, w_up, residual=dx_gate, dz=up(False))  # dX = dZg·Wg + dZu·Wu, summed in the epilogue
-    dbg = torch.zeros(n if has_bias else 0, dtype=torch.float32, device=dy.device)
-    dbu = torch.zeros(n if has_bias else 0, dtype=torch.float32, device=dy.device)
-    dwg, _, _ = g.matmul(dy.t(), x, out_dtype=w_gate.dtype, dz=gate(True), dbias=dbg if has_bias else None)
-    dwu, _, _ = g.matmul(dy.t(), x, out_dtype=w_up.dtype, dz=up(True), dbias=dbu if has_bias else None)
-    return dx, dwg, dwu, dbg.to(w_gate.dtype), dbu.to(w_up.dtype)
+    dwg, dbg = _weight_and_bias_grads(dy, x, w_gate, has_bias, gate(True))
+    dwu, dbu = _weight_and_bias_grads(dy, x, w_up, has_bias, up(True))
+    return dx, dwg, dwu, dbg, dbu
 
 
 @_gated_backward.register_fake
@@ -196,8 +202,8 @@ def _qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, x: Tensor, w_qkv: Tensor, 
     # One [B·L, (H + 2·Hkv)·D] gradient (a copy: backward only) feeds one dX GEMM and one dW GEMM.
     dy = torch.cat([_merge(dq), _merge(dk), _merge(dv)], dim=1)
     dx, _, _ = g.matmul(dy, w_qkv)
-    dw, _, _ = g.matmul(dy.t(), x, out_dtype=w_qkv.dtype)
-    return dx, dw, (_col_sum(dy, w_qkv.dtype) if has_bias else w_qkv.new_empty(0))
+    dw, db = _weight_and_bias_grads(dy, x, w_qkv, has_bias)
+    return dx, dw, db
 
 
 @_qkv_backward.register_fake
@@ -241,8 +247,8 @@ def _out_proj_backward(dy: Tensor, attn: Tensor, w_o: Tensor, has_bias: bool, ba
     g = _gemm()
     d_attn = attn.new_empty(attn.shape)
     g.matmul(dy, w_o, out=g.HeadLayout(d_attn))  # dAttn written straight back into [B, H, L, D]
-    dw, _, _ = g.matmul(dy.t(), _merge(attn), out_dtype=w_o.dtype)
-    return d_attn, dw, (_col_sum(dy, w_o.dtype) if has_bias else w_o.new_empty(0))
+    dw, db = _weight_and_bias_grads(dy, _merge(attn), w_o, has_bias)
+    return d_attn, dw, db
 
 
 @_out_proj_backward.register_fake
