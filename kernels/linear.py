@@ -386,7 +386,6 @@ def aot_variants() -> list[AotVariant]:
         sig = {p: f"*{dt}" for p in ptrs} | {"DBIAS": "*fp32"} | {i: "i32" for i in ints}
         sig |= {"dropout_p": "fp32", "seed": "i64"}
         sig |= {f: "constexpr" for f in flags}
-        # unit strides along K of row-major A and along N of B = W.T seen as [K, N] is stride K: leave runtime
         no_dz = {"DACT": 0, "A_ACT": 0, "A_TRANS": False, "A_DROPOUT": False, "HAS_DBIAS": False}
         forms = {
             "plain": {"ACT": 0, "HAS_BIAS": True, "HAS_RES": False, "DROPOUT": False, "STORE_Z": False, "GATED": False,

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .. import nn as tk_nn
 from .. import ops
+from ..nn.attention import cached_length
 
 
 @dataclass
@@ -114,7 +115,7 @@ class DecoderModel(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: list[dict] | None = None) -> Tensor:
-        start = 0 if not cache or "k" not in cache[0] else cache[0]["k"].shape[2]
+        start = cached_length(cache[0]) if cache else 0
         x = self.embeddings(input_ids, start)
         kpm = _padding(attention_mask)
         length = input_ids.shape[1]
@@ -166,7 +167,7 @@ class EncoderDecoderModel(nn.Module):
 
     def decode(self, decoder_input_ids: Tensor, memory: Tensor, attention_mask: Tensor | None = None,
                decoder_attention_mask: Tensor | None = None, cache: list[dict] | None = None) -> Tensor:
-        start = 0 if not cache or "self" not in cache[0] else cache[0]["self"]["k"].shape[2]
+        start = cached_length(cache[0].get("self", {})) if cache else 0
         x = self.embeddings(decoder_input_ids, start)
         length = decoder_input_ids.shape[1]
         for i, layer in enumerate(self.decoder_layers):

@@ -11,6 +11,29 @@ from .. import ops, reference
 from ..reference import nn_masks_to_sdpa
 
 
+def cached_length(cache: dict) -> int:
+    """How many positions a self-attention cache holds."""
+    return cache.get("len", 0)
+
+
+def _append_kv(cache: dict, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Writes this step's keys/values after the cached ones in buffers that grow by doubling (amortised O(1) copy
+    per position, where concatenating would copy the whole cache every step) and returns views of the filled part
+    (unit stride along D, so the attention kernel reads them in place)."""
+    n, step = cached_length(cache), k.shape[2]
+    need = n + step
+    for name, new in (("k", k), ("v", v)):
+        buf = cache.get(name + "_buf")
+        if buf is None or buf.shape[2] < need:
+            grown = new.new_empty(*new.shape[:2], max(need, 2 * (0 if buf is None else buf.shape[2]), 16), new.shape[3])
+            if buf is not None:
+                grown[:, :, :n] = buf[:, :, :n]
+            cache[name + "_buf"] = buf = grown
+        buf[:, :, n:need] = new
+    cache["len"] = need
+    return cache["k_buf"][:, :, :need], cache["v_buf"][:, :, :need]
+
+
 class MultiheadAttention(nn.Module):
     """torch.nn.MultiheadAttention with the same constructor, forward arguments, mask polarities and state_dict
     keys (``in_proj_weight``/``in_proj_bias`` or ``q/k/v_proj_weight``, ``out_proj.weight``/``.bias``).
@@ -95,10 +118,10 @@ class MultiheadAttention(nn.Module):
             q, k, v = ops.qkv_projection(query, self.in_proj_weight, bias, h, backend=self.backend)
         else:
             q, k, v = heads(query, w_q, b_q), heads(key, w_k, b_k), heads(value, w_v, b_v)
-        if cache is not None:
-            if not static_kv and "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        if cache is not None and static_kv:
             cache["k"], cache["v"] = k, v
+        elif cache is not None:
+            k, v = _append_kv(cache, k, v)
         lk = k.shape[2]
         mask, kpm = nn_masks_to_sdpa(attn_mask, key_padding_mask, b, h, lq, lk, query.dtype)
         return ops.attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,

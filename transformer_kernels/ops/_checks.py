@@ -54,3 +54,8 @@ def cast_all(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple:
     if dtype is None:
         return tensors
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., C]`` as ``[rows, C]`` (a view when the strides allow; also for zero rows or C = 0)."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._checks import KERNEL_DTYPES, autocast_dtype, cast_all, check_float_tensor, describe
+from ._checks import KERNEL_DTYPES, as_rows, autocast_dtype, cast_all, check_float_tensor, describe
 from .attention import draw_seed
 
 
@@ -293,11 +293,6 @@ def _kernel_why_not(x: Tensor):
     return why_not
 
 
-def _rows(t: Tensor) -> Tensor:
-    """``[..., C]`` as ``[rows, C]`` (a view when the strides allow)."""
-    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
-
-
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
            residual: Tensor | None = None, dropout_p: float = 0.0, *, backend: str | None = None) -> Tensor:
     """``act(x @ weight.T + bias)``, then dropout, then ``+ residual``, in one kernel.
@@ -336,7 +331,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
             keep = torch.rand((*x.shape[:-1], n), generator=gen, device=x.device) >= dropout_p
         return reference.linear(x, weight, bias, activation, residual, dropout_p, keep)
     y, _ = torch.ops.transformer_kernels.linear(
-        _rows(x), weight, bias, None if residual is None else _rows(residual), activation or "", float(dropout_p),
+        as_rows(x), weight, bias, None if residual is None else as_rows(residual), activation or "", float(dropout_p),
         seed, name)
     return y.view(*x.shape[:-1], n)
 
@@ -359,7 +354,7 @@ def gated_linear(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None 
     name = backends.resolve("gated_linear", x.device, backend, _kernel_why_not(x))
     if name == "torch":
         return reference.gated_linear(x, w_gate, w_up, b_gate, b_up, activation)
-    y, _, _ = torch.ops.transformer_kernels.gated_linear(_rows(x), w_gate, w_up, b_gate, b_up, activation, name)
+    y, _, _ = torch.ops.transformer_kernels.gated_linear(as_rows(x), w_gate, w_up, b_gate, b_up, activation, name)
     return y.view(*x.shape[:-1], n)
 
 
@@ -382,7 +377,7 @@ def qkv_projection(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, num_heads: in
     name = backends.resolve("qkv_projection", x.device, backend, _kernel_why_not(x))
     if name == "torch":
         return reference.qkv_projection(x, w_qkv, b_qkv, num_heads, hkv)
-    return torch.ops.transformer_kernels.qkv_projection(_rows(x), w_qkv, b_qkv, x.shape[0], num_heads, hkv, name)
+    return torch.ops.transformer_kernels.qkv_projection(as_rows(x), w_qkv, b_qkv, x.shape[0], num_heads, hkv, name)
 
 
 def out_projection(attn: Tensor, w_o: Tensor, b_o: Tensor | None = None, residual: Tensor | None = None, *,
@@ -405,7 +400,7 @@ def out_projection(attn: Tensor, w_o: Tensor, b_o: Tensor | None = None, residua
     name = backends.resolve("out_projection", attn.device, backend, _kernel_why_not(attn))
     if name == "torch":
         return reference.out_projection(attn, w_o, b_o, residual)
-    y = torch.ops.transformer_kernels.out_projection(attn, w_o, b_o, None if residual is None else _rows(residual), name)
+    y = torch.ops.transformer_kernels.out_projection(attn, w_o, b_o, None if residual is None else as_rows(residual), name)
     return y.view(b, length, e)
 
 

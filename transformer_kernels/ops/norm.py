@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._checks import autocast_dtype, cast_all, check_float_tensor, describe
+from ._checks import as_rows, autocast_dtype, cast_all, check_float_tensor, describe
 
 OP = "norm"
 
@@ -101,8 +101,8 @@ def _norm_call(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
         return reference.layer_norm(x, weight, bias, eps, residual, return_residual)
     w = weight if weight is not None else x.new_ones(n)
     b = bias.to(x.dtype) if bias is not None else None
-    rows = x.reshape(-1, n)
-    res_rows = residual.reshape(-1, n) if residual is not None else None
+    rows = as_rows(x)
+    res_rows = as_rows(residual) if residual is not None else None
     y, s, _, _ = torch.ops.transformer_kernels.norm(rows, res_rows, w.to(x.dtype), b, float(eps), rms, name)
     y = y.view(x.shape)
     if not return_residual:
