@@ -5,8 +5,10 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <vector>
 #include <cstdint>
 
+#include "attention.h"
 #include "softmax.h"
 
 #ifdef TK_HOST_SIM
@@ -58,6 +60,46 @@ void softmax_backward(uintptr_t y, uintptr_t dy, uintptr_t dx, int64_t rows, int
   tk::softmax_backward(a, algo, as_stream(stream));
 }
 
+// The attention argument block from a dict (ops fill it by name: the block has too many fields for positions).
+tk::AttentionArgs attention_args(const py::dict& d) {
+  auto i64 = [&](const char* k) { return d[k].cast<int64_t>(); };
+  auto strides = [&](const char* k, int64_t* out, int n) {
+    auto v = d[k].cast<std::vector<int64_t>>();
+    if (static_cast<int>(v.size()) != n) throw std::invalid_argument(std::string(k) + ": wrong number of strides");
+    for (int i = 0; i < n; ++i) out[i] = v[i];
+  };
+  tk::AttentionArgs a{};
+  a.q = ptr<const void>(d["q"].cast<uintptr_t>());
+  a.k = ptr<const void>(d["k"].cast<uintptr_t>());
+  a.v = ptr<const void>(d["v"].cast<uintptr_t>());
+  a.mask = ptr<const void>(d["mask"].cast<uintptr_t>());
+  a.kpm = ptr<const uint8_t>(d["kpm"].cast<uintptr_t>());
+  a.out = ptr<void>(d["out"].cast<uintptr_t>());
+  a.row_max = ptr<float>(d["row_max"].cast<uintptr_t>());
+  a.inv_l = ptr<float>(d["inv_l"].cast<uintptr_t>());
+  a.dout = ptr<const void>(d["dout"].cast<uintptr_t>());
+  a.delta = ptr<float>(d["delta"].cast<uintptr_t>());
+  a.dq = ptr<void>(d["dq"].cast<uintptr_t>());
+  a.dk = ptr<void>(d["dk"].cast<uintptr_t>());
+  a.dv = ptr<void>(d["dv"].cast<uintptr_t>());
+  strides("q_stride", a.q_stride, 4);
+  strides("k_stride", a.k_stride, 4);
+  strides("v_stride", a.v_stride, 4);
+  strides("do_stride", a.do_stride, 4);
+  strides("mask_stride", a.mask_stride, 4);
+  strides("kpm_stride", a.kpm_stride, 2);
+  a.B = i64("B"), a.H = i64("H"), a.Hkv = i64("Hkv"), a.Lq = i64("Lq"), a.Lk = i64("Lk"), a.D = i64("D");
+  a.scale = d["scale"].cast<float>();
+  a.causal = d["causal"].cast<bool>();
+  a.causal_offset = i64("causal_offset");
+  a.dropout_p = d["dropout_p"].cast<float>();
+  a.seed = d["seed"].cast<uint64_t>();
+  a.dtype = d["dtype"].cast<int>();
+  a.mask_kind = d["mask_kind"].cast<int>();
+  if (a.Hkv <= 0 || a.H % a.Hkv != 0) throw std::invalid_argument("attention: H must be a multiple of Hkv >= 1");
+  return a;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TK_MODULE_NAME, m) {
@@ -69,6 +111,16 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
 #endif
   m.def("softmax_forward", &softmax_forward);
   m.def("softmax_backward", &softmax_backward);
+  m.def("attention_forward", [](const py::dict& d, uintptr_t stream) {
+    require_device();
+    tk::attention_forward(attention_args(d), as_stream(stream));
+  });
+  m.def("attention_backward", [](const py::dict& d, uintptr_t stream) {
+    require_device();
+    tk::attention_backward(attention_args(d), as_stream(stream));
+  });
+  m.attr("attention_head_dims") = py::make_tuple(tk::kAttnHeadDims[0], tk::kAttnHeadDims[1], tk::kAttnHeadDims[2], tk::kAttnHeadDims[3]);
+  m.attr("attention_max_head_dim") = py::dict(py::arg("half") = tk::kAttnMaxHeadDimHalf, py::arg("float") = tk::kAttnMaxHeadDimFloat);
   m.def("device_count", [] {
     require_device();
 #ifdef TK_HOST_SIM

@@ -112,3 +112,31 @@ __device__ __forceinline__ int64_t row_offset(int64_t row, int64_t d1, int64_t d
 }
 
 }  // namespace tk
+
+namespace tk {
+
+// The dropout draw shared with the Triton kernels (kernels/common.py: dropout_keep), bit for bit: a
+// lowbias32 hash of (row hash of the 64-bit seed, column); kept iff its top 24 bits >= p * 2^24.
+__device__ __forceinline__ uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+__device__ __forceinline__ uint32_t dropout_row_hash(uint64_t seed, int64_t row) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const uint64_t r = static_cast<uint64_t>(row);
+  return mix32(mix32(static_cast<uint32_t>(r) ^ k0) ^ static_cast<uint32_t>(r >> 32) ^ k1);
+}
+
+__device__ __forceinline__ bool dropout_keep(uint32_t row_hash, int64_t col, uint32_t threshold) {
+  return (mix32(row_hash ^ static_cast<uint32_t>(col)) >> 8) >= threshold;
+}
+
+// p * 2^24 as the kernels compare it (the same float product as the Triton kernels).
+__host__ __device__ inline uint32_t dropout_threshold(float p) { return static_cast<uint32_t>(p * 16777216.0f); }
+
+}  // namespace tk

@@ -112,3 +112,61 @@ def softmax_backward(grad: torch.Tensor, y: torch.Tensor, scale: float) -> torch
         DTYPE_CODES[y.dtype], SOFTMAX_ALGOS[_softmax_algo], stream_handle(y),
     )
     return dx
+
+
+def attention_max_head_dim(dtype: torch.dtype, device: torch.device) -> int:
+    """The widest head dim the CUDA attention kernels are instantiated for (csrc/attention.h), 0 for other dtypes."""
+    if dtype not in DTYPE_CODES:
+        return 0
+    limits = module_for(device).attention_max_head_dim
+    return limits["float" if dtype == torch.float32 else "half"]
+
+
+def _attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    kpm: torch.Tensor | None, scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
+                    seed: int) -> dict:
+    b, h, lq, d = q.shape
+    return {
+        "q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "q_stride": list(q.stride()),
+        "k_stride": list(k.stride()), "v_stride": list(v.stride()),
+        "mask": 0 if mask is None else mask.data_ptr(),
+        "mask_stride": [0] * 4 if mask is None else list(mask.stride()),
+        "mask_kind": _mask_kind(mask, q.dtype),
+        "kpm": 0 if kpm is None else kpm.data_ptr(), "kpm_stride": [0, 0] if kpm is None else list(kpm.stride()),
+        "B": b, "H": h, "Hkv": k.shape[1], "Lq": lq, "Lk": k.shape[2], "D": d, "scale": float(scale),
+        "causal": bool(is_causal), "causal_offset": int(causal_offset), "dropout_p": float(dropout_p),
+        "seed": int(seed) & (2**64 - 1), "dtype": DTYPE_CODES[q.dtype],
+        "out": 0, "row_max": 0, "inv_l": 0, "dout": 0, "do_stride": [0] * 4, "delta": 0, "dq": 0, "dk": 0, "dv": 0,
+    }
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      kpm: torch.Tensor | None, scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CUDA C++ attention; same contract as kernels/attention.py:attention_forward (q, k, v any strides; mask a
+    ``[B, H, Lq, Lk]`` view, bool or float; kpm bool ``[B, Lk]``). Returns out, row_max, inv_l."""
+    b, h, lq, d = q.shape
+    out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
+    row_max = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    inv_l = torch.empty_like(row_max)
+    args = _attention_args(q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, seed)
+    args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr()}
+    module_for(q.device).attention_forward(args, stream_handle(q))
+    return out, row_max, inv_l
+
+
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       row_max: torch.Tensor, inv_l: torch.Tensor, mask: torch.Tensor | None, kpm: torch.Tensor | None,
+                       scale: float, is_causal: bool, causal_offset: int, dropout_p: float, seed: int,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `attention_forward` for ``dout`` (any strides, e.g. expanded); contiguous dq, dk, dv."""
+    dq, dk, dv = torch.zeros_like(q, memory_format=torch.contiguous_format), torch.zeros(
+        k.shape, dtype=k.dtype, device=k.device), torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    out = out.contiguous()
+    args = _attention_args(q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, seed)
+    args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr(),
+             "dout": dout.data_ptr(), "do_stride": list(dout.stride()), "delta": delta.data_ptr(),
+             "dq": dq.data_ptr(), "dk": dk.data_ptr(), "dv": dv.data_ptr()}
+    module_for(q.device).attention_backward(args, stream_handle(q))
+    return dq, dk, dv

@@ -21,7 +21,7 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 # the measured winner once `python -m transformer_kernels bench` has run on a GPU.
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "masked_softmax": ("triton", "cuda", "torch"),
-    "attention": ("triton", "torch"),
+    "attention": ("triton", "cuda", "torch"),
     "layer_norm": ("triton", "torch"),
     "rms_norm": ("triton", "torch"),
     "linear": ("triton", "torch"),

@@ -32,6 +32,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 // CUDA's host_defines.h gives these GNU attributes meant for nvcc; on the CPU they are plain C++.
@@ -436,3 +437,102 @@ template <typename T>
 inline T __ldg(const T* p) { return *p; }
 using std::max;
 using std::min;
+
+// ---- nvcuda::wmma ---------------------------------------------------------------------------
+// The 16x16x16 shapes with half/bf16 multiplicands and float accumulators. Each lane holds 8 of a
+// fragment's 256 elements (lane l: row-major elements 8l..8l+7 of the logical tile); programs must not
+// depend on that mapping, as on a GPU, where it is unspecified. mma_sync is a warp collective: the
+// lanes publish their A and B elements in a per-warp buffer, wait for the whole warp, then each computes
+// its own 8 outputs in fp32, so a lane missing from the warp or a diverged warp raises.
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "simt implements the m16n16k16 wmma shape only");
+  static constexpr int num_elements = 8;
+  using element_type = T;
+  T x[num_elements];
+};
+
+namespace detail {
+constexpr int kLaneElems = 8;
+inline int tile_row(int lane, int e) { return (lane * kLaneElems + e) / 16; }
+inline int tile_col(int lane, int e) { return (lane * kLaneElems + e) % 16; }
+// Per warp: A (256 floats) then B (256 floats), reused by every mma_sync.
+inline float* warp_scratch() {
+  auto& r = ::simt::rt();
+  static thread_local std::vector<float> buf;
+  size_t need = static_cast<size_t>((r.n_threads + 31) / 32) * 512;
+  if (buf.size() < need) buf.resize(need);
+  return buf.data() + static_cast<size_t>(::simt::warp_id()) * 512;
+}
+template <typename T> inline float as_float(T v) { return static_cast<float>(v); }
+template <> inline float as_float<__half>(__half v) { return __half2float(v); }
+template <> inline float as_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+}  // namespace detail
+
+// Element (r, c) of the logical tile sits at p[r * ldm + c] in row-major and p[c * ldm + r] in column-major
+// memory; for matrix_b the logical tile is B[k][n].
+template <typename Use, typename T, typename Layout, typename P>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const P* p, unsigned ldm) {
+  static_assert(!std::is_same<Use, accumulator>::value, "accumulators take a layout_t argument");
+  const int lane = static_cast<int>(::simt::lane_id());
+  for (int e = 0; e < detail::kLaneElems; ++e) {
+    const int r = detail::tile_row(lane, e), c = detail::tile_col(lane, e);
+    f.x[e] = std::is_same<Layout, row_major>::value ? p[r * ldm + c] : p[c * ldm + r];
+  }
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm, layout_t layout) {
+  const int lane = static_cast<int>(::simt::lane_id());
+  for (int e = 0; e < detail::kLaneElems; ++e) {
+    const int r = detail::tile_row(lane, e), c = detail::tile_col(lane, e);
+    f.x[e] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+  }
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t layout) {
+  const int lane = static_cast<int>(::simt::lane_id());
+  for (int e = 0; e < detail::kLaneElems; ++e) {
+    const int r = detail::tile_row(lane, e), c = detail::tile_col(lane, e);
+    (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[e];
+  }
+}
+
+template <typename Use, typename T, typename Layout>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, T v) {
+  for (auto& x : f.x) x = v;
+}
+
+template <typename T, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  const int lane = static_cast<int>(::simt::lane_id());
+  float* sa = detail::warp_scratch();
+  float* sb = sa + 256;
+  for (int e = 0; e < detail::kLaneElems; ++e) {
+    sa[lane * detail::kLaneElems + e] = detail::as_float(a.x[e]);
+    sb[lane * detail::kLaneElems + e] = detail::as_float(b.x[e]);
+  }
+  ::simt::warp_sync(0xffffffffu);  // every lane's A and B elements are published
+  float out[detail::kLaneElems];
+  for (int e = 0; e < detail::kLaneElems; ++e) {
+    const int r = detail::tile_row(lane, e), col = detail::tile_col(lane, e);
+    float acc = c.x[e];
+    for (int k = 0; k < 16; ++k) acc += sa[r * 16 + k] * sb[k * 16 + col];
+    out[e] = acc;
+  }
+  ::simt::warp_sync(0xffffffffu);  // every lane has read the buffer before the next mma_sync overwrites it
+  for (int e = 0; e < detail::kLaneElems; ++e) d.x[e] = out[e];
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

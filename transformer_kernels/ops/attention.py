@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from .. import backends, reference
+from .. import _ext, backends, reference
 from ._checks import KERNEL_DTYPES, autocast_dtype, cast_all, check_float_tensor, check_mask, describe
 
 OP = "attention"
@@ -25,7 +25,7 @@ def draw_seed() -> Tensor:
 
 def _torch_keep_mask(seed: Tensor, shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
     # The torch backend's dropout draws from its own generator seeded with the op's seed, so backward
-    # regenerates the same mask (the kernels use philox on the same seed; the bits differ, the contract not).
+    # regenerates the same mask (the kernels hash the same seed; the bits differ, the contract not).
     g = torch.Generator(device=device).manual_seed(int(seed.item()))
     return torch.rand(shape, generator=g, device=device) >= p
 
@@ -48,13 +48,20 @@ def _kernel_mask(attn_mask: Tensor | None, q: Tensor, lk: int) -> Tensor | None:
     return attn_mask.expand(*q.shape[:-1], lk)
 
 
+def _kernels(backend: str):
+    """The module holding `attention_forward`/`attention_backward` of a kernel backend (same signatures)."""
+    if backend == "cuda":
+        return _ext
+    from ..kernels import attention as triton_attention
+
+    return triton_attention
+
+
 @torch.library.custom_op("transformer_kernels::attention", mutates_args=())
 def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
                dropout_p: float, is_causal: bool, scale: float, causal_offset: int, seed: Tensor | None,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels import attention as triton_attention
-
-    return triton_attention.attention_forward(
+    return _kernels(backend).attention_forward(
         q, k, v, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale, is_causal, causal_offset,
         dropout_p, 0 if seed is None else int(seed.item()))
 
@@ -70,9 +77,7 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                         attn_mask: Tensor | None, key_padding_mask: Tensor | None, dropout_p: float, is_causal: bool,
                         scale: float, causal_offset: int, seed: Tensor | None, backend: str,
                         ) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels import attention as triton_attention
-
-    return triton_attention.attention_backward(
+    return _kernels(backend).attention_backward(
         grad, q, k, v, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
         is_causal, causal_offset, dropout_p, 0 if seed is None else int(seed.item()))
 
@@ -104,12 +109,16 @@ _attention.register_autograd(_backward, setup_context=_setup_context)
 
 def _why_not(q: Tensor, k: Tensor, v: Tensor):
     def why_not(backend: str) -> str | None:
-        from ..kernels.attention import MAX_HEAD_DIM
-
         if q.dtype not in KERNEL_DTYPES:
             return f"dtype {q.dtype} (supported: {KERNEL_DTYPES})"
-        if q.shape[-1] > MAX_HEAD_DIM[q.dtype]:
-            return f"head dim {q.shape[-1]} with {q.dtype} (supported: 1..{MAX_HEAD_DIM[q.dtype]})"
+        if backend == "cuda":
+            max_d = _ext.attention_max_head_dim(q.dtype, q.device)
+        else:
+            from ..kernels.attention import MAX_HEAD_DIM
+
+            max_d = MAX_HEAD_DIM[q.dtype]
+        if q.shape[-1] > max_d:
+            return f"head dim {q.shape[-1]} with {q.dtype} (supported: 1..{max_d})"
         if v.shape[-1] != q.shape[-1]:
             return f"value head dim {v.shape[-1]} differs from the query/key head dim {q.shape[-1]}"
         return None

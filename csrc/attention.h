@@ -1,0 +1,52 @@
+// Fused attention (flash-style, tensor cores through wmma): the argument block the bindings fill, the
+// instantiated head dims, and the launchers.
+#pragma once
+
+#include <cstdint>
+
+#include "types.h"
+
+namespace tk {
+
+// Head dims are padded up to one of these; a wider head raises (Python reads the list through the
+// bindings: attention_head_dims). fp32 runs its products on FMA units and stops at 64, as the Triton kernel.
+constexpr int kAttnHeadDims[] = {16, 32, 64, 128};
+constexpr int kAttnMaxHeadDimHalf = 128;
+constexpr int kAttnMaxHeadDimFloat = 64;
+constexpr int kAttnThreads = 128;
+
+// q [B, H, Lq, D], k/v [B, Hkv, Lk, D] through 4 strides each; mask viewed as [B, H, Lq, Lk] through its
+// strides (0 on broadcast dims) with a MaskKind (softmax.h); kpm [B, Lk] bool (True = padding). out, dout,
+// dq contiguous [B, H, Lq, D]; dk, dv contiguous [B, Hkv, Lk, D]; row_max, inv_l, delta fp32 [B, H, Lq].
+struct AttentionArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* mask;
+  const uint8_t* kpm;
+  void* out;
+  float* row_max;
+  float* inv_l;
+  const void* dout;
+  float* delta;
+  void* dq;
+  void* dk;
+  void* dv;
+  int64_t q_stride[4], k_stride[4], v_stride[4], do_stride[4], mask_stride[4], kpm_stride[2];
+  int64_t B, H, Hkv, Lq, Lk, D;
+  float scale;
+  int causal;
+  int64_t causal_offset;  // query i sees keys j <= i + causal_offset
+  float dropout_p;
+  uint64_t seed;
+  int dtype;
+  int mask_kind;
+};
+
+// Fills out, row_max (max score of the row, 0 when none is visible) and inv_l (1 / softmax sum, 0 when
+// none is visible).
+void attention_forward(const AttentionArgs& args, tk_stream_t stream);
+// Fills delta, dq, dk, dv from dout, out, row_max, inv_l.
+void attention_backward(const AttentionArgs& args, tk_stream_t stream);
+
+}  // namespace tk

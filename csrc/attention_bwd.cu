@@ -1,0 +1,207 @@
+// Attention backward, deterministic (no atomics): delta = rowsum(dO * O); dK/dV per key tile iterating
+// over the query tiles of every head of its GQA group in a fixed order; dQ per query tile in its own pass.
+// Probabilities are recomputed from the saved row max and 1/sum, dropout from the same counter-based draw.
+#include "attention_common.cuh"
+#include "launch.cuh"
+
+namespace tk {
+namespace {
+
+constexpr int kDeltaThreads = 128;
+
+template <typename T>
+__global__ void __launch_bounds__(kDeltaThreads) attention_delta_kernel(AttentionArgs a) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= a.B * a.H * a.Lq) return;  // whole warps leave together; no block barrier follows
+  const int64_t i = row % a.Lq, bh = row / a.Lq;
+  const T* o = static_cast<const T*>(a.out) + row * a.D;
+  const T* d_o = static_cast<const T*>(a.dout) + (bh / a.H) * a.do_stride[0] + (bh % a.H) * a.do_stride[1] + i * a.do_stride[2];
+  float acc = 0.0f;
+  for (int64_t d = lane; d < a.D; d += 32) acc += to_float(o[d]) * to_float(d_o[d * a.do_stride[3]]);
+  acc = warp_allreduce(acc, SumOp{});
+  if (lane == 0) a.delta[row] = acc;
+}
+
+template <typename T, int DP>
+struct BwdSmem {
+  static constexpr int BM = BwdTile<T, DP>::BM, BN = BwdTile<T, DP>::BN;
+  static constexpr int LDT = pitch<T>(DP), LDP = pitch<T>(BN), LDS = pitch<float>(BN), LDO = pitch<float>(DP);
+  // q, dO, k, v tiles; two fp32 accumulators (dK and dV, or dQ and unused); S and dP; P and dS in T.
+  static constexpr size_t q = 0, dout = q + sizeof(T) * BM * LDT, k = dout + sizeof(T) * BM * LDT,
+                          v = k + sizeof(T) * BN * LDT, acc0 = v + sizeof(T) * BN * LDT,
+                          acc1 = acc0 + sizeof(float) * BN * LDO, s = acc1 + sizeof(float) * BN * LDO,
+                          dp = s + sizeof(float) * BM * LDS, p = dp + sizeof(float) * BM * LDS,
+                          ds = p + sizeof(T) * BM * LDP, stats = ds + sizeof(T) * BM * LDP,
+                          bytes = stats + 3 * sizeof(float) * BM;
+  static_assert(BM == BN, "the dQ pass reuses the key-tile accumulator space for its query tile");
+  static_assert(bytes <= kMaxBlockSmem, "backward tile exceeds the shared memory of sm_86/sm_89");
+};
+
+template <typename T, int DP>
+struct BwdTiles {
+  using L = BwdSmem<T, DP>;
+  T *q, *dout, *k, *v, *p, *ds;
+  float *acc0, *acc1, *s, *dp, *m, *inv_l, *delta;
+  __device__ explicit BwdTiles(unsigned char* smem)
+      : q(reinterpret_cast<T*>(smem + L::q)), dout(reinterpret_cast<T*>(smem + L::dout)),
+        k(reinterpret_cast<T*>(smem + L::k)), v(reinterpret_cast<T*>(smem + L::v)),
+        p(reinterpret_cast<T*>(smem + L::p)), ds(reinterpret_cast<T*>(smem + L::ds)),
+        acc0(reinterpret_cast<float*>(smem + L::acc0)), acc1(reinterpret_cast<float*>(smem + L::acc1)),
+        s(reinterpret_cast<float*>(smem + L::s)), dp(reinterpret_cast<float*>(smem + L::dp)),
+        m(reinterpret_cast<float*>(smem + L::stats)), inv_l(m + L::BM), delta(inv_l + L::BM) {}
+};
+
+// Loads the query-side tiles (q, dO) and row statistics of head h, rows [m0, m0 + BM).
+template <typename T, int DP>
+__device__ __forceinline__ void load_query_side(const AttentionArgs& a, BwdTiles<T, DP>& t, int64_t b, int64_t h, int64_t m0) {
+  using L = BwdSmem<T, DP>;
+  load_tile<T, L::BM, DP, false>(t.q, L::LDT, static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + m0 * a.q_stride[2],
+                                 a.q_stride, a.Lq - m0, a, b, 0);
+  load_tile<T, L::BM, DP, false>(t.dout, L::LDT,
+                                 static_cast<const T*>(a.dout) + b * a.do_stride[0] + h * a.do_stride[1] + m0 * a.do_stride[2],
+                                 a.do_stride, a.Lq - m0, a, b, 0);
+  const int64_t row0 = (b * a.H + h) * a.Lq + m0;
+  for (int r = threadIdx.x; r < L::BM; r += blockDim.x) {
+    const bool ok = m0 + r < a.Lq;
+    t.m[r] = ok ? a.row_max[row0 + r] : 0.0f;
+    t.inv_l[r] = ok ? a.inv_l[row0 + r] : 0.0f;
+    t.delta[r] = ok ? a.delta[row0 + r] : 0.0f;
+  }
+}
+
+// S = Q K^T and dP = dO V^T of the tiles in shared memory, then, elementwise, the dropped probabilities
+// P (for dV) and dS = P * (dP - delta) (for dK and dQ). Masked scores are left as -inf in s.
+template <typename T, int DP>
+__device__ __forceinline__ void probabilities_and_score_grads(const AttentionArgs& a, BwdTiles<T, DP>& t, int64_t b,
+                                                              int64_t h, int64_t m0, int64_t n0) {
+  using L = BwdSmem<T, DP>;
+  constexpr int BM = L::BM, BN = L::BN;
+  block_gemm<T, BM, BN, DP, false, true>(t.q, L::LDT, t.k, L::LDT, t.s, L::LDS, false);
+  block_gemm<T, BM, BN, DP, false, true>(t.dout, L::LDT, t.v, L::LDT, t.dp, L::LDS, false);
+  __syncthreads();  // S and dP complete
+  const bool dropout = a.dropout_p > 0.0f;
+  const uint32_t threshold = dropout_threshold(a.dropout_p);
+  const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+  const int64_t row0 = (b * a.H + h) * a.Lq + m0;
+  for (int e = threadIdx.x; e < BM * BN; e += blockDim.x) {
+    const int r = e / BN, c = e % BN;
+    const float s = masked_score<T>(a, b, h, m0 + r, n0 + c, t.s[r * L::LDS + c]);
+    t.s[r * L::LDS + c] = s;
+    float p = 0.0f, ds = 0.0f;
+    // Hidden scores give exact zeros (never 0 * NaN from a masked NaN value).
+    if (s != -INFINITY) {
+      p = expf(s - t.m[r]) * t.inv_l[r];
+      float dp = t.dp[r * L::LDS + c];
+      float kept = keep_scale;
+      if (dropout && !dropout_keep(dropout_row_hash(a.seed, row0 + r), n0 + c, threshold)) kept = 0.0f;
+      ds = p * (dp * kept - t.delta[r]);
+      p *= kept;
+    }
+    t.p[r * L::LDP + c] = from_float<T>(p);
+    t.ds[r * L::LDP + c] = from_float<T>(ds);
+  }
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kAttnThreads) attention_dkdv_kernel(AttentionArgs a) {
+  using L = BwdSmem<T, DP>;
+  constexpr int BM = L::BM, BN = L::BN;
+  TK_EXTERN_SHARED(unsigned char, smem);
+  BwdTiles<T, DP> t(smem);
+  const int64_t n_nt = (a.Lk + BN - 1) / BN;
+  const int64_t bhk = blockIdx.x / n_nt, n0 = (blockIdx.x % n_nt) * BN;
+  const int64_t b = bhk / a.Hkv, hk = bhk % a.Hkv, group = a.H / a.Hkv;
+
+  load_tile<T, BN, DP, true>(t.k, L::LDT, static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1] + n0 * a.k_stride[2],
+                             a.k_stride, a.Lk - n0, a, b, n0);
+  load_tile<T, BN, DP, true>(t.v, L::LDT, static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1] + n0 * a.v_stride[2],
+                             a.v_stride, a.Lk - n0, a, b, n0);
+  for (int e = threadIdx.x; e < BN * L::LDO; e += blockDim.x) t.acc0[e] = 0.0f, t.acc1[e] = 0.0f;
+  // Causal: the first query that sees key n0 is n0 - causal_offset; earlier query tiles are skipped.
+  int64_t m_lo = 0;
+  if (a.causal) m_lo = n0 - a.causal_offset > 0 ? (n0 - a.causal_offset) / BM * BM : 0;
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = hk * group + g;
+    for (int64_t m0 = m_lo; m0 < a.Lq; m0 += BM) {
+      __syncthreads();  // the previous products are done with the query-side tiles, P and dS
+      load_query_side<T, DP>(a, t, b, h, m0);
+      __syncthreads();  // q, dO and the row statistics complete
+      probabilities_and_score_grads<T, DP>(a, t, b, h, m0, n0);
+      __syncthreads();  // P and dS complete
+      block_gemm<T, BN, DP, BM, true, false>(t.p, L::LDP, t.dout, L::LDT, t.acc1, L::LDO, true);  // dV += P^T dO
+      block_gemm<T, BN, DP, BM, true, false>(t.ds, L::LDP, t.q, L::LDT, t.acc0, L::LDO, true);    // dK += dS^T Q
+    }
+  }
+  __syncthreads();  // accumulators final
+  T* dk = static_cast<T*>(a.dk) + (bhk * a.Lk + n0) * a.D;
+  T* dv = static_cast<T*>(a.dv) + (bhk * a.Lk + n0) * a.D;
+  for (int e = threadIdx.x; e < BN * DP; e += blockDim.x) {
+    const int r = e / DP, d = e % DP;
+    if (n0 + r >= a.Lk || d >= a.D) continue;
+    dk[r * a.D + d] = from_float<T>(t.acc0[r * L::LDO + d] * a.scale);
+    dv[r * a.D + d] = from_float<T>(t.acc1[r * L::LDO + d]);
+  }
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kAttnThreads) attention_dq_kernel(AttentionArgs a) {
+  using L = BwdSmem<T, DP>;
+  constexpr int BM = L::BM, BN = L::BN;
+  TK_EXTERN_SHARED(unsigned char, smem);
+  BwdTiles<T, DP> t(smem);
+  const int64_t n_mt = (a.Lq + BM - 1) / BM;
+  const int64_t bh = blockIdx.x / n_mt, m0 = (blockIdx.x % n_mt) * BM;
+  const int64_t b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.Hkv);
+  load_query_side<T, DP>(a, t, b, h, m0);
+  for (int e = threadIdx.x; e < BM * L::LDO; e += blockDim.x) t.acc0[e] = 0.0f;
+  const T* k_base = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1];
+  const T* v_base = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
+  const int64_t hi = key_end(a, m0, BM);
+  for (int64_t n0 = 0; n0 < hi; n0 += BN) {
+    __syncthreads();  // the previous dQ product is done with k and dS (first pass: query side loaded)
+    load_tile<T, BN, DP, true>(t.k, L::LDT, k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0);
+    load_tile<T, BN, DP, true>(t.v, L::LDT, v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0);
+    __syncthreads();  // K and V tiles complete
+    probabilities_and_score_grads<T, DP>(a, t, b, h, m0, n0);
+    __syncthreads();  // dS and the masked scores complete
+    if (a.mask_kind != kNoMask) {
+      zero_unseen_keys<T, BM, BN, DP>(t.s, L::LDS, t.k, L::LDT);
+      __syncthreads();  // K rows of unseen keys zeroed
+    }
+    block_gemm<T, BM, DP, BN, false, false>(t.ds, L::LDP, t.k, L::LDT, t.acc0, L::LDO, true);  // dQ += dS K
+  }
+  __syncthreads();  // accumulator final
+  T* dq = static_cast<T*>(a.dq) + (bh * a.Lq + m0) * a.D;
+  for (int e = threadIdx.x; e < BM * DP; e += blockDim.x) {
+    const int r = e / DP, d = e % DP;
+    if (m0 + r >= a.Lq || d >= a.D) continue;
+    dq[r * a.D + d] = from_float<T>(t.acc0[r * L::LDO + d] * a.scale);
+  }
+}
+
+}  // namespace
+
+void attention_backward(const AttentionArgs& a, tk_stream_t stream) {
+  if (a.B * a.H * a.D == 0 || a.Lq == 0 || a.Lk == 0) return;  // the caller's zero-filled gradients stand
+  dispatch_dtype(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t rows = a.B * a.H * a.Lq;
+    const int64_t warps = kDeltaThreads / 32;
+    launch(attention_delta_kernel<T>, dim3(static_cast<unsigned>((rows + warps - 1) / warps)), dim3(kDeltaThreads), 0,
+           stream, a);
+    dispatch_head_dim<T>(a.D, [&](auto dp) {
+      using L = BwdSmem<T, decltype(dp)::value>;
+      const int64_t key_blocks = a.B * a.Hkv * ((a.Lk + L::BN - 1) / L::BN);
+      const int64_t query_blocks = a.B * a.H * ((a.Lq + L::BM - 1) / L::BM);
+      if (key_blocks > 0x7fffffffLL || query_blocks > 0x7fffffffLL)
+        throw std::invalid_argument("attention: more than 2^31-1 tiles");
+      launch(attention_dkdv_kernel<T, decltype(dp)::value>, dim3(static_cast<unsigned>(key_blocks)), dim3(kAttnThreads),
+             L::bytes, stream, a);
+      launch(attention_dq_kernel<T, decltype(dp)::value>, dim3(static_cast<unsigned>(query_blocks)), dim3(kAttnThreads),
+             L::bytes, stream, a);
+    });
+  });
+}
+
+}  // namespace tk
