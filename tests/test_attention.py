@@ -7,11 +7,12 @@ import torch
 from transformer_kernels.kernels import attention as triton_attention
 
 import transformer_kernels as tk
-from transformer_kernels import backends, reference
+from transformer_kernels import _ext, backends, reference
 from transformer_kernels.ops.attention import draw_seed
 from transformer_kernels.testing import compare
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "cuda", "torch"]
+KERNEL_BACKENDS = ["triton", "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -77,37 +78,49 @@ def test_low_precision(backend, dtype, kind, device):
     check_against_reference(backend, q, k, v, enable_gqa=True, **masks_for(kind, 2, 4, 33, 50))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("length", [1, 2, 3, 15, 17, 31, 97, 113, 127, 129, 257])
-def test_odd_lengths(length, device):
+def test_odd_lengths(backend, length, device):
     q, k, v = make_qkv(1, 2, 1, length, length, 16, device=device, seed=length)
-    check_against_reference("triton", q, k, v, enable_gqa=True, is_causal=True,
+    check_against_reference(backend, q, k, v, enable_gqa=True, is_causal=True,
                             attn_mask=torch.rand(length, length, device=device) > 0.1)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("length", [1023, 1025])
-def test_tile_edge_lengths_long(length, device):
+def test_tile_edge_lengths_long(backend, length, device):
     q, k, v = make_qkv(1, 1, 1, length, length, 16, device=device, seed=length)
-    check_against_reference("triton", q, k, v, is_causal=True)
+    check_against_reference(backend, q, k, v, is_causal=True)
 
 
+def max_head_dim(backend, dtype, device):
+    if backend == "cuda":
+        return _ext.attention_max_head_dim(dtype, torch.device(device))
+    return triton_attention.MAX_HEAD_DIM[dtype]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("d", [16, 32, 40, 48, 59, 64, 72, 80, 96, 111, 128, 160, 256])
-def test_head_dims(d, device):
-    # fp16 runs every head dim up to 256; fp32 (tf32x3 dots, twice the registers) up to 64, and a clear error above.
-    dtypes = [torch.float16] + ([torch.float32] if d <= triton_attention.MAX_HEAD_DIM[torch.float32] else [])
-    for dtype in dtypes:
-        q, k, v = make_qkv(1, 2, 2, 19, 23, d, dtype, device, seed=d)
-        check_against_reference("triton", q, k, v, key_padding_mask=torch.arange(23, device=device).expand(1, 23) > 20)
-    if d > triton_attention.MAX_HEAD_DIM[torch.float32]:
-        q, k, v = make_qkv(1, 2, 2, 3, 3, d, device=device)
-        with pytest.raises(NotImplementedError, match=f"head dim {d} with torch.float32"), tk.use_backend("triton"):
-            tk.ops.attention(q, k, v)
+def test_head_dims(backend, d, device):
+    # Triton runs fp16 up to 256, the CUDA kernels up to 128; fp32 (tf32x3 dots in Triton, FMA loops in CUDA)
+    # up to 64 on both. Above its limit a forced backend raises a clear error.
+    for dtype in (torch.float16, torch.float32):
+        if d <= max_head_dim(backend, dtype, device):
+            q, k, v = make_qkv(1, 2, 2, 19, 23, d, dtype, device, seed=d)
+            check_against_reference(backend, q, k, v,
+                                    key_padding_mask=torch.arange(23, device=device).expand(1, 23) > 20)
+        else:
+            q, k, v = make_qkv(1, 2, 2, 3, 3, d, dtype, device)
+            with pytest.raises(NotImplementedError, match=f"head dim {d} with {dtype}"), tk.use_backend(backend):
+                tk.ops.attention(q, k, v)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("lq,lk", [(1, 239), (239, 1), (3, 799), (799, 3), (16, 1024), (1024, 16)])
 @pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
-def test_cross_attention_pairs(lq, lk, alignment, device):
+def test_cross_attention_pairs(backend, lq, lk, alignment, device):
     q, k, v = make_qkv(1, 1, 1, lq, lk, 16, device=device, seed=lq + lk)
-    check_against_reference("triton", q, k, v, is_causal=True, causal_alignment=alignment)
+    check_against_reference(backend, q, k, v, is_causal=True, causal_alignment=alignment)
 
 
 def test_causal_matches_explicit_mask_and_bottom_right_single_query_sees_all(device):
@@ -308,7 +321,8 @@ def test_batch_times_heads_beyond_grid_limit():
     # B·H = 65540 > 65535 (CUDA's grid y/z limit): the kernels fold B·H into grid x. Needs a GPU: the
     # interpreter would run 65540 programs one by one.
     q, k, v = make_qkv(2, 32770, 32770, 3, 5, 16, torch.float16, "cuda")
-    check_against_reference("triton", q, k, v, is_causal=True)
+    for backend in KERNEL_BACKENDS:
+        check_against_reference(backend, q, k, v, is_causal=True)
 
 
 def keep_mask_of_next_call(seed_state: int, shape, p, device):
@@ -318,7 +332,8 @@ def keep_mask_of_next_call(seed_state: int, shape, p, device):
     return triton_attention.dropout_keep_mask(seed, shape, p, device)
 
 
-def test_dropout_matches_reference_with_the_kernels_mask(device):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_dropout_matches_reference_with_the_kernels_mask(backend, device):
     b, h, lq, lk, d, p = 2, 2, 23, 29, 16, 0.3
     q, k, v = make_qkv(b, h, h, lq, lk, d, device=device)
     keep = keep_mask_of_next_call(7, (b, h, lq, lk), p, device)
@@ -326,7 +341,7 @@ def test_dropout_matches_reference_with_the_kernels_mask(device):
 
     def ours(q, k, v):
         torch.manual_seed(7)
-        with tk.use_backend("triton"):
+        with tk.use_backend(backend):
             return tk.ops.attention(q, k, v, dropout_p=p, **kw)
 
     def ref(q, k, v):
@@ -386,8 +401,8 @@ def test_partial_requires_grad_retain_graph_and_no_grad(backend, device):
             assert not tk.ops.attention(q, k, v).requires_grad
 
 
-def test_opcheck(device):
-    backend = "triton"
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend, device):
     q, k, v = make_qkv(1, 2, 1, 5, 7, 16, device=device)
     mask = torch.rand(5, 7, device=device) > 0.2
     kpm = torch.zeros(1, 7, dtype=torch.bool, device=device)
@@ -438,8 +453,14 @@ def test_bad_inputs_raise_before_launch(device):
 
 def test_unsupported_inputs_on_a_forced_backend_and_auto_fallback():
     q, k, v = make_qkv(1, 1, 1, 3, 3, 300)
-    with pytest.raises(NotImplementedError, match=r"triton.*head dim 300"), tk.use_backend("triton"):
-        tk.ops.attention(q, k, v)
+    for backend in KERNEL_BACKENDS:
+        with pytest.raises(NotImplementedError, match=rf"{backend}.*head dim 300"), tk.use_backend(backend):
+            tk.ops.attention(q, k, v)
+    # The CUDA kernels stop at a narrower head than Triton's 256 (csrc/attention.h): 160 runs on Triton only.
+    wide = make_qkv(1, 1, 1, 3, 3, 160, torch.float16)
+    with pytest.raises(NotImplementedError, match=r"cuda.*head dim 160 with torch.float16 \(supported: 1\.\.128\)"), \
+            tk.use_backend("cuda"):
+        tk.ops.attention(*wide)
     with tk.use_backend("torch"):
         check_against_reference("torch", q, k, v)
     # auto on a CUDA tensor skips a backend that cannot take the inputs (resolved without running anything)
@@ -456,11 +477,13 @@ def test_unsupported_inputs_on_a_forced_backend_and_auto_fallback():
 @pytest.mark.parametrize("causal", [False, True])
 def test_large_shapes_on_gpu(dtype, causal):
     q, k, v = make_qkv(2, 8, 8, 2048, 2048, 128, dtype, "cuda")
-    check_against_reference("triton", q, k, v, is_causal=causal)
+    for backend in KERNEL_BACKENDS:
+        check_against_reference(backend, q, k, v, is_causal=causal)
 
 
-def test_a_backend_without_the_op_is_a_clear_error(device):
-    # EDGE_CASES 21: the CUDA C++ backend has no attention kernel (yet): forcing it names the backend and the op.
+def test_a_backend_without_the_op_is_a_clear_error(device, monkeypatch):
+    # EDGE_CASES 21: forcing a backend that lacks the op names the backend and the op.
+    monkeypatch.setitem(backends.GPU_PREFERENCE, "attention", ("triton", "torch"))
     q, k, v = make_qkv(1, 1, 1, 3, 3, 16, device=device)
     with pytest.raises(NotImplementedError, match="backend 'cuda' does not implement attention"), tk.use_backend("cuda"):
         tk.ops.attention(q, k, v)
