@@ -7,7 +7,7 @@ from transformer_kernels.kernels import norm as triton_norm
 from transformer_kernels.kernels import softmax as triton_softmax
 from transformer_kernels.kernels.config import TRITON_DTYPE_NAMES
 
-from transformer_kernels import resources, toolchain
+from transformer_kernels import _ext, resources, toolchain
 
 SAMPLE_USAGE = """
 Resource usage:
@@ -54,18 +54,40 @@ def test_launcher_only_picks_enumerated_configs():
         assert triton_softmax.pick_config(n) in configs
 
 
-@pytest.mark.skipif(toolchain.nvcc() is None, reason="needs nvcc")
-def test_every_cuda_softmax_instantiation_compiles_without_spills():
-    rows = resources.cuda_report(["softmax.cu"])
+@pytest.fixture(scope="module")
+def cuda_rows():
+    if toolchain.nvcc() is None:
+        pytest.skip("needs nvcc")
+    return resources.cuda_report()
+
+
+def test_every_cuda_instantiation_compiles_without_spills(cuda_rows):
     archs = {int(a) for a in toolchain.cuda_archs()}
-    assert {r.arch for r in rows} == archs
-    names = {(r.kernel, r.variant) for r in rows}
+    assert {r.arch for r in cuda_rows} == archs
+    assert {f for f in resources.CUDA_KERNEL_FILES} == {p.name for p in toolchain.csrc_dir().glob("*.cu")}
+    for r in cuda_rows:
+        assert r.stack_bytes == 0, f"{r.kernel}<{r.variant}> sm_{r.arch} spills {r.stack_bytes} bytes"
+        assert r.shared_bytes <= resources.MAX_SHARED[r.arch]
+
+
+def test_cuda_softmax_instantiations(cuda_rows):
+    names = {(r.kernel, r.variant) for r in cuda_rows}
     # 4 mask kinds x 3 dtypes for each forward kernel, 3 dtypes for each backward kernel
     assert len([n for n in names if n[0].startswith("softmax_fwd")]) == 2 * 4 * 3
     assert len([n for n in names if n[0].startswith("softmax_bwd")]) == 2 * 3
-    for r in rows:
-        assert r.stack_bytes == 0, f"{r.kernel}<{r.variant}> sm_{r.arch} spills {r.stack_bytes} bytes"
-        assert r.shared_bytes <= resources.MAX_SHARED[r.arch]
+
+
+def test_cuda_attention_instantiations_use_tensor_cores(cuda_rows):
+    # Every head dim the bindings report, for fp16 and bf16 (on tensor cores) and fp32 up to its limit (FMA).
+    c = _ext.load("_C_host")
+    expected = {(t, d) for t in ("__half", "__nv_bfloat16") for d in c.attention_head_dims
+                if d <= c.attention_max_head_dim["half"]}
+    expected |= {("float", d) for d in c.attention_head_dims if d <= c.attention_max_head_dim["float"]}
+    for kernel in ("attention_fwd_kernel", "attention_dkdv_kernel", "attention_dq_kernel"):
+        rows = [r for r in cuda_rows if r.kernel == kernel]
+        assert {tuple(r.variant.split(", ")) for r in rows} == {(t, str(d)) for t, d in expected}
+        for r in rows:
+            assert (r.tensor_core_instrs > 0) == (not r.variant.startswith("float")), (kernel, r.variant, r.arch)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pybind11
 import pytest
 import torch
 
+import transformer_kernels as tk
 from transformer_kernels import _ext, reference, toolchain
 
 C = _ext.load("_C_host")
@@ -88,11 +89,34 @@ def test_cuda_build_without_a_device_raises_cleanly():
 
 # ---- mutation: a copy of a kernel source with one barrier removed must fail the comparison ----
 
-# (file, which __syncthreads() occurrence, the algo whose kernel uses it, forward or backward)
-MUTANTS = [("softmax.cu", 0, "block", "forward"), ("common.cuh", 0, "block", "backward")]
+PY_INCLUDES = [sysconfig.get_paths()["include"], pybind11.get_include()]
+HOST_SOURCES = ["bindings.cpp", *sorted(p.name for p in toolchain.csrc_dir().glob("*.cu")), "host/selftest.cu"]
 
 
-def build_mutant(tmp_path, file, occurrence, tag):
+def compile_host(src_dir, source, out):
+    lang = ["-x", "c++"] if source.endswith(".cu") else []
+    cmd = ["c++", *lang, "-std=c++17", "-O1", "-fPIC", "-DTK_HOST_SIM", "-DTK_MODULE_NAME=" + out.stem.split(".")[0],
+           f"-I{src_dir}", f"-I{toolchain.cuda_home() / 'include'}", *(f"-I{p}" for p in PY_INCLUDES),
+           "-c", str(src_dir / source), "-o", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_all(procs):
+    for p in procs:
+        out, _ = p.communicate()
+        assert p.returncode == 0, out.decode()
+
+
+@pytest.fixture(scope="module")
+def pristine_objects(tmp_path_factory):
+    """Every source of the simulator build compiled once; a mutant recompiles only what its change touches. The
+    module name is baked into bindings.cpp only, which every mutant recompiles."""
+    out = tmp_path_factory.mktemp("objects")
+    wait_all([compile_host(toolchain.csrc_dir(), s, out / (s.replace("/", "_") + ".o")) for s in HOST_SOURCES[1:]])
+    return out
+
+
+def build_mutant(tmp_path, objects, file, occurrence, tag):
     src = tmp_path / "csrc"
     shutil.copytree(toolchain.csrc_dir(), src)
     text = (src / file).read_text()
@@ -102,12 +126,14 @@ def build_mutant(tmp_path, file, occurrence, tag):
         "__syncthreads();".join(parts[occurrence + 1:])
     (src / file).write_text(mutated)
     name = f"_tk_mutant_{tag}"
+    # A mutated header reaches every kernel file; a mutated .cu only itself.
+    rebuilt = [s for s in HOST_SOURCES if s == "bindings.cpp" or s == file or not file.endswith(".cu")]
+    objs = {s: (objects / (s.replace("/", "_") + ".o")) for s in HOST_SOURCES}
+    for s in rebuilt:
+        objs[s] = tmp_path / f"{name}.{s.replace('/', '_')}.o"
+    wait_all([compile_host(src, s, objs[s]) for s in rebuilt])
     out = tmp_path / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
-    cmd = ["c++", "-x", "c++", "-std=c++17", "-O1", "-shared", "-fPIC", "-DTK_HOST_SIM", f"-DTK_MODULE_NAME={name}",
-           f"-I{src}", f"-I{toolchain.cuda_home() / 'include'}", f"-I{sysconfig.get_paths()['include']}",
-           f"-I{pybind11.get_include()}", str(src / "bindings.cpp"), str(src / "softmax.cu"),
-           str(src / "host" / "selftest.cu"), "-o", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(["c++", "-shared", *map(str, objs.values()), "-o", str(out)], check=True, capture_output=True)
     spec = importlib.util.spec_from_file_location(name, out)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -132,12 +158,51 @@ def softmax_error(module, direction):
     return (dx - exp).abs().max().nan_to_num(float("inf")).item()
 
 
-@pytest.mark.parametrize("file,occurrence,algo,direction", MUTANTS)
-def test_removing_a_barrier_is_caught(tmp_path, file, occurrence, algo, direction):
-    assert softmax_error(C, direction) < 1e-5  # the real build passes the same check
-    mutant = build_mutant(tmp_path, file, occurrence, f"{file.split('.')[0]}_{occurrence}")
+def attention_error(module, direction, monkeypatch):
+    """Max error of the module's attention (forward, or one gradient) against the fp32 reference."""
+    monkeypatch.setattr(_ext, "module_for", lambda device: module)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 32, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    mask = torch.rand(40, 40) > 0.2
+    with tk.use_backend("cuda"):
+        out = tk.ops.attention(q, k, v, attn_mask=mask, is_causal=True)
+    ref = reference.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), mask, is_causal=True)
+    if direction == "forward":
+        return (out.float() - ref).abs().max().nan_to_num(float("inf")).item()
+    g = torch.randn_like(ref)
+    ours = torch.autograd.grad(out, (q, k, v), g.half())
+    theirs = torch.autograd.grad(ref, (q, k, v), g)
+    grad = {"dq": 0, "dk": 1, "dv": 2}[direction]
+    return (ours[grad].float() - theirs[grad]).abs().max().nan_to_num(float("inf")).item()
+
+
+# (file, which __syncthreads() occurrence, what to compare): for every kernel with shared memory, a barrier whose
+# loss lets a warp read a tile other warps have not finished writing.
+MUTANTS = [
+    ("softmax.cu", 0, "softmax", "forward"),        # softmax_fwd_block: warp partials visible
+    ("common.cuh", 0, "softmax", "backward"),       # block_allreduce (softmax_bwd_block): warp partials visible
+    ("attention_fwd.cu", 4, "attention", "forward"),  # probabilities and rescaled accumulators complete
+    ("attention_bwd.cu", 3, "attention", "dv"),     # dkdv: P and dS complete before dV += P^T dO, dK += dS^T Q
+    ("attention_bwd.cu", 6, "attention", "dq"),     # dq: K and V tiles complete before S and dP
+]
+
+
+# (error of the real build stays below, error of some mutant run exceeds): fp32 softmax, fp16 attention.
+BOUNDS = {"softmax": (1e-5, 1e-3), "attention": (2e-2, 0.1)}
+
+
+@pytest.mark.parametrize("file,occurrence,op,direction", MUTANTS)
+def test_removing_a_barrier_is_caught(tmp_path, pristine_objects, monkeypatch, file, occurrence, op, direction):
+    def error(module):
+        if op == "softmax":
+            return softmax_error(module, direction)
+        return attention_error(module, direction, monkeypatch)
+
+    ok, caught = BOUNDS[op]
+    assert error(C) < ok  # the real build passes the same check
+    mutant = build_mutant(tmp_path, pristine_objects, file, occurrence, f"{file.split('.')[0]}_{occurrence}")
     errors = []
     for seed in range(4):
         mutant.simt_seed(seed)
-        errors.append(softmax_error(mutant, direction))
-    assert max(errors) > 1e-3, f"removing barrier #{occurrence} of {file} went unnoticed: errors {errors}"
+        errors.append(error(mutant))
+    assert max(errors) > caught, f"removing barrier #{occurrence} of {file} went unnoticed: errors {errors}"

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from . import toolchain
 
 TRITON_ARCHS = (80, 90)
 TRITON_KERNEL_MODULES = ("softmax", "attention", "norm", "linear")  # kernels/<name>.py files that define aot_variants()
-CUDA_KERNEL_FILES = ("softmax.cu",)
+CUDA_KERNEL_FILES = ("softmax.cu", "attention_fwd.cu", "attention_bwd.cu")
 # Opcodes that run on tensor cores: HMMA (sm_80+ mma.sync), HGMMA (sm_90 wgmma), IMMA (int8).
 TENSOR_CORE_OPCODES = re.compile(r"\b(HMMA|HGMMA|IMMA|IGMMA)\.")
 CACHE_DIR = Path(os.environ.get("TK_CACHE_DIR", Path.home() / ".cache" / "transformer_kernels"))
@@ -200,28 +201,35 @@ def _short_kernel_name(demangled: str) -> tuple[str, str]:
     return (m.group(1), "") if m else (demangled, "")
 
 
-def cuda_report(files: Iterable[str] = CUDA_KERNEL_FILES, archs: Iterable[str] | None = None) -> list[Resources]:
-    """nvcc-compiles each kernel file to a cubin per arch and reads every instantiated kernel."""
+def _cuda_file_report(nvcc: Path, csrc: Path, f: str, arch: str, tmp: str) -> list[Resources]:
+    cubin = Path(tmp) / f"{f}.sm_{arch}.cubin"
+    cmd = [nvcc, *toolchain.NVCC_FLAGS, f"-arch=sm_{arch}", "-cubin", f"-I{csrc}", str(csrc / f), "-o", cubin]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvcc failed on {f} for sm_{arch}:\n{proc.stderr[-4000:]}")
+    usage, tc = _cuobjdump(cubin)
+    names = _demangle(list(usage))
+    rows = []
+    for mangled, u in sorted(usage.items(), key=lambda kv: names[kv[0]]):
+        kernel, variant = _short_kernel_name(names[mangled])
+        # SHARED is the static shared memory; the attention kernels' dynamic tiles are bounded at compile time
+        # (static_assert in csrc/attention_*.cu).
+        rows.append(Resources("cuda", kernel, variant, int(arch), 0, u["REG"], max(u["STACK"], u["LOCAL"]),
+                              u["SHARED"], tc.get(mangled, 0)))
+    return rows
+
+
+def cuda_report(files: Iterable[str] = CUDA_KERNEL_FILES, archs: Iterable[str] | None = None,
+                jobs: int = os.cpu_count() or 1) -> list[Resources]:
+    """nvcc-compiles each kernel file to a cubin per arch (in parallel) and reads every instantiated kernel."""
     nvcc = toolchain.nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found: set CUDA_HOME to a CUDA toolkit")
     csrc = toolchain.csrc_dir()
-    rows: list[Resources] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for f in files:
-            for arch in archs or toolchain.cuda_archs():
-                cubin = Path(tmp) / f"{f}.sm_{arch}.cubin"
-                cmd = [nvcc, *toolchain.NVCC_FLAGS, f"-arch=sm_{arch}", "-cubin", f"-I{csrc}", str(csrc / f), "-o", cubin]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"nvcc failed on {f} for sm_{arch}:\n{proc.stderr[-4000:]}")
-                usage, tc = _cuobjdump(cubin)
-                names = _demangle(list(usage))
-                for mangled, u in sorted(usage.items(), key=lambda kv: names[kv[0]]):
-                    kernel, variant = _short_kernel_name(names[mangled])
-                    rows.append(Resources("cuda", kernel, variant, int(arch), 0, u["REG"], max(u["STACK"], u["LOCAL"]),
-                                          u["SHARED"], tc.get(mangled, 0)))
-    return rows
+    jobs_list = [(f, arch) for f in files for arch in (archs or toolchain.cuda_archs())]
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(jobs, 1)) as pool:
+        parts = pool.map(lambda fa: _cuda_file_report(nvcc, csrc, fa[0], fa[1], tmp), jobs_list)
+        return [r for part in parts for r in part]
 
 
 def format_table(rows: list[Resources]) -> str:

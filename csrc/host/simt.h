@@ -87,6 +87,10 @@ struct Runtime {
   size_t stack_bytes = 0;
   size_t stacks_len = 0;
   std::mt19937_64 rng{0x5eed};
+  // Per block, at random: release warps uniformly, or keep running the last released warp while it can (it then
+  // runs up to its next __syncthreads() before any other warp moves: the largest skew between warps).
+  bool sticky = false;
+  unsigned last_warp = ~0u;
 };
 
 inline Runtime& rt() {
@@ -214,8 +218,10 @@ inline void run_block() {
       }
     }
     if (done == r.n_threads) return;
-    // Release every warp whose collective has all its lanes waiting with the same mask.
-    bool released = false;
+    // Release one warp among those whose collective has all its lanes waiting with the same mask. Releasing all of
+    // them at once would advance warps with the same sequence of collectives in lockstep and hide a missing
+    // __syncthreads() between them; one at a time (see Runtime::sticky) lets a warp run ahead of the others.
+    std::vector<unsigned>& ready = order;  // empty here: reused as the list of releasable warps
     unsigned n_warps = (r.n_threads + 31) / 32;
     for (unsigned w = 0; w < n_warps; ++w) {
       unsigned waiting = 0, mask = 0;
@@ -227,13 +233,16 @@ inline void run_block() {
         waiting |= 1u << l;
         mask = f.warp_mask;
       }
-      if (waiting && agree && waiting == mask) {
-        for (unsigned l = 0; l < 32; ++l)
-          if (waiting & (1u << l)) r.fibers[w * 32 + l].state = State::Runnable;
-        released = true;
-      }
+      if (waiting && agree && waiting == mask) ready.push_back(w);
     }
-    if (released) continue;
+    if (!ready.empty()) {
+      unsigned w = ready[std::uniform_int_distribution<size_t>(0, ready.size() - 1)(r.rng)];
+      if (r.sticky && std::find(ready.begin(), ready.end(), r.last_warp) != ready.end()) w = r.last_warp;
+      r.last_warp = w;
+      for (unsigned l = 0; l < 32 && w * 32 + l < r.n_threads; ++l)
+        if (r.fibers[w * 32 + l].state == State::AtWarpSync) r.fibers[w * 32 + l].state = State::Runnable;
+      continue;
+    }
     if (at_bar + done == r.n_threads && at_bar > 0) {
       if (done > 0)
         fail("barrier divergence in " + block_name() + ": " + std::to_string(at_bar) +
@@ -295,6 +304,8 @@ inline void launch(dim3 grid, dim3 block, size_t dyn_smem_bytes, const std::func
     for (unsigned long long b : blocks) {
       r.block_idx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
                           static_cast<unsigned>(b / (1ull * grid.x * grid.y))};
+      r.sticky = r.rng() & 1;
+      r.last_warp = ~0u;
       poison_static_shared();
       std::memset(r.dyn_smem.data(), 0xff, r.dyn_smem.size());
       for (unsigned i = 0; i < r.n_threads; ++i) {
