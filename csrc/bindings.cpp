@@ -9,6 +9,8 @@
 #include <cstdint>
 
 #include "attention.h"
+#include "epilogue.h"
+#include "norm.h"
 #include "softmax.h"
 
 #ifdef TK_HOST_SIM
@@ -58,6 +60,61 @@ void softmax_backward(uintptr_t y, uintptr_t dy, uintptr_t dx, int64_t rows, int
   for (int i = 0; i < 4; ++i) a.dy_stride[i] = dy_stride[i];
   a.scale = scale, a.dtype = dtype;
   tk::softmax_backward(a, algo, as_stream(stream));
+}
+
+// Argument blocks of the newer kernels come as dicts: reading fields by name keeps the Python and C++ sides
+// from silently disagreeing on the order of twenty arguments.
+struct Fields {
+  const py::dict& d;
+  template <typename T> T* p(const char* k) const { return ptr<T>(d[k].cast<uintptr_t>()); }
+  int64_t i(const char* k) const { return d[k].cast<int64_t>(); }
+  float f(const char* k) const { return d[k].cast<float>(); }
+};
+
+tk::NormArgs norm_args(const py::dict& d) {
+  Fields f{d};
+  tk::NormArgs a{};
+  a.x = f.p<const void>("x"), a.residual = f.p<const void>("residual"), a.weight = f.p<const void>("weight");
+  a.bias = f.p<const void>("bias"), a.y = f.p<void>("y"), a.sum = f.p<void>("sum"), a.mean = f.p<float>("mean");
+  a.rstd = f.p<float>("rstd"), a.dy = f.p<const void>("dy"), a.dx = f.p<void>("dx");
+  a.dw_partial = f.p<float>("dw_partial"), a.db_partial = f.p<float>("db_partial"), a.dw = f.p<void>("dw");
+  a.db = f.p<void>("db");
+  a.rows = f.i("rows"), a.cols = f.i("cols"), a.x_row_stride = f.i("x_row_stride");
+  a.res_row_stride = f.i("res_row_stride"), a.dy_row_stride = f.i("dy_row_stride");
+  a.eps = f.f("eps"), a.rms = static_cast<int>(f.i("rms")), a.dtype = static_cast<int>(f.i("dtype"));
+  return a;
+}
+
+tk::EpilogueArgs epilogue_args(const py::dict& d) {
+  Fields f{d};
+  tk::EpilogueArgs a{};
+  a.acc = f.p<void>("acc"), a.acc2 = f.p<void>("acc2"), a.bias = f.p<const void>("bias");
+  a.bias2 = f.p<const void>("bias2"), a.residual = f.p<const void>("residual"), a.y = f.p<void>("y");
+  a.M = f.i("M"), a.N = f.i("N"), a.res_row_stride = f.i("res_row_stride"), a.act = static_cast<int>(f.i("act"));
+  a.dropout_p = f.f("dropout_p"), a.seed = d["seed"].cast<uint64_t>(), a.dtype = static_cast<int>(f.i("dtype"));
+  return a;
+}
+
+tk::ActBackwardArgs act_backward_args(const py::dict& d) {
+  Fields f{d};
+  tk::ActBackwardArgs a{};
+  a.dy = f.p<const void>("dy"), a.z = f.p<const void>("z"), a.z2 = f.p<const void>("z2"), a.dz = f.p<void>("dz");
+  a.dz2 = f.p<void>("dz2"), a.M = f.i("M"), a.N = f.i("N"), a.dy_row_stride = f.i("dy_row_stride");
+  a.dy_col_stride = f.i("dy_col_stride"), a.act = static_cast<int>(f.i("act")), a.dropout_p = f.f("dropout_p");
+  a.seed = d["seed"].cast<uint64_t>(), a.dtype = static_cast<int>(f.i("dtype"));
+  return a;
+}
+
+tk::HeadLayoutArgs head_layout_args(const py::dict& d) {
+  Fields f{d};
+  tk::HeadLayoutArgs a{};
+  a.src = f.p<const void>("src"), a.bias = f.p<const void>("bias"), a.dst = f.p<void>("dst");
+  a.B = f.i("B"), a.heads = f.i("heads"), a.L = f.i("L"), a.D = f.i("D"), a.col0 = f.i("col0");
+  a.row_stride = f.i("row_stride"), a.dtype = static_cast<int>(f.i("dtype"));
+  auto st = d["strides"].cast<std::vector<int64_t>>();
+  if (st.size() != 4) throw std::invalid_argument("head layout: 4 strides expected");
+  for (int k = 0; k < 4; ++k) a.strides[k] = st[k];
+  return a;
 }
 
 // The attention argument block from a dict (ops fill it by name: the block has too many fields for positions).
@@ -118,6 +175,31 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
   m.def("attention_backward", [](const py::dict& d, uintptr_t stream) {
     require_device();
     tk::attention_backward(attention_args(d), as_stream(stream));
+  });
+  m.def("norm_forward", [](const py::dict& d, uintptr_t stream) {
+    require_device();
+    tk::norm_forward(norm_args(d), as_stream(stream));
+  });
+  m.def("norm_backward", [](const py::dict& d, uintptr_t stream) {
+    require_device();
+    tk::norm_backward(norm_args(d), as_stream(stream));
+  });
+  m.def("norm_backward_chunks", &tk::norm_backward_chunks);
+  m.def("epilogue_forward", [](const py::dict& d, uintptr_t stream) {
+    require_device();
+    tk::epilogue_forward(epilogue_args(d), as_stream(stream));
+  });
+  m.def("activation_backward", [](const py::dict& d, uintptr_t stream) {
+    require_device();
+    tk::activation_backward(act_backward_args(d), as_stream(stream));
+  });
+  m.def("head_split", [](const py::dict& d, uintptr_t stream) {
+    require_device();
+    tk::head_split(head_layout_args(d), as_stream(stream));
+  });
+  m.def("head_merge", [](const py::dict& d, uintptr_t stream) {
+    require_device();
+    tk::head_merge(head_layout_args(d), as_stream(stream));
   });
   m.attr("attention_head_dims") = py::make_tuple(tk::kAttnHeadDims[0], tk::kAttnHeadDims[1], tk::kAttnHeadDims[2], tk::kAttnHeadDims[3]);
   m.attr("attention_max_head_dim") = py::dict(py::arg("half") = tk::kAttnMaxHeadDimHalf, py::arg("float") = tk::kAttnMaxHeadDimFloat);

@@ -8,7 +8,8 @@ import transformer_kernels as tk
 from transformer_kernels import reference
 from transformer_kernels.testing import compare
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "cuda", "torch"]
+KERNEL_BACKENDS = ["triton", "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -98,23 +99,25 @@ def test_matches_torch_nn(backend, device):
                                    torch.nn.functional.rms_norm(x, (40,), ln.weight, 1e-6), atol=1e-5, rtol=0)
 
 
-def test_deterministic(device):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_deterministic(backend, device):
     x = torch.randn(100, 300, device=device)
     w = torch.randn(300, device=device)
     grads = []
     for _ in range(2):
         xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
-        with tk.use_backend("triton"):
+        with tk.use_backend(backend):
             tk.ops.layer_norm(xx, ww, None).backward(torch.ones(100, 300, device=device))
         grads.append((xx.grad, ww.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend, device):
     x = torch.randn(5, 24, device=device)
     r = torch.randn(5, 24, device=device)
     w, b = torch.randn(24, device=device), torch.randn(24, device=device)
-    for args in [(x, r, w, b, 1e-5, False, "triton"), (x, None, w, None, 1e-6, True, "triton")]:
+    for args in [(x, r, w, b, 1e-5, False, backend), (x, None, w, None, 1e-6, True, backend)]:
         args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(torch.ops.transformer_kernels.norm.default, args)
 
@@ -142,3 +145,10 @@ def test_bad_inputs_and_unsupported_sizes(device):
     big = torch.randn(1, triton_norm.MAX_BACKWARD_COLS + 1, device=device)
     with pytest.raises(NotImplementedError, match="hidden size"), tk.use_backend("triton"):
         tk.ops.layer_norm(big)
+    # The CUDA kernels loop over any row length, forward and backward.
+    big.requires_grad_()
+    with tk.use_backend("cuda"):
+        y = tk.ops.layer_norm(big)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(big, big.shape[-1:]), atol=1e-5, rtol=0)
+    assert big.grad.abs().max() < 1e-3  # d(sum of a layer norm)/dx = 0

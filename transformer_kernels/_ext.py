@@ -170,3 +170,108 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
              "dq": dq.data_ptr(), "dk": dk.data_ptr(), "dv": dv.data_ptr()}
     module_for(q.device).attention_backward(args, stream_handle(q))
     return dq, dk, dv
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def norm_forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                 eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CUDA C++ norm; same contract as kernels/norm.py:norm_forward (x, residual ``[rows, N]``; returns y, the
+    pre-norm sum (x itself without a residual), fp32 mean (empty for RMS) and rstd)."""
+    x, residual = _unit_col_stride(x), None if residual is None else _unit_col_stride(residual)
+    rows, n = x.shape
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    s = x if residual is None else torch.empty_like(y)
+    mean = torch.empty(0 if rms else rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    args = _norm_args(x, residual, weight, bias, eps, rms)
+    args |= {"y": y.data_ptr(), "sum": 0 if residual is None else s.data_ptr(), "mean": _ptr(mean),
+             "rstd": rstd.data_ptr()}
+    module_for(x.device).norm_forward(args, stream_handle(x))
+    return y, s, mean, rstd
+
+
+def norm_backward(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                  mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool, rms: bool,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """CUDA C++ norm backward; same contract as kernels/norm.py:norm_backward."""
+    x, residual, dy = _unit_col_stride(x), None if residual is None else _unit_col_stride(residual), _unit_col_stride(dy)
+    rows, n = x.shape
+    mod = module_for(x.device)
+    chunks = max(mod.norm_backward_chunks(rows), 1)
+    dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    dw = torch.empty_like(weight)
+    db = torch.empty_like(weight) if has_bias else None
+    dw_part = torch.empty((chunks, n), dtype=torch.float32, device=x.device)
+    db_part = torch.empty_like(dw_part) if has_bias else None
+    args = _norm_args(x, residual, weight, None, 0.0, rms)
+    args |= {"dy": dy.data_ptr(), "dy_row_stride": dy.stride(0), "mean": _ptr(mean), "rstd": rstd.data_ptr(),
+             "dx": dx.data_ptr(), "dw": dw.data_ptr(), "db": _ptr(db), "dw_partial": dw_part.data_ptr(),
+             "db_partial": _ptr(db_part)}
+    mod.norm_backward(args, stream_handle(x))
+    return dx, dw, db
+
+
+def _unit_col_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _norm_args(x, residual, weight, bias, eps, rms) -> dict:
+    rows, n = x.shape
+    return {"x": x.data_ptr(), "residual": _ptr(residual), "weight": weight.data_ptr(), "bias": _ptr(bias),
+            "rows": rows, "cols": n, "x_row_stride": x.stride(0),
+            "res_row_stride": 0 if residual is None else residual.stride(0), "eps": float(eps), "rms": int(rms),
+            "dtype": DTYPE_CODES[x.dtype], "y": 0, "sum": 0, "mean": 0, "rstd": 0, "dy": 0, "dy_row_stride": 0,
+            "dx": 0, "dw": 0, "db": 0, "dw_partial": 0, "db_partial": 0}
+
+
+def epilogue_forward(acc: torch.Tensor, acc2: torch.Tensor | None, bias: torch.Tensor | None,
+                     bias2: torch.Tensor | None, residual: torch.Tensor | None, activation: int, dropout_p: float,
+                     seed: int) -> torch.Tensor:
+    """After the GEMM(s): acc (acc2) contiguous ``[M, N]`` become the pre-activations in place; returns
+    ``dropout(act(acc + bias) [* (acc2 + bias2)]) + residual``, contiguous ``[M, N]``."""
+    m, n = acc.shape
+    residual = None if residual is None else _unit_col_stride(residual)
+    y = torch.empty_like(acc)
+    module_for(acc.device).epilogue_forward({
+        "acc": acc.data_ptr(), "acc2": _ptr(acc2), "bias": _ptr(bias), "bias2": _ptr(bias2), "residual": _ptr(residual),
+        "y": y.data_ptr(), "M": m, "N": n, "res_row_stride": 0 if residual is None else residual.stride(0),
+        "act": activation, "dropout_p": float(dropout_p), "seed": int(seed) & (2**64 - 1),
+        "dtype": DTYPE_CODES[acc.dtype]}, stream_handle(acc))
+    return y
+
+
+def activation_backward(dy: torch.Tensor, z: torch.Tensor | None, z2: torch.Tensor | None, activation: int,
+                        dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dZ (and dZ_up for the gated form) from dY ``[M, N]`` (any strides) and the saved pre-activations."""
+    m, n = dy.shape
+    dz = torch.empty((m, n), dtype=dy.dtype, device=dy.device)
+    dz2 = torch.empty_like(dz) if z2 is not None else None
+    module_for(dy.device).activation_backward({
+        "dy": dy.data_ptr(), "z": _ptr(z), "z2": _ptr(z2), "dz": dz.data_ptr(), "dz2": _ptr(dz2), "M": m, "N": n,
+        "dy_row_stride": dy.stride(0), "dy_col_stride": dy.stride(1), "act": activation,
+        "dropout_p": float(dropout_p), "seed": int(seed) & (2**64 - 1), "dtype": DTYPE_CODES[dy.dtype]},
+        stream_handle(dy))
+    return dz, dz2
+
+
+def head_split(src: torch.Tensor, bias: torch.Tensor | None, col0: int, out: torch.Tensor) -> torch.Tensor:
+    """out ``[B, heads, L, D]`` (contiguous) = src ``[B·L, C]`` columns ``col0 .. col0 + heads·D`` (+ bias)."""
+    b, heads, length, d = out.shape
+    module_for(src.device).head_split({
+        "src": src.data_ptr(), "bias": _ptr(bias), "dst": out.data_ptr(), "B": b, "heads": heads, "L": length, "D": d,
+        "col0": col0, "row_stride": src.stride(0), "strides": [0] * 4, "dtype": DTYPE_CODES[src.dtype]},
+        stream_handle(src))
+    return out
+
+
+def head_merge(src: torch.Tensor, out: torch.Tensor, col0: int = 0) -> torch.Tensor:
+    """out ``[B·L, C]`` columns ``col0 .. col0 + heads·D`` = src ``[B, heads, L, D]`` (any strides)."""
+    b, heads, length, d = src.shape
+    module_for(src.device).head_merge({
+        "src": src.data_ptr(), "bias": 0, "dst": out.data_ptr(), "B": b, "heads": heads, "L": length, "D": d,
+        "col0": col0, "row_stride": out.stride(0), "strides": list(src.stride()), "dtype": DTYPE_CODES[src.dtype]},
+        stream_handle(src))
+    return out

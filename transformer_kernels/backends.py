@@ -22,8 +22,8 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "masked_softmax": ("triton", "cuda", "torch"),
     "attention": ("triton", "cuda", "torch"),
-    "layer_norm": ("triton", "torch"),
-    "rms_norm": ("triton", "torch"),
+    "layer_norm": ("triton", "cuda", "torch"),
+    "rms_norm": ("triton", "cuda", "torch"),
     "linear": ("triton", "torch"),
     "gated_linear": ("triton", "torch"),
     "qkv_projection": ("triton", "torch"),

@@ -6,18 +6,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends, reference
+from .. import _ext, backends, reference
 from ._checks import as_rows, autocast_dtype, cast_all, check_float_tensor, describe
 
 OP = "norm"
 
 
+def _kernels(backend: str):
+    """The module holding `norm_forward`/`norm_backward` of a kernel backend (same signatures)."""
+    if backend == "cuda":
+        return _ext
+    from ..kernels import norm as triton_norm
+
+    return triton_norm
+
+
 @torch.library.custom_op("transformer_kernels::norm", mutates_args=())
 def _norm(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | None, eps: float, rms: bool,
           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from ..kernels import norm as triton_norm
-
-    y, s, mean, rstd = triton_norm.norm_forward(x, residual, weight, bias, eps, rms)
+    y, s, mean, rstd = _kernels(backend).norm_forward(x, residual, weight, bias, eps, rms)
     # Without a residual the sum is x itself; an op output may not alias an input, so return an empty one.
     return y, (s if residual is not None else x.new_empty(0)), mean, rstd
 
@@ -32,9 +39,7 @@ def _(x, residual, weight, bias, eps, rms, backend):
 @torch.library.custom_op("transformer_kernels::norm_backward", mutates_args=())
 def _norm_backward(dy: Tensor, ds: Tensor | None, x: Tensor, residual: Tensor | None, weight: Tensor, mean: Tensor,
                    rstd: Tensor, has_bias: bool, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels import norm as triton_norm
-
-    dx, dw, db = triton_norm.norm_backward(dy, x, residual, weight, mean, rstd, has_bias, rms)
+    dx, dw, db = _kernels(backend).norm_backward(dy, x, residual, weight, mean, rstd, has_bias, rms)
     if ds is not None:
         dx = dx + ds  # the pre-norm sum also flows on down the residual stream
     return dx, dw, (db if db is not None else weight.new_empty(0))
@@ -90,7 +95,7 @@ def _norm_call(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 
         if x.dtype not in SUPPORTED_DTYPES:
             return f"dtype {x.dtype} (supported: {SUPPORTED_DTYPES})"
-        if n > MAX_BACKWARD_COLS:
+        if n > MAX_BACKWARD_COLS and backend_name == "triton":
             return f"hidden size {n} (supported: 1..{MAX_BACKWARD_COLS})"
         return None
 
