@@ -9,7 +9,8 @@ from transformer_kernels import reference
 from transformer_kernels.ops.attention import draw_seed
 from transformer_kernels.testing import compare
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "cuda", "torch"]
+KERNEL_BACKENDS = ["triton", "cuda"]
 LOW = [torch.float16, torch.bfloat16]
 
 
@@ -53,8 +54,9 @@ def test_linear_activations_low_precision(backend, dtype, activation, device):
     check_linear(backend, 45, 70, 100, dtype, device, activation)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=str)
-def test_linear_dropout_matches_reference_with_the_kernels_mask(dtype, device):
+def test_linear_dropout_matches_reference_with_the_kernels_mask(backend, dtype, device):
     m, n, k, p = 50, 40, 30, 0.3
     x, w, b, r = rand(m, k, dtype=dtype, device=device), rand(n, k, dtype=dtype, device=device, scale=0.2), \
         rand(n, dtype=dtype, device=device), rand(m, n, dtype=dtype, device=device, seed=2)
@@ -65,7 +67,7 @@ def test_linear_dropout_matches_reference_with_the_kernels_mask(dtype, device):
 
     def ours(x, w, b, r):
         torch.manual_seed(5)
-        with tk.use_backend("triton"):
+        with tk.use_backend(backend):
             return tk.ops.linear(x, w, b, "silu", r, dropout_p=p)
 
     rows = compare(ours, lambda x, w, b, r: reference.linear(x, w, b, "silu", r, p, keep),
@@ -181,17 +183,18 @@ def test_views_expanded_grad_and_zero_sizes(backend, device):
             assert xs.grad.shape == xs.shape and ws.grad.shape == ws.shape
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend, device):
     x, w, b, r = rand(9, 20, device=device), rand(12, 20, device=device), rand(12, device=device), rand(9, 12, device=device)
     ops = torch.ops.transformer_kernels
     cases = [
-        (ops.linear.default, (x, w, b, r, "gelu", 0.0, None, "triton")),
-        (ops.linear.default, (x, w, None, None, "", 0.2, torch.tensor([3]), "triton")),
-        (ops.gated_linear.default, (x, w, w * 0.5, b, b, "silu", "triton")),
+        (ops.linear.default, (x, w, b, r, "gelu", 0.0, None, backend)),
+        (ops.linear.default, (x, w, None, None, "", 0.2, torch.tensor([3]), backend)),
+        (ops.gated_linear.default, (x, w, w * 0.5, b, b, "silu", backend)),
         (ops.qkv_projection.default, (rand(2 * 5, 16, device=device), rand(3 * 2 * 4, 16, device=device), None, 2, 2, 2,
-                                      "triton")),
+                                      backend)),
         (ops.out_projection.default, (rand(2, 3, 5, 4, device=device), rand(7, 12, device=device), None,
-                                      rand(10, 7, device=device), "triton")),
+                                      rand(10, 7, device=device), backend)),
     ]
     for op, args in cases:
         args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
@@ -216,17 +219,18 @@ def test_bad_inputs(device):
             tk.ops.out_projection(rand(1, 2, 3, 4, device=device), rand(5, 7, device=device))
 
 
-def test_dropout_seeding_and_disabling(device):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_dropout_seeding_and_disabling(backend, device):
     x, w = rand(64, 32, device=device), rand(48, 32, device=device, scale=0.2)
 
     def run(seed, p=0.25):
         torch.manual_seed(seed)
-        with tk.use_backend("triton"):
+        with tk.use_backend(backend):
             return tk.ops.linear(x, w, None, "relu", dropout_p=p)
 
     torch.testing.assert_close(run(1), run(1), atol=0, rtol=0)
     assert not torch.equal(run(1), run(2))
-    with tk.use_backend("triton"):
+    with tk.use_backend(backend):
         torch.testing.assert_close(run(1, p=0.0), tk.ops.linear(x, w, None, "relu"), atol=0, rtol=0)
 
 
@@ -266,6 +270,7 @@ def test_more_than_2_31_elements():
     # [1, 540_000, 4096] fp16 input: 2.2e9 elements, so every offset must be 64-bit.
     x = torch.randn(540_000, 4096, device="cuda", dtype=torch.float16)
     w = torch.randn(64, 4096, device="cuda", dtype=torch.float16) * 0.02
-    y = tk.ops.linear(x, w, backend="triton")
     ref = (x[-1000:].float() @ w.float().t())
-    torch.testing.assert_close(y[-1000:].float(), ref, atol=2e-2, rtol=1e-2)
+    for backend in KERNEL_BACKENDS:
+        y = tk.ops.linear(x, w, backend=backend)
+        torch.testing.assert_close(y[-1000:].float(), ref, atol=2e-2, rtol=1e-2)

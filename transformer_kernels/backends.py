@@ -24,10 +24,10 @@ GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "attention": ("triton", "cuda", "torch"),
     "layer_norm": ("triton", "cuda", "torch"),
     "rms_norm": ("triton", "cuda", "torch"),
-    "linear": ("triton", "torch"),
-    "gated_linear": ("triton", "torch"),
-    "qkv_projection": ("triton", "torch"),
-    "out_projection": ("triton", "torch"),
+    "linear": ("triton", "cuda", "torch"),
+    "gated_linear": ("triton", "cuda", "torch"),
+    "qkv_projection": ("triton", "cuda", "torch"),
+    "out_projection": ("triton", "cuda", "torch"),
 }
 
 _default = "auto"

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from ._checks import KERNEL_DTYPES, as_rows, autocast_dtype, cast_all, check_float_tensor, describe
+from . import linear_cuda
 from .attention import draw_seed
 
 
@@ -45,6 +46,8 @@ def _weight_and_bias_grads(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool
 @torch.library.custom_op("transformer_kernels::linear", mutates_args=())
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, activation: str,
             dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "cuda":
+        return linear_cuda.linear_forward(x, weight, bias, residual, activation, dropout_p, _seed_of(seed))
     g = _gemm()
     act = activation or None
     y, z, _ = g.matmul(x, weight.t(), bias=bias, residual=residual, activation=act, dropout_p=dropout_p,
@@ -61,6 +64,8 @@ def _(x, weight, bias, residual, activation, dropout_p, seed, backend):
 @torch.library.custom_op("transformer_kernels::linear_backward", mutates_args=())
 def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, has_bias: bool, activation: str,
                      dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "cuda":
+        return linear_cuda.linear_backward(dy, x, weight, z, has_bias, activation, dropout_p, _seed_of(seed))
     g = _gemm()
     if x.shape[1] == 0:
         # No in-features: no dW GEMM to carry dBias, so dZ is formed on its own.
@@ -108,6 +113,8 @@ _linear.register_autograd(_linear_bwd, setup_context=_linear_setup)
 @torch.library.custom_op("transformer_kernels::gated_linear", mutates_args=())
 def _gated(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None, activation: str,
            backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "cuda":
+        return linear_cuda.gated_forward(x, w_gate, w_up, b_gate, b_up, activation)
     y, zg, zu = _gemm().matmul(x, w_gate.t(), b2=w_up.t(), bias=b_gate, bias2=b_up, activation=activation,
                                store_z=True)
     return y, zg, zu
@@ -122,6 +129,8 @@ def _(x, w_gate, w_up, b_gate, b_up, activation, backend):
 @torch.library.custom_op("transformer_kernels::gated_linear_backward", mutates_args=())
 def _gated_backward(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, zg: Tensor, zu: Tensor, has_bias: bool,
                     activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if backend == "cuda":
+        return linear_cuda.gated_backward(dy, x, w_gate, w_up, zg, zu, has_bias, activation)
     g = _gemm()
     if x.shape[1] == 0:
         dzg, dzu = g.activation_backward(dy, zg, zu, activation, 0.0, 0)
@@ -167,6 +176,8 @@ _gated.register_autograd(_gated_bwd, setup_context=_gated_setup)
 @torch.library.custom_op("transformer_kernels::qkv_projection", mutates_args=())
 def _qkv(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, batch: int, num_heads: int, num_kv_heads: int,
          backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "cuda":
+        return linear_cuda.qkv_forward(x, w_qkv, b_qkv, batch, num_heads, num_kv_heads)
     g = _gemm()
     length = x.shape[0] // batch if batch else 0
     d = w_qkv.shape[0] // (num_heads + 2 * num_kv_heads)
@@ -198,6 +209,8 @@ def _merge(t: Tensor) -> Tensor:
 @torch.library.custom_op("transformer_kernels::qkv_projection_backward", mutates_args=())
 def _qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, x: Tensor, w_qkv: Tensor, has_bias: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "cuda":
+        return linear_cuda.qkv_backward(dq, dk, dv, x, w_qkv, has_bias)
     g = _gemm()
     # One [B·L, (H + 2·Hkv)·D] gradient (a copy: backward only) feeds one dX GEMM and one dW GEMM.
     dy = torch.cat([_merge(dq), _merge(dk), _merge(dv)], dim=1)
@@ -229,6 +242,8 @@ _qkv.register_autograd(_qkv_bwd, setup_context=_qkv_setup)
 
 @torch.library.custom_op("transformer_kernels::out_projection", mutates_args=())
 def _out_proj(attn: Tensor, w_o: Tensor, b_o: Tensor | None, residual: Tensor | None, backend: str) -> Tensor:
+    if backend == "cuda":
+        return linear_cuda.out_forward(attn, w_o, b_o, residual)
     g = _gemm()
     attn = attn if attn.stride(-1) == 1 else attn.contiguous()
     # The prologue gathers A[b·L + l, h·D + d] = attn[b, h, l, d]: the head merge costs no copy.
@@ -244,6 +259,8 @@ def _(attn, w_o, b_o, residual, backend):
 @torch.library.custom_op("transformer_kernels::out_projection_backward", mutates_args=())
 def _out_proj_backward(dy: Tensor, attn: Tensor, w_o: Tensor, has_bias: bool, backend: str,
                        ) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "cuda":
+        return linear_cuda.out_backward(dy, attn, w_o, has_bias)
     g = _gemm()
     d_attn = attn.new_empty(attn.shape)
     g.matmul(dy, w_o, out=g.HeadLayout(d_attn))  # dAttn written straight back into [B, H, L, D]
