@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._checks import KERNEL_DTYPES, as_rows, autocast_dtype, cast_all, check_float_tensor, describe
 from . import linear_cuda
+from ._checks import KERNEL_DTYPES, as_rows, autocast_dtype, cast_all, check_float_tensor, describe
 from .attention import draw_seed
 
 
