@@ -11,7 +11,7 @@ from transformer_kernels import models
 from transformer_kernels import nn as tk_nn
 from transformer_kernels.testing import randomize_
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "cuda", "torch"]
 E, H, B, L, S = 32, 4, 2, 7, 9
 TOL = {"atol": 2e-5, "rtol": 1e-4}
 
