@@ -22,6 +22,7 @@ def attention_flops(b: int, h: int, lq: int, lk: int, d: int, causal: bool, back
 
 IMPLS = {
     "triton": lambda q, k, v, causal: tk.ops.attention(q, k, v, is_causal=causal, backend="triton"),
+    "cuda": lambda q, k, v, causal: tk.ops.attention(q, k, v, is_causal=causal, backend="cuda"),
     "sdpa": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
     "eager": lambda q, k, v, causal: reference.scaled_dot_product_attention(q, k, v, is_causal=causal),
 }

@@ -223,5 +223,6 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
   st.def("shuffles", &simt_selftest::shuffles);
   st.def("int_shuffles", &simt_selftest::int_shuffles);
   st.def("atomics", &simt_selftest::atomics);
+  st.def("gemm", &simt_selftest::gemm);
 #endif
 }

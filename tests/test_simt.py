@@ -74,6 +74,20 @@ def test_int_shuffles_ballot_and_atomics():
     assert fsum.item() == vals.sum().item() and isum.item() == 1000
 
 
+@pytest.mark.parametrize("code", [0, 1, 2])
+@pytest.mark.parametrize("a_t,b_t", [(False, False), (True, False), (False, True), (True, True)])
+def test_block_gemm_and_wmma_fragments(code, a_t, b_t):
+    # C += A·B with A and B staged in shared memory in either layout: wmma load/mma/store (half, bf16) and the fp32
+    # loop, against an fp32 product of the same rounded inputs.
+    dtype = DTYPES[code]
+    g = torch.Generator().manual_seed(code)
+    a, b = torch.randn(32, 64, generator=g).to(dtype), torch.randn(64, 48, generator=g).to(dtype)
+    c = torch.randn(32, 48, generator=g)
+    expected = c + a.float() @ b.float()
+    C.selftest.gemm(a.data_ptr(), b.data_ptr(), c.data_ptr(), a_t, b_t, code)
+    torch.testing.assert_close(c, expected, atol=1e-4, rtol=1e-5)
+
+
 def test_cuda_build_without_a_device_raises_cleanly():
     ok, why = _ext.available("_C")
     if not ok:
@@ -158,6 +172,15 @@ def softmax_error(module, direction):
     return (dx - exp).abs().max().nan_to_num(float("inf")).item()
 
 
+def norm_error(module, monkeypatch):
+    """Max error of the module's LayerNorm forward (two block reductions per row) against the reference."""
+    monkeypatch.setattr(_ext, "module_for", lambda device: module)
+    x = torch.randn(6, 700, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    with tk.use_backend("cuda"):
+        y = tk.ops.layer_norm(x)
+    return (y - reference.layer_norm(x, None, None)).abs().max().nan_to_num(float("inf")).item()
+
+
 def attention_error(module, direction, monkeypatch):
     """Max error of the module's attention (forward, or one gradient) against the fp32 reference."""
     monkeypatch.setattr(_ext, "module_for", lambda device: module)
@@ -184,11 +207,12 @@ MUTANTS = [
     ("attention_fwd.cu", 4, "attention", "forward"),  # probabilities and rescaled accumulators complete
     ("attention_bwd.cu", 3, "attention", "dv"),     # dkdv: P and dS complete before dV += P^T dO, dK += dS^T Q
     ("attention_bwd.cu", 6, "attention", "dq"),     # dq: K and V tiles complete before S and dP
+    ("common.cuh", 1, "norm", "forward"),           # block_allreduce (norm_fwd_kernel): scratch read before reuse
 ]
 
 
 # (error of the real build stays below, error of some mutant run exceeds): fp32 softmax, fp16 attention.
-BOUNDS = {"softmax": (1e-5, 1e-3), "attention": (2e-2, 0.1)}
+BOUNDS = {"softmax": (1e-5, 1e-3), "attention": (2e-2, 0.1), "norm": (1e-5, 1e-2)}
 
 
 @pytest.mark.parametrize("file,occurrence,op,direction", MUTANTS)
@@ -196,6 +220,8 @@ def test_removing_a_barrier_is_caught(tmp_path, pristine_objects, monkeypatch, f
     def error(module):
         if op == "softmax":
             return softmax_error(module, direction)
+        if op == "norm":
+            return norm_error(module, monkeypatch)
         return attention_error(module, direction, monkeypatch)
 
     ok, caught = BOUNDS[op]

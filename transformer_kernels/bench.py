@@ -143,6 +143,10 @@ def attention_flops(b: int, h: int, lq: int, lk: int, d: int, causal: bool, back
     return fwd * (3.5 if backward else 1.0)
 
 
+# Our two kernel backends, timed side by side with PyTorch's own kernels.
+KERNEL_IMPLS = ("triton", "cuda")
+
+
 def _step(fn: Callable[[], torch.Tensor], backward: bool) -> Callable[[], None]:
     if not backward:
         return lambda: fn()
@@ -154,8 +158,8 @@ def _step(fn: Callable[[], torch.Tensor], backward: bool) -> Callable[[], None]:
 def _attention_maker(impl: str, shape: tuple[int, ...], causal: bool, dtype: torch.dtype, backward: bool):
     def make(device: torch.device) -> Callable[[], torch.Tensor]:
         q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=backward) for _ in range(3))
-        if impl == "triton":
-            return lambda: ops.attention(q, k, v, is_causal=causal, backend="triton")
+        if impl in KERNEL_IMPLS:
+            return lambda: ops.attention(q, k, v, is_causal=causal, backend=impl)
         if impl == "sdpa":
             return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return lambda: reference.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -166,8 +170,8 @@ def _ffn_maker(impl: str, tokens: int, e: int, f: int, dtype: torch.dtype, backw
     def make(device: torch.device) -> Callable[[], torch.Tensor]:
         x, w1, b1, w2, b2 = (torch.randn(s, device=device, dtype=dtype, requires_grad=backward) * 0.02
                              for s in ((tokens, e), (f, e), (f,), (e, f), (e,)))
-        if impl == "triton":
-            return lambda: ops.feed_forward(x, w1, b1, w2, b2, "gelu", backend="triton")
+        if impl in KERNEL_IMPLS:
+            return lambda: ops.feed_forward(x, w1, b1, w2, b2, "gelu", backend=impl)
         return lambda: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
     return make
 
@@ -176,8 +180,8 @@ def _norm_maker(impl: str, tokens: int, e: int, dtype: torch.dtype, backward: bo
     def make(device: torch.device) -> Callable[[], torch.Tensor]:
         x = torch.randn(tokens, e, device=device, dtype=dtype, requires_grad=backward)
         w, b = torch.ones(e, device=device, dtype=dtype), torch.zeros(e, device=device, dtype=dtype)
-        if impl == "triton":
-            return lambda: ops.layer_norm(x, w, b, backend="triton")
+        if impl in KERNEL_IMPLS:
+            return lambda: ops.layer_norm(x, w, b, backend=impl)
         return lambda: F.layer_norm(x, (e,), w, b)
     return make
 
@@ -189,8 +193,8 @@ def _layer_maker(model: str, impl: str, tokens_shape: tuple[int, int], e: int, h
     from . import nn as tk_nn
 
     def make(device: torch.device) -> Callable[[], torch.Tensor]:
-        lib = tk_nn if impl == "triton" else torch.nn
-        kw = {"backend": "triton"} if impl == "triton" else {}
+        lib = tk_nn if impl in KERNEL_IMPLS else torch.nn
+        kw = {"backend": impl} if impl in KERNEL_IMPLS else {}
         family = FAMILIES[model]
         first = family == "decoder"
         cls = lib.TransformerDecoderLayer if family == "encoder-decoder" else lib.TransformerEncoderLayer
@@ -224,23 +228,23 @@ def cases(models: tuple[str, ...] = tuple(MODELS), seq_lens: tuple[int, ...] = S
                 twice = 2 if backward else 1
                 flops = attention_flops(b, h, length, length, d, causal, backward)
                 io = 2 * 4 * b * h * length * d * twice
-                for impl in ("triton", "sdpa", "eager"):
+                for impl in (*KERNEL_IMPLS, "sdpa", "eager"):
                     make = _attention_maker(impl, (b, h, length, d), causal, dtype, backward)
                     out.append(Case("attention", impl, model, length, backward, flops, io, make))
                 flops = 4 * tokens * e * f * (3 if backward else 1)
                 io = 2 * (2 * tokens * e + 2 * e * f + tokens * f) * twice
-                for impl in ("triton", "eager"):
+                for impl in (*KERNEL_IMPLS, "eager"):
                     out.append(Case("feed_forward", impl, model, length, backward, flops, io,
                                     _ffn_maker(impl, tokens, e, f, dtype, backward)))
                 io = 2 * 2 * tokens * e * twice
-                for impl in ("triton", "torch"):
+                for impl in (*KERNEL_IMPLS, "torch"):
                     out.append(Case("layer_norm", impl, model, length, backward, 0.0, io,
                                     _norm_maker(impl, tokens, e, dtype, backward)))
                 # the family's whole layer: projections + attention (+ cross-attention for BART) + FFN
                 attn_blocks = 2 if FAMILIES[model] == "encoder-decoder" else 1
                 flops = (2 * tokens * (4 * e * e * attn_blocks + 2 * e * f)
                          + attn_blocks * attention_flops(b, h, length, length, d, causal, False)) * (3 if backward else 1)
-                for impl in ("triton", "torch"):
+                for impl in (*KERNEL_IMPLS, "torch"):
                     out.append(Case("layer", impl, model, length, backward, flops, 2 * 2 * tokens * e * twice,
                                     _layer_maker(model, impl, (b, length), e, h, f, dtype, backward)))
     return out

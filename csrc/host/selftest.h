@@ -11,5 +11,6 @@ void exit_before_barrier(uintptr_t out, int threads);
 void different_barriers(uintptr_t out, int threads);
 void shuffles(uintptr_t out, int threads, int dtype);
 void int_shuffles(uintptr_t out, int threads);
+void gemm(uintptr_t a, uintptr_t b, uintptr_t c, bool a_t, bool b_t, int dtype);
 void atomics(uintptr_t fsum, uintptr_t isum, uintptr_t in, int n, int threads);
 }  // namespace simt_selftest

@@ -87,8 +87,7 @@ struct Runtime {
   size_t stack_bytes = 0;
   size_t stacks_len = 0;
   std::mt19937_64 rng{0x5eed};
-  // Per block, at random: release warps uniformly, or keep running the last released warp while it can (it then
-  // runs up to its next __syncthreads() before any other warp moves: the largest skew between warps).
+  // The scheduling policy of the running block (see run_block) and, when sticky, its favoured warp.
   bool sticky = false;
   unsigned last_warp = ~0u;
 };
@@ -189,24 +188,83 @@ inline T exchange(unsigned mask, T value, unsigned src) {
 
 inline void poison_static_shared();
 
+// Whether warp w can be released from a warp collective: every waiting lane waits with the same mask, and the
+// mask names exactly the waiting lanes.
+inline bool warp_ready(unsigned w) {
+  auto& r = rt();
+  unsigned waiting = 0, mask = 0;
+  for (unsigned l = 0; l < 32 && w * 32 + l < r.n_threads; ++l) {
+    const Fiber& f = r.fibers[w * 32 + l];
+    if (f.state != State::AtWarpSync) continue;
+    if (waiting && f.warp_mask != mask) return false;
+    waiting |= 1u << l;
+    mask = f.warp_mask;
+  }
+  return waiting && waiting == mask;
+}
+
+inline void release_warp(unsigned w) {
+  auto& r = rt();
+  for (unsigned l = 0; l < 32 && w * 32 + l < r.n_threads; ++l)
+    if (r.fibers[w * 32 + l].state == State::AtWarpSync) r.fibers[w * 32 + l].state = State::Runnable;
+}
+
+// Runs the runnable fibers (of warp `only`, or of every warp) once each, in a random order, until each blocks.
+// Returns whether any ran.
+inline bool run_runnable(std::vector<unsigned>& order, unsigned only) {
+  auto& r = rt();
+  order.clear();
+  for (unsigned i = 0; i < r.n_threads; ++i)
+    if (r.fibers[i].state == State::Runnable && (only == ~0u || i / 32 == only)) order.push_back(i);
+  std::shuffle(order.begin(), order.end(), r.rng);
+  for (unsigned i : order) {
+    r.cur = &r.fibers[i];
+    swapcontext(&r.sched, &r.fibers[i].ctx);
+    r.cur = nullptr;
+    if (!r.error.empty()) fail(r.error + " [" + block_name() + "]");
+  }
+  return !order.empty();
+}
+
 // Runs fibers of the current block until all are done; raises on divergence or deadlock.
+// Warps are released from warp collectives one at a time, never all at once: that would advance warps with the
+// same sequence of collectives in lockstep and hide a missing __syncthreads() between them. Per block, at random:
+//  - uniform: every runnable fiber runs, then one random warp whose collective is complete is released;
+//  - sticky: one favoured warp runs and is released again and again until it reaches a __syncthreads() or exits,
+//    before any other warp moves (the largest skew between warps a GPU may show).
 inline void run_block() {
   auto& r = rt();
-  std::vector<unsigned> order;
+  std::vector<unsigned> order, ready;
   order.reserve(r.n_threads);
+  const unsigned n_warps = (r.n_threads + 31) / 32;
   for (;;) {
-    order.clear();
-    for (unsigned i = 0; i < r.n_threads; ++i)
-      if (r.fibers[i].state == State::Runnable) order.push_back(i);
-    if (!order.empty()) {
-      std::shuffle(order.begin(), order.end(), r.rng);
-      for (unsigned i : order) {
-        r.cur = &r.fibers[i];
-        swapcontext(&r.sched, &r.fibers[i].ctx);
-        r.cur = nullptr;
-        if (!r.error.empty()) fail(r.error + " [" + block_name() + "]");
+    if (r.sticky) {
+      const unsigned w = r.last_warp;
+      if (w != ~0u && run_runnable(order, w)) continue;
+      if (w != ~0u && warp_ready(w)) {
+        release_warp(w);
+        continue;
       }
-      continue;
+      ready.clear();
+      for (unsigned v = 0; v < n_warps; ++v) {
+        bool runnable = false;
+        for (unsigned l = 0; l < 32 && v * 32 + l < r.n_threads; ++l) runnable |= r.fibers[v * 32 + l].state == State::Runnable;
+        if (runnable || warp_ready(v)) ready.push_back(v);
+      }
+      if (!ready.empty()) {
+        r.last_warp = ready[std::uniform_int_distribution<size_t>(0, ready.size() - 1)(r.rng)];
+        continue;
+      }
+      r.last_warp = ~0u;
+    } else {
+      if (run_runnable(order, ~0u)) continue;
+      ready.clear();
+      for (unsigned v = 0; v < n_warps; ++v)
+        if (warp_ready(v)) ready.push_back(v);
+      if (!ready.empty()) {
+        release_warp(ready[std::uniform_int_distribution<size_t>(0, ready.size() - 1)(r.rng)]);
+        continue;
+      }
     }
     unsigned done = 0, at_bar = 0;
     const Fiber* first_bar = nullptr;
@@ -218,31 +276,6 @@ inline void run_block() {
       }
     }
     if (done == r.n_threads) return;
-    // Release one warp among those whose collective has all its lanes waiting with the same mask. Releasing all of
-    // them at once would advance warps with the same sequence of collectives in lockstep and hide a missing
-    // __syncthreads() between them; one at a time (see Runtime::sticky) lets a warp run ahead of the others.
-    std::vector<unsigned>& ready = order;  // empty here: reused as the list of releasable warps
-    unsigned n_warps = (r.n_threads + 31) / 32;
-    for (unsigned w = 0; w < n_warps; ++w) {
-      unsigned waiting = 0, mask = 0;
-      bool agree = true;
-      for (unsigned l = 0; l < 32 && w * 32 + l < r.n_threads; ++l) {
-        const Fiber& f = r.fibers[w * 32 + l];
-        if (f.state != State::AtWarpSync) continue;
-        if (waiting && f.warp_mask != mask) agree = false;
-        waiting |= 1u << l;
-        mask = f.warp_mask;
-      }
-      if (waiting && agree && waiting == mask) ready.push_back(w);
-    }
-    if (!ready.empty()) {
-      unsigned w = ready[std::uniform_int_distribution<size_t>(0, ready.size() - 1)(r.rng)];
-      if (r.sticky && std::find(ready.begin(), ready.end(), r.last_warp) != ready.end()) w = r.last_warp;
-      r.last_warp = w;
-      for (unsigned l = 0; l < 32 && w * 32 + l < r.n_threads; ++l)
-        if (r.fibers[w * 32 + l].state == State::AtWarpSync) r.fibers[w * 32 + l].state = State::Runnable;
-      continue;
-    }
     if (at_bar + done == r.n_threads && at_bar > 0) {
       if (done > 0)
         fail("barrier divergence in " + block_name() + ": " + std::to_string(at_bar) +
