@@ -157,6 +157,16 @@ tk::AttentionArgs attention_args(const py::dict& d) {
   return a;
 }
 
+// Binds `name(dict, stream)`: the dict parsed into the kernel's argument block, then its launcher.
+template <typename Args>
+void def_launcher(py::module_& m, const char* name, Args (*parse)(const py::dict&),
+                  void (*launcher)(const Args&, tk_stream_t)) {
+  m.def(name, [parse, launcher](const py::dict& d, uintptr_t stream) {
+    require_device();
+    launcher(parse(d), as_stream(stream));
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TK_MODULE_NAME, m) {
@@ -168,39 +178,15 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
 #endif
   m.def("softmax_forward", &softmax_forward);
   m.def("softmax_backward", &softmax_backward);
-  m.def("attention_forward", [](const py::dict& d, uintptr_t stream) {
-    require_device();
-    tk::attention_forward(attention_args(d), as_stream(stream));
-  });
-  m.def("attention_backward", [](const py::dict& d, uintptr_t stream) {
-    require_device();
-    tk::attention_backward(attention_args(d), as_stream(stream));
-  });
-  m.def("norm_forward", [](const py::dict& d, uintptr_t stream) {
-    require_device();
-    tk::norm_forward(norm_args(d), as_stream(stream));
-  });
-  m.def("norm_backward", [](const py::dict& d, uintptr_t stream) {
-    require_device();
-    tk::norm_backward(norm_args(d), as_stream(stream));
-  });
+  def_launcher(m, "attention_forward", &attention_args, &tk::attention_forward);
+  def_launcher(m, "attention_backward", &attention_args, &tk::attention_backward);
+  def_launcher(m, "norm_forward", &norm_args, &tk::norm_forward);
+  def_launcher(m, "norm_backward", &norm_args, &tk::norm_backward);
   m.def("norm_backward_chunks", &tk::norm_backward_chunks);
-  m.def("epilogue_forward", [](const py::dict& d, uintptr_t stream) {
-    require_device();
-    tk::epilogue_forward(epilogue_args(d), as_stream(stream));
-  });
-  m.def("activation_backward", [](const py::dict& d, uintptr_t stream) {
-    require_device();
-    tk::activation_backward(act_backward_args(d), as_stream(stream));
-  });
-  m.def("head_split", [](const py::dict& d, uintptr_t stream) {
-    require_device();
-    tk::head_split(head_layout_args(d), as_stream(stream));
-  });
-  m.def("head_merge", [](const py::dict& d, uintptr_t stream) {
-    require_device();
-    tk::head_merge(head_layout_args(d), as_stream(stream));
-  });
+  def_launcher(m, "epilogue_forward", &epilogue_args, &tk::epilogue_forward);
+  def_launcher(m, "activation_backward", &act_backward_args, &tk::activation_backward);
+  def_launcher(m, "head_split", &head_layout_args, &tk::head_split);
+  def_launcher(m, "head_merge", &head_layout_args, &tk::head_merge);
   m.attr("attention_head_dims") = py::make_tuple(tk::kAttnHeadDims[0], tk::kAttnHeadDims[1], tk::kAttnHeadDims[2], tk::kAttnHeadDims[3]);
   m.attr("attention_max_head_dim") = py::dict(py::arg("half") = tk::kAttnMaxHeadDimHalf, py::arg("float") = tk::kAttnMaxHeadDimFloat);
   m.def("device_count", [] {

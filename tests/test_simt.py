@@ -99,6 +99,10 @@ def test_cuda_build_without_a_device_raises_cleanly():
         mod.device_count()
     with pytest.raises(RuntimeError, match="no CUDA device"):
         mod.softmax_forward(0, 0, 0, 1, 1, 1, 1, [0] * 4, [0] * 4, 1.0, False, 0, 0, 0, 0, 0)
+    for launcher in ("attention_forward", "attention_backward", "norm_forward", "norm_backward", "epilogue_forward",
+                     "activation_backward", "head_split", "head_merge"):
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            getattr(mod, launcher)({}, 0)
 
 
 # ---- mutation: a copy of a kernel source with one barrier removed must fail the comparison ----
