@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_dkdv_kernel(AttentionA
   constexpr int BM = L::BM, BN = L::BN;
   TK_EXTERN_SHARED(unsigned char, smem);
   BwdTiles<T, DP> t(smem);
-  const int64_t n_nt = (a.Lk + BN - 1) / BN;
-  const int64_t bhk = blockIdx.x / n_nt, n0 = (blockIdx.x % n_nt) * BN;
+  const TileIndex tile = tile_index(a.Lk, BN);
+  const int64_t bhk = tile.outer, n0 = tile.start;
   const int64_t b = bhk / a.Hkv, hk = bhk % a.Hkv, group = a.H / a.Hkv;
 
   load_tile<T, BN, DP, true>(t.k, L::LDT, static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1] + n0 * a.k_stride[2],
@@ -150,8 +150,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_dq_kernel(AttentionArg
   constexpr int BM = L::BM, BN = L::BN;
   TK_EXTERN_SHARED(unsigned char, smem);
   BwdTiles<T, DP> t(smem);
-  const int64_t n_mt = (a.Lq + BM - 1) / BM;
-  const int64_t bh = blockIdx.x / n_mt, m0 = (blockIdx.x % n_mt) * BM;
+  const TileIndex tile = tile_index(a.Lq, BM);
+  const int64_t bh = tile.outer, m0 = tile.start;
   const int64_t b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.Hkv);
   load_query_side<T, DP>(a, t, b, h, m0);
   for (int e = threadIdx.x; e < BM * L::LDO; e += blockDim.x) t.acc0[e] = 0.0f;

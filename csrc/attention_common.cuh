@@ -77,6 +77,16 @@ __device__ __forceinline__ void zero_unseen_keys(const float* scores, int lds, T
   }
 }
 
+// This block's tile: `outer` = b·heads + head, `start` = its first row. B·heads and the tiles of a length fold into
+// grid x, so any B·H fits.
+struct TileIndex {
+  int64_t outer, start;
+};
+__device__ __forceinline__ TileIndex tile_index(int64_t length, int tile) {
+  const int64_t n = (length + tile - 1) / tile;
+  return TileIndex{blockIdx.x / n, (blockIdx.x % n) * tile};
+}
+
 // Last key (exclusive) a query tile [m0, m0 + BM) visits: causal rows stop at their diagonal.
 __device__ __forceinline__ int64_t key_end(const AttentionArgs& a, int64_t m0, int64_t bm) {
   if (!a.causal) return a.Lk;

@@ -31,9 +31,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttentionAr
   float* m_s = reinterpret_cast<float*>(smem + L::m);
   float* l_s = reinterpret_cast<float*>(smem + L::l);
 
-  // B·H and the query tiles fold into grid x, so any B·H fits.
-  const int64_t n_mt = (a.Lq + BM - 1) / BM;
-  const int64_t bh = blockIdx.x / n_mt, m0 = (blockIdx.x % n_mt) * BM;
+  const TileIndex tile = tile_index(a.Lq, BM);
+  const int64_t bh = tile.outer, m0 = tile.start;
   const int64_t b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.Hkv);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
 
