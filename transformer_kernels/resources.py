@@ -226,7 +226,8 @@ def cuda_report(files: Iterable[str] = CUDA_KERNEL_FILES, archs: Iterable[str] |
     if nvcc is None:
         raise RuntimeError("nvcc not found: set CUDA_HOME to a CUDA toolkit")
     csrc = toolchain.csrc_dir()
-    jobs_list = [(f, arch) for f in files for arch in (archs or toolchain.cuda_archs())]
+    arch_list = list(archs or toolchain.cuda_archs())
+    jobs_list = [(f, arch) for f in files for arch in arch_list]
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(jobs, 1)) as pool:
         parts = pool.map(lambda fa: _cuda_file_report(nvcc, csrc, fa[0], fa[1], tmp), jobs_list)
         return [r for part in parts for r in part]
