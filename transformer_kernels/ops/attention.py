@@ -23,7 +23,12 @@ def draw_seed() -> Tensor:
     return torch.randint(0, 2**62, (1,))
 
 
-def _torch_keep_mask(seed: Tensor, shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
+def seed_value(seed: Tensor | None) -> int:
+    """The seed the kernels take (0 when the call has no dropout)."""
+    return 0 if seed is None else int(seed.item())
+
+
+def torch_keep_mask(seed: Tensor, shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
     # The torch backend's dropout draws from its own generator seeded with the op's seed, so backward
     # regenerates the same mask (the kernels hash the same seed; the bits differ, the contract not).
     g = torch.Generator(device=device).manual_seed(int(seed.item()))
@@ -31,7 +36,7 @@ def _torch_keep_mask(seed: Tensor, shape: tuple[int, ...], p: float, device: tor
 
 
 def _reference(q, k, v, attn_mask, kpm, dropout_p, is_causal, scale, causal_offset, seed):
-    keep = None if dropout_p == 0.0 else _torch_keep_mask(seed, (*q.shape[:-1], k.shape[-2]), dropout_p, q.device)
+    keep = None if dropout_p == 0.0 else torch_keep_mask(seed, (*q.shape[:-1], k.shape[-2]), dropout_p, q.device)
     alignment = "top_left" if causal_offset == 0 else "bottom_right"
     return reference.scaled_dot_product_attention(
         q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa=True, key_padding_mask=kpm,
@@ -63,7 +68,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pa
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     return _kernels(backend).attention_forward(
         q, k, v, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale, is_causal, causal_offset,
-        dropout_p, 0 if seed is None else int(seed.item()))
+        dropout_p, seed_value(seed))
 
 
 @_attention.register_fake
@@ -79,7 +84,7 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                         ) -> tuple[Tensor, Tensor, Tensor]:
     return _kernels(backend).attention_backward(
         grad, q, k, v, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
-        is_causal, causal_offset, dropout_p, 0 if seed is None else int(seed.item()))
+        is_causal, causal_offset, dropout_p, seed_value(seed))
 
 
 @_attention_backward.register_fake

@@ -12,7 +12,8 @@ from torch import Tensor
 from .. import backends, reference
 from . import linear_cuda
 from ._checks import KERNEL_DTYPES, as_rows, autocast_dtype, cast_all, check_float_tensor, describe
-from .attention import draw_seed
+from .attention import draw_seed, seed_value, torch_keep_mask
+from .linear_cuda import col_sum
 
 
 def _gemm():
@@ -21,20 +22,11 @@ def _gemm():
     return triton_linear
 
 
-def _seed_of(seed: Tensor | None) -> int:
-    return 0 if seed is None else int(seed.item())
-
-
-def _col_sum(t: Tensor, dtype: torch.dtype) -> Tensor:
-    # dBias: a column sum in fp32, in a fixed order.
-    return t.float().sum(0).to(dtype)
-
-
 def _weight_and_bias_grads(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, dz=None) -> tuple[Tensor, Tensor]:
     """dW = dZᵀ·X, with dBias summed from the same GEMM's A rows (an empty tensor without a bias). dZ is dY, or
     formed from it in the GEMM prologue when ``dz`` (a transposed DzPrologue) is given."""
     if x.shape[1] == 0:  # no dW GEMM to carry the sum (callers with a prologue handle this case themselves)
-        return weight.new_zeros(weight.shape), (_col_sum(dy, weight.dtype) if has_bias else weight.new_empty(0))
+        return weight.new_zeros(weight.shape), (col_sum(dy, weight.dtype) if has_bias else weight.new_empty(0))
     db = torch.zeros(weight.shape[0] if has_bias else 0, dtype=torch.float32, device=dy.device)
     dw, _, _ = _gemm().matmul(dy.t(), x, out_dtype=weight.dtype, dz=dz, dbias=db if has_bias else None)
     return dw, db.to(weight.dtype)
@@ -47,11 +39,11 @@ def _weight_and_bias_grads(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, activation: str,
             dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
     if backend == "cuda":
-        return linear_cuda.linear_forward(x, weight, bias, residual, activation, dropout_p, _seed_of(seed))
+        return linear_cuda.linear_forward(x, weight, bias, residual, activation, dropout_p, seed_value(seed))
     g = _gemm()
     act = activation or None
     y, z, _ = g.matmul(x, weight.t(), bias=bias, residual=residual, activation=act, dropout_p=dropout_p,
-                       seed=_seed_of(seed), store_z=act is not None)
+                       seed=seed_value(seed), store_z=act is not None)
     return y, (z if z is not None else x.new_empty(0))
 
 
@@ -65,22 +57,22 @@ def _(x, weight, bias, residual, activation, dropout_p, seed, backend):
 def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, has_bias: bool, activation: str,
                      dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "cuda":
-        return linear_cuda.linear_backward(dy, x, weight, z, has_bias, activation, dropout_p, _seed_of(seed))
+        return linear_cuda.linear_backward(dy, x, weight, z, has_bias, activation, dropout_p, seed_value(seed))
     g = _gemm()
     if x.shape[1] == 0:
         # No in-features: no dW GEMM to carry dBias, so dZ is formed on its own.
         dz = dy
         if activation or dropout_p > 0.0:
             dz, _ = g.activation_backward(dy, z if activation else dy.contiguous(), None, activation or None,
-                                          dropout_p, _seed_of(seed))
+                                          dropout_p, seed_value(seed))
         return x.new_zeros(x.shape), weight.new_zeros(weight.shape), (
-            _col_sum(dz, weight.dtype) if has_bias else weight.new_empty(0))
+            col_sum(dz, weight.dtype) if has_bias else weight.new_empty(0))
     # dZ = dY·dropout·act'(Z) is formed tile by tile in each GEMM's prologue (never written to memory); the dW
     # GEMM, whose A is dZᵀ, also sums dBias.
     pro = None
     if activation or dropout_p > 0.0:
         pro = lambda transposed: g.DzPrologue(1, activation or None, z if activation else dy, None, transposed,
-                                              dropout_p, _seed_of(seed))
+                                              dropout_p, seed_value(seed))
     dx, _, _ = g.matmul(dy, weight, dz=pro and pro(False))
     dw, db = _weight_and_bias_grads(dy, x, weight, has_bias, pro and pro(True))
     return dx, dw, db
@@ -136,7 +128,7 @@ def _gated_backward(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, zg: Ten
         dzg, dzu = g.activation_backward(dy, zg, zu, activation, 0.0, 0)
         empty = w_gate.new_empty(0)
         return (x.new_zeros(x.shape), w_gate.new_zeros(w_gate.shape), w_up.new_zeros(w_up.shape),
-                _col_sum(dzg, w_gate.dtype) if has_bias else empty, _col_sum(dzu, w_up.dtype) if has_bias else empty.clone())
+                col_sum(dzg, w_gate.dtype) if has_bias else empty, col_sum(dzu, w_up.dtype) if has_bias else empty.clone())
     # dZg = dY·Zu·act'(Zg) and dZu = dY·act(Zg) are formed in the GEMM prologues from the saved pre-activations.
     gate = lambda t: g.DzPrologue(2, activation, zg, zu, t)
     up = lambda t: g.DzPrologue(3, activation, zg, None, t)
@@ -342,10 +334,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
     name = backends.resolve("linear", x.device, backend, _kernel_why_not(x))
     seed = draw_seed() if dropout_p > 0.0 else None
     if name == "torch":
-        keep = None
-        if seed is not None:
-            gen = torch.Generator(device=x.device).manual_seed(int(seed.item()))
-            keep = torch.rand((*x.shape[:-1], n), generator=gen, device=x.device) >= dropout_p
+        keep = None if seed is None else torch_keep_mask(seed, (*x.shape[:-1], n), dropout_p, x.device)
         return reference.linear(x, weight, bias, activation, residual, dropout_p, keep)
     y, _ = torch.ops.transformer_kernels.linear(
         as_rows(x), weight, bias, None if residual is None else as_rows(residual), activation or "", float(dropout_p),

@@ -14,14 +14,14 @@ from .. import _ext
 ACTIVATION_CODES = {None: 0, "": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 
-def _col_sum(t: Tensor, dtype: torch.dtype) -> Tensor:
-    # dBias: a column sum in fp32.
+def col_sum(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """dBias of either backend when no GEMM carries it: a column sum in fp32, in a fixed order."""
     return t.float().sum(0).to(dtype)
 
 
 def _weight_grads(dz: Tensor, x: Tensor, weight: Tensor, has_bias: bool) -> tuple[Tensor, Tensor]:
     dw = (dz.t() @ x).to(weight.dtype)
-    return dw, (_col_sum(dz, weight.dtype) if has_bias else weight.new_empty(0))
+    return dw, (col_sum(dz, weight.dtype) if has_bias else weight.new_empty(0))
 
 
 def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, activation: str,
