@@ -187,6 +187,11 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
   def_launcher(m, "activation_backward", &act_backward_args, &tk::activation_backward);
   def_launcher(m, "head_split", &head_layout_args, &tk::head_split);
   def_launcher(m, "head_merge", &head_layout_args, &tk::head_merge);
+  m.attr("activation_codes") = py::dict(py::arg("") = static_cast<int>(tk::kActNone),
+                                        py::arg("relu") = static_cast<int>(tk::kActRelu),
+                                        py::arg("gelu") = static_cast<int>(tk::kActGelu),
+                                        py::arg("gelu_tanh") = static_cast<int>(tk::kActGeluTanh),
+                                        py::arg("silu") = static_cast<int>(tk::kActSilu));
   m.attr("attention_head_dims") = py::make_tuple(tk::kAttnHeadDims[0], tk::kAttnHeadDims[1], tk::kAttnHeadDims[2], tk::kAttnHeadDims[3]);
   m.attr("attention_max_head_dim") = py::dict(py::arg("half") = tk::kAttnMaxHeadDimHalf, py::arg("float") = tk::kAttnMaxHeadDimFloat);
   m.def("device_count", [] {

@@ -9,7 +9,7 @@
 
 namespace tk {
 
-// Activation codes, shared with kernels/linear.py: ACTIVATIONS.
+// Activation codes (Python reads them by name from the bindings: activation_codes).
 enum Activation : int { kActNone = 0, kActRelu = 1, kActGelu = 2, kActGeluTanh = 3, kActSilu = 4 };
 
 // acc [M, N] contiguous (the GEMM's product); acc2 the up projection of the gated form (else null). In place:

@@ -227,31 +227,37 @@ def _norm_args(x, residual, weight, bias, eps, rms) -> dict:
             "dx": 0, "dw": 0, "db": 0, "dw_partial": 0, "db_partial": 0}
 
 
+def _activation_code(module: ModuleType, activation: str | None) -> int:
+    return module.activation_codes[activation or ""]
+
+
 def epilogue_forward(acc: torch.Tensor, acc2: torch.Tensor | None, bias: torch.Tensor | None,
-                     bias2: torch.Tensor | None, residual: torch.Tensor | None, activation: int, dropout_p: float,
-                     seed: int) -> torch.Tensor:
+                     bias2: torch.Tensor | None, residual: torch.Tensor | None, activation: str | None,
+                     dropout_p: float, seed: int) -> torch.Tensor:
     """After the GEMM(s): acc (acc2) contiguous ``[M, N]`` become the pre-activations in place; returns
     ``dropout(act(acc + bias) [* (acc2 + bias2)]) + residual``, contiguous ``[M, N]``."""
     m, n = acc.shape
     residual = None if residual is None else _unit_col_stride(residual)
     y = torch.empty_like(acc)
-    module_for(acc.device).epilogue_forward({
+    mod = module_for(acc.device)
+    mod.epilogue_forward({
         "acc": acc.data_ptr(), "acc2": _ptr(acc2), "bias": _ptr(bias), "bias2": _ptr(bias2), "residual": _ptr(residual),
         "y": y.data_ptr(), "M": m, "N": n, "res_row_stride": 0 if residual is None else residual.stride(0),
-        "act": activation, "dropout_p": float(dropout_p), "seed": int(seed) & (2**64 - 1),
+        "act": _activation_code(mod, activation), "dropout_p": float(dropout_p), "seed": int(seed) & (2**64 - 1),
         "dtype": DTYPE_CODES[acc.dtype]}, stream_handle(acc))
     return y
 
 
-def activation_backward(dy: torch.Tensor, z: torch.Tensor | None, z2: torch.Tensor | None, activation: int,
+def activation_backward(dy: torch.Tensor, z: torch.Tensor | None, z2: torch.Tensor | None, activation: str | None,
                         dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dZ (and dZ_up for the gated form) from dY ``[M, N]`` (any strides) and the saved pre-activations."""
     m, n = dy.shape
     dz = torch.empty((m, n), dtype=dy.dtype, device=dy.device)
     dz2 = torch.empty_like(dz) if z2 is not None else None
-    module_for(dy.device).activation_backward({
+    mod = module_for(dy.device)
+    mod.activation_backward({
         "dy": dy.data_ptr(), "z": _ptr(z), "z2": _ptr(z2), "dz": dz.data_ptr(), "dz2": _ptr(dz2), "M": m, "N": n,
-        "dy_row_stride": dy.stride(0), "dy_col_stride": dy.stride(1), "act": activation,
+        "dy_row_stride": dy.stride(0), "dy_col_stride": dy.stride(1), "act": _activation_code(mod, activation),
         "dropout_p": float(dropout_p), "seed": int(seed) & (2**64 - 1), "dtype": DTYPE_CODES[dy.dtype]},
         stream_handle(dy))
     return dz, dz2

@@ -10,9 +10,6 @@ from torch import Tensor
 
 from .. import _ext
 
-# Activation codes of csrc/epilogue.h (the same numbering as kernels/linear.py: ACTIVATIONS).
-ACTIVATION_CODES = {None: 0, "": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
-
 
 def col_sum(t: Tensor, dtype: torch.dtype) -> Tensor:
     """dBias of either backend when no GEMM carries it: a column sum in fp32, in a fixed order."""
@@ -28,7 +25,7 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Ten
                    dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
     """y = dropout(act(x Wᵀ + b)) + residual and the saved pre-activation Z (empty without an activation)."""
     acc = x @ weight.t()
-    y = _ext.epilogue_forward(acc, None, bias, None, residual, ACTIVATION_CODES[activation], dropout_p, seed)
+    y = _ext.epilogue_forward(acc, None, bias, None, residual, activation, dropout_p, seed)
     return y, (acc if activation else x.new_empty(0))
 
 
@@ -36,7 +33,7 @@ def linear_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, has_bias: 
                     dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     dz = dy
     if activation or dropout_p > 0.0:
-        dz, _ = _ext.activation_backward(dy, z if activation else None, None, ACTIVATION_CODES[activation],
+        dz, _ = _ext.activation_backward(dy, z if activation else None, None, activation,
                                          dropout_p, seed)
     dw, db = _weight_grads(dz, x, weight, has_bias)
     return dz @ weight, dw, db
@@ -46,13 +43,13 @@ def gated_forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None
                   activation: str) -> tuple[Tensor, Tensor, Tensor]:
     """y = act(x W_gateᵀ + b_gate) · (x W_upᵀ + b_up) and both saved pre-activations."""
     zg, zu = x @ w_gate.t(), x @ w_up.t()
-    y = _ext.epilogue_forward(zg, zu, b_gate, b_up, None, ACTIVATION_CODES[activation], 0.0, 0)
+    y = _ext.epilogue_forward(zg, zu, b_gate, b_up, None, activation, 0.0, 0)
     return y, zg, zu
 
 
 def gated_backward(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, zg: Tensor, zu: Tensor, has_bias: bool,
                    activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dzg, dzu = _ext.activation_backward(dy, zg, zu, ACTIVATION_CODES[activation], 0.0, 0)
+    dzg, dzu = _ext.activation_backward(dy, zg, zu, activation, 0.0, 0)
     dwg, dbg = _weight_grads(dzg, x, w_gate, has_bias)
     dwu, dbu = _weight_grads(dzu, x, w_up, has_bias)
     return dzg @ w_gate + dzu @ w_up, dwg, dwu, dbg, dbu
@@ -91,7 +88,7 @@ def _merged(attn: Tensor) -> Tensor:
 def out_forward(attn: Tensor, w_o: Tensor, b_o: Tensor | None, residual: Tensor | None) -> Tensor:
     """Head merge (one copy kernel), GEMM, then bias + residual."""
     acc = _merged(attn) @ w_o.t()
-    return _ext.epilogue_forward(acc, None, b_o, None, residual, 0, 0.0, 0)
+    return _ext.epilogue_forward(acc, None, b_o, None, residual, None, 0.0, 0)
 
 
 def out_backward(dy: Tensor, attn: Tensor, w_o: Tensor, has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
