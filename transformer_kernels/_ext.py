@@ -160,8 +160,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        scale: float, is_causal: bool, causal_offset: int, dropout_p: float, seed: int,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `attention_forward` for ``dout`` (any strides, e.g. expanded); contiguous dq, dk, dv."""
-    dq, dk, dv = torch.zeros_like(q, memory_format=torch.contiguous_format), torch.zeros(
-        k.shape, dtype=k.dtype, device=k.device), torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    b, h, lq, d = q.shape
+    # The kernels write every gradient element, except when there is nothing to attend (no queries, keys or head
+    # dim: csrc/attention_bwd.cu returns early), where the gradients are zeros.
+    alloc = torch.zeros if b * h * d == 0 or lq == 0 or k.shape[2] == 0 else torch.empty
+    dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     delta = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     out = out.contiguous()
     args = _attention_args(q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, seed)
