@@ -29,7 +29,16 @@ import triton
 import triton.language as tl
 
 from .common import cast_out, dropout_keep, mma
-from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_of_2, require_runnable
+from .config import (
+    MASK_ADD,
+    MASK_NONE,
+    TRITON_DTYPE_NAMES,
+    AotVariant,
+    is_interpreted,
+    mask_args,
+    next_power_of_2,
+    require_runnable,
+)
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -39,7 +48,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = {torch.float16: 256, torch.bfloat16: 256, torch.float32: 64}
 MIN_BLOCK_D = 16  # tl.dot needs every dimension >= 16
 HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)
-MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
 
 @triton.jit
@@ -502,12 +510,7 @@ def _length_class(n: int) -> int:
 
 
 def _mask_args(mask: torch.Tensor | None, kpm: torch.Tensor | None, q: torch.Tensor):
-    if mask is None:
-        kind, m, ms = MASK_NONE, q, (0, 0, 0, 0)
-    elif mask.dtype == torch.bool:
-        kind, m, ms = MASK_BOOL, mask.view(torch.uint8), mask.stride()
-    else:
-        kind, m, ms = MASK_ADD, mask, mask.stride()
+    kind, m, ms = mask_args(mask, q)
     kp, kps = (q, (0, 0)) if kpm is None else (kpm.view(torch.uint8), kpm.stride())
     return kind, m, ms, kp, kps
 

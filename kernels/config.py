@@ -1,5 +1,5 @@
-"""Small facts every Triton launcher needs: whether Triton runs interpreted, size rounding, and the
-description of an ahead-of-time compile variant."""
+"""Small facts every Triton launcher needs: whether Triton runs interpreted, size rounding, mask arguments, and
+the description of an ahead-of-time compile variant."""
 
 from __future__ import annotations
 
@@ -8,6 +8,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+# The kernels' MASK_KIND constexpr: no mask, bool (True = keep), additive float.
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+
+def mask_args(mask: torch.Tensor | None, placeholder: torch.Tensor) -> tuple[int, torch.Tensor, tuple[int, ...]]:
+    """(MASK_KIND, the tensor the kernel reads, its 4 strides): a bool mask is read as uint8 bytes, a float one as
+    it is; without a mask the kernel gets `placeholder` (never read) and zero strides."""
+    if mask is None:
+        return MASK_NONE, placeholder, (0, 0, 0, 0)
+    if mask.dtype == torch.bool:
+        return MASK_BOOL, mask.view(torch.uint8), mask.stride()
+    return MASK_ADD, mask, mask.stride()
 
 
 def is_interpreted() -> bool:

@@ -14,12 +14,22 @@ import triton
 import triton.language as tl
 
 from .common import cast_out
-from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_of_2, power_of_two_configs, require_runnable
+from .config import (
+    MASK_ADD,
+    MASK_BOOL,
+    MASK_NONE,
+    TRITON_DTYPE_NAMES,
+    AotVariant,
+    is_interpreted,
+    mask_args,
+    next_power_of_2,
+    power_of_two_configs,
+    require_runnable,
+)
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the same constant, usable inside @triton.jit
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 SINGLE_TILE_MAX_COLS = 4096
 LOOP_BLOCK = 2048
 MIN_BLOCK = 16
@@ -164,12 +174,7 @@ def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is
     rows = d0 * d1 * d2
     if rows == 0 or n == 0:
         return y
-    if mask is None:
-        kind, m, ms = MASK_NONE, x, (0, 0, 0, 0)
-    elif mask.dtype == torch.bool:
-        kind, m, ms = MASK_BOOL, mask.view(torch.uint8), mask.stride()
-    else:
-        kind, m, ms = MASK_ADD, mask, mask.stride()
+    kind, m, ms = mask_args(mask, x)
     block, warps, single = pick_config(n)
     softmax_fwd_kernel[(rows,)](
         x, m, y, n, d1, d2, *x.stride(), *ms, scale, causal_offset,
