@@ -159,6 +159,11 @@ def build_mutant(tmp_path, objects, file, occurrence, tag):
     return module
 
 
+def max_error(ours, expected):
+    """Max absolute difference; NaN (a poisoned read) counts as infinitely wrong."""
+    return (ours.float() - expected.float()).abs().max().nan_to_num(float("inf")).item()
+
+
 def softmax_error(module, direction):
     torch.manual_seed(0)
     x = torch.randn(1, 1, 4, 300)
@@ -166,14 +171,14 @@ def softmax_error(module, direction):
         y = torch.empty_like(x)
         module.softmax_forward(x.data_ptr(), 0, y.data_ptr(), 4, 300, 1, 4, list(x.stride()), [0] * 4, 1.0, False, 0,
                                0, 0, _ext.SOFTMAX_ALGOS["block"], 0)
-        return (y - reference.masked_softmax(x)).abs().max().nan_to_num(float("inf")).item()
+        return max_error(y, reference.masked_softmax(x))
     y = reference.masked_softmax(x)
     g = torch.randn_like(x)
     dx = torch.empty_like(x)
     module.softmax_backward(y.data_ptr(), g.data_ptr(), dx.data_ptr(), 4, 300, 1, 4, list(g.stride()), 1.0, 0,
                             _ext.SOFTMAX_ALGOS["block"], 0)
     exp = y * (g - (g * y).sum(-1, keepdim=True))
-    return (dx - exp).abs().max().nan_to_num(float("inf")).item()
+    return max_error(dx, exp)
 
 
 def norm_error(module, direction, monkeypatch):
@@ -186,9 +191,9 @@ def norm_error(module, direction, monkeypatch):
         y = tk.ops.layer_norm(x)
     ref = reference.layer_norm(x, None, None)
     if direction == "forward":
-        return (y - ref).abs().max().nan_to_num(float("inf")).item()
+        return max_error(y, ref)
     ours, theirs = torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(ref, x, dy)[0]
-    return (ours - theirs).abs().max().nan_to_num(float("inf")).item()
+    return max_error(ours, theirs)
 
 
 def attention_error(module, direction, monkeypatch):
@@ -201,12 +206,12 @@ def attention_error(module, direction, monkeypatch):
         out = tk.ops.attention(q, k, v, attn_mask=mask, is_causal=True)
     ref = reference.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), mask, is_causal=True)
     if direction == "forward":
-        return (out.float() - ref).abs().max().nan_to_num(float("inf")).item()
+        return max_error(out, ref)
     g = torch.randn_like(ref)
     ours = torch.autograd.grad(out, (q, k, v), g.half())
     theirs = torch.autograd.grad(ref, (q, k, v), g)
     grad = {"dq": 0, "dk": 1, "dv": 2}[direction]
-    return (ours[grad].float() - theirs[grad]).abs().max().nan_to_num(float("inf")).item()
+    return max_error(ours[grad], theirs[grad])
 
 
 # (file, which __syncthreads() occurrence, what to compare): for every kernel with shared memory, a barrier whose
