@@ -234,11 +234,11 @@ def cuda_report(files: Iterable[str] = CUDA_KERNEL_FILES, archs: Iterable[str] |
 
 
 def format_table(rows: list[Resources]) -> str:
-    head = f"{'backend':7} {'kernel':22} {'arch':5} {'regs':>4} {'spill':>5} {'smem':>6} {'TC':>4} {'occ':>5}  variant"
+    head = f"{'backend':7} {'kernel':26} {'arch':5} {'regs':>4} {'spill':>5} {'smem':>6} {'TC':>4} {'occ':>5}  variant"
     lines = [head, "-" * len(head)]
     for r in rows:
         occ = "-" if r.occupancy is None else f"{r.occupancy:.2f}"
-        lines.append(f"{r.backend:7} {r.kernel:22} sm_{r.arch:<2} {r.registers:4d} {r.stack_bytes:5d} "
+        lines.append(f"{r.backend:7} {r.kernel:26} sm_{r.arch:<2} {r.registers:4d} {r.stack_bytes:5d} "
                      f"{r.shared_bytes:6d} {r.tensor_core_instrs:4d} {occ:>5}  {r.variant}")
     return "\n".join(lines)
 
