@@ -21,8 +21,8 @@ CSRC = ROOT / "csrc"
 
 
 def _load_toolchain():
-    """transformer_kernels/toolchain.py, loaded as a file: importing the package would import torch."""
-    spec = importlib.util.spec_from_file_location("_tk_toolchain", ROOT / "transformer_kernels" / "toolchain.py")
+    """transformer_kernels/tools/toolchain.py, loaded as a file: importing the package would import torch."""
+    spec = importlib.util.spec_from_file_location("_tk_toolchain", ROOT / "transformer_kernels" / "tools" / "toolchain.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -187,6 +187,17 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
   def_launcher(m, "activation_backward", &act_backward_args, &tk::activation_backward);
   def_launcher(m, "head_split", &head_layout_args, &tk::head_split);
   def_launcher(m, "head_merge", &head_layout_args, &tk::head_merge);
+  // The enums of types.h and softmax.h, so Python reads the codes instead of restating them.
+  m.attr("dtype_codes") = py::dict(py::arg("float32") = static_cast<int>(tk::kFloat32),
+                                   py::arg("float16") = static_cast<int>(tk::kFloat16),
+                                   py::arg("bfloat16") = static_cast<int>(tk::kBFloat16));
+  m.attr("mask_kinds") = py::dict(py::arg("none") = static_cast<int>(tk::kNoMask),
+                                  py::arg("bool") = static_cast<int>(tk::kBoolMask),
+                                  py::arg("same_dtype") = static_cast<int>(tk::kSameDTypeMask),
+                                  py::arg("float32") = static_cast<int>(tk::kFloat32Mask));
+  m.attr("softmax_algos") = py::dict(py::arg("auto") = static_cast<int>(tk::kAlgoAuto),
+                                     py::arg("warp") = static_cast<int>(tk::kAlgoWarp),
+                                     py::arg("block") = static_cast<int>(tk::kAlgoBlock));
   m.attr("activation_codes") = py::dict(py::arg("") = static_cast<int>(tk::kActNone),
                                         py::arg("relu") = static_cast<int>(tk::kActRelu),
                                         py::arg("gelu") = static_cast<int>(tk::kActGelu),

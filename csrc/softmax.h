@@ -7,7 +7,7 @@
 
 namespace tk {
 
-// Mask element kinds (Python side: transformer_kernels/_ext.py: MASK_KINDS).
+// Mask element kinds (read by Python from the bindings: mask_kinds).
 enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kSameDTypeMask = 2, kFloat32Mask = 3 };
 // Which kernel runs a row: chosen by length, or forced by tests so both paths see every length.
 enum SoftmaxAlgo : int { kAlgoAuto = 0, kAlgoWarp = 1, kAlgoBlock = 2 };

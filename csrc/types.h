@@ -11,7 +11,7 @@ using tk_stream_t = cudaStream_t;
 
 namespace tk {
 
-// Element type codes shared with the Python side (transformer_kernels/_ext.py: DTYPE_CODES).
+// Element type codes shared with the Python side (read by Python from the bindings: dtype_codes).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 }  // namespace tk

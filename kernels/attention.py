@@ -28,20 +28,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast_out, dropout_keep, mma
+from .._layout import unit_last_stride
+from .common import LOG2E, cast_out, dropout_keep, mma
 from .config import (
     MASK_ADD,
     MASK_NONE,
     TRITON_DTYPE_NAMES,
     AotVariant,
+    autotuned,
     is_interpreted,
     mask_args,
     next_power_of_2,
-    require_runnable,
 )
 
-LOG2E = 1.4426950408889634
-_LOG2E = tl.constexpr(LOG2E)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Largest head dim per dtype for which every pass has a spill-free tile on sm_80 and sm_90 (fp32 dots run as
 # tf32x3, which holds each operand twice: with masks and dropout no fp32 tile above D = 64 fits the registers).
@@ -108,8 +107,8 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, KPM, kpm_row, skp1,
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row with nothing visible yet has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2((m_i - m_safe) * _LOG2E)
-    p = tl.exp2((s - m_safe[:, None]) * _LOG2E)
+    alpha = tl.exp2((m_i - m_safe) * LOG2E)
+    p = tl.exp2((s - m_safe[:, None]) * LOG2E)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(v_base + offs_n[:, None] * sv2 + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
     if MASK_KIND != 0:
@@ -222,7 +221,7 @@ def _probs(q, kt, offs_m, offs_n, col_ok, rows, M_IN, INV_L, Lq, mask_base, sm2,
     row_ok = offs_m < Lq
     m = tl.load(M_IN + rows, mask=row_ok, other=0.0)
     inv_l = tl.load(INV_L + rows, mask=row_ok, other=0.0)
-    return tl.exp2((s - m[:, None]) * _LOG2E) * inv_l[:, None], visible
+    return tl.exp2((s - m[:, None]) * LOG2E) * inv_l[:, None], visible
 
 
 @triton.jit
@@ -472,29 +471,37 @@ def tile_configs(pass_name: str, block_d: int, elem_bytes: int, features: str) -
     return PASSES[pass_name][(features, max(elem_bytes, 2), block_d)]
 
 
-def _key(c: triton.Config) -> tuple[int, int, int, int]:
-    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
-
-
 def _autotuned(kernel, pass_name: str):
     """`kernel` autotuned over every tile of the pass, pruned per call to the head-dim block and element size."""
     table = {"": [INTERPRETER_CONFIG]} if is_interpreted() else PASSES[pass_name]
-    configs = {_key(c.triton()): c.triton() for tiles in table.values() for c in tiles}
 
-    def prune(configs, named_args, **kwargs):
+    def allowed(named_args, kwargs):
         features = feature_class(kwargs["MASK_KIND"], kwargs["HAS_KPM"], kwargs["DROPOUT"])
-        allowed = {_key(c.triton()) for c in tile_configs(pass_name, kwargs["BLOCK_D"], named_args["Q"].element_size(),
-                                                          features)}
-        return [c for c in configs if _key(c) in allowed]
+        return tile_configs(pass_name, kwargs["BLOCK_D"], named_args["Q"].element_size(), features)
 
     key = ["LQ_CLASS", "LK_CLASS", "GROUP", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "DROPOUT"]
-    return triton.autotune(list(configs.values()), key=key,
-                           prune_configs_by={"early_config_prune": prune})(kernel)
+    return autotuned(kernel, [c for tiles in table.values() for c in tiles], key, allowed)
 
 
 _fwd = _autotuned(attn_fwd_kernel, "fwd")
 _dkdv = _autotuned(attn_bwd_dkdv_kernel, "dkdv")
 _dq = _autotuned(attn_bwd_dq_kernel, "dq")
+
+
+def max_head_dim(dtype: torch.dtype, device: torch.device) -> int:
+    """The widest head dim these kernels take in ``dtype`` (0 for a dtype they lack)."""
+    return MAX_HEAD_DIM.get(dtype, 0)
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why these kernels cannot take the inputs (None when they can)."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} (supported: {SUPPORTED_DTYPES})"
+    if q.shape[-1] > MAX_HEAD_DIM[q.dtype]:
+        return f"head dim {q.shape[-1]} with {q.dtype} (supported: 1..{MAX_HEAD_DIM[q.dtype]})"
+    if v.shape[-1] != q.shape[-1]:
+        return f"value head dim {v.shape[-1]} differs from the query/key head dim {q.shape[-1]}"
+    return None
 
 
 def head_dim_block(d: int, dtype: torch.dtype) -> int:
@@ -515,28 +522,8 @@ def _mask_args(mask: torch.Tensor | None, kpm: torch.Tensor | None, q: torch.Ten
     return kind, m, ms, kp, kps
 
 
-def _rows_unit_stride(t: torch.Tensor) -> torch.Tensor:
-    # The kernels read head-dim rows with unit stride (vector loads; a runtime last-dim stride costs a 64-bit
-    # address per element and spills): a view with another last-dim stride is copied once, here.
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride()[:3]
-
-
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, kpm: torch.Tensor | None) -> None:
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q dtype {q.dtype} is not supported by the Triton attention (supported: {SUPPORTED_DTYPES})")
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"expected q [B, H, Lq, D] and k, v [B, Hkv, Lk, D]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    b, h, lq, _ = q.shape
-    if mask is not None and mask.shape != (b, h, lq, k.shape[2]):
-        raise ValueError(f"mask must be viewed as [B, H, Lq, Lk] = {(b, h, lq, k.shape[2])}, got {tuple(mask.shape)}")
-    if kpm is not None and (kpm.shape != (b, k.shape[2]) or kpm.dtype != torch.bool):
-        raise ValueError(f"key_padding_mask must be bool [B, Lk] = {(b, k.shape[2])}, got {tuple(kpm.shape)} {kpm.dtype}")
-    require_runnable(q)
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -546,8 +533,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     / float (added) viewed as ``[B, H, Lq, Lk]``; kpm None or bool ``[B, Lk]`` (True = padding). Returns the
     contiguous output ``[B, H, Lq, D]`` and, per row, the max score and reciprocal softmax sum (fp32
     ``[B, H, Lq]``) that the backward pass needs."""
-    _check(q, k, v, mask, kpm)
-    q, k, v = (_rows_unit_stride(t) for t in (q, k, v))
+    # The kernels read head-dim rows with unit stride (vector loads; a runtime last-dim stride costs a 64-bit
+    # address per element and spills): a view with another last-dim stride is copied once, here.
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     o = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
@@ -572,8 +560,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `attention_forward` for grad_output ``do`` (any strides, e.g. expanded); returns contiguous
     dq, dk, dv. dK/dV of a GQA group are summed over its query heads."""
-    _check(q, k, v, mask, kpm)
-    q, k, v, do = (_rows_unit_stride(t) for t in (q, k, v, do))
+    q, k, v, do = (unit_last_stride(t) for t in (q, k, v, do))
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     dq = torch.zeros((b, h, lq, d), dtype=q.dtype, device=q.device)
@@ -595,16 +582,6 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     _dq[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)](
         q, k, v, do, dq, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)
     return dq, dk, dv
-
-
-def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: float, device: torch.device) -> torch.Tensor:
-    """The bool keep-mask ``[B, H, Lq, Lk]`` the kernels use for this seed and p (True = kept)."""
-    b, h, lq, lk = shape
-    keep = torch.zeros(shape, dtype=torch.int8, device=device)
-    if keep.numel():
-        grid = (triton.cdiv(lq, 32) * triton.cdiv(lk, 32) * b * h,)
-        dropout_mask_kernel[grid](keep, lq, lk, dropout_p, seed, BLOCK_M=32, BLOCK_N=32)
-    return keep.bool()
 
 
 _AOT_POINTERS = {

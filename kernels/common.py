@@ -9,6 +9,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# exp(x) = exp2(x · log2 e): the kernels' softmax runs in the exp2 domain (one MUFU.EX2 per element).
+LOG2E = tl.constexpr(1.4426950408889634)
+
 
 @triton.jit
 def cast_out(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):

@@ -1,5 +1,5 @@
-"""Small facts every Triton launcher needs: whether Triton runs interpreted, size rounding, mask arguments, and
-the description of an ahead-of-time compile variant."""
+"""Small facts every Triton launcher needs: whether Triton runs interpreted, size rounding, mask arguments, the
+row-launch heuristic, the autotune-with-pruning helper, and the description of an ahead-of-time compile variant."""
 
 from __future__ import annotations
 
@@ -52,10 +52,44 @@ class AotVariant:
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def require_runnable(t: torch.Tensor) -> None:
-    """Triton runs on CUDA tensors, or on CPU tensors only when interpreted."""
-    if t.device.type == "cpu" and not is_interpreted():
-        raise RuntimeError("Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 before importing triton")
+# Row kernels (softmax, norms): a whole row in one tile up to ROW_SINGLE_TILE_MAX_COLS, ROW_LOOP_BLOCK tiles above.
+ROW_SINGLE_TILE_MAX_COLS = 4096
+ROW_LOOP_BLOCK = 2048
+ROW_MIN_BLOCK = 16
+_ROW_LOOP_WARPS = 8
+
+
+def row_tile(n_cols: int, values_per_thread: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) holding a whole row in one tile. Warps grow with the tile so that each thread holds at
+    most ``values_per_thread`` elements of the row: past that ptxas spilled on sm_80."""
+    block = max(ROW_MIN_BLOCK, next_power_of_2(n_cols))
+    return block, min(16, max(1, block // (32 * values_per_thread)))
+
+
+def row_config(n_cols: int, values_per_thread: int) -> tuple[int, int, bool]:
+    """(BLOCK, num_warps, SINGLE_TILE) of a one-program-per-row kernel that loops over longer rows."""
+    if n_cols <= ROW_SINGLE_TILE_MAX_COLS:
+        return (*row_tile(n_cols, values_per_thread), True)
+    return ROW_LOOP_BLOCK, _ROW_LOOP_WARPS, False
+
+
+def config_key(c: Any) -> tuple:
+    """A triton.Config's identity (its block sizes, warps and stages)."""
+    return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
+
+
+def autotuned(kernel: Any, tiles: list, key: list[str], allowed: Any) -> Any:
+    """``kernel`` autotuned over every tile in ``tiles`` (objects with ``.triton()``), each call pruned to the tiles
+    ``allowed(named_args, kwargs)`` returns for its arguments (per feature class, element size, ...)."""
+    import triton
+
+    configs = {config_key(t.triton()): t.triton() for t in tiles}
+
+    def prune(configs, named_args, **kwargs):
+        ok = {config_key(t.triton()) for t in allowed(named_args, kwargs)}
+        return [c for c in configs if config_key(c) in ok]
+
+    return triton.autotune(list(configs.values()), key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 def power_of_two_configs(pick, min_cols: int, max_cols: int) -> list:

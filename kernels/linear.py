@@ -8,8 +8,8 @@ n = h·D + d goes to ``out[b, h, l, d]`` (the QKV projection writes ``[B, H, L, 
 instead be gathered from ``[B, H, L, D]`` (head merge in the prologue, for the output projection). A gated mode
 multiplies with a second B (``act(A@Bg + bg) · (A@Bu + bu)``, swiglu/geglu) sharing each A tile.
 
-Backward (ops/linear.py): the pre-activation Z is saved in forward (M·N elements of the input dtype, only when
-there is an activation). dX = dZ @ W and dW = dZᵀ @ X run through the same GEMM with a prologue that turns each dY
+Backward (the launchers at the end of this file): the pre-activation Z is saved in forward (M·N elements of the
+input dtype, only when there is an activation). dX = dZ @ W and dW = dZᵀ @ X run through the same GEMM with a prologue that turns each dY
 tile into the dZ tile in registers (dropout draw, act'(Z), the gated product rule), so dZ is never written; the dW
 GEMM also sums its A rows into dBias. `dact_kernel` forms dZ on its own only when there are no in-features (no
 dW GEMM to carry dBias).
@@ -23,12 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .._layout import col_sum, unit_last_stride
 from .common import cast_out, dropout_keep, mma
-from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted
+from .config import TRITON_DTYPE_NAMES, AotVariant, autotuned, is_interpreted
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
-GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -234,29 +234,21 @@ def feature_class(gated: bool, has_res: bool, dropout: bool, dact: int = 0) -> s
     return "all" if gated or has_res or dropout or dact else "plain"
 
 
-def _key(c: triton.Config) -> tuple[int, ...]:
-    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
-
-
 def gemm_configs(elem_bytes: int, features: str) -> list[GemmConfig]:
     if is_interpreted():
         return [INTERPRETER_CONFIG]
     return GEMM_CONFIGS[(features, max(elem_bytes, 2))]
 
 
-def _prune(configs, named_args, **kwargs):
+def _allowed(named_args, kwargs) -> list[GemmConfig]:
     features = feature_class(kwargs["GATED"], kwargs["HAS_RES"], kwargs["DROPOUT"], kwargs["DACT"])
-    allowed = {_key(c.triton()) for c in gemm_configs(named_args["A"].element_size(), features)}
-    return [c for c in configs if _key(c) in allowed]
+    return gemm_configs(named_args["A"].element_size(), features)
 
 
-_all_tiles = [INTERPRETER_CONFIG] if is_interpreted() else [c for cs in GEMM_CONFIGS.values() for c in cs]
-_matmul = triton.autotune(
-    list({_key(c.triton()): c.triton() for c in _all_tiles}.values()),
-    key=["M", "N", "K", "ACT", "HAS_RES", "DROPOUT", "GATED", "MERGE_HEADS", "SPLIT_HEADS", "DACT", "A_TRANS",
-         "HAS_DBIAS"],
-    prune_configs_by={"early_config_prune": _prune},
-)(matmul_kernel)
+_matmul = autotuned(
+    matmul_kernel, [INTERPRETER_CONFIG] if is_interpreted() else [c for cs in GEMM_CONFIGS.values() for c in cs],
+    ["M", "N", "K", "ACT", "HAS_RES", "DROPOUT", "GATED", "MERGE_HEADS", "SPLIT_HEADS", "DACT", "A_TRANS", "HAS_DBIAS"],
+    _allowed)
 
 
 @dataclass
@@ -368,6 +360,131 @@ def activation_backward(dy: torch.Tensor, z: torch.Tensor, z2: torch.Tensor | No
                           seed, ACT=ACTIVATIONS[activation], DROPOUT=dropout_p > 0.0, GATED=z2 is not None,
                           BLOCK_M=DACT_BLOCK[0], BLOCK_N=DACT_BLOCK[1], INTERPRETED=is_interpreted(), num_warps=4)
     return dz, dz2
+
+
+# ---- the op launchers (same functions and signatures as transformer_kernels/cuda/linear.py) -----------
+
+
+def unsupported(x: torch.Tensor) -> str | None:
+    """Why these kernels cannot take ``x`` (None when they can)."""
+    return None if x.dtype in SUPPORTED_DTYPES else f"dtype {x.dtype} (supported: {SUPPORTED_DTYPES})"
+
+
+def _weight_and_bias_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+                           dz: DzPrologue | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dW = dZᵀ·X, with dBias summed from the same GEMM's A rows (an empty tensor without a bias). dZ is dY, or
+    formed from it in the GEMM prologue when ``dz`` (a transposed DzPrologue) is given."""
+    if x.shape[1] == 0:  # no dW GEMM to carry the sum (callers with a prologue handle this case themselves)
+        return weight.new_zeros(weight.shape), (col_sum(dy, weight.dtype) if has_bias else weight.new_empty(0))
+    db = torch.zeros(weight.shape[0] if has_bias else 0, dtype=torch.float32, device=dy.device)
+    dw, _, _ = matmul(dy.t(), x, out_dtype=weight.dtype, dz=dz, dbias=db if has_bias else None)
+    return dw, db.to(weight.dtype)
+
+
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                   activation: str, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ``[M, K]``, weight ``[N, K]``: y = dropout(act(x Wᵀ + b)) + residual and the saved pre-activation Z
+    (empty without an activation; ``activation`` "" for none)."""
+    act = activation or None
+    y, z, _ = matmul(x, weight.t(), bias=bias, residual=residual, activation=act, dropout_p=dropout_p, seed=seed,
+                     store_z=act is not None)
+    return y, (z if z is not None else x.new_empty(0))
+
+
+def linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, has_bias: bool,
+                    activation: str, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias or an empty tensor)."""
+    act = activation or None
+    if x.shape[1] == 0:
+        # No in-features: no dW GEMM to carry dBias, so dZ is formed on its own.
+        dz = dy
+        if act or dropout_p > 0.0:
+            dz, _ = activation_backward(dy, z if act else dy.contiguous(), None, act, dropout_p, seed)
+        return x.new_zeros(x.shape), weight.new_zeros(weight.shape), (
+            col_sum(dz, weight.dtype) if has_bias else weight.new_empty(0))
+    # dZ = dY·dropout·act'(Z) is formed tile by tile in each GEMM's prologue (never written to memory); the dW
+    # GEMM, whose A is dZᵀ, also sums dBias.
+    pro = None
+    if act or dropout_p > 0.0:
+        pro = lambda transposed: DzPrologue(1, act, z if act else dy, None, transposed, dropout_p, seed)
+    dx, _, _ = matmul(dy, weight, dz=pro and pro(False))
+    dw, db = _weight_and_bias_grads(dy, x, weight, has_bias, pro and pro(True))
+    return dx, dw, db
+
+
+def gated_forward(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+                  b_up: torch.Tensor | None, activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = act(x W_gateᵀ + b_gate) · (x W_upᵀ + b_up) and both saved pre-activations, in one GEMM sharing A."""
+    y, zg, zu = matmul(x, w_gate.t(), b2=w_up.t(), bias=b_gate, bias2=b_up, activation=activation, store_z=True)
+    return y, zg, zu
+
+
+def gated_backward(dy: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, zg: torch.Tensor,
+                   zu: torch.Tensor, has_bias: bool, activation: str,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw_gate, dw_up, db_gate, db_up); the bias grads are empty without biases."""
+    if x.shape[1] == 0:
+        dzg, dzu = activation_backward(dy, zg, zu, activation, 0.0, 0)
+        empty = w_gate.new_empty(0)
+        return (x.new_zeros(x.shape), w_gate.new_zeros(w_gate.shape), w_up.new_zeros(w_up.shape),
+                col_sum(dzg, w_gate.dtype) if has_bias else empty, col_sum(dzu, w_up.dtype) if has_bias else empty.clone())
+    # dZg = dY·Zu·act'(Zg) and dZu = dY·act(Zg) are formed in the GEMM prologues from the saved pre-activations.
+    gate = lambda t: DzPrologue(2, activation, zg, zu, t)
+    up = lambda t: DzPrologue(3, activation, zg, None, t)
+    dx_gate, _, _ = matmul(dy, w_gate, dz=gate(False))
+    dx, _, _ = matmul(dy, w_up, residual=dx_gate, dz=up(False))  # dX = dZg·Wg + dZu·Wu, summed in the epilogue
+    dwg, dbg = _weight_and_bias_grads(dy, x, w_gate, has_bias, gate(True))
+    dwu, dbu = _weight_and_bias_grads(dy, x, w_up, has_bias, up(True))
+    return dx, dwg, dwu, dbg, dbu
+
+
+def qkv_forward(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None, batch: int, num_heads: int,
+                num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x ``[B·L, E]`` → q ``[B, H, L, D]``, k and v ``[B, Hkv, L, D]``, written in that layout by the epilogue."""
+    length = x.shape[0] // batch if batch else 0
+    d = w_qkv.shape[0] // (num_heads + 2 * num_kv_heads)
+    outs = []
+    start = 0
+    for heads in (num_heads, num_kv_heads, num_kv_heads):
+        out = x.new_empty((batch, heads, length, d))
+        rows = slice(start, start + heads * d)
+        # The epilogue writes [B·L, heads·D] straight into [B, heads, L, D]: no transpose copy afterwards.
+        matmul(x, w_qkv[rows].t(), bias=None if b_qkv is None else b_qkv[rows], out=HeadLayout(out))
+        outs.append(out)
+        start += heads * d
+    return outs[0], outs[1], outs[2]
+
+
+def _merged(t: torch.Tensor) -> torch.Tensor:
+    b, h, length, d = t.shape
+    return t.transpose(1, 2).reshape(b * length, h * d)
+
+
+def qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, x: torch.Tensor, w_qkv: torch.Tensor,
+                 has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw_qkv, db_qkv or an empty tensor)."""
+    # One [B·L, (H + 2·Hkv)·D] gradient (a copy: backward only) feeds one dX GEMM and one dW GEMM.
+    dy = torch.cat([_merged(dq), _merged(dk), _merged(dv)], dim=1)
+    dx, _, _ = matmul(dy, w_qkv)
+    dw, db = _weight_and_bias_grads(dy, x, w_qkv, has_bias)
+    return dx, dw, db
+
+
+def out_forward(attn: torch.Tensor, w_o: torch.Tensor, b_o: torch.Tensor | None,
+                residual: torch.Tensor | None) -> torch.Tensor:
+    """attn ``[B, H, L, D]`` → ``[B·L, E]``; the prologue gathers A[b·L + l, h·D + d] = attn[b, h, l, d], so the
+    head merge costs no copy."""
+    y, _, _ = matmul(HeadLayout(unit_last_stride(attn)), w_o.t(), bias=b_o, residual=residual)
+    return y
+
+
+def out_backward(dy: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor,
+                 has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_attn ``[B, H, L, D]``, dw_o, db_o or an empty tensor)."""
+    d_attn = attn.new_empty(attn.shape)
+    matmul(dy, w_o, out=HeadLayout(d_attn))  # dAttn written straight back into [B, H, L, D]
+    dw, db = _weight_and_bias_grads(dy, _merged(attn), w_o, has_bias)
+    return d_attn, dw, db
 
 
 def aot_variants() -> list[AotVariant]:

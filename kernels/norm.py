@@ -2,7 +2,7 @@
 
 Forward: one program per row. The residual is added first (s = x + residual, stored for the residual stream),
 then statistics in fp32: mean and variance from the row held in registers (one pass over memory) up to
-`SINGLE_TILE_MAX_COLS`, else in `LOOP_BLOCK` tiles (mean first, then the centred variance, so a large mean
+`config.ROW_SINGLE_TILE_MAX_COLS`, else in `config.ROW_LOOP_BLOCK` tiles (mean first, then the centred variance, so a large mean
 cannot cancel the variance away). The mean (LayerNorm) and 1/std are saved for backward.
 
 Backward: each program walks `ROWS_PER_PROGRAM` rows, writes dX for each and keeps its partial sums of
@@ -16,13 +16,20 @@ import torch
 import triton
 import triton.language as tl
 
+from .._layout import unit_last_stride
 from .common import cast_out
-from .config import TRITON_DTYPE_NAMES, AotVariant, is_interpreted, next_power_of_2, power_of_two_configs, require_runnable
+from .config import (
+    ROW_MIN_BLOCK,
+    ROW_SINGLE_TILE_MAX_COLS,
+    TRITON_DTYPE_NAMES,
+    AotVariant,
+    is_interpreted,
+    power_of_two_configs,
+    row_config,
+    row_tile,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SINGLE_TILE_MAX_COLS = 4096
-LOOP_BLOCK = 2048
-MIN_BLOCK = 16
 ROWS_PER_PROGRAM = 32
 _ROWS_PER_PROGRAM = tl.constexpr(ROWS_PER_PROGRAM)
 
@@ -139,18 +146,14 @@ def norm_bwd_kernel(
 
 
 def pick_config(n_cols: int) -> tuple[int, int, bool]:
-    """(BLOCK, num_warps, SINGLE_TILE) for the forward: the whole row in registers up to SINGLE_TILE_MAX_COLS
-    (at most 16 fp32 values per thread), LOOP_BLOCK tiles above."""
-    if n_cols <= SINGLE_TILE_MAX_COLS:
-        block = max(MIN_BLOCK, next_power_of_2(n_cols))
-        return block, min(16, max(1, block // 512)), True
-    return LOOP_BLOCK, 8, False
+    """(BLOCK, num_warps, SINGLE_TILE) for the forward: at most 16 fp32 values of the row per thread."""
+    return row_config(n_cols, 16)
 
 
 def pick_backward_config(n_cols: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for the backward, which holds a whole row (and its dW/dB partials) in registers."""
-    block = max(MIN_BLOCK, next_power_of_2(n_cols))
-    return block, min(16, max(1, block // 256))
+    """(BLOCK, num_warps) for the backward, which holds a whole row (and its dW/dB partials) in registers: at most
+    8 values per thread."""
+    return row_tile(n_cols, 8)
 
 
 MAX_BACKWARD_COLS = 8192  # a whole row and its dW/dB partials in registers: at 16384 every dtype spilled
@@ -158,19 +161,21 @@ MAX_BACKWARD_COLS = 8192  # a whole row and its dW/dB partials in registers: at 
 
 def all_configs() -> list[tuple[int, int, bool]]:
     """Every forward config pick_config can return (for the resource check)."""
-    return [*power_of_two_configs(pick_config, MIN_BLOCK, SINGLE_TILE_MAX_COLS), pick_config(SINGLE_TILE_MAX_COLS + 1)]
+    return [*power_of_two_configs(pick_config, ROW_MIN_BLOCK, ROW_SINGLE_TILE_MAX_COLS),
+            pick_config(ROW_SINGLE_TILE_MAX_COLS + 1)]
 
 
 def all_backward_configs() -> list[tuple[int, int]]:
-    return power_of_two_configs(pick_backward_config, MIN_BLOCK, MAX_BACKWARD_COLS)
+    return power_of_two_configs(pick_backward_config, ROW_MIN_BLOCK, MAX_BACKWARD_COLS)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+def unsupported(x: torch.Tensor) -> str | None:
+    """Why these kernels cannot take ``x`` (None when they can)."""
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x dtype {x.dtype} is not supported by the Triton norms (supported: {SUPPORTED_DTYPES})")
-    if x.dim() != 2 or weight.shape != (x.shape[1],):
-        raise ValueError(f"expected x [rows, N] and weight [N]; got {tuple(x.shape)} and {tuple(weight.shape)}")
-    require_runnable(x)
+        return f"dtype {x.dtype} (supported: {SUPPORTED_DTYPES})"
+    if x.shape[-1] > MAX_BACKWARD_COLS:
+        return f"hidden size {x.shape[-1]} (supported: 1..{MAX_BACKWARD_COLS})"
+    return None
 
 
 def norm_forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -178,8 +183,8 @@ def norm_forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     """x, residual: ``[rows, N]`` with unit stride along N; weight, bias: ``[N]``. Returns (y, s, mean, rstd):
     y the normalised output, s = x + residual (x itself without a residual), and the fp32 row statistics
     (mean is empty for RMS norm)."""
-    _check(x, weight)
     rows, n = x.shape
+    # One row stride serves x and the residual.
     if x.stride(1) != 1 or (residual is not None and residual.stride() != x.stride()):
         x = x.contiguous()
         residual = None if residual is None else residual.contiguous()
@@ -203,10 +208,7 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | No
     """dy ``[rows, N]`` (an expanded grad is copied); x and residual the forward's inputs. Returns (dx, dweight,
     dbias): dx is also the residual's gradient, dweight/dbias are in weight's dtype."""
     rows, n = x.shape
-    if n > MAX_BACKWARD_COLS:
-        raise ValueError(f"the Triton norm backward supports rows up to {MAX_BACKWARD_COLS} elements, got {n}")
-    if dy.stride(1) != 1:
-        dy = dy.contiguous()
+    dy = unit_last_stride(dy)
     if x.stride(1) != 1 or (residual is not None and residual.stride() != x.stride()):
         x = x.contiguous()
         residual = None if residual is None else residual.contiguous()

@@ -1,7 +1,7 @@
 """Masked softmax over the last dim, in Triton.
 
-One program per row. Rows up to ``SINGLE_TILE_MAX_COLS`` are held in registers as one tile; longer
-rows stream in ``LOOP_BLOCK`` tiles twice: first a running (max, sum) per lane (online softmax),
+One program per row. Rows up to ``config.ROW_SINGLE_TILE_MAX_COLS`` are held in registers as one tile; longer
+rows stream in ``config.ROW_LOOP_BLOCK`` tiles twice: first a running (max, sum) per lane (online softmax),
 then the normalised output. The max is subtracted in natural units before the log2(e) multiply
 that feeds exp2: folding log2(e) into the scale first (FlashAttention's trick) rounds scores near
 -6e4 to 2^-7 and the softmax of such a row off by ~0.5%.
@@ -13,26 +13,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast_out
+from .common import LOG2E, cast_out
 from .config import (
     MASK_ADD,
     MASK_BOOL,
     MASK_NONE,
+    ROW_MIN_BLOCK,
+    ROW_SINGLE_TILE_MAX_COLS,
     TRITON_DTYPE_NAMES,
     AotVariant,
     is_interpreted,
     mask_args,
-    next_power_of_2,
     power_of_two_configs,
-    require_runnable,
+    row_config,
 )
 
-LOG2E = 1.4426950408889634
-_LOG2E = tl.constexpr(LOG2E)  # the same constant, usable inside @triton.jit
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SINGLE_TILE_MAX_COLS = 4096
-LOOP_BLOCK = 2048
-MIN_BLOCK = 16
 
 
 @triton.jit
@@ -72,7 +68,7 @@ def softmax_fwd_kernel(
         s = _masked_scores(X, M, x_row, m_row, offs, n_cols, i2, causal_offset, sx3, sm3, scale, MASK_KIND, IS_CAUSAL)
         m = tl.max(s, axis=0)
         # A row with no visible key has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
-        p = tl.exp2((s - tl.where(m == float("-inf"), 0.0, m)) * _LOG2E)
+        p = tl.exp2((s - tl.where(m == float("-inf"), 0.0, m)) * LOG2E)
         denom = tl.sum(p, axis=0)
         y = p / tl.where(denom == 0.0, 1.0, denom)
         tl.store(y_ptr + offs, cast_out(y, Y.dtype.element_ty, INTERPRETED), mask=offs < n_cols)
@@ -84,17 +80,17 @@ def softmax_fwd_kernel(
                                MASK_KIND, IS_CAUSAL)
             m_new = tl.maximum(m_vec, s)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_vec = l_vec * tl.exp2((m_vec - m_safe) * _LOG2E) + tl.exp2((s - m_safe) * _LOG2E)
+            l_vec = l_vec * tl.exp2((m_vec - m_safe) * LOG2E) + tl.exp2((s - m_safe) * LOG2E)
             m_vec = m_new
         m = tl.max(m_vec, axis=0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        denom = tl.sum(l_vec * tl.exp2((m_vec - m_safe) * _LOG2E), axis=0)
+        denom = tl.sum(l_vec * tl.exp2((m_vec - m_safe) * LOG2E), axis=0)
         inv = tl.where(denom == 0.0, 0.0, 1.0 / denom)
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
             s = _masked_scores(X, M, x_row, m_row, cols, n_cols, i2, causal_offset, sx3, sm3, scale,
                                MASK_KIND, IS_CAUSAL)
-            y = tl.exp2((s - m_safe) * _LOG2E) * inv
+            y = tl.exp2((s - m_safe) * LOG2E) * inv
             tl.store(y_ptr + cols, cast_out(y, Y.dtype.element_ty, INTERPRETED), mask=cols < n_cols)
 
 
@@ -139,26 +135,20 @@ def softmax_bwd_kernel(
 
 
 def pick_config(n_cols: int) -> tuple[int, int, bool]:
-    """(BLOCK, num_warps, SINGLE_TILE) for a row length: whole row in one tile up to
-    SINGLE_TILE_MAX_COLS, else LOOP_BLOCK tiles. Warps grow with the tile so each thread holds at most
-    8 elements: with 16 (and a 64-bit address per element for strided rows) ptxas spilled on sm_80."""
-    if n_cols <= SINGLE_TILE_MAX_COLS:
-        block = max(MIN_BLOCK, next_power_of_2(n_cols))
-        return block, min(16, max(1, block // 256)), True
-    return LOOP_BLOCK, 8, False
+    """(BLOCK, num_warps, SINGLE_TILE) for a row length: at most 8 values per thread (with 16, and a 64-bit
+    address per element for strided rows, ptxas spilled on sm_80)."""
+    return row_config(n_cols, 8)
 
 
 def all_configs() -> list[tuple[int, int, bool]]:
     """Every (BLOCK, num_warps, SINGLE_TILE) pick_config can return (for the resource check)."""
-    return [*power_of_two_configs(pick_config, MIN_BLOCK, SINGLE_TILE_MAX_COLS), pick_config(SINGLE_TILE_MAX_COLS + 1)]
+    return [*power_of_two_configs(pick_config, ROW_MIN_BLOCK, ROW_SINGLE_TILE_MAX_COLS),
+            pick_config(ROW_SINGLE_TILE_MAX_COLS + 1)]
 
 
-def _check(name: str, t: torch.Tensor) -> None:
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be a 4-D [d0, d1, d2, cols] view, got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} dtype {t.dtype} is not supported by the Triton softmax (supported: {SUPPORTED_DTYPES})")
-    require_runnable(t)
+def unsupported(x: torch.Tensor) -> str | None:
+    """Why these kernels cannot take ``x`` (None when they can)."""
+    return None if x.dtype in SUPPORTED_DTYPES else f"dtype {x.dtype} (supported: {SUPPORTED_DTYPES})"
 
 
 def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is_causal: bool,
@@ -166,9 +156,6 @@ def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is
     """x: ``[d0, d1, d2, N]`` any strides; mask: None, or bool (True = keep) / float (added) viewed as
     ``[d0, d1, d2, N]`` through broadcast strides. Causal: key j visible to query i (index in d2) iff
     ``j <= i + causal_offset``. Returns a contiguous ``[d0, d1, d2, N]`` in x's dtype."""
-    _check("x", x)
-    if mask is not None and mask.shape != x.shape:
-        raise ValueError(f"mask view {tuple(mask.shape)} must match x {tuple(x.shape)}")
     d0, d1, d2, n = x.shape
     y = torch.empty((d0, d1, d2, n), dtype=x.dtype, device=x.device)
     rows = d0 * d1 * d2
@@ -187,9 +174,6 @@ def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is
 def softmax_backward(grad: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
     """grad: ``[d0, d1, d2, N]`` any strides (an expanded grad is read in place); y: contiguous forward
     output. Returns contiguous dx."""
-    _check("grad", grad)
-    if y.shape != grad.shape or not y.is_contiguous():
-        raise ValueError(f"y must be contiguous with grad's shape {tuple(grad.shape)}, got {tuple(y.shape)}")
     d0, d1, d2, n = y.shape
     dx = torch.empty_like(y)
     rows = d0 * d1 * d2

@@ -4,12 +4,14 @@ import math
 
 import pytest
 import torch
-from transformer_kernels.kernels import attention as triton_attention
 
 import transformer_kernels as tk
-from transformer_kernels import _ext, backends, reference
+from transformer_kernels import backends, reference
+from transformer_kernels.cuda import attention as cuda_attention
+from transformer_kernels.kernels import attention as triton_attention
 from transformer_kernels.ops.attention import draw_seed
-from transformer_kernels.testing import compare
+from transformer_kernels.tools import testing
+from transformer_kernels.tools.testing import compare
 
 BACKENDS = ["triton", "cuda", "torch"]
 KERNEL_BACKENDS = ["triton", "cuda"]
@@ -95,7 +97,7 @@ def test_tile_edge_lengths_long(backend, length, device):
 
 def max_head_dim(backend, dtype, device):
     if backend == "cuda":
-        return _ext.attention_max_head_dim(dtype, torch.device(device))
+        return cuda_attention.max_head_dim(dtype, torch.device(device))
     return triton_attention.MAX_HEAD_DIM[dtype]
 
 
@@ -329,7 +331,7 @@ def keep_mask_of_next_call(seed_state: int, shape, p, device):
     """The keep-mask the next attention call draws after torch.manual_seed(seed_state)."""
     torch.manual_seed(seed_state)
     seed = int(draw_seed().item())
-    return triton_attention.dropout_keep_mask(seed, shape, p, device)
+    return testing.dropout_keep_mask(seed, shape, p, device)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -4,8 +4,7 @@ import csv
 
 import torch
 
-from transformer_kernels import __main__ as cli
-from transformer_kernels import bench
+from transformer_kernels.tools import bench, cli
 
 
 def test_fused_ops_move_fewer_bytes_than_the_unfused_sequence():

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from transformer_kernels.kernels import attention as triton_attention
 
 import transformer_kernels as tk
 from transformer_kernels import reference
 from transformer_kernels.ops.attention import draw_seed
-from transformer_kernels.testing import compare
+from transformer_kernels.tools import testing
+from transformer_kernels.tools.testing import compare
 
 BACKENDS = ["triton", "cuda", "torch"]
 KERNEL_BACKENDS = ["triton", "cuda"]
@@ -63,7 +63,7 @@ def test_linear_dropout_matches_reference_with_the_kernels_mask(backend, dtype, 
     torch.manual_seed(5)
     seed = int(draw_seed().item())
     # linear draws over the [M, N] grid as attention does over [B·H·Lq, Lk]: the same helper materialises it.
-    keep = triton_attention.dropout_keep_mask(seed, (1, 1, m, n), p, device)[0, 0]
+    keep = testing.dropout_keep_mask(seed, (1, 1, m, n), p, device)[0, 0]
 
     def ours(x, w, b, r):
         torch.manual_seed(5)

@@ -7,8 +7,7 @@ import sys
 
 import torch
 
-from transformer_kernels import __main__ as cli
-from transformer_kernels import verify
+from transformer_kernels.tools import cli, verify
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

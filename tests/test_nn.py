@@ -9,7 +9,7 @@ from torch import nn
 import transformer_kernels as tk
 from transformer_kernels import models
 from transformer_kernels import nn as tk_nn
-from transformer_kernels.testing import randomize_
+from transformer_kernels.tools.testing import randomize_
 
 BACKENDS = ["triton", "cuda", "torch"]
 E, H, B, L, S = 32, 4, 2, 7, 9

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from transformer_kernels.kernels import norm as triton_norm
 
 import transformer_kernels as tk
 from transformer_kernels import reference
-from transformer_kernels.testing import compare
+from transformer_kernels.kernels import norm as triton_norm
+from transformer_kernels.tools.testing import compare
 
 BACKENDS = ["triton", "cuda", "torch"]
 KERNEL_BACKENDS = ["triton", "cuda"]

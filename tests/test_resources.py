@@ -1,13 +1,14 @@
 """Ahead-of-time resource check: every shipped kernel variant compiles for real GPUs with no spills."""
 
 import pytest
+
+from transformer_kernels import _ext
 from transformer_kernels.kernels import attention as triton_attention
 from transformer_kernels.kernels import linear as triton_linear
 from transformer_kernels.kernels import norm as triton_norm
 from transformer_kernels.kernels import softmax as triton_softmax
 from transformer_kernels.kernels.config import TRITON_DTYPE_NAMES
-
-from transformer_kernels import _ext, resources, toolchain
+from transformer_kernels.tools import resources, toolchain
 
 SAMPLE_USAGE = """
 Resource usage:

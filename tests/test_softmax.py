@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import transformer_kernels as tk
-from transformer_kernels import _ext, reference
-from transformer_kernels.testing import GRADIENT_FACTOR, assert_close
+from transformer_kernels import reference
+from transformer_kernels.tools import testing
+from transformer_kernels.tools.testing import GRADIENT_FACTOR, assert_close
 
 # (backend, CUDA softmax algo): the CUDA backend runs both kernels on every length.
 IMPLS = [("triton", None), ("cuda", "auto"), ("cuda", "warp"), ("cuda", "block"), ("torch", None)]
@@ -17,7 +18,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @contextlib.contextmanager
 def impl(backend, algo):
-    with tk.use_backend(backend), (_ext.force_softmax_algo(algo) if algo else contextlib.nullcontext()):
+    with tk.use_backend(backend), (testing.force_softmax_algo(algo) if algo else contextlib.nullcontext()):
         yield
 
 
@@ -156,7 +157,7 @@ def test_deterministic(backend, algo):
         assert torch.equal(tk.ops.masked_softmax(x, None, 0.3), tk.ops.masked_softmax(x, None, 0.3))
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_opcheck(backend):
     torch.manual_seed(6)
     x = torch.randn(2, 3, 17, requires_grad=True)
@@ -192,7 +193,8 @@ def test_bad_inputs_raise_before_launch(backend):
         with pytest.raises(ValueError, match="is_causal"):
             tk.ops.masked_softmax(torch.randn(3), is_causal=True)
     if backend != "torch":
-        with tk.use_backend(backend), pytest.raises(TypeError, match="float64"):
+        # A dtype the kernels lack on a forced kernel backend: NotImplementedError naming both, as for every op.
+        with tk.use_backend(backend), pytest.raises(NotImplementedError, match=rf"{backend}.*float64"):
             tk.ops.masked_softmax(torch.randn(2, 3, dtype=torch.float64))
 
 

@@ -1,7 +1,7 @@
 """Which implementation runs an op: "auto", "triton", "cuda" or "torch".
 
 `auto` on CUDA tensors takes the first available backend of the op's entry in `GPU_PREFERENCE`; on CPU
-tensors it takes "torch" (the reference math on PyTorch's CPU kernels). A forced backend that cannot run
+tensors it takes "torch" (eager.py: PyTorch's own ops, differentiated by autograd). A forced backend that cannot run
 raises a clear error instead of falling back.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import torch
 
@@ -125,3 +126,21 @@ def resolve(op: str, device: torch.device, requested: str | None = None,
     if reason:
         raise NotImplementedError(f"backend {name!r} cannot run {op} for these inputs: {reason}")
     return name
+
+
+def launchers(family: str, backend: str) -> ModuleType:
+    """The module holding a kernel backend's launchers of an op family ("attention", "linear", "norm", "softmax"):
+    kernels/<family>.py for "triton", transformer_kernels/cuda/<family>.py for "cuda". Both define the same
+    functions with the same signatures, and ``unsupported(...)``, which says why they cannot take some inputs."""
+    # Import statements rather than importlib: torch.compile traces these (modules compile with fullgraph=True),
+    # and triton is imported only once a Triton launcher is first wanted.
+    if backend == "cuda":
+        from .cuda import attention, linear, norm, softmax
+    else:
+        from .kernels import attention, linear, norm, softmax
+    return {"attention": attention, "linear": linear, "norm": norm, "softmax": softmax}[family]
+
+
+def resolve_for(op: str, family: str, device: torch.device, requested: str | None, *inputs: torch.Tensor) -> str:
+    """`resolve` with the family's ``unsupported(*inputs)`` as the per-input check of each kernel backend."""
+    return resolve(op, device, requested, lambda name: launchers(family, name).unsupported(*inputs))

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .. import ops, reference
-from ..reference import nn_masks_to_sdpa
+from .. import eager, ops
+from ..masks import nn_masks_to_sdpa
 
 
 def cached_length(cache: dict) -> int:
@@ -40,8 +40,8 @@ class MultiheadAttention(nn.Module):
 
     Self-attention runs the fused QKV projection (q, k, v written as ``[B, H, L, D]``), the attention kernel and
     the output projection reading the heads in place. ``need_weights=True`` (torch.nn's default) also returns the
-    attention weights, computed by the reference path: that is the slow path, and it applies no dropout to the
-    weights; pass ``need_weights=False`` for the kernels. ``add_bias_kv`` and ``add_zero_attn`` are not supported
+    attention weights, computed by the eager composition (eager.py): that is the slow path, and it applies no
+    dropout; pass ``need_weights=False`` for the kernels. ``add_bias_kv`` and ``add_zero_attn`` are not supported
     (ValueError). ``backend`` is passed to every op (None: ``set_backend``/``use_backend`` decide).
     """
 
@@ -102,6 +102,13 @@ class MultiheadAttention(nn.Module):
         ``cache`` (a dict the caller keeps between decoding steps): self-attention appends this step's K/V to the
         cached ones and aligns the causal mask bottom-right (query i of the step sees every earlier key);
         ``static_kv`` (cross-attention) projects key/value once and reuses them afterwards."""
+        q, k, v, kwargs = self._inputs(query, key, value, key_padding_mask, attn_mask, is_causal, cache, static_kv)
+        return ops.attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, backend=self.backend, **kwargs)
+
+    def _inputs(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
+                attn_mask: Tensor | None, is_causal: bool, cache: dict | None = None,
+                static_kv: bool = False) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """The projected heads q, k, v and the attention arguments in the functional ops' mask contract."""
         b, lq, _ = query.shape
         h, d = self.num_heads, self.head_dim
         bias = self.in_proj_bias
@@ -124,24 +131,26 @@ class MultiheadAttention(nn.Module):
             k, v = _append_kv(cache, k, v)
         lk = k.shape[2]
         mask, kpm = nn_masks_to_sdpa(attn_mask, key_padding_mask, b, h, lq, lk, query.dtype)
-        return ops.attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                             is_causal=is_causal and attn_mask is None, scale=1.0 / math.sqrt(d), key_padding_mask=kpm,
-                             causal_alignment="bottom_right" if cache is not None else "top_left", backend=self.backend)
+        return q, k, v, {"attn_mask": mask, "is_causal": is_causal and attn_mask is None, "scale": 1.0 / math.sqrt(d),
+                         "key_padding_mask": kpm,
+                         "causal_alignment": "bottom_right" if cache is not None else "top_left"}
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         """query ``[Lq, B, E]`` (``[B, Lq, E]`` with batch_first), key/value ``[Lk, B, kdim/vdim]``; returns
         (output like query, averaged or per-head weights or None). Fully masked query rows give zeros."""
-        if need_weights:
-            state = dict(self.named_parameters())
-            out, weights = reference.multi_head_attention(
-                query, key, value, state, self.num_heads, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                is_causal=is_causal, need_weights=True, average_attn_weights=average_attn_weights,
-                batch_first=self.batch_first)
-            return out, weights
         q, k, v = (t if self.batch_first else t.transpose(0, 1) for t in (query, key, value))
-        heads = self.attend(q, k, v, key_padding_mask, attn_mask, is_causal)
+        weights = None
+        if need_weights:
+            # The weights exist only in the eager composition (the kernels never form them): the slow path.
+            qh, kh, vh, kw = self._inputs(q, k, v, key_padding_mask, attn_mask, is_causal)
+            offset = 0 if kw["causal_alignment"] == "top_left" else kh.shape[2] - qh.shape[2]
+            heads, weights = eager.attention(qh, kh, vh, kw["attn_mask"], kw["key_padding_mask"], 0.0, kw["is_causal"],
+                                             kw["scale"], offset, None, return_weights=True)
+            weights = weights.mean(dim=1) if average_attn_weights else weights
+        else:
+            heads = self.attend(q, k, v, key_padding_mask, attn_mask, is_causal)
         out = ops.out_projection(heads, self.out_proj.weight, self.out_proj.bias, backend=self.backend)
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        return (out if self.batch_first else out.transpose(0, 1)), weights
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
 
 def describe(t: torch.Tensor) -> str:
@@ -54,8 +56,3 @@ def cast_all(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple:
     if dtype is None:
         return tensors
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
-
-
-def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """``[..., C]`` as ``[rows, C]`` (a view when the strides allow; also for zero rows or C = 0)."""
-    return t.reshape(t.shape[:-1].numel(), t.shape[-1])

@@ -1,5 +1,5 @@
 """`attention`: scaled dot-product attention; the kernel backends run as a torch.library custom op (fake impl,
-autograd), the torch backend is the reference composition differentiated by autograd.
+autograd); the torch backend is eager.py's composition, differentiated by autograd.
 
 Call-compatible with ``F.scaled_dot_product_attention``, plus DESIGN.md's extras: a ``[B, Lk]`` key-padding
 mask (True = padding) and the causal alignment for ``Lq != Lk``.
@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _ext, backends, reference
-from ._checks import KERNEL_DTYPES, autocast_dtype, cast_all, check_float_tensor, check_mask, describe
+from .. import backends, eager
+from ._checks import CAUSAL_ALIGNMENTS, autocast_dtype, cast_all, check_float_tensor, check_mask, describe
 
 OP = "attention"
 
@@ -28,21 +28,6 @@ def seed_value(seed: Tensor | None) -> int:
     return 0 if seed is None else int(seed.item())
 
 
-def torch_keep_mask(seed: Tensor, shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
-    # The torch backend's dropout draws from its own generator seeded with the op's seed, so backward
-    # regenerates the same mask (the kernels hash the same seed; the bits differ, the contract not).
-    g = torch.Generator(device=device).manual_seed(int(seed.item()))
-    return torch.rand(shape, generator=g, device=device) >= p
-
-
-def _reference(q, k, v, attn_mask, kpm, dropout_p, is_causal, scale, causal_offset, seed):
-    keep = None if dropout_p == 0.0 else torch_keep_mask(seed, (*q.shape[:-1], k.shape[-2]), dropout_p, q.device)
-    alignment = "top_left" if causal_offset == 0 else "bottom_right"
-    return reference.scaled_dot_product_attention(
-        q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa=True, key_padding_mask=kpm,
-        causal_alignment=alignment, dropout_mask=keep)
-
-
 def _kernel_mask(attn_mask: Tensor | None, q: Tensor, lk: int) -> Tensor | None:
     """The mask as a ``[B, H, Lq, Lk]`` view (stride 0 on broadcast dims, never expanded in memory); float
     masks of another precision are cast first (only their own elements are copied)."""
@@ -53,20 +38,11 @@ def _kernel_mask(attn_mask: Tensor | None, q: Tensor, lk: int) -> Tensor | None:
     return attn_mask.expand(*q.shape[:-1], lk)
 
 
-def _kernels(backend: str):
-    """The module holding `attention_forward`/`attention_backward` of a kernel backend (same signatures)."""
-    if backend == "cuda":
-        return _ext
-    from ..kernels import attention as triton_attention
-
-    return triton_attention
-
-
 @torch.library.custom_op("transformer_kernels::attention", mutates_args=())
 def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
                dropout_p: float, is_causal: bool, scale: float, causal_offset: int, seed: Tensor | None,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels(backend).attention_forward(
+    return backends.launchers(OP, backend).attention_forward(
         q, k, v, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale, is_causal, causal_offset,
         dropout_p, seed_value(seed))
 
@@ -82,7 +58,7 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                         attn_mask: Tensor | None, key_padding_mask: Tensor | None, dropout_p: float, is_causal: bool,
                         scale: float, causal_offset: int, seed: Tensor | None, backend: str,
                         ) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels(backend).attention_backward(
+    return backends.launchers(OP, backend).attention_backward(
         grad, q, k, v, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
         is_causal, causal_offset, dropout_p, seed_value(seed))
 
@@ -110,24 +86,6 @@ def _backward(ctx, grad: Tensor, _grad_max: Tensor, _grad_inv_l: Tensor):
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _why_not(q: Tensor, k: Tensor, v: Tensor):
-    def why_not(backend: str) -> str | None:
-        if q.dtype not in KERNEL_DTYPES:
-            return f"dtype {q.dtype} (supported: {KERNEL_DTYPES})"
-        if backend == "cuda":
-            max_d = _ext.attention_max_head_dim(q.dtype, q.device)
-        else:
-            from ..kernels.attention import MAX_HEAD_DIM
-
-            max_d = MAX_HEAD_DIM[q.dtype]
-        if q.shape[-1] > max_d:
-            return f"head dim {q.shape[-1]} with {q.dtype} (supported: 1..{max_d})"
-        if v.shape[-1] != q.shape[-1]:
-            return f"value head dim {v.shape[-1]} differs from the query/key head dim {q.shape[-1]}"
-        return None
-    return why_not
 
 
 def _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, enable_gqa, causal_alignment) -> None:
@@ -160,8 +118,8 @@ def _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, enable_gqa, c
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
-    if causal_alignment not in reference.CAUSAL_ALIGNMENTS:
-        raise ValueError(f"causal_alignment must be one of {reference.CAUSAL_ALIGNMENTS}; got {causal_alignment!r}")
+    if causal_alignment not in CAUSAL_ALIGNMENTS:
+        raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}; got {causal_alignment!r}")
 
 
 def attention(
@@ -192,14 +150,13 @@ def attention(
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
     _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, enable_gqa, causal_alignment)
-    name = backends.resolve(OP, q.device, backend, _why_not(q, k, v))
+    name = backends.resolve_for(OP, OP, q.device, backend, q, k, v)
     lq, lk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     offset = 0 if causal_alignment == "top_left" else lk - lq
     seed = draw_seed() if dropout_p > 0.0 else None
     if name == "torch":
-        # The reference math itself: plain PyTorch ops, differentiated by autograd.
-        return _reference(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, offset, seed).contiguous()
+        return eager.attention(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, offset, seed)
     out, _, _ = torch.ops.transformer_kernels.attention(
         q, k, v, attn_mask, key_padding_mask, float(dropout_p), bool(is_causal), scale, offset, seed, name)
     return out

@@ -1,7 +1,7 @@
 """Projections and the feed-forward: `linear`, `gated_linear`, `qkv_projection`, `out_projection`, `feed_forward`.
 
-Kernel backends run as torch.library custom ops (fake impl, autograd); the torch backend is the reference
-composition, differentiated by autograd.
+Kernel backends run as torch.library custom ops (fake impl, autograd) whose bodies call the family's launchers
+(kernels/linear.py, cuda/linear.py); the torch backend is eager.py's composition, differentiated by autograd.
 """
 
 from __future__ import annotations
@@ -9,27 +9,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends, reference
-from . import linear_cuda
-from ._checks import KERNEL_DTYPES, as_rows, autocast_dtype, cast_all, check_float_tensor, describe
-from .attention import draw_seed, seed_value, torch_keep_mask
-from .linear_cuda import col_sum
+from .. import backends, eager
+from .._layout import as_rows
+from ._checks import ACTIVATIONS, autocast_dtype, cast_all, check_float_tensor, describe
+from .attention import draw_seed, seed_value
+
+FAMILY = "linear"
 
 
-def _gemm():
-    from ..kernels import linear as triton_linear
-
-    return triton_linear
-
-
-def _weight_and_bias_grads(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, dz=None) -> tuple[Tensor, Tensor]:
-    """dW = dZᵀ·X, with dBias summed from the same GEMM's A rows (an empty tensor without a bias). dZ is dY, or
-    formed from it in the GEMM prologue when ``dz`` (a transposed DzPrologue) is given."""
-    if x.shape[1] == 0:  # no dW GEMM to carry the sum (callers with a prologue handle this case themselves)
-        return weight.new_zeros(weight.shape), (col_sum(dy, weight.dtype) if has_bias else weight.new_empty(0))
-    db = torch.zeros(weight.shape[0] if has_bias else 0, dtype=torch.float32, device=dy.device)
-    dw, _, _ = _gemm().matmul(dy.t(), x, out_dtype=weight.dtype, dz=dz, dbias=db if has_bias else None)
-    return dw, db.to(weight.dtype)
+def _launchers(backend: str):
+    return backends.launchers(FAMILY, backend)
 
 
 # ---- linear ----------------------------------------------------------------------------------
@@ -38,13 +27,7 @@ def _weight_and_bias_grads(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool
 @torch.library.custom_op("transformer_kernels::linear", mutates_args=())
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, activation: str,
             dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "cuda":
-        return linear_cuda.linear_forward(x, weight, bias, residual, activation, dropout_p, seed_value(seed))
-    g = _gemm()
-    act = activation or None
-    y, z, _ = g.matmul(x, weight.t(), bias=bias, residual=residual, activation=act, dropout_p=dropout_p,
-                       seed=seed_value(seed), store_z=act is not None)
-    return y, (z if z is not None else x.new_empty(0))
+    return _launchers(backend).linear_forward(x, weight, bias, residual, activation, dropout_p, seed_value(seed))
 
 
 @_linear.register_fake
@@ -56,26 +39,7 @@ def _(x, weight, bias, residual, activation, dropout_p, seed, backend):
 @torch.library.custom_op("transformer_kernels::linear_backward", mutates_args=())
 def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, has_bias: bool, activation: str,
                      dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "cuda":
-        return linear_cuda.linear_backward(dy, x, weight, z, has_bias, activation, dropout_p, seed_value(seed))
-    g = _gemm()
-    if x.shape[1] == 0:
-        # No in-features: no dW GEMM to carry dBias, so dZ is formed on its own.
-        dz = dy
-        if activation or dropout_p > 0.0:
-            dz, _ = g.activation_backward(dy, z if activation else dy.contiguous(), None, activation or None,
-                                          dropout_p, seed_value(seed))
-        return x.new_zeros(x.shape), weight.new_zeros(weight.shape), (
-            col_sum(dz, weight.dtype) if has_bias else weight.new_empty(0))
-    # dZ = dY·dropout·act'(Z) is formed tile by tile in each GEMM's prologue (never written to memory); the dW
-    # GEMM, whose A is dZᵀ, also sums dBias.
-    pro = None
-    if activation or dropout_p > 0.0:
-        pro = lambda transposed: g.DzPrologue(1, activation or None, z if activation else dy, None, transposed,
-                                              dropout_p, seed_value(seed))
-    dx, _, _ = g.matmul(dy, weight, dz=pro and pro(False))
-    dw, db = _weight_and_bias_grads(dy, x, weight, has_bias, pro and pro(True))
-    return dx, dw, db
+    return _launchers(backend).linear_backward(dy, x, weight, z, has_bias, activation, dropout_p, seed_value(seed))
 
 
 @_linear_backward.register_fake
@@ -105,11 +69,7 @@ _linear.register_autograd(_linear_bwd, setup_context=_linear_setup)
 @torch.library.custom_op("transformer_kernels::gated_linear", mutates_args=())
 def _gated(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None, activation: str,
            backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "cuda":
-        return linear_cuda.gated_forward(x, w_gate, w_up, b_gate, b_up, activation)
-    y, zg, zu = _gemm().matmul(x, w_gate.t(), b2=w_up.t(), bias=b_gate, bias2=b_up, activation=activation,
-                               store_z=True)
-    return y, zg, zu
+    return _launchers(backend).gated_forward(x, w_gate, w_up, b_gate, b_up, activation)
 
 
 @_gated.register_fake
@@ -121,22 +81,7 @@ def _(x, w_gate, w_up, b_gate, b_up, activation, backend):
 @torch.library.custom_op("transformer_kernels::gated_linear_backward", mutates_args=())
 def _gated_backward(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, zg: Tensor, zu: Tensor, has_bias: bool,
                     activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if backend == "cuda":
-        return linear_cuda.gated_backward(dy, x, w_gate, w_up, zg, zu, has_bias, activation)
-    g = _gemm()
-    if x.shape[1] == 0:
-        dzg, dzu = g.activation_backward(dy, zg, zu, activation, 0.0, 0)
-        empty = w_gate.new_empty(0)
-        return (x.new_zeros(x.shape), w_gate.new_zeros(w_gate.shape), w_up.new_zeros(w_up.shape),
-                col_sum(dzg, w_gate.dtype) if has_bias else empty, col_sum(dzu, w_up.dtype) if has_bias else empty.clone())
-    # dZg = dY·Zu·act'(Zg) and dZu = dY·act(Zg) are formed in the GEMM prologues from the saved pre-activations.
-    gate = lambda t: g.DzPrologue(2, activation, zg, zu, t)
-    up = lambda t: g.DzPrologue(3, activation, zg, None, t)
-    dx_gate, _, _ = g.matmul(dy, w_gate, dz=gate(False))
-    dx, _, _ = g.matmul(dy, w_up, residual=dx_gate, dz=up(False))  # dX = dZg·Wg + dZu·Wu, summed in the epilogue
-    dwg, dbg = _weight_and_bias_grads(dy, x, w_gate, has_bias, gate(True))
-    dwu, dbu = _weight_and_bias_grads(dy, x, w_up, has_bias, up(True))
-    return dx, dwg, dwu, dbg, dbu
+    return _launchers(backend).gated_backward(dy, x, w_gate, w_up, zg, zu, has_bias, activation)
 
 
 @_gated_backward.register_fake
@@ -168,21 +113,7 @@ _gated.register_autograd(_gated_bwd, setup_context=_gated_setup)
 @torch.library.custom_op("transformer_kernels::qkv_projection", mutates_args=())
 def _qkv(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, batch: int, num_heads: int, num_kv_heads: int,
          backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "cuda":
-        return linear_cuda.qkv_forward(x, w_qkv, b_qkv, batch, num_heads, num_kv_heads)
-    g = _gemm()
-    length = x.shape[0] // batch if batch else 0
-    d = w_qkv.shape[0] // (num_heads + 2 * num_kv_heads)
-    outs = []
-    start = 0
-    for heads in (num_heads, num_kv_heads, num_kv_heads):
-        out = x.new_empty((batch, heads, length, d))
-        rows = slice(start, start + heads * d)
-        # The epilogue writes [B·L, heads·D] straight into [B, heads, L, D]: no transpose copy afterwards.
-        g.matmul(x, w_qkv[rows].t(), bias=None if b_qkv is None else b_qkv[rows], out=g.HeadLayout(out))
-        outs.append(out)
-        start += heads * d
-    return outs[0], outs[1], outs[2]
+    return _launchers(backend).qkv_forward(x, w_qkv, b_qkv, batch, num_heads, num_kv_heads)
 
 
 @_qkv.register_fake
@@ -193,22 +124,10 @@ def _(x, w_qkv, b_qkv, batch, num_heads, num_kv_heads, backend):
             x.new_empty((batch, num_kv_heads, length, d)))
 
 
-def _merge(t: Tensor) -> Tensor:
-    b, h, length, d = t.shape
-    return t.transpose(1, 2).reshape(b * length, h * d)
-
-
 @torch.library.custom_op("transformer_kernels::qkv_projection_backward", mutates_args=())
 def _qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, x: Tensor, w_qkv: Tensor, has_bias: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "cuda":
-        return linear_cuda.qkv_backward(dq, dk, dv, x, w_qkv, has_bias)
-    g = _gemm()
-    # One [B·L, (H + 2·Hkv)·D] gradient (a copy: backward only) feeds one dX GEMM and one dW GEMM.
-    dy = torch.cat([_merge(dq), _merge(dk), _merge(dv)], dim=1)
-    dx, _, _ = g.matmul(dy, w_qkv)
-    dw, db = _weight_and_bias_grads(dy, x, w_qkv, has_bias)
-    return dx, dw, db
+    return _launchers(backend).qkv_backward(dq, dk, dv, x, w_qkv, has_bias)
 
 
 @_qkv_backward.register_fake
@@ -234,13 +153,7 @@ _qkv.register_autograd(_qkv_bwd, setup_context=_qkv_setup)
 
 @torch.library.custom_op("transformer_kernels::out_projection", mutates_args=())
 def _out_proj(attn: Tensor, w_o: Tensor, b_o: Tensor | None, residual: Tensor | None, backend: str) -> Tensor:
-    if backend == "cuda":
-        return linear_cuda.out_forward(attn, w_o, b_o, residual)
-    g = _gemm()
-    attn = attn if attn.stride(-1) == 1 else attn.contiguous()
-    # The prologue gathers A[b·L + l, h·D + d] = attn[b, h, l, d]: the head merge costs no copy.
-    y, _, _ = g.matmul(g.HeadLayout(attn), w_o.t(), bias=b_o, residual=residual)
-    return y
+    return _launchers(backend).out_forward(attn, w_o, b_o, residual)
 
 
 @_out_proj.register_fake
@@ -251,13 +164,7 @@ def _(attn, w_o, b_o, residual, backend):
 @torch.library.custom_op("transformer_kernels::out_projection_backward", mutates_args=())
 def _out_proj_backward(dy: Tensor, attn: Tensor, w_o: Tensor, has_bias: bool, backend: str,
                        ) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "cuda":
-        return linear_cuda.out_backward(dy, attn, w_o, has_bias)
-    g = _gemm()
-    d_attn = attn.new_empty(attn.shape)
-    g.matmul(dy, w_o, out=g.HeadLayout(d_attn))  # dAttn written straight back into [B, H, L, D]
-    dw, db = _weight_and_bias_grads(dy, _merge(attn), w_o, has_bias)
-    return d_attn, dw, db
+    return _launchers(backend).out_backward(dy, attn, w_o, has_bias)
 
 
 @_out_proj_backward.register_fake
@@ -296,12 +203,6 @@ def _check_weight(name: str, w: Tensor | None, shape: tuple[int, ...], x: Tensor
         raise ValueError(f"{name} is on {w.device} but the input is on {x.device}")
 
 
-def _kernel_why_not(x: Tensor):
-    def why_not(backend: str) -> str | None:
-        return None if x.dtype in KERNEL_DTYPES else f"dtype {x.dtype} (supported: {KERNEL_DTYPES})"
-    return why_not
-
-
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
            residual: Tensor | None = None, dropout_p: float = 0.0, *, backend: str | None = None) -> Tensor:
     """``act(x @ weight.T + bias)``, then dropout, then ``+ residual``, in one kernel.
@@ -327,15 +228,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
     _check_weight("weight", weight, (n, k), x)
     _check_weight("bias", bias, (n,), x)
     _check_weight("residual", residual, (*x.shape[:-1], n), x)
-    if activation not in reference.ACTIVATIONS and activation is not None:
-        raise ValueError(f"activation must be None or one of {reference.ACTIVATIONS}; got {activation!r}")
+    if activation not in ACTIVATIONS and activation is not None:
+        raise ValueError(f"activation must be None or one of {ACTIVATIONS}; got {activation!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
-    name = backends.resolve("linear", x.device, backend, _kernel_why_not(x))
+    name = backends.resolve_for("linear", FAMILY, x.device, backend, x)
     seed = draw_seed() if dropout_p > 0.0 else None
     if name == "torch":
-        keep = None if seed is None else torch_keep_mask(seed, (*x.shape[:-1], n), dropout_p, x.device)
-        return reference.linear(x, weight, bias, activation, residual, dropout_p, keep)
+        return eager.linear(x, weight, bias, activation, residual, dropout_p, seed)
     y, _ = torch.ops.transformer_kernels.linear(
         as_rows(x), weight, bias, None if residual is None else as_rows(residual), activation or "", float(dropout_p),
         seed, name)
@@ -355,11 +255,11 @@ def gated_linear(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None 
         raise ValueError(f"x's last dim {x.shape[-1]} must equal w_gate's in-features {k}")
     for arg, t, shape in (("w_gate", w_gate, (n, k)), ("w_up", w_up, (n, k)), ("b_gate", b_gate, (n,)), ("b_up", b_up, (n,))):
         _check_weight(arg, t, shape, x)
-    if activation not in reference.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {reference.ACTIVATIONS}; got {activation!r}")
-    name = backends.resolve("gated_linear", x.device, backend, _kernel_why_not(x))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
+    name = backends.resolve_for("gated_linear", FAMILY, x.device, backend, x)
     if name == "torch":
-        return reference.gated_linear(x, w_gate, w_up, b_gate, b_up, activation)
+        return eager.gated_linear(x, w_gate, w_up, b_gate, b_up, activation)
     y, _, _ = torch.ops.transformer_kernels.gated_linear(as_rows(x), w_gate, w_up, b_gate, b_up, activation, name)
     return y.view(*x.shape[:-1], n)
 
@@ -380,9 +280,9 @@ def qkv_projection(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, num_heads: in
         raise ValueError(f"w_qkv must be [(H + 2·Hkv)·D, E] = [({num_heads} + 2·{hkv})·D, {x.shape[-1]}]; got {describe(w_qkv)}")
     _check_weight("w_qkv", w_qkv, (rows, e), x)
     _check_weight("b_qkv", b_qkv, (rows,), x)
-    name = backends.resolve("qkv_projection", x.device, backend, _kernel_why_not(x))
+    name = backends.resolve_for("qkv_projection", FAMILY, x.device, backend, x)
     if name == "torch":
-        return reference.qkv_projection(x, w_qkv, b_qkv, num_heads, hkv)
+        return eager.qkv_projection(x, w_qkv, b_qkv, num_heads, hkv)
     return torch.ops.transformer_kernels.qkv_projection(as_rows(x), w_qkv, b_qkv, x.shape[0], num_heads, hkv, name)
 
 
@@ -403,9 +303,9 @@ def out_projection(attn: Tensor, w_o: Tensor, b_o: Tensor | None = None, residua
     _check_weight("w_o", w_o, (e, h * d), attn)
     _check_weight("b_o", b_o, (e,), attn)
     _check_weight("residual", residual, (b, length, e), attn)
-    name = backends.resolve("out_projection", attn.device, backend, _kernel_why_not(attn))
+    name = backends.resolve_for("out_projection", FAMILY, attn.device, backend, attn)
     if name == "torch":
-        return reference.out_projection(attn, w_o, b_o, residual)
+        return eager.out_projection(attn, w_o, b_o, residual)
     y = torch.ops.transformer_kernels.out_projection(attn, w_o, b_o, None if residual is None else as_rows(residual), name)
     return y.view(b, length, e)
 

@@ -1,30 +1,22 @@
 """`layer_norm` and `rms_norm` with an optional fused residual add: custom ops (fake impl, autograd) on the kernel
-backends, the reference composition on the torch backend."""
+backends; the torch backend is eager.py's composition."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .. import _ext, backends, reference
-from ._checks import as_rows, autocast_dtype, cast_all, check_float_tensor, describe
+from .. import backends, eager
+from .._layout import as_rows
+from ._checks import autocast_dtype, cast_all, check_float_tensor, describe
 
-OP = "norm"
-
-
-def _kernels(backend: str):
-    """The module holding `norm_forward`/`norm_backward` of a kernel backend (same signatures)."""
-    if backend == "cuda":
-        return _ext
-    from ..kernels import norm as triton_norm
-
-    return triton_norm
+FAMILY = "norm"
 
 
 @torch.library.custom_op("transformer_kernels::norm", mutates_args=())
 def _norm(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | None, eps: float, rms: bool,
           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, s, mean, rstd = _kernels(backend).norm_forward(x, residual, weight, bias, eps, rms)
+    y, s, mean, rstd = backends.launchers(FAMILY, backend).norm_forward(x, residual, weight, bias, eps, rms)
     # Without a residual the sum is x itself; an op output may not alias an input, so return an empty one.
     return y, (s if residual is not None else x.new_empty(0)), mean, rstd
 
@@ -39,7 +31,7 @@ def _(x, residual, weight, bias, eps, rms, backend):
 @torch.library.custom_op("transformer_kernels::norm_backward", mutates_args=())
 def _norm_backward(dy: Tensor, ds: Tensor | None, x: Tensor, residual: Tensor | None, weight: Tensor, mean: Tensor,
                    rstd: Tensor, has_bias: bool, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = _kernels(backend).norm_backward(dy, x, residual, weight, mean, rstd, has_bias, rms)
+    dx, dw, db = backends.launchers(FAMILY, backend).norm_backward(dy, x, residual, weight, mean, rstd, has_bias, rms)
     if ds is not None:
         dx = dx + ds  # the pre-norm sum also flows on down the residual stream
     return dx, dw, (db if db is not None else weight.new_empty(0))
@@ -89,21 +81,11 @@ def _norm_call(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
         check_float_tensor("residual", residual, allow_fp64=True)
         if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
             raise ValueError(f"residual must match x ({describe(x)}); got {describe(residual)}")
-
-    def why_not(backend_name: str) -> str | None:
-        from ..kernels.norm import MAX_BACKWARD_COLS, SUPPORTED_DTYPES
-
-        if x.dtype not in SUPPORTED_DTYPES:
-            return f"dtype {x.dtype} (supported: {SUPPORTED_DTYPES})"
-        if n > MAX_BACKWARD_COLS and backend_name == "triton":
-            return f"hidden size {n} (supported: 1..{MAX_BACKWARD_COLS})"
-        return None
-
-    name = backends.resolve(name_of_op, x.device, backend, why_not)
+    name = backends.resolve_for(name_of_op, FAMILY, x.device, backend, x)
     if name == "torch":
         if rms:
-            return reference.rms_norm(x, weight, eps, residual, return_residual)
-        return reference.layer_norm(x, weight, bias, eps, residual, return_residual)
+            return eager.rms_norm(x, weight, eps, residual, return_residual)
+        return eager.layer_norm(x, weight, bias, eps, residual, return_residual)
     w = weight if weight is not None else x.new_ones(n)
     b = bias.to(x.dtype) if bias is not None else None
     rows = as_rows(x)

@@ -1,14 +1,16 @@
-"""`masked_softmax`: the torch.library custom op, its fake impl and autograd, on every backend."""
+"""`masked_softmax`: the kernel backends as a torch.library custom op (fake impl, autograd); the torch backend is
+eager.py's composition, differentiated by autograd."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .. import _ext, backends, reference
+from .. import backends, eager
 from ._checks import check_float_tensor, check_mask
 
 OP = "masked_softmax"
+FAMILY = "softmax"
 
 
 def _as_rows(t: Tensor, shape: torch.Size) -> Tensor:
@@ -33,18 +35,10 @@ def _kernel_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 @torch.library.custom_op("transformer_kernels::masked_softmax", mutates_args=())
 def _masked_softmax(x: Tensor, mask: Tensor | None, scale: float, is_causal: bool, backend: str) -> Tensor:
-    if backend == "torch":
-        return reference.masked_softmax(x, mask, scale, is_causal).contiguous()
     m = _kernel_mask(mask, x.dtype)
     x4 = _as_rows(x, x.shape)
     m4 = None if m is None else _as_rows(m, x.shape)
-    if backend == "triton":
-        from ..kernels import softmax as triton_softmax
-
-        y = triton_softmax.softmax_forward(x4, m4, scale, is_causal)
-    else:
-        y = _ext.softmax_forward(x4, m4, scale, is_causal)
-    return y.view(x.shape)
+    return backends.launchers(FAMILY, backend).softmax_forward(x4, m4, scale, is_causal).view(x.shape)
 
 
 @_masked_softmax.register_fake
@@ -54,19 +48,9 @@ def _(x: Tensor, mask: Tensor | None, scale: float, is_causal: bool, backend: st
 
 @torch.library.custom_op("transformer_kernels::masked_softmax_backward", mutates_args=())
 def _masked_softmax_backward(grad: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
-    if backend == "torch":
-        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-        yf, gf = y.to(acc), grad.to(acc)
-        return (scale * yf * (gf - (gf * yf).sum(-1, keepdim=True))).to(y.dtype)
     g4 = _as_rows(grad, y.shape)
     y4 = _as_rows(y, y.shape)
-    if backend == "triton":
-        from ..kernels import softmax as triton_softmax
-
-        dx = triton_softmax.softmax_backward(g4, y4, scale)
-    else:
-        dx = _ext.softmax_backward(g4, y4, scale)
-    return dx.view(y.shape)
+    return backends.launchers(FAMILY, backend).softmax_backward(g4, y4, scale).view(y.shape)
 
 
 @_masked_softmax_backward.register_fake
@@ -106,11 +90,13 @@ def masked_softmax(
     visible give zeros (and zero gradients). backend: overrides the current backend for this call.
     Returns a contiguous tensor of x's shape and dtype.
     """
-    name = backends.resolve(OP, x.device if isinstance(x, Tensor) else torch.device("cpu"), backend)
-    check_float_tensor("x", x, allow_fp64=name == "torch")
+    check_float_tensor("x", x, allow_fp64=True)
     check_mask("mask", mask, x)
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dim")
     if is_causal and x.dim() < 2:
         raise ValueError(f"is_causal needs x with at least 2 dims [..., Lq, N], got shape {tuple(x.shape)}")
+    name = backends.resolve_for(OP, FAMILY, x.device, backend, x)
+    if name == "torch":
+        return eager.masked_softmax(x, mask, float(scale), bool(is_causal))
     return torch.ops.transformer_kernels.masked_softmax(x, mask, float(scale), bool(is_causal), name)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 DEFAULT_CUDA_ARCHS = "80;86;89;90"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def cuda_home() -> Path | None:

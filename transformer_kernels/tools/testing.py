@@ -1,10 +1,14 @@
-"""The accuracy rule every comparison with the reference uses (tests and `make check` alike).
+"""The accuracy rule every comparison with the reference uses (tests and `make check` alike), and the hooks the
+tests use to look inside the kernels (a forced CUDA softmax kernel, the materialised dropout keep-mask).
 
 flash-attention's rule: a low-precision kernel may be off the fp32 reference by at most `factor` times
 the error of the reference itself run in that low precision, plus a small floor; gradients get factor 3.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -94,3 +98,33 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in module.parameters():
             p.copy_((torch.randn(p.shape, generator=g) * (0.2 if p.dim() > 1 else 0.1)).to(p.device))
     return module
+
+
+@contextlib.contextmanager
+def force_softmax_algo(name: str) -> Iterator[None]:
+    """Makes the CUDA softmax run one kernel ('warp' or 'block') for every row length, so each kernel sees
+    every length."""
+    from ..cuda import softmax as cuda_softmax
+
+    if name not in ("auto", "warp", "block"):
+        raise ValueError(f"softmax algo must be 'auto', 'warp' or 'block', got {name!r}")
+    old, cuda_softmax.algo = cuda_softmax.algo, name
+    try:
+        yield
+    finally:
+        cuda_softmax.algo = old
+
+
+def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The bool keep-mask ``[B, H, Lq, Lk]`` that the kernels of both backends draw for this seed and p
+    (True = kept), materialised by kernels/attention.py:dropout_mask_kernel."""
+    import triton
+
+    from ..kernels.attention import dropout_mask_kernel
+
+    b, h, lq, lk = shape
+    keep = torch.zeros(shape, dtype=torch.int8, device=device)
+    if keep.numel():
+        grid = (triton.cdiv(lq, 32) * triton.cdiv(lk, 32) * b * h,)
+        dropout_mask_kernel[grid](keep, lq, lk, dropout_p, seed, BLOCK_M=32, BLOCK_N=32)
+    return keep.bool()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import __version__, ops, reference
+from .. import __version__, ops, reference
 
 # name: (batch, heads, head dim, embed, ffn hidden); the sizes the tables and plots use
 MODELS = {
@@ -190,7 +190,7 @@ def _layer_maker(model: str, impl: str, tokens_shape: tuple[int, int], e: int, h
                  backward: bool):
     """The model family's layer: BERT post-norm encoder layer, GPT pre-norm causal layer, BART decoder layer with
     cross-attention over a memory of the same length; torch.nn with the same weights as the fused one."""
-    from . import nn as tk_nn
+    from .. import nn as tk_nn
 
     def make(device: torch.device) -> Callable[[], torch.Tensor]:
         lib = tk_nn if impl in KERNEL_IMPLS else torch.nn

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import _ext, backends, ops, reference
+from .. import backends, ops, reference
+from . import testing
 from .testing import compare
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,7 +57,7 @@ def implementations(op: str, device: torch.device) -> list[tuple[str, Callable[[
         if name == "cuda" and op == "masked_softmax":
             # Both CUDA softmax kernels, each forced on every row length.
             for algo in ("warp", "block"):
-                impls.append((f"cuda-{algo}", lambda a=algo: _scoped("cuda", _ext.force_softmax_algo(a))))
+                impls.append((f"cuda-{algo}", lambda a=algo: _scoped("cuda", testing.force_softmax_algo(a))))
         else:
             impls.append((name, lambda n=name: _scoped(n)))
     return impls
@@ -199,7 +200,7 @@ def _projection_cases(device: torch.device, quick: bool) -> Iterator[Case]:
 def _architecture_cases(device: torch.device, quick: bool) -> Iterator[Case]:
     """Each model family on each backend against the same model built on torch.nn layers with the same
     state_dict: logits (padded positions zeroed) and every parameter's gradient, fp32."""
-    from . import models
+    from .. import models
     from .testing import MODEL_RTOL, max_error, randomize_
 
     cfg = models.ModelConfig(vocab_size=53, d_model=32, nhead=4, num_layers=2, dim_feedforward=48, max_len=24)

@@ -4,7 +4,7 @@ stack (spill) bytes, shared memory and tensor-core instruction counts from the c
 
 Triton compiles run in a child process with TRITON_INTERPRET unset (an interpreted kernel cannot be
 compiled), two at a time; results are cached on disk by a hash of the kernel source and options.
-`python -m transformer_kernels.resources [--json]` prints the table.
+`python -m transformer_kernels.tools.resources [--json]` prints the table.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def triton_report(modules: Iterable[str] = TRITON_KERNEL_MODULES, jobs: int | No
     """Resources of every Triton variant on every arch of TRITON_ARCHS (compiled in a child process)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    cmd = [sys.executable, "-m", "transformer_kernels.resources", "--triton-only", "--json",
+    cmd = [sys.executable, "-m", "transformer_kernels.tools.resources", "--triton-only", "--json",
            "--jobs", str(jobs or os.cpu_count() or 1), "--modules", ",".join(modules)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:

@@ -1,0 +1,20 @@
+"""Tensor-layout helpers the launchers of both kernel backends and the ops share."""
+
+from __future__ import annotations
+
+import torch
+
+
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous (the kernels read rows with unit stride), else a copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., C]`` as ``[rows, C]`` (a view when the strides allow; also for zero rows or C = 0)."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
+def col_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dBias when no GEMM carries it: a column sum of ``[M, N]`` in fp32, in a fixed order."""
+    return t.float().sum(0).to(dtype)

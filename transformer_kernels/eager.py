@@ -1,0 +1,145 @@
+"""The "torch" backend: every op composed from PyTorch's own functional ops and differentiated by autograd. It is
+what ``auto`` runs on CPU tensors and what runs fp64 (gradcheck). It keeps the ops' contracts (fp32 accumulation,
+fully hidden rows give zeros and zero gradients, NaN under a mask never leaks) but is not the test oracle:
+``reference.py`` is, and this module never imports it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_ACTIVATION_FNS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def _acc(t: Tensor) -> Tensor:
+    # fp64 stays fp64 (gradcheck); the 16-bit types and fp32 compute in fp32.
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def keep_mask(seed: Tensor, shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
+    """This backend's dropout keep-mask: drawn from a generator seeded with the op's seed, so backward (autograd
+    here) and a repeated call see the same mask. The kernels hash the same seed: the bits differ, the contract
+    not."""
+    g = torch.Generator(device=device).manual_seed(int(seed.item()))
+    return torch.rand(shape, generator=g, device=device) >= p
+
+
+def _hidden_rows_softmax(scores: Tensor, visible: Tensor | None) -> Tensor:
+    """torch.softmax over the last dim where only ``visible`` entries (and finite scores) count; rows with
+    nothing visible give zeros instead of NaN, with zero gradients."""
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    if scores.shape[-1] == 0:
+        return scores
+    empty = torch.isneginf(scores.amax(-1, keepdim=True))
+    return torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+
+
+def masked_softmax(x: Tensor, mask: Tensor | None, scale: float, is_causal: bool) -> Tensor:
+    """Softmax of ``scale * x`` over the last dim; mask bool (True = keep) or float (added), causal over the
+    last two dims (top-left)."""
+    s = _acc(x) * scale
+    visible = None
+    if mask is not None and mask.dtype == torch.bool:
+        visible = mask
+    elif mask is not None:
+        s = s + _acc(mask)
+    if is_causal:
+        causal = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).tril()
+        visible = causal if visible is None else visible & causal
+    return _hidden_rows_softmax(s, visible).to(x.dtype).contiguous()
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+              dropout_p: float, is_causal: bool, scale: float, causal_offset: int, seed: Tensor | None,
+              return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention with the ops' mask contract (see ops.attention). Returns ``[B, H, Lq, Dv]`` contiguous (and the
+    pre-dropout weights ``[B, H, Lq, Lk]`` with ``return_weights``)."""
+    b, h, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    # Grouped heads: view the query heads as [B, Hkv, group, ...] so each K/V head serves its group unrepeated.
+    qg = _acc(q).view(b, hkv, h // hkv, lq, q.shape[-1])
+    kf, vf = _acc(k).unsqueeze(2), _acc(v).unsqueeze(2)
+    visible = None
+    bias = None
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = attn_mask.expand(b, h, lq, lk)
+    elif attn_mask is not None:
+        bias = _acc(attn_mask).expand(b, h, lq, lk)
+        visible = ~torch.isneginf(bias)
+    if key_padding_mask is not None:
+        pad = ~key_padding_mask[:, None, None, :]
+        visible = pad if visible is None else visible & pad
+    if is_causal:
+        rows = torch.arange(lq, device=q.device)[:, None]
+        causal = torch.arange(lk, device=q.device)[None, :] <= rows + causal_offset
+        visible = causal if visible is None else visible & causal
+    if visible is not None:
+        # A key no query sees must not reach a product: 0 · NaN would poison the row.
+        seen = visible.expand(b, h, lq, lk).any(dim=2).view(b, hkv, -1, lk).any(dim=2)[:, :, None, :, None]
+        kf, vf = kf.where(seen, 0.0), vf.where(seen, 0.0)
+        visible = visible.expand(b, h, lq, lk).reshape(b, hkv, h // hkv, lq, lk)
+    scores = (qg @ kf.transpose(-2, -1)) * scale
+    if bias is not None:
+        scores = scores + bias.reshape(b, hkv, h // hkv, lq, lk)
+    p = _hidden_rows_softmax(scores, visible)
+    weights = p
+    if dropout_p > 0.0:
+        p = p * keep_mask(seed, (b, h, lq, lk), dropout_p, q.device).view_as(p) / (1.0 - dropout_p)
+    out = (p @ vf).view(b, h, lq, v.shape[-1]).to(q.dtype)
+    return (out, weights.view(b, h, lq, lk).to(q.dtype)) if return_weights else out
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, residual: Tensor | None,
+               return_residual: bool) -> Tensor | tuple[Tensor, Tensor]:
+    s = _acc(x) if residual is None else _acc(x) + _acc(residual)
+    y = F.layer_norm(s, s.shape[-1:], None if weight is None else _acc(weight), None if bias is None else _acc(bias),
+                     eps).to(x.dtype)
+    return (y, s.to(x.dtype)) if return_residual else y
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float, residual: Tensor | None,
+             return_residual: bool) -> Tensor | tuple[Tensor, Tensor]:
+    s = _acc(x) if residual is None else _acc(x) + _acc(residual)
+    y = F.rms_norm(s, s.shape[-1:], None if weight is None else _acc(weight), eps).to(x.dtype)
+    return (y, s.to(x.dtype)) if return_residual else y
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None, residual: Tensor | None,
+           dropout_p: float, seed: Tensor | None) -> Tensor:
+    y = F.linear(_acc(x), _acc(weight), None if bias is None else _acc(bias))
+    if activation:
+        y = _ACTIVATION_FNS[activation](y)
+    if dropout_p > 0.0:
+        y = y * keep_mask(seed, tuple(y.shape), dropout_p, x.device) / (1.0 - dropout_p)
+    if residual is not None:
+        y = y + _acc(residual)
+    return y.to(x.dtype)
+
+
+def gated_linear(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None,
+                 activation: str) -> Tensor:
+    gate = F.linear(_acc(x), _acc(w_gate), None if b_gate is None else _acc(b_gate))
+    up = F.linear(_acc(x), _acc(w_up), None if b_up is None else _acc(b_up))
+    return (_ACTIVATION_FNS[activation](gate) * up).to(x.dtype)
+
+
+def qkv_projection(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, num_heads: int,
+                   num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    b, length, _ = x.shape
+    d = w_qkv.shape[0] // (num_heads + 2 * num_kv_heads)
+    y = linear(x, w_qkv, b_qkv, None, None, 0.0, None)
+    parts = y.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    return tuple(t.view(b, length, t.shape[-1] // d, d).transpose(1, 2) for t in parts)  # type: ignore[return-value]
+
+
+def out_projection(attn: Tensor, w_o: Tensor, b_o: Tensor | None, residual: Tensor | None) -> Tensor:
+    b, h, length, d = attn.shape
+    return linear(attn.transpose(1, 2).reshape(b, length, h * d), w_o, b_o, None, residual, 0.0, None)
