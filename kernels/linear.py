@@ -9,10 +9,10 @@ instead be gathered from ``[B, H, L, D]`` (head merge in the prologue, for the o
 multiplies with a second B (``act(A@Bg + bg) · (A@Bu + bu)``, swiglu/geglu) sharing each A tile.
 
 Backward (the launchers at the end of this file): the pre-activation Z is saved in forward (M·N elements of the
-input dtype, only when there is an activation). dX = dZ @ W and dW = dZᵀ @ X run through the same GEMM with a prologue that turns each dY
-tile into the dZ tile in registers (dropout draw, act'(Z), the gated product rule), so dZ is never written; the dW
-GEMM also sums its A rows into dBias. `dact_kernel` forms dZ on its own only when there are no in-features (no
-dW GEMM to carry dBias).
+input dtype, only when there is an activation). dX = dZ @ W and dW = dZᵀ @ X run through the same GEMM with a
+prologue that turns each dY tile into the dZ tile in registers (dropout draw, act'(Z), the gated product rule), so
+dZ is never written; the dW GEMM also sums its A rows into dBias. `dact_kernel` forms dZ on its own only when there
+are no in-features (no dW GEMM to carry dBias).
 """
 
 from __future__ import annotations
