@@ -1,5 +1,13 @@
 # Every target does its own set-up, so `make test` and `make check` work on a fresh machine.
 PYTHON ?= python3
+# Outside a virtual environment the set-up makes one in the checkout (.venv) and every target runs there: a stock
+# Debian/Ubuntu python refuses pip installs into itself (PEP 668, "externally-managed-environment"). The venv sees
+# the system's packages, so a preinstalled CUDA build of torch (and triton) is kept and nothing is downloaded twice.
+ifeq ($(shell $(PYTHON) -c "import sys; print(int(sys.prefix != sys.base_prefix))"),0)
+HOST_PYTHON := $(PYTHON)
+PYTHON := .venv/bin/python
+VENV := .venv/bin/python
+endif
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 TORCH_CPU_VERSION := 2.13.0
 export TRITON_DEFAULT_FP_FUSION ?= 1
@@ -11,7 +19,13 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.h csrc/*.cuh csrc
 # Reinstalls (ninja rebuilds only what changed) when the build inputs are newer than the last install.
 setup: .setup-stamp
 
-.setup-stamp: $(SOURCES)
+.venv/bin/python:
+	@# Without pip of its own (Debian's python lacks ensurepip unless python3-venv is installed): the system's pip,
+	@# seen through the system site packages, installs into the venv; ensurepip only where there is none.
+	$(HOST_PYTHON) -m venv --system-site-packages --without-pip .venv
+	@.venv/bin/python -m pip --version >/dev/null 2>&1 || .venv/bin/python -m ensurepip --default-pip
+
+.setup-stamp: $(SOURCES) $(VENV)
 	@# Keep a CUDA build of torch if there is one; otherwise pin the CPU wheel (never pull the multi-GB
 	@# CUDA wheels onto a CPU machine through an unpinned requirement).
 	@if $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
@@ -39,4 +53,4 @@ lint: setup
 	$(PYTHON) -m ruff check .
 
 clean:
-	rm -rf build *.egg-info .setup-stamp transformer_kernels/*.so
+	rm -rf build *.egg-info .setup-stamp transformer_kernels/*.so .venv

@@ -67,12 +67,12 @@ def _key_cols(KPM, kpm_row, skp1, offs_n, Lk, HAS_KPM: tl.constexpr):
 
 @triton.jit
 def _score_tile(qk, offs_m, offs_n, col_ok, Lq, mask_base, sm2, sm3, sm_scale, causal_offset,
-                MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
+                MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
     # Scores in natural units with -inf where hidden, and the visibility. Natural units until after the max is
     # subtracted: multiplying a score near -6e4 by log2(e) first would round it to 2^-7 and the probabilities
     # of such a row off by ~0.5%. A float mask entry of -inf hides its key like a bool False.
     visible = col_ok[None, :] & (offs_m[:, None] < Lq)
-    if CAUSAL:
+    if IS_CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
     s = qk * sm_scale
     if MASK_KIND == 1:
@@ -95,7 +95,7 @@ def _seen_by_any(visible):
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, KPM, kpm_row, skp1, mask_base, sm2, sm3,
               sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset, dropout_p, seed,
-              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
@@ -103,7 +103,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, KPM, kpm_row, skp1,
     kt = tl.load(k_base + offs_n[None, :] * sk2 + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
     qk = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     s, visible = _score_tile(qk, offs_m, offs_n, col_ok, Lq, mask_base, sm2, sm3, sm_scale, causal_offset,
-                             MASK_KIND, CAUSAL)
+                             MASK_KIND, IS_CAUSAL)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row with nothing visible yet has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -213,11 +213,11 @@ def attn_bwd_preprocess_kernel(OUT, DO, DELTA, sd0, sd1, sd2, H, Lq, D: tl.const
 
 @triton.jit
 def _probs(q, kt, offs_m, offs_n, col_ok, rows, M_IN, INV_L, Lq, mask_base, sm2, sm3, sm_scale, causal_offset,
-           MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, INTERPRETED: tl.constexpr):
+           MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, INTERPRETED: tl.constexpr):
     # Recomputes the forward probabilities of one tile from the saved row max and reciprocal sum.
     qk = mma(q, kt, tl.zeros([q.shape[0], kt.shape[1]], tl.float32), INTERPRETED)
     s, visible = _score_tile(qk, offs_m, offs_n, col_ok, Lq, mask_base, sm2, sm3, sm_scale, causal_offset,
-                             MASK_KIND, CAUSAL)
+                             MASK_KIND, IS_CAUSAL)
     row_ok = offs_m < Lq
     m = tl.load(M_IN + rows, mask=row_ok, other=0.0)
     inv_l = tl.load(INV_L + rows, mask=row_ok, other=0.0)
@@ -228,14 +228,14 @@ def _probs(q, kt, offs_m, offs_n, col_ok, rows, M_IN, INV_L, Lq, mask_base, sm2,
 def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, Q, DO, M_IN, INV_L, DELTA, mask_base, sm2, sm3,
                sq0, sq1, sq2, sd0, sd1, sd2, offs_n, offs_d, col_ok, D, Lq, Lk, sm_scale, causal_offset,
                dropout_p, seed,
-               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+               MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                INTERPRETED: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(Q, b, h, sq0, sq1, sq2, offs_m, offs_d, Lq, D)
     do = _load_rows(DO, b, h, sd0, sd1, sd2, offs_m, offs_d, Lq, D)
     rows = bh.to(tl.int64) * Lq + offs_m
     p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, M_IN, INV_L, Lq, mask_base, sm2, sm3,
-                        sm_scale, causal_offset, MASK_KIND, CAUSAL, INTERPRETED)
+                        sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, INTERPRETED)
     dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, k.shape[0]], tl.float32), INTERPRETED)
     if DROPOUT:
         keep = _keep(seed, bh, Lq, Lk, offs_m, start_n, dropout_p, k.shape[0])
@@ -310,7 +310,7 @@ def attn_bwd_dkdv_kernel(
 @triton.jit
 def _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, KPM, kpm_row, skp1, M_IN, INV_L, mask_base,
              sm2, sm3, sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset, dropout_p, seed,
-             MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+             MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
              BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = _key_cols(KPM, kpm_row, skp1, offs_n, Lk, HAS_KPM)
@@ -318,7 +318,7 @@ def _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, KPM, kpm_row, 
     k = tl.load(k_base + offs_n[:, None] * sk2 + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * sv2 + offs_d[None, :], mask=kv_ok, other=0.0)
     p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, M_IN, INV_L, Lq, mask_base, sm2, sm3,
-                        sm_scale, causal_offset, MASK_KIND, CAUSAL, INTERPRETED)
+                        sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, INTERPRETED)
     dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
         dp = tl.where(_keep(seed, bh, Lq, Lk, offs_m, start_n, dropout_p, BLOCK_N), dp * (1.0 / (1.0 - dropout_p)), 0.0)

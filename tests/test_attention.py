@@ -1,4 +1,4 @@
-"""attention on every backend against the reference: mask kinds, shapes, layouts, GQA, dropout and EDGE_CASES.md."""
+"""attention on every backend against the reference: mask kinds, shapes, layouts, GQA, dropout and the edge cases of docs/ARCHITECTURE.md."""
 
 import math
 
@@ -466,12 +466,10 @@ def test_unsupported_inputs_on_a_forced_backend_and_auto_fallback():
     with tk.use_backend("torch"):
         check_against_reference("torch", q, k, v)
     # auto on a CUDA tensor skips a backend that cannot take the inputs (resolved without running anything)
-    from transformer_kernels.ops.attention import _why_not
-
     cuda = torch.device("cuda")
-    assert backends.resolve("attention", cuda, "auto", _why_not(q, k, v)) == "torch"
+    assert backends.resolve_for("attention", "attention", cuda, "auto", q, k, v) == "torch"
     small = make_qkv(1, 1, 1, 3, 3, 64)
-    assert backends.resolve("attention", cuda, "auto", _why_not(*small)) == "triton"
+    assert backends.resolve_for("attention", "attention", cuda, "auto", *small) == "triton"
 
 
 @pytest.mark.gpu
@@ -484,7 +482,7 @@ def test_large_shapes_on_gpu(dtype, causal):
 
 
 def test_a_backend_without_the_op_is_a_clear_error(device, monkeypatch):
-    # EDGE_CASES 21: forcing a backend that lacks the op names the backend and the op.
+    # Edge case 21 (docs/ARCHITECTURE.md): forcing a backend that lacks the op names the backend and the op.
     monkeypatch.setitem(backends.GPU_PREFERENCE, "attention", ("triton", "torch"))
     q, k, v = make_qkv(1, 1, 1, 3, 3, 16, device=device)
     with pytest.raises(NotImplementedError, match="backend 'cuda' does not implement attention"), tk.use_backend("cuda"):

@@ -1,6 +1,6 @@
 """The oracle: every op of the package written in plain, readable PyTorch.
 
-Every kernel and module is compared with these functions. They follow DESIGN.md's contracts:
+Every kernel and module is compared with these functions. They follow the contracts of docs/ARCHITECTURE.md:
 accumulation in fp32 (fp64 stays fp64, for gradcheck), fully masked query rows give zeros (and zero
 gradients), and masks follow ``F.scaled_dot_product_attention`` (bool ``True`` = may attend, float
 added) at the functional level and ``torch.nn`` (bool ``True`` = masked out) at the layer level.
@@ -132,7 +132,7 @@ def scaled_dot_product_attention(
     return_weights: bool = False,
     low_precision: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Attention as in ``F.scaled_dot_product_attention`` plus DESIGN.md's extras.
+    """Attention as in ``F.scaled_dot_product_attention`` plus the package's extras (docs/ARCHITECTURE.md).
 
     q: ``[B, H, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` with ``H % Hkv == 0`` (each group of ``H // Hkv``
     query heads shares one K/V head). ``dropout_mask``: bool keep-mask broadcastable to
