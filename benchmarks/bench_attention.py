@@ -8,16 +8,11 @@ from conftest import run_op
 
 import transformer_kernels as tk
 from transformer_kernels import reference
+from transformer_kernels.tools.bench import attention_flops
 
 B, H = 4, 16
 LENGTHS = [512, 1024, 2048, 4096, 8192, 16384]
 EAGER_MAX_LENGTH = 4096  # the eager reference materialises [B, H, L, L] fp32 scores
-
-
-def attention_flops(b: int, h: int, lq: int, lk: int, d: int, causal: bool, backward: bool) -> float:
-    """FlashAttention's count: 2 matmuls of 2·Lq·Lk·D each forward (half under a causal mask); backward is 2.5×."""
-    fwd = 4 * b * h * lq * lk * d * (0.5 if causal else 1.0)
-    return fwd * (3.5 if backward else 1.0)
 
 
 IMPLS = {

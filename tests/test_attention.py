@@ -1,4 +1,5 @@
-"""attention on every backend against the reference: mask kinds, shapes, layouts, GQA, dropout and the edge cases of docs/ARCHITECTURE.md."""
+"""attention on every backend against the reference: mask kinds, shapes, layouts, GQA, dropout, and the edge cases
+listed in docs/ARCHITECTURE.md."""
 
 import math
 

@@ -107,6 +107,21 @@ def test_encoder_layer_matches_torch(backend, norm_first, batch_first, activatio
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_hint_takes_the_causal_path_without_reading_the_mask(backend):
+    # torch.nn's is_causal says "src_mask is the causal mask": the layer must equal torch.nn given the true causal
+    # mask, and must not read the mask at all (a wrong mask under the hint changes nothing).
+    kw = dict(dim_feedforward=48, dropout=0.0, batch_first=True)
+    ref, ours = pair(nn.TransformerEncoderLayer(E, H, **kw), tk_nn.TransformerEncoderLayer(E, H, backend=backend, **kw))
+    causal = nn.Transformer.generate_square_subsequent_mask(L)
+    compare_fwd_bwd(lambda x: ref(x, src_mask=causal, is_causal=True), lambda x: ours(x, src_mask=causal, is_causal=True),
+                    [inputs(B, L, E)], list(ref.parameters()), list(ours.parameters()))
+    x = inputs(B, L, E, grad=False)
+    wrong = torch.full((L, L), float("nan"))
+    torch.testing.assert_close(ours(x, src_mask=wrong, is_causal=True), ours(x, src_mask=causal, is_causal=True),
+                               atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_decoder_layer_matches_torch(backend, norm_first):
     kw = dict(dim_feedforward=48, dropout=0.0, activation="gelu", batch_first=True, norm_first=norm_first)

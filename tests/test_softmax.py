@@ -175,6 +175,13 @@ def test_gradcheck_fp64_torch_backend():
         assert torch.autograd.gradcheck(lambda t: tk.ops.masked_softmax(t, mask, 0.8, is_causal=True), (x,))
 
 
+def test_auto_consults_dtype_support_on_cuda_tensors():
+    # float64 is beyond both kernel backends: auto resolves to the torch backend instead of a kernel that raises
+    # (resolved without running anything, so it holds without a GPU).
+    x = torch.empty(2, 3, dtype=torch.float64)
+    assert tk.backends.resolve_for("masked_softmax", "softmax", torch.device("cuda"), "auto", x) == "torch"
+
+
 def test_auto_uses_the_torch_backend_on_cpu():
     # auto on CPU tensors runs the eager composition (PyTorch's own ops), which agrees with the oracle.
     x = torch.randn(3, 5)

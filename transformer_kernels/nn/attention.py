@@ -130,8 +130,12 @@ class MultiheadAttention(nn.Module):
         elif cache is not None:
             k, v = _append_kv(cache, k, v)
         lk = k.shape[2]
+        if is_causal:
+            # torch.nn documents is_causal as a hint that attn_mask *is* the causal mask (its fast path relies on
+            # that too): take the causal path and never read the mask.
+            attn_mask = None
         mask, kpm = nn_masks_to_sdpa(attn_mask, key_padding_mask, b, h, lq, lk, query.dtype)
-        return q, k, v, {"attn_mask": mask, "is_causal": is_causal and attn_mask is None, "scale": 1.0 / math.sqrt(d),
+        return q, k, v, {"attn_mask": mask, "is_causal": is_causal, "scale": 1.0 / math.sqrt(d),
                          "key_padding_mask": kpm,
                          "causal_alignment": "bottom_right" if cache is not None else "top_left"}
 

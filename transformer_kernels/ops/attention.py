@@ -1,8 +1,8 @@
 """`attention`: scaled dot-product attention; the kernel backends run as a torch.library custom op (fake impl,
 autograd); the torch backend is eager.py's composition, differentiated by autograd.
 
-Call-compatible with ``F.scaled_dot_product_attention``, plus the package's extras (docs/ARCHITECTURE.md): a ``[B, Lk]`` key-padding
-mask (True = padding) and the causal alignment for ``Lq != Lk``.
+Call-compatible with ``F.scaled_dot_product_attention``, plus the package's extras (docs/ARCHITECTURE.md): a
+``[B, Lk]`` key-padding mask (True = padding) and the causal alignment for ``Lq != Lk``.
 """
 
 from __future__ import annotations
