@@ -39,6 +39,7 @@ from .config import (
     is_interpreted,
     mask_args,
     next_power_of_2,
+    unsupported_dtype,
 )
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -495,8 +496,9 @@ def max_head_dim(dtype: torch.dtype, device: torch.device) -> int:
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why these kernels cannot take the inputs (None when they can)."""
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} (supported: {SUPPORTED_DTYPES})"
+    why = unsupported_dtype(q, SUPPORTED_DTYPES)
+    if why:
+        return why
     if q.shape[-1] > MAX_HEAD_DIM[q.dtype]:
         return f"head dim {q.shape[-1]} with {q.dtype} (supported: 1..{MAX_HEAD_DIM[q.dtype]})"
     if v.shape[-1] != q.shape[-1]:

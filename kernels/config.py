@@ -28,6 +28,11 @@ def is_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def unsupported_dtype(x: torch.Tensor, supported: tuple[torch.dtype, ...]) -> str | None:
+    """Why a launcher cannot take ``x``'s dtype, or None."""
+    return None if x.dtype in supported else f"dtype {x.dtype} (supported: {supported})"
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 

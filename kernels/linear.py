@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .._layout import col_sum, unit_last_stride
 from .common import cast_out, dropout_keep, mma
-from .config import TRITON_DTYPE_NAMES, AotVariant, autotuned, is_interpreted
+from .config import TRITON_DTYPE_NAMES, AotVariant, autotuned, is_interpreted, unsupported_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
@@ -367,7 +367,7 @@ def activation_backward(dy: torch.Tensor, z: torch.Tensor, z2: torch.Tensor | No
 
 def unsupported(x: torch.Tensor) -> str | None:
     """Why these kernels cannot take ``x`` (None when they can)."""
-    return None if x.dtype in SUPPORTED_DTYPES else f"dtype {x.dtype} (supported: {SUPPORTED_DTYPES})"
+    return unsupported_dtype(x, SUPPORTED_DTYPES)
 
 
 def _weight_and_bias_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,

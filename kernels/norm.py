@@ -27,6 +27,7 @@ from .config import (
     power_of_two_configs,
     row_config,
     row_tile,
+    unsupported_dtype,
 )
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -171,8 +172,9 @@ def all_backward_configs() -> list[tuple[int, int]]:
 
 def unsupported(x: torch.Tensor) -> str | None:
     """Why these kernels cannot take ``x`` (None when they can)."""
-    if x.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {x.dtype} (supported: {SUPPORTED_DTYPES})"
+    why = unsupported_dtype(x, SUPPORTED_DTYPES)
+    if why:
+        return why
     if x.shape[-1] > MAX_BACKWARD_COLS:
         return f"hidden size {x.shape[-1]} (supported: 1..{MAX_BACKWARD_COLS})"
     return None

@@ -26,6 +26,7 @@ from .config import (
     mask_args,
     power_of_two_configs,
     row_config,
+    unsupported_dtype,
 )
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -148,7 +149,7 @@ def all_configs() -> list[tuple[int, int, bool]]:
 
 def unsupported(x: torch.Tensor) -> str | None:
     """Why these kernels cannot take ``x`` (None when they can)."""
-    return None if x.dtype in SUPPORTED_DTYPES else f"dtype {x.dtype} (supported: {SUPPORTED_DTYPES})"
+    return unsupported_dtype(x, SUPPORTED_DTYPES)
 
 
 def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is_causal: bool,

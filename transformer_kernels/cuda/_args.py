@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _ext
+
 
 def ptr(t: torch.Tensor | None) -> int:
     """The data pointer, 0 for an absent tensor."""
@@ -18,3 +20,10 @@ def stream(t: torch.Tensor) -> int:
 def seed64(seed: int) -> int:
     """A dropout seed as the bindings' uint64."""
     return int(seed) & (2**64 - 1)
+
+
+def unsupported_dtype(x: torch.Tensor) -> str | None:
+    """Why the kernels cannot take ``x``'s dtype (None when csrc/types.h has it): the `unsupported` of the families
+    whose kernels take any size."""
+    codes = _ext.module_for(x.device).dtype_codes
+    return None if str(x.dtype).removeprefix("torch.") in codes else f"dtype {x.dtype} (supported: {tuple(codes)})"

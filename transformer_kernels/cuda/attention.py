@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ._args import ptr, seed64, stream
+from ._args import ptr, seed64, stream, unsupported_dtype
 
 
 def max_head_dim(dtype: torch.dtype, device: torch.device) -> int:
@@ -19,9 +19,10 @@ def max_head_dim(dtype: torch.dtype, device: torch.device) -> int:
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why these kernels cannot take the inputs (None when they can)."""
+    why = unsupported_dtype(q)
+    if why:
+        return why
     max_d = max_head_dim(q.dtype, q.device)
-    if max_d == 0:
-        return f"dtype {q.dtype} (supported: {tuple(_ext.module_for(q.device).dtype_codes)})"
     if q.shape[-1] > max_d:
         return f"head dim {q.shape[-1]} with {q.dtype} (supported: 1..{max_d})"
     if v.shape[-1] != q.shape[-1]:

@@ -9,13 +9,9 @@ from torch import Tensor
 
 from .. import _ext
 from .._layout import col_sum, unit_last_stride
-from ._args import ptr, seed64, stream
+from ._args import ptr, seed64, stream, unsupported_dtype
 
-
-def unsupported(x: Tensor) -> str | None:
-    """Why these kernels cannot take ``x`` (None when they can)."""
-    codes = _ext.module_for(x.device).dtype_codes
-    return None if str(x.dtype).removeprefix("torch.") in codes else f"dtype {x.dtype} (supported: {tuple(codes)})"
+unsupported = unsupported_dtype
 
 
 # ---- the element-wise kernels --------------------------------------------------------------------

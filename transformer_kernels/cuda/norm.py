@@ -6,13 +6,9 @@ import torch
 
 from .. import _ext
 from .._layout import unit_last_stride
-from ._args import ptr, stream
+from ._args import ptr, stream, unsupported_dtype
 
-
-def unsupported(x: torch.Tensor) -> str | None:
-    """Why these kernels cannot take ``x`` (None when they can): any row length runs."""
-    codes = _ext.module_for(x.device).dtype_codes
-    return None if str(x.dtype).removeprefix("torch.") in codes else f"dtype {x.dtype} (supported: {tuple(codes)})"
+unsupported = unsupported_dtype
 
 
 def _args(mod, x, residual, weight, bias, eps, rms) -> dict:

@@ -5,17 +5,14 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ._args import ptr, stream
+from ._args import ptr, stream, unsupported_dtype
 
 # Which kernel runs every row: "auto" (by length), or "warp"/"block" forced for every length (the tests force
 # both so each kernel sees every length; see tools/testing.py:force_softmax_algo).
 algo = "auto"
 
 
-def unsupported(x: torch.Tensor) -> str | None:
-    """Why these kernels cannot take ``x`` (None when they can)."""
-    codes = _ext.module_for(x.device).dtype_codes
-    return None if str(x.dtype).removeprefix("torch.") in codes else f"dtype {x.dtype} (supported: {tuple(codes)})"
+unsupported = unsupported_dtype
 
 
 def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float, is_causal: bool,
