@@ -35,6 +35,7 @@ from .config import (
     MASK_NONE,
     TRITON_DTYPE_NAMES,
     AotVariant,
+    aot_signature,
     autotuned,
     is_interpreted,
     mask_args,
@@ -51,36 +52,36 @@ HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)
 
 
 @triton.jit
-def _keep(seed, bh, Lq, Lk, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
+def _keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
     # Element (b·H + h, i, j) of the [B·H·Lq, Lk] draw grid: forward, both backward passes and the mask helper
     # all call this, whatever their tile sizes.
-    return dropout_keep(seed, bh.to(tl.int64) * Lq + offs_m, start_n + tl.arange(0, BLOCK_N), dropout_p)
+    return dropout_keep(seed, bh.to(tl.int64) * seqlen_q + offs_m, start_n + tl.arange(0, BLOCK_N), dropout_p)
 
 
 @triton.jit
-def _key_cols(KPM, kpm_row, skp1, offs_n, Lk, HAS_KPM: tl.constexpr):
+def _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM: tl.constexpr):
     # Keys that exist and are not padding: the only columns ever loaded from K and V.
-    ok = offs_n < Lk
+    ok = offs_n < seqlen_k
     if HAS_KPM:
-        ok = ok & (tl.load(KPM + kpm_row + offs_n * skp1, mask=ok, other=1) == 0)
+        ok = ok & (tl.load(kpm_ptr + kpm_row + offs_n * stride_kpm_n, mask=ok, other=1) == 0)
     return ok
 
 
 @triton.jit
-def _score_tile(qk, offs_m, offs_n, col_ok, Lq, mask_base, sm2, sm3, sm_scale, causal_offset,
+def _score_tile(qk, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset,
                 MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
     # Scores in natural units with -inf where hidden, and the visibility. Natural units until after the max is
     # subtracted: multiplying a score near -6e4 by log2(e) first would round it to 2^-7 and the probabilities
     # of such a row off by ~0.5%. A float mask entry of -inf hides its key like a bool False.
-    visible = col_ok[None, :] & (offs_m[:, None] < Lq)
+    visible = col_ok[None, :] & (offs_m[:, None] < seqlen_q)
     if IS_CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
     s = qk * sm_scale
     if MASK_KIND == 1:
-        keep = tl.load(mask_base + offs_m[:, None] * sm2 + offs_n[None, :] * sm3, mask=visible, other=0)
+        keep = tl.load(mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=visible, other=0)
         visible = visible & (keep != 0)
     if MASK_KIND == 2:
-        bias = tl.load(mask_base + offs_m[:, None] * sm2 + offs_n[None, :] * sm3, mask=visible, other=0.0)
+        bias = tl.load(mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=visible, other=0.0)
         bias = bias.to(tl.float32)
         visible = visible & (bias != float("-inf"))
         s = s + bias
@@ -94,16 +95,18 @@ def _seen_by_any(visible):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, KPM, kpm_row, skp1, mask_base, sm2, sm3,
-              sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset, dropout_p, seed,
+def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, mask_base, stride_mask_m,
+              stride_mask_n,
+              stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
               MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
-    col_ok = _key_cols(KPM, kpm_row, skp1, offs_n, Lk, HAS_KPM)
-    kt = tl.load(k_base + offs_n[None, :] * sk2 + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
+    kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
     qk = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
-    s, visible = _score_tile(qk, offs_m, offs_n, col_ok, Lq, mask_base, sm2, sm3, sm_scale, causal_offset,
+    s, visible = _score_tile(qk, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale,
+                             causal_offset,
                              MASK_KIND, IS_CAUSAL)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row with nothing visible yet has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
@@ -111,141 +114,149 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, KPM, kpm_row, skp1,
     alpha = tl.exp2((m_i - m_safe) * LOG2E)
     p = tl.exp2((s - m_safe[:, None]) * LOG2E)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_base + offs_n[:, None] * sv2 + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
     if MASK_KIND != 0:
         v = tl.where(_seen_by_any(visible)[:, None], v, 0.0)
     if DROPOUT:
         # l_i keeps the undropped sum: dropout applies to the normalised probabilities.
-        p = tl.where(_keep(seed, bh, Lq, Lk, offs_m, start_n, dropout_p, BLOCK_N), p, 0.0)
+        p = tl.where(_keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N), p, 0.0)
     acc = mma(p.to(v.dtype), v, acc * alpha[:, None], INTERPRETED)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _query_tile(H, GROUP, Lq, BLOCK_M: tl.constexpr):
+def _query_tile(num_heads, group, seqlen_q, BLOCK_M: tl.constexpr):
     # Program id → (b·H + h, first query row, b, h, kv head): B·H is folded into grid x, so any B·H fits.
-    n_m = tl.cdiv(Lq, BLOCK_M)
+    n_m = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // n_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    return bh, (pid % n_m) * BLOCK_M, b, h, h // GROUP
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    return bh, (pid % n_m) * BLOCK_M, b, h, h // group
 
 
 @triton.jit
-def _load_rows(PTR, b, h, s0, s1, s2, offs_m, offs_d, Lq, D):
+def _load_rows(base_ptr, b, h, stride_b, stride_h, stride_m, offs_m, offs_d, seqlen_q, D):
     # A [rows, head dim] tile of a [B, H, L, D] tensor with unit stride along D; rows past Lq and the padding of D
     # up to BLOCK_D read as 0.
-    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-    return tl.load(PTR + b * s0 + h * s1 + offs_m[:, None] * s2 + offs_d[None, :], mask=ok, other=0.0)
+    ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D)
+    return tl.load(base_ptr + b * stride_b + h * stride_h + offs_m[:, None] * stride_m + offs_d[None, :], mask=ok, other=0.0)
 
 
 @triton.jit
-def _key_range(start_m, Lq, Lk, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+def _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
     # (hi, full) for the query tile at start_m: keys below hi are visited; tiles below full are visible to every
     # row of the tile (no causal compare). Causal: up to the last valid row's limit, so a key no query sees is
     # never loaded.
     if IS_CAUSAL:
-        hi = tl.minimum(tl.maximum(tl.minimum(start_m + BLOCK_M, Lq) + causal_offset, 0), Lk)
+        hi = tl.minimum(tl.maximum(tl.minimum(start_m + BLOCK_M, seqlen_q) + causal_offset, 0), seqlen_k)
         full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
     else:
-        hi = Lk
-        full = Lk
+        hi = seqlen_k
+        full = seqlen_k
     return hi, full
 
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, OUT, M_OUT, INV_L, MASK, KPM,
-    sq0, sq1, sq2, sk0, sk1, sk2, sv0, sv1, sv2,
-    sm0, sm1, sm2, sm3, skp0, skp1,
-    H, GROUP, Lq, Lk, sm_scale, causal_offset, dropout_p, seed, LQ_CLASS, LK_CLASS,
+    q_ptr, k_ptr, v_ptr, out_ptr, row_max_ptr, inv_l_ptr, mask_ptr, kpm_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    bh, start_m, b, h, hk = _query_tile(H, GROUP, Lq, BLOCK_M)
+    bh, start_m, b, h, hk = _query_tile(num_heads, group, seqlen_q, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = _load_rows(Q, b, h, sq0, sq1, sq2, offs_m, offs_d, Lq, D)
-    k_base = K + b * sk0 + hk * sk1
-    v_base = V + b * sv0 + hk * sv1
-    mask_base = MASK + b * sm0 + h * sm1
-    kpm_row = b * skp0
+    q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, offs_m, offs_d, seqlen_q, D)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    mask_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
+    kpm_row = b * stride_kpm_b
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi, full = _key_range(start_m, Lq, Lk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, full, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, KPM, kpm_row, skp1, mask_base,
-                                  sm2, sm3, sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset,
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, mask_base,
+                                  stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k,
+                                  sm_scale, causal_offset,
                                   dropout_p, seed, MASK_KIND, HAS_KPM, False, DROPOUT, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(full, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, KPM, kpm_row, skp1, mask_base,
-                                      sm2, sm3, sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset,
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, mask_base,
+                                      stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k,
+                                      sm_scale, causal_offset,
                                       dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, BLOCK_N, INTERPRETED)
     # A row with no visible key has l = 0: its output and (through inv_l = 0) its gradients are zeros.
     inv_l = tl.where(l_i == 0.0, 0.0, 1.0 / tl.where(l_i == 0.0, 1.0, l_i))
     out = acc * inv_l[:, None]
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    row_ok = offs_m < Lq
-    o_rows = bh.to(tl.int64) * Lq + offs_m
-    tl.store(OUT + o_rows[:, None] * D + offs_d[None, :], cast_out(out, OUT.dtype.element_ty, INTERPRETED),
+    row_ok = offs_m < seqlen_q
+    o_rows = bh.to(tl.int64) * seqlen_q + offs_m
+    tl.store(out_ptr + o_rows[:, None] * D + offs_d[None, :], cast_out(out, out_ptr.dtype.element_ty, INTERPRETED),
              mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(M_OUT + o_rows, tl.where(m_i == float("-inf"), 0.0, m_i), mask=row_ok)
-    tl.store(INV_L + o_rows, inv_l, mask=row_ok)
+    tl.store(row_max_ptr + o_rows, tl.where(m_i == float("-inf"), 0.0, m_i), mask=row_ok)
+    tl.store(inv_l_ptr + o_rows, inv_l, mask=row_ok)
 
 
 @triton.jit
-def attn_bwd_preprocess_kernel(OUT, DO, DELTA, sd0, sd1, sd2, H, Lq, D: tl.constexpr,
+def attn_bwd_preprocess_kernel(out_ptr, do_ptr, delta_ptr, stride_dob, stride_doh, stride_dom, num_heads, seqlen_q,
+                               D: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax-backward correction, once per row.
-    bh, start_m, b, h, _ = _query_tile(H, 1, Lq, BLOCK_M)
+    bh, start_m, b, h, _ = _query_tile(num_heads, 1, seqlen_q, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-    rows = bh.to(tl.int64) * Lq + offs_m
-    o = tl.load(OUT + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-    do = _load_rows(DO, b, h, sd0, sd1, sd2, offs_m, offs_d, Lq, D)
-    tl.store(DELTA + rows, tl.sum(o * do.to(tl.float32), axis=1), mask=offs_m < Lq)
+    ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D)
+    rows = bh.to(tl.int64) * seqlen_q + offs_m
+    o = tl.load(out_ptr + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, offs_m, offs_d, seqlen_q, D)
+    tl.store(delta_ptr + rows, tl.sum(o * do.to(tl.float32), axis=1), mask=offs_m < seqlen_q)
 
 
 @triton.jit
-def _probs(q, kt, offs_m, offs_n, col_ok, rows, M_IN, INV_L, Lq, mask_base, sm2, sm3, sm_scale, causal_offset,
+def _probs(q, kt, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base, stride_mask_m, stride_mask_n,
+           sm_scale, causal_offset,
            MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, INTERPRETED: tl.constexpr):
     # Recomputes the forward probabilities of one tile from the saved row max and reciprocal sum.
     qk = mma(q, kt, tl.zeros([q.shape[0], kt.shape[1]], tl.float32), INTERPRETED)
-    s, visible = _score_tile(qk, offs_m, offs_n, col_ok, Lq, mask_base, sm2, sm3, sm_scale, causal_offset,
+    s, visible = _score_tile(qk, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale,
+                             causal_offset,
                              MASK_KIND, IS_CAUSAL)
-    row_ok = offs_m < Lq
-    m = tl.load(M_IN + rows, mask=row_ok, other=0.0)
-    inv_l = tl.load(INV_L + rows, mask=row_ok, other=0.0)
+    row_ok = offs_m < seqlen_q
+    m = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
+    inv_l = tl.load(inv_l_ptr + rows, mask=row_ok, other=0.0)
     return tl.exp2((s - m[:, None]) * LOG2E) * inv_l[:, None], visible
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, Q, DO, M_IN, INV_L, DELTA, mask_base, sm2, sm3,
-               sq0, sq1, sq2, sd0, sd1, sd2, offs_n, offs_d, col_ok, D, Lq, Lk, sm_scale, causal_offset,
+def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_base,
+               stride_mask_m, stride_mask_n,
+               stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D, seqlen_q,
+               seqlen_k, sm_scale, causal_offset,
                dropout_p, seed,
                MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                INTERPRETED: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q, b, h, sq0, sq1, sq2, offs_m, offs_d, Lq, D)
-    do = _load_rows(DO, b, h, sd0, sd1, sd2, offs_m, offs_d, Lq, D)
-    rows = bh.to(tl.int64) * Lq + offs_m
-    p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, M_IN, INV_L, Lq, mask_base, sm2, sm3,
+    q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, offs_m, offs_d, seqlen_q, D)
+    do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, offs_m, offs_d, seqlen_q, D)
+    rows = bh.to(tl.int64) * seqlen_q + offs_m
+    p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base,
+                        stride_mask_m, stride_mask_n,
                         sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, INTERPRETED)
     dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, k.shape[0]], tl.float32), INTERPRETED)
     if DROPOUT:
-        keep = _keep(seed, bh, Lq, Lk, offs_m, start_n, dropout_p, k.shape[0])
+        keep = _keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, k.shape[0])
         scale = 1.0 / (1.0 - dropout_p)
         dv = mma(tl.trans(tl.where(keep, p * scale, 0.0).to(do.dtype)), do, dv, INTERPRETED)
         dp = tl.where(keep, dp * scale, 0.0)
     else:
         dv = mma(tl.trans(p.to(do.dtype)), do, dv, INTERPRETED)
-    delta = tl.load(DELTA + rows, mask=offs_m < Lq, other=0.0)
+    delta = tl.load(delta_ptr + rows, mask=offs_m < seqlen_q, other=0.0)
     # Hidden entries get exactly 0, even where a padded V holds NaN and made dp NaN.
     ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
     dk = mma(tl.trans(ds.to(q.dtype)), q, dk, INTERPRETED)
@@ -254,75 +265,84 @@ def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, Q, DO, M_IN, INV_L, DEL
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, M_IN, INV_L, DELTA, MASK, KPM,
-    sq0, sq1, sq2, sk0, sk1, sk2, sv0, sv1, sv2, sd0, sd1, sd2,
-    sm0, sm1, sm2, sm3, skp0, skp1,
-    H, GROUP, Lq, Lk, sm_scale, causal_offset, dropout_p, seed, LQ_CLASS, LK_CLASS,
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
+    stride_dom,
+    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    n_n = tl.cdiv(Lk, BLOCK_N)
+    n_n = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
     bhk = pid // n_n
     start_n = (pid % n_n) * BLOCK_N
-    hkv = H // GROUP
+    hkv = num_heads // group
     b = (bhk // hkv).to(tl.int64)
     hk = (bhk % hkv).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    col_ok = _key_cols(KPM, b * skp0, skp1, offs_n, Lk, HAS_KPM)
+    col_ok = _key_cols(kpm_ptr, b * stride_kpm_b, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     kv_ok = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * sk0 + hk * sk1 + offs_n[:, None] * sk2 + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(V + b * sv0 + hk * sv1 + offs_n[:, None] * sv2 + offs_d[None, :], mask=kv_ok, other=0.0)
+    k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if IS_CAUSAL:
         # Query tiles before `lo` see none of these keys; from `full` on they see all of them.
         lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
-        full = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M, Lq)
+        full = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M, seqlen_q)
         full = tl.maximum(full, lo)
     else:
         lo = 0
         full = 0
     # Every query head of the GQA group adds into the same dK/dV: summed here, in a fixed order.
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        bh = b * H + h
-        mask_base = MASK + b * sm0 + h * sm1
+    for g in range(0, group):
+        h = hk * group + g
+        bh = b * num_heads + h
+        mask_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
         if IS_CAUSAL:
             for start_m in range(lo, full, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, Q, DO, M_IN, INV_L, DELTA, mask_base, sm2, sm3,
-                                    sq0, sq1, sq2, sd0, sd1, sd2, offs_n, offs_d, col_ok, D, Lq, Lk,
+                dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr,
+                                    mask_base, stride_mask_m, stride_mask_n,
+                                    stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok,
+                                    D, seqlen_q, seqlen_k,
                                     sm_scale, causal_offset, dropout_p, seed, MASK_KIND, True, DROPOUT, BLOCK_M,
                                     INTERPRETED)
-        for start_m in range(full, Lq, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, Q, DO, M_IN, INV_L, DELTA, mask_base, sm2, sm3,
-                                sq0, sq1, sq2, sd0, sd1, sd2, offs_n, offs_d, col_ok, D, Lq, Lk,
+        for start_m in range(full, seqlen_q, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr,
+                                mask_base, stride_mask_m, stride_mask_n,
+                                stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D,
+                                seqlen_q, seqlen_k,
                                 sm_scale, causal_offset, dropout_p, seed, MASK_KIND, False, DROPOUT, BLOCK_M,
                                 INTERPRETED)
-    rows = bhk.to(tl.int64) * Lk + offs_n
-    out_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
-    tl.store(DK + rows[:, None] * D + offs_d[None, :], cast_out(dk * sm_scale, DK.dtype.element_ty, INTERPRETED),
+    rows = bhk.to(tl.int64) * seqlen_k + offs_n
+    out_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
+    tl.store(dk_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dk * sm_scale, dk_ptr.dtype.element_ty, INTERPRETED),
              mask=out_ok)
-    tl.store(DV + rows[:, None] * D + offs_d[None, :], cast_out(dv, DV.dtype.element_ty, INTERPRETED), mask=out_ok)
+    tl.store(dv_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dv, dv_ptr.dtype.element_ty, INTERPRETED), mask=out_ok)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, KPM, kpm_row, skp1, M_IN, INV_L, mask_base,
-             sm2, sm3, sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset, dropout_p, seed,
+def _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, row_max_ptr, inv_l_ptr,
+             mask_base,
+             stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset,
+             dropout_p, seed,
              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
              BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    col_ok = _key_cols(KPM, kpm_row, skp1, offs_n, Lk, HAS_KPM)
+    col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     kv_ok = col_ok[:, None] & (offs_d[None, :] < D)
-    k = tl.load(k_base + offs_n[:, None] * sk2 + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * sv2 + offs_d[None, :], mask=kv_ok, other=0.0)
-    p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, M_IN, INV_L, Lq, mask_base, sm2, sm3,
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base,
+                        stride_mask_m, stride_mask_n,
                         sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, INTERPRETED)
     dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
-        dp = tl.where(_keep(seed, bh, Lq, Lk, offs_m, start_n, dropout_p, BLOCK_N), dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        dp = tl.where(_keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N), dp * (1.0 / (1.0 - dropout_p)),
+                      0.0)
     ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
     if MASK_KIND != 0:
         k = tl.where(_seen_by_any(visible)[:, None], k, 0.0)
@@ -331,52 +351,57 @@ def _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, KPM, kpm_row, 
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, M_IN, INV_L, DELTA, MASK, KPM,
-    sq0, sq1, sq2, sk0, sk1, sk2, sv0, sv1, sv2, sd0, sd1, sd2,
-    sm0, sm1, sm2, sm3, skp0, skp1,
-    H, GROUP, Lq, Lk, sm_scale, causal_offset, dropout_p, seed, LQ_CLASS, LK_CLASS,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
+    stride_dom,
+    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    bh, start_m, b, h, hk = _query_tile(H, GROUP, Lq, BLOCK_M)
+    bh, start_m, b, h, hk = _query_tile(num_heads, group, seqlen_q, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-    q = _load_rows(Q, b, h, sq0, sq1, sq2, offs_m, offs_d, Lq, D)
-    do = _load_rows(DO, b, h, sd0, sd1, sd2, offs_m, offs_d, Lq, D)
-    rows = bh.to(tl.int64) * Lq + offs_m
-    delta = tl.load(DELTA + rows, mask=offs_m < Lq, other=0.0)
-    k_base = K + b * sk0 + hk * sk1
-    v_base = V + b * sv0 + hk * sv1
-    mask_base = MASK + b * sm0 + h * sm1
+    ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D)
+    q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, offs_m, offs_d, seqlen_q, D)
+    do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, offs_m, offs_d, seqlen_q, D)
+    rows = bh.to(tl.int64) * seqlen_q + offs_m
+    delta = tl.load(delta_ptr + rows, mask=offs_m < seqlen_q, other=0.0)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    mask_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi, full = _key_range(start_m, Lq, Lk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, full, BLOCK_N):
-        dq = _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, KPM, b * skp0, skp1, M_IN, INV_L,
-                      mask_base, sm2, sm3, sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset,
+        dq = _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b, stride_kpm_n, row_max_ptr,
+                      inv_l_ptr,
+                      mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k,
+                      sm_scale, causal_offset,
                       dropout_p, seed, MASK_KIND, HAS_KPM, False, DROPOUT, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(full, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, KPM, b * skp0, skp1, M_IN, INV_L,
-                          mask_base, sm2, sm3, sk2, sv2, offs_m, offs_d, D, Lq, Lk, sm_scale, causal_offset,
+            dq = _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b, stride_kpm_n,
+                          row_max_ptr, inv_l_ptr,
+                          mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k,
+                          sm_scale, causal_offset,
                           dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, BLOCK_N, INTERPRETED)
-    tl.store(DQ + rows[:, None] * D + offs_d[None, :], cast_out(dq * sm_scale, DQ.dtype.element_ty, INTERPRETED),
+    tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dq * sm_scale, dq_ptr.dtype.element_ty, INTERPRETED),
              mask=ok)
 
 
 @triton.jit
-def dropout_mask_kernel(KEEP, Lq, Lk, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def dropout_mask_kernel(keep_ptr, seqlen_q, seqlen_k, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # The keep-mask the attention kernels draw, materialised (tests and the reference comparison only).
-    n_m = tl.cdiv(Lq, BLOCK_M)
-    n_n = tl.cdiv(Lk, BLOCK_N)
+    n_m = tl.cdiv(seqlen_q, BLOCK_M)
+    n_n = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
     bh = pid // (n_m * n_n)
     offs_m = (pid // n_n) % n_m * BLOCK_M + tl.arange(0, BLOCK_M)
     start_n = pid % n_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    keep = _keep(seed, bh, Lq, Lk, offs_m, start_n, dropout_p, BLOCK_N)
-    ptr = KEEP + (bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
-    tl.store(ptr, keep.to(tl.int8), mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+    keep = _keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N)
+    ptr = keep_ptr + (bh.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
+    tl.store(ptr, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -478,9 +503,9 @@ def _autotuned(kernel, pass_name: str):
 
     def allowed(named_args, kwargs):
         features = feature_class(kwargs["MASK_KIND"], kwargs["HAS_KPM"], kwargs["DROPOUT"])
-        return tile_configs(pass_name, kwargs["BLOCK_D"], named_args["Q"].element_size(), features)
+        return tile_configs(pass_name, kwargs["BLOCK_D"], named_args["q_ptr"].element_size(), features)
 
-    key = ["LQ_CLASS", "LK_CLASS", "GROUP", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "DROPOUT"]
+    key = ["seqlen_q_class", "seqlen_k_class", "group", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "DROPOUT"]
     return autotuned(kernel, [c for tiles in table.values() for c in tiles], key, allowed)
 
 
@@ -586,11 +611,11 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return dq, dk, dv
 
 
-_AOT_POINTERS = {
-    "fwd": (attn_fwd_kernel, ("Q", "K", "V", "OUT", "M_OUT", "INV_L"), ("sq", "sk", "sv")),
-    "dkdv": (attn_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV", "M_IN", "INV_L", "DELTA"), ("sq", "sk", "sv", "sd")),
-    "dq": (attn_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ", "M_IN", "INV_L", "DELTA"), ("sq", "sk", "sv", "sd")),
-}
+_AOT_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
+# Pointers and scalars that are neither q's dtype nor 32-bit ints (the rest of the AOT signature is derived from the
+# kernels); the masks' unit key strides are specialised as Triton does for a stride of 1.
+_AOT_TYPES = {"row_max_ptr": "*fp32", "inv_l_ptr": "*fp32", "delta_ptr": "*fp32", "kpm_ptr": "*u8", "sm_scale": "fp32",
+              "dropout_p": "fp32", "seed": "i64", "stride_mask_n": "constexpr", "stride_kpm_n": "constexpr"}
 # The most expensive feature set (float mask, key padding, causal, dropout) and the cheapest (causal only).
 AOT_FEATURES = {
     "all": {"MASK_KIND": MASK_ADD, "HAS_KPM": True, "IS_CAUSAL": True, "DROPOUT": True},
@@ -598,22 +623,24 @@ AOT_FEATURES = {
 }
 
 
+def _aligned(sig: dict[str, str]) -> tuple[str, ...]:
+    # Torch allocations and their strides are 16-byte / 16-element aligned in the usual call; bool padding masks
+    # are not assumed to be.
+    return tuple(n for n, t in sig.items()
+                 if (n.endswith("_ptr") or n.startswith("stride_")) and t != "constexpr" and n != "kpm_ptr")
+
+
 def aot_variant(pass_name: str, dtype: torch.dtype, block_d: int, c: TileConfig, features: str) -> AotVariant:
     """One pass compiled as Triton specialises it for the usual call: 32-bit sizes and strides, strides divisible
     by 16, unit stride along the mask's and padding mask's keys, D == BLOCK_D."""
-    fn, ptrs, stride_names = _AOT_POINTERS[pass_name]
+    fn = _AOT_KERNELS[pass_name]
     dt = TRITON_DTYPE_NAMES[dtype]
-    strides = [f"{p}{i}" for p in stride_names for i in range(3)] + ["sm0", "sm1", "sm2", "skp0"]
-    sig = {p: ("*fp32" if p in ("M_OUT", "INV_L", "M_IN", "DELTA") else f"*{dt}") for p in ptrs}
-    sig |= {"MASK": f"*{dt}", "KPM": "*u8"} | {n: "i32" for n in strides} | {"sm3": "constexpr", "skp1": "constexpr"}
-    sig |= {"H": "i32", "GROUP": "i32", "Lq": "i32", "Lk": "i32", "sm_scale": "fp32", "causal_offset": "i32",
-            "dropout_p": "fp32", "seed": "i64", "LQ_CLASS": "i32", "LK_CLASS": "i32"}
-    consts = {**AOT_FEATURES[features], "INTERPRETED": False, "sm3": 1, "skp1": 1, "D": block_d,
+    sig = aot_signature(fn, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
+    consts = {**AOT_FEATURES[features], "INTERPRETED": False, "stride_mask_n": 1, "stride_kpm_n": 1, "D": block_d,
               "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": block_d}
-    sig |= {k: "constexpr" for k in consts}
     return AotVariant(f"attn_{pass_name}", fn, sig, consts, c.num_warps,
                       f"{dt} D={block_d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} {features}",
-                      num_stages=c.num_stages, aligned=(*ptrs, "MASK", *strides))
+                      num_stages=c.num_stages, aligned=_aligned(sig))
 
 
 def aot_variants() -> list[AotVariant]:
@@ -627,11 +654,10 @@ def aot_variants() -> list[AotVariant]:
                     for c in PASSES[pass_name][(features, max(dtype.itemsize, 2), block_d)]:
                         out.append(aot_variant(pass_name, dtype, block_d, c, features))
         dt = TRITON_DTYPE_NAMES[dtype]
-        sig = {"OUT": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32", "sd0": "i32", "sd1": "i32", "sd2": "i32", "H": "i32",
-               "Lq": "i32", "D": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}
+        sig = aot_signature(attn_bwd_preprocess_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
         for block_d in HEAD_DIM_BLOCKS:
             out.append(AotVariant("attn_bwd_preprocess", attn_bwd_preprocess_kernel, sig,
                                   {"D": block_d, "BLOCK_M": PREPROCESS_BLOCK_M, "BLOCK_D": block_d}, 4,
                                   f"{dt} D={block_d} M={PREPROCESS_BLOCK_M}",
-                                  aligned=("OUT", "DO", "DELTA", "sd0", "sd1", "sd2")))
+                                  aligned=_aligned(sig)))
     return out

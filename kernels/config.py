@@ -3,6 +3,7 @@ row-launch heuristic, the autotune-with-pruning helper, and the description of a
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,26 @@ class AotVariant:
     num_stages: int = 3
     # Pointer arguments the runtime sees 16-byte aligned (torch allocations), as Triton specialises them.
     aligned: tuple[str, ...] = field(default_factory=tuple)
+
+
+def aot_signature(fn: Any, types: dict[str, str]) -> dict[str, str]:
+    """The Triton signature of ``fn``'s parameters, derived from the kernel itself: constexpr parameters (and any
+    named in ``types`` as "constexpr", a specialised stride) are "constexpr"; a parameter named in ``types`` takes
+    that type; other ``*_ptr`` parameters take ``types["*_ptr"]``, other ``stride_*`` ones ``types["stride_*"]``
+    (default "i32") and the remaining runtime ints ``types["int"]`` (default "i32")."""
+    sig = {}
+    for name, param in inspect.signature(getattr(fn, "fn", fn)).parameters.items():
+        if "constexpr" in str(param.annotation):
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+        elif name.endswith("_ptr"):
+            sig[name] = types["*_ptr"]
+        elif name.startswith("stride_"):
+            sig[name] = types.get("stride_*", "i32")
+        else:
+            sig[name] = types.get("int", "i32")
+    return sig
 
 
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

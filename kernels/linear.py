@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .._layout import col_sum, unit_last_stride
 from .common import cast_out, dropout_keep, mma
-from .config import TRITON_DTYPE_NAMES, AotVariant, autotuned, is_interpreted, unsupported_dtype
+from .config import TRITON_DTYPE_NAMES, AotVariant, aot_signature, autotuned, is_interpreted, unsupported_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
@@ -67,25 +67,27 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _heads_offsets(rows, cols, L, s_b, s_h, s_l, HEAD_DIM: tl.constexpr):
+def _heads_offsets(rows, cols, seqlen, stride_b, stride_h, stride_l, HEAD_DIM: tl.constexpr):
     # Element (m, n) of a [B·L, H·D] matrix that lives in a [B, H, L, D] tensor: m = b·L + l, n = h·D + d.
-    return (((rows // L).to(tl.int64) * s_b + (rows % L) * s_l)[:, None]
-            + ((cols // HEAD_DIM) * s_h + cols % HEAD_DIM)[None, :])
+    return (((rows // seqlen).to(tl.int64) * stride_b + (rows % seqlen) * stride_l)[:, None]
+            + ((cols // HEAD_DIM) * stride_h + cols % HEAD_DIM)[None, :])
 
 
 @triton.jit
-def _a_tile(A, offs_m, offs_k, M, K, sam, sak, L, sa_b, sa_h, sa_l, MERGE_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    ok = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+def _a_tile(a_ptr, offs_m, offs_k, m, k, stride_am, stride_ak, seqlen, stride_a_b, stride_a_h, stride_a_l,
+            MERGE_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    ok = (offs_m[:, None] < m) & (offs_k[None, :] < k)
     if MERGE_HEADS:
         # A[m, k] = attn[b, h, l, d]: the head merge happens in the load.
-        ptrs = A + _heads_offsets(offs_m, offs_k, L, sa_b, sa_h, sa_l, HEAD_DIM)
+        ptrs = a_ptr + _heads_offsets(offs_m, offs_k, seqlen, stride_a_b, stride_a_h, stride_a_l, HEAD_DIM)
     else:
-        ptrs = A + offs_m.to(tl.int64)[:, None] * sam + offs_k[None, :] * sak
+        ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
     return tl.load(ptrs, mask=ok, other=0.0)
 
 
 @triton.jit
-def _dz_tile(dy, ZA, Z2A, offs_m, offs_k, M, K, szm, szk, dropout_p, seed, DACT: tl.constexpr, A_ACT: tl.constexpr,
+def _dz_tile(dy, za_ptr, z2a_ptr, offs_m, offs_k, m, k, stride_zam, stride_zak, dropout_p, seed, DACT: tl.constexpr,
+             A_ACT: tl.constexpr,
              A_TRANS: tl.constexpr, A_DROPOUT: tl.constexpr):
     # The backward prologue: a dY tile becomes the dZ tile in registers, so dZ is never written to memory.
     # DACT 1: dZ = dY·keep/(1−p)·act'(Z); gated 2: dZg = dY·Zu·act'(Zg); gated 3: dZu = dY·act(Zg). With A_TRANS the
@@ -99,22 +101,22 @@ def _dz_tile(dy, ZA, Z2A, offs_m, offs_k, M, K, szm, szk, dropout_p, seed, DACT:
         g = tl.where(keep, g * (1.0 / (1.0 - dropout_p)), 0.0)
     if DACT == 1 and A_ACT == 0:
         return g
-    ok = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    z_off = offs_m.to(tl.int64)[:, None] * szm + offs_k[None, :] * szk
-    z = tl.load(ZA + z_off, mask=ok, other=0.0).to(tl.float32)
+    ok = (offs_m[:, None] < m) & (offs_k[None, :] < k)
+    z_off = offs_m.to(tl.int64)[:, None] * stride_zam + offs_k[None, :] * stride_zak
+    z = tl.load(za_ptr + z_off, mask=ok, other=0.0).to(tl.float32)
     if DACT == 3:
         return g * _act(z, A_ACT)
     g = g * _act_grad(z, A_ACT)
     if DACT == 2:
-        g = g * tl.load(Z2A + z_off, mask=ok, other=0.0).to(tl.float32)
+        g = g * tl.load(z2a_ptr + z_off, mask=ok, other=0.0).to(tl.float32)
     return g
 
 
 @triton.jit
 def matmul_kernel(
-    A, B, B2, C, Z, Z2, BIAS, BIAS2, RES, ZA, Z2A, DBIAS,
-    M, N, K, sam, sak, sbk, sbn, scm, scn, srm, srn, szm, szk,
-    L, sa_b, sa_h, sa_l, sc_b, sc_h, sc_l,
+    a_ptr, b_ptr, b2_ptr, c_ptr, z_ptr, z2_ptr, bias_ptr, bias2_ptr, res_ptr, za_ptr, z2a_ptr, dbias_ptr,
+    m, n, k, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_rn, stride_zam, stride_zak,
+    seqlen, stride_a_b, stride_a_h, stride_a_l, stride_c_b, stride_c_h, stride_c_l,
     dropout_p, seed,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, STORE_Z: tl.constexpr,
     GATED: tl.constexpr, MERGE_HEADS: tl.constexpr, SPLIT_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -123,8 +125,8 @@ def matmul_kernel(
     INTERPRETED: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
+    n_m = tl.cdiv(m, BLOCK_M)
+    n_n = tl.cdiv(n, BLOCK_N)
     # Grouped order: GROUP_M consecutive programs walk down one column of tiles, so B's tiles are reused from L2.
     group = pid // (GROUP_M * n_n)
     first_m = group * GROUP_M
@@ -137,34 +139,36 @@ def matmul_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     dbias = tl.zeros([BLOCK_M], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k, BLOCK_K):
         ks = k0 + offs_k
-        a = _a_tile(A, offs_m, ks, M, K, sam, sak, L, sa_b, sa_h, sa_l, MERGE_HEADS, HEAD_DIM)
+        a = _a_tile(a_ptr, offs_m, ks, m, k, stride_am, stride_ak, seqlen, stride_a_b, stride_a_h, stride_a_l, MERGE_HEADS,
+                    HEAD_DIM)
         if DACT != 0:
-            dz = _dz_tile(a, ZA, Z2A, offs_m, ks, M, K, szm, szk, dropout_p, seed, DACT, A_ACT, A_TRANS, A_DROPOUT)
+            dz = _dz_tile(a, za_ptr, z2a_ptr, offs_m, ks, m, k, stride_zam, stride_zak, dropout_p, seed, DACT, A_ACT, A_TRANS,
+                          A_DROPOUT)
             if HAS_DBIAS:
                 dbias += tl.sum(dz, axis=1)  # the dW GEMM's A is dZᵀ: its row sums are dBias
-            a = cast_out(dz, A.dtype.element_ty, INTERPRETED)
+            a = cast_out(dz, a_ptr.dtype.element_ty, INTERPRETED)
         elif HAS_DBIAS:
             dbias += tl.sum(a.to(tl.float32), axis=1)
-        b_ok = (ks[:, None] < K) & (offs_n[None, :] < N)
-        b_off = ks[:, None] * sbk + offs_n[None, :].to(tl.int64) * sbn
-        acc = mma(a, tl.load(B + b_off, mask=b_ok, other=0.0), acc, INTERPRETED)
+        b_ok = (ks[:, None] < k) & (offs_n[None, :] < n)
+        b_off = ks[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+        acc = mma(a, tl.load(b_ptr + b_off, mask=b_ok, other=0.0), acc, INTERPRETED)
         if GATED:
-            acc2 = mma(a, tl.load(B2 + b_off, mask=b_ok, other=0.0), acc2, INTERPRETED)
+            acc2 = mma(a, tl.load(b2_ptr + b_off, mask=b_ok, other=0.0), acc2, INTERPRETED)
     if HAS_DBIAS:  # noqa: SIM102 (a constexpr test around a runtime one: "and" would not fold at compile time)
         if pid_n == 0:
-            tl.store(DBIAS + offs_m, dbias, mask=offs_m < M)
-    out_ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    z_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            tl.store(dbias_ptr + offs_m, dbias, mask=offs_m < m)
+    out_ok = (offs_m[:, None] < m) & (offs_n[None, :] < n)
+    z_off = offs_m.to(tl.int64)[:, None] * n + offs_n[None, :]
     if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < n, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            acc2 += tl.load(BIAS2 + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            acc2 += tl.load(bias2_ptr + offs_n, mask=offs_n < n, other=0.0).to(tl.float32)[None, :]
     if STORE_Z:
-        tl.store(Z + z_off, cast_out(acc, Z.dtype.element_ty, INTERPRETED), mask=out_ok)
+        tl.store(z_ptr + z_off, cast_out(acc, z_ptr.dtype.element_ty, INTERPRETED), mask=out_ok)
         if GATED:
-            tl.store(Z2 + z_off, cast_out(acc2, Z2.dtype.element_ty, INTERPRETED), mask=out_ok)
+            tl.store(z2_ptr + z_off, cast_out(acc2, z2_ptr.dtype.element_ty, INTERPRETED), mask=out_ok)
     y = _act(acc, ACT)
     if GATED:
         y = y * acc2
@@ -172,32 +176,34 @@ def matmul_kernel(
         keep = dropout_keep(seed, offs_m.to(tl.int64), offs_n, dropout_p)
         y = tl.where(keep, y * (1.0 / (1.0 - dropout_p)), 0.0)
     if HAS_RES:
-        y += tl.load(RES + offs_m.to(tl.int64)[:, None] * srm + offs_n[None, :] * srn, mask=out_ok, other=0.0).to(tl.float32)
+        y += tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=out_ok,
+                     other=0.0).to(tl.float32)
     if SPLIT_HEADS:
-        c_ptrs = C + _heads_offsets(offs_m, offs_n, L, sc_b, sc_h, sc_l, HEAD_DIM)
+        c_ptrs = c_ptr + _heads_offsets(offs_m, offs_n, seqlen, stride_c_b, stride_c_h, stride_c_l, HEAD_DIM)
     else:
-        c_ptrs = C + offs_m.to(tl.int64)[:, None] * scm + offs_n[None, :] * scn
-    tl.store(c_ptrs, cast_out(y, C.dtype.element_ty, INTERPRETED), mask=out_ok)
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, cast_out(y, c_ptr.dtype.element_ty, INTERPRETED), mask=out_ok)
 
 
 @triton.jit
-def dact_kernel(DY, Z, Z2, DZ, DZ2, M, N, sdm, sdn, dropout_p, seed,
+def dact_kernel(dy_ptr, z_ptr, z2_ptr, dz_ptr, dz2_ptr, m, n, stride_dym, stride_dyn, dropout_p, seed,
                 ACT: tl.constexpr, DROPOUT: tl.constexpr, GATED: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     # dZ = dY · dropout-keep/(1−p) · act'(Z); gated: y = act(Zg)·Zu, so dZg = g·Zu·act'(Zg) and dZu = g·act(Zg).
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    g = tl.load(DY + offs_m.to(tl.int64)[:, None] * sdm + offs_n[None, :] * sdn, mask=ok, other=0.0).to(tl.float32)
+    ok = (offs_m[:, None] < m) & (offs_n[None, :] < n)
+    g = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=ok,
+                other=0.0).to(tl.float32)
     if DROPOUT:
         g = tl.where(dropout_keep(seed, offs_m.to(tl.int64), offs_n, dropout_p), g * (1.0 / (1.0 - dropout_p)), 0.0)
-    off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    z = tl.load(Z + off, mask=ok, other=0.0).to(tl.float32)
+    off = offs_m.to(tl.int64)[:, None] * n + offs_n[None, :]
+    z = tl.load(z_ptr + off, mask=ok, other=0.0).to(tl.float32)
     if GATED:
-        up = tl.load(Z2 + off, mask=ok, other=0.0).to(tl.float32)
-        tl.store(DZ2 + off, cast_out(g * _act(z, ACT), DZ2.dtype.element_ty, INTERPRETED), mask=ok)
+        up = tl.load(z2_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        tl.store(dz2_ptr + off, cast_out(g * _act(z, ACT), dz2_ptr.dtype.element_ty, INTERPRETED), mask=ok)
         g = g * up
-    tl.store(DZ + off, cast_out(g * _act_grad(z, ACT), DZ.dtype.element_ty, INTERPRETED), mask=ok)
+    tl.store(dz_ptr + off, cast_out(g * _act_grad(z, ACT), dz_ptr.dtype.element_ty, INTERPRETED), mask=ok)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -242,12 +248,12 @@ def gemm_configs(elem_bytes: int, features: str) -> list[GemmConfig]:
 
 def _allowed(named_args, kwargs) -> list[GemmConfig]:
     features = feature_class(kwargs["GATED"], kwargs["HAS_RES"], kwargs["DROPOUT"], kwargs["DACT"])
-    return gemm_configs(named_args["A"].element_size(), features)
+    return gemm_configs(named_args["a_ptr"].element_size(), features)
 
 
 _matmul = autotuned(
     matmul_kernel, [INTERPRETER_CONFIG] if is_interpreted() else [c for cs in GEMM_CONFIGS.values() for c in cs],
-    ["M", "N", "K", "ACT", "HAS_RES", "DROPOUT", "GATED", "MERGE_HEADS", "SPLIT_HEADS", "DACT", "A_TRANS", "HAS_DBIAS"],
+    ["m", "n", "k", "ACT", "HAS_RES", "DROPOUT", "GATED", "MERGE_HEADS", "SPLIT_HEADS", "DACT", "A_TRANS", "HAS_DBIAS"],
     _allowed)
 
 
@@ -487,6 +493,15 @@ def out_backward(dy: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor,
     return d_attn, dw, db
 
 
+# Runtime scalars and pointers that are neither the input dtype nor 32-bit ints (the rest of the AOT signature is
+# derived from the kernels), and the arguments a usual call passes 16-aligned (torch allocations, their leading
+# strides and sizes that are multiples of 16).
+_AOT_TYPES = {"dbias_ptr": "*fp32", "dropout_p": "fp32", "seed": "i64"}
+_MATMUL_ALIGNED = ("a_ptr", "b_ptr", "b2_ptr", "c_ptr", "z_ptr", "z2_ptr", "bias_ptr", "bias2_ptr", "res_ptr", "za_ptr",
+                   "z2a_ptr", "dbias_ptr", "stride_am", "stride_bn", "stride_cm", "stride_rm", "stride_a_b", "stride_a_h",
+                   "stride_a_l", "stride_c_b", "stride_c_h", "stride_c_l", "k", "n")
+
+
 def aot_variants() -> list[AotVariant]:
     """Every GEMM tile for each dtype: "plain" (bias only) and "all" (gated, gelu, residual, dropout, stored
     pre-activations) compiled row-major; plus the head-merging and head-splitting forms with the plain tiles,
@@ -494,15 +509,7 @@ def aot_variants() -> list[AotVariant]:
     out = []
     for dtype in SUPPORTED_DTYPES:
         dt = TRITON_DTYPE_NAMES[dtype]
-        ptrs = ["A", "B", "B2", "C", "Z", "Z2", "BIAS", "BIAS2", "RES", "ZA", "Z2A"]
-        ints = ["M", "N", "K", "sam", "sak", "sbk", "sbn", "scm", "scn", "srm", "srn", "szm", "szk", "L", "sa_b", "sa_h",
-                "sa_l", "sc_b", "sc_h", "sc_l"]
-        flags = ["ACT", "HAS_BIAS", "HAS_RES", "DROPOUT", "STORE_Z", "GATED", "MERGE_HEADS", "SPLIT_HEADS",
-                 "HEAD_DIM", "DACT", "A_ACT", "A_TRANS", "A_DROPOUT", "HAS_DBIAS", "BLOCK_M", "BLOCK_N", "BLOCK_K",
-                 "GROUP_M", "INTERPRETED"]
-        sig = {p: f"*{dt}" for p in ptrs} | {"DBIAS": "*fp32"} | {i: "i32" for i in ints}
-        sig |= {"dropout_p": "fp32", "seed": "i64"}
-        sig |= {f: "constexpr" for f in flags}
+        sig = aot_signature(matmul_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
         no_dz = {"DACT": 0, "A_ACT": 0, "A_TRANS": False, "A_DROPOUT": False, "HAS_DBIAS": False}
         forms = {
             "plain": {"ACT": 0, "HAS_BIAS": True, "HAS_RES": False, "DROPOUT": False, "STORE_Z": False, "GATED": False,
@@ -531,15 +538,13 @@ def aot_variants() -> list[AotVariant]:
                     {**consts, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "GROUP_M": GROUP_M,
                      "INTERPRETED": False}, c.num_warps,
                     f"{dt} {form} M={c.block_m} N={c.block_n} K={c.block_k} w={c.num_warps} s={c.num_stages}",
-                    num_stages=c.num_stages, aligned=(*ptrs, "DBIAS", "sam", "sbn", "scm", "srm", "sa_b", "sa_h", "sa_l",
-                                                      "sc_b", "sc_h", "sc_l", "K", "N"),
+                    num_stages=c.num_stages, aligned=_MATMUL_ALIGNED,
                 ))
-        sig = {"DY": f"*{dt}", "Z": f"*{dt}", "Z2": f"*{dt}", "DZ": f"*{dt}", "DZ2": f"*{dt}", "M": "i32", "N": "i32",
-               "sdm": "i32", "sdn": "i32", "dropout_p": "fp32", "seed": "i64", "ACT": "constexpr", "DROPOUT": "constexpr",
-               "GATED": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "INTERPRETED": "constexpr"}
+        sig = aot_signature(dact_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
         for act in ("gelu", "gelu_tanh"):
             out.append(AotVariant(
                 "dact", dact_kernel, sig, {"ACT": ACTIVATIONS[act], "DROPOUT": True, "GATED": True,
                                            "BLOCK_M": DACT_BLOCK[0], "BLOCK_N": DACT_BLOCK[1], "INTERPRETED": False},
-                4, f"{dt} {act} gated dropout", aligned=("DY", "Z", "Z2", "DZ", "DZ2", "sdm", "N")))
+                4, f"{dt} {act} gated dropout",
+                aligned=("dy_ptr", "z_ptr", "z2_ptr", "dz_ptr", "dz2_ptr", "stride_dym", "n")))
     return out

@@ -23,6 +23,7 @@ from .config import (
     ROW_SINGLE_TILE_MAX_COLS,
     TRITON_DTYPE_NAMES,
     AotVariant,
+    aot_signature,
     is_interpreted,
     power_of_two_configs,
     row_config,
@@ -36,30 +37,30 @@ _ROWS_PER_PROGRAM = tl.constexpr(ROWS_PER_PROGRAM)
 
 
 @triton.jit
-def _sum_row(X, R, S, x_row, s_row, cols, n_cols, HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr,
+def _sum_row(x_ptr, residual_ptr, sum_ptr, x_row, s_row, cols, n_cols, HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr,
              INTERPRETED: tl.constexpr):
     # x (+ residual) in fp32; the sum is stored in the input dtype for the residual stream.
     inside = cols < n_cols
-    s = tl.load(X + x_row + cols, mask=inside, other=0.0).to(tl.float32)
+    s = tl.load(x_ptr + x_row + cols, mask=inside, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        s += tl.load(R + x_row + cols, mask=inside, other=0.0).to(tl.float32)
+        s += tl.load(residual_ptr + x_row + cols, mask=inside, other=0.0).to(tl.float32)
         if STORE_SUM:
-            tl.store(S + s_row + cols, cast_out(s, S.dtype.element_ty, INTERPRETED), mask=inside)
+            tl.store(sum_ptr + s_row + cols, cast_out(s, sum_ptr.dtype.element_ty, INTERPRETED), mask=inside)
     return s
 
 
 @triton.jit
 def norm_fwd_kernel(
-    X, R, S, W, B, Y, MEAN, RSTD, n_cols, sx, eps,
+    x_ptr, residual_ptr, sum_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr, n_cols, stride_x_row, eps,
     RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     SINGLE_TILE: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = row * sx
+    x_row = row * stride_x_row
     out_row = row * n_cols
     offs = tl.arange(0, BLOCK)
     if SINGLE_TILE:
-        s = _sum_row(X, R, S, x_row, out_row, offs, n_cols, HAS_RESIDUAL, True, INTERPRETED)
+        s = _sum_row(x_ptr, residual_ptr, sum_ptr, x_row, out_row, offs, n_cols, HAS_RESIDUAL, True, INTERPRETED)
         if RMS:
             mean = 0.0
             var = tl.sum(s * s, axis=0) / n_cols
@@ -68,15 +69,15 @@ def norm_fwd_kernel(
             centred = tl.where(offs < n_cols, s - mean, 0.0)
             var = tl.sum(centred * centred, axis=0) / n_cols
         rstd = 1.0 / tl.sqrt(var + eps)
-        w = tl.load(W + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
+        w = tl.load(weight_ptr + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
         y = (s - mean) * rstd * w
         if HAS_BIAS:
-            y += tl.load(B + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
-        tl.store(Y + out_row + offs, cast_out(y, Y.dtype.element_ty, INTERPRETED), mask=offs < n_cols)
+            y += tl.load(bias_ptr + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
+        tl.store(y_ptr + out_row + offs, cast_out(y, y_ptr.dtype.element_ty, INTERPRETED), mask=offs < n_cols)
     else:
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
-            s = _sum_row(X, R, S, x_row, out_row, start + offs, n_cols, HAS_RESIDUAL, True, INTERPRETED)
+            s = _sum_row(x_ptr, residual_ptr, sum_ptr, x_row, out_row, start + offs, n_cols, HAS_RESIDUAL, True, INTERPRETED)
             if RMS:
                 acc += s * s
             else:
@@ -89,26 +90,27 @@ def norm_fwd_kernel(
             acc = tl.zeros([BLOCK], tl.float32)
             for start in range(0, n_cols, BLOCK):
                 cols = start + offs
-                s = _sum_row(X, R, S, x_row, out_row, cols, n_cols, HAS_RESIDUAL, False, INTERPRETED)
+                s = _sum_row(x_ptr, residual_ptr, sum_ptr, x_row, out_row, cols, n_cols, HAS_RESIDUAL, False, INTERPRETED)
                 centred = tl.where(cols < n_cols, s - mean, 0.0)
                 acc += centred * centred
             var = tl.sum(acc, axis=0) / n_cols
         rstd = 1.0 / tl.sqrt(var + eps)
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
-            s = _sum_row(X, R, S, x_row, out_row, cols, n_cols, HAS_RESIDUAL, False, INTERPRETED)
-            y = (s - mean) * rstd * tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            s = _sum_row(x_ptr, residual_ptr, sum_ptr, x_row, out_row, cols, n_cols, HAS_RESIDUAL, False, INTERPRETED)
+            y = (s - mean) * rstd * tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                y += tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-            tl.store(Y + out_row + cols, cast_out(y, Y.dtype.element_ty, INTERPRETED), mask=cols < n_cols)
+                y += tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            tl.store(y_ptr + out_row + cols, cast_out(y, y_ptr.dtype.element_ty, INTERPRETED), mask=cols < n_cols)
     if not RMS:
-        tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+        tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit
 def norm_bwd_kernel(
-    DY, X, R, W, MEAN, RSTD, DX, DW_PART, DB_PART, n_rows, n_cols, sdy, sx,
+    dy_ptr, x_ptr, residual_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr, n_rows, n_cols,
+    stride_dy_row, stride_x_row,
     RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
@@ -118,7 +120,7 @@ def norm_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < n_cols
-    w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], tl.float32)
     db = tl.zeros([BLOCK], tl.float32)
     first = pid * _ROWS_PER_PROGRAM
@@ -126,21 +128,21 @@ def norm_bwd_kernel(
         row = (first + i).to(tl.int64)
         if row < n_rows:
             # x + residual again in fp32, exactly the sum the forward normalised (the stored sum is rounded).
-            s = _sum_row(X, R, X, row * sx, 0, cols, n_cols, HAS_RESIDUAL, False, INTERPRETED)
-            dy = tl.load(DY + row * sdy + cols, mask=inside, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row)
-            mean = 0.0 if RMS else tl.load(MEAN + row)
+            s = _sum_row(x_ptr, residual_ptr, x_ptr, row * stride_x_row, 0, cols, n_cols, HAS_RESIDUAL, False, INTERPRETED)
+            dy = tl.load(dy_ptr + row * stride_dy_row + cols, mask=inside, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + row)
+            mean = 0.0 if RMS else tl.load(mean_ptr + row)
             xhat = tl.where(inside, (s - mean) * rstd, 0.0)
             g = w * dy
             dx = g - xhat * (tl.sum(g * xhat, axis=0) / n_cols)
             if not RMS:
                 dx -= tl.sum(g, axis=0) / n_cols
-            tl.store(DX + row * n_cols + cols, cast_out(dx * rstd, DX.dtype.element_ty, INTERPRETED), mask=inside)
+            tl.store(dx_ptr + row * n_cols + cols, cast_out(dx * rstd, dx_ptr.dtype.element_ty, INTERPRETED), mask=inside)
             dw += dy * xhat
             db += dy
-    tl.store(DW_PART + pid * n_cols + cols, dw, mask=inside)
+    tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=inside)
     if HAS_BIAS:
-        tl.store(DB_PART + pid * n_cols + cols, db, mask=inside)
+        tl.store(db_partial_ptr + pid * n_cols + cols, db, mask=inside)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -230,31 +232,32 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | No
     return dx, dw, db
 
 
+# Runtime scalars and pointers that are not the input dtype or 32-bit ints (the rest of the AOT signature is derived
+# from the kernels).
+_AOT_TYPES = {"eps": "fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dw_partial_ptr": "*fp32", "db_partial_ptr": "*fp32"}
+
+
 def aot_variants() -> list[AotVariant]:
     """Every forward config (single tile per power of two, the loop) and backward config, for each dtype, LayerNorm
     and RMSNorm, with the residual and bias on (the most registers)."""
     out = []
     for dtype in SUPPORTED_DTYPES:
+        types = {**_AOT_TYPES, "*_ptr": f"*{TRITON_DTYPE_NAMES[dtype]}"}
+        fwd_sig, bwd_sig = aot_signature(norm_fwd_kernel, types), aot_signature(norm_bwd_kernel, types)
         dt = TRITON_DTYPE_NAMES[dtype]
         for rms in (False, True):
             kind = "rms" if rms else "ln"
             for block, warps, single in all_configs():
-                sig = {"X": f"*{dt}", "R": f"*{dt}", "S": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "Y": f"*{dt}",
-                       "MEAN": "*fp32", "RSTD": "*fp32", "n_cols": "i32", "sx": "i32", "eps": "fp32",
-                       "RMS": "constexpr", "HAS_RESIDUAL": "constexpr", "HAS_BIAS": "constexpr", "BLOCK": "constexpr",
-                       "SINGLE_TILE": "constexpr", "INTERPRETED": "constexpr"}
                 consts = {"RMS": rms, "HAS_RESIDUAL": True, "HAS_BIAS": not rms, "BLOCK": block, "SINGLE_TILE": single,
                           "INTERPRETED": False}
-                out.append(AotVariant("norm_fwd", norm_fwd_kernel, sig, consts, warps,
+                out.append(AotVariant("norm_fwd", norm_fwd_kernel, fwd_sig, consts, warps,
                                       f"{dt} {kind} BLOCK={block} warps={warps} {'tile' if single else 'loop'}",
-                                      aligned=("X", "R", "S", "W", "B", "Y", "sx")))
+                                      aligned=("x_ptr", "residual_ptr", "sum_ptr", "weight_ptr", "bias_ptr", "y_ptr",
+                                               "stride_x_row")))
             for block, warps in all_backward_configs():
-                sig = {"DY": f"*{dt}", "X": f"*{dt}", "R": f"*{dt}", "W": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32",
-                       "DX": f"*{dt}", "DW_PART": "*fp32", "DB_PART": "*fp32", "n_rows": "i32", "n_cols": "i32",
-                       "sdy": "i32", "sx": "i32", "RMS": "constexpr", "HAS_RESIDUAL": "constexpr", "HAS_BIAS": "constexpr",
-                       "BLOCK": "constexpr", "INTERPRETED": "constexpr"}
                 consts = {"RMS": rms, "HAS_RESIDUAL": True, "HAS_BIAS": not rms, "BLOCK": block, "INTERPRETED": False}
-                out.append(AotVariant("norm_bwd", norm_bwd_kernel, sig, consts, warps,
+                out.append(AotVariant("norm_bwd", norm_bwd_kernel, bwd_sig, consts, warps,
                                       f"{dt} {kind} BLOCK={block} warps={warps}",
-                                      aligned=("DY", "X", "R", "W", "DX", "DW_PART", "DB_PART", "sdy", "sx")))
+                                      aligned=("dy_ptr", "x_ptr", "residual_ptr", "weight_ptr", "dx_ptr", "dw_partial_ptr",
+                                               "db_partial_ptr", "stride_dy_row", "stride_x_row")))
     return out

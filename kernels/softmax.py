@@ -22,6 +22,7 @@ from .config import (
     ROW_SINGLE_TILE_MAX_COLS,
     TRITON_DTYPE_NAMES,
     AotVariant,
+    aot_signature,
     is_interpreted,
     mask_args,
     power_of_two_configs,
@@ -33,26 +34,26 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _masked_scores(X, M, x_row, m_row, cols, n_cols, query, causal_offset, sxk, smk, scale,
+def _masked_scores(x_ptr, mask_ptr, x_row, m_row, cols, n_cols, query, causal_offset, stride_x_col, stride_mask_col, scale,
                    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    # scale * x + additive mask in fp32, -inf where hidden. Hidden entries are never read from X, so NaN or Inf
+    # scale * x + additive mask in fp32, -inf where hidden. Hidden entries are never read from x, so NaN or Inf
     # under a bool or causal mask cannot reach the row.
     visible = cols < n_cols
     if IS_CAUSAL:
         visible = visible & (cols <= query + causal_offset)
     if MASK_KIND == 1:
-        keep = tl.load(M + m_row + cols * smk, mask=visible, other=0)
+        keep = tl.load(mask_ptr + m_row + cols * stride_mask_col, mask=visible, other=0)
         visible = visible & (keep != 0)
-    s = tl.load(X + x_row + cols * sxk, mask=visible, other=0.0).to(tl.float32) * scale
+    s = tl.load(x_ptr + x_row + cols * stride_x_col, mask=visible, other=0.0).to(tl.float32) * scale
     if MASK_KIND == 2:
-        s += tl.load(M + m_row + cols * smk, mask=visible, other=0.0).to(tl.float32)
+        s += tl.load(mask_ptr + m_row + cols * stride_mask_col, mask=visible, other=0.0).to(tl.float32)
     return tl.where(visible, s, float("-inf"))
 
 
 @triton.jit
 def softmax_fwd_kernel(
-    X, M, Y, n_cols, d1, d2,
-    sx0, sx1, sx2, sx3, sm0, sm1, sm2, sm3,
+    x_ptr, mask_ptr, y_ptr, n_cols, d1, d2,
+    stride_x_d0, stride_x_d1, stride_x_row, stride_x_col, stride_mask_d0, stride_mask_d1, stride_mask_row, stride_mask_col,
     scale, causal_offset,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -61,23 +62,25 @@ def softmax_fwd_kernel(
     i2 = row % d2
     i1 = (row // d2) % d1
     i0 = row // (d1 * d2)
-    x_row = i0 * sx0 + i1 * sx1 + i2 * sx2
-    m_row = i0 * sm0 + i1 * sm1 + i2 * sm2
-    y_ptr = Y + row * n_cols
+    x_row = i0 * stride_x_d0 + i1 * stride_x_d1 + i2 * stride_x_row
+    m_row = i0 * stride_mask_d0 + i1 * stride_mask_d1 + i2 * stride_mask_row
+    y_row_ptr = y_ptr + row * n_cols
     offs = tl.arange(0, BLOCK)
     if SINGLE_TILE:
-        s = _masked_scores(X, M, x_row, m_row, offs, n_cols, i2, causal_offset, sx3, sm3, scale, MASK_KIND, IS_CAUSAL)
+        s = _masked_scores(x_ptr, mask_ptr, x_row, m_row, offs, n_cols, i2, causal_offset, stride_x_col, stride_mask_col, scale,
+                           MASK_KIND, IS_CAUSAL)
         m = tl.max(s, axis=0)
         # A row with no visible key has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
         p = tl.exp2((s - tl.where(m == float("-inf"), 0.0, m)) * LOG2E)
         denom = tl.sum(p, axis=0)
         y = p / tl.where(denom == 0.0, 1.0, denom)
-        tl.store(y_ptr + offs, cast_out(y, Y.dtype.element_ty, INTERPRETED), mask=offs < n_cols)
+        tl.store(y_row_ptr + offs, cast_out(y, y_ptr.dtype.element_ty, INTERPRETED), mask=offs < n_cols)
     else:
         m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
         l_vec = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
-            s = _masked_scores(X, M, x_row, m_row, start + offs, n_cols, i2, causal_offset, sx3, sm3, scale,
+            s = _masked_scores(x_ptr, mask_ptr, x_row, m_row, start + offs, n_cols, i2, causal_offset, stride_x_col,
+                               stride_mask_col, scale,
                                MASK_KIND, IS_CAUSAL)
             m_new = tl.maximum(m_vec, s)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -89,15 +92,16 @@ def softmax_fwd_kernel(
         inv = tl.where(denom == 0.0, 0.0, 1.0 / denom)
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
-            s = _masked_scores(X, M, x_row, m_row, cols, n_cols, i2, causal_offset, sx3, sm3, scale,
+            s = _masked_scores(x_ptr, mask_ptr, x_row, m_row, cols, n_cols, i2, causal_offset, stride_x_col, stride_mask_col,
+                               scale,
                                MASK_KIND, IS_CAUSAL)
             y = tl.exp2((s - m_safe) * LOG2E) * inv
-            tl.store(y_ptr + cols, cast_out(y, Y.dtype.element_ty, INTERPRETED), mask=cols < n_cols)
+            tl.store(y_row_ptr + cols, cast_out(y, y_ptr.dtype.element_ty, INTERPRETED), mask=cols < n_cols)
 
 
 @triton.jit
 def softmax_bwd_kernel(
-    Y, DY, DX, n_cols, d1, d2, sd0, sd1, sd2, sd3, scale,
+    y_ptr, dy_ptr, dx_ptr, n_cols, d1, d2, stride_dy_d0, stride_dy_d1, stride_dy_row, stride_dy_col, scale,
     BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     # dx = scale * y * (dy - sum(dy * y)): masked entries have y = 0, so their gradient is 0.
@@ -105,31 +109,31 @@ def softmax_bwd_kernel(
     i2 = row % d2
     i1 = (row // d2) % d1
     i0 = row // (d1 * d2)
-    dy_ptr = DY + i0 * sd0 + i1 * sd1 + i2 * sd2
-    y_ptr = Y + row * n_cols
-    dx_ptr = DX + row * n_cols
+    dy_row_ptr = dy_ptr + i0 * stride_dy_d0 + i1 * stride_dy_d1 + i2 * stride_dy_row
+    y_row_ptr = y_ptr + row * n_cols
+    dx_row_ptr = dx_ptr + row * n_cols
     offs = tl.arange(0, BLOCK)
     if SINGLE_TILE:
         inside = offs < n_cols
-        y = tl.load(y_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs * sd3, mask=inside, other=0.0).to(tl.float32)
+        y = tl.load(y_row_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        dy = tl.load(dy_row_ptr + offs * stride_dy_col, mask=inside, other=0.0).to(tl.float32)
         dot = tl.sum(y * dy, axis=0)
-        tl.store(dx_ptr + offs, cast_out(scale * y * (dy - dot), DX.dtype.element_ty, INTERPRETED), mask=inside)
+        tl.store(dx_row_ptr + offs, cast_out(scale * y * (dy - dot), dx_ptr.dtype.element_ty, INTERPRETED), mask=inside)
     else:
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
             inside = cols < n_cols
-            y = tl.load(y_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + cols * sd3, mask=inside, other=0.0).to(tl.float32)
+            y = tl.load(y_row_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row_ptr + cols * stride_dy_col, mask=inside, other=0.0).to(tl.float32)
             acc += y * dy
         dot = tl.sum(acc, axis=0)
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
             inside = cols < n_cols
-            y = tl.load(y_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + cols * sd3, mask=inside, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + cols, cast_out(scale * y * (dy - dot), DX.dtype.element_ty, INTERPRETED), mask=inside)
+            y = tl.load(y_row_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row_ptr + cols * stride_dy_col, mask=inside, other=0.0).to(tl.float32)
+            tl.store(dx_row_ptr + cols, cast_out(scale * y * (dy - dot), dx_ptr.dtype.element_ty, INTERPRETED), mask=inside)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -186,33 +190,32 @@ def softmax_backward(grad: torch.Tensor, y: torch.Tensor, scale: float) -> torch
     return dx
 
 
+# Runtime scalars that are not 32-bit ints (the rest of the AOT signature is derived from the kernels). Strides are
+# 64-bit: they come from arbitrary views.
+_AOT_TYPES = {"scale": "fp32", "causal_offset": "i64", "stride_*": "i64"}
+
+
 def aot_variants() -> list[AotVariant]:
     """Every compiled form the launchers above can pick: each config of `all_configs()` for each dtype,
     mask kind (and mask element type) and causal flag, forward and backward."""
     out = []
-    strides = lambda p: {f"{p}{i}": "i64" for i in range(4)}
     for dtype in SUPPORTED_DTYPES:
         dt = TRITON_DTYPE_NAMES[dtype]
         masks = [(MASK_NONE, dt), (MASK_BOOL, "u8"), (MASK_ADD, dt)] + ([(MASK_ADD, "fp32")] if dt != "fp32" else [])
         for block, warps, single in all_configs():
+            tiling = f"BLOCK={block} warps={warps} {'tile' if single else 'loop'}"
             for kind, mdt in masks:
                 for causal in (False, True):
-                    sig = {"X": f"*{dt}", "M": f"*{mdt}", "Y": f"*{dt}", "n_cols": "i32", "d1": "i32", "d2": "i32",
-                           **strides("sx"), **strides("sm"), "scale": "fp32", "causal_offset": "i64",
-                           "MASK_KIND": "constexpr", "IS_CAUSAL": "constexpr", "BLOCK": "constexpr",
-                           "SINGLE_TILE": "constexpr", "INTERPRETED": "constexpr"}
+                    sig = aot_signature(softmax_fwd_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}", "mask_ptr": f"*{mdt}"})
                     out.append(AotVariant(
                         "softmax_fwd", softmax_fwd_kernel, sig,
                         {"MASK_KIND": kind, "IS_CAUSAL": causal, "BLOCK": block, "SINGLE_TILE": single,
                          "INTERPRETED": False}, warps,
-                        f"{dt} BLOCK={block} warps={warps} {'tile' if single else 'loop'} mask={kind}:{mdt} causal={int(causal)}",
-                        aligned=("X", "M", "Y"),
+                        f"{dt} {tiling} mask={kind}:{mdt} causal={int(causal)}", aligned=("x_ptr", "mask_ptr", "y_ptr"),
                     ))
-            sig = {"Y": f"*{dt}", "DY": f"*{dt}", "DX": f"*{dt}", "n_cols": "i32", "d1": "i32", "d2": "i32",
-                   **strides("sd"), "scale": "fp32", "BLOCK": "constexpr", "SINGLE_TILE": "constexpr",
-                   "INTERPRETED": "constexpr"}
             out.append(AotVariant(
-                "softmax_bwd", softmax_bwd_kernel, sig, {"BLOCK": block, "SINGLE_TILE": single, "INTERPRETED": False}, warps,
-                f"{dt} BLOCK={block} warps={warps} {'tile' if single else 'loop'}", aligned=("Y", "DY", "DX"),
+                "softmax_bwd", softmax_bwd_kernel, aot_signature(softmax_bwd_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}"}),
+                {"BLOCK": block, "SINGLE_TILE": single, "INTERPRETED": False}, warps, f"{dt} {tiling}",
+                aligned=("y_ptr", "dy_ptr", "dx_ptr"),
             ))
     return out
