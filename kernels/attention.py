@@ -554,7 +554,7 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                      kpm: torch.Tensor | None, sm_scale: float, is_causal: bool, causal_offset: int,
+                      kpm: torch.Tensor | None, scale: float, is_causal: bool, causal_offset: int,
                       dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (any strides, H % Hkv == 0); mask None or bool (True = keep)
     / float (added) viewed as ``[B, H, Lq, Lk]``; kpm None or bool ``[B, Lk]`` (True = padding). Returns the
@@ -565,49 +565,52 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    o = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
+    out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
     row_max = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     inv_l = torch.empty_like(row_max)
-    if o.numel() == 0:
-        return o, row_max, inv_l
+    if out.numel() == 0:
+        return out, row_max, inv_l
     kind, m, ms, kp, kps = _mask_args(mask, kpm, q)
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
     _fwd[grid](
-        q, k, v, o, row_max, inv_l, m, kp, *_strides3(q), *_strides3(k), *_strides3(v), *ms, *kps,
-        h, h // hkv, lq, lk, sm_scale, causal_offset, dropout_p, seed, _length_class(lq), _length_class(lk),
+        q, k, v, out, row_max, inv_l, m, kp, *_strides3(q), *_strides3(k), *_strides3(v), *ms, *kps,
+        h, h // hkv, lq, lk, scale, causal_offset, dropout_p, seed, _length_class(lq), _length_class(lk),
         D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
         BLOCK_D=head_dim_block(d, q.dtype), INTERPRETED=is_interpreted(),
     )
-    return o, row_max, inv_l
+    return out, row_max, inv_l
 
 
-def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        row_max: torch.Tensor, inv_l: torch.Tensor, mask: torch.Tensor | None, kpm: torch.Tensor | None,
-                       sm_scale: float, is_causal: bool, causal_offset: int, dropout_p: float, seed: int,
+                       scale: float, is_causal: bool, causal_offset: int, dropout_p: float, seed: int,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `attention_forward` for grad_output ``do`` (any strides, e.g. expanded); returns contiguous
+    """Gradients of `attention_forward` for grad_output ``dout`` (any strides, e.g. expanded); returns contiguous
     dq, dk, dv. dK/dV of a GQA group are summed over its query heads."""
-    q, k, v, do = (unit_last_stride(t) for t in (q, k, v, do))
+    q, k, v, dout = (unit_last_stride(t) for t in (q, k, v, dout))
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    dq = torch.zeros((b, h, lq, d), dtype=q.dtype, device=q.device)
-    dk = torch.zeros((b, hkv, lk, d), dtype=k.dtype, device=q.device)
-    dv = torch.zeros((b, hkv, lk, d), dtype=v.dtype, device=q.device)
-    if b * h * d == 0 or lq == 0 or lk == 0:
+    # The dK/dV and dQ passes write every gradient element; only when there is nothing to attend are they zeros.
+    nothing = b * h * d == 0 or lq == 0 or lk == 0
+    alloc = torch.zeros if nothing else torch.empty
+    dq = alloc((b, h, lq, d), dtype=q.dtype, device=q.device)
+    dk = alloc((b, hkv, lk, d), dtype=k.dtype, device=q.device)
+    dv = alloc((b, hkv, lk, d), dtype=v.dtype, device=q.device)
+    if nothing:
         return dq, dk, dv
     kind, m, ms, kp, kps = _mask_args(mask, kpm, q)
     block_d = head_dim_block(d, q.dtype)
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     attn_bwd_preprocess_kernel[(triton.cdiv(lq, PREPROCESS_BLOCK_M) * b * h,)](
-        o, do, delta, *_strides3(do), h, lq, D=d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d)
+        out, dout, delta, *_strides3(dout), h, lq, D=d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d)
     common = dict(D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
                   BLOCK_D=block_d, INTERPRETED=is_interpreted())
-    sizes = (h, h // hkv, lq, lk, sm_scale, causal_offset, dropout_p, seed, _length_class(lq), _length_class(lk))
-    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *ms, *kps)
+    sizes = (h, h // hkv, lq, lk, scale, causal_offset, dropout_p, seed, _length_class(lq), _length_class(lk))
+    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *ms, *kps)
     _dkdv[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)](
-        q, k, v, do, dk, dv, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)
+        q, k, v, dout, dk, dv, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)
     _dq[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)](
-        q, k, v, do, dq, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)
+        q, k, v, dout, dq, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)
     return dq, dk, dv
 
 

@@ -143,3 +143,4 @@ def test_every_triton_gemm_config_compiles_without_spills_on_tensor_cores():
         assert r.shared_bytes <= resources.MAX_SHARED[r.arch]
         if r.kernel == "matmul":
             assert r.tensor_core_instrs > 0, f"{where} does not use tensor cores"
+
