@@ -35,8 +35,8 @@ from .config import (
     MASK_NONE,
     TRITON_DTYPE_NAMES,
     AotVariant,
+    Autotuned,
     aot_signature,
-    autotuned,
     is_interpreted,
     mask_args,
     next_power_of_2,
@@ -506,7 +506,7 @@ def _autotuned(kernel, pass_name: str):
         return tile_configs(pass_name, kwargs["BLOCK_D"], named_args["q_ptr"].element_size(), features)
 
     key = ["seqlen_q_class", "seqlen_k_class", "group", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "DROPOUT"]
-    return autotuned(kernel, [c for tiles in table.values() for c in tiles], key, allowed)
+    return Autotuned(kernel, [c for tiles in table.values() for c in tiles], key, allowed)
 
 
 _fwd = _autotuned(attn_fwd_kernel, "fwd")

@@ -104,18 +104,38 @@ def config_key(c: Any) -> tuple:
     return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
 
 
-def autotuned(kernel: Any, tiles: list, key: list[str], allowed: Any) -> Any:
-    """``kernel`` autotuned over every tile in ``tiles`` (objects with ``.triton()``), each call pruned to the tiles
-    ``allowed(named_args, kwargs)`` returns for its arguments (per feature class, element size, ...)."""
-    import triton
+class Autotuned:
+    """``kernel[grid](...)`` through Triton's autotuner over ``tiles``, each call pruned to the tiles
+    ``allowed(named_args, kwargs)`` returns for its arguments (per feature class, element size, ...).
 
-    configs = {config_key(t.triton()): t.triton() for t in tiles}
+    Under ``torch.use_deterministic_algorithms(True)`` it launches the first allowed tile instead (the preferred one
+    of the shape class): the tile decides the summation order, and a tile picked by timing could differ between
+    processes, so results would be reproducible only within one."""
 
-    def prune(configs, named_args, **kwargs):
-        ok = {config_key(t.triton()) for t in allowed(named_args, kwargs)}
-        return [c for c in configs if config_key(c) in ok]
+    def __init__(self, kernel: Any, tiles: list, key: list[str], allowed: Any) -> None:
+        import triton
 
-    return triton.autotune(list(configs.values()), key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+        configs = {config_key(t.triton()): t.triton() for t in tiles}
+
+        def prune(configs, named_args, **kwargs):
+            ok = {config_key(t.triton()) for t in allowed(named_args, kwargs)}
+            return [c for c in configs if config_key(c) in ok]
+
+        self.kernel, self.allowed = kernel, allowed
+        self.tuner = triton.autotune(list(configs.values()), key=key,
+                                     prune_configs_by={"early_config_prune": prune})(kernel)
+        self._arg_names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+
+    def __getitem__(self, grid: Any) -> Any:
+        if not torch.are_deterministic_algorithms_enabled():
+            return self.tuner[grid]
+
+        def launch(*args: Any, **kwargs: Any) -> Any:
+            tile = self.allowed(dict(zip(self._arg_names, args, strict=False)), kwargs)[0].triton()
+            return self.kernel[grid](*args, **kwargs, **tile.kwargs, num_warps=tile.num_warps,
+                                     num_stages=tile.num_stages)
+
+        return launch
 
 
 def power_of_two_configs(pick, min_cols: int, max_cols: int) -> list:

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .._layout import col_sum, unit_last_stride
 from .common import cast_out, dropout_keep, mma
-from .config import TRITON_DTYPE_NAMES, AotVariant, aot_signature, autotuned, is_interpreted, unsupported_dtype
+from .config import TRITON_DTYPE_NAMES, AotVariant, Autotuned, aot_signature, is_interpreted, unsupported_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
@@ -251,7 +251,7 @@ def _allowed(named_args, kwargs) -> list[GemmConfig]:
     return gemm_configs(named_args["a_ptr"].element_size(), features)
 
 
-_matmul = autotuned(
+_matmul = Autotuned(
     matmul_kernel, [INTERPRETER_CONFIG] if is_interpreted() else [c for cs in GEMM_CONFIGS.values() for c in cs],
     ["m", "n", "k", "ACT", "HAS_RES", "DROPOUT", "GATED", "MERGE_HEADS", "SPLIT_HEADS", "DACT", "A_TRANS", "HAS_DBIAS"],
     _allowed)

@@ -389,6 +389,31 @@ def test_deterministic(backend, device):
         assert torch.equal(x, y)
 
 
+def test_deterministic_mode_uses_a_fixed_tile_not_autotune(device, monkeypatch):
+    # Autotune picks tiles by timing and the tile decides the summation order, so under
+    # torch.use_deterministic_algorithms the Triton launchers must not autotune (same bits in every process).
+    from transformer_kernels.kernels import linear as triton_linear
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("autotune ran in deterministic mode")
+
+    for tuned in (triton_attention._fwd, triton_attention._dkdv, triton_attention._dq, triton_linear._matmul):
+        monkeypatch.setattr(tuned.tuner, "run", no_tuning)
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 40, 40, 32, device=device))
+    torch.use_deterministic_algorithms(True)
+    try:
+        with tk.use_backend("triton"):
+            out = tk.ops.attention(q, k, v, is_causal=True)
+            y = tk.ops.linear(torch.randn(5, 8, device=device), torch.randn(3, 8, device=device))
+        out.sum().backward()
+        check_against_reference("triton", *make_qkv(1, 2, 2, 40, 40, 32, device=device), is_causal=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert y.shape == (5, 3) and q.grad is not None
+    with tk.use_backend("triton"), pytest.raises(AssertionError, match="autotune ran"):
+        tk.ops.attention(q, k, v)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_partial_requires_grad_retain_graph_and_no_grad(backend, device):
     q, k, v = make_qkv(1, 2, 2, 9, 9, 16, device=device)
