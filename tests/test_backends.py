@@ -3,6 +3,7 @@
 import inspect
 
 import pytest
+import torch
 
 
 @pytest.mark.parametrize("family", ["softmax", "attention", "norm", "linear"])
@@ -18,3 +19,46 @@ def test_both_kernel_backends_have_the_same_launchers(family):
     for name in [*public, "unsupported"]:
         theirs, ours = inspect.signature(getattr(cuda_mod, name)), inspect.signature(getattr(triton_mod, name))
         assert list(ours.parameters) == list(theirs.parameters), (family, name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_every_kernel_launch_is_guarded_by_its_tensors_device(backend, device, monkeypatch):
+    # Triton and the bindings launch on the *current* CUDA device: every custom op body must first switch to its
+    # tensors' device (backends.on_device). Recorded here on whatever device the suite runs on.
+    import transformer_kernels as tk
+    from transformer_kernels import backends
+
+    seen = []
+    real = backends.on_device
+    monkeypatch.setattr(backends, "on_device", lambda t: seen.append(t.device) or real(t))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, generator=g).to(device).requires_grad_()
+    w = torch.randn(8, 8, generator=g).to(device).requires_grad_()
+    with tk.use_backend(backend):
+        y = tk.ops.linear(x, w, activation="gelu")
+        y = tk.ops.layer_norm(y, residual=x)
+        y = tk.ops.masked_softmax(y, is_causal=False)
+        q = y.view(2, 1, 4, 8)
+        out = tk.ops.attention(q, q, q, is_causal=True)
+        out.sum().backward()
+    # forward and backward of linear, norm, softmax and attention
+    assert len(seen) == 8 and set(seen) == {x.device}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_tensors_on_the_second_gpu_run_there_while_the_first_is_current(backend):
+    import transformer_kernels as tk
+    from transformer_kernels import reference
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 300, 64, generator=g).half().to("cuda:1").requires_grad_() for _ in range(3))
+    torch.cuda.set_device(0)
+    with tk.use_backend(backend):
+        out = tk.ops.attention(q, k, v, is_causal=True)
+        out.sum().backward()
+    torch.cuda.synchronize(1)
+    ref = reference.scaled_dot_product_attention(*(t.detach().float() for t in (q, k, v)), is_causal=True)
+    assert out.device == q.device and q.grad.device == q.device
+    assert (out.float() - ref).abs().max().item() < 2e-2

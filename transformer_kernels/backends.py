@@ -141,6 +141,12 @@ def launchers(family: str, backend: str) -> ModuleType:
     return {"attention": attention, "linear": linear, "norm": norm, "softmax": softmax}[family]
 
 
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Makes the launches for ``t`` go to its own GPU whatever the current CUDA device is: Triton and the bindings
+    launch on the current device (and the bindings set their shared-memory limits there)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def resolve_for(op: str, family: str, device: torch.device, requested: str | None, *inputs: torch.Tensor) -> str:
     """`resolve` with the family's ``unsupported(*inputs)`` as the per-input check of each kernel backend."""
     return resolve(op, device, requested, lambda name: launchers(family, name).unsupported(*inputs))

@@ -42,9 +42,10 @@ def _kernel_mask(attn_mask: Tensor | None, q: Tensor, lk: int) -> Tensor | None:
 def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
                dropout_p: float, is_causal: bool, scale: float, causal_offset: int, seed: Tensor | None,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return backends.launchers(OP, backend).attention_forward(
-        q, k, v, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale, is_causal, causal_offset,
-        dropout_p, seed_value(seed))
+    with backends.on_device(q):
+        return backends.launchers(OP, backend).attention_forward(
+            q, k, v, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale, is_causal, causal_offset,
+            dropout_p, seed_value(seed))
 
 
 @_attention.register_fake
@@ -58,9 +59,10 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                         attn_mask: Tensor | None, key_padding_mask: Tensor | None, dropout_p: float, is_causal: bool,
                         scale: float, causal_offset: int, seed: Tensor | None, backend: str,
                         ) -> tuple[Tensor, Tensor, Tensor]:
-    return backends.launchers(OP, backend).attention_backward(
-        grad, q, k, v, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
-        is_causal, causal_offset, dropout_p, seed_value(seed))
+    with backends.on_device(q):
+        return backends.launchers(OP, backend).attention_backward(
+            grad, q, k, v, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
+            is_causal, causal_offset, dropout_p, seed_value(seed))
 
 
 @_attention_backward.register_fake

@@ -27,7 +27,8 @@ def _launchers(backend: str):
 @torch.library.custom_op("transformer_kernels::linear", mutates_args=())
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, activation: str,
             dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
-    return _launchers(backend).linear_forward(x, weight, bias, residual, activation, dropout_p, seed_value(seed))
+    with backends.on_device(x):
+        return _launchers(backend).linear_forward(x, weight, bias, residual, activation, dropout_p, seed_value(seed))
 
 
 @_linear.register_fake
@@ -39,7 +40,8 @@ def _(x, weight, bias, residual, activation, dropout_p, seed, backend):
 @torch.library.custom_op("transformer_kernels::linear_backward", mutates_args=())
 def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, has_bias: bool, activation: str,
                      dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _launchers(backend).linear_backward(dy, x, weight, z, has_bias, activation, dropout_p, seed_value(seed))
+    with backends.on_device(x):
+        return _launchers(backend).linear_backward(dy, x, weight, z, has_bias, activation, dropout_p, seed_value(seed))
 
 
 @_linear_backward.register_fake
@@ -69,7 +71,8 @@ _linear.register_autograd(_linear_bwd, setup_context=_linear_setup)
 @torch.library.custom_op("transformer_kernels::gated_linear", mutates_args=())
 def _gated(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None, activation: str,
            backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _launchers(backend).gated_forward(x, w_gate, w_up, b_gate, b_up, activation)
+    with backends.on_device(x):
+        return _launchers(backend).gated_forward(x, w_gate, w_up, b_gate, b_up, activation)
 
 
 @_gated.register_fake
@@ -81,7 +84,8 @@ def _(x, w_gate, w_up, b_gate, b_up, activation, backend):
 @torch.library.custom_op("transformer_kernels::gated_linear_backward", mutates_args=())
 def _gated_backward(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, zg: Tensor, zu: Tensor, has_bias: bool,
                     activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _launchers(backend).gated_backward(dy, x, w_gate, w_up, zg, zu, has_bias, activation)
+    with backends.on_device(x):
+        return _launchers(backend).gated_backward(dy, x, w_gate, w_up, zg, zu, has_bias, activation)
 
 
 @_gated_backward.register_fake
@@ -113,7 +117,8 @@ _gated.register_autograd(_gated_bwd, setup_context=_gated_setup)
 @torch.library.custom_op("transformer_kernels::qkv_projection", mutates_args=())
 def _qkv(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, batch: int, num_heads: int, num_kv_heads: int,
          backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _launchers(backend).qkv_forward(x, w_qkv, b_qkv, batch, num_heads, num_kv_heads)
+    with backends.on_device(x):
+        return _launchers(backend).qkv_forward(x, w_qkv, b_qkv, batch, num_heads, num_kv_heads)
 
 
 @_qkv.register_fake
@@ -127,7 +132,8 @@ def _(x, w_qkv, b_qkv, batch, num_heads, num_kv_heads, backend):
 @torch.library.custom_op("transformer_kernels::qkv_projection_backward", mutates_args=())
 def _qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, x: Tensor, w_qkv: Tensor, has_bias: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _launchers(backend).qkv_backward(dq, dk, dv, x, w_qkv, has_bias)
+    with backends.on_device(x):
+        return _launchers(backend).qkv_backward(dq, dk, dv, x, w_qkv, has_bias)
 
 
 @_qkv_backward.register_fake
@@ -153,7 +159,8 @@ _qkv.register_autograd(_qkv_bwd, setup_context=_qkv_setup)
 
 @torch.library.custom_op("transformer_kernels::out_projection", mutates_args=())
 def _out_proj(attn: Tensor, w_o: Tensor, b_o: Tensor | None, residual: Tensor | None, backend: str) -> Tensor:
-    return _launchers(backend).out_forward(attn, w_o, b_o, residual)
+    with backends.on_device(attn):
+        return _launchers(backend).out_forward(attn, w_o, b_o, residual)
 
 
 @_out_proj.register_fake
@@ -164,7 +171,8 @@ def _(attn, w_o, b_o, residual, backend):
 @torch.library.custom_op("transformer_kernels::out_projection_backward", mutates_args=())
 def _out_proj_backward(dy: Tensor, attn: Tensor, w_o: Tensor, has_bias: bool, backend: str,
                        ) -> tuple[Tensor, Tensor, Tensor]:
-    return _launchers(backend).out_backward(dy, attn, w_o, has_bias)
+    with backends.on_device(attn):
+        return _launchers(backend).out_backward(dy, attn, w_o, has_bias)
 
 
 @_out_proj_backward.register_fake

@@ -16,7 +16,8 @@ FAMILY = "norm"
 @torch.library.custom_op("transformer_kernels::norm", mutates_args=())
 def _norm(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | None, eps: float, rms: bool,
           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, s, mean, rstd = backends.launchers(FAMILY, backend).norm_forward(x, residual, weight, bias, eps, rms)
+    with backends.on_device(x):
+        y, s, mean, rstd = backends.launchers(FAMILY, backend).norm_forward(x, residual, weight, bias, eps, rms)
     # Without a residual the sum is x itself; an op output may not alias an input, so return an empty one.
     return y, (s if residual is not None else x.new_empty(0)), mean, rstd
 
@@ -31,7 +32,8 @@ def _(x, residual, weight, bias, eps, rms, backend):
 @torch.library.custom_op("transformer_kernels::norm_backward", mutates_args=())
 def _norm_backward(dy: Tensor, ds: Tensor | None, x: Tensor, residual: Tensor | None, weight: Tensor, mean: Tensor,
                    rstd: Tensor, has_bias: bool, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = backends.launchers(FAMILY, backend).norm_backward(dy, x, residual, weight, mean, rstd, has_bias, rms)
+    with backends.on_device(x):
+        dx, dw, db = backends.launchers(FAMILY, backend).norm_backward(dy, x, residual, weight, mean, rstd, has_bias, rms)
     if ds is not None:
         dx = dx + ds  # the pre-norm sum also flows on down the residual stream
     return dx, dw, (db if db is not None else weight.new_empty(0))

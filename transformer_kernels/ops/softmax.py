@@ -38,7 +38,8 @@ def _masked_softmax(x: Tensor, mask: Tensor | None, scale: float, is_causal: boo
     m = _kernel_mask(mask, x.dtype)
     x4 = _as_rows(x, x.shape)
     m4 = None if m is None else _as_rows(m, x.shape)
-    return backends.launchers(FAMILY, backend).softmax_forward(x4, m4, scale, is_causal).view(x.shape)
+    with backends.on_device(x):
+        return backends.launchers(FAMILY, backend).softmax_forward(x4, m4, scale, is_causal).view(x.shape)
 
 
 @_masked_softmax.register_fake
@@ -50,7 +51,8 @@ def _(x: Tensor, mask: Tensor | None, scale: float, is_causal: bool, backend: st
 def _masked_softmax_backward(grad: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
     g4 = _as_rows(grad, y.shape)
     y4 = _as_rows(y, y.shape)
-    return backends.launchers(FAMILY, backend).softmax_backward(g4, y4, scale).view(y.shape)
+    with backends.on_device(y):
+        return backends.launchers(FAMILY, backend).softmax_backward(g4, y4, scale).view(y.shape)
 
 
 @_masked_softmax_backward.register_fake
