@@ -11,6 +11,7 @@
 #include "attention.h"
 #include "epilogue.h"
 #include "norm.h"
+#include "probe.h"
 #include "softmax.h"
 
 #ifdef TK_HOST_SIM
@@ -205,6 +206,10 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
                                         py::arg("silu") = static_cast<int>(tk::kActSilu));
   m.attr("attention_head_dims") = py::make_tuple(tk::kAttnHeadDims[0], tk::kAttnHeadDims[1], tk::kAttnHeadDims[2], tk::kAttnHeadDims[3]);
   m.attr("attention_max_head_dim") = py::dict(py::arg("half") = tk::kAttnMaxHeadDimHalf, py::arg("float") = tk::kAttnMaxHeadDimFloat);
+  m.def("probe", [] {
+    require_device();
+    return tk::probe_launch();
+  }, "\"\" when a test kernel runs on the current device, else why not");
   m.def("device_count", [] {
     require_device();
 #ifdef TK_HOST_SIM

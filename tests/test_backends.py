@@ -62,3 +62,36 @@ def test_tensors_on_the_second_gpu_run_there_while_the_first_is_current(backend)
     ref = reference.scaled_dot_product_attention(*(t.detach().float() for t in (q, k, v)), is_causal=True)
     assert out.device == q.device and q.grad.device == q.device
     assert (out.float() - ref).abs().max().item() < 2e-2
+
+
+def test_a_cuda_build_that_cannot_launch_is_reported_unavailable(monkeypatch):
+    # _C links cudart statically: it imports under a driver older than its toolkit, and only a launch fails.
+    from types import SimpleNamespace
+
+    import transformer_kernels as tk
+    from transformer_kernels import _ext, backends
+
+    why = "CUDA driver version is insufficient for CUDA runtime version"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_ext, "load", lambda name: SimpleNamespace(probe=lambda: why))
+    monkeypatch.setattr(_ext, "_launch_problem", [])
+    cuda = torch.device("cuda")
+    ok, reason = backends.cuda_status(cuda)
+    assert not ok and why in reason
+    q = torch.empty(1, 1, 4, 16)
+    assert backends.resolve_for("attention", "attention", cuda, "auto", q, q, q) == "triton"
+    with pytest.raises(RuntimeError, match="insufficient"), tk.use_backend("cuda"):
+        backends.resolve("attention", cuda)
+    monkeypatch.setattr(_ext, "_launch_problem", [])
+    monkeypatch.setattr(_ext, "load", lambda name: SimpleNamespace(probe=lambda: ""))
+    assert backends.cuda_status(cuda) == (True, "")
+
+
+def test_the_cuda_probe_runs_in_both_builds():
+    from transformer_kernels import _ext
+
+    assert _ext.load("_C_host").probe() == ""  # the simulator runs every kernel
+    ok, _ = _ext.available("_C")
+    if ok and not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            _ext.load("_C").probe()

@@ -34,6 +34,23 @@ def available(name: str) -> tuple[bool, str]:
         return False, str(e)
 
 
+_launch_problem: list[str] = []
+
+
+def launch_problem() -> str:
+    """"" when a test kernel of `_C` runs on the current CUDA device, else why not (a driver older than the toolkit
+    `_C` was built with, an architecture the build lacks, no device). Probed once per process."""
+    if not _launch_problem:
+        if not torch.cuda.is_available():
+            _launch_problem.append("no CUDA device (torch.cuda.is_available() is False)")
+        else:
+            try:
+                _launch_problem.append(load("_C").probe())
+            except RuntimeError as e:
+                _launch_problem.append(str(e))
+    return _launch_problem[0]
+
+
 def module_for(device: torch.device) -> ModuleType:
     """The build that runs on tensors of this device: `_C` for CUDA, the simulator for CPU."""
     return load("_C" if device.type == "cuda" else "_C_host")

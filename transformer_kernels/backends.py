@@ -79,8 +79,14 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
 
 
 def cuda_status(device: torch.device) -> tuple[bool, str]:
-    """Whether the CUDA C++ kernels can run on `device` (`_C` on GPUs, `_C_host` on the CPU)."""
-    return _ext.available("_C" if device.type == "cuda" else "_C_host")
+    """Whether the CUDA C++ kernels can run on `device` (`_C` on GPUs, `_C_host` on the CPU). On GPUs `_C` must
+    also launch a test kernel: importing it succeeds even when the driver is too old for it."""
+    if device.type != "cuda":
+        return _ext.available("_C_host")
+    ok, why = _ext.available("_C")
+    if ok and _ext.launch_problem():
+        return False, f"transformer_kernels._C cannot launch kernels here: {_ext.launch_problem()}"
+    return ok, why
 
 
 def status(name: str, device: torch.device) -> tuple[bool, str]:

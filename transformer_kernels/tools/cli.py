@@ -55,7 +55,7 @@ def environment() -> dict[str, str]:
         mode = {"triton": "interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "GPU",
                 "cuda": "_C on the GPU" if device.type == "cuda" else "_C_host simulator"}[name]
         env[f"backend {name}"] = f"available ({mode})" if ok else f"unavailable: {why}"
-    env["backend torch"] = "available (reference math)"
+    env["backend torch"] = "available (eager.py: PyTorch's own ops)"
     return env
 
 
