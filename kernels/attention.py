@@ -38,6 +38,7 @@ from .config import (
     Autotuned,
     aot_signature,
     is_interpreted,
+    length_class,
     mask_args,
     next_power_of_2,
     unsupported_dtype,
@@ -78,10 +79,12 @@ def _score_tile(qk, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, 
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
     s = qk * sm_scale
     if MASK_KIND == 1:
-        keep = tl.load(mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=visible, other=0)
+        keep = tl.load(mask_base + offs_m.to(tl.int64)[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=visible,
+                       other=0)
         visible = visible & (keep != 0)
     if MASK_KIND == 2:
-        bias = tl.load(mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=visible, other=0.0)
+        bias = tl.load(mask_base + offs_m.to(tl.int64)[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=visible,
+                       other=0.0)
         bias = bias.to(tl.float32)
         visible = visible & (bias != float("-inf"))
         s = s + bias
@@ -103,7 +106,8 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, s
     offs_n = start_n + tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
     col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
-    kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None],
+                 other=0.0)
     qk = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     s, visible = _score_tile(qk, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale,
                              causal_offset,
@@ -114,7 +118,8 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, s
     alpha = tl.exp2((m_i - m_safe) * LOG2E)
     p = tl.exp2((s - m_safe[:, None]) * LOG2E)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0)
     if MASK_KIND != 0:
         v = tl.where(_seen_by_any(visible)[:, None], v, 0.0)
     if DROPOUT:
@@ -140,7 +145,8 @@ def _load_rows(base_ptr, b, h, stride_b, stride_h, stride_m, offs_m, offs_d, seq
     # A [rows, head dim] tile of a [B, H, L, D] tensor with unit stride along D; rows past Lq and the padding of D
     # up to BLOCK_D read as 0.
     ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D)
-    return tl.load(base_ptr + b * stride_b + h * stride_h + offs_m[:, None] * stride_m + offs_d[None, :], mask=ok, other=0.0)
+    return tl.load(base_ptr + b * stride_b + h * stride_h + offs_m.to(tl.int64)[:, None] * stride_m + offs_d[None, :], mask=ok,
+                   other=0.0)
 
 
 @triton.jit
@@ -157,7 +163,7 @@ def _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M: tl.constexpr
     return hi, full
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal_offset", "seed"])
 def attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, row_max_ptr, inv_l_ptr, mask_ptr, kpm_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -263,7 +269,7 @@ def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal_offset", "seed"])
 def attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
@@ -285,8 +291,10 @@ def attn_bwd_dkdv_kernel(
     d_ok = offs_d < D
     col_ok = _key_cols(kpm_ptr, b * stride_kpm_b, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     kv_ok = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=kv_ok,
+                other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=kv_ok,
+                other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if IS_CAUSAL:
@@ -334,8 +342,8 @@ def _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, kpm_r
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     kv_ok = col_ok[:, None] & (offs_d[None, :] < D)
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base,
                         stride_mask_m, stride_mask_n,
                         sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, INTERPRETED)
@@ -349,7 +357,7 @@ def _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, kpm_r
     return mma(ds.to(k.dtype), k, dq, INTERPRETED)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal_offset", "seed"])
 def attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
@@ -389,7 +397,7 @@ def attn_bwd_dq_kernel(
              mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def dropout_mask_kernel(keep_ptr, seqlen_q, seqlen_k, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # The keep-mask the attention kernels draw, materialised (tests and the reference comparison only).
     n_m = tl.cdiv(seqlen_q, BLOCK_M)
@@ -538,11 +546,6 @@ def head_dim_block(d: int, dtype: torch.dtype) -> int:
     return max(MIN_BLOCK_D, next_power_of_2(d))
 
 
-def _length_class(n: int) -> int:
-    # Autotune once per power-of-two length bucket instead of once per length.
-    return min(next_power_of_2(max(n, 1)), 1 << 16)
-
-
 def _mask_args(mask: torch.Tensor | None, kpm: torch.Tensor | None, q: torch.Tensor):
     kind, m, ms = mask_args(mask, q)
     kp, kps = (q, (0, 0)) if kpm is None else (kpm.view(torch.uint8), kpm.stride())
@@ -574,7 +577,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
     _fwd[grid](
         q, k, v, out, row_max, inv_l, m, kp, *_strides3(q), *_strides3(k), *_strides3(v), *ms, *kps,
-        h, h // hkv, lq, lk, scale, causal_offset, dropout_p, seed, _length_class(lq), _length_class(lk),
+        h, h // hkv, lq, lk, scale, causal_offset, dropout_p, seed, length_class(lq), length_class(lk),
         D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
         BLOCK_D=head_dim_block(d, q.dtype), INTERPRETED=is_interpreted(),
     )
@@ -605,7 +608,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         out, dout, delta, *_strides3(dout), h, lq, D=d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d)
     common = dict(D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
                   BLOCK_D=block_d, INTERPRETED=is_interpreted())
-    sizes = (h, h // hkv, lq, lk, scale, causal_offset, dropout_p, seed, _length_class(lq), _length_class(lk))
+    sizes = (h, h // hkv, lq, lk, scale, causal_offset, dropout_p, seed, length_class(lq), length_class(lk))
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *ms, *kps)
     _dkdv[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)](
         q, k, v, dout, dk, dv, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)

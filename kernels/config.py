@@ -38,6 +38,12 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def length_class(n: int) -> int:
+    """The autotune bucket of a size: its next power of two (capped), so a new sequence length or token count
+    reuses the tile tuned for its bucket instead of benchmarking again."""
+    return min(next_power_of_2(max(n, 1)), 1 << 16)
+
+
 @dataclass(frozen=True)
 class AotVariant:
     """One compiled form a launcher can pick: the @triton.jit kernel, its argument types (Triton

@@ -25,7 +25,15 @@ import triton.language as tl
 
 from .._layout import col_sum, unit_last_stride
 from .common import cast_out, dropout_keep, mma
-from .config import TRITON_DTYPE_NAMES, AotVariant, Autotuned, aot_signature, is_interpreted, unsupported_dtype
+from .config import (
+    TRITON_DTYPE_NAMES,
+    AotVariant,
+    Autotuned,
+    aot_signature,
+    is_interpreted,
+    length_class,
+    unsupported_dtype,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
@@ -69,8 +77,8 @@ def _act_grad(z, ACT: tl.constexpr):
 @triton.jit
 def _heads_offsets(rows, cols, seqlen, stride_b, stride_h, stride_l, HEAD_DIM: tl.constexpr):
     # Element (m, n) of a [B·L, H·D] matrix that lives in a [B, H, L, D] tensor: m = b·L + l, n = h·D + d.
-    return (((rows // seqlen).to(tl.int64) * stride_b + (rows % seqlen) * stride_l)[:, None]
-            + ((cols // HEAD_DIM) * stride_h + cols % HEAD_DIM)[None, :])
+    return (((rows // seqlen).to(tl.int64) * stride_b + (rows % seqlen).to(tl.int64) * stride_l)[:, None]
+            + ((cols // HEAD_DIM).to(tl.int64) * stride_h + cols % HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -81,7 +89,7 @@ def _a_tile(a_ptr, offs_m, offs_k, m, k, stride_am, stride_ak, seqlen, stride_a_
         # A[m, k] = attn[b, h, l, d]: the head merge happens in the load.
         ptrs = a_ptr + _heads_offsets(offs_m, offs_k, seqlen, stride_a_b, stride_a_h, stride_a_l, HEAD_DIM)
     else:
-        ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+        ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak
     return tl.load(ptrs, mask=ok, other=0.0)
 
 
@@ -102,7 +110,7 @@ def _dz_tile(dy, za_ptr, z2a_ptr, offs_m, offs_k, m, k, stride_zam, stride_zak, 
     if DACT == 1 and A_ACT == 0:
         return g
     ok = (offs_m[:, None] < m) & (offs_k[None, :] < k)
-    z_off = offs_m.to(tl.int64)[:, None] * stride_zam + offs_k[None, :] * stride_zak
+    z_off = offs_m.to(tl.int64)[:, None] * stride_zam + offs_k.to(tl.int64)[None, :] * stride_zak
     z = tl.load(za_ptr + z_off, mask=ok, other=0.0).to(tl.float32)
     if DACT == 3:
         return g * _act(z, A_ACT)
@@ -112,12 +120,12 @@ def _dz_tile(dy, za_ptr, z2a_ptr, offs_m, offs_k, m, k, stride_zam, stride_zak, 
     return g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def matmul_kernel(
     a_ptr, b_ptr, b2_ptr, c_ptr, z_ptr, z2_ptr, bias_ptr, bias2_ptr, res_ptr, za_ptr, z2a_ptr, dbias_ptr,
     m, n, k, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_rn, stride_zam, stride_zak,
     seqlen, stride_a_b, stride_a_h, stride_a_l, stride_c_b, stride_c_h, stride_c_l,
-    dropout_p, seed,
+    dropout_p, seed, m_class, n_class, k_class,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, STORE_Z: tl.constexpr,
     GATED: tl.constexpr, MERGE_HEADS: tl.constexpr, SPLIT_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     DACT: tl.constexpr, A_ACT: tl.constexpr, A_TRANS: tl.constexpr, A_DROPOUT: tl.constexpr, HAS_DBIAS: tl.constexpr,
@@ -152,7 +160,7 @@ def matmul_kernel(
         elif HAS_DBIAS:
             dbias += tl.sum(a.to(tl.float32), axis=1)
         b_ok = (ks[:, None] < k) & (offs_n[None, :] < n)
-        b_off = ks[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+        b_off = ks.to(tl.int64)[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
         acc = mma(a, tl.load(b_ptr + b_off, mask=b_ok, other=0.0), acc, INTERPRETED)
         if GATED:
             acc2 = mma(a, tl.load(b2_ptr + b_off, mask=b_ok, other=0.0), acc2, INTERPRETED)
@@ -176,16 +184,16 @@ def matmul_kernel(
         keep = dropout_keep(seed, offs_m.to(tl.int64), offs_n, dropout_p)
         y = tl.where(keep, y * (1.0 / (1.0 - dropout_p)), 0.0)
     if HAS_RES:
-        y += tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=out_ok,
+        y += tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n.to(tl.int64)[None, :] * stride_rn, mask=out_ok,
                      other=0.0).to(tl.float32)
     if SPLIT_HEADS:
         c_ptrs = c_ptr + _heads_offsets(offs_m, offs_n, seqlen, stride_c_b, stride_c_h, stride_c_l, HEAD_DIM)
     else:
-        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
     tl.store(c_ptrs, cast_out(y, c_ptr.dtype.element_ty, INTERPRETED), mask=out_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def dact_kernel(dy_ptr, z_ptr, z2_ptr, dz_ptr, dz2_ptr, m, n, stride_dym, stride_dyn, dropout_p, seed,
                 ACT: tl.constexpr, DROPOUT: tl.constexpr, GATED: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
@@ -193,7 +201,7 @@ def dact_kernel(dy_ptr, z_ptr, z2_ptr, dz_ptr, dz2_ptr, m, n, stride_dym, stride
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (offs_m[:, None] < m) & (offs_n[None, :] < n)
-    g = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=ok,
+    g = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n.to(tl.int64)[None, :] * stride_dyn, mask=ok,
                 other=0.0).to(tl.float32)
     if DROPOUT:
         g = tl.where(dropout_keep(seed, offs_m.to(tl.int64), offs_n, dropout_p), g * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -253,7 +261,9 @@ def _allowed(named_args, kwargs) -> list[GemmConfig]:
 
 _matmul = Autotuned(
     matmul_kernel, [INTERPRETER_CONFIG] if is_interpreted() else [c for cs in GEMM_CONFIGS.values() for c in cs],
-    ["m", "n", "k", "ACT", "HAS_RES", "DROPOUT", "GATED", "MERGE_HEADS", "SPLIT_HEADS", "DACT", "A_TRANS", "HAS_DBIAS"],
+    # Sizes by bucket (length_class): a new token count must not re-benchmark every step of a decoding loop.
+    ["m_class", "n_class", "k_class", "ACT", "HAS_RES", "DROPOUT", "GATED", "MERGE_HEADS", "SPLIT_HEADS", "DACT",
+     "A_TRANS", "HAS_DBIAS"],
     _allowed)
 
 
@@ -344,6 +354,7 @@ def matmul(a: torch.Tensor | HeadLayout, b: torch.Tensor, *, b2: torch.Tensor | 
         b if dbias is None else dbias,
         m, n, k, *a_strides, *b.stride(), *c_strides, *((0, 0) if res is None else res.stride()), *z_strides,
         l_len if (merge or split) else 1, *a_heads[1:], *c_heads, dropout_p, seed,
+        length_class(m), length_class(n), length_class(k),
         ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, HAS_RES=res is not None,
         DROPOUT=dropout_p > 0.0 and dz is None, STORE_Z=store_z, GATED=b2 is not None, MERGE_HEADS=merge,
         SPLIT_HEADS=split, HEAD_DIM=head_dim, DACT=0 if dz is None else dz.kind,

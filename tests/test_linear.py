@@ -274,3 +274,31 @@ def test_more_than_2_31_elements():
     for backend in KERNEL_BACKENDS:
         y = tk.ops.linear(x, w, backend=backend)
         torch.testing.assert_close(y[-1000:].float(), ref, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_lm_head_weight_gradient_past_2_31():
+    # dW = dYᵀ·X of an LM head: the GEMM reads dY transposed (stride N = vocab) along its K dim (tokens), so
+    # token × vocab passes 2³¹ (65 536 × 50 257 = 3.3e9): the K offsets must be 64-bit.
+    tokens, vocab, hidden = 65_536, 50_257, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.float16, generator=g)
+    w = (torch.randn(vocab, hidden, device="cuda", dtype=torch.float16, generator=g) * 0.02).requires_grad_()
+    dy = torch.zeros(tokens, vocab, device="cuda", dtype=torch.float16)
+    dy[-7:, -5:] = 1.0  # only the last rows and columns: a wrapped offset reads or sums the wrong ones
+    for backend in KERNEL_BACKENDS:
+        w.grad = None
+        tk.ops.linear(x, w, backend=backend).backward(dy)
+        expected = x[-7:].float().sum(0)
+        torch.testing.assert_close(w.grad[-5:].float(), expected.expand(5, hidden), atol=2e-2, rtol=1e-2)
+        assert w.grad[:-5].abs().max().item() == 0
+
+
+def test_gemm_autotune_is_keyed_on_size_buckets():
+    # Keyed on exact sizes, every new token count (each step of a decoding loop without a cache) re-benchmarked.
+    from transformer_kernels.kernels import linear as triton_linear
+    from transformer_kernels.kernels.config import length_class
+
+    keys = triton_linear._matmul.tuner.keys
+    assert {"m_class", "n_class", "k_class"} <= set(keys) and not {"m", "n", "k"} & set(keys)
+    assert length_class(33) == length_class(64) and length_class(65) != length_class(64)
