@@ -5,7 +5,7 @@ PYTHON ?= python3
 # the system's packages, so a preinstalled CUDA build of torch (and triton) is kept and nothing is downloaded twice.
 ifeq ($(shell $(PYTHON) -c "import sys; print(int(sys.prefix != sys.base_prefix))"),0)
 HOST_PYTHON := $(PYTHON)
-PYTHON := .venv/bin/python
+override PYTHON := .venv/bin/python
 VENV := .venv/bin/python
 endif
 PIP := $(PYTHON) -m pip --disable-pip-version-check
@@ -14,7 +14,7 @@ export TRITON_DEFAULT_FP_FUSION ?= 1
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.h csrc/*.cuh csrc/*.cpp csrc/host/*)
 
-.PHONY: setup test check bench info lint clean
+.PHONY: setup test check bench info lint clean gpu-check
 
 # Reinstalls (ninja rebuilds only what changed) when the build inputs are newer than the last install.
 setup: .setup-stamp
@@ -45,6 +45,18 @@ check: setup
 
 bench: setup
 	$(PYTHON) -m transformer_kernels bench
+
+# On a GPU machine with a CUDA torch and triton preinstalled and no network: install this package without touching
+# its dependencies, then every GPU verification and the quick benchmarks (tools/gpu_check.py) into $(OUT).
+# DRY_RUN=1 only lists the steps (anywhere, no GPU needed).
+OUT ?= gpu_check
+gpu-check: $(VENV)
+ifdef DRY_RUN
+	$(PYTHON) -m transformer_kernels.tools.gpu_check --dry-run --out $(OUT)
+else
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) -m transformer_kernels.tools.gpu_check --out $(OUT)
+endif
 
 info: setup
 	$(PYTHON) -m transformer_kernels info

@@ -79,12 +79,10 @@ def _score_tile(qk, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, 
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
     s = qk * sm_scale
     if MASK_KIND == 1:
-        keep = tl.load(mask_base + offs_m.to(tl.int64)[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=visible,
-                       other=0)
+        keep = tl.load(mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=visible, other=0)
         visible = visible & (keep != 0)
     if MASK_KIND == 2:
-        bias = tl.load(mask_base + offs_m.to(tl.int64)[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=visible,
-                       other=0.0)
+        bias = tl.load(mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=visible, other=0.0)
         bias = bias.to(tl.float32)
         visible = visible & (bias != float("-inf"))
         s = s + bias
@@ -106,8 +104,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, s
     offs_n = start_n + tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
     col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
-    kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None],
-                 other=0.0)
+    kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
     qk = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     s, visible = _score_tile(qk, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale,
                              causal_offset,
@@ -118,8 +115,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, s
     alpha = tl.exp2((m_i - m_safe) * LOG2E)
     p = tl.exp2((s - m_safe[:, None]) * LOG2E)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
     if MASK_KIND != 0:
         v = tl.where(_seen_by_any(visible)[:, None], v, 0.0)
     if DROPOUT:
@@ -145,8 +141,7 @@ def _load_rows(base_ptr, b, h, stride_b, stride_h, stride_m, offs_m, offs_d, seq
     # A [rows, head dim] tile of a [B, H, L, D] tensor with unit stride along D; rows past Lq and the padding of D
     # up to BLOCK_D read as 0.
     ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D)
-    return tl.load(base_ptr + b * stride_b + h * stride_h + offs_m.to(tl.int64)[:, None] * stride_m + offs_d[None, :], mask=ok,
-                   other=0.0)
+    return tl.load(base_ptr + b * stride_b + h * stride_h + offs_m[:, None] * stride_m + offs_d[None, :], mask=ok, other=0.0)
 
 
 @triton.jit
@@ -291,10 +286,8 @@ def attn_bwd_dkdv_kernel(
     d_ok = offs_d < D
     col_ok = _key_cols(kpm_ptr, b * stride_kpm_b, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     kv_ok = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=kv_ok,
-                other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=kv_ok,
-                other=0.0)
+    k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if IS_CAUSAL:
@@ -342,8 +335,8 @@ def _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, kpm_r
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     kv_ok = col_ok[:, None] & (offs_d[None, :] < D)
-    k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base,
                         stride_mask_m, stride_mask_n,
                         sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, INTERPRETED)

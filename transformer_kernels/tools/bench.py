@@ -250,10 +250,144 @@ def cases(models: tuple[str, ...] = tuple(MODELS), seq_lens: tuple[int, ...] = S
     return out
 
 
+# gpu-check's quick benchmark: attention at these head dims and lengths (16 heads, B·L = 16k tokens).
+QUICK_HEAD_DIMS = (64, 128)
+QUICK_SEQ_LENS = (1024, 4096, 16384)
+QUICK_TOKENS, QUICK_HEADS, QUICK_EMBED, QUICK_FFN = 16384, 16, 1024, 4096
+
+
+def _sdpa_maker(backend_name: str, shape: tuple[int, ...], causal: bool, dtype: torch.dtype, backward: bool):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def make(device: torch.device) -> Callable[[], torch.Tensor]:
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=backward) for _ in range(3))
+
+        def run() -> torch.Tensor:
+            with sdpa_kernel(getattr(SDPBackend, backend_name)):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return run
+    return make
+
+
+def _flex_maker(shape: tuple[int, ...], causal: bool, dtype: torch.dtype, backward: bool):
+    def make(device: torch.device) -> Callable[[], torch.Tensor]:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=backward) for _ in range(3))
+        block = None
+        if causal:
+            block = create_block_mask(lambda b, h, i, j: j <= i, None, None, shape[2], shape[2], device=device)
+        flex = torch.compile(flex_attention)
+        return lambda: flex(q, k, v, block_mask=block)
+    return make
+
+
+def _liger_norm(rms: bool):
+    """Liger-Kernel's norm function when it is importable (a peer to compare with), else None."""
+    try:
+        if rms:
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+            return lambda x, w, b: LigerRMSNormFunction.apply(x, w, 1e-6)
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+        return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, 1e-5)
+    except ImportError:
+        return None
+
+
+def _quick_norm_maker(impl: str, rms: bool, tokens: int, e: int, dtype: torch.dtype, backward: bool):
+    def make(device: torch.device) -> Callable[[], torch.Tensor]:
+        x = torch.randn(tokens, e, device=device, dtype=dtype, requires_grad=backward)
+        w = torch.ones(e, device=device, dtype=dtype, requires_grad=backward)
+        b = torch.zeros(e, device=device, dtype=dtype, requires_grad=backward)
+        if impl in KERNEL_IMPLS:
+            return (lambda: ops.rms_norm(x, w, backend=impl)) if rms else (lambda: ops.layer_norm(x, w, b, backend=impl))
+        if impl == "liger":
+            fn = _liger_norm(rms)
+            return lambda: fn(x, w, b)
+        return (lambda: F.rms_norm(x, (e,), w)) if rms else (lambda: F.layer_norm(x, (e,), w, b))
+    return make
+
+
+def _quick_linear_maker(impl: str, tokens: int, e: int, dtype: torch.dtype, backward: bool):
+    def make(device: torch.device) -> Callable[[], torch.Tensor]:
+        x, w, b, r = (torch.randn(s, device=device, dtype=dtype, requires_grad=backward) * 0.02
+                      for s in ((tokens, e), (e, e), (e,), (tokens, e)))
+        if impl in KERNEL_IMPLS:
+            return lambda: ops.linear(x, w, b, "gelu", residual=r, backend=impl)
+        return lambda: F.gelu(F.linear(x, w, b)) + r
+    return make
+
+
+def quick_cases(dtype: torch.dtype = torch.float16) -> list[Case]:
+    """The benchmark of `make gpu-check`: attention forward and forward+backward at D=64/128, L=1k/4k/16k, causal
+    and not, ours against each SDPA backend (and FlexAttention at 4k); GEMM + bias + gelu + residual; the FFN;
+    LayerNorm and RMSNorm against torch and Liger-Kernel (when importable)."""
+    out = []
+    t, h, e, f = QUICK_TOKENS, QUICK_HEADS, QUICK_EMBED, QUICK_FFN
+    for backward in (False, True):
+        twice = 2 if backward else 1
+        for d in QUICK_HEAD_DIMS:
+            for length in QUICK_SEQ_LENS:
+                for causal in (False, True):
+                    shape = (t // length, h, length, d)
+                    label = f"D{d}{' causal' if causal else ''}"
+                    flops = attention_flops(shape[0], h, length, length, d, causal, backward)
+                    io = 2 * 4 * shape[0] * h * length * d * twice
+                    for impl in KERNEL_IMPLS:
+                        out.append(Case("attention", impl, label, length, backward, flops, io,
+                                        _attention_maker(impl, shape, causal, dtype, backward)))
+                    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+                        out.append(Case("attention", f"sdpa-{name.split('_')[0].lower()}", label, length, backward,
+                                        flops, io, _sdpa_maker(name, shape, causal, dtype, backward)))
+                    if length == 4096:
+                        out.append(Case("attention", "flex", label, length, backward, flops, io,
+                                        _flex_maker(shape, causal, dtype, backward)))
+        flops = 2 * t * e * e * (3 if backward else 1)
+        io = 2 * (3 * t * e + e * e) * twice
+        for impl in (*KERNEL_IMPLS, "torch"):
+            out.append(Case("linear+gelu+res", impl, f"{e}x{e}", t, backward, flops, io,
+                            _quick_linear_maker(impl, t, e, dtype, backward)))
+        flops = 4 * t * e * f * (3 if backward else 1)
+        io = 2 * (2 * t * e + 2 * e * f + t * f) * twice
+        for impl in (*KERNEL_IMPLS, "torch"):
+            out.append(Case("feed_forward", impl, f"{e}-{f}", t, backward, flops, io,
+                            _ffn_maker("eager" if impl == "torch" else impl, t, e, f, dtype, backward)))
+        for rms in (False, True):
+            peers = ("torch", "liger") if _liger_norm(rms) else ("torch",)
+            for impl in (*KERNEL_IMPLS, *peers):
+                out.append(Case("rms_norm" if rms else "layer_norm", impl, f"{t}x{4 * e}", t, backward, 0.0,
+                                2 * 2 * t * 4 * e * twice, _quick_norm_maker(impl, rms, t, 4 * e, dtype, backward)))
+    return out
+
+
+def compare_to_baselines(rows: list[Timing]) -> list[tuple[str, str, str, float, float, str]]:
+    """Per benchmark case (op, shape, pass): our faster backend's TFLOP/s (or GB/s), the best PyTorch-side
+    baseline's, and the speed ratio (> 1: ours is faster). Returns (case, ours, best baseline, our figure,
+    ratio, unit) rows."""
+    groups: dict[tuple[str, str, int, str], list[Timing]] = {}
+    for r in rows:
+        groups.setdefault((r.op, r.model, r.seq_len, r.pass_), []).append(r)
+    out = []
+    for (op, model, length, pass_), rs in groups.items():
+        ours = [r for r in rs if r.impl in KERNEL_IMPLS]
+        theirs = [r for r in rs if r.impl not in KERNEL_IMPLS]
+        if not ours or not theirs:
+            continue
+        best, base = min(ours, key=lambda r: r.median_ms), min(theirs, key=lambda r: r.median_ms)
+        unit, figure = ("TFLOP/s", best.tflops) if best.tflops else ("GB/s", best.gbps)
+        out.append((f"{op} {model} L={length} {pass_}", best.impl, base.impl, figure, base.median_ms / best.median_ms,
+                    unit))
+    return out
+
+
 def run_cases(todo: list[Case], device: torch.device, timer: Callable | None = None,
               progress: Callable[[int, int, Case], None] | None = None) -> list[Timing]:
     """Times each case with ``timer(fn, quantiles=[0.5, 0.2, 0.8]) -> (median, p20, p80)`` in ms (default:
-    triton.testing.do_bench). A case that fails to run (e.g. out of memory for the eager reference) is skipped."""
+    triton.testing.do_bench). Peak memory is measured on one separate call: do_bench allocates a buffer to flush
+    the L2 cache between runs, which is not the op's. A case that fails to run (out of memory for the eager
+    reference, an SDPA backend that refuses the shape) is skipped."""
     if timer is None:
         from triton.testing import do_bench as timer
     rows = []
@@ -262,12 +396,17 @@ def run_cases(todo: list[Case], device: torch.device, timer: Callable | None = N
             progress(i, len(todo), c)
         try:
             step = _step(c.make(device), c.backward)
+            peak = None
             if device.type == "cuda":
+                step()
+                torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
+                step()
+                torch.cuda.synchronize(device)
+                peak = torch.cuda.max_memory_allocated(device) / 2**20
             median, p20, p80 = timer(step, quantiles=[0.5, 0.2, 0.8])
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError):
             continue
-        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         sec = median / 1e3
         rows.append(Timing(c.op, c.impl, c.model, c.seq_len, "fwd+bwd" if c.backward else "fwd", median, p20, p80,
                            c.flops / sec / 1e12 if c.flops else 0.0, c.bytes / sec / 1e9, peak))

@@ -32,6 +32,16 @@ def nvcc() -> Path | None:
     return exe if exe and exe.exists() else None
 
 
+def compute_sanitizer() -> Path | None:
+    """The toolkit's compute-sanitizer (bin/, or its own folder in older toolkits), else the one on PATH."""
+    home = cuda_home()
+    for exe in ([home / "bin" / "compute-sanitizer", home / "compute-sanitizer" / "compute-sanitizer"] if home else []):
+        if exe.exists():
+            return exe
+    found = shutil.which("compute-sanitizer")
+    return Path(found) if found else None
+
+
 def cuda_archs() -> list[str]:
     """The arches the CUDA build targets: TK_CUDA_ARCHS, default 80;86;89;90."""
     return [a.strip() for a in os.environ.get("TK_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).split(";") if a.strip()]

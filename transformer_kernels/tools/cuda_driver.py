@@ -1,0 +1,58 @@
+"""Runs every CUDA C++ kernel of the "cuda" backend once, forward and backward, at small shapes on the GPU: the
+program compute-sanitizer (memcheck, racecheck, synccheck) watches in `make gpu-check`.
+
+    python -m transformer_kernels.tools.cuda_driver
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .testing import force_softmax_algo
+
+
+def run(device: torch.device) -> list[str]:
+    """Each op on the cuda backend with odd sizes, masks, GQA, dropout and a residual; returns what ran. On CPU
+    tensors the same calls run the simulator build (how the tests check this driver)."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        return torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_()
+
+    ran = []
+    for algo in ("warp", "block"):
+        with force_softmax_algo(algo):
+            x = randn(2, 3, 17, 37)
+            mask = torch.rand(17, 37, device=device, generator=g) > 0.3
+            ops.masked_softmax(x, mask, 0.5, True, backend="cuda").sum().backward()
+        ran.append(f"masked_softmax ({algo} kernels)")
+    for d, dtype in ((64, torch.float16), (128, torch.bfloat16), (40, torch.float32)):
+        q, k, v = randn(2, 4, 33, d, dtype=dtype), randn(2, 2, 45, d, dtype=dtype), randn(2, 2, 45, d, dtype=dtype)
+        pad = torch.zeros(2, 45, dtype=torch.bool, device=device)
+        pad[1, -7:] = True
+        bias = torch.randn(33, 45, device=device, generator=g)
+        out = ops.attention(q, k, v, bias, dropout_p=0.1, is_causal=True, enable_gqa=True, key_padding_mask=pad,
+                            causal_alignment="bottom_right", backend="cuda")
+        out.sum().backward()
+        ran.append(f"attention forward/backward D={d} {dtype}")
+    x, w, b = randn(37, 64), randn(96, 64), randn(96)
+    ops.linear(x, w, b, "gelu", residual=randn(37, 96), dropout_p=0.1, backend="cuda").sum().backward()
+    ops.gated_linear(x, w, randn(96, 64), b, randn(96), "silu", backend="cuda").sum().backward()
+    ran.append("linear, gated_linear (epilogue, activation backward)")
+    xs = randn(2, 19, 64)
+    q, k, v = ops.qkv_projection(xs, randn(3 * 64, 64), randn(3 * 64), 4, backend="cuda")
+    ops.out_projection(q, randn(64, 64), randn(64), residual=randn(2, 19, 64), backend="cuda").sum().backward()
+    ran.append("qkv_projection, out_projection (head split/merge)")
+    y = randn(23, 700)
+    ops.layer_norm(y, randn(700), randn(700), residual=randn(23, 700), backend="cuda").sum().backward()
+    ops.rms_norm(y, randn(700), backend="cuda").sum().backward()
+    ran.append("layer_norm, rms_norm forward/backward")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return ran
+
+
+if __name__ == "__main__":
+    for line in run(torch.device("cuda")):
+        print("ran", line)
