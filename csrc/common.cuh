@@ -13,7 +13,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#define TK_EXTERN_SHARED(type, name) extern __shared__ __align__(16) unsigned char name##_raw[]; \
+// 128-byte aligned: wmma loads need 32-byte aligned tiles, and only the declared alignment is guaranteed (not
+// wherever the block's dynamic shared memory happens to start).
+#define TK_EXTERN_SHARED(type, name) extern __shared__ __align__(128) unsigned char name##_raw[]; \
   type* name = reinterpret_cast<type*>(name##_raw)
 #else
 #include "host/simt.h"
