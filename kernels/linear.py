@@ -125,10 +125,11 @@ def matmul_kernel(
     a_ptr, b_ptr, b2_ptr, c_ptr, z_ptr, z2_ptr, bias_ptr, bias2_ptr, res_ptr, za_ptr, z2a_ptr, dbias_ptr,
     m, n, k, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_rn, stride_zam, stride_zak,
     seqlen, stride_a_b, stride_a_h, stride_a_l, stride_c_b, stride_c_h, stride_c_l,
-    dropout_p, seed, m_class, n_class, k_class,
+    dropout_p, seed, m_class, n_class, k_class, c2_ptr, c3_ptr, heads_q, heads_kv, stride_kv_b,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, STORE_Z: tl.constexpr,
-    GATED: tl.constexpr, MERGE_HEADS: tl.constexpr, SPLIT_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DACT: tl.constexpr, A_ACT: tl.constexpr, A_TRANS: tl.constexpr, A_DROPOUT: tl.constexpr, HAS_DBIAS: tl.constexpr,
+    GATED: tl.constexpr, MERGE_HEADS: tl.constexpr, SPLIT_HEADS: tl.constexpr, SPLIT_QKV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DACT: tl.constexpr, A_ACT: tl.constexpr, A_TRANS: tl.constexpr, A_DROPOUT: tl.constexpr,
+    HAS_DBIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
@@ -186,11 +187,27 @@ def matmul_kernel(
     if HAS_RES:
         y += tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n.to(tl.int64)[None, :] * stride_rn, mask=out_ok,
                      other=0.0).to(tl.float32)
-    if SPLIT_HEADS:
-        c_ptrs = c_ptr + _heads_offsets(offs_m, offs_n, seqlen, stride_c_b, stride_c_h, stride_c_l, HEAD_DIM)
+    y = cast_out(y, c_ptr.dtype.element_ty, INTERPRETED)
+    if SPLIT_QKV:
+        # Columns [q heads | k heads | v heads] of the QKV projection, each head into its own [B, heads, L, D]
+        # tensor (q, k, v contiguous: one head and row stride for the three, k and v share a batch stride).
+        head = offs_n // HEAD_DIM
+        k_cols = offs_n - heads_q * HEAD_DIM
+        v_cols = k_cols - heads_kv * HEAD_DIM
+        in_q = (head < heads_q)[None, :]
+        in_v = (head >= heads_q + heads_kv)[None, :]
+        tl.store(c_ptr + _heads_offsets(offs_m, offs_n, seqlen, stride_c_b, stride_c_h, stride_c_l, HEAD_DIM), y,
+                 mask=out_ok & in_q)
+        tl.store(c2_ptr + _heads_offsets(offs_m, k_cols, seqlen, stride_kv_b, stride_c_h, stride_c_l, HEAD_DIM), y,
+                 mask=out_ok & ~in_q & ~in_v)
+        tl.store(c3_ptr + _heads_offsets(offs_m, v_cols, seqlen, stride_kv_b, stride_c_h, stride_c_l, HEAD_DIM), y,
+                 mask=out_ok & in_v)
+    elif SPLIT_HEADS:
+        tl.store(c_ptr + _heads_offsets(offs_m, offs_n, seqlen, stride_c_b, stride_c_h, stride_c_l, HEAD_DIM), y,
+                 mask=out_ok)
     else:
-        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
-    tl.store(c_ptrs, cast_out(y, c_ptr.dtype.element_ty, INTERPRETED), mask=out_ok)
+        tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn, y,
+                 mask=out_ok)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -262,7 +279,7 @@ def _allowed(named_args, kwargs) -> list[GemmConfig]:
 _matmul = Autotuned(
     matmul_kernel, [INTERPRETER_CONFIG] if is_interpreted() else [c for cs in GEMM_CONFIGS.values() for c in cs],
     # Sizes by bucket (length_class): a new token count must not re-benchmark every step of a decoding loop.
-    ["m_class", "n_class", "k_class", "ACT", "HAS_RES", "DROPOUT", "GATED", "MERGE_HEADS", "SPLIT_HEADS", "DACT",
+    ["m_class", "n_class", "k_class", "ACT", "HAS_RES", "DROPOUT", "GATED", "MERGE_HEADS", "SPLIT_HEADS", "SPLIT_QKV", "DACT",
      "A_TRANS", "HAS_DBIAS"],
     _allowed)
 
@@ -284,9 +301,13 @@ class DzPrologue:
 
 @dataclass
 class HeadLayout:
-    """``[B, H, L, D]`` tensor seen as a ``[B·L, H·D]`` matrix: its length L, head dim D and strides."""
+    """``[B, H, L, D]`` tensor seen as a ``[B·L, H·D]`` matrix: its length L, head dim D and strides. As an output
+    with ``k`` and ``v`` (contiguous ``[B, Hkv, L, D]``, ``tensor`` a contiguous q): the QKV projection's
+    ``[B·L, (H + 2·Hkv)·D]`` product split into the three."""
 
     tensor: torch.Tensor
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
 
     @property
     def args(self) -> tuple[int, int, int, int]:
@@ -330,6 +351,8 @@ def matmul(a: torch.Tensor | HeadLayout, b: torch.Tensor, *, b2: torch.Tensor | 
         l_len = a_heads[0]
     if merge and split:
         raise ValueError("a GEMM cannot both merge and split heads")
+    qkv = split and out.k is not None
+    qkv_args = (out.k, out.v, c_ptr.shape[1], out.k.shape[1], out.k.stride(0)) if qkv else (c_ptr, c_ptr, 0, 0, 0)
     z = torch.empty((m, n), dtype=dtype, device=b.device) if store_z else None
     z2 = torch.empty((m, n), dtype=dtype, device=b.device) if store_z and b2 is not None else None
     if m == 0 or n == 0:
@@ -354,10 +377,10 @@ def matmul(a: torch.Tensor | HeadLayout, b: torch.Tensor, *, b2: torch.Tensor | 
         b if dbias is None else dbias,
         m, n, k, *a_strides, *b.stride(), *c_strides, *((0, 0) if res is None else res.stride()), *z_strides,
         l_len if (merge or split) else 1, *a_heads[1:], *c_heads, dropout_p, seed,
-        length_class(m), length_class(n), length_class(k),
+        length_class(m), length_class(n), length_class(k), *qkv_args,
         ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, HAS_RES=res is not None,
         DROPOUT=dropout_p > 0.0 and dz is None, STORE_Z=store_z, GATED=b2 is not None, MERGE_HEADS=merge,
-        SPLIT_HEADS=split, HEAD_DIM=head_dim, DACT=0 if dz is None else dz.kind,
+        SPLIT_HEADS=split, SPLIT_QKV=qkv, HEAD_DIM=head_dim, DACT=0 if dz is None else dz.kind,
         A_ACT=0 if dz is None else ACTIVATIONS[dz.activation], A_TRANS=dz is not None and dz.transposed,
         A_DROPOUT=dz is not None and dz.dropout_p > 0.0, HAS_DBIAS=dbias is not None,
         GROUP_M=GROUP_M, INTERPRETED=is_interpreted(),
@@ -460,16 +483,10 @@ def qkv_forward(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None
     """x ``[B·L, E]`` → q ``[B, H, L, D]``, k and v ``[B, Hkv, L, D]``, written in that layout by the epilogue."""
     length = x.shape[0] // batch if batch else 0
     d = w_qkv.shape[0] // (num_heads + 2 * num_kv_heads)
-    outs = []
-    start = 0
-    for heads in (num_heads, num_kv_heads, num_kv_heads):
-        out = x.new_empty((batch, heads, length, d))
-        rows = slice(start, start + heads * d)
-        # The epilogue writes [B·L, heads·D] straight into [B, heads, L, D]: no transpose copy afterwards.
-        matmul(x, w_qkv[rows].t(), bias=None if b_qkv is None else b_qkv[rows], out=HeadLayout(out))
-        outs.append(out)
-        start += heads * d
-    return outs[0], outs[1], outs[2]
+    q, k, v = (x.new_empty((batch, heads, length, d)) for heads in (num_heads, num_kv_heads, num_kv_heads))
+    # One GEMM reads x once; its epilogue writes each head of [B·L, (H + 2·Hkv)·D] straight into q, k or v.
+    matmul(x, w_qkv.t(), bias=b_qkv, out=HeadLayout(q, k, v))
+    return q, k, v
 
 
 def _merged(t: torch.Tensor) -> torch.Tensor:
@@ -510,7 +527,7 @@ def out_backward(dy: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor,
 _AOT_TYPES = {"dbias_ptr": "*fp32", "dropout_p": "fp32", "seed": "i64"}
 _MATMUL_ALIGNED = ("a_ptr", "b_ptr", "b2_ptr", "c_ptr", "z_ptr", "z2_ptr", "bias_ptr", "bias2_ptr", "res_ptr", "za_ptr",
                    "z2a_ptr", "dbias_ptr", "stride_am", "stride_bn", "stride_cm", "stride_rm", "stride_a_b", "stride_a_h",
-                   "stride_a_l", "stride_c_b", "stride_c_h", "stride_c_l", "k", "n")
+                   "stride_a_l", "stride_c_b", "stride_c_h", "stride_c_l", "k", "n", "c2_ptr", "c3_ptr", "stride_kv_b")
 
 
 def aot_variants() -> list[AotVariant]:
@@ -521,7 +538,7 @@ def aot_variants() -> list[AotVariant]:
     for dtype in SUPPORTED_DTYPES:
         dt = TRITON_DTYPE_NAMES[dtype]
         sig = aot_signature(matmul_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
-        no_dz = {"DACT": 0, "A_ACT": 0, "A_TRANS": False, "A_DROPOUT": False, "HAS_DBIAS": False}
+        no_dz = {"DACT": 0, "A_ACT": 0, "A_TRANS": False, "A_DROPOUT": False, "HAS_DBIAS": False, "SPLIT_QKV": False}
         forms = {
             "plain": {"ACT": 0, "HAS_BIAS": True, "HAS_RES": False, "DROPOUT": False, "STORE_Z": False, "GATED": False,
                       "MERGE_HEADS": False, "SPLIT_HEADS": False, "HEAD_DIM": 1},
@@ -531,12 +548,15 @@ def aot_variants() -> list[AotVariant]:
                             "GATED": False, "MERGE_HEADS": True, "SPLIT_HEADS": False, "HEAD_DIM": 64},
             "split_heads": {"ACT": 0, "HAS_BIAS": True, "HAS_RES": False, "DROPOUT": False, "STORE_Z": False,
                             "GATED": False, "MERGE_HEADS": False, "SPLIT_HEADS": True, "HEAD_DIM": 64},
+            "split_qkv": {"ACT": 0, "HAS_BIAS": True, "HAS_RES": False, "DROPOUT": False, "STORE_Z": False,
+                          "GATED": False, "MERGE_HEADS": False, "SPLIT_HEADS": True, "HEAD_DIM": 64},
         }
         forms = {name: {**no_dz, **consts} for name, consts in forms.items()}
+        forms["split_qkv"]["SPLIT_QKV"] = True
         # the backward GEMMs: dW = dZᵀ·X with gelu' and the dropout draw in the prologue and dBias (the heaviest),
         # and the gated gate part (two saved pre-activations) for dX
         bwd = {"ACT": 0, "HAS_BIAS": False, "DROPOUT": False, "STORE_Z": False, "GATED": False, "MERGE_HEADS": False,
-               "SPLIT_HEADS": False, "HEAD_DIM": 1}
+               "SPLIT_HEADS": False, "SPLIT_QKV": False, "HEAD_DIM": 1}
         forms["dW_dact_dropout"] = {**bwd, "HAS_RES": False, "DACT": 1, "A_ACT": ACTIVATIONS["gelu"], "A_TRANS": True,
                                     "A_DROPOUT": True, "HAS_DBIAS": True}
         forms["dX_gated"] = {**bwd, "HAS_RES": True, "DACT": 2, "A_ACT": ACTIVATIONS["silu"], "A_TRANS": False,

@@ -302,3 +302,22 @@ def test_gemm_autotune_is_keyed_on_size_buckets():
     keys = triton_linear._matmul.tuner.keys
     assert {"m_class", "n_class", "k_class"} <= set(keys) and not {"m", "n", "k"} & set(keys)
     assert length_class(33) == length_class(64) and length_class(65) != length_class(64)
+
+
+def test_triton_qkv_projection_is_one_gemm(device, monkeypatch):
+    # One launch reads x once and its epilogue writes q, k and v (GQA: fewer k/v heads), not three GEMMs over x.
+    from transformer_kernels.kernels import linear as triton_linear
+
+    calls = []
+    real = triton_linear.matmul
+    monkeypatch.setattr(triton_linear, "matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 32, generator=g).to(device)
+    w = (torch.randn((4 + 2 * 2) * 8, 32, generator=g) * 0.2).to(device)
+    b = torch.randn((4 + 2 * 2) * 8, generator=g).to(device)
+    with tk.use_backend("triton"):
+        q, k, v = tk.ops.qkv_projection(x, w, b, 4, 2)
+    assert len(calls) == 1
+    for ours, ref in zip((q, k, v), reference.qkv_projection(x, w, b, 4, 2), strict=True):
+        assert ours.is_contiguous()
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
