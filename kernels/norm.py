@@ -218,8 +218,10 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | No
         residual = None if residual is None else residual.contiguous()
     dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     programs = max(1, triton.cdiv(rows, ROWS_PER_PROGRAM))
-    dw_part = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
-    db_part = torch.zeros((programs, n) if has_bias else (0,), dtype=torch.float32, device=x.device)
+    # Every program writes its whole partial row; only without rows (no launch) must they read as zeros.
+    alloc = torch.empty if rows and n else torch.zeros
+    dw_part = alloc((programs, n), dtype=torch.float32, device=x.device)
+    db_part = alloc((programs, n) if has_bias else (0,), dtype=torch.float32, device=x.device)
     if rows and n:
         block, warps = pick_backward_config(n)
         norm_bwd_kernel[(programs,)](
