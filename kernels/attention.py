@@ -97,8 +97,8 @@ def _seen_by_any(visible):
 
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, mask_base, stride_mask_m,
-              stride_mask_n,
-              stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+              stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset,
+              dropout_p, seed,
               MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -107,8 +107,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, s
     kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
     qk = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     s, visible = _score_tile(qk, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale,
-                             causal_offset,
-                             MASK_KIND, IS_CAUSAL)
+                             causal_offset, MASK_KIND, IS_CAUSAL)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row with nothing visible yet has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -181,16 +180,16 @@ def attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, full, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, mask_base,
-                                  stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k,
-                                  sm_scale, causal_offset,
-                                  dropout_p, seed, MASK_KIND, HAS_KPM, False, DROPOUT, BLOCK_N, INTERPRETED)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n,
+                                  mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D,
+                                  seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM,
+                                  False, DROPOUT, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(full, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, mask_base,
-                                      stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k,
-                                      sm_scale, causal_offset,
-                                      dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, BLOCK_N, INTERPRETED)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n,
+                                      mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d,
+                                      D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND,
+                                      HAS_KPM, True, DROPOUT, BLOCK_N, INTERPRETED)
     # A row with no visible key has l = 0: its output and (through inv_l = 0) its gradients are zeros.
     inv_l = tl.where(l_i == 0.0, 0.0, 1.0 / tl.where(l_i == 0.0, 1.0, l_i))
     out = acc * inv_l[:, None]
@@ -220,14 +219,13 @@ def attn_bwd_preprocess_kernel(out_ptr, do_ptr, delta_ptr, stride_dob, stride_do
 
 
 @triton.jit
-def _probs(q, kt, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base, stride_mask_m, stride_mask_n,
-           sm_scale, causal_offset,
+def _probs(q, kt, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base, stride_mask_m,
+           stride_mask_n, sm_scale, causal_offset,
            MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, INTERPRETED: tl.constexpr):
     # Recomputes the forward probabilities of one tile from the saved row max and reciprocal sum.
     qk = mma(q, kt, tl.zeros([q.shape[0], kt.shape[1]], tl.float32), INTERPRETED)
     s, visible = _score_tile(qk, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale,
-                             causal_offset,
-                             MASK_KIND, IS_CAUSAL)
+                             causal_offset, MASK_KIND, IS_CAUSAL)
     row_ok = offs_m < seqlen_q
     m = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
     inv_l = tl.load(inv_l_ptr + rows, mask=row_ok, other=0.0)
@@ -236,10 +234,8 @@ def _probs(q, kt, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_base,
-               stride_mask_m, stride_mask_n,
-               stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D, seqlen_q,
-               seqlen_k, sm_scale, causal_offset,
-               dropout_p, seed,
+               stride_mask_m, stride_mask_n, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+               offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
                MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                INTERPRETED: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -247,8 +243,7 @@ def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_
     do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, offs_m, offs_d, seqlen_q, D)
     rows = bh.to(tl.int64) * seqlen_q + offs_m
     p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base,
-                        stride_mask_m, stride_mask_n,
-                        sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, INTERPRETED)
+                        stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, INTERPRETED)
     dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, k.shape[0]], tl.float32), INTERPRETED)
     if DROPOUT:
         keep = _keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, k.shape[0])
@@ -305,31 +300,28 @@ def attn_bwd_dkdv_kernel(
         mask_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
         if IS_CAUSAL:
             for start_m in range(lo, full, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr,
-                                    mask_base, stride_mask_m, stride_mask_n,
-                                    stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok,
-                                    D, seqlen_q, seqlen_k,
-                                    sm_scale, causal_offset, dropout_p, seed, MASK_KIND, True, DROPOUT, BLOCK_M,
-                                    INTERPRETED)
+                dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_ptr, inv_l_ptr,
+                                    delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb, stride_qh,
+                                    stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D,
+                                    seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND, True,
+                                    DROPOUT, BLOCK_M, INTERPRETED)
         for start_m in range(full, seqlen_q, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr,
-                                mask_base, stride_mask_m, stride_mask_n,
-                                stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D,
-                                seqlen_q, seqlen_k,
+            dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_ptr, inv_l_ptr,
+                                delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb, stride_qh, stride_qm,
+                                stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k,
                                 sm_scale, causal_offset, dropout_p, seed, MASK_KIND, False, DROPOUT, BLOCK_M,
                                 INTERPRETED)
     rows = bhk.to(tl.int64) * seqlen_k + offs_n
     out_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
-    tl.store(dk_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dk * sm_scale, dk_ptr.dtype.element_ty, INTERPRETED),
-             mask=out_ok)
+    tl.store(dk_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dk * sm_scale, dk_ptr.dtype.element_ty,
+                                                                    INTERPRETED), mask=out_ok)
     tl.store(dv_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dv, dv_ptr.dtype.element_ty, INTERPRETED), mask=out_ok)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, row_max_ptr, inv_l_ptr,
-             mask_base,
-             stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset,
-             dropout_p, seed,
+def _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, row_max_ptr,
+             inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
+             seqlen_k, sm_scale, causal_offset, dropout_p, seed,
              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
              BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -338,12 +330,11 @@ def _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, kpm_r
     k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base,
-                        stride_mask_m, stride_mask_n,
-                        sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, INTERPRETED)
+                        stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, INTERPRETED)
     dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
-        dp = tl.where(_keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N), dp * (1.0 / (1.0 - dropout_p)),
-                      0.0)
+        dp = tl.where(_keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N),
+                      dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
     if MASK_KIND != 0:
         k = tl.where(_seen_by_any(visible)[:, None], k, 0.0)
@@ -374,20 +365,18 @@ def attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, full, BLOCK_N):
-        dq = _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b, stride_kpm_n, row_max_ptr,
-                      inv_l_ptr,
-                      mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k,
-                      sm_scale, causal_offset,
-                      dropout_p, seed, MASK_KIND, HAS_KPM, False, DROPOUT, BLOCK_N, INTERPRETED)
+        dq = _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b, stride_kpm_n,
+                      row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m,
+                      offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM,
+                      False, DROPOUT, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(full, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b, stride_kpm_n,
-                          row_max_ptr, inv_l_ptr,
-                          mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k,
-                          sm_scale, causal_offset,
-                          dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, BLOCK_N, INTERPRETED)
-    tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dq * sm_scale, dq_ptr.dtype.element_ty, INTERPRETED),
-             mask=ok)
+            dq = _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b,
+                          stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn,
+                          stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+                          MASK_KIND, HAS_KPM, True, DROPOUT, BLOCK_N, INTERPRETED)
+    tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dq * sm_scale, dq_ptr.dtype.element_ty,
+                                                                    INTERPRETED), mask=ok)
 
 
 @triton.jit(do_not_specialize=["seed"])

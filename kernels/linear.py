@@ -150,11 +150,11 @@ def matmul_kernel(
     dbias = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, k, BLOCK_K):
         ks = k0 + offs_k
-        a = _a_tile(a_ptr, offs_m, ks, m, k, stride_am, stride_ak, seqlen, stride_a_b, stride_a_h, stride_a_l, MERGE_HEADS,
-                    HEAD_DIM)
+        a = _a_tile(a_ptr, offs_m, ks, m, k, stride_am, stride_ak, seqlen, stride_a_b, stride_a_h, stride_a_l,
+                    MERGE_HEADS, HEAD_DIM)
         if DACT != 0:
-            dz = _dz_tile(a, za_ptr, z2a_ptr, offs_m, ks, m, k, stride_zam, stride_zak, dropout_p, seed, DACT, A_ACT, A_TRANS,
-                          A_DROPOUT)
+            dz = _dz_tile(a, za_ptr, z2a_ptr, offs_m, ks, m, k, stride_zam, stride_zak, dropout_p, seed, DACT, A_ACT,
+                          A_TRANS, A_DROPOUT)
             if HAS_DBIAS:
                 dbias += tl.sum(dz, axis=1)  # the dW GEMM's A is dZᵀ: its row sums are dBias
             a = cast_out(dz, a_ptr.dtype.element_ty, INTERPRETED)
@@ -185,8 +185,8 @@ def matmul_kernel(
         keep = dropout_keep(seed, offs_m.to(tl.int64), offs_n, dropout_p)
         y = tl.where(keep, y * (1.0 / (1.0 - dropout_p)), 0.0)
     if HAS_RES:
-        y += tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n.to(tl.int64)[None, :] * stride_rn, mask=out_ok,
-                     other=0.0).to(tl.float32)
+        y += tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n.to(tl.int64)[None, :] * stride_rn,
+                     mask=out_ok, other=0.0).to(tl.float32)
     y = cast_out(y, c_ptr.dtype.element_ty, INTERPRETED)
     if SPLIT_QKV:
         # Columns [q heads | k heads | v heads] of the QKV projection, each head into its own [B, heads, L, D]
@@ -218,8 +218,8 @@ def dact_kernel(dy_ptr, z_ptr, z2_ptr, dz_ptr, dz2_ptr, m, n, stride_dym, stride
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (offs_m[:, None] < m) & (offs_n[None, :] < n)
-    g = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n.to(tl.int64)[None, :] * stride_dyn, mask=ok,
-                other=0.0).to(tl.float32)
+    g = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n.to(tl.int64)[None, :] * stride_dyn,
+                mask=ok, other=0.0).to(tl.float32)
     if DROPOUT:
         g = tl.where(dropout_keep(seed, offs_m.to(tl.int64), offs_n, dropout_p), g * (1.0 / (1.0 - dropout_p)), 0.0)
     off = offs_m.to(tl.int64)[:, None] * n + offs_n[None, :]

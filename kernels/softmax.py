@@ -67,8 +67,8 @@ def softmax_fwd_kernel(
     y_row_ptr = y_ptr + row * n_cols
     offs = tl.arange(0, BLOCK)
     if SINGLE_TILE:
-        s = _masked_scores(x_ptr, mask_ptr, x_row, m_row, offs, n_cols, i2, causal_offset, stride_x_col, stride_mask_col, scale,
-                           MASK_KIND, IS_CAUSAL)
+        s = _masked_scores(x_ptr, mask_ptr, x_row, m_row, offs, n_cols, i2, causal_offset, stride_x_col,
+                           stride_mask_col, scale, MASK_KIND, IS_CAUSAL)
         m = tl.max(s, axis=0)
         # A row with no visible key has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
         p = tl.exp2((s - tl.where(m == float("-inf"), 0.0, m)) * LOG2E)
@@ -80,8 +80,7 @@ def softmax_fwd_kernel(
         l_vec = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
             s = _masked_scores(x_ptr, mask_ptr, x_row, m_row, start + offs, n_cols, i2, causal_offset, stride_x_col,
-                               stride_mask_col, scale,
-                               MASK_KIND, IS_CAUSAL)
+                               stride_mask_col, scale, MASK_KIND, IS_CAUSAL)
             m_new = tl.maximum(m_vec, s)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_vec = l_vec * tl.exp2((m_vec - m_safe) * LOG2E) + tl.exp2((s - m_safe) * LOG2E)
@@ -92,9 +91,8 @@ def softmax_fwd_kernel(
         inv = tl.where(denom == 0.0, 0.0, 1.0 / denom)
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
-            s = _masked_scores(x_ptr, mask_ptr, x_row, m_row, cols, n_cols, i2, causal_offset, stride_x_col, stride_mask_col,
-                               scale,
-                               MASK_KIND, IS_CAUSAL)
+            s = _masked_scores(x_ptr, mask_ptr, x_row, m_row, cols, n_cols, i2, causal_offset, stride_x_col,
+                               stride_mask_col, scale, MASK_KIND, IS_CAUSAL)
             y = tl.exp2((s - m_safe) * LOG2E) * inv
             tl.store(y_row_ptr + cols, cast_out(y, y_ptr.dtype.element_ty, INTERPRETED), mask=cols < n_cols)
 

@@ -16,6 +16,7 @@ from .. import backends, eager
 from ._checks import CAUSAL_ALIGNMENTS, autocast_dtype, cast_all, check_float_tensor, check_mask, describe
 
 OP = "attention"
+FAMILY = "attention"
 
 
 def draw_seed() -> Tensor:
@@ -43,7 +44,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pa
                dropout_p: float, is_causal: bool, scale: float, causal_offset: int, seed: Tensor | None,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with backends.on_device(q):
-        return backends.launchers(OP, backend).attention_forward(
+        return backends.launchers(FAMILY, backend).attention_forward(
             q, k, v, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale, is_causal, causal_offset,
             dropout_p, seed_value(seed))
 
@@ -60,7 +61,7 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                         scale: float, causal_offset: int, seed: Tensor | None, backend: str,
                         ) -> tuple[Tensor, Tensor, Tensor]:
     with backends.on_device(q):
-        return backends.launchers(OP, backend).attention_backward(
+        return backends.launchers(FAMILY, backend).attention_backward(
             grad, q, k, v, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
             is_causal, causal_offset, dropout_p, seed_value(seed))
 
@@ -152,7 +153,7 @@ def attention(
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
     _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, enable_gqa, causal_alignment)
-    name = backends.resolve_for(OP, OP, q.device, backend, q, k, v)
+    name = backends.resolve_for(OP, FAMILY, q.device, backend, q, k, v)
     lq, lk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     offset = 0 if causal_alignment == "top_left" else lk - lq

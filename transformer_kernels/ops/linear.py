@@ -17,10 +17,6 @@ from .attention import draw_seed, seed_value
 FAMILY = "linear"
 
 
-def _launchers(backend: str):
-    return backends.launchers(FAMILY, backend)
-
-
 # ---- linear ----------------------------------------------------------------------------------
 
 
@@ -28,7 +24,8 @@ def _launchers(backend: str):
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, activation: str,
             dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
     with backends.on_device(x):
-        return _launchers(backend).linear_forward(x, weight, bias, residual, activation, dropout_p, seed_value(seed))
+        return backends.launchers(FAMILY, backend).linear_forward(x, weight, bias, residual, activation, dropout_p,
+                                                                  seed_value(seed))
 
 
 @_linear.register_fake
@@ -41,7 +38,8 @@ def _(x, weight, bias, residual, activation, dropout_p, seed, backend):
 def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, has_bias: bool, activation: str,
                      dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with backends.on_device(x):
-        return _launchers(backend).linear_backward(dy, x, weight, z, has_bias, activation, dropout_p, seed_value(seed))
+        return backends.launchers(FAMILY, backend).linear_backward(dy, x, weight, z, has_bias, activation, dropout_p,
+                                                                   seed_value(seed))
 
 
 @_linear_backward.register_fake
@@ -72,7 +70,7 @@ _linear.register_autograd(_linear_bwd, setup_context=_linear_setup)
 def _gated(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None, activation: str,
            backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with backends.on_device(x):
-        return _launchers(backend).gated_forward(x, w_gate, w_up, b_gate, b_up, activation)
+        return backends.launchers(FAMILY, backend).gated_forward(x, w_gate, w_up, b_gate, b_up, activation)
 
 
 @_gated.register_fake
@@ -85,7 +83,7 @@ def _(x, w_gate, w_up, b_gate, b_up, activation, backend):
 def _gated_backward(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, zg: Tensor, zu: Tensor, has_bias: bool,
                     activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with backends.on_device(x):
-        return _launchers(backend).gated_backward(dy, x, w_gate, w_up, zg, zu, has_bias, activation)
+        return backends.launchers(FAMILY, backend).gated_backward(dy, x, w_gate, w_up, zg, zu, has_bias, activation)
 
 
 @_gated_backward.register_fake
@@ -118,7 +116,7 @@ _gated.register_autograd(_gated_bwd, setup_context=_gated_setup)
 def _qkv(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, batch: int, num_heads: int, num_kv_heads: int,
          backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with backends.on_device(x):
-        return _launchers(backend).qkv_forward(x, w_qkv, b_qkv, batch, num_heads, num_kv_heads)
+        return backends.launchers(FAMILY, backend).qkv_forward(x, w_qkv, b_qkv, batch, num_heads, num_kv_heads)
 
 
 @_qkv.register_fake
@@ -133,7 +131,7 @@ def _(x, w_qkv, b_qkv, batch, num_heads, num_kv_heads, backend):
 def _qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, x: Tensor, w_qkv: Tensor, has_bias: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with backends.on_device(x):
-        return _launchers(backend).qkv_backward(dq, dk, dv, x, w_qkv, has_bias)
+        return backends.launchers(FAMILY, backend).qkv_backward(dq, dk, dv, x, w_qkv, has_bias)
 
 
 @_qkv_backward.register_fake
@@ -160,7 +158,7 @@ _qkv.register_autograd(_qkv_bwd, setup_context=_qkv_setup)
 @torch.library.custom_op("transformer_kernels::out_projection", mutates_args=())
 def _out_proj(attn: Tensor, w_o: Tensor, b_o: Tensor | None, residual: Tensor | None, backend: str) -> Tensor:
     with backends.on_device(attn):
-        return _launchers(backend).out_forward(attn, w_o, b_o, residual)
+        return backends.launchers(FAMILY, backend).out_forward(attn, w_o, b_o, residual)
 
 
 @_out_proj.register_fake
@@ -172,7 +170,7 @@ def _(attn, w_o, b_o, residual, backend):
 def _out_proj_backward(dy: Tensor, attn: Tensor, w_o: Tensor, has_bias: bool, backend: str,
                        ) -> tuple[Tensor, Tensor, Tensor]:
     with backends.on_device(attn):
-        return _launchers(backend).out_backward(dy, attn, w_o, has_bias)
+        return backends.launchers(FAMILY, backend).out_backward(dy, attn, w_o, has_bias)
 
 
 @_out_proj_backward.register_fake
