@@ -83,9 +83,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pad
         visible = causal if visible is None else visible & causal
     if visible is not None:
         # A key no query sees must not reach a product: 0 · NaN would poison the row.
-        seen = visible.expand(b, h, lq, lk).any(dim=2).view(b, hkv, -1, lk).any(dim=2)[:, :, None, :, None]
-        kf, vf = kf.where(seen, 0.0), vf.where(seen, 0.0)
         visible = visible.expand(b, h, lq, lk).reshape(b, hkv, h // hkv, lq, lk)
+        seen = visible.any(dim=3).any(dim=2)[:, :, None, :, None]  # [B, Hkv, 1, Lk, 1]
+        kf, vf = kf.where(seen, 0.0), vf.where(seen, 0.0)
     scores = (qg @ kf.transpose(-2, -1)) * scale
     if bias is not None:
         scores = scores + bias.reshape(b, hkv, h // hkv, lq, lk)
