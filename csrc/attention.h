@@ -38,7 +38,9 @@ struct AttentionArgs {
   int causal;
   int64_t causal_offset;  // query i sees keys j <= i + causal_offset
   float dropout_p;
-  uint64_t seed;
+  // The dropout seed in device memory (torch's generator draws it there; null without dropout): read by the
+  // kernels, never by the host, so a captured CUDA graph draws a new one on every replay.
+  const uint64_t* seed;
   int dtype;
   int mask_kind;
 };

@@ -82,6 +82,7 @@ __device__ __forceinline__ void probabilities_and_score_grads(const AttentionArg
   __syncthreads();  // S and dP complete
   const bool dropout = a.dropout_p > 0.0f;
   const uint32_t threshold = dropout_threshold(a.dropout_p);
+  const uint64_t seed = dropout ? *a.seed : 0;
   const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
   const int64_t row0 = (b * a.H + h) * a.Lq + m0;
   for (int e = threadIdx.x; e < BM * BN; e += blockDim.x) {
@@ -94,7 +95,7 @@ __device__ __forceinline__ void probabilities_and_score_grads(const AttentionArg
       p = expf(s - t.m[r]) * t.inv_l[r];
       float dp = t.dp[r * L::LDS + c];
       float kept = keep_scale;
-      if (dropout && !dropout_keep(dropout_row_hash(a.seed, row0 + r), n0 + c, threshold)) kept = 0.0f;
+      if (dropout && !dropout_keep(dropout_row_hash(seed, row0 + r), n0 + c, threshold)) kept = 0.0f;
       ds = p * (dp * kept - t.delta[r]);
       p *= kept;
     }

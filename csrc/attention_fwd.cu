@@ -44,6 +44,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttentionAr
   const T* v_base = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
   const bool dropout = a.dropout_p > 0.0f;
   const uint32_t threshold = dropout_threshold(a.dropout_p);
+  const uint64_t seed = dropout ? *a.seed : 0;
   const int64_t hi = key_end(a, m0, BM);
 
   for (int64_t n0 = 0; n0 < hi; n0 += BN) {
@@ -68,7 +69,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttentionAr
       // A row with nothing visible yet subtracts 0, so exp(-inf) = 0 instead of NaN.
       const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
       const float alpha = expf(m_old - m_safe);
-      const uint32_t row_hash = dropout ? dropout_row_hash(a.seed, bh * a.Lq + m0 + r) : 0u;
+      const uint32_t row_hash = dropout ? dropout_row_hash(seed, bh * a.Lq + m0 + r) : 0u;
       float sum = 0.0f;
       for (int c = lane; c < BN; c += 32) {
         float p = expf(ss[r * L::LDS + c] - m_safe);

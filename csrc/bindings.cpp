@@ -65,6 +65,11 @@ void softmax_backward(uintptr_t y, uintptr_t dy, uintptr_t dx, int64_t rows, int
 
 // Argument blocks of the newer kernels come as dicts: reading fields by name keeps the Python and C++ sides
 // from silently disagreeing on the order of twenty arguments.
+// The kernels read the dropout seed from device memory whenever there is dropout.
+void require_seed(float dropout_p, const uint64_t* seed) {
+  if (dropout_p > 0.0f && seed == nullptr) throw std::invalid_argument("dropout_p > 0 needs a seed tensor");
+}
+
 struct Fields {
   const py::dict& d;
   template <typename T> T* p(const char* k) const { return ptr<T>(d[k].cast<uintptr_t>()); }
@@ -92,7 +97,8 @@ tk::EpilogueArgs epilogue_args(const py::dict& d) {
   a.acc = f.p<void>("acc"), a.acc2 = f.p<void>("acc2"), a.bias = f.p<const void>("bias");
   a.bias2 = f.p<const void>("bias2"), a.residual = f.p<const void>("residual"), a.y = f.p<void>("y");
   a.M = f.i("M"), a.N = f.i("N"), a.res_row_stride = f.i("res_row_stride"), a.act = static_cast<int>(f.i("act"));
-  a.dropout_p = f.f("dropout_p"), a.seed = d["seed"].cast<uint64_t>(), a.dtype = static_cast<int>(f.i("dtype"));
+  a.dropout_p = f.f("dropout_p"), a.seed = f.p<const uint64_t>("seed"), a.dtype = static_cast<int>(f.i("dtype"));
+  require_seed(a.dropout_p, a.seed);
   return a;
 }
 
@@ -102,7 +108,8 @@ tk::ActBackwardArgs act_backward_args(const py::dict& d) {
   a.dy = f.p<const void>("dy"), a.z = f.p<const void>("z"), a.z2 = f.p<const void>("z2"), a.dz = f.p<void>("dz");
   a.dz2 = f.p<void>("dz2"), a.M = f.i("M"), a.N = f.i("N"), a.dy_row_stride = f.i("dy_row_stride");
   a.dy_col_stride = f.i("dy_col_stride"), a.act = static_cast<int>(f.i("act")), a.dropout_p = f.f("dropout_p");
-  a.seed = d["seed"].cast<uint64_t>(), a.dtype = static_cast<int>(f.i("dtype"));
+  a.seed = f.p<const uint64_t>("seed"), a.dtype = static_cast<int>(f.i("dtype"));
+  require_seed(a.dropout_p, a.seed);
   return a;
 }
 
@@ -151,10 +158,11 @@ tk::AttentionArgs attention_args(const py::dict& d) {
   a.causal = d["causal"].cast<bool>();
   a.causal_offset = i64("causal_offset");
   a.dropout_p = d["dropout_p"].cast<float>();
-  a.seed = d["seed"].cast<uint64_t>();
+  a.seed = ptr<const uint64_t>(d["seed"].cast<uintptr_t>());
   a.dtype = d["dtype"].cast<int>();
   a.mask_kind = d["mask_kind"].cast<int>();
   if (a.Hkv <= 0 || a.H % a.Hkv != 0) throw std::invalid_argument("attention: H must be a multiple of Hkv >= 1");
+  require_seed(a.dropout_p, a.seed);
   return a;
 }
 

@@ -43,6 +43,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs a) {
   const uint32_t threshold = dropout_threshold(a.dropout_p);
   const float keep_scale = a.dropout_p > 0.0f ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+  const uint64_t seed = a.dropout_p > 0.0f ? *a.seed : 0;
   T* acc = static_cast<T*>(a.acc);
   T* acc2 = static_cast<T*>(a.acc2);
   for (int64_t e = first_index(); e < a.M * a.N; e += grid_step()) {
@@ -58,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs a) {
       acc2[e] = from_float<T>(z2);
       y *= z2;
     }
-    if (a.dropout_p > 0.0f) y = dropout_keep(dropout_row_hash(a.seed, m), n, threshold) ? y * keep_scale : 0.0f;
+    if (a.dropout_p > 0.0f) y = dropout_keep(dropout_row_hash(seed, m), n, threshold) ? y * keep_scale : 0.0f;
     if (a.residual) y += to_float(static_cast<const T*>(a.residual)[m * a.res_row_stride + n]);
     static_cast<T*>(a.y)[e] = from_float<T>(y);
   }
@@ -68,10 +69,11 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) activation_backward_kernel(ActBackwardArgs a) {
   const uint32_t threshold = dropout_threshold(a.dropout_p);
   const float keep_scale = a.dropout_p > 0.0f ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+  const uint64_t seed = a.dropout_p > 0.0f ? *a.seed : 0;
   for (int64_t e = first_index(); e < a.M * a.N; e += grid_step()) {
     const int64_t m = e / a.N, n = e % a.N;
     float dy = to_float(static_cast<const T*>(a.dy)[m * a.dy_row_stride + n * a.dy_col_stride]);
-    if (a.dropout_p > 0.0f) dy = dropout_keep(dropout_row_hash(a.seed, m), n, threshold) ? dy * keep_scale : 0.0f;
+    if (a.dropout_p > 0.0f) dy = dropout_keep(dropout_row_hash(seed, m), n, threshold) ? dy * keep_scale : 0.0f;
     const float z = a.z ? to_float(static_cast<const T*>(a.z)[e]) : 0.0f;
     if (a.z2) {
       const float z2 = to_float(static_cast<const T*>(a.z2)[e]);

@@ -26,7 +26,7 @@ struct EpilogueArgs {
   int64_t M, N, res_row_stride;
   int act;
   float dropout_p;
-  uint64_t seed;
+  const uint64_t* seed;  // device memory, as AttentionArgs::seed
   int dtype;
 };
 
@@ -41,7 +41,7 @@ struct ActBackwardArgs {
   int64_t M, N, dy_row_stride, dy_col_stride;
   int act;
   float dropout_p;
-  uint64_t seed;
+  const uint64_t* seed;  // device memory, as AttentionArgs::seed
   int dtype;
 };
 

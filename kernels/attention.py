@@ -157,16 +157,19 @@ def _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M: tl.constexpr
     return hi, full
 
 
-@triton.jit(do_not_specialize=["causal_offset", "seed"])
+@triton.jit(do_not_specialize=["causal_offset"])
 def attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, row_max_ptr, inv_l_ptr, mask_ptr, kpm_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, seqlen_q_class, seqlen_k_class,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     bh, start_m, b, h, hk = _query_tile(num_heads, group, seqlen_q, BLOCK_M)
+    # The dropout seed is read on the device (torch's generator drew it there): no launch reads it on the host,
+    # so a captured CUDA graph draws a new seed on every replay.
+    seed = tl.load(seed_ptr) if DROPOUT else 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -259,17 +262,18 @@ def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["causal_offset", "seed"])
+@triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
     stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, seqlen_q_class, seqlen_k_class,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     n_n = tl.cdiv(seqlen_k, BLOCK_N)
+    seed = tl.load(seed_ptr) if DROPOUT else 0
     pid = tl.program_id(0)
     bhk = pid // n_n
     start_n = (pid % n_n) * BLOCK_N
@@ -341,17 +345,18 @@ def _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, kpm_r
     return mma(ds.to(k.dtype), k, dq, INTERPRETED)
 
 
-@triton.jit(do_not_specialize=["causal_offset", "seed"])
+@triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
     stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, seqlen_q_class, seqlen_k_class,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     bh, start_m, b, h, hk = _query_tile(num_heads, group, seqlen_q, BLOCK_M)
+    seed = tl.load(seed_ptr) if DROPOUT else 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D)
@@ -379,8 +384,8 @@ def attn_bwd_dq_kernel(
                                                                     INTERPRETED), mask=ok)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def dropout_mask_kernel(keep_ptr, seqlen_q, seqlen_k, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+@triton.jit
+def dropout_mask_kernel(keep_ptr, seqlen_q, seqlen_k, dropout_p, seed_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # The keep-mask the attention kernels draw, materialised (tests and the reference comparison only).
     n_m = tl.cdiv(seqlen_q, BLOCK_M)
     n_n = tl.cdiv(seqlen_k, BLOCK_N)
@@ -389,7 +394,7 @@ def dropout_mask_kernel(keep_ptr, seqlen_q, seqlen_k, dropout_p, seed, BLOCK_M: 
     offs_m = (pid // n_n) % n_m * BLOCK_M + tl.arange(0, BLOCK_M)
     start_n = pid % n_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    keep = _keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N)
+    keep = _keep(tl.load(seed_ptr), bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N)
     ptr = keep_ptr + (bh.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
     tl.store(ptr, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 
@@ -540,11 +545,11 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       kpm: torch.Tensor | None, scale: float, is_causal: bool, causal_offset: int,
-                      dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      dropout_p: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (any strides, H % Hkv == 0); mask None or bool (True = keep)
-    / float (added) viewed as ``[B, H, Lq, Lk]``; kpm None or bool ``[B, Lk]`` (True = padding). Returns the
-    contiguous output ``[B, H, Lq, D]`` and, per row, the max score and reciprocal softmax sum (fp32
-    ``[B, H, Lq]``) that the backward pass needs."""
+    / float (added) viewed as ``[B, H, Lq, Lk]``; kpm None or bool ``[B, Lk]`` (True = padding); seed the int64
+    ``[1]`` dropout seed on q's device (None without dropout). Returns the contiguous output ``[B, H, Lq, D]``
+    and, per row, the max score and reciprocal softmax sum (fp32 ``[B, H, Lq]``) that the backward pass needs."""
     # The kernels read head-dim rows with unit stride (vector loads; a runtime last-dim stride costs a 64-bit
     # address per element and spills): a view with another last-dim stride is copied once, here.
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
@@ -559,7 +564,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
     _fwd[grid](
         q, k, v, out, row_max, inv_l, m, kp, *_strides3(q), *_strides3(k), *_strides3(v), *ms, *kps,
-        h, h // hkv, lq, lk, scale, causal_offset, dropout_p, seed, length_class(lq), length_class(lk),
+        h, h // hkv, lq, lk, scale, causal_offset, dropout_p, q if seed is None else seed, length_class(lq),
+        length_class(lk),
         D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
         BLOCK_D=head_dim_block(d, q.dtype), INTERPRETED=is_interpreted(),
     )
@@ -568,8 +574,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        row_max: torch.Tensor, inv_l: torch.Tensor, mask: torch.Tensor | None, kpm: torch.Tensor | None,
-                       scale: float, is_causal: bool, causal_offset: int, dropout_p: float, seed: int,
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
+                       seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `attention_forward` for grad_output ``dout`` (any strides, e.g. expanded); returns contiguous
     dq, dk, dv. dK/dV of a GQA group are summed over its query heads."""
     q, k, v, dout = (unit_last_stride(t) for t in (q, k, v, dout))
@@ -590,7 +596,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         out, dout, delta, *_strides3(dout), h, lq, D=d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d)
     common = dict(D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
                   BLOCK_D=block_d, INTERPRETED=is_interpreted())
-    sizes = (h, h // hkv, lq, lk, scale, causal_offset, dropout_p, seed, length_class(lq), length_class(lk))
+    sizes = (h, h // hkv, lq, lk, scale, causal_offset, dropout_p, q if seed is None else seed, length_class(lq),
+             length_class(lk))
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *ms, *kps)
     _dkdv[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)](
         q, k, v, dout, dk, dv, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)
@@ -603,7 +610,7 @@ _AOT_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn
 # Pointers and scalars that are neither q's dtype nor 32-bit ints (the rest of the AOT signature is derived from the
 # kernels); the masks' unit key strides are specialised as Triton does for a stride of 1.
 _AOT_TYPES = {"row_max_ptr": "*fp32", "inv_l_ptr": "*fp32", "delta_ptr": "*fp32", "kpm_ptr": "*u8", "sm_scale": "fp32",
-              "dropout_p": "fp32", "seed": "i64", "stride_mask_n": "constexpr", "stride_kpm_n": "constexpr"}
+              "dropout_p": "fp32", "seed_ptr": "*i64", "stride_mask_n": "constexpr", "stride_kpm_n": "constexpr"}
 # The most expensive feature set (float mask, key padding, causal, dropout) and the cheapest (causal only).
 AOT_FEATURES = {
     "all": {"MASK_KIND": MASK_ADD, "HAS_KPM": True, "IS_CAUSAL": True, "DROPOUT": True},

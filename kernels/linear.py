@@ -120,12 +120,12 @@ def _dz_tile(dy, za_ptr, z2a_ptr, offs_m, offs_k, m, k, stride_zam, stride_zak, 
     return g
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def matmul_kernel(
     a_ptr, b_ptr, b2_ptr, c_ptr, z_ptr, z2_ptr, bias_ptr, bias2_ptr, res_ptr, za_ptr, z2a_ptr, dbias_ptr,
     m, n, k, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_rn, stride_zam, stride_zak,
     seqlen, stride_a_b, stride_a_h, stride_a_l, stride_c_b, stride_c_h, stride_c_l,
-    dropout_p, seed, m_class, n_class, k_class, c2_ptr, c3_ptr, heads_q, heads_kv, stride_kv_b,
+    dropout_p, seed_ptr, m_class, n_class, k_class, c2_ptr, c3_ptr, heads_q, heads_kv, stride_kv_b,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, STORE_Z: tl.constexpr,
     GATED: tl.constexpr, MERGE_HEADS: tl.constexpr, SPLIT_HEADS: tl.constexpr, SPLIT_QKV: tl.constexpr,
     HEAD_DIM: tl.constexpr, DACT: tl.constexpr, A_ACT: tl.constexpr, A_TRANS: tl.constexpr, A_DROPOUT: tl.constexpr,
@@ -134,6 +134,8 @@ def matmul_kernel(
     INTERPRETED: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    # The dropout seed is read on the device, where torch's generator drew it (graph replays draw new ones).
+    seed = tl.load(seed_ptr) if DROPOUT or A_DROPOUT else 0
     n_m = tl.cdiv(m, BLOCK_M)
     n_n = tl.cdiv(n, BLOCK_N)
     # Grouped order: GROUP_M consecutive programs walk down one column of tiles, so B's tiles are reused from L2.
@@ -210,8 +212,8 @@ def matmul_kernel(
                  mask=out_ok)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def dact_kernel(dy_ptr, z_ptr, z2_ptr, dz_ptr, dz2_ptr, m, n, stride_dym, stride_dyn, dropout_p, seed,
+@triton.jit
+def dact_kernel(dy_ptr, z_ptr, z2_ptr, dz_ptr, dz2_ptr, m, n, stride_dym, stride_dyn, dropout_p, seed_ptr,
                 ACT: tl.constexpr, DROPOUT: tl.constexpr, GATED: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     # dZ = dY · dropout-keep/(1−p) · act'(Z); gated: y = act(Zg)·Zu, so dZg = g·Zu·act'(Zg) and dZu = g·act(Zg).
@@ -221,7 +223,8 @@ def dact_kernel(dy_ptr, z_ptr, z2_ptr, dz_ptr, dz2_ptr, m, n, stride_dym, stride
     g = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n.to(tl.int64)[None, :] * stride_dyn,
                 mask=ok, other=0.0).to(tl.float32)
     if DROPOUT:
-        g = tl.where(dropout_keep(seed, offs_m.to(tl.int64), offs_n, dropout_p), g * (1.0 / (1.0 - dropout_p)), 0.0)
+        keep = dropout_keep(tl.load(seed_ptr), offs_m.to(tl.int64), offs_n, dropout_p)
+        g = tl.where(keep, g * (1.0 / (1.0 - dropout_p)), 0.0)
     off = offs_m.to(tl.int64)[:, None] * n + offs_n[None, :]
     z = tl.load(z_ptr + off, mask=ok, other=0.0).to(tl.float32)
     if GATED:
@@ -296,7 +299,7 @@ class DzPrologue:
     z2: torch.Tensor | None = None
     transposed: bool = False
     dropout_p: float = 0.0
-    seed: int = 0
+    seed: torch.Tensor | None = None
 
 
 @dataclass
@@ -317,7 +320,7 @@ class HeadLayout:
 
 def matmul(a: torch.Tensor | HeadLayout, b: torch.Tensor, *, b2: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, bias2: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-           activation: str | None = None, dropout_p: float = 0.0, seed: int = 0, store_z: bool = False,
+           activation: str | None = None, dropout_p: float = 0.0, seed: torch.Tensor | None = None, store_z: bool = False,
            out: torch.Tensor | HeadLayout | None = None, out_dtype: torch.dtype | None = None,
            dz: DzPrologue | None = None, dbias: torch.Tensor | None = None,
            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -376,7 +379,7 @@ def matmul(a: torch.Tensor | HeadLayout, b: torch.Tensor, *, b2: torch.Tensor | 
         b if bias is None else bias, b if bias2 is None else bias2, b if res is None else res, za, z2a,
         b if dbias is None else dbias,
         m, n, k, *a_strides, *b.stride(), *c_strides, *((0, 0) if res is None else res.stride()), *z_strides,
-        l_len if (merge or split) else 1, *a_heads[1:], *c_heads, dropout_p, seed,
+        l_len if (merge or split) else 1, *a_heads[1:], *c_heads, dropout_p, b if seed is None else seed,
         length_class(m), length_class(n), length_class(k), *qkv_args,
         ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, HAS_RES=res is not None,
         DROPOUT=dropout_p > 0.0 and dz is None, STORE_Z=store_z, GATED=b2 is not None, MERGE_HEADS=merge,
@@ -389,7 +392,7 @@ def matmul(a: torch.Tensor | HeadLayout, b: torch.Tensor, *, b2: torch.Tensor | 
 
 
 def activation_backward(dy: torch.Tensor, z: torch.Tensor, z2: torch.Tensor | None, activation: str | None,
-                        dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        dropout_p: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dZ (and dZ_up for the gated form) from dY ``[M, N]`` (any strides) and the saved pre-activations."""
     m, n = z.shape
     dz = torch.empty_like(z)
@@ -397,8 +400,9 @@ def activation_backward(dy: torch.Tensor, z: torch.Tensor, z2: torch.Tensor | No
     if m and n:
         grid = (triton.cdiv(m, DACT_BLOCK[0]), triton.cdiv(n, DACT_BLOCK[1]))
         dact_kernel[grid](dy, z, z if z2 is None else z2, dz, dz if dz2 is None else dz2, m, n, *dy.stride(), dropout_p,
-                          seed, ACT=ACTIVATIONS[activation], DROPOUT=dropout_p > 0.0, GATED=z2 is not None,
-                          BLOCK_M=DACT_BLOCK[0], BLOCK_N=DACT_BLOCK[1], INTERPRETED=is_interpreted(), num_warps=4)
+                          dy if seed is None else seed, ACT=ACTIVATIONS[activation], DROPOUT=dropout_p > 0.0,
+                          GATED=z2 is not None, BLOCK_M=DACT_BLOCK[0], BLOCK_N=DACT_BLOCK[1],
+                          INTERPRETED=is_interpreted(), num_warps=4)
     return dz, dz2
 
 
@@ -422,7 +426,7 @@ def _weight_and_bias_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tens
 
 
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-                   activation: str, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   activation: str, dropout_p: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x ``[M, K]``, weight ``[N, K]``: y = dropout(act(x Wᵀ + b)) + residual and the saved pre-activation Z
     (empty without an activation; ``activation`` "" for none)."""
     act = activation or None
@@ -432,7 +436,8 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, has_bias: bool,
-                    activation: str, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    activation: str, dropout_p: float,
+                    seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias or an empty tensor)."""
     act = activation or None
     if x.shape[1] == 0:
@@ -464,7 +469,7 @@ def gated_backward(dy: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw_gate, dw_up, db_gate, db_up); the bias grads are empty without biases."""
     if x.shape[1] == 0:
-        dzg, dzu = activation_backward(dy, zg, zu, activation, 0.0, 0)
+        dzg, dzu = activation_backward(dy, zg, zu, activation, 0.0, None)
         empty = w_gate.new_empty(0)
         return (x.new_zeros(x.shape), w_gate.new_zeros(w_gate.shape), w_up.new_zeros(w_up.shape),
                 col_sum(dzg, w_gate.dtype) if has_bias else empty, col_sum(dzu, w_up.dtype) if has_bias else empty.clone())
@@ -524,7 +529,7 @@ def out_backward(dy: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor,
 # Runtime scalars and pointers that are neither the input dtype nor 32-bit ints (the rest of the AOT signature is
 # derived from the kernels), and the arguments a usual call passes 16-aligned (torch allocations, their leading
 # strides and sizes that are multiples of 16).
-_AOT_TYPES = {"dbias_ptr": "*fp32", "dropout_p": "fp32", "seed": "i64"}
+_AOT_TYPES = {"dbias_ptr": "*fp32", "dropout_p": "fp32", "seed_ptr": "*i64"}
 _MATMUL_ALIGNED = ("a_ptr", "b_ptr", "b2_ptr", "c_ptr", "z_ptr", "z2_ptr", "bias_ptr", "bias2_ptr", "res_ptr", "za_ptr",
                    "z2a_ptr", "dbias_ptr", "stride_am", "stride_bn", "stride_cm", "stride_rm", "stride_a_b", "stride_a_h",
                    "stride_a_l", "stride_c_b", "stride_c_h", "stride_c_l", "k", "n", "c2_ptr", "c3_ptr", "stride_kv_b")

@@ -331,8 +331,7 @@ def test_batch_times_heads_beyond_grid_limit():
 def keep_mask_of_next_call(seed_state: int, shape, p, device):
     """The keep-mask the next attention call draws after torch.manual_seed(seed_state)."""
     torch.manual_seed(seed_state)
-    seed = int(draw_seed().item())
-    return testing.dropout_keep_mask(seed, shape, p, device)
+    return testing.dropout_keep_mask(draw_seed(device), shape, p, device)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

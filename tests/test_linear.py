@@ -61,9 +61,8 @@ def test_linear_dropout_matches_reference_with_the_kernels_mask(backend, dtype, 
     x, w, b, r = rand(m, k, dtype=dtype, device=device), rand(n, k, dtype=dtype, device=device, scale=0.2), \
         rand(n, dtype=dtype, device=device), rand(m, n, dtype=dtype, device=device, seed=2)
     torch.manual_seed(5)
-    seed = int(draw_seed().item())
     # linear draws over the [M, N] grid as attention does over [B·H·Lq, Lk]: the same helper materialises it.
-    keep = testing.dropout_keep_mask(seed, (1, 1, m, n), p, device)[0, 0]
+    keep = testing.dropout_keep_mask(draw_seed(device), (1, 1, m, n), p, device)[0, 0]
 
     def ours(x, w, b, r):
         torch.manual_seed(5)

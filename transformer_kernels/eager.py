@@ -23,12 +23,11 @@ def _acc(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def keep_mask(seed: Tensor, shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
-    """This backend's dropout keep-mask: drawn from a generator seeded with the op's seed, so backward (autograd
-    here) and a repeated call see the same mask. The kernels hash the same seed: the bits differ, the contract
-    not."""
-    g = torch.Generator(device=device).manual_seed(int(seed.item()))
-    return torch.rand(shape, generator=g, device=device) >= p
+def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
+    """This backend's dropout keep-mask, drawn from torch's default generator of ``device`` (torch.manual_seed
+    reproduces it; no host sync, and a CUDA graph replay draws a new one); autograd keeps it for backward. The
+    kernels hash a seed drawn from the same generator: the bits differ, the contract not."""
+    return torch.rand(shape, device=device) >= p
 
 
 def _hidden_rows_softmax(scores: Tensor, visible: Tensor | None) -> Tensor:
@@ -58,7 +57,7 @@ def masked_softmax(x: Tensor, mask: Tensor | None, scale: float, is_causal: bool
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
-              dropout_p: float, is_causal: bool, scale: float, causal_offset: int, seed: Tensor | None,
+              dropout_p: float, is_causal: bool, scale: float, causal_offset: int,
               return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Attention with the ops' mask contract (see ops.attention). Returns ``[B, H, Lq, Dv]`` contiguous (and the
     pre-dropout weights ``[B, H, Lq, Lk]`` with ``return_weights``)."""
@@ -92,7 +91,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pad
     p = _hidden_rows_softmax(scores, visible)
     weights = p
     if dropout_p > 0.0:
-        p = p * keep_mask(seed, (b, h, lq, lk), dropout_p, q.device).view_as(p) / (1.0 - dropout_p)
+        p = p * keep_mask((b, h, lq, lk), dropout_p, q.device).view_as(p) / (1.0 - dropout_p)
     out = (p @ vf).view(b, h, lq, v.shape[-1]).to(q.dtype)
     return (out, weights.view(b, h, lq, lk).to(q.dtype)) if return_weights else out
 
@@ -113,12 +112,12 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, residual: Tensor | No
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None, residual: Tensor | None,
-           dropout_p: float, seed: Tensor | None) -> Tensor:
+           dropout_p: float) -> Tensor:
     y = F.linear(_acc(x), _acc(weight), None if bias is None else _acc(bias))
     if activation:
         y = _ACTIVATION_FNS[activation](y)
     if dropout_p > 0.0:
-        y = y * keep_mask(seed, tuple(y.shape), dropout_p, x.device) / (1.0 - dropout_p)
+        y = y * keep_mask(tuple(y.shape), dropout_p, x.device) / (1.0 - dropout_p)
     if residual is not None:
         y = y + _acc(residual)
     return y.to(x.dtype)
@@ -135,11 +134,11 @@ def qkv_projection(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, num_heads: in
                    num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     b, length, _ = x.shape
     d = w_qkv.shape[0] // (num_heads + 2 * num_kv_heads)
-    y = linear(x, w_qkv, b_qkv, None, None, 0.0, None)
+    y = linear(x, w_qkv, b_qkv, None, None, 0.0)
     parts = y.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
     return tuple(t.view(b, length, t.shape[-1] // d, d).transpose(1, 2) for t in parts)  # type: ignore[return-value]
 
 
 def out_projection(attn: Tensor, w_o: Tensor, b_o: Tensor | None, residual: Tensor | None) -> Tensor:
     b, h, length, d = attn.shape
-    return linear(attn.transpose(1, 2).reshape(b, length, h * d), w_o, b_o, None, residual, 0.0, None)
+    return linear(attn.transpose(1, 2).reshape(b, length, h * d), w_o, b_o, None, residual, 0.0)

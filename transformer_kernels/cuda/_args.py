@@ -17,11 +17,6 @@ def stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
-def seed64(seed: int) -> int:
-    """A dropout seed as the bindings' uint64."""
-    return int(seed) & (2**64 - 1)
-
-
 def unsupported_dtype(x: torch.Tensor) -> str | None:
     """Why the kernels cannot take ``x``'s dtype (None when csrc/types.h has it): the `unsupported` of the families
     whose kernels take any size."""

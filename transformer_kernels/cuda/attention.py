@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ._args import ptr, seed64, stream, unsupported_dtype
+from ._args import ptr, stream, unsupported_dtype
 
 
 def max_head_dim(dtype: torch.dtype, device: torch.device) -> int:
@@ -40,14 +40,14 @@ def _args(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, s
         "kpm": ptr(kpm), "kpm_stride": [0, 0] if kpm is None else list(kpm.stride()),
         "B": b, "H": h, "Hkv": k.shape[1], "Lq": lq, "Lk": k.shape[2], "D": d, "scale": float(scale),
         "causal": bool(is_causal), "causal_offset": int(causal_offset), "dropout_p": float(dropout_p),
-        "seed": seed64(seed), "dtype": _ext.dtype_code(mod, q.dtype),
+        "seed": ptr(seed), "dtype": _ext.dtype_code(mod, q.dtype),
         "out": 0, "row_max": 0, "inv_l": 0, "dout": 0, "do_stride": [0] * 4, "delta": 0, "dq": 0, "dk": 0, "dv": 0,
     }
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       kpm: torch.Tensor | None, scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
-                      seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` any strides; mask a ``[B, H, Lq, Lk]`` view (bool or float);
     kpm bool ``[B, Lk]``. Returns out (contiguous), the fp32 row max and reciprocal row sum ``[B, H, Lq]``."""
     mod = _ext.module_for(q.device)
@@ -63,7 +63,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        row_max: torch.Tensor, inv_l: torch.Tensor, mask: torch.Tensor | None, kpm: torch.Tensor | None,
-                       scale: float, is_causal: bool, causal_offset: int, dropout_p: float, seed: int,
+                       scale: float, is_causal: bool, causal_offset: int, dropout_p: float, seed: torch.Tensor | None,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `attention_forward` for ``dout`` (any strides, e.g. expanded); contiguous dq, dk, dv."""
     mod = _ext.module_for(q.device)

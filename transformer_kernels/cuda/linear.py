@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import _ext
 from .._layout import col_sum, unit_last_stride
-from ._args import ptr, seed64, stream, unsupported_dtype
+from ._args import ptr, stream, unsupported_dtype
 
 unsupported = unsupported_dtype
 
@@ -18,7 +18,7 @@ unsupported = unsupported_dtype
 
 
 def _epilogue(acc: Tensor, acc2: Tensor | None, bias: Tensor | None, bias2: Tensor | None, residual: Tensor | None,
-              activation: str, dropout_p: float, seed: int) -> Tensor:
+              activation: str, dropout_p: float, seed: Tensor | None) -> Tensor:
     """After the GEMM(s): acc (acc2) contiguous ``[M, N]`` become the pre-activations in place; returns
     ``dropout(act(acc + bias) [* (acc2 + bias2)]) + residual``, contiguous ``[M, N]``."""
     m, n = acc.shape
@@ -28,13 +28,13 @@ def _epilogue(acc: Tensor, acc2: Tensor | None, bias: Tensor | None, bias2: Tens
     mod.epilogue_forward({
         "acc": acc.data_ptr(), "acc2": ptr(acc2), "bias": ptr(bias), "bias2": ptr(bias2), "residual": ptr(residual),
         "y": y.data_ptr(), "M": m, "N": n, "res_row_stride": 0 if residual is None else residual.stride(0),
-        "act": mod.activation_codes[activation], "dropout_p": float(dropout_p), "seed": seed64(seed),
+        "act": mod.activation_codes[activation], "dropout_p": float(dropout_p), "seed": ptr(seed),
         "dtype": _ext.dtype_code(mod, acc.dtype)}, stream(acc))
     return y
 
 
 def _activation_backward(dy: Tensor, z: Tensor | None, z2: Tensor | None, activation: str, dropout_p: float,
-                         seed: int) -> tuple[Tensor, Tensor | None]:
+                         seed: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """dZ (and dZ_up for the gated form) from dY ``[M, N]`` (any strides) and the saved pre-activations."""
     m, n = dy.shape
     dz = torch.empty((m, n), dtype=dy.dtype, device=dy.device)
@@ -43,7 +43,7 @@ def _activation_backward(dy: Tensor, z: Tensor | None, z2: Tensor | None, activa
     mod.activation_backward({
         "dy": dy.data_ptr(), "z": ptr(z), "z2": ptr(z2), "dz": dz.data_ptr(), "dz2": ptr(dz2), "M": m, "N": n,
         "dy_row_stride": dy.stride(0), "dy_col_stride": dy.stride(1), "act": mod.activation_codes[activation],
-        "dropout_p": float(dropout_p), "seed": seed64(seed), "dtype": _ext.dtype_code(mod, dy.dtype)}, stream(dy))
+        "dropout_p": float(dropout_p), "seed": ptr(seed), "dtype": _ext.dtype_code(mod, dy.dtype)}, stream(dy))
     return dz, dz2
 
 
@@ -78,7 +78,7 @@ def _weight_grads(dz: Tensor, x: Tensor, weight: Tensor, has_bias: bool) -> tupl
 
 
 def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, activation: str,
-                   dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+                   dropout_p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
     """x ``[M, K]``, weight ``[N, K]``: y = dropout(act(x Wᵀ + b)) + residual and the saved pre-activation Z
     (empty without an activation; ``activation`` "" for none)."""
     acc = x @ weight.t()
@@ -87,7 +87,7 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Ten
 
 
 def linear_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, has_bias: bool, activation: str,
-                    dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+                    dropout_p: float, seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias or an empty tensor)."""
     dz = dy
     if activation or dropout_p > 0.0:
@@ -100,14 +100,14 @@ def gated_forward(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None
                   activation: str) -> tuple[Tensor, Tensor, Tensor]:
     """y = act(x W_gateᵀ + b_gate) · (x W_upᵀ + b_up) and both saved pre-activations."""
     zg, zu = x @ w_gate.t(), x @ w_up.t()
-    y = _epilogue(zg, zu, b_gate, b_up, None, activation, 0.0, 0)
+    y = _epilogue(zg, zu, b_gate, b_up, None, activation, 0.0, None)
     return y, zg, zu
 
 
 def gated_backward(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, zg: Tensor, zu: Tensor, has_bias: bool,
                    activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_gate, dw_up, db_gate, db_up); the bias grads are empty without biases."""
-    dzg, dzu = _activation_backward(dy, zg, zu, activation, 0.0, 0)
+    dzg, dzu = _activation_backward(dy, zg, zu, activation, 0.0, None)
     dwg, dbg = _weight_grads(dzg, x, w_gate, has_bias)
     dwu, dbu = _weight_grads(dzu, x, w_up, has_bias)
     return dzg @ w_gate + dzu @ w_up, dwg, dwu, dbg, dbu
@@ -148,7 +148,7 @@ def _merged(attn: Tensor) -> Tensor:
 def out_forward(attn: Tensor, w_o: Tensor, b_o: Tensor | None, residual: Tensor | None) -> Tensor:
     """attn ``[B, H, L, D]`` → ``[B·L, E]``: head merge (one copy kernel), GEMM, then bias + residual."""
     acc = _merged(attn) @ w_o.t()
-    return _epilogue(acc, None, b_o, None, residual, "", 0.0, 0)
+    return _epilogue(acc, None, b_o, None, residual, "", 0.0, None)
 
 
 def out_backward(dy: Tensor, attn: Tensor, w_o: Tensor, has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:

@@ -151,7 +151,7 @@ class MultiheadAttention(nn.Module):
             qh, kh, vh, kw = self._inputs(q, k, v, key_padding_mask, attn_mask, is_causal)
             offset = 0 if kw["causal_alignment"] == "top_left" else kh.shape[2] - qh.shape[2]
             heads, weights = eager.attention(qh, kh, vh, kw["attn_mask"], kw["key_padding_mask"], 0.0, kw["is_causal"],
-                                             kw["scale"], offset, None, return_weights=True)
+                                             kw["scale"], offset, return_weights=True)
             weights = weights.mean(dim=1) if average_attn_weights else weights
         else:
             heads = self.attend(q, k, v, key_padding_mask, attn_mask, is_causal)

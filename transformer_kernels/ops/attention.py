@@ -19,14 +19,12 @@ OP = "attention"
 FAMILY = "attention"
 
 
-def draw_seed() -> Tensor:
-    """The dropout seed of one call: drawn from torch's default generator, so torch.manual_seed reproduces it."""
-    return torch.randint(0, 2**62, (1,))
-
-
-def seed_value(seed: Tensor | None) -> int:
-    """The seed the kernels take (0 when the call has no dropout)."""
-    return 0 if seed is None else int(seed.item())
+def draw_seed(device: torch.device) -> Tensor:
+    """The dropout seed of one kernel call, int64 ``[1]``: drawn by torch's default generator of ``device``
+    (torch.manual_seed reproduces it) and left there for the kernels to read, never read on the host: no device
+    sync, and under CUDA-graph capture the draw is part of the graph, so every replay gets a new seed (the
+    generator's offset advances per replay)."""
+    return torch.randint(0, 2**62, (1,), device=device)
 
 
 def _kernel_mask(attn_mask: Tensor | None, q: Tensor, lk: int) -> Tensor | None:
@@ -46,7 +44,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pa
     with backends.on_device(q):
         return backends.launchers(FAMILY, backend).attention_forward(
             q, k, v, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale, is_causal, causal_offset,
-            dropout_p, seed_value(seed))
+            dropout_p, seed)
 
 
 @_attention.register_fake
@@ -63,7 +61,7 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     with backends.on_device(q):
         return backends.launchers(FAMILY, backend).attention_backward(
             grad, q, k, v, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
-            is_causal, causal_offset, dropout_p, seed_value(seed))
+            is_causal, causal_offset, dropout_p, seed)
 
 
 @_attention_backward.register_fake
@@ -146,9 +144,10 @@ def attention(
     attn_mask: broadcastable to ``[B, H, Lq, Lk]``, bool (True = may attend) or float (added), read through its
     strides. key_padding_mask: bool ``[B, Lk]``, True = padding. is_causal: query i sees keys
     ``j <= i + offset``, offset 0 (``causal_alignment="top_left"``, SDPA's) or ``Lk - Lq`` ("bottom_right", for
-    KV-cache decoding). Rows with no visible key give zeros and zero gradients. Dropout draws its seed from
-    torch's default generator (reproducible with ``torch.manual_seed``) and backward regenerates the same
-    mask. Returns a contiguous ``[B, H, Lq, D]`` tensor in q's dtype.
+    KV-cache decoding). Rows with no visible key give zeros and zero gradients. Dropout draws its seed on q's
+    device from torch's default generator (reproducible with ``torch.manual_seed``; no host sync; CUDA-graph
+    safe: each replay draws anew) and backward regenerates the same mask. Returns a contiguous ``[B, H, Lq, D]``
+    tensor in q's dtype.
     """
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
@@ -157,9 +156,9 @@ def attention(
     lq, lk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     offset = 0 if causal_alignment == "top_left" else lk - lq
-    seed = draw_seed() if dropout_p > 0.0 else None
     if name == "torch":
-        return eager.attention(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, offset, seed)
+        return eager.attention(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, offset)
+    seed = draw_seed(q.device) if dropout_p > 0.0 else None
     out, _, _ = torch.ops.transformer_kernels.attention(
         q, k, v, attn_mask, key_padding_mask, float(dropout_p), bool(is_causal), scale, offset, seed, name)
     return out

@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import backends, eager
 from .._layout import as_rows
 from ._checks import ACTIVATIONS, autocast_dtype, cast_all, check_float_tensor, describe
-from .attention import draw_seed, seed_value
+from .attention import draw_seed
 
 FAMILY = "linear"
 
@@ -24,8 +24,7 @@ FAMILY = "linear"
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, activation: str,
             dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
     with backends.on_device(x):
-        return backends.launchers(FAMILY, backend).linear_forward(x, weight, bias, residual, activation, dropout_p,
-                                                                  seed_value(seed))
+        return backends.launchers(FAMILY, backend).linear_forward(x, weight, bias, residual, activation, dropout_p, seed)
 
 
 @_linear.register_fake
@@ -38,8 +37,7 @@ def _(x, weight, bias, residual, activation, dropout_p, seed, backend):
 def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, has_bias: bool, activation: str,
                      dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with backends.on_device(x):
-        return backends.launchers(FAMILY, backend).linear_backward(dy, x, weight, z, has_bias, activation, dropout_p,
-                                                                   seed_value(seed))
+        return backends.launchers(FAMILY, backend).linear_backward(dy, x, weight, z, has_bias, activation, dropout_p, seed)
 
 
 @_linear_backward.register_fake
@@ -214,7 +212,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
     """``act(x @ weight.T + bias)``, then dropout, then ``+ residual``, in one kernel.
 
     x ``[..., K]``, weight ``[N, K]``, bias ``[N]``, residual ``[..., N]``; activation None, "relu", "gelu",
-    "gelu_tanh" or "silu". Dropout draws its seed from torch's generator; backward regenerates the same mask.
+    "gelu_tanh" or "silu". Dropout draws its seed on x's device from torch's generator (no host sync, CUDA-graph
+    safe, as in `attention`); backward regenerates the same mask.
     Returns ``[..., N]`` in x's dtype.
     """
     check_float_tensor("x", x, allow_fp64=True)
@@ -239,9 +238,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
     name = backends.resolve_for("linear", FAMILY, x.device, backend, x)
-    seed = draw_seed() if dropout_p > 0.0 else None
     if name == "torch":
-        return eager.linear(x, weight, bias, activation, residual, dropout_p, seed)
+        return eager.linear(x, weight, bias, activation, residual, dropout_p)
+    seed = draw_seed(x.device) if dropout_p > 0.0 else None
     y, _ = torch.ops.transformer_kernels.linear(
         as_rows(x), weight, bias, None if residual is None else as_rows(residual), activation or "", float(dropout_p),
         seed, name)

@@ -115,9 +115,11 @@ def force_softmax_algo(name: str) -> Iterator[None]:
         cuda_softmax.algo = old
 
 
-def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: float, device: torch.device) -> torch.Tensor:
-    """The bool keep-mask ``[B, H, Lq, Lk]`` that the kernels of both backends draw for this seed and p
-    (True = kept), materialised by kernels/attention.py:dropout_mask_kernel."""
+def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, int, int, int], dropout_p: float,
+                      device: torch.device) -> torch.Tensor:
+    """The bool keep-mask ``[B, H, Lq, Lk]`` that the kernels of both backends draw for this seed (int64 ``[1]``
+    on ``device``, as `ops.attention.draw_seed` gives it) and p (True = kept), materialised by
+    kernels/attention.py:dropout_mask_kernel."""
     import triton
 
     from ..kernels.attention import dropout_mask_kernel
