@@ -14,7 +14,7 @@ export TRITON_DEFAULT_FP_FUSION ?= 1
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.h csrc/*.cuh csrc/*.cpp csrc/host/*)
 
-.PHONY: setup test test-floor check bench info lint clean gpu-check
+.PHONY: setup test test-floor check check-resources coverage bench info lint clean gpu-check
 
 # Reinstalls (ninja rebuilds only what changed) when the build inputs are newer than the last install.
 setup: .setup-stamp
@@ -57,6 +57,18 @@ test-floor: setup
 
 check: setup
 	$(PYTHON) -m transformer_kernels check
+
+# Every Triton variant and CUDA C++ kernel compiled again for the target arches (no GPU needed): fails on a spill and
+# rewrites kernels/aot_resources.json, the committed table from which `make test` reads the variants whose kernels
+# did not change. Run it after changing a kernel and commit the table (with 2 cores: about 15 minutes).
+check-resources: setup
+	$(PYTHON) -m transformer_kernels.tools.resources --recompile --update-table --check
+
+# The suite with line coverage of the Triton kernels (coverage.py over the interpreted kernels/*.py) and of csrc/
+# (gcov, through a copy of _C_host built instrumented in build/coverage); prints the two figures last.
+coverage: setup
+	$(PIP) install -q "coverage>=7" "gcovr>=7"
+	$(PYTHON) -m transformer_kernels.tools.coverage
 
 bench: setup
 	$(PYTHON) -m transformer_kernels bench

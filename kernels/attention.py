@@ -41,6 +41,7 @@ from .config import (
     length_class,
     mask_args,
     next_power_of_2,
+    spans_past_int32,
     unsupported_dtype,
 )
 
@@ -60,6 +61,13 @@ def _keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N: tl.
 
 
 @triton.jit
+def _corner(base_ptr, start_r, stride_r, start_c, stride_c):
+    # The address of element (start_r, start_c) through 64-bit offsets: the WIDE kernels address a tile from its
+    # corner, so only offsets inside one tile are 32-bit.
+    return base_ptr + tl.cast(start_r, tl.int64) * stride_r + tl.cast(start_c, tl.int64) * stride_c
+
+
+@triton.jit
 def _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM: tl.constexpr):
     # Keys that exist and are not padding: the only columns ever loaded from K and V.
     ok = offs_n < seqlen_k
@@ -69,8 +77,8 @@ def _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM: tl.cons
 
 
 @triton.jit
-def _score_tile(qk, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset,
-                MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
+def _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale,
+                causal_offset, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WIDE: tl.constexpr):
     # Scores in natural units with -inf where hidden, and the visibility. Natural units until after the max is
     # subtracted: multiplying a score near -6e4 by log2(e) first would round it to 2^-7 and the probabilities
     # of such a row off by ~0.5%. A float mask entry of -inf hides its key like a bool False.
@@ -78,11 +86,16 @@ def _score_tile(qk, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, 
     if IS_CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
     s = qk * sm_scale
+    if WIDE:
+        mask_ptrs = _corner(mask_base, start_m, stride_mask_m, start_n, stride_mask_n) + \
+            (offs_m - start_m)[:, None] * stride_mask_m + (offs_n - start_n)[None, :] * stride_mask_n
+    else:
+        mask_ptrs = mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n
     if MASK_KIND == 1:
-        keep = tl.load(mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=visible, other=0)
+        keep = tl.load(mask_ptrs, mask=visible, other=0)
         visible = visible & (keep != 0)
     if MASK_KIND == 2:
-        bias = tl.load(mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=visible, other=0.0)
+        bias = tl.load(mask_ptrs, mask=visible, other=0.0)
         bias = bias.to(tl.float32)
         visible = visible & (bias != float("-inf"))
         s = s + bias
@@ -96,25 +109,31 @@ def _seen_by_any(visible):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, mask_base, stride_mask_m,
+def _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, mask_base, stride_mask_m,
               stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset,
               dropout_p, seed,
               MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-              BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
+              WIDE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
     col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
-    kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    if WIDE:
+        k_base = _corner(k_base, start_n, stride_kn, 0, 0)
+        v_base = _corner(v_base, start_n, stride_vn, 0, 0)
+        rel_n = offs_n - start_n
+    else:
+        rel_n = offs_n
+    kt = tl.load(k_base + rel_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
     qk = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
-    s, visible = _score_tile(qk, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale,
-                             causal_offset, MASK_KIND, IS_CAUSAL)
+    s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
+                             stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row with nothing visible yet has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2((m_i - m_safe) * LOG2E)
     p = tl.exp2((s - m_safe[:, None]) * LOG2E)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
     if MASK_KIND != 0:
         v = tl.where(_seen_by_any(visible)[:, None], v, 0.0)
     if DROPOUT:
@@ -136,11 +155,15 @@ def _query_tile(num_heads, group, seqlen_q, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base_ptr, b, h, stride_b, stride_h, stride_m, offs_m, offs_d, seqlen_q, D):
+def _load_rows(base_ptr, b, h, stride_b, stride_h, stride_m, start_m, offs_m, offs_d, seqlen_q, D, WIDE: tl.constexpr):
     # A [rows, head dim] tile of a [B, H, L, D] tensor with unit stride along D; rows past Lq and the padding of D
     # up to BLOCK_D read as 0.
     ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D)
-    return tl.load(base_ptr + b * stride_b + h * stride_h + offs_m[:, None] * stride_m + offs_d[None, :], mask=ok, other=0.0)
+    base = base_ptr + b * stride_b + h * stride_h
+    if WIDE:
+        base = _corner(base, start_m, stride_m, 0, 0)
+        offs_m = offs_m - start_m
+    return tl.load(base + offs_m[:, None] * stride_m + offs_d[None, :], mask=ok, other=0.0)
 
 
 @triton.jit
@@ -164,7 +187,7 @@ def attn_fwd_kernel(
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
     num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     bh, start_m, b, h, hk = _query_tile(num_heads, group, seqlen_q, BLOCK_M)
     # The dropout seed is read on the device (torch's generator drew it there): no launch reads it on the host,
@@ -173,7 +196,7 @@ def attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, offs_m, offs_d, seqlen_q, D)
+    q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     mask_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
@@ -183,16 +206,16 @@ def attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, full, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n,
-                                  mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D,
-                                  seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM,
-                                  False, DROPOUT, BLOCK_N, INTERPRETED)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, k_base, v_base, kpm_ptr, kpm_row,
+                                  stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m,
+                                  offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND,
+                                  HAS_KPM, False, DROPOUT, WIDE, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(full, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n,
-                                      mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d,
-                                      D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND,
-                                      HAS_KPM, True, DROPOUT, BLOCK_N, INTERPRETED)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, k_base, v_base, kpm_ptr, kpm_row,
+                                      stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn,
+                                      offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+                                      MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, BLOCK_N, INTERPRETED)
     # A row with no visible key has l = 0: its output and (through inv_l = 0) its gradients are zeros.
     inv_l = tl.where(l_i == 0.0, 0.0, 1.0 / tl.where(l_i == 0.0, 1.0, l_i))
     out = acc * inv_l[:, None]
@@ -208,7 +231,7 @@ def attn_fwd_kernel(
 
 @triton.jit
 def attn_bwd_preprocess_kernel(out_ptr, do_ptr, delta_ptr, stride_dob, stride_doh, stride_dom, num_heads, seqlen_q,
-                               D: tl.constexpr,
+                               D: tl.constexpr, WIDE: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax-backward correction, once per row.
     bh, start_m, b, h, _ = _query_tile(num_heads, 1, seqlen_q, BLOCK_M)
@@ -217,18 +240,18 @@ def attn_bwd_preprocess_kernel(out_ptr, do_ptr, delta_ptr, stride_dob, stride_do
     ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D)
     rows = bh.to(tl.int64) * seqlen_q + offs_m
     o = tl.load(out_ptr + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-    do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, offs_m, offs_d, seqlen_q, D)
+    do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
     tl.store(delta_ptr + rows, tl.sum(o * do.to(tl.float32), axis=1), mask=offs_m < seqlen_q)
 
 
 @triton.jit
-def _probs(q, kt, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base, stride_mask_m,
-           stride_mask_n, sm_scale, causal_offset,
-           MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, INTERPRETED: tl.constexpr):
+def _probs(q, kt, start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base,
+           stride_mask_m, stride_mask_n, sm_scale, causal_offset,
+           MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WIDE: tl.constexpr, INTERPRETED: tl.constexpr):
     # Recomputes the forward probabilities of one tile from the saved row max and reciprocal sum.
     qk = mma(q, kt, tl.zeros([q.shape[0], kt.shape[1]], tl.float32), INTERPRETED)
-    s, visible = _score_tile(qk, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale,
-                             causal_offset, MASK_KIND, IS_CAUSAL)
+    s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
+                             stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
     row_ok = offs_m < seqlen_q
     m = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
     inv_l = tl.load(inv_l_ptr + rows, mask=row_ok, other=0.0)
@@ -239,14 +262,15 @@ def _probs(q, kt, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q
 def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_base,
                stride_mask_m, stride_mask_n, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
                offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
-               MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-               INTERPRETED: tl.constexpr):
+               MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr,
+               BLOCK_M: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, offs_m, offs_d, seqlen_q, D)
-    do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, offs_m, offs_d, seqlen_q, D)
+    q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
+    do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
     rows = bh.to(tl.int64) * seqlen_q + offs_m
-    p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base,
-                        stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, INTERPRETED)
+    p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
+                        seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
+                        IS_CAUSAL, WIDE, INTERPRETED)
     dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, k.shape[0]], tl.float32), INTERPRETED)
     if DROPOUT:
         keep = _keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, k.shape[0])
@@ -270,7 +294,7 @@ def attn_bwd_dkdv_kernel(
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
     num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     n_n = tl.cdiv(seqlen_k, BLOCK_N)
     seed = tl.load(seed_ptr) if DROPOUT else 0
@@ -285,8 +309,15 @@ def attn_bwd_dkdv_kernel(
     d_ok = offs_d < D
     col_ok = _key_cols(kpm_ptr, b * stride_kpm_b, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     kv_ok = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    rel_n = offs_n
+    if WIDE:
+        k_base = _corner(k_base, start_n, stride_kn, 0, 0)
+        v_base = _corner(v_base, start_n, stride_vn, 0, 0)
+        rel_n = offs_n - start_n
+    k = tl.load(k_base + rel_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if IS_CAUSAL:
@@ -308,12 +339,12 @@ def attn_bwd_dkdv_kernel(
                                     delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb, stride_qh,
                                     stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D,
                                     seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND, True,
-                                    DROPOUT, BLOCK_M, INTERPRETED)
+                                    DROPOUT, WIDE, BLOCK_M, INTERPRETED)
         for start_m in range(full, seqlen_q, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_ptr, inv_l_ptr,
                                 delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb, stride_qh, stride_qm,
                                 stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k,
-                                sm_scale, causal_offset, dropout_p, seed, MASK_KIND, False, DROPOUT, BLOCK_M,
+                                sm_scale, causal_offset, dropout_p, seed, MASK_KIND, False, DROPOUT, WIDE, BLOCK_M,
                                 INTERPRETED)
     rows = bhk.to(tl.int64) * seqlen_k + offs_n
     out_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
@@ -323,18 +354,25 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, row_max_ptr,
+def _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, row_max_ptr,
              inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
              seqlen_k, sm_scale, causal_offset, dropout_p, seed,
              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-             BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
+             WIDE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     kv_ok = col_ok[:, None] & (offs_d[None, :] < D)
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-    p, visible = _probs(q, tl.trans(k), offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base,
-                        stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, INTERPRETED)
+    if WIDE:
+        k_base = _corner(k_base, start_n, stride_kn, 0, 0)
+        v_base = _corner(v_base, start_n, stride_vn, 0, 0)
+        rel_n = offs_n - start_n
+    else:
+        rel_n = offs_n
+    k = tl.load(k_base + rel_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
+                        seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
+                        IS_CAUSAL, WIDE, INTERPRETED)
     dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
         dp = tl.where(_keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N),
@@ -353,15 +391,15 @@ def attn_bwd_dq_kernel(
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
     num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     bh, start_m, b, h, hk = _query_tile(num_heads, group, seqlen_q, BLOCK_M)
     seed = tl.load(seed_ptr) if DROPOUT else 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D)
-    q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, offs_m, offs_d, seqlen_q, D)
-    do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, offs_m, offs_d, seqlen_q, D)
+    q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
+    do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
     rows = bh.to(tl.int64) * seqlen_q + offs_m
     delta = tl.load(delta_ptr + rows, mask=offs_m < seqlen_q, other=0.0)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
@@ -370,16 +408,16 @@ def attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, full, BLOCK_N):
-        dq = _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b, stride_kpm_n,
-                      row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m,
-                      offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM,
-                      False, DROPOUT, BLOCK_N, INTERPRETED)
+        dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b,
+                      stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn,
+                      stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+                      MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(full, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, delta, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b,
+            dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b,
                           stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn,
                           stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
-                          MASK_KIND, HAS_KPM, True, DROPOUT, BLOCK_N, INTERPRETED)
+                          MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, BLOCK_N, INTERPRETED)
     tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dq * sm_scale, dq_ptr.dtype.element_ty,
                                                                     INTERPRETED), mask=ok)
 
@@ -474,6 +512,14 @@ _DQ = {
     ("all", 4, 64): [TileConfig(16, 16, 4, 1)],
 }
 PASSES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ}
+# The WIDE form (64-bit tile corners) runs one tile per pass and class: the smallest of the table above, except
+# where the corner arithmetic made that one spill; these replacements compiled with 0 spills on sm_80 and sm_90.
+_WIDE_TILES = {
+    ("dkdv", ("plain", 4, 32)): TileConfig(16, 16, 8, 2),
+    ("dkdv", ("plain", 4, 64)): TileConfig(16, 16, 8, 1),
+    ("fwd", ("plain", 2, 256)): TileConfig(32, 32, 8, 1),
+    ("dq", ("all", 2, 256)): TileConfig(16, 16, 8, 1),
+}
 # Under the interpreter every tile costs a numpy call per op: one small fixed tile, no tuning.
 INTERPRETER_CONFIG = TileConfig(32, 32, 1, 1)
 PREPROCESS_BLOCK_M = 64
@@ -492,16 +538,31 @@ def tile_configs(pass_name: str, block_d: int, elem_bytes: int, features: str) -
     return PASSES[pass_name][(features, max(elem_bytes, 2), block_d)]
 
 
+def wide_tile(pass_name: str, block_d: int, elem_bytes: int, features: str) -> TileConfig:
+    """The one tile of the WIDE form of a pass (see `tile_configs`)."""
+    if is_interpreted():
+        return INTERPRETER_CONFIG
+    return _wide_tile(pass_name, (features, max(elem_bytes, 2), block_d))
+
+
+def _wide_tile(pass_name: str, key: tuple[str, int, int]) -> TileConfig:
+    return _WIDE_TILES.get((pass_name, key), PASSES[pass_name][key][-1])
+
+
 def _autotuned(kernel, pass_name: str):
-    """`kernel` autotuned over every tile of the pass, pruned per call to the head-dim block and element size."""
+    """`kernel` autotuned over every tile of the pass, pruned per call to the head-dim block and element size; the
+    WIDE form (64-bit tile corners, for tensors past 2^31 elements) takes the pass's smallest tile, the one whose
+    registers leave room for the wider addresses (`wide_tile`)."""
     table = {"": [INTERPRETER_CONFIG]} if is_interpreted() else PASSES[pass_name]
 
     def allowed(named_args, kwargs):
         features = feature_class(kwargs["MASK_KIND"], kwargs["HAS_KPM"], kwargs["DROPOUT"])
-        return tile_configs(pass_name, kwargs["BLOCK_D"], named_args["q_ptr"].element_size(), features)
+        shape_class = (pass_name, kwargs["BLOCK_D"], named_args["q_ptr"].element_size(), features)
+        return [wide_tile(*shape_class)] if kwargs["WIDE"] else tile_configs(*shape_class)
 
-    key = ["seqlen_q_class", "seqlen_k_class", "group", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "DROPOUT"]
-    return Autotuned(kernel, [c for tiles in table.values() for c in tiles], key, allowed)
+    key = ["seqlen_q_class", "seqlen_k_class", "group", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "DROPOUT", "WIDE"]
+    wide = [] if is_interpreted() else [c for (p, _), c in _WIDE_TILES.items() if p == pass_name]
+    return Autotuned(kernel, [c for tiles in table.values() for c in tiles] + wide, key, allowed)
 
 
 _fwd = _autotuned(attn_fwd_kernel, "fwd")
@@ -567,7 +628,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         h, h // hkv, lq, lk, scale, causal_offset, dropout_p, q if seed is None else seed, length_class(lq),
         length_class(lk),
         D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
-        BLOCK_D=head_dim_block(d, q.dtype), INTERPRETED=is_interpreted(),
+        WIDE=spans_past_int32(q, k, v, m), BLOCK_D=head_dim_block(d, q.dtype), INTERPRETED=is_interpreted(),
     )
     return out, row_max, inv_l
 
@@ -591,11 +652,12 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return dq, dk, dv
     kind, m, ms, kp, kps = _mask_args(mask, kpm, q)
     block_d = head_dim_block(d, q.dtype)
+    wide = spans_past_int32(q, k, v, dout, m)
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     attn_bwd_preprocess_kernel[(triton.cdiv(lq, PREPROCESS_BLOCK_M) * b * h,)](
-        out, dout, delta, *_strides3(dout), h, lq, D=d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d)
+        out, dout, delta, *_strides3(dout), h, lq, D=d, WIDE=wide, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d)
     common = dict(D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
-                  BLOCK_D=block_d, INTERPRETED=is_interpreted())
+                  WIDE=wide, BLOCK_D=block_d, INTERPRETED=is_interpreted())
     sizes = (h, h // hkv, lq, lk, scale, causal_offset, dropout_p, q if seed is None else seed, length_class(lq),
              length_class(lk))
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *ms, *kps)
@@ -625,34 +687,39 @@ def _aligned(sig: dict[str, str]) -> tuple[str, ...]:
                  if (n.endswith("_ptr") or n.startswith("stride_")) and t != "constexpr" and n != "kpm_ptr")
 
 
-def aot_variant(pass_name: str, dtype: torch.dtype, block_d: int, c: TileConfig, features: str) -> AotVariant:
+def aot_variant(pass_name: str, dtype: torch.dtype, block_d: int, c: TileConfig, features: str,
+                wide: bool = False) -> AotVariant:
     """One pass compiled as Triton specialises it for the usual call: 32-bit sizes and strides, strides divisible
-    by 16, unit stride along the mask's and padding mask's keys, D == BLOCK_D."""
+    by 16, unit stride along the mask's and padding mask's keys, D == BLOCK_D (``wide``: the WIDE form)."""
     fn = _AOT_KERNELS[pass_name]
     dt = TRITON_DTYPE_NAMES[dtype]
     sig = aot_signature(fn, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
-    consts = {**AOT_FEATURES[features], "INTERPRETED": False, "stride_mask_n": 1, "stride_kpm_n": 1, "D": block_d,
-              "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": block_d}
+    consts = {**AOT_FEATURES[features], "WIDE": wide, "INTERPRETED": False, "stride_mask_n": 1, "stride_kpm_n": 1,
+              "D": block_d, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": block_d}
     return AotVariant(f"attn_{pass_name}", fn, sig, consts, c.num_warps,
-                      f"{dt} D={block_d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} {features}",
+                      f"{dt} D={block_d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} {features}"
+                      + (" wide" if wide else ""),
                       num_stages=c.num_stages, aligned=_aligned(sig))
 
 
 def aot_variants() -> list[AotVariant]:
     """Every tile configuration autotune can pick, for each dtype, head-dim block and feature class (see
-    `tile_configs`), forward and both backward passes, plus the preprocess."""
+    `tile_configs`), forward and both backward passes, the WIDE form of each with its one tile, plus the
+    preprocess."""
     out = []
     for dtype in SUPPORTED_DTYPES:
         for block_d in (b for b in HEAD_DIM_BLOCKS if b <= next_power_of_2(MAX_HEAD_DIM[dtype])):
             for pass_name in PASSES:
                 for features in AOT_FEATURES:
-                    for c in PASSES[pass_name][(features, max(dtype.itemsize, 2), block_d)]:
-                        out.append(aot_variant(pass_name, dtype, block_d, c, features))
+                    key = (features, max(dtype.itemsize, 2), block_d)
+                    out += [aot_variant(pass_name, dtype, block_d, c, features) for c in PASSES[pass_name][key]]
+                    out.append(aot_variant(pass_name, dtype, block_d, _wide_tile(pass_name, key), features, wide=True))
         dt = TRITON_DTYPE_NAMES[dtype]
         sig = aot_signature(attn_bwd_preprocess_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
         for block_d in HEAD_DIM_BLOCKS:
-            out.append(AotVariant("attn_bwd_preprocess", attn_bwd_preprocess_kernel, sig,
-                                  {"D": block_d, "BLOCK_M": PREPROCESS_BLOCK_M, "BLOCK_D": block_d}, 4,
-                                  f"{dt} D={block_d} M={PREPROCESS_BLOCK_M}",
-                                  aligned=_aligned(sig)))
+            for wide in (False, True):
+                out.append(AotVariant("attn_bwd_preprocess", attn_bwd_preprocess_kernel, sig,
+                                      {"D": block_d, "WIDE": wide, "BLOCK_M": PREPROCESS_BLOCK_M, "BLOCK_D": block_d},
+                                      4, f"{dt} D={block_d} M={PREPROCESS_BLOCK_M}" + (" wide" if wide else ""),
+                                      aligned=_aligned(sig)))
     return out

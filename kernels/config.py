@@ -44,6 +44,13 @@ def length_class(n: int) -> int:
     return min(next_power_of_2(max(n, 1)), 1 << 16)
 
 
+def spans_past_int32(*tensors: torch.Tensor | None) -> bool:
+    """Whether some element of a tensor lies 2^31 or more elements past its first: 32-bit offsets would wrap, so
+    the kernels that keep 32-bit offsets for their registers' sake need their WIDE form."""
+    return any(t is not None and sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True) if n) >= 2**31
+               for t in tensors)
+
+
 @dataclass(frozen=True)
 class AotVariant:
     """One compiled form a launcher can pick: the @triton.jit kernel, its argument types (Triton

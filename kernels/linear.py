@@ -420,7 +420,8 @@ def _weight_and_bias_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     formed from it in the GEMM prologue when ``dz`` (a transposed DzPrologue) is given."""
     if x.shape[1] == 0:  # no dW GEMM to carry the sum (callers with a prologue handle this case themselves)
         return weight.new_zeros(weight.shape), (col_sum(dy, weight.dtype) if has_bias else weight.new_empty(0))
-    db = torch.zeros(weight.shape[0] if has_bias else 0, dtype=torch.float32, device=dy.device)
+    # The GEMM's pid_n == 0 programs write every dBias row (a K = 0 product still runs its epilogue on zeros).
+    db = torch.empty(weight.shape[0] if has_bias else 0, dtype=torch.float32, device=dy.device)
     dw, _, _ = matmul(dy.t(), x, out_dtype=weight.dtype, dz=dz, dbias=db if has_bias else None)
     return dw, db.to(weight.dtype)
 

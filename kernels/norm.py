@@ -140,9 +140,10 @@ def norm_bwd_kernel(
             tl.store(dx_ptr + row * n_cols + cols, cast_out(dx * rstd, dx_ptr.dtype.element_ty, INTERPRETED), mask=inside)
             dw += dy * xhat
             db += dy
-    tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=inside)
+    partial = pid.to(tl.int64) * n_cols
+    tl.store(dw_partial_ptr + partial + cols, dw, mask=inside)
     if HAS_BIAS:
-        tl.store(db_partial_ptr + pid * n_cols + cols, db, mask=inside)
+        tl.store(db_partial_ptr + partial + cols, db, mask=inside)
 
 
 # ---- launchers -------------------------------------------------------------------------------

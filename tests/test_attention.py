@@ -328,6 +328,53 @@ def test_batch_times_heads_beyond_grid_limit():
         check_against_reference(backend, q, k, v, is_causal=True)
 
 
+# Row 256 of a tensor with this row stride starts 2^31 elements in: past what an int32 offset holds.
+HUGE_ROW_STRIDE = 2**23
+
+
+def spread_rows(t: torch.Tensor) -> torch.Tensor:
+    """The [..., L, C] tensor t, copied into rows HUGE_ROW_STRIDE elements apart in one allocation. Only the pages
+    the rows touch are ever written, so the view costs kilobytes of memory while its offsets pass 2^31."""
+    rows, cols = t.shape[-2], t.shape[-1]
+    base = torch.empty((rows - 1) * HUGE_ROW_STRIDE + cols, dtype=t.dtype, device=t.device)
+    view = base.as_strided(t.shape, (*[rows * HUGE_ROW_STRIDE] * (t.dim() - 2), HUGE_ROW_STRIDE, 1))
+    with torch.no_grad():
+        view.copy_(t)
+    return view
+
+
+class _SpreadRows(torch.autograd.Function):
+    # spread_rows with the gradient passed straight back to the compact tensor.
+    @staticmethod
+    def forward(ctx, t):
+        return spread_rows(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_offsets_past_2_31_elements(backend, device):
+    # Rows 256..263 of q, k, v and of the [Lq, Lk] mask lie past element 2^31 of their tensors (a transposed
+    # [B, L, H, D] view or an Lq·Lk >= 2^31 mask does this in real use): every pass must use 64-bit offsets.
+    n = 264
+    q, k, v = make_qkv(1, 1, 1, n, n, 16, torch.float16, device)
+    keep = torch.rand(n, n, generator=torch.Generator().manual_seed(1)).to(device) > 0.2
+    mask = spread_rows(keep)
+    assert mask.stride(0) == HUGE_ROW_STRIDE
+
+    def ours(q, k, v):
+        with tk.use_backend(backend):
+            return tk.ops.attention(*(_SpreadRows.apply(t) for t in (q, k, v)), attn_mask=mask)
+
+    def ref(q, k, v):
+        return reference.scaled_dot_product_attention(q, k, v, attn_mask=keep, low_precision=q.dtype != torch.float32)
+
+    for name, err, bound in compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")):
+        assert err <= bound, f"{name}: {err:.3e} > {bound:.3e}"
+
+
 def keep_mask_of_next_call(seed_state: int, shape, p, device):
     """The keep-mask the next attention call draws after torch.manual_seed(seed_state)."""
     torch.manual_seed(seed_state)

@@ -4,6 +4,8 @@ codes of their enums, read from the bindings (csrc/types.h, softmax.h, epilogue.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 from types import ModuleType
 
 import torch
@@ -11,11 +13,24 @@ import torch
 _modules: dict[str, ModuleType | str] = {}
 
 
+def _import(name: str) -> ModuleType:
+    # TK_HOST_EXTENSION: a _C_host built elsewhere (`make coverage` loads its gcov-instrumented copy this way).
+    path = os.environ.get("TK_HOST_EXTENSION") if name == "_C_host" else None
+    if not path:
+        return importlib.import_module(f"transformer_kernels.{name}")
+    spec = importlib.util.spec_from_file_location(f"transformer_kernels.{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"TK_HOST_EXTENSION={path} is not a loadable extension")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load(name: str) -> ModuleType:
     """``_C`` or ``_C_host``; raises RuntimeError saying why it is missing."""
     if name not in _modules:
         try:
-            _modules[name] = importlib.import_module(f"transformer_kernels.{name}")
+            _modules[name] = _import(name)
         except ImportError as e:
             hint = ("built only when nvcc is found at install time (reinstall with a CUDA toolkit)" if name == "_C"
                     else "reinstall the package: pip install -e .")

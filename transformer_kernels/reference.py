@@ -60,6 +60,30 @@ def _softmax_keep(scores: Tensor, keep: Tensor | None) -> Tensor:
     return p / denom.masked_fill(empty, 1.0)
 
 
+def _stored(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as a kernel keeps it for backward: stored in the inputs' ``dtype``. An identity for fp32/fp64 inputs;
+    for fp16/bf16 it makes the reference run in low precision round what every fused kernel (and PyTorch's own
+    low-precision ops) saves, so the accuracy rule's bound includes that rounding."""
+    return t.to(dtype).to(t.dtype) if dtype.itemsize < t.dtype.itemsize else t
+
+
+class _SoftmaxFromStoredOutput(torch.autograd.Function):
+    """Softmax rows whose backward reads only the output stored in ``dtype``, as a fused softmax's does:
+    dx = y (g - sum(y g))."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, keep: Tensor | None, dtype: torch.dtype) -> Tensor:
+        y = _softmax_keep(scores, keep).to(dtype)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (y,) = ctx.saved_tensors
+        y, g = _acc(y), _acc(grad)
+        return y * (g - (y * g).sum(dim=-1, keepdim=True)), None, None
+
+
 def masked_softmax(
     x: Tensor,
     mask: Tensor | None = None,
@@ -85,7 +109,7 @@ def masked_softmax(
             raise ValueError(f"is_causal needs x with at least 2 dims, got shape {tuple(x.shape)}")
         c = causal_mask(x.shape[-2], x.shape[-1], causal_alignment, x.device)
         keep = c if keep is None else keep & c
-    return _softmax_keep(s, keep).to(x.dtype)
+    return _SoftmaxFromStoredOutput.apply(s, keep, x.dtype)
 
 
 def attention_bias(
@@ -214,7 +238,7 @@ def linear(
     if bias is not None:
         y = y + _acc(bias)
     if activation_name is not None:
-        y = activation(y, activation_name)
+        y = activation(_stored(y, x.dtype), activation_name)
     if dropout_p > 0.0:
         if dropout_mask is None:
             dropout_mask = torch.rand(y.shape, device=y.device) >= dropout_p
@@ -239,7 +263,7 @@ def gated_linear(
         gate = gate + _acc(b_gate)
     if b_up is not None:
         up = up + _acc(b_up)
-    return (activation(gate, activation_name) * up).to(x.dtype)
+    return (activation(_stored(gate, x.dtype), activation_name) * _stored(up, x.dtype)).to(x.dtype)
 
 
 def feed_forward(

@@ -3,8 +3,12 @@ every CUDA C++ kernel instantiation, for real GPU architectures without a GPU, a
 stack (spill) bytes, shared memory and tensor-core instruction counts from the cubins.
 
 Triton compiles run in a child process with TRITON_INTERPRET unset (an interpreted kernel cannot be
-compiled), two at a time; results are cached on disk by a hash of the kernel source and options.
-`python -m transformer_kernels.tools.resources [--json]` prints the table.
+compiled), two at a time. Each result is keyed by a hash of the kernel's source (with every @triton.jit function
+it calls), its signature, constexprs, warps, stages, arch and the Triton version, and looked up first in the
+committed table kernels/aot_resources.json, then in the user's cache: only variants whose kernels or options
+changed are compiled (a cold `make test` would otherwise spend ~15 minutes here). `make check-resources`
+recompiles every variant and rewrites the committed table.
+`python -m transformer_kernels.tools.resources [--json] [--recompile] [--update-table]` prints the table.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ CUDA_KERNEL_FILES = ("softmax.cu", "attention_fwd.cu", "attention_bwd.cu", "norm
 # Opcodes that run on tensor cores: HMMA (sm_80+ mma.sync), HGMMA (sm_90 wgmma), IMMA (int8).
 TENSOR_CORE_OPCODES = re.compile(r"\b(HMMA|HGMMA|IMMA|IGMMA)\.")
 CACHE_DIR = Path(os.environ.get("TK_CACHE_DIR", Path.home() / ".cache" / "transformer_kernels"))
+# Results of the shipped variants, committed: a variant is compiled only when its key is in neither this table nor
+# the user's cache. Written by `make check-resources` (--recompile --update-table).
+RESOURCE_TABLE = Path(__file__).resolve().parents[1] / "kernels" / "aot_resources.json"
 
 # Shared memory a block may use, per arch (opt-in maximum, bytes).
 MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -140,43 +147,63 @@ def compile_variant(v, arch: int) -> dict:
                             max(u["STACK"], u["LOCAL"]), max(u["SHARED"], compiled.metadata.shared), tc.get(name, 0)))
 
 
-def _triton_report_in_process(modules: Iterable[str], jobs: int) -> list[dict]:
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_table(results: dict[str, dict], path: Path = RESOURCE_TABLE) -> None:
+    """The committed table: one entry per line, sorted, so a kernel change shows as the lines it changed."""
+    lines = [f"{json.dumps(k)}: {json.dumps(results[k], sort_keys=True)}" for k in sorted(results)]
+    path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
+def _triton_report_in_process(modules: Iterable[str], jobs: int, recompile: bool = False,
+                              update_table: bool = False) -> list[dict]:
     import importlib
     from concurrent.futures import ProcessPoolExecutor
 
+    modules = list(modules)
     cache_file = CACHE_DIR / "triton_resources.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    known = {} if recompile else {**_read_json(RESOURCE_TABLE), **_read_json(cache_file)}
     work, keys, results = [], [], {}
     for module_name in modules:
         variants = importlib.import_module(f"transformer_kernels.kernels.{module_name}").aot_variants()
         for i, v in enumerate(variants):
             for arch in TRITON_ARCHS:
                 key = _variant_key(v, arch)
-                if key in cache:
-                    results[key] = cache[key]
+                if key in known:
+                    results[key] = known[key]
                 else:
-                    work.append((module_name, i, arch))
+                    work.append(((module_name, i, arch), key))
                 keys.append(key)
     if work:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            for job, res in zip(work, pool.map(_compile_triton, work, chunksize=4), strict=False):
-                v = importlib.import_module(f"transformer_kernels.kernels.{job[0]}").aot_variants()[job[1]]
-                results[_variant_key(v, job[2])] = res
-        cache.update(results)
+            compiled = pool.map(_compile_triton, [job for job, _ in work], chunksize=4)
+            results.update(zip((key for _, key in work), compiled, strict=True))
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps(cache))
+        cache_file.write_text(json.dumps({**_read_json(cache_file), **{key: results[key] for _, key in work}}))
+    print(f"resources: compiled {len(work)} of {len(keys)} Triton variant-arch pairs, the rest read from "
+          f"{RESOURCE_TABLE.name} or the cache", file=sys.stderr)
+    if update_table:
+        # A partial run keeps the other modules' entries; a full one drops entries no variant has any more.
+        kept = {} if set(modules) == set(TRITON_KERNEL_MODULES) else _read_json(RESOURCE_TABLE)
+        write_table({**kept, **{k: results[k] for k in keys}})
     return [results[k] for k in keys]
 
 
-def triton_report(modules: Iterable[str] = TRITON_KERNEL_MODULES, jobs: int | None = None) -> list[Resources]:
-    """Resources of every Triton variant on every arch of TRITON_ARCHS (compiled in a child process)."""
+def triton_report(modules: Iterable[str] = TRITON_KERNEL_MODULES, jobs: int | None = None,
+                  recompile: bool = False, update_table: bool = False) -> list[Resources]:
+    """Resources of every Triton variant on every arch of TRITON_ARCHS (compiled in a child process where the
+    committed table and the cache lack them; all of them with ``recompile``)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     cmd = [sys.executable, "-m", "transformer_kernels.tools.resources", "--triton-only", "--json",
            "--jobs", str(jobs or os.cpu_count() or 1), "--modules", ",".join(modules)]
+    cmd += ["--recompile"] * recompile + ["--update-table"] * update_table
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"Triton AOT compile failed:\n{proc.stderr[-4000:]}")
+    print(proc.stderr.strip().splitlines()[-1], file=sys.stderr)
     return [Resources(**r) for r in json.loads(proc.stdout)]
 
 
@@ -250,21 +277,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-only", action="store_true")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--modules", default=",".join(TRITON_KERNEL_MODULES))
+    parser.add_argument("--recompile", action="store_true", help="ignore the committed table and the cache")
+    parser.add_argument("--update-table", action="store_true", help=f"rewrite {RESOURCE_TABLE.name}")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a variant spills")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
     rows: list[dict] = []
     if not args.cuda_only:
+        modules = args.modules.split(",")
         if os.environ.get("TRITON_INTERPRET") == "1":
-            rows += [asdict(r) for r in triton_report(args.modules.split(","), args.jobs)]
+            rows += [asdict(r) for r in triton_report(modules, args.jobs, args.recompile, args.update_table)]
         else:
-            rows += _triton_report_in_process(args.modules.split(","), args.jobs)
+            rows += _triton_report_in_process(modules, args.jobs, args.recompile, args.update_table)
     if not args.triton_only:
         rows += [asdict(r) for r in cuda_report()]
     if args.json:
         print(json.dumps(rows))
     else:
         print(format_table([Resources(**r) for r in rows]))
-    return 0
+    spills = sum(1 for r in rows if r["stack_bytes"])
+    if args.check:
+        print(f"{len(rows)} kernel variants, {spills} with spills", file=sys.stderr)
+    return 1 if args.check and spills else 0
 
 
 if __name__ == "__main__":
