@@ -1,8 +1,8 @@
 """Build: `_C_host` (host C++ compiler + csrc/host/simt.h) always, `_C` (nvcc) when a CUDA toolkit is found.
 
 Both are compiled through ninja for parallel compiles. Never imports torch.
-Environment: TK_CUDA_ARCHS (default "80;86;89;90"), TK_SKIP_CUDA_BUILD=1, CUDA_HOME, MAX_JOBS, TK_HOST_COVERAGE=1
-(instruments _C_host for gcov: `make coverage` builds such a copy in build/coverage).
+Environment: TK_CUDA_ARCHS (default "80;86;89;90"), TK_SKIP_CUDA_BUILD=1, CUDA_HOME, MAX_JOBS, TK_HOST_CXXFLAGS
+(appended to the _C_host compile and link: `make coverage` builds a gcov-instrumented copy in build/coverage).
 """
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ class NinjaBuildExt(build_ext):
             lines.append("rule cu\n  command = $cxx -x c++ $cxxflags -MD -MF $out.d -c $in -o $out\n"
                          "  depfile = $out.d\n  deps = gcc")
             ldflags = "-shared"
-            if os.environ.get("TK_HOST_COVERAGE") == "1":
-                lines[0] = lines[0].replace(f" {opt} ", " -O0 --coverage ")
-                ldflags += " --coverage"
+            extra = os.environ.get("TK_HOST_CXXFLAGS", "")  # e.g. gcov or sanitizer instrumentation
+            lines[0] += f" {extra}"
+            ldflags += f" {extra}"
         lines.append("rule cc\n  command = $cxx $cxxflags -MD -MF $out.d -c $in -o $out\n  depfile = $out.d\n  deps = gcc")
         lines.append(f"rule link\n  command = $cxx $in -o $out {ldflags}")
         objs = []

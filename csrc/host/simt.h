@@ -23,10 +23,14 @@
 
 #include <sys/mman.h>
 #include <ucontext.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -120,6 +124,17 @@ inline std::string block_name() {
   return "block (" + std::to_string(r.block_idx.x) + "," + std::to_string(r.block_idx.y) + "," +
          std::to_string(r.block_idx.z) + ")";
 }
+
+#if defined(__SANITIZE_ADDRESS__)
+// Built with AddressSanitizer (tests/test_sanitizers.py): every global load and store is checked against the
+// allocation it falls in. ASan's report names the kernel (its stack) and the offset from the allocation; this
+// adds which simulated block and thread made the access.
+inline void report_simulated_thread() {
+  auto& r = rt();
+  if (r.cur) std::fprintf(stderr, "simt: the access above was made by %s %s\n", block_name().c_str(), where(*r.cur).c_str());
+}
+inline const bool asan_callback_registered = (__sanitizer_set_death_callback(&report_simulated_thread), true);
+#endif
 
 // Gives control back to the scheduler; returns when the scheduler resumes this fiber.
 inline void yield_to_scheduler() {

@@ -2,7 +2,7 @@
 
 Triton: coverage.py over kernels/*.py while the suite runs; the interpreter executes each @triton.jit body as
 Python with the file's own line numbers, so the kernel bodies are measured like any function. CUDA C++: a copy of
-`_C_host` built with gcov instrumentation (TK_HOST_COVERAGE=1, into build/coverage) is loaded instead of the
+`_C_host` built with gcov instrumentation (into build/coverage) is loaded instead of the
 installed one (TK_HOST_EXTENSION), and gcovr reads csrc/ from its counters. Reports go to build/coverage; the last
 line printed is ``kernel line coverage: triton X%, cuda Y%``.
 """
@@ -16,19 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import toolchain
+
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "build" / "coverage"
-
-
-def _instrumented_host_extension() -> tuple[Path, Path]:
-    """Builds the gcov-instrumented `_C_host`; returns (the .so, the object directory holding the counters)."""
-    lib, tmp = OUT / "lib", OUT / "tmp"
-    env = {**os.environ, "TK_HOST_COVERAGE": "1", "TK_SKIP_CUDA_BUILD": "1"}
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(lib), "--build-temp", str(tmp)],
-                   cwd=ROOT, env=env, check=True)
-    for stale in tmp.rglob("*.gcda"):  # counters of an earlier run
-        stale.unlink()
-    return next(lib.rglob("_C_host*.so")), tmp
 
 
 def _percent(report: str) -> float:
@@ -43,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest (default: the whole suite)")
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
-    so, objects = _instrumented_host_extension()
+    so, objects = toolchain.instrumented_host_extension("coverage", "-O0 --coverage")
+    for stale in objects.rglob("*.gcda"):  # counters of an earlier run
+        stale.unlink()
     data = OUT / ".coverage"
     env = {**os.environ, "TK_HOST_EXTENSION": str(so)}
     tests = subprocess.run([sys.executable, "-m", "coverage", "run", f"--data-file={data}", f"--source={ROOT / 'kernels'}",

@@ -65,3 +65,28 @@ def csrc_dir() -> Path:
 
 # Flags every nvcc compile of csrc/ uses: the extension build and the resource report alike.
 NVCC_FLAGS = ("-std=c++17", "-O3")
+
+
+def instrumented_host_extension(name: str, cxxflags: str) -> tuple[Path, Path]:
+    """A copy of `_C_host` built with extra compiler flags (gcov, a sanitizer) into build/<name>, for loading
+    through TK_HOST_EXTENSION; returns (the extension, the object directory). Ninja rebuilds only what changed."""
+    import subprocess
+    import sys
+
+    lib, tmp = REPO_ROOT / "build" / name / "lib", REPO_ROOT / "build" / name / "tmp"
+    env = {**os.environ, "TK_HOST_CXXFLAGS": cxxflags, "TK_SKIP_CUDA_BUILD": "1"}
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(lib), "--build-temp", str(tmp)],
+                   cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+    return next(lib.rglob("_C_host*.so")), tmp
+
+
+def host_runtime_library(name: str) -> Path | None:
+    """The host compiler's runtime library ``name`` (e.g. libasan.so), None when it has none."""
+    import subprocess
+
+    try:
+        out = subprocess.run([os.environ.get("CXX", "c++"), f"-print-file-name={name}"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return Path(out) if os.path.isabs(out) and Path(out).exists() else None
