@@ -1,9 +1,15 @@
-"""The CUDA simulator as a memory checker: `_C_host` built with AddressSanitizer (a trusted tool, rather than a
-hand-written check) checks every global load and store of every kernel against the allocation it falls in, and
-simt.h adds which simulated block and thread made a bad access. A planted out-of-bounds read must be caught, and
-every shipped CUDA C++ kernel must run clean.
+"""The CUDA simulator as a sanitizer, with trusted tools rather than hand-written checks:
 
-Not covered here yet: shared-memory races and reads of unwritten shared memory (racecheck, initcheck).
+- memcheck: `_C_host` built with AddressSanitizer checks every global load and store of every kernel against the
+  allocation it falls in; simt.h adds which simulated block and thread made a bad access.
+- racecheck: `_C_host` built with ThreadSanitizer runs each simulated thread as a TSan fiber whose switches do
+  not synchronise; only __syncthreads(), warp collectives, atomics and the launch do (simt.h). Two threads of a
+  block touching the same shared (or global) byte between barriers, one writing, is a reported race naming both
+  simulated threads.
+
+A planted out-of-bounds read and a planted race between two warps must be caught, and every shipped CUDA C++
+kernel must run clean under both. Not covered yet: reads of shared memory no thread wrote (initcheck; the
+simulator only poisons it with NaN bytes before each block).
 """
 
 import os
@@ -17,21 +23,44 @@ import pytest
 from transformer_kernels.tools import toolchain
 
 LIBASAN = toolchain.host_runtime_library("libasan.so")
-pytestmark = pytest.mark.skipif(LIBASAN is None, reason="the host compiler has no AddressSanitizer runtime")
+LIBTSAN = toolchain.host_runtime_library("libtsan.so")
+# The driver compute-sanitizer runs on a GPU in `make gpu-check`: each op of the cuda backend once, forward and
+# backward, with odd sizes, masks, GQA, dropout and residuals.
+EVERY_KERNEL = """
+    import torch
+    from transformer_kernels.tools import cuda_driver
+    print("\\n".join(cuda_driver.run(torch.device("cpu"))))
+"""
 
 
 @pytest.fixture(scope="module")
 def asan_extension():
+    if LIBASAN is None:
+        pytest.skip("the host compiler has no AddressSanitizer runtime")
     so, _ = toolchain.instrumented_host_extension("asan", "-O1 -g -fsanitize=address -fno-omit-frame-pointer")
     return so
 
 
-def run_under_asan(extension, code: str) -> subprocess.CompletedProcess:
-    # ASan must be the first library loaded into the interpreter; leak checking would report Python's own.
-    env = {**os.environ, "LD_PRELOAD": str(LIBASAN), "ASAN_OPTIONS": "detect_leaks=0", "OMP_NUM_THREADS": "1",
+@pytest.fixture(scope="module")
+def tsan_extension():
+    if LIBTSAN is None:
+        pytest.skip("the host compiler has no ThreadSanitizer runtime")
+    so, _ = toolchain.instrumented_host_extension("tsan", "-O1 -g -fsanitize=thread")
+    return so
+
+
+def run_sanitized(runtime, extension, code: str) -> subprocess.CompletedProcess:
+    # The sanitizer's runtime must be the first library loaded into the interpreter; leak checking would report
+    # Python's own; one OpenMP thread keeps torch's thread pool out of the race report.
+    env = {**os.environ, "LD_PRELOAD": str(runtime), "ASAN_OPTIONS": "detect_leaks=0",
+           "TSAN_OPTIONS": "halt_on_error=1 exitcode=66", "OMP_NUM_THREADS": "1",
            "TK_HOST_EXTENSION": str(extension), "TRITON_INTERPRET": "1"}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                           timeout=600)
+
+
+def run_under_asan(extension, code: str) -> subprocess.CompletedProcess:
+    return run_sanitized(LIBASAN, extension, code)
 
 
 def test_planted_out_of_bounds_read_is_caught(asan_extension):
@@ -52,11 +81,34 @@ def test_planted_out_of_bounds_read_is_caught(asan_extension):
 def test_every_shipped_cuda_kernel_runs_clean(asan_extension):
     # tools/cuda_driver.py runs each op of the cuda backend once (odd sizes, masks, GQA, dropout, residuals,
     # forward and backward): the same driver compute-sanitizer runs on a GPU in `make gpu-check`.
-    proc = run_under_asan(asan_extension, """
-        import torch
-        from transformer_kernels.tools import cuda_driver
-        print("\\n".join(cuda_driver.run(torch.device("cpu"))))
-    """)
+    proc = run_under_asan(asan_extension, EVERY_KERNEL)
     assert "ERROR: AddressSanitizer" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "attention forward/backward" in proc.stdout and "layer_norm" in proc.stdout
+
+
+def test_planted_race_between_two_warps_is_caught(tsan_extension):
+    # Without its barrier, reverse_static's thread t reads the shared slot thread 63 - t writes: with 64 threads,
+    # a thread of warp 0 and one of warp 1. With the barrier the same launch is clean.
+    proc = run_sanitized(LIBTSAN, tsan_extension, """
+        import torch
+        from transformer_kernels import _ext
+        C = _ext.load("_C_host")
+        x, y = torch.randn(64), torch.empty(64)
+        C.selftest.reverse_static(x.data_ptr(), y.data_ptr(), 1, 64, True)
+        print("clean with the barrier", flush=True)
+        C.selftest.reverse_static(x.data_ptr(), y.data_ptr(), 1, 64, False)
+    """)
+    assert "clean with the barrier" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 66, proc.stderr[-3000:]
+    assert "WARNING: ThreadSanitizer: data race" in proc.stderr
+    assert "reverse_static_kernel(float const*, float*, int)::buf" in proc.stderr, proc.stderr[-3000:]
+    threads = [int(t) for t in re.findall(r"Thread T\d+ 'block \(0,0,0\) thread \((\d+),0,0\)'", proc.stderr)]
+    assert len(threads) == 2 and threads[0] + threads[1] == 63 and threads[0] // 32 != threads[1] // 32, proc.stderr
+
+
+def test_every_shipped_cuda_kernel_is_race_free(tsan_extension):
+    proc = run_sanitized(LIBTSAN, tsan_extension, EVERY_KERNEL)
+    assert "ThreadSanitizer" not in proc.stderr, proc.stderr[-3000:]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "attention forward/backward" in proc.stdout and "layer_norm" in proc.stdout

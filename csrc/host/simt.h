@@ -26,6 +26,9 @@
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
 #endif
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -61,6 +64,42 @@
 
 namespace simt {
 
+// Race checking (tests/test_sanitizers.py builds _C_host with ThreadSanitizer): each simulated thread is a TSan
+// fiber, switches never synchronise, and only what orders threads on a GPU does: __syncthreads() (every thread
+// releases before waiting and acquires after), warp collectives (per warp), atomics (per address), and the launch
+// (the host's writes before a block, the block's before the host reads or the next block reuses shared memory).
+// Two threads touching the same byte between those points, one writing, is then a reported data race. Without
+// ThreadSanitizer these are no-ops.
+namespace race {
+#if defined(__SANITIZE_THREAD__)
+inline void* current() { return __tsan_get_current_fiber(); }
+inline void* create(const std::string& name) {
+  void* fiber = __tsan_create_fiber(0);
+  __tsan_set_fiber_name(fiber, name.c_str());  // reports then name the simulated block and thread
+  return fiber;
+}
+inline void destroy(void* fiber) { __tsan_destroy_fiber(fiber); }
+inline void switch_to(void* fiber) { __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync); }
+inline void release(const void* sync) { __tsan_release(const_cast<void*>(sync)); }
+inline void acquire(const void* sync) { __tsan_acquire(const_cast<void*>(sync)); }
+#else
+inline void* current() { return nullptr; }
+inline void* create(const std::string&) { return nullptr; }
+inline void destroy(void*) {}
+inline void switch_to(void*) {}
+inline void release(const void*) {}
+inline void acquire(const void*) {}
+#endif
+}  // namespace race
+
+// The simulator's own bookkeeping (scheduler state, fiber states, the thread and block indices) is shared by every
+// simulated thread by construction: ThreadSanitizer does not instrument it, only the kernels' memory accesses.
+#if defined(__SANITIZE_THREAD__)
+#define SIMT_RUNTIME __attribute__((no_sanitize_thread))
+#else
+#define SIMT_RUNTIME
+#endif
+
 enum class State { Runnable, AtBarrier, AtWarpSync, Done };
 
 struct Fiber {
@@ -71,6 +110,7 @@ struct Fiber {
   const char* bar_file = nullptr;  // where a fiber waits, for barrier-divergence messages
   int bar_line = 0;
   unsigned warp_mask = 0;          // lanes a warp collective waits for
+  void* race_fiber = nullptr;      // its ThreadSanitizer fiber (race checking only)
 };
 
 struct Runtime {
@@ -94,16 +134,21 @@ struct Runtime {
   // The scheduling policy of the running block (see run_block) and, when sticky, its favoured warp.
   bool sticky = false;
   unsigned last_warp = ~0u;
+  // Race checking: the scheduler's own fiber and the addresses the synchronisation points release and acquire.
+  void* race_scheduler = nullptr;
+  char block_start = 0, block_end = 0, barrier = 0;
+  std::vector<char> warp_collective;
+  std::vector<float> wmma_scratch;  // per warp: the A and B tiles of an mma_sync (512 floats)
 };
 
-inline Runtime& rt() {
+SIMT_RUNTIME inline Runtime& rt() {
   static thread_local Runtime r;
   return r;
 }
 
-inline void set_seed(uint64_t seed) { rt().rng.seed(seed); }
+SIMT_RUNTIME inline void set_seed(uint64_t seed) { rt().rng.seed(seed); }
 
-inline size_t fiber_stack_bytes() {
+SIMT_RUNTIME inline size_t fiber_stack_bytes() {
   static size_t bytes = [] {
     const char* env = std::getenv("SIMT_STACK_KB");
     size_t kb = env ? std::strtoull(env, nullptr, 10) : 256;
@@ -112,14 +157,14 @@ inline size_t fiber_stack_bytes() {
   return bytes;
 }
 
-[[noreturn]] inline void fail(const std::string& msg) { throw std::runtime_error("simt: " + msg); }
+SIMT_RUNTIME [[noreturn]] inline void fail(const std::string& msg) { throw std::runtime_error("simt: " + msg); }
 
-inline std::string where(const Fiber& f) {
+SIMT_RUNTIME inline std::string where(const Fiber& f) {
   return "thread (" + std::to_string(f.tid.x) + "," + std::to_string(f.tid.y) + "," +
          std::to_string(f.tid.z) + ")";
 }
 
-inline std::string block_name() {
+SIMT_RUNTIME inline std::string block_name() {
   auto& r = rt();
   return "block (" + std::to_string(r.block_idx.x) + "," + std::to_string(r.block_idx.y) + "," +
          std::to_string(r.block_idx.z) + ")";
@@ -129,7 +174,7 @@ inline std::string block_name() {
 // Built with AddressSanitizer (tests/test_sanitizers.py): every global load and store is checked against the
 // allocation it falls in. ASan's report names the kernel (its stack) and the offset from the allocation; this
 // adds which simulated block and thread made the access.
-inline void report_simulated_thread() {
+SIMT_RUNTIME inline void report_simulated_thread() {
   auto& r = rt();
   if (r.cur) std::fprintf(stderr, "simt: the access above was made by %s %s\n", block_name().c_str(), where(*r.cur).c_str());
 }
@@ -137,41 +182,47 @@ inline const bool asan_callback_registered = (__sanitizer_set_death_callback(&re
 #endif
 
 // Gives control back to the scheduler; returns when the scheduler resumes this fiber.
-inline void yield_to_scheduler() {
+SIMT_RUNTIME inline void yield_to_scheduler() {
   auto& r = rt();
   Fiber* self = r.cur;
+  race::switch_to(r.race_scheduler);
   swapcontext(&self->ctx, &r.sched);
 }
 
-inline void fiber_entry() {
+SIMT_RUNTIME inline void fiber_entry() {
   auto& r = rt();
+  race::acquire(&r.block_start);
   try {
     (*r.body)();
   } catch (const std::exception& e) {
     if (r.error.empty()) r.error = e.what();
   }
   r.cur->state = State::Done;
+  race::release(&r.block_end);
+  race::switch_to(r.race_scheduler);
   setcontext(&r.sched);
 }
 
-inline void syncthreads(const char* file, int line) {
+SIMT_RUNTIME inline void syncthreads(const char* file, int line) {
   auto& r = rt();
   r.cur->state = State::AtBarrier;
   r.cur->bar_file = file;
   r.cur->bar_line = line;
+  race::release(&r.barrier);
   yield_to_scheduler();
+  race::acquire(&r.barrier);
 }
 
-inline unsigned lane_id() { return rt().cur->linear & 31u; }
-inline unsigned warp_id() { return rt().cur->linear >> 5; }
+SIMT_RUNTIME inline unsigned lane_id() { return rt().cur->linear & 31u; }
+SIMT_RUNTIME inline unsigned warp_id() { return rt().cur->linear >> 5; }
 
 // Lanes of this fiber's warp that exist (a last partial warp has fewer than 32).
-inline unsigned existing_lanes(unsigned warp) {
+SIMT_RUNTIME inline unsigned existing_lanes(unsigned warp) {
   unsigned n = rt().n_threads - warp * 32u;
   return n >= 32 ? 0xffffffffu : ((1u << n) - 1u);
 }
 
-inline void warp_sync(unsigned mask) {
+SIMT_RUNTIME inline void warp_sync(unsigned mask) {
   auto& r = rt();
   unsigned lane = lane_id();
   if (!(mask & (1u << lane))) fail(where(*r.cur) + " calls a warp collective with a mask that excludes itself");
@@ -179,17 +230,19 @@ inline void warp_sync(unsigned mask) {
     fail(where(*r.cur) + " warp collective mask names lanes that do not exist in this block");
   r.cur->state = State::AtWarpSync;
   r.cur->warp_mask = mask;
+  race::release(&r.warp_collective[warp_id()]);
   yield_to_scheduler();
+  race::acquire(&r.warp_collective[warp_id()]);
 }
 
-inline unsigned char* exchange_slot(unsigned warp, unsigned lane) {
+SIMT_RUNTIME inline unsigned char* exchange_slot(unsigned warp, unsigned lane) {
   return rt().exchange.data() + (static_cast<size_t>(warp) * 32 + lane) * 16;
 }
 
 // Writes this lane's value, waits for the lanes of `mask`, reads lane `src`, waits again so that
 // no lane overwrites its slot before every lane has read.
 template <typename T>
-inline T exchange(unsigned mask, T value, unsigned src) {
+SIMT_RUNTIME inline T exchange(unsigned mask, T value, unsigned src) {
   static_assert(sizeof(T) <= 16, "shuffle payload too large");
   unsigned warp = warp_id();
   std::memcpy(exchange_slot(warp, lane_id()), &value, sizeof(T));
@@ -201,11 +254,11 @@ inline T exchange(unsigned mask, T value, unsigned src) {
   return out;
 }
 
-inline void poison_static_shared();
+SIMT_RUNTIME inline void poison_static_shared();
 
 // Whether warp w can be released from a warp collective: every waiting lane waits with the same mask, and the
 // mask names exactly the waiting lanes.
-inline bool warp_ready(unsigned w) {
+SIMT_RUNTIME inline bool warp_ready(unsigned w) {
   auto& r = rt();
   unsigned waiting = 0, mask = 0;
   for (unsigned l = 0; l < 32 && w * 32 + l < r.n_threads; ++l) {
@@ -218,7 +271,7 @@ inline bool warp_ready(unsigned w) {
   return waiting && waiting == mask;
 }
 
-inline void release_warp(unsigned w) {
+SIMT_RUNTIME inline void release_warp(unsigned w) {
   auto& r = rt();
   for (unsigned l = 0; l < 32 && w * 32 + l < r.n_threads; ++l)
     if (r.fibers[w * 32 + l].state == State::AtWarpSync) r.fibers[w * 32 + l].state = State::Runnable;
@@ -226,7 +279,7 @@ inline void release_warp(unsigned w) {
 
 // Runs the runnable fibers (of warp `only`, or of every warp) once each, in a random order, until each blocks.
 // Returns whether any ran.
-inline bool run_runnable(std::vector<unsigned>& order, unsigned only) {
+SIMT_RUNTIME inline bool run_runnable(std::vector<unsigned>& order, unsigned only) {
   auto& r = rt();
   order.clear();
   for (unsigned i = 0; i < r.n_threads; ++i)
@@ -234,6 +287,7 @@ inline bool run_runnable(std::vector<unsigned>& order, unsigned only) {
   std::shuffle(order.begin(), order.end(), r.rng);
   for (unsigned i : order) {
     r.cur = &r.fibers[i];
+    race::switch_to(r.fibers[i].race_fiber);
     swapcontext(&r.sched, &r.fibers[i].ctx);
     r.cur = nullptr;
     if (!r.error.empty()) fail(r.error + " [" + block_name() + "]");
@@ -247,7 +301,7 @@ inline bool run_runnable(std::vector<unsigned>& order, unsigned only) {
 //  - uniform: every runnable fiber runs, then one random warp whose collective is complete is released;
 //  - sticky: one favoured warp runs and is released again and again until it reaches a __syncthreads() or exits,
 //    before any other warp moves (the largest skew between warps a GPU may show).
-inline void run_block() {
+SIMT_RUNTIME inline void run_block() {
   auto& r = rt();
   std::vector<unsigned> order, ready;
   order.reserve(r.n_threads);
@@ -315,7 +369,7 @@ inline void run_block() {
   }
 }
 
-inline void ensure_stacks(unsigned n_threads) {
+SIMT_RUNTIME inline void ensure_stacks(unsigned n_threads) {
   auto& r = rt();
   size_t need = static_cast<size_t>(n_threads) * fiber_stack_bytes();
   if (r.stacks_len >= need) return;
@@ -327,8 +381,15 @@ inline void ensure_stacks(unsigned n_threads) {
   r.stack_bytes = fiber_stack_bytes();
 }
 
+SIMT_RUNTIME inline void destroy_race_fibers() {
+  for (auto& f : rt().fibers) {
+    if (f.race_fiber) race::destroy(f.race_fiber);
+    f.race_fiber = nullptr;
+  }
+}
+
 // Runs `body` once per thread of every block of the grid. Blocks run one by one in a random order.
-inline void launch(dim3 grid, dim3 block, size_t dyn_smem_bytes, const std::function<void()>& body) {
+SIMT_RUNTIME inline void launch(dim3 grid, dim3 block, size_t dyn_smem_bytes, const std::function<void()>& body) {
   auto& r = rt();
   if (r.body) fail("nested kernel launch");
   unsigned long long n_threads = 1ull * block.x * block.y * block.z;
@@ -341,6 +402,9 @@ inline void launch(dim3 grid, dim3 block, size_t dyn_smem_bytes, const std::func
   r.n_threads = static_cast<unsigned>(n_threads);
   r.fibers.assign(r.n_threads, Fiber{});
   r.exchange.assign(static_cast<size_t>((r.n_threads + 31) / 32) * 32 * 16, 0);
+  r.warp_collective.assign((r.n_threads + 31) / 32, 0);
+  r.wmma_scratch.assign(static_cast<size_t>((r.n_threads + 31) / 32) * 512, 0.0f);
+  r.race_scheduler = race::current();
   r.dyn_smem.assign(dyn_smem_bytes, 0);
   r.error.clear();
   r.body = &body;
@@ -366,10 +430,17 @@ inline void launch(dim3 grid, dim3 block, size_t dyn_smem_bytes, const std::func
         f.ctx.uc_stack.ss_size = r.stack_bytes;
         f.ctx.uc_link = &r.sched;
         makecontext(&f.ctx, fiber_entry, 0);
+#if defined(__SANITIZE_THREAD__)
+        f.race_fiber = race::create(block_name() + " " + where(f));
+#endif
       }
+      race::release(&r.block_start);
       run_block();
+      race::acquire(&r.block_end);
+      destroy_race_fibers();
     }
   } catch (...) {
+    destroy_race_fibers();
     r.body = nullptr;
     r.cur = nullptr;
     throw;
@@ -377,7 +448,7 @@ inline void launch(dim3 grid, dim3 block, size_t dyn_smem_bytes, const std::func
   r.body = nullptr;
 }
 
-inline void* dynamic_shared() { return rt().dyn_smem.data(); }
+SIMT_RUNTIME inline void* dynamic_shared() { return rt().dyn_smem.data(); }
 
 }  // namespace simt
 
@@ -387,16 +458,22 @@ extern unsigned char __start_simt_shared[] __attribute__((weak, visibility("hidd
 extern unsigned char __stop_simt_shared[] __attribute__((weak, visibility("hidden")));
 }
 
-inline void simt::poison_static_shared() {
+SIMT_RUNTIME inline void simt::poison_static_shared() {
   if (__start_simt_shared && __stop_simt_shared > __start_simt_shared)
     std::memset(__start_simt_shared, 0xff, static_cast<size_t>(__stop_simt_shared - __start_simt_shared));
 }
 
 // ---- CUDA built-ins -------------------------------------------------------------------------
-#define threadIdx (::simt::rt().cur->tid)
-#define blockIdx (::simt::rt().block_idx)
-#define blockDim (::simt::rt().block)
-#define gridDim (::simt::rt().grid)
+namespace simt {
+SIMT_RUNTIME inline uint3 thread_idx() { return rt().cur->tid; }
+SIMT_RUNTIME inline uint3 block_idx() { return rt().block_idx; }
+SIMT_RUNTIME inline dim3 block_dim() { return rt().block; }
+SIMT_RUNTIME inline dim3 grid_dim() { return rt().grid; }
+}  // namespace simt
+#define threadIdx (::simt::thread_idx())
+#define blockIdx (::simt::block_idx())
+#define blockDim (::simt::block_dim())
+#define gridDim (::simt::grid_dim())
 constexpr int warpSize = 32;
 
 #define __syncthreads() ::simt::syncthreads(__FILE__, __LINE__)
@@ -451,26 +528,34 @@ inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred
 
 template <typename T>
 inline T atomicAdd(T* address, T val) {
+  ::simt::race::acquire(address);  // atomics on one address are ordered, not racing
   T old = *address;
   *address = old + val;
+  ::simt::race::release(address);
   return old;
 }
 template <typename T>
 inline T atomicMax(T* address, T val) {
+  ::simt::race::acquire(address);  // atomics on one address are ordered, not racing
   T old = *address;
   *address = std::max(old, val);
+  ::simt::race::release(address);
   return old;
 }
 template <typename T>
 inline T atomicCAS(T* address, T compare, T val) {
+  ::simt::race::acquire(address);  // atomics on one address are ordered, not racing
   T old = *address;
   if (old == compare) *address = val;
+  ::simt::race::release(address);
   return old;
 }
 template <typename T>
 inline T atomicExch(T* address, T val) {
+  ::simt::race::acquire(address);  // atomics on one address are ordered, not racing
   T old = *address;
   *address = val;
+  ::simt::race::release(address);
   return old;
 }
 
@@ -526,12 +611,8 @@ constexpr int kLaneElems = 8;
 inline int tile_row(int lane, int e) { return (lane * kLaneElems + e) / 16; }
 inline int tile_col(int lane, int e) { return (lane * kLaneElems + e) % 16; }
 // Per warp: A (256 floats) then B (256 floats), reused by every mma_sync.
-inline float* warp_scratch() {
-  auto& r = ::simt::rt();
-  static thread_local std::vector<float> buf;
-  size_t need = static_cast<size_t>((r.n_threads + 31) / 32) * 512;
-  if (buf.size() < need) buf.resize(need);
-  return buf.data() + static_cast<size_t>(::simt::warp_id()) * 512;
+SIMT_RUNTIME inline float* warp_scratch() {
+  return ::simt::rt().wmma_scratch.data() + static_cast<size_t>(::simt::warp_id()) * 512;
 }
 template <typename T> inline float as_float(T v) { return static_cast<float>(v); }
 template <> inline float as_float<__half>(__half v) { return __half2float(v); }
