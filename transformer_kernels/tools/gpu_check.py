@@ -47,10 +47,11 @@ def steps(out: Path) -> list[Step]:
     out_steps = [
         Step("env", "environment report", [py, "-m", "transformer_kernels", "info", "--json"], 30, "env.json"),
         Step("tests", "test suite on the GPU (gpu-marked tests included)",
-             # The ahead-of-time resource compiles and the simulator's mutation builds check CPU-side facts that CI
-             # checks already; the GPU's minutes go to what only a GPU shows.
+             # The ahead-of-time resource compiles and the simulator's mutation and sanitizer builds check CPU-side
+             # facts that CI checks already; the GPU's minutes go to what only a GPU shows.
              [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}", "tests",
-              "--ignore=tests/test_resources.py", "--ignore=tests/test_simt.py", "-k", "not static_bench"],
+              "--ignore=tests/test_resources.py", "--ignore=tests/test_simt.py", "--ignore=tests/test_sanitizers.py",
+              "-k", "not static_bench"],
              220, "tests.log"),
     ]
     for tool in SANITIZER_TOOLS:
