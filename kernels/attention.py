@@ -68,6 +68,17 @@ def _corner(base_ptr, start_r, stride_r, start_c, stride_c):
 
 
 @triton.jit
+def _key_tile(k_base, v_base, start_n, offs_n, stride_kn, stride_vn, WIDE: tl.constexpr):
+    # (K base, V base, key offsets) of the key tile at start_n: the WIDE form moves the bases to the tile's first
+    # key through 64-bit offsets and keeps the offsets relative to it.
+    if WIDE:
+        k_base = _corner(k_base, start_n, stride_kn, 0, 0)
+        v_base = _corner(v_base, start_n, stride_vn, 0, 0)
+        offs_n = offs_n - start_n
+    return k_base, v_base, offs_n
+
+
+@triton.jit
 def _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM: tl.constexpr):
     # Keys that exist and are not padding: the only columns ever loaded from K and V.
     ok = offs_n < seqlen_k
@@ -117,12 +128,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, k_base, v_base, kpm_ptr, k
     offs_n = start_n + tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
     col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
-    if WIDE:
-        k_base = _corner(k_base, start_n, stride_kn, 0, 0)
-        v_base = _corner(v_base, start_n, stride_vn, 0, 0)
-        rel_n = offs_n - start_n
-    else:
-        rel_n = offs_n
+    k_base, v_base, rel_n = _key_tile(k_base, v_base, start_n, offs_n, stride_kn, stride_vn, WIDE)
     kt = tl.load(k_base + rel_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
     qk = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
@@ -309,13 +315,8 @@ def attn_bwd_dkdv_kernel(
     d_ok = offs_d < D
     col_ok = _key_cols(kpm_ptr, b * stride_kpm_b, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     kv_ok = col_ok[:, None] & d_ok[None, :]
-    k_base = k_ptr + b * stride_kb + hk * stride_kh
-    v_base = v_ptr + b * stride_vb + hk * stride_vh
-    rel_n = offs_n
-    if WIDE:
-        k_base = _corner(k_base, start_n, stride_kn, 0, 0)
-        v_base = _corner(v_base, start_n, stride_vn, 0, 0)
-        rel_n = offs_n - start_n
+    k_base, v_base, rel_n = _key_tile(k_ptr + b * stride_kb + hk * stride_kh, v_ptr + b * stride_vb + hk * stride_vh,
+                                      start_n, offs_n, stride_kn, stride_vn, WIDE)
     k = tl.load(k_base + rel_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -362,12 +363,7 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_p
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     kv_ok = col_ok[:, None] & (offs_d[None, :] < D)
-    if WIDE:
-        k_base = _corner(k_base, start_n, stride_kn, 0, 0)
-        v_base = _corner(v_base, start_n, stride_vn, 0, 0)
-        rel_n = offs_n - start_n
-    else:
-        rel_n = offs_n
+    k_base, v_base, rel_n = _key_tile(k_base, v_base, start_n, offs_n, stride_kn, stride_vn, WIDE)
     k = tl.load(k_base + rel_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
