@@ -203,7 +203,8 @@ def triton_report(modules: Iterable[str] = TRITON_KERNEL_MODULES, jobs: int | No
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"Triton AOT compile failed:\n{proc.stderr[-4000:]}")
-    print(proc.stderr.strip().splitlines()[-1], file=sys.stderr)
+    if proc.stderr.strip():  # the child's summary: how many variants it compiled
+        print(proc.stderr.strip().splitlines()[-1], file=sys.stderr)
     return [Resources(**r) for r in json.loads(proc.stdout)]
 
 
