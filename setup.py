@@ -2,7 +2,8 @@
 
 Both are compiled through ninja for parallel compiles. Never imports torch.
 Environment: TK_CUDA_ARCHS (default "80;86;89;90"), TK_SKIP_CUDA_BUILD=1, CUDA_HOME, MAX_JOBS, TK_HOST_CXXFLAGS
-(appended to the _C_host compile and link: `make coverage` builds a gcov-instrumented copy in build/coverage).
+(appended to the _C_host compile and, unless TK_HOST_LDFLAGS says otherwise, link: `make coverage` and the sanitizer
+tests build instrumented copies in build/).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class NinjaBuildExt(build_ext):
             ldflags = "-shared"
             extra = os.environ.get("TK_HOST_CXXFLAGS", "")  # e.g. gcov or sanitizer instrumentation
             lines[0] += f" {extra}"
-            ldflags += f" {extra}"
+            ldflags += " " + os.environ.get("TK_HOST_LDFLAGS", extra)
         lines.append("rule cc\n  command = $cxx $cxxflags -MD -MF $out.d -c $in -o $out\n  depfile = $out.d\n  deps = gcc")
         lines.append(f"rule link\n  command = $cxx $in -o $out {ldflags}")
         objs = []

@@ -233,6 +233,7 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
   auto st = m.def_submodule("selftest", "kernels that test the simulator");
   st.def("reverse_static", &simt_selftest::reverse_static);
   st.def("reverse_dynamic", &simt_selftest::reverse_dynamic);
+  st.def("read_unwritten_shared", &simt_selftest::read_unwritten_shared);
   st.def("exit_before_barrier", &simt_selftest::exit_before_barrier);
   st.def("different_barriers", &simt_selftest::different_barriers);
   st.def("shuffles", &simt_selftest::shuffles);

@@ -7,9 +7,12 @@
   block touching the same shared (or global) byte between barriers, one writing, is a reported race naming both
   simulated threads.
 
-A planted out-of-bounds read and a planted race between two warps must be caught, and every shipped CUDA C++
-kernel must run clean under both. Not covered yet: reads of shared memory no thread wrote (initcheck; the
-simulator only poisons it with NaN bytes before each block).
+- initcheck: no available tool tracks whether memory was written (MemorySanitizer would need Python and torch
+  instrumented), so csrc/host/initcheck.cu supplies the entry points of GCC's ThreadSanitizer instrumentation
+  itself: a shadow byte per shared-memory byte, set by stores, checked by loads, cleared when a block starts.
+
+A planted out-of-bounds read, a planted race between two warps and a planted read of unwritten shared memory must
+be caught, and every shipped CUDA C++ kernel must run clean under all three.
 """
 
 import os
@@ -49,10 +52,17 @@ def tsan_extension():
     return so
 
 
+@pytest.fixture(scope="module")
+def initcheck_extension():
+    # TSan's instrumentation without its runtime: initcheck.cu defines the __tsan_* entry points.
+    so, _ = toolchain.instrumented_host_extension("initcheck", "-O1 -g -fsanitize=thread -DSIMT_INITCHECK", "")
+    return so
+
+
 def run_sanitized(runtime, extension, code: str) -> subprocess.CompletedProcess:
     # The sanitizer's runtime must be the first library loaded into the interpreter; leak checking would report
     # Python's own; one OpenMP thread keeps torch's thread pool out of the race report.
-    env = {**os.environ, "LD_PRELOAD": str(runtime), "ASAN_OPTIONS": "detect_leaks=0",
+    env = {**os.environ, "LD_PRELOAD": str(runtime or ""), "ASAN_OPTIONS": "detect_leaks=0",
            "TSAN_OPTIONS": "halt_on_error=1 exitcode=66", "OMP_NUM_THREADS": "1",
            "TK_HOST_EXTENSION": str(extension), "TRITON_INTERPRET": "1"}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
@@ -110,5 +120,26 @@ def test_planted_race_between_two_warps_is_caught(tsan_extension):
 def test_every_shipped_cuda_kernel_is_race_free(tsan_extension):
     proc = run_sanitized(LIBTSAN, tsan_extension, EVERY_KERNEL)
     assert "ThreadSanitizer" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "attention forward/backward" in proc.stdout and "layer_norm" in proc.stdout
+
+
+def test_planted_read_of_unwritten_shared_memory_is_caught(initcheck_extension):
+    # read_unwritten_shared: the first half of the block writes its slots, then every thread reads its own.
+    proc = run_sanitized(None, initcheck_extension, """
+        import torch
+        from transformer_kernels import _ext
+        y = torch.empty(64)
+        _ext.load("_C_host").selftest.read_unwritten_shared(y.data_ptr(), 64)
+    """)
+    assert proc.returncode != 0
+    m = re.search(r"initcheck: thread \((\d+),0,0\) of block \(0,0,0\) reads byte (\d+) of dynamic shared memory, "
+                  r"which no thread of the block has written", proc.stderr)
+    assert m, proc.stderr[-3000:]
+    assert int(m.group(1)) >= 32 and int(m.group(2)) == 4 * int(m.group(1))
+
+
+def test_every_shipped_cuda_kernel_reads_only_written_shared_memory(initcheck_extension):
+    proc = run_sanitized(None, initcheck_extension, EVERY_KERNEL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "attention forward/backward" in proc.stdout and "layer_norm" in proc.stdout

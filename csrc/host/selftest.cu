@@ -24,6 +24,15 @@ __global__ void reverse_dynamic_kernel(const float* in, float* out) {
   out[blockIdx.x * n + t] = buf[n - 1 - t];
 }
 
+// Each thread of the first half writes its slot of dynamic shared memory; after the barrier every thread reads
+// its own slot, so the second half reads slots no thread wrote: initcheck's planted fault.
+__global__ void read_unwritten_shared_kernel(float* out) {
+  TK_EXTERN_SHARED(float, buf);
+  if (threadIdx.x < blockDim.x / 2) buf[threadIdx.x] = 1.0f;
+  __syncthreads();
+  out[threadIdx.x] = buf[threadIdx.x];
+}
+
 // Half the block returns early, the other half waits at a barrier: divergence.
 __global__ void exit_before_barrier_kernel(float* out) {
   if (threadIdx.x < blockDim.x / 2) return;
@@ -104,6 +113,10 @@ void seed(uint64_t s) { simt::set_seed(s); }
 void reverse_static(uintptr_t in, uintptr_t out, int blocks, int threads, bool with_barrier) {
   tk::launch(reverse_static_kernel, dim3(blocks), dim3(threads), 0, nullptr, reinterpret_cast<const float*>(in),
              reinterpret_cast<float*>(out), int(with_barrier));
+}
+void read_unwritten_shared(uintptr_t out, int threads) {
+  tk::launch(read_unwritten_shared_kernel, dim3(1), dim3(threads), threads * sizeof(float), nullptr,
+             reinterpret_cast<float*>(out));
 }
 void reverse_dynamic(uintptr_t in, uintptr_t out, int blocks, int threads) {
   tk::launch(reverse_dynamic_kernel, dim3(blocks), dim3(threads), threads * sizeof(float), nullptr,

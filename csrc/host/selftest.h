@@ -7,6 +7,7 @@ namespace simt_selftest {
 void seed(uint64_t seed);
 void reverse_static(uintptr_t in, uintptr_t out, int blocks, int threads, bool with_barrier);
 void reverse_dynamic(uintptr_t in, uintptr_t out, int blocks, int threads);
+void read_unwritten_shared(uintptr_t out, int threads);
 void exit_before_barrier(uintptr_t out, int threads);
 void different_barriers(uintptr_t out, int threads);
 void shuffles(uintptr_t out, int threads, int dtype);

@@ -26,7 +26,10 @@
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
 #endif
-#if defined(__SANITIZE_THREAD__)
+// SIMT_RACECHECK: built with ThreadSanitizer and its runtime. SIMT_INITCHECK (also -fsanitize=thread, for its
+// instrumentation of every load and store) links initcheck.cu's runtime instead of TSan's.
+#if defined(__SANITIZE_THREAD__) && !defined(SIMT_INITCHECK)
+#define SIMT_RACECHECK 1
 #include <sanitizer/tsan_interface.h>
 #endif
 
@@ -71,7 +74,7 @@ namespace simt {
 // Two threads touching the same byte between those points, one writing, is then a reported data race. Without
 // ThreadSanitizer these are no-ops.
 namespace race {
-#if defined(__SANITIZE_THREAD__)
+#if defined(SIMT_RACECHECK)
 inline void* current() { return __tsan_get_current_fiber(); }
 inline void* create(const std::string& name) {
   void* fiber = __tsan_create_fiber(0);
@@ -255,6 +258,9 @@ SIMT_RUNTIME inline T exchange(unsigned mask, T value, unsigned src) {
 }
 
 SIMT_RUNTIME inline void poison_static_shared();
+#if defined(SIMT_INITCHECK)
+void initcheck_block_start();  // csrc/host/initcheck.cu: every shared byte unwritten again
+#endif
 
 // Whether warp w can be released from a warp collective: every waiting lane waits with the same mask, and the
 // mask names exactly the waiting lanes.
@@ -420,6 +426,9 @@ SIMT_RUNTIME inline void launch(dim3 grid, dim3 block, size_t dyn_smem_bytes, co
       r.last_warp = ~0u;
       poison_static_shared();
       std::memset(r.dyn_smem.data(), 0xff, r.dyn_smem.size());
+#if defined(SIMT_INITCHECK)
+      initcheck_block_start();
+#endif
       for (unsigned i = 0; i < r.n_threads; ++i) {
         Fiber& f = r.fibers[i];
         f.linear = i;
@@ -430,7 +439,7 @@ SIMT_RUNTIME inline void launch(dim3 grid, dim3 block, size_t dyn_smem_bytes, co
         f.ctx.uc_stack.ss_size = r.stack_bytes;
         f.ctx.uc_link = &r.sched;
         makecontext(&f.ctx, fiber_entry, 0);
-#if defined(__SANITIZE_THREAD__)
+#if defined(SIMT_RACECHECK)
         f.race_fiber = race::create(block_name() + " " + where(f));
 #endif
       }

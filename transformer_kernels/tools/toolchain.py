@@ -67,14 +67,16 @@ def csrc_dir() -> Path:
 NVCC_FLAGS = ("-std=c++17", "-O3")
 
 
-def instrumented_host_extension(name: str, cxxflags: str) -> tuple[Path, Path]:
-    """A copy of `_C_host` built with extra compiler flags (gcov, a sanitizer) into build/<name>, for loading
-    through TK_HOST_EXTENSION; returns (the extension, the object directory). Ninja rebuilds only what changed."""
+def instrumented_host_extension(name: str, cxxflags: str, ldflags: str | None = None) -> tuple[Path, Path]:
+    """A copy of `_C_host` built with extra compiler flags (gcov, a sanitizer) and link flags (default: the same)
+    into build/<name>, for loading through TK_HOST_EXTENSION; returns (the extension, the object directory). Ninja
+    rebuilds only what changed."""
     import subprocess
     import sys
 
     lib, tmp = REPO_ROOT / "build" / name / "lib", REPO_ROOT / "build" / name / "tmp"
-    env = {**os.environ, "TK_HOST_CXXFLAGS": cxxflags, "TK_SKIP_CUDA_BUILD": "1"}
+    env = {**os.environ, "TK_HOST_CXXFLAGS": cxxflags, "TK_HOST_LDFLAGS": cxxflags if ldflags is None else ldflags,
+           "TK_SKIP_CUDA_BUILD": "1"}
     subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(lib), "--build-temp", str(tmp)],
                    cwd=REPO_ROOT, env=env, check=True, capture_output=True)
     return next(lib.rglob("_C_host*.so")), tmp
