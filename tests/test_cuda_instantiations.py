@@ -9,18 +9,13 @@ import transformer_kernels as tk
 from transformer_kernels import reference
 from transformer_kernels.cuda import attention as cuda_attention
 from transformer_kernels.tools import testing
-from transformer_kernels.tools.testing import compare
+from transformer_kernels.tools.testing import assert_rows, compare
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MASKS = ["none", "bool", "same dtype", "fp32"]
 # Head dims that pad to each instantiated block (16, 32, 64, 128), up to each dtype's widest.
 ATTENTION_CASES = [(dtype, d) for dtype in DTYPES for d in (8, 32, 40, 100, 128)
                    if d <= cuda_attention.max_head_dim(dtype, torch.device("cpu"))]
-
-
-def _assert_rows(rows):
-    for name, err, bound in rows:
-        assert err <= bound, f"{name}: {err:.3e} > {bound:.3e}"
 
 
 @pytest.mark.parametrize("algo", ["warp", "block"])
@@ -41,7 +36,7 @@ def test_every_softmax_instantiation(algo, mask_kind, dtype, device):
         mk = mask if mask is None or mask.dtype == torch.bool else mask.to(x.dtype)
         return reference.masked_softmax(x, mk, 0.5, True)
 
-    _assert_rows(compare(ours, ref, {"x": x}, grad_of=("x",)))
+    assert_rows(compare(ours, ref, {"x": x}, grad_of=("x",)))
 
 
 @pytest.mark.parametrize(("dtype", "head_dim"), ATTENTION_CASES, ids=str)
@@ -59,4 +54,4 @@ def test_every_attention_instantiation(dtype, head_dim, device):
         return reference.scaled_dot_product_attention(q, k, v, **{**kw, "attn_mask": bias.to(q.dtype)},
                                                       low_precision=q.dtype != torch.float32)
 
-    _assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")))
+    assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")))

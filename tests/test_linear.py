@@ -7,7 +7,7 @@ import transformer_kernels as tk
 from transformer_kernels import reference
 from transformer_kernels.ops.attention import draw_seed
 from transformer_kernels.tools import testing
-from transformer_kernels.tools.testing import compare
+from transformer_kernels.tools.testing import assert_rows, compare
 
 BACKENDS = ["triton", "cuda", "torch"]
 KERNEL_BACKENDS = ["triton", "cuda"]
@@ -17,11 +17,6 @@ LOW = [torch.float16, torch.bfloat16]
 def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0, seed=0):
     g = torch.Generator().manual_seed(seed + sum(shape))
     return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
-
-
-def assert_rows(rows, what):
-    for name, err, bound in rows:
-        assert err <= bound, f"{what} {name}: max error {err:.3e} exceeds bound {bound:.3e}"
 
 
 def check_linear(backend, m, n, k, dtype, device, activation="gelu", residual=True, bias=True):

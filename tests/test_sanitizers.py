@@ -36,20 +36,20 @@ EVERY_KERNEL = """
 """
 
 
+def _sanitized_build(name: str, runtime, tool: str, cxxflags: str):
+    if runtime is None:
+        pytest.skip(f"the host compiler has no {tool} runtime")
+    return toolchain.instrumented_host_extension(name, cxxflags)[0]
+
+
 @pytest.fixture(scope="module")
 def asan_extension():
-    if LIBASAN is None:
-        pytest.skip("the host compiler has no AddressSanitizer runtime")
-    so, _ = toolchain.instrumented_host_extension("asan", "-O1 -g -fsanitize=address -fno-omit-frame-pointer")
-    return so
+    return _sanitized_build("asan", LIBASAN, "AddressSanitizer", "-O1 -g -fsanitize=address -fno-omit-frame-pointer")
 
 
 @pytest.fixture(scope="module")
 def tsan_extension():
-    if LIBTSAN is None:
-        pytest.skip("the host compiler has no ThreadSanitizer runtime")
-    so, _ = toolchain.instrumented_host_extension("tsan", "-O1 -g -fsanitize=thread")
-    return so
+    return _sanitized_build("tsan", LIBTSAN, "ThreadSanitizer", "-O1 -g -fsanitize=thread")
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +69,9 @@ def run_sanitized(runtime, extension, code: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-def run_under_asan(extension, code: str) -> subprocess.CompletedProcess:
-    return run_sanitized(LIBASAN, extension, code)
-
-
 def test_planted_out_of_bounds_read_is_caught(asan_extension):
     # reverse_static reads in[blockIdx.x * blockDim.x + threadIdx.x]: 256 threads over 255 floats read one past.
-    proc = run_under_asan(asan_extension, """
+    proc = run_sanitized(LIBASAN, asan_extension, """
         import torch
         from transformer_kernels import _ext
         x, y = torch.randn(255), torch.empty(256)
@@ -86,15 +82,6 @@ def test_planted_out_of_bounds_read_is_caught(asan_extension):
     assert "READ of size 4" in proc.stderr and "0 bytes to the right of 1020-byte region" in proc.stderr, proc.stderr[-3000:]
     assert re.search(r"selftest\.cu:\d+ in simt_selftest::reverse_static_kernel", proc.stderr), proc.stderr[-3000:]
     assert "simt: the access above was made by block (0,0,0) thread (255,0,0)" in proc.stderr, proc.stderr[-3000:]
-
-
-def test_every_shipped_cuda_kernel_runs_clean(asan_extension):
-    # tools/cuda_driver.py runs each op of the cuda backend once (odd sizes, masks, GQA, dropout, residuals,
-    # forward and backward): the same driver compute-sanitizer runs on a GPU in `make gpu-check`.
-    proc = run_under_asan(asan_extension, EVERY_KERNEL)
-    assert "ERROR: AddressSanitizer" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "attention forward/backward" in proc.stdout and "layer_norm" in proc.stdout
 
 
 def test_planted_race_between_two_warps_is_caught(tsan_extension):
@@ -117,13 +104,6 @@ def test_planted_race_between_two_warps_is_caught(tsan_extension):
     assert len(threads) == 2 and threads[0] + threads[1] == 63 and threads[0] // 32 != threads[1] // 32, proc.stderr
 
 
-def test_every_shipped_cuda_kernel_is_race_free(tsan_extension):
-    proc = run_sanitized(LIBTSAN, tsan_extension, EVERY_KERNEL)
-    assert "ThreadSanitizer" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "attention forward/backward" in proc.stdout and "layer_norm" in proc.stdout
-
-
 def test_planted_read_of_unwritten_shared_memory_is_caught(initcheck_extension):
     # read_unwritten_shared: the first half of the block writes its slots, then every thread reads its own.
     proc = run_sanitized(None, initcheck_extension, """
@@ -139,7 +119,15 @@ def test_planted_read_of_unwritten_shared_memory_is_caught(initcheck_extension):
     assert int(m.group(1)) >= 32 and int(m.group(2)) == 4 * int(m.group(1))
 
 
-def test_every_shipped_cuda_kernel_reads_only_written_shared_memory(initcheck_extension):
-    proc = run_sanitized(None, initcheck_extension, EVERY_KERNEL)
+@pytest.mark.parametrize(("build", "runtime", "report"), [
+    ("asan_extension", LIBASAN, "ERROR: AddressSanitizer"),
+    ("tsan_extension", LIBTSAN, "ThreadSanitizer"),
+    ("initcheck_extension", None, "initcheck:"),
+], ids=["memcheck", "racecheck", "initcheck"])
+def test_every_shipped_cuda_kernel_runs_clean(build, runtime, report, request):
+    # tools/cuda_driver.py runs each op of the cuda backend once (odd sizes, masks, GQA, dropout, residuals,
+    # forward and backward): the same driver compute-sanitizer runs on a GPU in `make gpu-check`.
+    proc = run_sanitized(runtime, request.getfixturevalue(build), EVERY_KERNEL)
+    assert report not in proc.stderr, proc.stderr[-3000:]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "attention forward/backward" in proc.stdout and "layer_norm" in proc.stdout

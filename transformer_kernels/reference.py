@@ -174,7 +174,7 @@ def scaled_dot_product_attention(
         v = v.repeat_interleave(h // hkv, dim=-3)
     lq, lk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    rnd = (lambda t: t.to(q.dtype).to(_acc(q).dtype)) if low_precision else (lambda t: t)
+    rnd = (lambda t: _stored(t, q.dtype)) if low_precision else (lambda t: t)
     keep, bias = attention_bias(
         lq,
         lk,

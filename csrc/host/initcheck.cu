@@ -15,56 +15,52 @@
 namespace simt {
 namespace {
 
-// One shadow byte per shared-memory byte: 1 once written in this block. Plain pointers only: the functions below
-// must not call instrumented code (std::vector's members are), which would call them again.
-std::vector<unsigned char> static_shadow, dynamic_shadow;
-const unsigned char *static_begin = nullptr, *static_end = nullptr, *dynamic_begin = nullptr, *dynamic_end = nullptr;
-unsigned char *static_written = nullptr, *dynamic_written = nullptr;
+// One shadow byte per shared-memory byte: 1 once written in this block. The functions below touch only plain
+// pointers: calling instrumented code (std::vector's members are) would call them again.
+struct Region {
+  const unsigned char* begin = nullptr;
+  const unsigned char* end = nullptr;
+  unsigned char* written = nullptr;
+  const char* name;
+};
+std::vector<unsigned char> shadows[2];
+Region regions[2] = {{nullptr, nullptr, nullptr, "static"}, {nullptr, nullptr, nullptr, "dynamic"}};
 // The runtime of the launch being checked: null until the first block starts, so the instrumented code that runs
 // while the extension loads (static constructors, the runtime's own) never reaches the shadow.
 Runtime* active = nullptr;
 
-SIMT_RUNTIME unsigned char* shadow_of(const void* p, size_t* offset, const char** name) {
+SIMT_RUNTIME const Region* region_of(const void* p) {
+  if (!active || !active->cur) return nullptr;
   const auto* c = static_cast<const unsigned char*>(p);
-  if (c >= static_begin && c < static_end) {
-    *offset = static_cast<size_t>(c - static_begin), *name = "static";
-    return static_written;
-  }
-  if (c >= dynamic_begin && c < dynamic_end) {
-    *offset = static_cast<size_t>(c - dynamic_begin), *name = "dynamic";
-    return dynamic_written;
-  }
+  for (const Region& r : regions)
+    if (c >= r.begin && c < r.end) return &r;
   return nullptr;
 }
 
 SIMT_RUNTIME void on_write(const void* p, size_t n) {
-  if (!active || !active->cur) return;
-  size_t off = 0;
-  const char* name = nullptr;
-  if (unsigned char* w = shadow_of(p, &off, &name)) __builtin_memset(w + off, 1, n);
+  if (const Region* r = region_of(p)) __builtin_memset(r->written + (static_cast<const unsigned char*>(p) - r->begin), 1, n);
 }
 
 SIMT_RUNTIME void on_read(const void* p, size_t n) {
-  if (!active || !active->cur) return;
-  size_t off = 0;
-  const char* name = nullptr;
-  const unsigned char* w = shadow_of(p, &off, &name);
-  if (!w) return;
+  const Region* r = region_of(p);
+  if (!r) return;
+  const size_t off = static_cast<size_t>(static_cast<const unsigned char*>(p) - r->begin);
   for (size_t i = off; i < off + n; ++i)
-    if (!w[i])
+    if (!r->written[i])
       fail("initcheck: " + where(*active->cur) + " of " + block_name() + " reads byte " + std::to_string(i) + " of " +
-           name + " shared memory, which no thread of the block has written");
+           r->name + " shared memory, which no thread of the block has written");
 }
 
 }  // namespace
 
 SIMT_RUNTIME void initcheck_block_start() {
   active = &rt();
-  static_begin = __start_simt_shared, static_end = __start_simt_shared ? __stop_simt_shared : nullptr;
-  dynamic_begin = active->dyn_smem.data(), dynamic_end = dynamic_begin + active->dyn_smem.size();
-  static_shadow.assign(static_cast<size_t>(static_end - static_begin), 0);
-  dynamic_shadow.assign(active->dyn_smem.size(), 0);
-  static_written = static_shadow.data(), dynamic_written = dynamic_shadow.data();
+  const unsigned char* bounds[2][2] = {{__start_simt_shared, __start_simt_shared ? __stop_simt_shared : nullptr},
+                                       {active->dyn_smem.data(), active->dyn_smem.data() + active->dyn_smem.size()}};
+  for (int i = 0; i < 2; ++i) {
+    shadows[i].assign(static_cast<size_t>(bounds[i][1] - bounds[i][0]), 0);
+    regions[i].begin = bounds[i][0], regions[i].end = bounds[i][1], regions[i].written = shadows[i].data();
+  }
 }
 
 }  // namespace simt
@@ -75,17 +71,15 @@ SIMT_RUNTIME void __tsan_init() {}
 SIMT_RUNTIME void __tsan_func_entry(void*) {}
 SIMT_RUNTIME void __tsan_func_exit() {}
 SIMT_RUNTIME void __tsan_vptr_update(void**, void*) {}
-SIMT_RUNTIME void __tsan_read1(void* p) { simt::on_read(p, 1); }
-SIMT_RUNTIME void __tsan_read2(void* p) { simt::on_read(p, 2); }
-SIMT_RUNTIME void __tsan_read4(void* p) { simt::on_read(p, 4); }
-SIMT_RUNTIME void __tsan_read8(void* p) { simt::on_read(p, 8); }
-SIMT_RUNTIME void __tsan_read16(void* p) { simt::on_read(p, 16); }
+#define SIMT_ACCESS(N)                                                         \
+  SIMT_RUNTIME void __tsan_read##N(void* p) { simt::on_read(p, N); } \
+  SIMT_RUNTIME void __tsan_write##N(void* p) { simt::on_write(p, N); }
+SIMT_ACCESS(1)
+SIMT_ACCESS(2)
+SIMT_ACCESS(4)
+SIMT_ACCESS(8)
+SIMT_ACCESS(16)
 SIMT_RUNTIME void __tsan_read_range(void* p, unsigned long n) { simt::on_read(p, n); }
-SIMT_RUNTIME void __tsan_write1(void* p) { simt::on_write(p, 1); }
-SIMT_RUNTIME void __tsan_write2(void* p) { simt::on_write(p, 2); }
-SIMT_RUNTIME void __tsan_write4(void* p) { simt::on_write(p, 4); }
-SIMT_RUNTIME void __tsan_write8(void* p) { simt::on_write(p, 8); }
-SIMT_RUNTIME void __tsan_write16(void* p) { simt::on_write(p, 16); }
 SIMT_RUNTIME void __tsan_write_range(void* p, unsigned long n) { simt::on_write(p, n); }
 SIMT_RUNTIME int __tsan_atomic32_fetch_add(volatile int* a, int v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }
 SIMT_RUNTIME char __tsan_atomic8_load(const volatile char* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); }

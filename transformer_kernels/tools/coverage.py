@@ -14,11 +14,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 from . import toolchain
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = toolchain.REPO_ROOT
 OUT = ROOT / "build" / "coverage"
 
 

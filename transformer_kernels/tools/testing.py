@@ -53,6 +53,12 @@ def assert_close(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Tens
         raise AssertionError(f"{what}: max error {err:.3e} exceeds bound {bound:.3e} (dtype {out.dtype})")
 
 
+def assert_rows(rows: list[tuple[str, float, float]], what: str = "") -> None:
+    """Asserts every ``(name, error, bound)`` row that `compare` returns is within its bound."""
+    for name, err, bound in rows:
+        assert err <= bound, f"{what} {name}: max error {err:.3e} exceeds bound {bound:.3e}".lstrip()
+
+
 def _to_fp32(t: object) -> object:
     return t.detach().float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
