@@ -32,6 +32,8 @@ struct AttentionArgs {
   void* dq;
   void* dk;
   void* dv;
+  // dS, the gradient of a float mask, fp32 contiguous [B, H, Lq, Lk]; null unless the mask requires grad.
+  float* dmask;
   int64_t q_stride[4], k_stride[4], v_stride[4], do_stride[4], mask_stride[4], kpm_stride[2];
   int64_t B, H, Hkv, Lq, Lk, D;
   float scale;
@@ -48,7 +50,7 @@ struct AttentionArgs {
 // Fills out, row_max (max score of the row, 0 when none is visible) and inv_l (1 / softmax sum, 0 when
 // none is visible).
 void attention_forward(const AttentionArgs& args, tk_stream_t stream);
-// Fills delta, dq, dk, dv from dout, out, row_max, inv_l.
+// Fills delta, dq, dk, dv (and dmask when not null) from dout, out, row_max, inv_l.
 void attention_backward(const AttentionArgs& args, tk_stream_t stream);
 
 }  // namespace tk

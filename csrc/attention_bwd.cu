@@ -71,10 +71,12 @@ __device__ __forceinline__ void load_query_side(const AttentionArgs& a, BwdTiles
 }
 
 // S = Q K^T and dP = dO V^T of the tiles in shared memory, then, elementwise, the dropped probabilities
-// P (for dV) and dS = P * (dP - delta) (for dK and dQ). Masked scores are left as -inf in s.
+// P (for dV) and dS = P * (dP - delta) (for dK and dQ). Masked scores are left as -inf in s. With `ds_out`
+// (the dQ pass of a float mask that requires grad) dS is also stored in fp32: it is the mask's gradient.
 template <typename T, int DP>
 __device__ __forceinline__ void probabilities_and_score_grads(const AttentionArgs& a, BwdTiles<T, DP>& t, int64_t b,
-                                                              int64_t h, int64_t m0, int64_t n0) {
+                                                              int64_t h, int64_t m0, int64_t n0,
+                                                              float* ds_out = nullptr) {
   using L = BwdSmem<T, DP>;
   constexpr int BM = L::BM, BN = L::BN;
   block_gemm<T, BM, BN, DP, false, true>(t.q, L::LDT, t.k, L::LDT, t.s, L::LDS, false);
@@ -101,6 +103,7 @@ __device__ __forceinline__ void probabilities_and_score_grads(const AttentionArg
     }
     t.p[r * L::LDP + c] = from_float<T>(p);
     t.ds[r * L::LDP + c] = from_float<T>(ds);
+    if (ds_out != nullptr && m0 + r < a.Lq && n0 + c < a.Lk) ds_out[r * a.Lk + c] = ds;
   }
 }
 
@@ -159,18 +162,26 @@ __global__ void __launch_bounds__(kAttnThreads) attention_dq_kernel(AttentionArg
   const T* k_base = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1];
   const T* v_base = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
   const int64_t hi = key_end(a, m0, BM);
+  float* dmask_rows = a.dmask == nullptr ? nullptr : a.dmask + (bh * a.Lq + m0) * a.Lk;
   for (int64_t n0 = 0; n0 < hi; n0 += BN) {
     __syncthreads();  // the previous dQ product is done with k and dS (first pass: query side loaded)
     load_tile<T, BN, DP, true>(t.k, L::LDT, k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0);
     load_tile<T, BN, DP, true>(t.v, L::LDT, v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0);
     __syncthreads();  // K and V tiles complete
-    probabilities_and_score_grads<T, DP>(a, t, b, h, m0, n0);
+    probabilities_and_score_grads<T, DP>(a, t, b, h, m0, n0, dmask_rows == nullptr ? nullptr : dmask_rows + n0);
     __syncthreads();  // dS and the masked scores complete
     if (a.mask_kind != kNoMask) {
       zero_unseen_keys<T, BM, BN, DP>(t.s, L::LDS, t.k, L::LDT);
       __syncthreads();  // K rows of unseen keys zeroed
     }
     block_gemm<T, BM, DP, BN, false, false>(t.ds, L::LDP, t.k, L::LDT, t.acc0, L::LDO, true);  // dQ += dS K
+  }
+  // Keys past the causal range: their dS is zero, written so the mask gradient needs no zero fill.
+  const int64_t n_end = (hi + BN - 1) / BN * BN;
+  if (dmask_rows != nullptr) {
+    const int64_t rows = a.Lq - m0 < BM ? a.Lq - m0 : BM;
+    for (int64_t e = threadIdx.x; e < rows * (a.Lk - n_end); e += blockDim.x)
+      dmask_rows[e / (a.Lk - n_end) * a.Lk + n_end + e % (a.Lk - n_end)] = 0.0f;
   }
   __syncthreads();  // accumulator final
   T* dq = static_cast<T*>(a.dq) + (bh * a.Lq + m0) * a.D;

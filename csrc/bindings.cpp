@@ -147,6 +147,7 @@ tk::AttentionArgs attention_args(const py::dict& d) {
   a.dq = ptr<void>(d["dq"].cast<uintptr_t>());
   a.dk = ptr<void>(d["dk"].cast<uintptr_t>());
   a.dv = ptr<void>(d["dv"].cast<uintptr_t>());
+  a.dmask = ptr<float>(d["dmask"].cast<uintptr_t>());
   strides("q_stride", a.q_stride, 4);
   strides("k_stride", a.k_stride, 4);
   strides("v_stride", a.v_stride, 4);

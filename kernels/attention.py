@@ -355,11 +355,19 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _store_ds(ds_ptr, rows, offs_m, offs_n, seqlen_q, seqlen_k, ds):
+    # dS is the gradient of the additive mask itself (the mask enters the scores unscaled): stored in fp32 into a
+    # contiguous [B, H, Lq, Lk] buffer that ops/attention.py sums over the mask's broadcast dims.
+    ok = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+    tl.store(ds_ptr + rows[:, None] * seqlen_k + offs_n[None, :], ds, mask=ok)
+
+
+@triton.jit
 def _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, row_max_ptr,
              inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
-             seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+             seqlen_k, sm_scale, causal_offset, dropout_p, seed, ds_ptr,
              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-             WIDE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
+             WIDE: tl.constexpr, WRITE_DS: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     kv_ok = col_ok[:, None] & (offs_d[None, :] < D)
@@ -374,6 +382,8 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_p
         dp = tl.where(_keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N),
                       dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
+    if WRITE_DS:
+        _store_ds(ds_ptr, rows, offs_m, offs_n, seqlen_q, seqlen_k, ds)
     if MASK_KIND != 0:
         k = tl.where(_seen_by_any(visible)[:, None], k, 0.0)
     return mma(ds.to(k.dtype), k, dq, INTERPRETED)
@@ -381,14 +391,17 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_p
 
 @triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr, ds_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
     stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
     num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+    WIDE: tl.constexpr, WRITE_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
+    # WRITE_DS (a float mask that requires grad): every element of this query tile's dS rows is also stored, the
+    # keys the causal range skips as zeros, so the buffer needs no zero fill.
     bh, start_m, b, h, hk = _query_tile(num_heads, group, seqlen_q, BLOCK_M)
     seed = tl.load(seed_ptr) if DROPOUT else 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -407,13 +420,17 @@ def attn_bwd_dq_kernel(
         dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b,
                       stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn,
                       stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
-                      MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, BLOCK_N, INTERPRETED)
+                      ds_ptr, MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, WRITE_DS, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(full, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b,
                           stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn,
                           stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
-                          MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, BLOCK_N, INTERPRETED)
+                          ds_ptr, MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, WRITE_DS, BLOCK_N, INTERPRETED)
+        if WRITE_DS:
+            for start_n in range(tl.cdiv(hi, BLOCK_N) * BLOCK_N, seqlen_k, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                _store_ds(ds_ptr, rows, offs_m, offs_n, seqlen_q, seqlen_k, tl.zeros([BLOCK_M, BLOCK_N], tl.float32))
     tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dq * sm_scale, dq_ptr.dtype.element_ty,
                                                                     INTERPRETED), mask=ok)
 
@@ -557,6 +574,8 @@ def _autotuned(kernel, pass_name: str):
         return [wide_tile(*shape_class)] if kwargs["WIDE"] else tile_configs(*shape_class)
 
     key = ["seqlen_q_class", "seqlen_k_class", "group", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "DROPOUT", "WIDE"]
+    if pass_name == "dq":
+        key.append("WRITE_DS")
     wide = [] if is_interpreted() else [c for (p, _), c in _WIDE_TILES.items() if p == pass_name]
     return Autotuned(kernel, [c for tiles in table.values() for c in tiles] + wide, key, allowed)
 
@@ -632,9 +651,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        row_max: torch.Tensor, inv_l: torch.Tensor, mask: torch.Tensor | None, kpm: torch.Tensor | None,
                        scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
-                       seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       seed: torch.Tensor | None, mask_grad: bool = False,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `attention_forward` for grad_output ``dout`` (any strides, e.g. expanded); returns contiguous
-    dq, dk, dv. dK/dV of a GQA group are summed over its query heads."""
+    dq, dk, dv (dK/dV of a GQA group summed over its query heads) and, with ``mask_grad``, the gradient of the
+    float mask as a contiguous fp32 ``[B, H, Lq, Lk]`` (dS; None without)."""
     q, k, v, dout = (unit_last_stride(t) for t in (q, k, v, dout))
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -644,8 +665,9 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dq = alloc((b, h, lq, d), dtype=q.dtype, device=q.device)
     dk = alloc((b, hkv, lk, d), dtype=k.dtype, device=q.device)
     dv = alloc((b, hkv, lk, d), dtype=v.dtype, device=q.device)
+    dmask = alloc((b, h, lq, lk), dtype=torch.float32, device=q.device) if mask_grad else None
     if nothing:
-        return dq, dk, dv
+        return dq, dk, dv, dmask
     kind, m, ms, kp, kps = _mask_args(mask, kpm, q)
     block_d = head_dim_block(d, q.dtype)
     wide = spans_past_int32(q, k, v, dout, m)
@@ -660,16 +682,18 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     _dkdv[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)](
         q, k, v, dout, dk, dv, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)
     _dq[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)](
-        q, k, v, dout, dq, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)
-    return dq, dk, dv
+        q, k, v, dout, dq, row_max, inv_l, delta, m, kp, q if dmask is None else dmask, *strides, *sizes, **common,
+        WRITE_DS=mask_grad)
+    return dq, dk, dv, dmask
 
 
 _AOT_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
 # Pointers and scalars that are neither q's dtype nor 32-bit ints (the rest of the AOT signature is derived from the
 # kernels); the masks' unit key strides are specialised as Triton does for a stride of 1.
-_AOT_TYPES = {"row_max_ptr": "*fp32", "inv_l_ptr": "*fp32", "delta_ptr": "*fp32", "kpm_ptr": "*u8", "sm_scale": "fp32",
+_AOT_TYPES = {"row_max_ptr": "*fp32", "inv_l_ptr": "*fp32", "delta_ptr": "*fp32", "ds_ptr": "*fp32", "kpm_ptr": "*u8", "sm_scale": "fp32",
               "dropout_p": "fp32", "seed_ptr": "*i64", "stride_mask_n": "constexpr", "stride_kpm_n": "constexpr"}
-# The most expensive feature set (float mask, key padding, causal, dropout) and the cheapest (causal only).
+# The most expensive feature set (float mask, key padding, causal, dropout; dq also stores the mask's gradient) and
+# the cheapest (causal only).
 AOT_FEATURES = {
     "all": {"MASK_KIND": MASK_ADD, "HAS_KPM": True, "IS_CAUSAL": True, "DROPOUT": True},
     "plain": {"MASK_KIND": MASK_NONE, "HAS_KPM": False, "IS_CAUSAL": True, "DROPOUT": False},
@@ -692,6 +716,9 @@ def aot_variant(pass_name: str, dtype: torch.dtype, block_d: int, c: TileConfig,
     sig = aot_signature(fn, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
     consts = {**AOT_FEATURES[features], "WIDE": wide, "INTERPRETED": False, "stride_mask_n": 1, "stride_kpm_n": 1,
               "D": block_d, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": block_d}
+    if pass_name == "dq":
+        # The float mask's gradient (dS stored) belongs to the most expensive set.
+        consts["WRITE_DS"] = features == "all"
     return AotVariant(f"attn_{pass_name}", fn, sig, consts, c.num_warps,
                       f"{dt} D={block_d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} {features}"
                       + (" wide" if wide else ""),

@@ -288,6 +288,70 @@ def test_mask_broadcast_shapes_equal_the_full_mask(backend, shape, kind, device)
     check_against_reference(backend, q, k, v, attn_mask=mask)
 
 
+# (mask shape, extra kwargs): T5's position bias [1, H, Lq, Lk]; a per-batch bias with padding and bottom-right
+# causal; a per-head ALiBi-like [H, 1, Lk] slope; a shared [Lq, Lk] with top-left causal over more keys than one
+# tile, so the keys past the causal range (never visited by the dQ pass) must still get their zero gradient.
+MASK_GRAD_CASES = [
+    ((1, 4, 9, 13), {}),
+    ((2, 1, 9, 13), {"is_causal": True, "causal_alignment": "bottom_right", "padding": True}),
+    ((4, 1, 13), {"dropout_p": 0.0}),
+    ((9, 70), {"is_causal": True}),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(MASK_GRAD_CASES)))
+def test_float_mask_gets_its_gradient(backend, dtype, case, device):
+    shape, kw = MASK_GRAD_CASES[case]
+    kw = dict(kw)
+    lk = shape[-1]
+    q, k, v = make_qkv(2, 4, 2, 9, lk, 16, dtype=dtype, device=device, seed=case)
+    g = torch.Generator().manual_seed(case)
+    mask = torch.randn(shape, generator=g)
+    mask[..., 1] = float("-inf")  # a hidden key: exactly zero gradient there
+    mask = mask.to(dtype).to(device)
+    if kw.pop("padding", False):
+        kw["key_padding_mask"] = (torch.arange(lk) >= lk - 3).expand(2, lk).to(device)
+
+    def ours(q, k, v, mask):
+        with tk.use_backend(backend):
+            return tk.ops.attention(q, k, v, attn_mask=mask, enable_gqa=True, **kw)
+
+    def ref(q, k, v, mask):
+        return reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                                      low_precision=q.dtype != torch.float32, **kw)
+
+    rows = compare(ours, ref, {"q": q, "k": k, "v": v, "mask": mask}, grad_of=("q", "k", "v", "mask"))
+    assert [r[0] for r in rows] == ["out", "dq", "dk", "dv", "dmask"]
+    assert_rows(rows, f"{dtype}, {backend}:")
+    m = mask.clone().requires_grad_()
+    with tk.use_backend(backend):
+        tk.ops.attention(q, k, v, attn_mask=m, enable_gqa=True, **kw).sum().backward()
+    assert m.grad.shape == m.shape and m.grad.dtype == m.dtype
+    assert (m.grad[..., 1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_mask_gradient_only_when_asked(backend, device, monkeypatch):
+    """A mask that does not require grad costs nothing: the kernels are asked for no dS."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 5, 7, 16, device=device))
+    launcher = backends.launchers("attention", backend)
+    asked = []
+    real = launcher.attention_backward
+
+    def spy(*args):
+        asked.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(launcher, "attention_backward", spy)
+    mask = torch.randn(5, 7, device=device)
+    for m in (mask, mask.clone().requires_grad_()):
+        with tk.use_backend(backend):
+            tk.ops.attention(q, k, v, attn_mask=m).sum().backward()
+    assert asked == [False, True]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hkv", [1, 2])
 def test_grouped_and_multi_query_attention(backend, hkv, device):
@@ -482,8 +546,11 @@ def test_opcheck(backend, device):
         (q, k, v, None, None, 0.0, False, scale, 0, None, backend),
         (q, k, v, mask, kpm, 0.0, True, scale, 2, None, backend),
         (q, k, v, mask.float(), None, 0.2, False, scale, 0, torch.tensor([11]), backend),
+        (q, k, v, torch.randn(2, 1, 7, device=device), kpm, 0.0, True, scale, 0, None, backend),
     ]:
-        args = tuple(a.clone().requires_grad_() if i < 3 else a for i, a in enumerate(args))
+        # The float masks require grad: the op's dMask path is checked too.
+        args = tuple(a.clone().requires_grad_() if i < 3 or (i == 3 and a is not None and a.is_floating_point())
+                     else a for i, a in enumerate(args))
         torch.library.opcheck(torch.ops.transformer_kernels.attention.default, args)
 
 

@@ -42,6 +42,7 @@ def _args(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, s
         "causal": bool(is_causal), "causal_offset": int(causal_offset), "dropout_p": float(dropout_p),
         "seed": ptr(seed), "dtype": _ext.dtype_code(mod, q.dtype),
         "out": 0, "row_max": 0, "inv_l": 0, "dout": 0, "do_stride": [0] * 4, "delta": 0, "dq": 0, "dk": 0, "dv": 0,
+        "dmask": 0,
     }
 
 
@@ -64,19 +65,22 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        row_max: torch.Tensor, inv_l: torch.Tensor, mask: torch.Tensor | None, kpm: torch.Tensor | None,
                        scale: float, is_causal: bool, causal_offset: int, dropout_p: float, seed: torch.Tensor | None,
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `attention_forward` for ``dout`` (any strides, e.g. expanded); contiguous dq, dk, dv."""
+                       mask_grad: bool = False,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of `attention_forward` for ``dout`` (any strides, e.g. expanded); contiguous dq, dk, dv and, with
+    ``mask_grad``, the float mask's gradient dS as fp32 ``[B, H, Lq, Lk]`` (None without)."""
     mod = _ext.module_for(q.device)
     b, h, lq, d = q.shape
     # The kernels write every gradient element, except when there is nothing to attend (no queries, keys or head
     # dim: csrc/attention_bwd.cu returns early), where the gradients are zeros.
     alloc = torch.zeros if b * h * d == 0 or lq == 0 or k.shape[2] == 0 else torch.empty
     dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dmask = alloc((b, h, lq, k.shape[2]), dtype=torch.float32, device=q.device) if mask_grad else None
     delta = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     out = out.contiguous()
     args = _args(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, seed)
     args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr(),
              "dout": dout.data_ptr(), "do_stride": list(dout.stride()), "delta": delta.data_ptr(),
-             "dq": dq.data_ptr(), "dk": dk.data_ptr(), "dv": dv.data_ptr()}
+             "dq": dq.data_ptr(), "dk": dk.data_ptr(), "dv": dv.data_ptr(), "dmask": ptr(dmask)}
     mod.attention_backward(args, stream(q))
-    return dq, dk, dv
+    return dq, dk, dv, dmask

@@ -56,18 +56,22 @@ def _(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, causal_
 @torch.library.custom_op("transformer_kernels::attention_backward", mutates_args=())
 def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, row_max: Tensor, inv_l: Tensor,
                         attn_mask: Tensor | None, key_padding_mask: Tensor | None, dropout_p: float, is_causal: bool,
-                        scale: float, causal_offset: int, seed: Tensor | None, backend: str,
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+                        scale: float, causal_offset: int, seed: Tensor | None, mask_grad: bool, backend: str,
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv and, with ``mask_grad``, dS as fp32 ``[B, H, Lq, Lk]`` (the float mask's gradient before its
+    broadcast dims are summed; an empty tensor without)."""
     with backends.on_device(q):
-        return backends.launchers(FAMILY, backend).attention_backward(
+        dq, dk, dv, dmask = backends.launchers(FAMILY, backend).attention_backward(
             grad, q, k, v, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
-            is_causal, causal_offset, dropout_p, seed)
+            is_causal, causal_offset, dropout_p, seed, mask_grad)
+    return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if dmask is None else dmask
 
 
 @_attention_backward.register_fake
 def _(grad, q, k, v, out, row_max, inv_l, attn_mask, key_padding_mask, dropout_p, is_causal, scale, causal_offset,
-      seed, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+      seed, mask_grad, backend):
+    dmask_shape = (*q.shape[:-1], k.shape[-2]) if mask_grad else (0,)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(dmask_shape, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -77,13 +81,25 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.args = (dropout_p, is_causal, scale, causal_offset, backend)
 
 
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """``grad`` ``[B, H, Lq, Lk]`` summed over the dims a mask of ``shape`` was broadcast along (torch's fixed
+    reduction order: deterministic), then viewed as ``shape``."""
+    lead = grad.dim() - len(shape)
+    padded = (1,) * lead + tuple(shape)
+    dims = [i for i, n in enumerate(padded) if n == 1 and grad.shape[i] != 1]
+    return (grad.sum(dims, keepdim=True) if dims else grad).reshape(shape)
+
+
 def _backward(ctx, grad: Tensor, _grad_max: Tensor, _grad_inv_l: Tensor):
     q, k, v, out, row_max, inv_l, attn_mask, kpm, seed = ctx.saved_tensors
     dropout_p, is_causal, scale, causal_offset, backend = ctx.args
-    dq, dk, dv = _attention_backward(grad, q, k, v, out, row_max, inv_l, attn_mask, kpm, dropout_p, is_causal,
-                                     scale, causal_offset, seed, backend)
-    # Masks are constants of the layer (as in torch.nn): no gradient flows into them.
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    # A float mask that requires grad (T5's position bias, a learned ALiBi slope) gets dS, the gradient of the
+    # scores it is added to; otherwise the kernels store nothing more.
+    mask_grad = ctx.needs_input_grad[3]
+    dq, dk, dv, ds = _attention_backward(grad, q, k, v, out, row_max, inv_l, attn_mask, kpm, dropout_p, is_causal,
+                                         scale, causal_offset, seed, mask_grad, backend)
+    dmask = _sum_to(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
