@@ -690,8 +690,9 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 _AOT_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
 # Pointers and scalars that are neither q's dtype nor 32-bit ints (the rest of the AOT signature is derived from the
 # kernels); the masks' unit key strides are specialised as Triton does for a stride of 1.
-_AOT_TYPES = {"row_max_ptr": "*fp32", "inv_l_ptr": "*fp32", "delta_ptr": "*fp32", "ds_ptr": "*fp32", "kpm_ptr": "*u8", "sm_scale": "fp32",
-              "dropout_p": "fp32", "seed_ptr": "*i64", "stride_mask_n": "constexpr", "stride_kpm_n": "constexpr"}
+_AOT_TYPES = {"row_max_ptr": "*fp32", "inv_l_ptr": "*fp32", "delta_ptr": "*fp32", "ds_ptr": "*fp32", "kpm_ptr": "*u8",
+              "sm_scale": "fp32", "dropout_p": "fp32", "seed_ptr": "*i64",
+              "stride_mask_n": "constexpr", "stride_kpm_n": "constexpr"}
 # The most expensive feature set (float mask, key padding, causal, dropout; dq also stores the mask's gradient) and
 # the cheapest (causal only).
 AOT_FEATURES = {
