@@ -1,6 +1,9 @@
-"""`convert(model)`: swap torch.nn attention and transformer layers for the fused ones, in place, weights kept."""
+"""`convert(model)`: swap torch.nn attention and transformer layers (or a Hugging Face model's attention, norms and
+feed-forwards) for the fused ones, in place, weights kept."""
 
 from __future__ import annotations
+
+import sys
 
 from torch import nn
 
@@ -30,16 +33,33 @@ def _replacement(m: nn.Module, backend: str) -> nn.Module | None:
     return None
 
 
-def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Replaces every torch.nn.MultiheadAttention, TransformerEncoderLayer and TransformerDecoderLayer inside
-    ``model`` (the model itself included when it is one) by its transformer_kernels.nn twin with the same
-    configuration, weights (load_state_dict, strict), device, dtype and train/eval mode. Returns the model (the
-    replacement when ``model`` itself was converted)."""
+def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """Puts ``model`` on our kernels, in place, weights kept; returns it.
+
+    A Hugging Face transformers model: attention implementation "transformer_kernels" and every norm and
+    feed-forward module with a fused equivalent swapped (integrations/hf_modules.py); what was swapped is logged
+    and left in ``model.tk_swapped`` (class → count). ``backend`` None follows the backend in force at each call.
+
+    Any other model: every torch.nn.MultiheadAttention, TransformerEncoderLayer and TransformerDecoderLayer inside
+    it (``model`` itself included) is replaced by its transformer_kernels.nn twin with the same configuration,
+    weights (load_state_dict, strict), device, dtype and train/eval mode (the replacement is returned when
+    ``model`` itself was one); ``backend`` None means "auto".
+    """
+    if "transformers" in sys.modules:
+        from .integrations import hf_modules
+
+        if hf_modules.is_hf_model(model):
+            model.tk_swapped = hf_modules.convert_hf_model(model, backend)
+            return model
+    return _convert_nn(model, backend or "auto")
+
+
+def _convert_nn(model: nn.Module, backend: str) -> nn.Module:
     new = _replacement(model, backend)
     if new is not None:
         return _transfer(model, new)
     for name, child in list(model.named_children()):
-        converted = convert(child, backend)
+        converted = _convert_nn(child, backend)
         if converted is not child:
             setattr(model, name, converted)
     return model

@@ -1,0 +1,234 @@
+"""`convert_hf_model`: transformers models onto our kernels, in place.
+
+Each swapped module keeps its object, parameters, buffers, hooks, device, dtype and train/eval mode: only its class
+changes, to a subclass whose forward runs the fused ops. So parameter names, their order and state_dict keys are
+unchanged (save_pretrained/from_pretrained, optimizers and checkpoints keep working) and an unknown module is left
+alone. A module whose call falls outside what the fused forward computes exactly (a weight in another dtype than
+its input, as T5 keeps ``wo`` in fp32) runs its original forward for that call.
+
+What is swapped (matched by exact class, so a user subclass with its own forward is never touched):
+- ``nn.LayerNorm`` → ``layer_norm``; Llama/Mistral/Qwen2 RMSNorm and T5LayerNorm → ``rms_norm``;
+- BERT: ``BertSelfOutput``/``BertOutput`` (dense + dropout in one GEMM epilogue, then the residual add fused into
+  the LayerNorm), ``BertIntermediate`` (dense + activation);
+- GPT-2: ``GPT2MLP`` (both Conv1D GEMMs, whose weights are stored ``[in, out]``: read transposed, never copied
+  into new parameters; activation and dropout in the epilogues);
+- BART: the encoder and decoder layers' ``fc1`` with the activation in its epilogue (the layer's own activation
+  becomes the identity);
+- T5: ``T5DenseActDense`` and ``T5DenseGatedActDense`` (gated GELU through ``gated_linear``);
+- Llama/Mistral/Qwen2 ``*MLP``: swiglu through ``gated_linear``, then ``down_proj``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from . import huggingface
+
+log = logging.getLogger("transformer_kernels")
+
+# transformers' activation modules → the epilogue's activation (the tanh forms are one formula).
+_ACTIVATIONS = {
+    "GELUActivation": "gelu",
+    "NewGELUActivation": "gelu_tanh",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh",
+    "ReLU": "relu",
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+}
+
+
+def activation_name(act: object) -> str | None:
+    """The fused activation equal to transformers' activation module ``act`` (None when there is none)."""
+    return _ACTIVATIONS.get(type(act).__name__)
+
+
+def _dropout(self: nn.Module, p: float) -> float:
+    return p if self.training else 0.0
+
+
+def _same_dtype(x: Tensor, *params: Tensor | None) -> bool:
+    return all(p is None or p.dtype == x.dtype for p in params)
+
+
+# ---- fused forwards (``self`` is the swapped module) ----------------------------------------------------------
+
+
+def _layer_norm(self: nn.LayerNorm, x: Tensor) -> Tensor:
+    if len(self.normalized_shape) != 1 or not _same_dtype(x, self.weight, self.bias):
+        return super(type(self), self).forward(x)
+    return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self.tk_backend)
+
+
+def _rms_norm(self: nn.Module, x: Tensor) -> Tensor:
+    if not _same_dtype(x, self.weight):
+        return super(type(self), self).forward(x)
+    return ops.rms_norm(x, self.weight, self.variance_epsilon, backend=self.tk_backend)
+
+
+def _dense_dropout_residual_norm(self: nn.Module, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+    # BERT's LayerNorm(dropout(dense(h)) + input): dropout in the GEMM epilogue, the residual add in the norm.
+    dense, norm = self.dense, self.LayerNorm
+    if not _same_dtype(hidden_states, dense.weight, norm.weight) or input_tensor.dtype != hidden_states.dtype:
+        return super(type(self), self).forward(hidden_states, input_tensor)
+    h = ops.linear(hidden_states, dense.weight, dense.bias, dropout_p=_dropout(self, self.dropout.p),
+                   backend=self.tk_backend)
+    return ops.layer_norm(h, norm.weight, norm.bias, norm.eps, residual=input_tensor, backend=self.tk_backend)
+
+
+def _dense_activation(self: nn.Module, hidden_states: Tensor) -> Tensor:
+    if not _same_dtype(hidden_states, self.dense.weight):
+        return super(type(self), self).forward(hidden_states)
+    return ops.linear(hidden_states, self.dense.weight, self.dense.bias, self.tk_activation, backend=self.tk_backend)
+
+
+def _gpt2_mlp(self: nn.Module, hidden_states: Tensor) -> Tensor:
+    if not _same_dtype(hidden_states, self.c_fc.weight, self.c_proj.weight):
+        return super(type(self), self).forward(hidden_states)
+    # Conv1D computes x @ W + b with W [in, out]: W.T is the [out, in] the GEMM takes, a view.
+    h = ops.linear(hidden_states, self.c_fc.weight.t(), self.c_fc.bias, self.tk_activation, backend=self.tk_backend)
+    return ops.linear(h, self.c_proj.weight.t(), self.c_proj.bias, dropout_p=_dropout(self, self.dropout.p),
+                      backend=self.tk_backend)
+
+
+def _linear_activation(self: nn.Linear, x: Tensor) -> Tensor:
+    # BART's fc1 with the layer's activation moved into its epilogue.
+    if not _same_dtype(x, self.weight, self.bias):
+        return self.tk_activation_module(super(type(self), self).forward(x))
+    return ops.linear(x, self.weight, self.bias, self.tk_activation, backend=self.tk_backend)
+
+
+def _t5_output(self: nn.Module, h: Tensor) -> Tensor:
+    # As T5 does: the hidden states meet wo in wo's dtype (kept in fp32 for 8-bit checkpoints).
+    if h.dtype != self.wo.weight.dtype:
+        h = h.to(self.wo.weight.dtype)
+    return ops.linear(h, self.wo.weight, self.wo.bias, backend=self.tk_backend)
+
+
+def _t5_dense(self: nn.Module, hidden_states: Tensor) -> Tensor:
+    if not _same_dtype(hidden_states, self.wi.weight):
+        return super(type(self), self).forward(hidden_states)
+    h = ops.linear(hidden_states, self.wi.weight, self.wi.bias, self.tk_activation,
+                   dropout_p=_dropout(self, self.dropout.p), backend=self.tk_backend)
+    return _t5_output(self, h)
+
+
+def _t5_gated(self: nn.Module, hidden_states: Tensor) -> Tensor:
+    if not _same_dtype(hidden_states, self.wi_0.weight, self.wi_1.weight):
+        return super(type(self), self).forward(hidden_states)
+    h = ops.gated_linear(hidden_states, self.wi_0.weight, self.wi_1.weight, self.wi_0.bias, self.wi_1.bias,
+                         self.tk_activation, backend=self.tk_backend)
+    return _t5_output(self, self.dropout(h))
+
+
+def _gated_mlp(self: nn.Module, x: Tensor) -> Tensor:
+    g, u, d = self.gate_proj, self.up_proj, self.down_proj
+    if not _same_dtype(x, g.weight, u.weight, d.weight):
+        return super(type(self), self).forward(x)
+    h = ops.gated_linear(x, g.weight, u.weight, g.bias, u.bias, self.tk_activation, backend=self.tk_backend)
+    return ops.linear(h, d.weight, d.bias, backend=self.tk_backend)
+
+
+# ---- the swap table --------------------------------------------------------------------------------------------
+
+# class name → (fused forward, the attribute holding its activation module or None). Exact classes of
+# transformers.models.* (or torch.nn for LayerNorm); the RMSNorms listed compute exactly Llama's formula.
+_SWAPS: dict[str, tuple[Callable, str | None]] = {
+    "LayerNorm": (_layer_norm, None),
+    "LlamaRMSNorm": (_rms_norm, None),
+    "MistralRMSNorm": (_rms_norm, None),
+    "Qwen2RMSNorm": (_rms_norm, None),
+    "T5LayerNorm": (_rms_norm, None),
+    "BertSelfOutput": (_dense_dropout_residual_norm, None),
+    "BertOutput": (_dense_dropout_residual_norm, None),
+    "BertIntermediate": (_dense_activation, "intermediate_act_fn"),
+    "GPT2MLP": (_gpt2_mlp, "act"),
+    "T5DenseActDense": (_t5_dense, "act"),
+    "T5DenseGatedActDense": (_t5_gated, "act"),
+    "LlamaMLP": (_gated_mlp, "act_fn"),
+    "MistralMLP": (_gated_mlp, "act_fn"),
+    "Qwen2MLP": (_gated_mlp, "act_fn"),
+}
+# Layers whose fc1 takes the activation into its epilogue (the layer applies `activation_fn` to fc1's output).
+_FC1_LAYERS = {"BartEncoderLayer", "BartDecoderLayer"}
+
+_fused_classes: dict[type, type] = {}
+
+
+def _fused_class(cls: type, forward: Callable) -> type:
+    """A subclass of ``cls`` with the fused forward, made once per class and importable by name (pickle)."""
+    if cls not in _fused_classes:
+        name = f"Fused{cls.__name__}"
+        fused = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+        setattr(sys.modules[__name__], name, fused)
+        _fused_classes[cls] = fused
+    return _fused_classes[cls]
+
+
+def _is_ours_to_swap(m: nn.Module) -> bool:
+    module = type(m).__module__
+    return module.startswith("transformers.models.") or type(m) is nn.LayerNorm
+
+
+def _swap(m: nn.Module, forward: Callable, backend: str | None, activation: str | None = None) -> None:
+    m.__class__ = _fused_class(type(m), forward)
+    m.tk_backend = backend
+    m.tk_activation = activation
+
+
+def convert_hf_model(model: nn.Module, backend: str | None = None) -> Counter:
+    """Sets ``model``'s attention implementation to ``"transformer_kernels"`` and swaps in every module the table
+    above names. ``backend`` (None: the one in force at each call) is stored on the modules as ``tk_backend``.
+    Returns the count of swapped modules per original class (also logged)."""
+    model.set_attn_implementation(huggingface.NAME)
+    swapped: Counter = Counter()
+    skipped: Counter = Counter()
+    for m in model.modules():
+        m.tk_backend = backend  # read by the attention function of the attention modules
+        cls = type(m)
+        if cls in _fused_classes.values():
+            continue  # converted before
+        name = cls.__name__
+        if name in _FC1_LAYERS and _is_ours_to_swap(m) and type(m.fc1) is nn.Linear:
+            act = activation_name(m.activation_fn)
+            if act is None:
+                skipped[f"{name} (activation {type(m.activation_fn).__name__})"] += 1
+                continue
+            fc1 = m.fc1
+            # Kept for the unfused fallback, outside the module tree (no new submodule in named_modules).
+            fc1.__dict__["tk_activation_module"] = m.activation_fn
+            _swap(fc1, _linear_activation, backend, act)
+            m.activation_fn = nn.Identity()
+            swapped[f"{name}.fc1"] += 1
+        if name not in _SWAPS or not _is_ours_to_swap(m):
+            continue
+        forward, act_attr = _SWAPS[name]
+        act = None
+        if act_attr is not None:
+            act = activation_name(getattr(m, act_attr))
+            if act is None:
+                skipped[f"{name} (activation {type(getattr(m, act_attr)).__name__})"] += 1
+                continue
+        _swap(m, forward, backend, act)
+        swapped[name] += 1
+    log.info("transformer_kernels.convert: swapped %s", dict(swapped) or "nothing")
+    if skipped:
+        log.info("transformer_kernels.convert: left alone (no fused equivalent) %s", dict(skipped))
+    return swapped
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """True for a transformers ``PreTrainedModel`` (without importing transformers when it is not loaded)."""
+    hf = sys.modules.get("transformers")
+    return hf is not None and isinstance(model, hf.PreTrainedModel)
+
+
+__all__ = ["activation_name", "convert_hf_model", "is_hf_model"]

@@ -1,0 +1,96 @@
+"""Hugging Face transformers: our attention as ``attn_implementation="transformer_kernels"``.
+
+Importing this module registers, under the name ``"transformer_kernels"`` (idempotent):
+- in ``AttentionInterface``, `attention_forward`, which runs ``tk.ops.attention``;
+- in ``AttentionMaskInterface``, transformers' own ``sdpa_mask``: a bool ``[B, 1, Lq, Lk]`` mask (True = attend), or
+  None where ``is_causal`` says it all. Without a mask function registered under the same name transformers would
+  pass ``attention_mask=None`` for every model: padding and causality silently lost.
+
+Then ``from_pretrained(..., attn_implementation="transformer_kernels")`` or
+``model.set_attn_implementation("transformer_kernels")``; ``tk.convert(model)`` does it and also swaps the fused
+norm and feed-forward layers in (integrations/hf_modules.py). transformers is optional: ``pip install
+transformer-kernels[hf]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+try:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError as e:  # pragma: no cover - exercised only without transformers
+    raise ImportError("transformer_kernels.integrations.huggingface needs transformers: "
+                      "pip install 'transformer-kernels[hf]'") from e
+
+NAME = "transformer_kernels"
+
+# Keyword arguments the models may pass that these kernels cannot honour: refused by name, never ignored.
+_REFUSED = {
+    "softcap": "logit soft-capping (Gemma 2)",
+    "s_aux": "attention sinks (gpt-oss)",
+}
+
+
+def _refuse_unsupported(kwargs: dict) -> None:
+    for key, what in _REFUSED.items():
+        if kwargs.get(key) is not None:
+            raise ValueError(f"transformer_kernels attention does not support `{key}` ({what}); use "
+                             f"attn_implementation='eager' for this model")
+    if kwargs.get("output_attentions"):
+        raise ValueError("transformer_kernels attention never materialises the attention weights: "
+                         "`output_attentions=True` needs attn_implementation='eager'")
+
+
+def _with_bias(position_bias: Tensor, mask: Tensor | None) -> Tensor:
+    """T5's position bias (float, added to the scores) combined with the model's mask into one additive mask;
+    gradients flow into the bias (its relative-attention embedding trains)."""
+    if mask is None:
+        return position_bias
+    if mask.dtype == torch.bool:
+        return torch.where(mask, position_bias, float("-inf"))
+    return position_bias + mask
+
+
+def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                      dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None,
+                      position_bias: Tensor | None = None, cache=None, **kwargs) -> tuple[Tensor, None]:
+    """transformers' attention-function contract: query ``[B, H, Lq, D]``, key/value ``[B, Hkv, Lk, D]`` (RoPE
+    applied, KV cache included); returns ``([B, Lq, H, Dv], None)``.
+
+    Grouped-query attention runs natively (no repeat_kv; head counts from the tensors, so tensor-parallel shards
+    work). ``is_causal`` is decided as transformers' sdpa path does: causal only without a mask and with more than
+    one query; a decoding step (Lq = 1) sees every cached key, and a chunked prefill (Lq < Lk) gets its causal
+    pattern from the mask. Bool masks (True = attend) and float (additive) masks pass to the kernels through their
+    strides; T5's ``position_bias`` is added to the scores and gets its gradient. The backend is the module's
+    ``tk_backend`` (set by `tk.convert`), else the one in force.
+    """
+    _refuse_unsupported(kwargs)
+    if cache is not None and hasattr(cache, "update") and getattr(module, "layer_idx", None) is not None:
+        # transformers' continuous batching hands its paged cache to the attention function to update.
+        key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)
+    lq, lk = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and lq > 1 and attention_mask is None
+    if causal and lk > lq:
+        # Prefill into an empty static cache: the keys past the queries are not written yet (as sdpa crops them).
+        key, value = key[:, :, :lq], value[:, :, :lq]
+        position_bias = None if position_bias is None else position_bias[..., :lq]
+    mask = attention_mask if position_bias is None else _with_bias(position_bias, attention_mask)
+    out = ops.attention(query, key, value, attn_mask=mask, dropout_p=float(dropout), is_causal=causal, scale=scaling,
+                        enable_gqa=query.shape[1] != key.shape[1], backend=getattr(module, "tk_backend", None))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Registers the attention and the mask function under ``"transformer_kernels"`` (idempotent)."""
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+register()
+
+__all__ = ["NAME", "attention_forward", "register"]

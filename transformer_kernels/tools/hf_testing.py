@@ -1,0 +1,174 @@
+"""Tiny Hugging Face models with random weights (no downloads) and the comparisons of a converted model against the
+same model on transformers' eager attention: logits at real positions, every parameter's gradient, greedy
+generation with the KV cache, and an AdamW training curve. Used by tests/test_huggingface.py and `make check`."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .. import convert
+
+FAMILIES = ("bert", "gpt2", "bart", "t5", "llama")
+VOCAB = 96
+
+
+def _config(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, pad_token_id=0)
+    if family == "bert":
+        return tf.BertForMaskedLM, tf.BertConfig(**common, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                 intermediate_size=64, max_position_embeddings=64,
+                                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if family == "gpt2":
+        return tf.GPT2LMHeadModel, tf.GPT2Config(**common, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
+                                                 eos_token_id=2)
+    if family == "bart":
+        return tf.BartForConditionalGeneration, tf.BartConfig(
+            **common, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=2, forced_eos_token_id=None)
+    if family == "t5":
+        # Gated GELU feed-forwards (T5 v1.1) and a learned relative position bias in every first layer.
+        return tf.T5ForConditionalGeneration, tf.T5Config(
+            **common, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+            relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu", eos_token_id=2,
+            decoder_start_token_id=0)
+    if family == "llama":
+        # Grouped-query attention: 4 query heads share 2 key/value heads.
+        return tf.LlamaForCausalLM, tf.LlamaConfig(**common, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2,
+                                                   max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def tiny_model(family: str, seed: int = 0, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A two-layer model of ``family`` with random weights, on eager attention, in eval mode."""
+    cls, config = _config(family)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return cls(config).to(device=device, dtype=dtype).eval()
+
+
+def is_seq2seq(family: str) -> bool:
+    return family in ("bart", "t5")
+
+
+def is_generator(family: str) -> bool:
+    return family != "bert"
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, Tensor]
+    real: Tensor  # bool [B, L] of the positions the logits are compared at (not padding)
+
+
+def batch(family: str, padding_side: str, seed: int = 0, device: torch.device | str = "cpu",
+          b: int = 2, length: int = 11) -> Batch:
+    """Token ids with their attention mask; the second sequence is 4 tokens shorter, padded on ``padding_side``.
+    Sequence-to-sequence models get decoder ids too (the compared positions are the decoder's)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.long)
+    if padding_side == "right":
+        mask[1, length - 4:] = 0
+    else:
+        mask[1, :4] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    real = mask.bool()
+    if is_seq2seq(family):
+        inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (b, 7), generator=g)
+        real = torch.ones(b, 7, dtype=torch.bool)
+    return Batch({k: v.to(device) for k, v in inputs.items()}, real.to(device))
+
+
+def converted_pair(family: str, backend: str, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module]:
+    """(eager model, the same weights converted onto ``backend``)."""
+    eager = tiny_model(family, device=device, dtype=dtype)
+    ours = convert(copy.deepcopy(eager), backend=backend)
+    return eager, ours
+
+
+def _loss_weights(shape: torch.Size, device) -> Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def logits_and_grads(model: nn.Module, b: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+    """Logits at the real positions, and every parameter's gradient of a random projection of them."""
+    model.zero_grad(set_to_none=True)
+    logits = model(**b.inputs).logits
+    real = logits[b.real]
+    (real.float() * _loss_weights(real.shape, real.device)).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return real.detach(), grads
+
+
+def generate(model: nn.Module, family: str, device: torch.device | str = "cpu", new_tokens: int = 5) -> Tensor:
+    """Greedy decoding with the KV cache; decoder-only models get a left-padded batch."""
+    b = batch(family, "right" if is_seq2seq(family) else "left", seed=3, device=device, length=8)
+    with torch.no_grad():
+        return model.generate(**b.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              use_cache=True, num_beams=1)
+
+
+def train_losses(model: nn.Module, family: str, steps: int = 20, device: torch.device | str = "cpu") -> list[float]:
+    """Per-step losses of ``steps`` AdamW steps on fixed batches (labels: the ids; -100 at padding)."""
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(steps):
+        b = batch(family, "right", seed=100 + step, device=device)
+        labels = b.inputs.get("decoder_input_ids", b.inputs["input_ids"]).masked_fill(~b.real, -100)
+        loss = model(**b.inputs, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def max_error(a: Tensor, b: Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+def max_grad_error(ours: dict[str, Tensor], ref: dict[str, Tensor]) -> tuple[str, float]:
+    """The parameter whose gradient differs most, and by how much: the max abs error relative to that
+    parameter's largest reference entry, floored at 1% of the largest entry of the model (a gradient that is zero
+    in exact arithmetic, as a key bias's under softmax, has only rounding noise to compare). A parameter with a
+    gradient on one side only counts as infinitely wrong."""
+    if set(ours) != set(ref):
+        return sorted(set(ours) ^ set(ref))[0], float("inf")
+    model_max = max((g.abs().max().item() for g in ref.values()), default=0.0)
+    worst = ("", 0.0)
+    for name in sorted(ref):
+        scale = max(ref[name].abs().max().item(), 0.01 * model_max, 1e-12)
+        worst = max(worst, (name, max_error(ours[name], ref[name]) / scale), key=lambda t: t[1])
+    return worst
+
+
+def compare_family(family: str, backend: str, device: torch.device | str = "cpu") -> list[tuple[str, float, float]]:
+    """``(name, error, bound)`` rows of a converted model against eager in fp32: logits with right and left
+    padding (max abs error, bound 1e-4), every parameter's gradient (max error relative to the largest entry,
+    bound 1e-3)."""
+    eager, ours = converted_pair(family, backend, device)
+    rows = []
+    for side in ("right", "left"):
+        b = batch(family, side, device=device)
+        ref_logits, ref_grads = logits_and_grads(eager, b)
+        logits, grads = logits_and_grads(ours, b)
+        rows.append((f"logits ({side} padding)", max_error(logits, ref_logits), 1e-4))
+        name, err = max_grad_error(grads, ref_grads)
+        rows.append((f"grad {name} ({side} padding)", err, 1e-3))
+    return rows
