@@ -25,7 +25,6 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 
 from .. import ops

@@ -109,7 +109,8 @@ def logits_and_grads(model: nn.Module, b: Batch) -> tuple[Tensor, dict[str, Tens
     logits = model(**b.inputs).logits
     real = logits[b.real]
     (real.float() * _loss_weights(real.shape, real.device)).sum().backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    params = getattr(model, "_orig_mod", model).named_parameters()  # a torch.compile wrapper: the model's names
+    grads = {n: p.grad.detach().clone() for n, p in params if p.grad is not None}
     return real.detach(), grads
 
 

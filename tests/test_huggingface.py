@@ -1,0 +1,220 @@
+"""Hugging Face transformers models on our kernels (integrations/huggingface.py, hf_modules.py) against the same models
+on transformers' eager attention: BERT, GPT-2, BART, T5 (gated GELU, learned position bias) and Llama (GQA), tiny
+random configs, no downloads."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+import transformers
+
+import transformer_kernels as tk
+from transformer_kernels.integrations import hf_modules, huggingface
+from transformer_kernels.tools import hf_testing as hft
+from transformer_kernels.tools.testing import assert_rows
+
+KERNEL_BACKENDS = ["triton", "cuda"]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("family", hft.FAMILIES)
+def test_logits_and_every_gradient_match_eager(family, backend, device):
+    rows = hft.compare_family(family, backend, device)
+    assert len(rows) == 4
+    assert_rows(rows, f"{family}, {backend}:")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("family", [f for f in hft.FAMILIES if hft.is_generator(f)])
+def test_greedy_generation_with_kv_cache_gives_the_same_tokens(family, backend, device):
+    eager, ours = hft.converted_pair(family, backend, device)
+    expected = hft.generate(eager, family, device)
+    assert expected.shape[1] >= 5
+    torch.testing.assert_close(hft.generate(ours, family, device), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("family", hft.FAMILIES)
+def test_adamw_training_curve_matches_eager(family, backend, device):
+    eager, ours = hft.converted_pair(family, backend, device)
+    expected = hft.train_losses(eager, family, steps=20, device=device)
+    losses = hft.train_losses(ours, family, steps=20, device=device)
+    assert expected[-1] < expected[0]  # it learns
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=1e-5)
+    # the trained weights, not only the losses
+    for (name, p), q in zip(ours.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("family", hft.FAMILIES)
+def test_bf16_training_curve_on_gpu(family, backend, device):
+    eager = hft.tiny_model(family, device=device, dtype=torch.bfloat16)
+    ours = tk.convert(copy.deepcopy(eager), backend=backend)
+    expected = hft.train_losses(eager, family, steps=20, device=device)
+    losses = hft.train_losses(ours, family, steps=20, device=device)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=3e-2, atol=3e-2)
+
+
+def test_t5_position_bias_trains():
+    """The relative-attention embeddings get their gradient through the float mask (dMask) on both kernels."""
+    eager, _ = hft.converted_pair("t5", "torch")
+    b = hft.batch("t5", "right")
+    _, ref = hft.logits_and_grads(eager, b)
+    names = [f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight" for stack in ("encoder", "decoder")]
+    for backend in KERNEL_BACKENDS:
+        ours = tk.convert(copy.deepcopy(eager), backend=backend)
+        _, grads = hft.logits_and_grads(ours, b)
+        for name in names:
+            assert ref[name].abs().max() > 0
+            torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-6, msg=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("family", hft.FAMILIES)
+def test_convert_swaps_modules_and_keeps_parameters(family, tmp_path, caplog):
+    model = hft.tiny_model(family)
+    model.train()
+    before = [(n, p.shape, p.dtype) for n, p in model.named_parameters()]
+    keys = list(model.state_dict())
+    ids = [id(p) for p in model.parameters()]
+    with caplog.at_level(logging.INFO, logger="transformer_kernels"):
+        out = tk.convert(model, backend="triton")
+    assert out is model
+    assert model.config._attn_implementation == huggingface.NAME
+    assert [(n, p.shape, p.dtype) for n, p in model.named_parameters()] == before
+    assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == ids
+    assert model.training
+    expected = {"bert": {"LayerNorm", "BertSelfOutput", "BertOutput", "BertIntermediate"},
+                "gpt2": {"LayerNorm", "GPT2MLP"},
+                "bart": {"LayerNorm", "BartEncoderLayer.fc1", "BartDecoderLayer.fc1"},
+                "t5": {"T5LayerNorm", "T5DenseGatedActDense"},
+                "llama": {"LlamaRMSNorm", "LlamaMLP"}}[family]
+    assert set(model.tk_swapped) == expected
+    assert "swapped" in caplog.text
+    # save_pretrained / from_pretrained round trip: the checkpoint is the unconverted model's
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    for (n, p), q in zip(loaded.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=0, rtol=0, msg=n)
+    # converting twice changes nothing more
+    assert not tk.convert(model, backend="triton").tk_swapped
+
+
+def test_unknown_and_subclassed_modules_are_left_alone():
+    # A user's subclass, even one named like ours, may change forward: never swapped.
+    user_norm = type("LayerNorm", (nn.LayerNorm,), {})
+    model = hft.tiny_model("bert")
+    model.bert.embeddings.LayerNorm = user_norm(32)
+    tk.convert(model)
+    assert type(model.bert.embeddings.LayerNorm) is user_norm
+    assert type(model.bert.embeddings.word_embeddings) is nn.Embedding
+    assert model.tk_swapped["LayerNorm"] == 5  # the encoder's four and the MLM head's
+
+
+def test_weights_in_another_dtype_keep_t5s_casts():
+    """T5 keeps `wo` in fp32 under bf16 weights (_keep_in_fp32_modules): the fused forward casts as T5 does, and a
+    norm whose input and weight differ in dtype runs its original forward."""
+    model = hft.tiny_model("t5").to(torch.bfloat16)
+    ff = model.encoder.block[0].layer[1].DenseReluDense
+    ff.wo.float()
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    norm = model.encoder.final_layer_norm
+    expected, expected_norm = ff(x), norm(x.float())
+    assert expected.dtype == torch.float32 and expected_norm.dtype == torch.bfloat16
+    tk.convert(model, backend="torch")
+    assert type(ff).__name__ == "FusedT5DenseGatedActDense" and type(norm).__name__ == "FusedT5LayerNorm"
+    out, out_norm = ff(x), norm(x.float())
+    assert out.dtype == torch.float32 and out_norm.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out_norm, expected_norm, atol=0, rtol=0)
+
+
+def test_registration_is_idempotent_and_named():
+    huggingface.register()
+    huggingface.register()
+    assert transformers.AttentionInterface._global_mapping[huggingface.NAME] is huggingface.attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    assert AttentionMaskInterface._global_mapping[huggingface.NAME] is sdpa_mask
+    model = hft.tiny_model("llama")
+    model.set_attn_implementation(huggingface.NAME)
+    assert model.config._attn_implementation == huggingface.NAME
+
+
+@pytest.mark.parametrize("kwarg,value", [("softcap", 30.0), ("s_aux", torch.zeros(2)), ("output_attentions", True)])
+def test_unsupported_kwargs_are_refused_by_name(kwarg, value):
+    q = torch.randn(1, 2, 3, 16)
+    module = nn.Module()
+    with pytest.raises(ValueError, match=kwarg):
+        huggingface.attention_forward(module, q, q, q, None, **{kwarg: value})
+
+
+def test_attention_function_contract_gqa_decoding_and_prefill():
+    """Shapes, native GQA, a decoding step seeing every cached key, and a static-cache prefill (Lk > Lq, no
+    mask: the unwritten keys are cropped, causal top-left) against SDPA."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 16, generator=g)
+    k, v = torch.randn(2, 2, 9, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g)
+    module = nn.Module()
+    module.is_causal = True
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for backend in ("triton", "cuda"):
+        module.tk_backend = backend
+        out, weights = huggingface.attention_forward(module, q[:, :, :1], k, v, None)
+        assert weights is None and out.shape == (2, 1, 4, 16)
+        torch.testing.assert_close(out.transpose(1, 2), sdpa(q[:, :, :1], k, v, enable_gqa=True), atol=1e-5, rtol=1e-5)
+        out, _ = huggingface.attention_forward(module, q, k, v, None, scaling=0.3)
+        ref = sdpa(q, k[:, :, :5], v[:, :, :5], is_causal=True, scale=0.3, enable_gqa=True)
+        torch.testing.assert_close(out.transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
+        mask = torch.rand(2, 1, 5, 9, generator=g) > 0.3
+        mask[..., 0] = True
+        out, _ = huggingface.attention_forward(module, q, k, v, mask)
+        torch.testing.assert_close(out.transpose(1, 2), sdpa(q, k, v, attn_mask=mask, enable_gqa=True),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_model_matches_eager():
+    """Mistral's sliding window reaches the kernels through the mask (sdpa_mask builds it)."""
+    cfg = transformers.MistralConfig(vocab_size=hft.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, sliding_window=4,
+                                     max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    eager = transformers.MistralForCausalLM(cfg).eval()
+    ours = tk.convert(copy.deepcopy(eager), backend="triton")
+    assert set(ours.tk_swapped) == {"MistralRMSNorm", "MistralMLP"}
+    ids = torch.randint(3, hft.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, eager(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_compile_of_a_converted_model():
+    """dynamo traces the converted model (custom ops through their fake impls, autograd through AOTAutograd)."""
+    torch._dynamo.reset()
+    eager, ours = hft.converted_pair("llama", "triton")
+    b = hft.batch("llama", "right")
+    compiled = torch.compile(ours, backend="aot_eager")
+    ref_logits, ref_grads = hft.logits_and_grads(eager, b)
+    logits, grads = hft.logits_and_grads(compiled, b)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    name, err = hft.max_grad_error(grads, ref_grads)
+    assert err < 1e-3, name
+
+
+def test_activation_names_cover_transformers_gelu_and_silu():
+    from transformers.activations import ACT2FN
+
+    x = torch.linspace(-4, 4, 101)
+    F = torch.nn.functional
+    fused = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": torch.relu, "silu": F.silu}
+    for hf_name in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish"):
+        act = ACT2FN[hf_name]
+        ours = hf_modules.activation_name(act)
+        assert ours is not None, hf_name
+        torch.testing.assert_close(fused[ours](x), act(x), atol=1e-6, rtol=1e-5, msg=hf_name)
+    assert hf_modules.activation_name(ACT2FN["quick_gelu"]) is None
