@@ -10,7 +10,8 @@ the backward pass.
 
 Backward (deterministic, no atomics): a preprocess computes delta = rowsum(dO·O); one program per key tile
 accumulates dK and dV over every query tile of every query head in its GQA group; a separate pass per query
-tile accumulates dQ.
+tile accumulates dQ. Only for a float mask that requires grad (T5's position bias) a last pass writes dS, the
+mask's gradient.
 
 Masks (read through their strides, never expanded): a bool or float `attn_mask` viewed as [B, H, Lq, Lk]
 (stride 0 on broadcast dims), a `[B, Lk]` key-padding mask (True = padding), and causal with an offset
@@ -50,6 +51,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # tf32x3, which holds each operand twice: with masks and dropout no fp32 tile above D = 64 fits the registers).
 MAX_HEAD_DIM = {torch.float16: 256, torch.bfloat16: 256, torch.float32: 64}
 MIN_BLOCK_D = 16  # tl.dot needs every dimension >= 16
+FLOAT_MASK = tl.constexpr(MASK_ADD)  # the mask kind of the mask-gradient pass, readable inside @triton.jit
 HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)
 
 
@@ -355,19 +357,11 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _store_ds(ds_ptr, rows, offs_m, offs_n, seqlen_q, seqlen_k, ds):
-    # dS is the gradient of the additive mask itself (the mask enters the scores unscaled): stored in fp32 into a
-    # contiguous [B, H, Lq, Lk] buffer that ops/attention.py sums over the mask's broadcast dims.
-    ok = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
-    tl.store(ds_ptr + rows[:, None] * seqlen_k + offs_n[None, :], ds, mask=ok)
-
-
-@triton.jit
 def _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, row_max_ptr,
              inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
-             seqlen_k, sm_scale, causal_offset, dropout_p, seed, ds_ptr,
+             seqlen_k, sm_scale, causal_offset, dropout_p, seed,
              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-             WIDE: tl.constexpr, WRITE_DS: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
+             WIDE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     kv_ok = col_ok[:, None] & (offs_d[None, :] < D)
@@ -382,8 +376,6 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_p
         dp = tl.where(_keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N),
                       dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
-    if WRITE_DS:
-        _store_ds(ds_ptr, rows, offs_m, offs_n, seqlen_q, seqlen_k, ds)
     if MASK_KIND != 0:
         k = tl.where(_seen_by_any(visible)[:, None], k, 0.0)
     return mma(ds.to(k.dtype), k, dq, INTERPRETED)
@@ -391,17 +383,14 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_p
 
 @triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr, ds_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
     stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
     num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    WIDE: tl.constexpr, WRITE_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    # WRITE_DS (a float mask that requires grad): every element of this query tile's dS rows is also stored, the
-    # keys the causal range skips as zeros, so the buffer needs no zero fill.
     bh, start_m, b, h, hk = _query_tile(num_heads, group, seqlen_q, BLOCK_M)
     seed = tl.load(seed_ptr) if DROPOUT else 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -420,19 +409,66 @@ def attn_bwd_dq_kernel(
         dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b,
                       stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn,
                       stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
-                      ds_ptr, MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, WRITE_DS, BLOCK_N, INTERPRETED)
+                      MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(full, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b,
                           stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn,
                           stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
-                          ds_ptr, MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, WRITE_DS, BLOCK_N, INTERPRETED)
-        if WRITE_DS:
-            for start_n in range(tl.cdiv(hi, BLOCK_N) * BLOCK_N, seqlen_k, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                _store_ds(ds_ptr, rows, offs_m, offs_n, seqlen_q, seqlen_k, tl.zeros([BLOCK_M, BLOCK_N], tl.float32))
+                          MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, BLOCK_N, INTERPRETED)
     tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dq * sm_scale, dq_ptr.dtype.element_ty,
                                                                     INTERPRETED), mask=ok)
+
+
+@triton.jit(do_not_specialize=["causal_offset"])
+def attn_bwd_dmask_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, ds_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
+    stride_dom,
+    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr,
+    D: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    # The gradient of a float mask, dS = P * (dP - delta) (the mask enters the scores unscaled), into a contiguous
+    # fp32 [B, H, Lq, Lk] that ops/attention.py sums over the mask's broadcast dims. Its own pass, one program per
+    # (query tile, key tile, batch·head), launched only when the mask requires grad: the dK/dV and dQ passes stay
+    # as they are. Every element is written (hidden ones as 0), so the buffer needs no zero fill.
+    n_m = tl.cdiv(seqlen_q, BLOCK_M)
+    n_n = tl.cdiv(seqlen_k, BLOCK_N)
+    pid = tl.program_id(0)
+    bh = pid // (n_m * n_n)
+    start_m = (pid // n_n) % n_m * BLOCK_M
+    start_n = pid % n_n * BLOCK_N
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    hk = h // group
+    seed = tl.load(seed_ptr) if DROPOUT else 0
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
+    do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
+    col_ok = _key_cols(kpm_ptr, b * stride_kpm_b, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
+    kv_ok = col_ok[:, None] & (offs_d[None, :] < D)
+    k_base, v_base, rel_n = _key_tile(k_ptr + b * stride_kb + hk * stride_kh, v_ptr + b * stride_vb + hk * stride_vh,
+                                      start_n, offs_n, stride_kn, stride_vn, WIDE)
+    k = tl.load(k_base + rel_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    rows = bh.to(tl.int64) * seqlen_q + offs_m
+    p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
+                        seqlen_q, mask_ptr + b * stride_mask_b + h * stride_mask_h, stride_mask_m, stride_mask_n,
+                        sm_scale, causal_offset, FLOAT_MASK, IS_CAUSAL, WIDE, INTERPRETED)
+    dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERPRETED)
+    if DROPOUT:
+        dp = tl.where(_keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N),
+                      dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    delta = tl.load(delta_ptr + rows, mask=offs_m < seqlen_q, other=0.0)
+    ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
+    # One 64-bit corner, 32-bit offsets inside the tile.
+    corner = ds_ptr + (bh.to(tl.int64) * seqlen_q + start_m) * seqlen_k + start_n
+    ok = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+    tl.store(corner + (offs_m - start_m)[:, None] * seqlen_k + (offs_n - start_n)[None, :], ds, mask=ok)
 
 
 @triton.jit
@@ -558,6 +594,15 @@ def wide_tile(pass_name: str, block_d: int, elem_bytes: int, features: str) -> T
     return _wide_tile(pass_name, (features, max(elem_bytes, 2), block_d))
 
 
+def dmask_tile(block_d: int, elem_bytes: int, wide: bool) -> TileConfig:
+    """The one tile of the mask-gradient pass: the dQ pass's smallest (WIDE: its WIDE tile) of the "all" class,
+    whose registers hold the same operands plus a dQ accumulator this pass does not have."""
+    if is_interpreted():
+        return INTERPRETER_CONFIG
+    key = ("all", max(elem_bytes, 2), block_d)
+    return _wide_tile("dq", key) if wide else PASSES["dq"][key][-1]
+
+
 def _wide_tile(pass_name: str, key: tuple[str, int, int]) -> TileConfig:
     return _WIDE_TILES.get((pass_name, key), PASSES[pass_name][key][-1])
 
@@ -574,8 +619,6 @@ def _autotuned(kernel, pass_name: str):
         return [wide_tile(*shape_class)] if kwargs["WIDE"] else tile_configs(*shape_class)
 
     key = ["seqlen_q_class", "seqlen_k_class", "group", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "DROPOUT", "WIDE"]
-    if pass_name == "dq":
-        key.append("WRITE_DS")
     wide = [] if is_interpreted() else [c for (p, _), c in _WIDE_TILES.items() if p == pass_name]
     return Autotuned(kernel, [c for tiles in table.values() for c in tiles] + wide, key, allowed)
 
@@ -654,8 +697,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        seed: torch.Tensor | None, mask_grad: bool = False,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `attention_forward` for grad_output ``dout`` (any strides, e.g. expanded); returns contiguous
-    dq, dk, dv (dK/dV of a GQA group summed over its query heads) and, with ``mask_grad``, the gradient of the
-    float mask as a contiguous fp32 ``[B, H, Lq, Lk]`` (dS; None without)."""
+    dq, dk, dv (dK/dV of a GQA group summed over its query heads) and, with ``mask_grad`` (a float mask), the
+    mask's gradient dS as a contiguous fp32 ``[B, H, Lq, Lk]`` (None without)."""
     q, k, v, dout = (unit_last_stride(t) for t in (q, k, v, dout))
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -682,8 +725,13 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     _dkdv[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)](
         q, k, v, dout, dk, dv, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)
     _dq[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)](
-        q, k, v, dout, dq, row_max, inv_l, delta, m, kp, q if dmask is None else dmask, *strides, *sizes, **common,
-        WRITE_DS=mask_grad)
+        q, k, v, dout, dq, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)
+    if mask_grad:
+        c = dmask_tile(block_d, q.element_size(), wide)
+        features = {name: value for name, value in common.items() if name != "MASK_KIND"}  # always a float mask
+        attn_bwd_dmask_kernel[(triton.cdiv(lq, c.block_m) * triton.cdiv(lk, c.block_n) * b * h,)](
+            q, k, v, dout, dmask, row_max, inv_l, delta, m, kp, *strides, *sizes[:8], **features, BLOCK_M=c.block_m,
+            BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
     return dq, dk, dv, dmask
 
 
@@ -691,10 +739,9 @@ _AOT_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn
 # Pointers and scalars that are neither q's dtype nor 32-bit ints (the rest of the AOT signature is derived from the
 # kernels); the masks' unit key strides are specialised as Triton does for a stride of 1.
 _AOT_TYPES = {"row_max_ptr": "*fp32", "inv_l_ptr": "*fp32", "delta_ptr": "*fp32", "ds_ptr": "*fp32", "kpm_ptr": "*u8",
-              "sm_scale": "fp32", "dropout_p": "fp32", "seed_ptr": "*i64",
-              "stride_mask_n": "constexpr", "stride_kpm_n": "constexpr"}
-# The most expensive feature set (float mask, key padding, causal, dropout; dq also stores the mask's gradient) and
-# the cheapest (causal only).
+              "sm_scale": "fp32", "dropout_p": "fp32", "seed_ptr": "*i64", "stride_mask_n": "constexpr",
+              "stride_kpm_n": "constexpr"}
+# The most expensive feature set (float mask, key padding, causal, dropout) and the cheapest (causal only).
 AOT_FEATURES = {
     "all": {"MASK_KIND": MASK_ADD, "HAS_KPM": True, "IS_CAUSAL": True, "DROPOUT": True},
     "plain": {"MASK_KIND": MASK_NONE, "HAS_KPM": False, "IS_CAUSAL": True, "DROPOUT": False},
@@ -717,19 +764,28 @@ def aot_variant(pass_name: str, dtype: torch.dtype, block_d: int, c: TileConfig,
     sig = aot_signature(fn, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
     consts = {**AOT_FEATURES[features], "WIDE": wide, "INTERPRETED": False, "stride_mask_n": 1, "stride_kpm_n": 1,
               "D": block_d, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": block_d}
-    if pass_name == "dq":
-        # The float mask's gradient (dS stored) belongs to the most expensive set.
-        consts["WRITE_DS"] = features == "all"
     return AotVariant(f"attn_{pass_name}", fn, sig, consts, c.num_warps,
                       f"{dt} D={block_d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} {features}"
                       + (" wide" if wide else ""),
                       num_stages=c.num_stages, aligned=_aligned(sig))
 
 
+def _dmask_variant(dtype: torch.dtype, block_d: int, wide: bool) -> AotVariant:
+    dt = TRITON_DTYPE_NAMES[dtype]
+    c = dmask_tile(block_d, dtype.itemsize, wide)
+    sig = aot_signature(attn_bwd_dmask_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
+    features = {k: v for k, v in AOT_FEATURES["all"].items() if k != "MASK_KIND"}
+    consts = {**features, "WIDE": wide, "INTERPRETED": False, "stride_mask_n": 1, "stride_kpm_n": 1, "D": block_d,
+              "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": block_d}
+    return AotVariant("attn_dmask", attn_bwd_dmask_kernel, sig, consts, c.num_warps,
+                      f"{dt} D={block_d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} all"
+                      + (" wide" if wide else ""), num_stages=c.num_stages, aligned=_aligned(sig))
+
+
 def aot_variants() -> list[AotVariant]:
     """Every tile configuration autotune can pick, for each dtype, head-dim block and feature class (see
-    `tile_configs`), forward and both backward passes, the WIDE form of each with its one tile, plus the
-    preprocess."""
+    `tile_configs`), forward and both backward passes, the WIDE form of each with its one tile, the mask-gradient
+    pass (its one tile, plain and WIDE), plus the preprocess."""
     out = []
     for dtype in SUPPORTED_DTYPES:
         for block_d in (b for b in HEAD_DIM_BLOCKS if b <= next_power_of_2(MAX_HEAD_DIM[dtype])):
@@ -738,6 +794,8 @@ def aot_variants() -> list[AotVariant]:
                     key = (features, max(dtype.itemsize, 2), block_d)
                     out += [aot_variant(pass_name, dtype, block_d, c, features) for c in PASSES[pass_name][key]]
                     out.append(aot_variant(pass_name, dtype, block_d, _wide_tile(pass_name, key), features, wide=True))
+            for wide in (False, True):
+                out.append(_dmask_variant(dtype, block_d, wide))
         dt = TRITON_DTYPE_NAMES[dtype]
         sig = aot_signature(attn_bwd_preprocess_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
         for block_d in HEAD_DIM_BLOCKS:
