@@ -45,10 +45,9 @@ def test_adamw_training_curve_matches_eager(family, backend, device):
     expected = hft.train_losses(eager, family, steps=20, device=device)
     losses = hft.train_losses(ours, family, steps=20, device=device)
     assert expected[-1] < expected[0]  # it learns
+    # Losses only: the weights are not compared, because a gradient that is zero in exact arithmetic (a key bias's
+    # under softmax) is rounding noise on both sides, which Adam's normalisation turns into steps of size lr.
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=1e-5)
-    # the trained weights, not only the losses
-    for (name, p), q in zip(ours.named_parameters(), eager.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=name)
 
 
 @pytest.mark.gpu
