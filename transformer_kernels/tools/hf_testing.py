@@ -174,3 +174,66 @@ def compare_family(family: str, backend: str, device: torch.device | str = "cpu"
         name, err = max_grad_error(grads, ref_grads)
         rows.append((f"grad {name} ({side} padding)", err, 1e-3))
     return rows
+
+
+# ---- distributed training (tests/test_distributed.py) ----------------------------------------------------------
+
+
+def global_batch(step: int, rows: int = 4, length: int = 9) -> Tensor:
+    """Unpadded token ids of one step's global batch (rank r of W trains on rows r·rows/W onwards)."""
+    return torch.randint(3, VOCAB, (rows, length), generator=torch.Generator().manual_seed(200 + step % 2))
+
+
+def distributed_losses(family: str, backend: str, mode: str, steps: int, rank: int = 0, world: int = 1) -> list[float]:
+    """Per-step global-batch losses of a converted model trained with AdamW: ``mode`` "single" (this process, the
+    whole batch), "ddp" (DistributedDataParallel) or "fsdp2" (fully_shard on every decoder layer and the root);
+    the distributed modes need an initialised process group and return the all-reduced mean loss."""
+    import torch.distributed as dist
+
+    model = convert(tiny_model(family), backend=backend)
+    model.train()
+    if mode == "ddp":
+        model = nn.parallel.DistributedDataParallel(model)
+    elif mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(steps):
+        ids = global_batch(step)
+        share = ids.shape[0] // world
+        ids = ids[rank * share:(rank + 1) * share]
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss = loss.detach()
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(loss.item())
+    return losses
+
+
+def distributed_worker(rank: int, world: int, port: int, family: str, backend: str, mode: str, steps: int,
+                       out: str) -> None:
+    """torch.multiprocessing.spawn target: one rank of `distributed_losses` over gloo; rank 0 writes the losses
+    to ``out`` (JSON)."""
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        losses = distributed_losses(family, backend, mode, steps, rank, world)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(losses, f)
+        # Every rank done with its collectives before any tears the group down (gloo aborts a rank whose peer
+        # destroyed the group under an operation still in flight).
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
