@@ -34,7 +34,7 @@ setup: .setup-stamp
 		$(PIP) install -q "torch==$(TORCH_CPU_VERSION)"; \
 	fi
 	$(PIP) install -q "setuptools>=64" "pybind11>=2.12" ninja "triton>=3.6"
-	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	$(PIP) install -q --no-build-isolation -e ".[test,bench,hf]"
 	@touch $@
 
 test: setup

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
 
-from transformer_kernels.tools import hf_testing as hft  # noqa: E402
+from transformer_kernels.tools import hf_testing as hft
 
 STEPS = 4
 

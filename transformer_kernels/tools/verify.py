@@ -248,9 +248,37 @@ def _architecture_cases(device: torch.device, quick: bool) -> Iterator[Case]:
             yield Case(arch, backend, torch.float32, "vs torch.nn layers", run)
 
 
+def _huggingface_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    """Each transformers family (tiny random config) converted onto each kernel backend against the same model on
+    eager attention: logits and every parameter's gradient with right and left padding, and greedy generation with
+    the KV cache (the count of differing tokens). Quick: Llama (GQA) only. Without transformers: none."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return
+    from . import hf_testing
+
+    families = ("llama",) if quick else hf_testing.FAMILIES
+    for family in families:
+        for backend in ("triton", "cuda"):
+            if not backends.status(backend, device)[0]:
+                continue
+
+            def run(family=family, backend=backend):
+                rows = hf_testing.compare_family(family, backend, device)
+                if hf_testing.is_generator(family):
+                    eager, ours = hf_testing.converted_pair(family, backend, device)
+                    expected = hf_testing.generate(eager, family, device)
+                    got = hf_testing.generate(ours, family, device)
+                    # A count: any differing token fails (bound below 1).
+                    rows.append((f"greedy tokens differing of {got.numel()}", float((got != expected).sum()), 0.5))
+                return rows
+            yield Case(f"hf {family}", backend, torch.float32, "vs eager attention", run)
+
+
 # Case generators, one per op; later ops add theirs here.
 CASE_SOURCES: tuple[Callable[[torch.device, bool], Iterator[Case]], ...] = (
-    _softmax_cases, _attention_cases, _norm_cases, _projection_cases, _architecture_cases)
+    _softmax_cases, _attention_cases, _norm_cases, _projection_cases, _architecture_cases, _huggingface_cases)
 
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
