@@ -2,6 +2,7 @@
 
 import csv
 
+import pytest
 import torch
 
 from transformer_kernels.tools import bench, cli
@@ -56,3 +57,20 @@ def test_static_bench_command_writes_the_report_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "0 with spills" in out and "Memory traffic" in out and "attn_fwd" in out
     assert (tmp_path / "memory_traffic.png").stat().st_size > 1000
+
+
+def test_hf_train_step_cases_run_with_a_fake_timer(monkeypatch):
+    pytest.importorskip("transformers")
+    from transformer_kernels.tools import bench_hf
+
+    # the Llama family at toy width: every implementation's real forward and backward runs once on the CPU
+    monkeypatch.setitem(bench_hf.HF_SHAPES, "tiny-llama", ("llama", 2, 16, {
+        "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "vocab_size": 64}))
+    todo = bench_hf.hf_cases(("tiny-llama",), dtype=torch.float32)
+    assert [c.impl for c in todo] == ["triton", "cuda", "sdpa", "eager"] and all(c.flops > 0 for c in todo)
+    rows = bench.run_cases(todo, torch.device("cpu"), timer=lambda step, quantiles: (step(), (4.0, 3.0, 5.0))[1])
+    assert len(rows) == 4
+    (shape, impl, tps, _), *_ = bench_hf.tokens_per_second(rows)
+    assert (shape, impl) == ("tiny-llama", "triton") and tps == 2 * 16 / 4e-3
+    assert "tokens/s" in bench_hf.format_tokens_per_second(rows)

@@ -9,6 +9,7 @@ bench  with a GPU: timings of every op (CSV + PNG); without one: the static reso
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -111,6 +112,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seq_lens = (512, 1024) if args.quick else bench.SEQ_LENS
         table, csv_path, png = bench.gpu_report(torch.device("cuda"), out_dir, seq_lens=seq_lens)
         print(table)
+        if importlib.util.find_spec("transformers") is not None:
+            from . import bench_hf
+
+            shapes = bench_hf.QUICK_SHAPES if args.quick else tuple(bench_hf.HF_SHAPES)
+            rows = bench.run_cases(bench_hf.hf_cases(shapes), torch.device("cuda"))
+            bench.append_csv(rows, torch.device("cuda"), csv_path)
+            print("\nHugging Face train step (forward + backward, bf16)\n" + bench_hf.format_tokens_per_second(rows))
         print(f"\nappended to {csv_path}; plot: {png}")
         return 0
     print("No GPU: static report (ahead-of-time compiles for sm_80/sm_90 and analytic memory traffic; no timings).\n")

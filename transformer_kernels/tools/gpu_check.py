@@ -16,6 +16,7 @@ file, sanitizer findings per tool, and per benchmark case our figure and the rat
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -111,7 +112,12 @@ def bench(out: Path) -> None:
     from . import bench as bench_mod
 
     device = torch.device("cuda")
-    rows = bench_mod.run_cases(bench_mod.quick_cases(), device)
+    cases = bench_mod.quick_cases()
+    if importlib.util.find_spec("transformers") is not None:
+        from . import bench_hf
+
+        cases += bench_hf.hf_cases(bench_hf.QUICK_SHAPES)
+    rows = bench_mod.run_cases(cases, device)
     bench_mod.append_csv(rows, device, out / "results.csv")
     bench_mod.plot_timings(rows, out / "attention_tflops_memory.png", model="D128 causal")
     print(bench_mod.format_timings(rows))
