@@ -177,6 +177,46 @@ def test_attention_function_contract_gqa_decoding_and_prefill():
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_float_masks_and_dropout_reach_the_kernels():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 6, 16, generator=g) for _ in range(3))
+    module = nn.Module()
+    module.is_causal = False
+    bias = torch.randn(1, 2, 6, 6, generator=g)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for backend in KERNEL_BACKENDS:
+        module.tk_backend = backend
+        out, _ = huggingface.attention_forward(module, q, k, v, bias)
+        torch.testing.assert_close(out.transpose(1, 2), sdpa(q, k, v, attn_mask=bias), atol=1e-5, rtol=1e-5)
+        torch.manual_seed(5)
+        dropped, _ = huggingface.attention_forward(module, q, k, v, None, dropout=0.5)
+        torch.manual_seed(5)
+        again = tk.ops.attention(q, k, v, dropout_p=0.5, backend=backend)
+        torch.testing.assert_close(dropped.transpose(1, 2), again, atol=0, rtol=0)
+        assert not torch.allclose(dropped.transpose(1, 2), sdpa(q, k, v))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_chunked_prefill_after_a_cache_matches_eager(backend):
+    """Lq < Lk with real cached keys: 6 tokens prefilled, then 4 at once, then 1 (Llama, GQA, left padding)."""
+    eager, ours = hft.converted_pair("llama", backend)
+    b = hft.batch("llama", "left", length=11)
+    ids, mask = b.inputs["input_ids"], b.inputs["attention_mask"]
+    chunked = {}
+    for name, model in (("eager", eager), ("ours", ours)):
+        cache = transformers.DynamicCache(config=model.config)
+        chunks = []
+        with torch.no_grad():
+            for lo, hi in ((0, 6), (6, 10), (10, 11)):
+                out = model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=cache, use_cache=True)
+                chunks.append(out.logits)
+        chunked[name] = torch.cat(chunks, dim=1)[b.real]
+    torch.testing.assert_close(chunked["ours"], chunked["eager"], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # and the chunks agree with one pass over the whole sequence
+        whole = eager(**b.inputs).logits
+    torch.testing.assert_close(chunked["eager"], whole[b.real], atol=1e-4, rtol=1e-4)
+
+
 def test_sliding_window_model_matches_eager():
     """Mistral's sliding window reaches the kernels through the mask (sdpa_mask builds it)."""
     cfg = transformers.MistralConfig(vocab_size=hft.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
