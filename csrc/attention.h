@@ -34,6 +34,13 @@ struct AttentionArgs {
   void* dv;
   // dS, the gradient of a float mask, fp32 contiguous [B, H, Lq, Lk]; null unless the mask requires grad.
   float* dmask;
+  // Split-KV forward (splits > 1): grid y splits the keys into chunks of split_len (a multiple of the tile's BN);
+  // each block writes its partial unnormalised output o_part [splits, B*H*Lq, D], max and sum m_part/l_part
+  // [splits, B*H*Lq] (fp32), merged by a second kernel. splits = 1: the plain forward.
+  int64_t splits, split_len;
+  float* o_part;
+  float* m_part;
+  float* l_part;
   int64_t q_stride[4], k_stride[4], v_stride[4], do_stride[4], mask_stride[4], kpm_stride[2];
   int64_t B, H, Hkv, Lq, Lk, D;
   float scale;
@@ -50,6 +57,8 @@ struct AttentionArgs {
 // Fills out, row_max (max score of the row, 0 when none is visible) and inv_l (1 / softmax sum, 0 when
 // none is visible).
 void attention_forward(const AttentionArgs& args, tk_stream_t stream);
+// The forward's query and key tile (BM, BN) for a dtype code and head dim: the split-KV plan needs them.
+void attention_forward_tile(int dtype, int64_t d, int* bm, int* bn);
 // Fills delta, dq, dk, dv (and dmask when not null) from dout, out, row_max, inv_l.
 void attention_backward(const AttentionArgs& args, tk_stream_t stream);
 

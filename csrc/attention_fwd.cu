@@ -46,8 +46,11 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttentionAr
   const uint32_t threshold = dropout_threshold(a.dropout_p);
   const uint64_t seed = dropout ? *a.seed : 0;
   const int64_t hi = key_end(a, m0, BM);
+  // Split-KV: this block's chunk of the keys (blockIdx.y; split_len is a multiple of BN).
+  const int64_t n_lo = a.splits > 1 ? blockIdx.y * a.split_len : 0;
+  const int64_t n_hi = a.splits > 1 && n_lo + a.split_len < hi ? n_lo + a.split_len : hi;
 
-  for (int64_t n0 = 0; n0 < hi; n0 += BN) {
+  for (int64_t n0 = n_lo; n0 < n_hi; n0 += BN) {
     __syncthreads();  // the previous tile's products are done with ks, vs and ps (first pass: qs, os filled)
     load_tile<T, BN, DP, true>(ks, L::LDT, k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0);
     load_tile<T, BN, DP, true>(vs, L::LDT, v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0);
@@ -87,6 +90,18 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttentionAr
   }
   __syncthreads();  // accumulators final
 
+  if (a.splits > 1) {
+    // The partial of this chunk, unnormalised, for attention_combine_kernel.
+    const int64_t row0 = static_cast<int64_t>(blockIdx.y) * a.B * a.H * a.Lq + bh * a.Lq + m0;
+    for (int e = threadIdx.x; e < BM * DP; e += blockDim.x) {
+      const int r = e / DP, d = e % DP;
+      if (m0 + r < a.Lq && d < a.D) a.o_part[(row0 + r) * a.D + d] = os[r * L::LDO + d];
+    }
+    for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+      if (m0 + r < a.Lq) a.m_part[row0 + r] = m_s[r], a.l_part[row0 + r] = l_s[r];
+    }
+    return;
+  }
   const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
   T* out = static_cast<T*>(a.out) + (bh * a.Lq + m0) * a.D;
   for (int e = threadIdx.x; e < BM * DP; e += blockDim.x) {
@@ -103,7 +118,45 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttentionAr
   }
 }
 
+constexpr int kCombineThreads = 128;
+
+// Merges the split partials of each row (a warp per row, splits in order: deterministic): each rescaled to the
+// row's overall max, normalised once; writes the same output, row max and reciprocal sum as the plain forward,
+// so the backward pass cannot tell the two apart.
+template <typename T>
+__global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(AttentionArgs a) {
+  const int64_t rows = a.B * a.H * a.Lq;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kCombineThreads / 32) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  float m = -INFINITY;
+  for (int64_t s = 0; s < a.splits; ++s) m = fmaxf(m, a.m_part[s * rows + row]);
+  const float m_safe = m == -INFINITY ? 0.0f : m;
+  float l = 0.0f;
+  for (int64_t s = 0; s < a.splits; ++s) l += a.l_part[s * rows + row] * expf(a.m_part[s * rows + row] - m_safe);
+  const float inv = l == 0.0f ? 0.0f : 1.0f / l;
+  const float keep_scale = a.dropout_p > 0.0f ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+  T* out = static_cast<T*>(a.out) + row * a.D;
+  for (int64_t d = lane; d < a.D; d += 32) {
+    float acc = 0.0f;
+    for (int64_t s = 0; s < a.splits; ++s)
+      acc += a.o_part[(s * rows + row) * a.D + d] * expf(a.m_part[s * rows + row] - m_safe);
+    out[d] = from_float<T>(acc * inv * keep_scale);
+  }
+  if (lane == 0) a.row_max[row] = m_safe, a.inv_l[row] = inv;
+}
+
 }  // namespace
+
+void attention_forward_tile(int dtype, int64_t d, int* bm, int* bn) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_head_dim<T>(d, [&](auto dp) {
+      *bm = FwdTile<T, decltype(dp)::value>::BM;
+      *bn = FwdTile<T, decltype(dp)::value>::BN;
+    });
+  });
+}
 
 void attention_forward(const AttentionArgs& a, tk_stream_t stream) {
   if (a.B * a.H * a.Lq == 0 || a.D == 0) return;
@@ -113,9 +166,15 @@ void attention_forward(const AttentionArgs& a, tk_stream_t stream) {
       using L = FwdSmem<T, decltype(dp)::value>;
       const int64_t blocks = a.B * a.H * ((a.Lq + L::BM - 1) / L::BM);
       if (blocks > 0x7fffffffLL) throw std::invalid_argument("attention: more than 2^31-1 query tiles");
-      launch(attention_fwd_kernel<T, decltype(dp)::value>, dim3(static_cast<unsigned>(blocks)), dim3(kAttnThreads),
-             L::bytes, stream, a);
+      const unsigned splits = a.splits > 1 ? static_cast<unsigned>(a.splits) : 1u;
+      launch(attention_fwd_kernel<T, decltype(dp)::value>, dim3(static_cast<unsigned>(blocks), splits),
+             dim3(kAttnThreads), L::bytes, stream, a);
     });
+    if (a.splits > 1) {
+      const int64_t rows = a.B * a.H * a.Lq, per_block = kCombineThreads / 32;
+      launch(attention_combine_kernel<T>, dim3(static_cast<unsigned>((rows + per_block - 1) / per_block)),
+             dim3(kCombineThreads), 0, stream, a);
+    }
   });
 }
 

@@ -148,6 +148,10 @@ tk::AttentionArgs attention_args(const py::dict& d) {
   a.dk = ptr<void>(d["dk"].cast<uintptr_t>());
   a.dv = ptr<void>(d["dv"].cast<uintptr_t>());
   a.dmask = ptr<float>(d["dmask"].cast<uintptr_t>());
+  a.splits = i64("splits"), a.split_len = i64("split_len");
+  a.o_part = ptr<float>(d["o_part"].cast<uintptr_t>());
+  a.m_part = ptr<float>(d["m_part"].cast<uintptr_t>());
+  a.l_part = ptr<float>(d["l_part"].cast<uintptr_t>());
   strides("q_stride", a.q_stride, 4);
   strides("k_stride", a.k_stride, 4);
   strides("v_stride", a.v_stride, 4);
@@ -213,6 +217,11 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
                                         py::arg("gelu") = static_cast<int>(tk::kActGelu),
                                         py::arg("gelu_tanh") = static_cast<int>(tk::kActGeluTanh),
                                         py::arg("silu") = static_cast<int>(tk::kActSilu));
+  m.def("attention_forward_tile", [](int dtype, int64_t d) {
+    int bm = 0, bn = 0;
+    tk::attention_forward_tile(dtype, d, &bm, &bn);
+    return py::make_tuple(bm, bn);
+  }, "the attention forward's (BM, BN) for a dtype code and head dim");
   m.attr("attention_head_dims") = py::make_tuple(tk::kAttnHeadDims[0], tk::kAttnHeadDims[1], tk::kAttnHeadDims[2], tk::kAttnHeadDims[3]);
   m.attr("attention_max_head_dim") = py::dict(py::arg("half") = tk::kAttnMaxHeadDimHalf, py::arg("float") = tk::kAttnMaxHeadDimFloat);
   m.def("probe", [] {

@@ -43,6 +43,7 @@ from .config import (
     mask_args,
     next_power_of_2,
     spans_past_int32,
+    split_plan,
     unsupported_dtype,
 )
 
@@ -235,6 +236,85 @@ def attn_fwd_kernel(
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(row_max_ptr + o_rows, tl.where(m_i == float("-inf"), 0.0, m_i), mask=row_ok)
     tl.store(inv_l_ptr + o_rows, inv_l, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["causal_offset"])
+def attn_fwd_split_kernel(
+    q_ptr, k_ptr, v_ptr, o_part_ptr, m_part_ptr, l_part_ptr, mask_ptr, kpm_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, split_len,
+    D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    # Split-KV forward (decoding: few queries, many keys): grid axis 1 splits the key range into chunks of
+    # split_len (a multiple of BLOCK_N), so B·H programs become B·H·splits and fill the GPU. Each program runs the
+    # online softmax over its chunk only and writes its partial (unnormalised output, max, sum) for
+    # attn_fwd_combine_kernel.
+    bh, start_m, b, h, hk = _query_tile(num_heads, group, seqlen_q, BLOCK_M)
+    split = tl.program_id(1)
+    seed = tl.load(seed_ptr) if DROPOUT else 0
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, start_m, offs_m, offs_d, seqlen_q, D, False)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    mask_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    lo_n = split * split_len
+    hi_n = tl.minimum(lo_n + split_len, hi)
+    for start_n in range(lo_n, tl.minimum(hi_n, full), BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, k_base, v_base, kpm_ptr, b * stride_kpm_b,
+                                  stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m,
+                                  offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND,
+                                  HAS_KPM, False, DROPOUT, False, BLOCK_N, INTERPRETED)
+    if IS_CAUSAL:
+        for start_n in range(tl.maximum(lo_n, full), hi_n, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, k_base, v_base, kpm_ptr,
+                                      b * stride_kpm_b, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
+                                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
+                                      causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, False,
+                                      BLOCK_N, INTERPRETED)
+    total_rows = (tl.num_programs(0) // tl.cdiv(seqlen_q, BLOCK_M)).to(tl.int64) * seqlen_q  # B·H·Lq
+    rows = split * total_rows + bh.to(tl.int64) * seqlen_q + offs_m
+    row_ok = offs_m < seqlen_q
+    tl.store(o_part_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
+    tl.store(m_part_ptr + rows, m_i, mask=row_ok)
+    tl.store(l_part_ptr + rows, l_i, mask=row_ok)
+
+
+@triton.jit
+def attn_fwd_combine_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, row_max_ptr, inv_l_ptr, total_rows,
+                            num_splits, dropout_p, D: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr):
+    # The split partials of each row merged in split order (deterministic): each rescaled to the row's overall
+    # max, then normalised once; the same row max and reciprocal sum as attn_fwd_kernel saves, so the backward
+    # pass cannot tell the two forwards apart.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = rows < total_rows
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for split in range(0, num_splits):
+        m = tl.maximum(m, tl.load(m_part_ptr + split * total_rows + rows, mask=ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for split in range(0, num_splits):
+        part = split * total_rows + rows
+        w = tl.exp2((tl.load(m_part_ptr + part, mask=ok, other=float("-inf")) - m_safe) * LOG2E)
+        l_sum += tl.load(l_part_ptr + part, mask=ok, other=0.0) * w
+        acc += tl.load(o_part_ptr + part[:, None] * BLOCK_D + offs_d[None, :], mask=ok[:, None], other=0.0) * w[:, None]
+    inv_l = tl.where(l_sum == 0.0, 0.0, 1.0 / tl.where(l_sum == 0.0, 1.0, l_sum))
+    out = acc * inv_l[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], cast_out(out, out_ptr.dtype.element_ty, INTERPRETED),
+             mask=ok[:, None] & (offs_d[None, :] < D))
+    tl.store(row_max_ptr + rows, m_safe, mask=ok)
+    tl.store(inv_l_ptr + rows, inv_l, mask=ok)
 
 
 @triton.jit
@@ -628,6 +708,18 @@ _dkdv = _autotuned(attn_bwd_dkdv_kernel, "dkdv")
 _dq = _autotuned(attn_bwd_dq_kernel, "dq")
 
 
+COMBINE_BLOCK_R = 16
+
+
+def split_tile(block_d: int, elem_bytes: int, features: str, interpreted: bool | None = None) -> TileConfig:
+    """The one tile of the split-KV forward: 16 query rows (a decoding step has 1) with the key tile, warps and
+    stages of the forward's smallest tile of the class: fewer registers than that tile, which is spill-free."""
+    if is_interpreted() if interpreted is None else interpreted:
+        return INTERPRETER_CONFIG
+    smallest = _FWD[(features, max(elem_bytes, 2), block_d)][-1]
+    return TileConfig(16, smallest.block_n, smallest.num_warps, smallest.num_stages)
+
+
 def max_head_dim(dtype: torch.dtype, device: torch.device) -> int:
     """The widest head dim these kernels take in ``dtype`` (0 for a dtype they lack)."""
     return MAX_HEAD_DIM.get(dtype, 0)
@@ -680,13 +772,32 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     if out.numel() == 0:
         return out, row_max, inv_l
     kind, m, ms, kp, kps = _mask_args(mask, kpm, q)
+    block_d = head_dim_block(d, q.dtype)
+    wide = spans_past_int32(q, k, v, m)
+    features = feature_class(kind, kpm is not None, dropout_p > 0.0)
+    tile = split_tile(block_d, q.element_size(), features)
+    plain_block_m = tile_configs("fwd", block_d, q.element_size(), features)[0].block_m
+    plan = split_plan(b, h, lq, lk, tile.block_m, tile.block_n, plain_block_m, q.device)
+    args = (m, kp, *_strides3(q), *_strides3(k), *_strides3(v), *ms, *kps, h, h // hkv, lq, lk, scale, causal_offset,
+            dropout_p, q if seed is None else seed)
+    if plan.splits > 1 and not wide:
+        rows = b * h * lq
+        o_part = torch.empty((plan.splits, rows, block_d), dtype=torch.float32, device=q.device)
+        m_part = torch.empty((plan.splits, rows), dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+        attn_fwd_split_kernel[(triton.cdiv(lq, tile.block_m) * b * h, plan.splits)](
+            q, k, v, o_part, m_part, l_part, *args, plan.split_len, D=d, MASK_KIND=kind, HAS_KPM=kpm is not None,
+            IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            BLOCK_D=block_d, INTERPRETED=is_interpreted(), num_warps=tile.num_warps, num_stages=tile.num_stages)
+        attn_fwd_combine_kernel[(triton.cdiv(rows, COMBINE_BLOCK_R),)](
+            o_part, m_part, l_part, out, row_max, inv_l, rows, plan.splits, dropout_p, D=d, DROPOUT=dropout_p > 0.0,
+            BLOCK_R=COMBINE_BLOCK_R, BLOCK_D=block_d, INTERPRETED=is_interpreted())
+        return out, row_max, inv_l
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
     _fwd[grid](
-        q, k, v, out, row_max, inv_l, m, kp, *_strides3(q), *_strides3(k), *_strides3(v), *ms, *kps,
-        h, h // hkv, lq, lk, scale, causal_offset, dropout_p, q if seed is None else seed, length_class(lq),
-        length_class(lk),
-        D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
-        WIDE=spans_past_int32(q, k, v, m), BLOCK_D=head_dim_block(d, q.dtype), INTERPRETED=is_interpreted(),
+        q, k, v, out, row_max, inv_l, *args, length_class(lq), length_class(lk), D=d, MASK_KIND=kind,
+        HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0, WIDE=wide, BLOCK_D=block_d,
+        INTERPRETED=is_interpreted(),
     )
     return out, row_max, inv_l
 
@@ -782,10 +893,30 @@ def _dmask_variant(dtype: torch.dtype, block_d: int, wide: bool) -> AotVariant:
                       + (" wide" if wide else ""), num_stages=c.num_stages, aligned=_aligned(sig))
 
 
+def _split_variant(dtype: torch.dtype, block_d: int, features: str) -> AotVariant:
+    dt = TRITON_DTYPE_NAMES[dtype]
+    c = split_tile(block_d, dtype.itemsize, features, interpreted=False)
+    sig = aot_signature(attn_fwd_split_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}", "o_part_ptr": "*fp32",
+                                                "m_part_ptr": "*fp32", "l_part_ptr": "*fp32"})
+    consts = {**AOT_FEATURES[features], "INTERPRETED": False, "stride_mask_n": 1, "stride_kpm_n": 1, "D": block_d,
+              "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": block_d}
+    return AotVariant("attn_fwd_split", attn_fwd_split_kernel, sig, consts, c.num_warps,
+                      f"{dt} D={block_d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} {features}",
+                      num_stages=c.num_stages, aligned=_aligned(sig))
+
+
+def _combine_variant(dtype: torch.dtype, block_d: int) -> AotVariant:
+    dt = TRITON_DTYPE_NAMES[dtype]
+    sig = aot_signature(attn_fwd_combine_kernel, {**_AOT_TYPES, "*_ptr": "*fp32", "out_ptr": f"*{dt}"})
+    consts = {"D": block_d, "DROPOUT": True, "BLOCK_R": COMBINE_BLOCK_R, "BLOCK_D": block_d, "INTERPRETED": False}
+    return AotVariant("attn_fwd_combine", attn_fwd_combine_kernel, sig, consts, 4,
+                      f"{dt} D={block_d} R={COMBINE_BLOCK_R}", aligned=_aligned(sig))
+
+
 def aot_variants() -> list[AotVariant]:
     """Every tile configuration autotune can pick, for each dtype, head-dim block and feature class (see
     `tile_configs`), forward and both backward passes, the WIDE form of each with its one tile, the mask-gradient
-    pass (its one tile, plain and WIDE), plus the preprocess."""
+    pass (its one tile, plain and WIDE), the split-KV forward and its combine, plus the preprocess."""
     out = []
     for dtype in SUPPORTED_DTYPES:
         for block_d in (b for b in HEAD_DIM_BLOCKS if b <= next_power_of_2(MAX_HEAD_DIM[dtype])):
@@ -796,6 +927,8 @@ def aot_variants() -> list[AotVariant]:
                     out.append(aot_variant(pass_name, dtype, block_d, _wide_tile(pass_name, key), features, wide=True))
             for wide in (False, True):
                 out.append(_dmask_variant(dtype, block_d, wide))
+            out += [_split_variant(dtype, block_d, features) for features in AOT_FEATURES]
+            out.append(_combine_variant(dtype, block_d))
         dt = TRITON_DTYPE_NAMES[dtype]
         sig = aot_signature(attn_bwd_preprocess_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
         for block_d in HEAD_DIM_BLOCKS:

@@ -159,3 +159,37 @@ def power_of_two_configs(pick, min_cols: int, max_cols: int) -> list:
         configs.append(pick(n))
         n *= 2
     return configs
+
+
+# ---- split-KV forward (attention, both kernel backends) ---------------------------------------------------------
+
+# Used when the plain grid has fewer programs than SPLIT_PROGRAMS_PER_SM per SM (an H100's 132 SMs where there is
+# no GPU to ask: the CPU paths plan as for one), and each split keeps at least SPLIT_MIN_TILES key tiles.
+SPLIT_PROGRAMS_PER_SM = 2
+SPLIT_MIN_TILES = 2
+H100_SMS = 132
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    splits: int  # programs per query tile along the keys (1: the plain forward)
+    split_len: int  # keys per split, a multiple of block_n
+    programs: int  # the launch's programs
+
+
+def split_plan(b: int, h: int, lq: int, lk: int, block_m: int, block_n: int, plain_block_m: int,
+               device: torch.device) -> SplitPlan:
+    """How an attention forward with ``block_m`` x ``block_n`` tiles splits its keys: not while the plain grid
+    (``plain_block_m`` query rows a program) fills the GPU; else into enough splits for SPLIT_PROGRAMS_PER_SM
+    programs per SM, each of at least SPLIT_MIN_TILES key tiles."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
+    target = SPLIT_PROGRAMS_PER_SM * sms
+    plain = -(-lq // plain_block_m) * b * h
+    query_programs = -(-lq // block_m) * b * h
+    max_splits = lk // (SPLIT_MIN_TILES * block_n)
+    if plain >= target or max_splits < 2 or query_programs == 0:
+        return SplitPlan(1, lk, plain)
+    splits = min(-(-target // query_programs), max_splits)
+    split_len = max(lk // splits // block_n, 1) * block_n  # rounded down: at least `splits` splits
+    splits = -(-lk // split_len)
+    return SplitPlan(splits, split_len, query_programs * splits)

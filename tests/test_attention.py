@@ -623,3 +623,95 @@ def test_a_backend_without_the_op_is_a_clear_error(device, monkeypatch):
     q, k, v = make_qkv(1, 1, 1, 3, 3, 16, device=device)
     with pytest.raises(NotImplementedError, match="backend 'cuda' does not implement attention"), tk.use_backend("cuda"):
         tk.ops.attention(q, k, v)
+
+
+# ---- split-KV forward (decoding) ---------------------------------------------------------------------------------
+
+
+def _record_split_plans(monkeypatch) -> list:
+    """Every split plan the two kernel launchers make, recorded."""
+    from transformer_kernels.kernels import config
+
+    plans = []
+
+    def recording(*args):
+        plans.append(config.split_plan(*args))
+        return plans[-1]
+
+    monkeypatch.setattr(triton_attention, "split_plan", recording)
+    monkeypatch.setattr(cuda_attention, "split_plan", recording)
+    return plans
+
+
+def _cuda_tile(dtype, d):
+    from transformer_kernels import _ext
+
+    mod = _ext.module_for(torch.device("cpu"))
+    return mod.attention_forward_tile(_ext.dtype_code(mod, dtype), d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+def test_split_kv_plan_fills_an_h100(dtype, d):
+    """B = 1, H = 16, Lq = 1, Lk = 8192 (one decoding step): at least two programs per SM of an H100 (132 SMs), on
+    the tiles each backend launches on a GPU; a batch that fills the GPU is not split."""
+    from transformer_kernels.kernels.config import split_plan
+
+    if d > triton_attention.MAX_HEAD_DIM[dtype]:
+        pytest.skip(f"{dtype} stops at D = {triton_attention.MAX_HEAD_DIM[dtype]} on Triton")
+    block_d = triton_attention.head_dim_block(d, dtype)
+    tiles = {}
+    for features in ("plain", "all"):
+        t = triton_attention.split_tile(block_d, dtype.itemsize, features, interpreted=False)
+        plain = triton_attention.PASSES["fwd"][(features, max(dtype.itemsize, 2), block_d)][0].block_m
+        tiles[f"triton {features}"] = (t.block_m, t.block_n, plain)
+    if d <= cuda_attention.max_head_dim(dtype, torch.device("cpu")):
+        bm, bn = _cuda_tile(dtype, d)
+        tiles["cuda"] = (bm, bn, bm)
+    for name, (bm, bn, plain) in tiles.items():
+        plan = split_plan(1, 16, 1, 8192, bm, bn, plain, torch.device("cpu"))
+        assert plan.programs >= 264, (name, plan)
+        assert (plan.splits - 1) * plan.split_len < 8192 <= plan.splits * plan.split_len and plan.split_len % bn == 0
+        assert split_plan(32, 16, 1024, 1024, bm, bn, plain, torch.device("cpu")).splits == 1, name
+
+
+SPLIT_CASES = {
+    "decode gqa": ((1, 4, 2, 1, 300), {"enable_gqa": True}),
+    "chunk causal_br": ((2, 2, 2, 3, 300), {"is_causal": True, "causal_alignment": "bottom_right"}),
+    "padding": ((1, 2, 2, 1, 257), {"padding": True}),
+    "float mask": ((1, 2, 2, 5, 400), {"float_mask": True}),
+}
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_split_kv_forward_and_backward_match_reference(backend, dtype, case, device, monkeypatch):
+    (b, h, hkv, lq, lk), kw = SPLIT_CASES[case]
+    kw = dict(kw)
+    plans = _record_split_plans(monkeypatch)
+    q, k, v = make_qkv(b, h, hkv, lq, lk, 32, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(7)
+    if kw.pop("padding", False):
+        kw["key_padding_mask"] = (torch.rand(b, lk, generator=g) < 0.3).to(device)
+    if kw.pop("float_mask", False):
+        kw["attn_mask"] = torch.randn(lq, lk, generator=g).to(dtype).to(device)
+    check_against_reference(backend, q, k, v, **kw)
+    assert plans and all(p.splits > 1 for p in plans), plans
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_split_kv_dropout_and_results_equal_the_plain_forward(backend, device, monkeypatch):
+    from transformer_kernels.kernels import config
+
+    plans = _record_split_plans(monkeypatch)
+    q, k, v = make_qkv(1, 2, 2, 2, 333, 16, device=device)
+    outs = []
+    for programs_per_sm in (config.SPLIT_PROGRAMS_PER_SM, 0):  # 0: the plain grid always "fills" the GPU
+        monkeypatch.setattr(config, "SPLIT_PROGRAMS_PER_SM", programs_per_sm)
+        torch.manual_seed(11)
+        with tk.use_backend(backend):
+            outs.append([tk.ops.attention(q, k, v, dropout_p=p) for p in (0.0, 0.4)])
+    assert [p.splits > 1 for p in plans] == [True, True, False, False]
+    for split, plain in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(split, plain, atol=2e-6, rtol=2e-6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from ..kernels.config import split_plan
 from ._args import ptr, stream, unsupported_dtype
 
 
@@ -42,7 +43,7 @@ def _args(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, s
         "causal": bool(is_causal), "causal_offset": int(causal_offset), "dropout_p": float(dropout_p),
         "seed": ptr(seed), "dtype": _ext.dtype_code(mod, q.dtype),
         "out": 0, "row_max": 0, "inv_l": 0, "dout": 0, "do_stride": [0] * 4, "delta": 0, "dq": 0, "dk": 0, "dv": 0,
-        "dmask": 0,
+        "dmask": 0, "splits": 1, "split_len": 0, "o_part": 0, "m_part": 0, "l_part": 0,
     }
 
 
@@ -58,6 +59,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     inv_l = torch.empty_like(row_max)
     args = _args(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, seed)
     args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr()}
+    if out.numel():
+        # Split-KV when the plain grid would not fill the GPU (decoding): partials merged by a second kernel.
+        block_m, block_n = mod.attention_forward_tile(args["dtype"], d)
+        plan = split_plan(b, h, lq, k.shape[2], block_m, block_n, block_m, q.device)
+        if plan.splits > 1:
+            parts = [torch.empty((plan.splits, b * h * lq, *extra), dtype=torch.float32, device=q.device)
+                     for extra in ((d,), (), ())]
+            args |= {"splits": plan.splits, "split_len": plan.split_len,
+                     **{name: t.data_ptr() for name, t in zip(("o_part", "m_part", "l_part"), parts, strict=True)}}
     mod.attention_forward(args, stream(q))
     return out, row_max, inv_l
 
