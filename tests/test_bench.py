@@ -36,9 +36,14 @@ def test_gpu_path_with_a_fake_timer(tmp_path, monkeypatch):
         calls.append(quantiles)
         return 2.0, 1.5, 2.5
 
+    monkeypatch.setattr(bench, "DECODE_KEYS", (300,))
+    monkeypatch.setattr(bench, "DECODE_HEAD_DIM", 16)
     table, csv_path, png = bench.gpu_report(torch.device("cpu"), tmp_path, timer=fake_timer, models=("tiny-gpt",),
                                             seq_lens=(16, 32), dtype=torch.float32)
     n_cases = len(bench.cases(("tiny-gpt",), (16, 32), torch.float32))
+    decode = [r["impl"] for r in csv.DictReader(csv_path.open()) if r["op"] == "attention_decode"]
+    assert {"triton", "cuda"} <= set(decode)  # an SDPA backend that refuses CPU tensors is skipped
+    n_cases += len(decode)
     assert len(calls) == n_cases and all(q == [0.5, 0.2, 0.8] for q in calls)
     with csv_path.open() as fh:
         rows = list(csv.DictReader(fh))

@@ -282,6 +282,49 @@ def _flex_maker(shape: tuple[int, ...], causal: bool, dtype: torch.dtype, backwa
     return make
 
 
+# Decoding: one query per sequence against a KV cache of DECODE_KEYS keys, B·H = DECODE_BATCH·DECODE_HEADS (fewer
+# programs than SMs without split-KV); tokens/s = DECODE_BATCH / time.
+DECODE_KEYS = (1024, 4096, 16384, 32768)
+DECODE_BATCH, DECODE_HEADS, DECODE_KV_HEADS, DECODE_HEAD_DIM = 1, 32, 8, 128
+
+
+def _decode_maker(impl: str, lk: int, dtype: torch.dtype):
+    def make(device: torch.device) -> Callable[[], torch.Tensor]:
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(DECODE_BATCH, DECODE_HEADS, 1, DECODE_HEAD_DIM, device=device, dtype=dtype, generator=g)
+        k, v = (torch.randn(DECODE_BATCH, DECODE_KV_HEADS, lk, DECODE_HEAD_DIM, device=device, dtype=dtype, generator=g)
+                for _ in range(2))
+        if impl in KERNEL_IMPLS:
+            return lambda: ops.attention(q, k, v, enable_gqa=True, backend=impl)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, impl.removeprefix("sdpa-").upper() + "_ATTENTION")
+
+        def run() -> torch.Tensor:
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return run
+    return make
+
+
+def decode_cases(dtype: torch.dtype = torch.float16, keys: tuple[int, ...] | None = None) -> list[Case]:
+    """One decoding step (Lq = 1, GQA 32/8 heads, D = 128 by default) at each KV-cache length (default DECODE_KEYS), ours
+    (split-KV) against SDPA's flash and memory-efficient backends; GB/s counts the K/V cache read once."""
+    out = []
+    for lk in keys or DECODE_KEYS:
+        flops = attention_flops(DECODE_BATCH, DECODE_HEADS, 1, lk, DECODE_HEAD_DIM, False, False)
+        io = 2 * 2 * DECODE_BATCH * DECODE_KV_HEADS * lk * DECODE_HEAD_DIM
+        for impl in (*KERNEL_IMPLS, "sdpa-flash", "sdpa-efficient"):
+            out.append(Case("attention_decode", impl, f"B{DECODE_BATCH} H{DECODE_HEADS}/{DECODE_KV_HEADS} D{DECODE_HEAD_DIM}", lk,
+                            False, flops, io, _decode_maker(impl, lk, dtype)))
+    return out
+
+
+def decode_tokens_per_second(rows: list[Timing]) -> list[tuple[str, int, float]]:
+    """(impl, KV length, tokens/s) of the decoding rows."""
+    return [(r.impl, r.seq_len, DECODE_BATCH / (r.median_ms / 1e3)) for r in rows if r.op == "attention_decode"]
+
+
 def _liger_norm(rms: bool):
     """Liger-Kernel's norm function when it is importable (a peer to compare with), else None."""
     try:
@@ -481,7 +524,7 @@ def gpu_report(device: torch.device, out_dir: Path = RESULTS_DIR, timer: Callabl
                dtype: torch.dtype = torch.float16,
                progress: Callable[[int, int, Case], None] | None = None) -> tuple[str, Path, Path]:
     """Times every case, appends the CSV and draws the plot; returns (table, csv path, png path)."""
-    rows = run_cases(cases(models, seq_lens, dtype), device, timer, progress)
+    rows = run_cases(cases(models, seq_lens, dtype) + decode_cases(dtype), device, timer, progress)
     csv_path = append_csv(rows, device, out_dir / "results.csv")
     png = plot_timings(rows, out_dir / "attention_tflops_memory.png", model=models[-1])
     return format_timings(rows), csv_path, png

@@ -112,7 +112,7 @@ def bench(out: Path) -> None:
     from . import bench as bench_mod
 
     device = torch.device("cuda")
-    cases = bench_mod.quick_cases()
+    cases = bench_mod.quick_cases() + bench_mod.decode_cases()
     if importlib.util.find_spec("transformers") is not None:
         from . import bench_hf
 
