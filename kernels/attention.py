@@ -1,6 +1,7 @@
 """Fused scaled-dot-product attention in Triton: FlashAttention-2 forward and backward.
 
-Forward: one program per (query tile, batch·head), folded into grid x so any B·H fits. The query tile stays
+Forward: one program per (query tile, batch·head), folded into grid x so any B·H fits (or, when that grid would not
+fill the GPU, per key split too: `attn_fwd_split_kernel` + `attn_fwd_combine_kernel`). The query tile stays
 in registers while key/value tiles stream past it; the softmax is online (running max and sum, rescaling the
 accumulator) in fp32, in the exp2 domain. Scores stay in natural units until after the max is subtracted
 (see `_score_tile`), so rows whose scores all sit near -6e4 keep full precision. With a causal mask the key
