@@ -41,7 +41,9 @@ def test_greedy_generation_with_kv_cache_gives_the_same_tokens(family, backend, 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("family", hft.FAMILIES)
 def test_adamw_training_curve_matches_eager(family, backend, device):
-    eager, ours = hft.converted_pair(family, backend, device)
+    # One layer per stack where the kernels run interpreted or simulated (each launch costs there, not its size);
+    # the logits and gradient tests above cover two.
+    eager, ours = hft.converted_pair(family, backend, device, layers=2 if device.type == "cuda" else 1)
     expected = hft.train_losses(eager, family, steps=20, device=device)
     losses = hft.train_losses(ours, family, steps=20, device=device)
     assert expected[-1] < expected[0]  # it learns

@@ -111,8 +111,11 @@ def test_every_triton_attention_config_compiles_without_spills_on_tensor_cores(a
         where = f"{r.kernel} {r.variant} sm_{r.arch}"
         assert r.stack_bytes == 0, f"{where} spills {r.stack_bytes} bytes"
         assert r.shared_bytes <= resources.MAX_SHARED[r.arch], f"{where} needs {r.shared_bytes} B of shared memory"
-        if r.kernel != "attn_bwd_preprocess":
+        if r.kernel not in ("attn_bwd_preprocess", "attn_fwd_combine"):  # row reductions, no products
             assert r.tensor_core_instrs > 0, f"{where} does not use tensor cores"
+    # the split-KV forward and its combine, for every dtype and head-dim block
+    for kernel in ("attn_fwd_split", "attn_fwd_combine", "attn_dmask"):
+        assert any(r.kernel == kernel for r in attention_rows), kernel
 
 
 def test_every_triton_norm_config_compiles_without_spills():

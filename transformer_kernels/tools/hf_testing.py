@@ -16,42 +16,44 @@ FAMILIES = ("bert", "gpt2", "bart", "t5", "llama")
 VOCAB = 96
 
 
-def _config(family: str):
+def _config(family: str, layers: int):
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, pad_token_id=0)
     if family == "bert":
-        return tf.BertForMaskedLM, tf.BertConfig(**common, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        return tf.BertForMaskedLM, tf.BertConfig(**common, hidden_size=32, num_hidden_layers=layers,
+                                                 num_attention_heads=2,
                                                  intermediate_size=64, max_position_embeddings=64,
                                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if family == "gpt2":
-        return tf.GPT2LMHeadModel, tf.GPT2Config(**common, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+        return tf.GPT2LMHeadModel, tf.GPT2Config(**common, n_embd=32, n_layer=layers, n_head=2, n_positions=64,
                                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
                                                  eos_token_id=2)
     if family == "bart":
         return tf.BartForConditionalGeneration, tf.BartConfig(
-            **common, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+            **common, d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=2,
             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
             dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, bos_token_id=1, eos_token_id=2,
             decoder_start_token_id=2, forced_eos_token_id=None)
     if family == "t5":
         # Gated GELU feed-forwards (T5 v1.1) and a learned relative position bias in every first layer.
         return tf.T5ForConditionalGeneration, tf.T5Config(
-            **common, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+            **common, d_model=32, d_kv=16, d_ff=64, num_layers=layers, num_decoder_layers=layers, num_heads=2,
             relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu", eos_token_id=2,
             decoder_start_token_id=0)
     if family == "llama":
         # Grouped-query attention: 4 query heads share 2 key/value heads.
-        return tf.LlamaForCausalLM, tf.LlamaConfig(**common, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        return tf.LlamaForCausalLM, tf.LlamaConfig(**common, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                                                    num_attention_heads=4, num_key_value_heads=2,
                                                    max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
-def tiny_model(family: str, seed: int = 0, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A two-layer model of ``family`` with random weights, on eager attention, in eval mode."""
-    cls, config = _config(family)
+def tiny_model(family: str, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               layers: int = 2) -> nn.Module:
+    """A model of ``family`` with ``layers`` layers (per stack) and random weights, on eager attention, in eval
+    mode."""
+    cls, config = _config(family, layers)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return cls(config).to(device=device, dtype=dtype).eval()
@@ -91,10 +93,10 @@ def batch(family: str, padding_side: str, seed: int = 0, device: torch.device | 
     return Batch({k: v.to(device) for k, v in inputs.items()}, real.to(device))
 
 
-def converted_pair(family: str, backend: str, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module]:
+def converted_pair(family: str, backend: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                   layers: int = 2) -> tuple[nn.Module, nn.Module]:
     """(eager model, the same weights converted onto ``backend``)."""
-    eager = tiny_model(family, device=device, dtype=dtype)
+    eager = tiny_model(family, device=device, dtype=dtype, layers=layers)
     ours = convert(copy.deepcopy(eager), backend=backend)
     return eager, ours
 
