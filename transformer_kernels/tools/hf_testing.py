@@ -188,11 +188,12 @@ def global_batch(step: int, rows: int = 4, length: int = 9) -> Tensor:
 
 def distributed_losses(family: str, backend: str, mode: str, steps: int, rank: int = 0, world: int = 1) -> list[float]:
     """Per-step global-batch losses of a converted model trained with AdamW: ``mode`` "single" (this process, the
-    whole batch), "ddp" (DistributedDataParallel) or "fsdp2" (fully_shard on every decoder layer and the root);
+    whole batch), "ddp" (DistributedDataParallel) or "fsdp2" (fully_shard on every decoder layer and the root),
+    on one layer (the kernels run interpreted or simulated on the CPU);
     the distributed modes need an initialised process group and return the all-reduced mean loss."""
     import torch.distributed as dist
 
-    model = convert(tiny_model(family), backend=backend)
+    model = convert(tiny_model(family, layers=1), backend=backend)
     model.train()
     if mode == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
