@@ -48,6 +48,16 @@ def test_quick_cases_cover_the_issue_list_and_ratios_pick_the_best_of_each_side(
     assert row[1:3] == ("cuda", "sdpa-flash") and row[4] == 1.5 and row[5] == "TFLOP/s"
 
 
-def test_the_sanitizer_driver_runs_every_cuda_kernel_on_the_simulator():
+def test_the_sanitizer_driver_runs_every_cuda_kernel_on_the_simulator(monkeypatch):
+    from transformer_kernels.cuda import attention as cuda_attention
+    from transformer_kernels.kernels import config
+
+    plans, mask_grads = [], []
+    monkeypatch.setattr(cuda_attention, "split_plan", lambda *a: plans.append(config.split_plan(*a)) or plans[-1])
+    backward = cuda_attention.attention_backward
+    monkeypatch.setattr(cuda_attention, "attention_backward",
+                        lambda *a: mask_grads.append(a[-1]) or backward(*a))
     ran = cuda_driver.run(torch.device("cpu"))
-    assert len(ran) == 8 and any("warp" in r for r in ran) and any("block" in r for r in ran)
+    assert len(ran) == 9 and any("warp" in r for r in ran) and any("block" in r for r in ran)
+    assert any(p.splits > 1 for p in plans)  # the split-KV forward and its combine kernel ran
+    assert mask_grads.count(True) == 3  # the dQ kernel wrote the mask's gradient

@@ -31,11 +31,14 @@ def run(device: torch.device) -> list[str]:
         q, k, v = randn(2, 4, 33, d, dtype=dtype), randn(2, 2, 45, d, dtype=dtype), randn(2, 2, 45, d, dtype=dtype)
         pad = torch.zeros(2, 45, dtype=torch.bool, device=device)
         pad[1, -7:] = True
-        bias = torch.randn(33, 45, device=device, generator=g)
+        bias = randn(33, 45, dtype=torch.float32)  # requires grad: the dQ kernel also writes the mask's gradient
         out = ops.attention(q, k, v, bias, dropout_p=0.1, is_causal=True, enable_gqa=True, key_padding_mask=pad,
                             causal_alignment="bottom_right", backend="cuda")
         out.sum().backward()
-        ran.append(f"attention forward/backward D={d} {dtype}")
+        ran.append(f"attention forward/backward D={d} {dtype} (with the mask's gradient)")
+    q, k, v = randn(1, 4, 1, 64), randn(1, 2, 300, 64), randn(1, 2, 300, 64)
+    ops.attention(q, k, v, enable_gqa=True, backend="cuda").sum().backward()
+    ran.append("attention decoding step (split-KV forward and its combine kernel)")
     x, w, b = randn(37, 64), randn(96, 64), randn(96)
     ops.linear(x, w, b, "gelu", residual=randn(37, 96), dropout_p=0.1, backend="cuda").sum().backward()
     ops.gated_linear(x, w, randn(96, 64), b, randn(96), "silu", backend="cuda").sum().backward()
