@@ -63,10 +63,10 @@ def test_bf16_training_curve_on_gpu(family, backend, device):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=3e-2, atol=3e-2)
 
 
-def test_t5_position_bias_trains():
+def test_t5_position_bias_trains(device):
     """The relative-attention embeddings get their gradient through the float mask (dMask) on both kernels."""
-    eager, _ = hft.converted_pair("t5", "torch")
-    b = hft.batch("t5", "right")
+    eager, _ = hft.converted_pair("t5", "torch", device)
+    b = hft.batch("t5", "right", device=device)
     _, ref = hft.logits_and_grads(eager, b)
     names = [f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight" for stack in ("encoder", "decoder")]
     for backend in KERNEL_BACKENDS:
@@ -155,12 +155,12 @@ def test_unsupported_kwargs_are_refused_by_name(kwarg, value):
         huggingface.attention_forward(module, q, q, q, None, **{kwarg: value})
 
 
-def test_attention_function_contract_gqa_decoding_and_prefill():
+def test_attention_function_contract_gqa_decoding_and_prefill(device):
     """Shapes, native GQA, a decoding step seeing every cached key, and a static-cache prefill (Lk > Lq, no
     mask: the unwritten keys are cropped, causal top-left) against SDPA."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 5, 16, generator=g)
-    k, v = torch.randn(2, 2, 9, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g)
+    q = torch.randn(2, 4, 5, 16, generator=g).to(device)
+    k, v = torch.randn(2, 2, 9, 16, generator=g).to(device), torch.randn(2, 2, 9, 16, generator=g).to(device)
     module = nn.Module()
     module.is_causal = True
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -172,19 +172,19 @@ def test_attention_function_contract_gqa_decoding_and_prefill():
         out, _ = huggingface.attention_forward(module, q, k, v, None, scaling=0.3)
         ref = sdpa(q, k[:, :, :5], v[:, :, :5], is_causal=True, scale=0.3, enable_gqa=True)
         torch.testing.assert_close(out.transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
-        mask = torch.rand(2, 1, 5, 9, generator=g) > 0.3
+        mask = (torch.rand(2, 1, 5, 9, generator=g) > 0.3).to(device)
         mask[..., 0] = True
         out, _ = huggingface.attention_forward(module, q, k, v, mask)
         torch.testing.assert_close(out.transpose(1, 2), sdpa(q, k, v, attn_mask=mask, enable_gqa=True),
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_float_masks_and_dropout_reach_the_kernels():
+def test_float_masks_and_dropout_reach_the_kernels(device):
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, 2, 6, 16, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 6, 16, generator=g).to(device) for _ in range(3))
     module = nn.Module()
     module.is_causal = False
-    bias = torch.randn(1, 2, 6, 6, generator=g)
+    bias = torch.randn(1, 2, 6, 6, generator=g).to(device)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     for backend in KERNEL_BACKENDS:
         module.tk_backend = backend
@@ -199,10 +199,10 @@ def test_float_masks_and_dropout_reach_the_kernels():
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_chunked_prefill_after_a_cache_matches_eager(backend):
+def test_chunked_prefill_after_a_cache_matches_eager(backend, device):
     """Lq < Lk with real cached keys: 6 tokens prefilled, then 4 at once, then 1 (Llama, GQA, left padding)."""
-    eager, ours = hft.converted_pair("llama", backend)
-    b = hft.batch("llama", "left", length=11)
+    eager, ours = hft.converted_pair("llama", backend, device)
+    b = hft.batch("llama", "left", device=device, length=11)
     ids, mask = b.inputs["input_ids"], b.inputs["attention_mask"]
     chunked = {}
     for name, model in (("eager", eager), ("ours", ours)):
@@ -219,26 +219,26 @@ def test_chunked_prefill_after_a_cache_matches_eager(backend):
     torch.testing.assert_close(chunked["eager"], whole[b.real], atol=1e-4, rtol=1e-4)
 
 
-def test_sliding_window_model_matches_eager():
+def test_sliding_window_model_matches_eager(device):
     """Mistral's sliding window reaches the kernels through the mask (sdpa_mask builds it)."""
     cfg = transformers.MistralConfig(vocab_size=hft.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=1, sliding_window=4,
                                      max_position_embeddings=64)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    eager = transformers.MistralForCausalLM(cfg).eval()
+    eager = transformers.MistralForCausalLM(cfg).to(device).eval()
     ours = tk.convert(copy.deepcopy(eager), backend="triton")
     assert set(ours.tk_swapped) == {"MistralRMSNorm", "MistralMLP"}
-    ids = torch.randint(3, hft.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, hft.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, eager(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_torch_compile_of_a_converted_model():
+def test_torch_compile_of_a_converted_model(device):
     """dynamo traces the converted model (custom ops through their fake impls, autograd through AOTAutograd)."""
     torch._dynamo.reset()
-    eager, ours = hft.converted_pair("llama", "triton")
-    b = hft.batch("llama", "right")
+    eager, ours = hft.converted_pair("llama", "triton", device)
+    b = hft.batch("llama", "right", device=device)
     compiled = torch.compile(ours, backend="aot_eager")
     ref_logits, ref_grads = hft.logits_and_grads(eager, b)
     logits, grads = hft.logits_and_grads(compiled, b)
