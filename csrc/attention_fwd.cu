@@ -132,17 +132,23 @@ __global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(Atte
   float m = -INFINITY;
   for (int64_t s = 0; s < a.splits; ++s) m = fmaxf(m, a.m_part[s * rows + row]);
   const float m_safe = m == -INFINITY ? 0.0f : m;
+  // Splits outer, each split's weight computed once; a lane holds D / 32 <= kPerLane output elements.
+  static_assert(kAttnMaxHeadDimFloat <= kAttnMaxHeadDimHalf, "the widest head dim bounds kPerLane");
+  constexpr int kPerLane = (kAttnMaxHeadDimHalf + 31) / 32;
+  float acc[kPerLane] = {};
   float l = 0.0f;
-  for (int64_t s = 0; s < a.splits; ++s) l += a.l_part[s * rows + row] * expf(a.m_part[s * rows + row] - m_safe);
+  for (int64_t s = 0; s < a.splits; ++s) {
+    const float w = expf(a.m_part[s * rows + row] - m_safe);
+    l += a.l_part[s * rows + row] * w;
+    const float* o = a.o_part + (s * rows + row) * a.D;
+    for (int i = 0; i < kPerLane; ++i)
+      if (lane + 32 * i < a.D) acc[i] += o[lane + 32 * i] * w;
+  }
   const float inv = l == 0.0f ? 0.0f : 1.0f / l;
   const float keep_scale = a.dropout_p > 0.0f ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
   T* out = static_cast<T*>(a.out) + row * a.D;
-  for (int64_t d = lane; d < a.D; d += 32) {
-    float acc = 0.0f;
-    for (int64_t s = 0; s < a.splits; ++s)
-      acc += a.o_part[(s * rows + row) * a.D + d] * expf(a.m_part[s * rows + row] - m_safe);
-    out[d] = from_float<T>(acc * inv * keep_scale);
-  }
+  for (int i = 0; i < kPerLane; ++i)
+    if (lane + 32 * i < a.D) out[lane + 32 * i] = from_float<T>(acc[i] * inv * keep_scale);
   if (lane == 0) a.row_max[row] = m_safe, a.inv_l[row] = inv;
 }
 

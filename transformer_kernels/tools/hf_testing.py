@@ -162,11 +162,12 @@ def max_grad_error(ours: dict[str, Tensor], ref: dict[str, Tensor]) -> tuple[str
     return worst
 
 
-def compare_family(family: str, backend: str, device: torch.device | str = "cpu") -> list[tuple[str, float, float]]:
+def compare_family(family: str, backend: str, device: torch.device | str = "cpu",
+                   pair: tuple[nn.Module, nn.Module] | None = None) -> list[tuple[str, float, float]]:
     """``(name, error, bound)`` rows of a converted model against eager in fp32: logits with right and left
     padding (max abs error, bound 1e-4), every parameter's gradient (max error relative to the largest entry,
-    bound 1e-3)."""
-    eager, ours = converted_pair(family, backend, device)
+    bound 1e-3). ``pair``: the (eager, converted) models to compare, built here when None."""
+    eager, ours = pair or converted_pair(family, backend, device)
     rows = []
     for side in ("right", "left"):
         b = batch(family, side, device=device)

@@ -265,9 +265,9 @@ def _huggingface_cases(device: torch.device, quick: bool) -> Iterator[Case]:
                 continue
 
             def run(family=family, backend=backend):
-                rows = hf_testing.compare_family(family, backend, device)
+                eager, ours = hf_testing.converted_pair(family, backend, device)
+                rows = hf_testing.compare_family(family, backend, device, (eager, ours))
                 if hf_testing.is_generator(family):
-                    eager, ours = hf_testing.converted_pair(family, backend, device)
                     expected = hf_testing.generate(eager, family, device)
                     got = hf_testing.generate(ours, family, device)
                     # A count: any differing token fails (bound below 1).
