@@ -3,7 +3,6 @@ two processes: the same per-step losses as one process on the same global batch.
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -16,12 +15,6 @@ from transformer_kernels.tools import hf_testing as hft
 STEPS = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch built without gloo")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
@@ -31,7 +24,7 @@ def test_two_process_training_matches_one_process(mode, tmp_path):
     backend = "triton" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
     expected = hft.distributed_losses("llama", backend, "single", STEPS)
     out = tmp_path / "losses.json"
-    mp.spawn(hft.distributed_worker, args=(2, _free_port(), "llama", backend, mode, STEPS, str(out)), nprocs=2,
+    mp.spawn(hft.distributed_worker, args=(2, str(tmp_path / "store"), "llama", backend, mode, STEPS, str(out)), nprocs=2,
              join=True)
     losses = json.loads(out.read_text())
     assert len(losses) == STEPS and expected[-1] < expected[0]
