@@ -10,8 +10,8 @@ namespace tk {
 
 // Head dims are padded up to one of these; a wider head raises (Python reads the list through the
 // bindings: attention_head_dims). fp32 runs its products on FMA units and stops at 64, as the Triton kernel.
-constexpr int kAttnHeadDims[] = {16, 32, 64, 128};
-constexpr int kAttnMaxHeadDimHalf = 128;
+constexpr int kAttnHeadDims[] = {16, 32, 64, 128, 256};
+constexpr int kAttnMaxHeadDimHalf = 256;
 constexpr int kAttnMaxHeadDimFloat = 64;
 constexpr int kAttnThreads = 128;
 
@@ -52,6 +52,16 @@ struct AttentionArgs {
   const uint64_t* seed;
   int dtype;
   int mask_kind;
+  // Packed sequences (cu_q non-null; no mask or padding mask): q/dout rows [total_q, H, D], k/v [total_k, Hkv, D],
+  // out/dq/dk/dv contiguous in those layouts, row_max/inv_l/delta [total_q, H]. Sequence b holds rows
+  // cu_q[b]..cu_q[b+1] of q and cu_k[b]..cu_k[b+1] of k/v (int32 [B + 1]); Lq/Lk are the longest lengths (they
+  // size the grid), causal_offset is 1 for bottom-right alignment (Lk - Lq of each sequence) or 0, and the
+  // batch strides (stride[0]) are 0. `sequence_view` rebases a block's arguments on its sequence, setting
+  // q0/k0 (its first rows; 0 for dense arguments).
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  int64_t total_q, total_k;
+  int64_t q0, k0;
 };
 
 // Fills out, row_max (max score of the row, 0 when none is visible) and inv_l (1 / softmax sum, 0 when

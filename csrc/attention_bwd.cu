@@ -9,12 +9,18 @@ namespace {
 
 constexpr int kDeltaThreads = 128;
 
+// Rows of out / dout: B·H·Lq dense, total_q·H packed.
+__host__ __device__ inline int64_t delta_rows(const AttentionArgs& a) {
+  return a.cu_q ? a.total_q * a.H : a.B * a.H * a.Lq;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kDeltaThreads) attention_delta_kernel(AttentionArgs a) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  if (row >= a.B * a.H * a.Lq) return;  // whole warps leave together; no block barrier follows
-  const int64_t i = row % a.Lq, bh = row / a.Lq;
+  if (row >= delta_rows(a)) return;  // whole warps leave together; no block barrier follows
+  // Dense rows are (b·H + h)·Lq + i, packed ones t·H + h (t the row of q; batch stride 0).
+  const int64_t i = a.cu_q ? row / a.H : row % a.Lq, bh = a.cu_q ? row % a.H : row / a.Lq;
   const T* o = static_cast<const T*>(a.out) + row * a.D;
   const T* d_o = static_cast<const T*>(a.dout) + (bh / a.H) * a.do_stride[0] + (bh % a.H) * a.do_stride[1] + i * a.do_stride[2];
   float acc = 0.0f;
@@ -53,7 +59,7 @@ struct BwdTiles {
 };
 
 // Loads the query-side tiles (q, dO) and row statistics of head h, rows [m0, m0 + BM).
-template <typename T, int DP>
+template <typename T, int DP, bool PACKED>
 __device__ __forceinline__ void load_query_side(const AttentionArgs& a, BwdTiles<T, DP>& t, int64_t b, int64_t h, int64_t m0) {
   using L = BwdSmem<T, DP>;
   load_tile<T, L::BM, DP, false>(t.q, L::LDT, static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + m0 * a.q_stride[2],
@@ -61,19 +67,19 @@ __device__ __forceinline__ void load_query_side(const AttentionArgs& a, BwdTiles
   load_tile<T, L::BM, DP, false>(t.dout, L::LDT,
                                  static_cast<const T*>(a.dout) + b * a.do_stride[0] + h * a.do_stride[1] + m0 * a.do_stride[2],
                                  a.do_stride, a.Lq - m0, a, b, 0);
-  const int64_t row0 = (b * a.H + h) * a.Lq + m0;
+  const int64_t row0 = query_row<PACKED>(a, b * a.H + h, h, m0), step = row_step<PACKED>(a.H);
   for (int r = threadIdx.x; r < L::BM; r += blockDim.x) {
     const bool ok = m0 + r < a.Lq;
-    t.m[r] = ok ? a.row_max[row0 + r] : 0.0f;
-    t.inv_l[r] = ok ? a.inv_l[row0 + r] : 0.0f;
-    t.delta[r] = ok ? a.delta[row0 + r] : 0.0f;
+    t.m[r] = ok ? a.row_max[row0 + r * step] : 0.0f;
+    t.inv_l[r] = ok ? a.inv_l[row0 + r * step] : 0.0f;
+    t.delta[r] = ok ? a.delta[row0 + r * step] : 0.0f;
   }
 }
 
 // S = Q K^T and dP = dO V^T of the tiles in shared memory, then, elementwise, the dropped probabilities
 // P (for dV) and dS = P * (dP - delta) (for dK and dQ). Masked scores are left as -inf in s. With `ds_out`
 // (the dQ pass of a float mask that requires grad) dS is also stored in fp32: it is the mask's gradient.
-template <typename T, int DP>
+template <typename T, int DP, bool PACKED>
 __device__ __forceinline__ void probabilities_and_score_grads(const AttentionArgs& a, BwdTiles<T, DP>& t, int64_t b,
                                                               int64_t h, int64_t m0, int64_t n0,
                                                               float* ds_out = nullptr) {
@@ -86,7 +92,7 @@ __device__ __forceinline__ void probabilities_and_score_grads(const AttentionArg
   const uint32_t threshold = dropout_threshold(a.dropout_p);
   const uint64_t seed = dropout ? *a.seed : 0;
   const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
-  const int64_t row0 = (b * a.H + h) * a.Lq + m0;
+  const int64_t row0 = query_row<PACKED>(a, b * a.H + h, h, m0), step = row_step<PACKED>(a.H);
   for (int e = threadIdx.x; e < BM * BN; e += blockDim.x) {
     const int r = e / BN, c = e % BN;
     const float s = masked_score<T>(a, b, h, m0 + r, n0 + c, t.s[r * L::LDS + c]);
@@ -97,7 +103,7 @@ __device__ __forceinline__ void probabilities_and_score_grads(const AttentionArg
       p = expf(s - t.m[r]) * t.inv_l[r];
       float dp = t.dp[r * L::LDS + c];
       float kept = keep_scale;
-      if (dropout && !dropout_keep(dropout_row_hash(seed, row0 + r), n0 + c, threshold)) kept = 0.0f;
+      if (dropout && !dropout_keep(dropout_row_hash(seed, row0 + r * step), n0 + c, threshold)) kept = 0.0f;
       ds = p * (dp * kept - t.delta[r]);
       p *= kept;
     }
@@ -107,89 +113,97 @@ __device__ __forceinline__ void probabilities_and_score_grads(const AttentionArg
   }
 }
 
-template <typename T, int DP>
-__global__ void __launch_bounds__(kAttnThreads) attention_dkdv_kernel(AttentionArgs a) {
+// One block per SM is all the launch bounds promise (shared memory allows one or two anyway): without it ptxas
+// aimed at more and spilled the D = 256 fp16 instantiation at 48 registers.
+template <typename T, int DP, bool PACKED>
+__global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_kernel(AttentionArgs args) {
   using L = BwdSmem<T, DP>;
   constexpr int BM = L::BM, BN = L::BN;
   TK_EXTERN_SHARED(unsigned char, smem);
   BwdTiles<T, DP> t(smem);
-  const TileIndex tile = tile_index(a.Lk, BN);
+  const TileIndex tile = tile_index(args.Lk, BN);
   const int64_t bhk = tile.outer, n0 = tile.start;
-  const int64_t b = bhk / a.Hkv, hk = bhk % a.Hkv, group = a.H / a.Hkv;
+  const int64_t b = bhk / args.Hkv, hk = bhk % args.Hkv, group = args.H / args.Hkv;
+  with_sequence<T, PACKED>(args, b, n0, true, [&](const AttentionArgs& a) {
 
-  load_tile<T, BN, DP, true>(t.k, L::LDT, static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1] + n0 * a.k_stride[2],
-                             a.k_stride, a.Lk - n0, a, b, n0);
-  load_tile<T, BN, DP, true>(t.v, L::LDT, static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1] + n0 * a.v_stride[2],
-                             a.v_stride, a.Lk - n0, a, b, n0);
-  for (int e = threadIdx.x; e < BN * L::LDO; e += blockDim.x) t.acc0[e] = 0.0f, t.acc1[e] = 0.0f;
-  // Causal: the first query that sees key n0 is n0 - causal_offset; earlier query tiles are skipped.
-  int64_t m_lo = 0;
-  if (a.causal) m_lo = n0 - a.causal_offset > 0 ? (n0 - a.causal_offset) / BM * BM : 0;
-  for (int64_t g = 0; g < group; ++g) {
-    const int64_t h = hk * group + g;
-    for (int64_t m0 = m_lo; m0 < a.Lq; m0 += BM) {
-      __syncthreads();  // the previous products are done with the query-side tiles, P and dS
-      load_query_side<T, DP>(a, t, b, h, m0);
-      __syncthreads();  // q, dO and the row statistics complete
-      probabilities_and_score_grads<T, DP>(a, t, b, h, m0, n0);
-      __syncthreads();  // P and dS complete
-      block_gemm<T, BN, DP, BM, true, false>(t.p, L::LDP, t.dout, L::LDT, t.acc1, L::LDO, true);  // dV += P^T dO
-      block_gemm<T, BN, DP, BM, true, false>(t.ds, L::LDP, t.q, L::LDT, t.acc0, L::LDO, true);    // dK += dS^T Q
+    load_tile<T, BN, DP, true>(t.k, L::LDT, static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1] + n0 * a.k_stride[2],
+                               a.k_stride, a.Lk - n0, a, b, n0);
+    load_tile<T, BN, DP, true>(t.v, L::LDT, static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1] + n0 * a.v_stride[2],
+                               a.v_stride, a.Lk - n0, a, b, n0);
+    for (int e = threadIdx.x; e < BN * L::LDO; e += blockDim.x) t.acc0[e] = 0.0f, t.acc1[e] = 0.0f;
+    // Causal: the first query that sees key n0 is n0 - causal_offset; earlier query tiles are skipped.
+    int64_t m_lo = 0;
+    if (a.causal) m_lo = n0 - a.causal_offset > 0 ? (n0 - a.causal_offset) / BM * BM : 0;
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = hk * group + g;
+      for (int64_t m0 = m_lo; m0 < a.Lq; m0 += BM) {
+        __syncthreads();  // the previous products are done with the query-side tiles, P and dS
+        load_query_side<T, DP, PACKED>(a, t, b, h, m0);
+        __syncthreads();  // q, dO and the row statistics complete
+        probabilities_and_score_grads<T, DP, PACKED>(a, t, b, h, m0, n0);
+        __syncthreads();  // P and dS complete
+        block_gemm<T, BN, DP, BM, true, false>(t.p, L::LDP, t.dout, L::LDT, t.acc1, L::LDO, true);  // dV += P^T dO
+        block_gemm<T, BN, DP, BM, true, false>(t.ds, L::LDP, t.q, L::LDT, t.acc0, L::LDO, true);    // dK += dS^T Q
+      }
     }
-  }
-  __syncthreads();  // accumulators final
-  T* dk = static_cast<T*>(a.dk) + (bhk * a.Lk + n0) * a.D;
-  T* dv = static_cast<T*>(a.dv) + (bhk * a.Lk + n0) * a.D;
-  for (int e = threadIdx.x; e < BN * DP; e += blockDim.x) {
-    const int r = e / DP, d = e % DP;
-    if (n0 + r >= a.Lk || d >= a.D) continue;
-    dk[r * a.D + d] = from_float<T>(t.acc0[r * L::LDO + d] * a.scale);
-    dv[r * a.D + d] = from_float<T>(t.acc1[r * L::LDO + d]);
-  }
+    __syncthreads();  // accumulators final
+    const int64_t row0 = key_row<PACKED>(a, bhk, hk, n0), step = row_step<PACKED>(a.Hkv);
+    T* dk = static_cast<T*>(a.dk) + row0 * a.D;
+    T* dv = static_cast<T*>(a.dv) + row0 * a.D;
+    for (int e = threadIdx.x; e < BN * DP; e += blockDim.x) {
+      const int r = e / DP, d = e % DP;
+      if (n0 + r >= a.Lk || d >= a.D) continue;
+      dk[r * step * a.D + d] = from_float<T>(t.acc0[r * L::LDO + d] * a.scale);
+      dv[r * step * a.D + d] = from_float<T>(t.acc1[r * L::LDO + d]);
+    }
+  });
 }
 
-template <typename T, int DP>
-__global__ void __launch_bounds__(kAttnThreads) attention_dq_kernel(AttentionArgs a) {
+template <typename T, int DP, bool PACKED>
+__global__ void __launch_bounds__(kAttnThreads) attention_dq_kernel(AttentionArgs args) {
   using L = BwdSmem<T, DP>;
   constexpr int BM = L::BM, BN = L::BN;
   TK_EXTERN_SHARED(unsigned char, smem);
   BwdTiles<T, DP> t(smem);
-  const TileIndex tile = tile_index(a.Lq, BM);
+  const TileIndex tile = tile_index(args.Lq, BM);
   const int64_t bh = tile.outer, m0 = tile.start;
-  const int64_t b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.Hkv);
-  load_query_side<T, DP>(a, t, b, h, m0);
-  for (int e = threadIdx.x; e < BM * L::LDO; e += blockDim.x) t.acc0[e] = 0.0f;
-  const T* k_base = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1];
-  const T* v_base = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
-  const int64_t hi = key_end(a, m0, BM);
-  float* dmask_rows = a.dmask == nullptr ? nullptr : a.dmask + (bh * a.Lq + m0) * a.Lk;
-  for (int64_t n0 = 0; n0 < hi; n0 += BN) {
-    __syncthreads();  // the previous dQ product is done with k and dS (first pass: query side loaded)
-    load_tile<T, BN, DP, true>(t.k, L::LDT, k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0);
-    load_tile<T, BN, DP, true>(t.v, L::LDT, v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0);
-    __syncthreads();  // K and V tiles complete
-    probabilities_and_score_grads<T, DP>(a, t, b, h, m0, n0, dmask_rows == nullptr ? nullptr : dmask_rows + n0);
-    __syncthreads();  // dS and the masked scores complete
-    if (a.mask_kind != kNoMask) {
-      zero_unseen_keys<T, BM, BN, DP>(t.s, L::LDS, t.k, L::LDT);
-      __syncthreads();  // K rows of unseen keys zeroed
+  const int64_t b = bh / args.H, h = bh % args.H, hk = h / (args.H / args.Hkv);
+  with_sequence<T, PACKED>(args, b, m0, false, [&](const AttentionArgs& a) {
+    load_query_side<T, DP, PACKED>(a, t, b, h, m0);
+    for (int e = threadIdx.x; e < BM * L::LDO; e += blockDim.x) t.acc0[e] = 0.0f;
+    const T* k_base = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1];
+    const T* v_base = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
+    const int64_t hi = key_end(a, m0, BM);
+    float* dmask_rows = a.dmask == nullptr ? nullptr : a.dmask + (bh * a.Lq + m0) * a.Lk;
+    for (int64_t n0 = 0; n0 < hi; n0 += BN) {
+      __syncthreads();  // the previous dQ product is done with k and dS (first pass: query side loaded)
+      load_tile<T, BN, DP, true>(t.k, L::LDT, k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0);
+      load_tile<T, BN, DP, true>(t.v, L::LDT, v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0);
+      __syncthreads();  // K and V tiles complete
+      probabilities_and_score_grads<T, DP, PACKED>(a, t, b, h, m0, n0, dmask_rows == nullptr ? nullptr : dmask_rows + n0);
+      __syncthreads();  // dS and the masked scores complete
+      if (a.mask_kind != kNoMask) {
+        zero_unseen_keys<T, BM, BN, DP>(t.s, L::LDS, t.k, L::LDT);
+        __syncthreads();  // K rows of unseen keys zeroed
+      }
+      block_gemm<T, BM, DP, BN, false, false>(t.ds, L::LDP, t.k, L::LDT, t.acc0, L::LDO, true);  // dQ += dS K
     }
-    block_gemm<T, BM, DP, BN, false, false>(t.ds, L::LDP, t.k, L::LDT, t.acc0, L::LDO, true);  // dQ += dS K
-  }
-  // Keys past the causal range: their dS is zero, written so the mask gradient needs no zero fill.
-  const int64_t n_end = (hi + BN - 1) / BN * BN;
-  if (dmask_rows != nullptr) {
-    const int64_t rows = a.Lq - m0 < BM ? a.Lq - m0 : BM;
-    for (int64_t e = threadIdx.x; e < rows * (a.Lk - n_end); e += blockDim.x)
-      dmask_rows[e / (a.Lk - n_end) * a.Lk + n_end + e % (a.Lk - n_end)] = 0.0f;
-  }
-  __syncthreads();  // accumulator final
-  T* dq = static_cast<T*>(a.dq) + (bh * a.Lq + m0) * a.D;
-  for (int e = threadIdx.x; e < BM * DP; e += blockDim.x) {
-    const int r = e / DP, d = e % DP;
-    if (m0 + r >= a.Lq || d >= a.D) continue;
-    dq[r * a.D + d] = from_float<T>(t.acc0[r * L::LDO + d] * a.scale);
-  }
+    // Keys past the causal range: their dS is zero, written so the mask gradient needs no zero fill.
+    const int64_t n_end = (hi + BN - 1) / BN * BN;
+    if (dmask_rows != nullptr) {
+      const int64_t rows = a.Lq - m0 < BM ? a.Lq - m0 : BM;
+      for (int64_t e = threadIdx.x; e < rows * (a.Lk - n_end); e += blockDim.x)
+        dmask_rows[e / (a.Lk - n_end) * a.Lk + n_end + e % (a.Lk - n_end)] = 0.0f;
+    }
+    __syncthreads();  // accumulator final
+    const int64_t step = row_step<PACKED>(a.H);
+    T* dq = static_cast<T*>(a.dq) + query_row<PACKED>(a, bh, h, m0) * a.D;
+    for (int e = threadIdx.x; e < BM * DP; e += blockDim.x) {
+      const int r = e / DP, d = e % DP;
+      if (m0 + r >= a.Lq || d >= a.D) continue;
+      dq[r * step * a.D + d] = from_float<T>(t.acc0[r * L::LDO + d] * a.scale);
+    }
+  });
 }
 
 }  // namespace
@@ -198,7 +212,7 @@ void attention_backward(const AttentionArgs& a, tk_stream_t stream) {
   if (a.B * a.H * a.D == 0 || a.Lq == 0 || a.Lk == 0) return;  // the caller's zero-filled gradients stand
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int64_t rows = a.B * a.H * a.Lq;
+    const int64_t rows = delta_rows(a);
     const int64_t warps = kDeltaThreads / 32;
     launch(attention_delta_kernel<T>, dim3(static_cast<unsigned>((rows + warps - 1) / warps)), dim3(kDeltaThreads), 0,
            stream, a);
@@ -208,10 +222,11 @@ void attention_backward(const AttentionArgs& a, tk_stream_t stream) {
       const int64_t query_blocks = a.B * a.H * ((a.Lq + L::BM - 1) / L::BM);
       if (key_blocks > 0x7fffffffLL || query_blocks > 0x7fffffffLL)
         throw std::invalid_argument("attention: more than 2^31-1 tiles");
-      launch(attention_dkdv_kernel<T, decltype(dp)::value>, dim3(static_cast<unsigned>(key_blocks)), dim3(kAttnThreads),
-             L::bytes, stream, a);
-      launch(attention_dq_kernel<T, decltype(dp)::value>, dim3(static_cast<unsigned>(query_blocks)), dim3(kAttnThreads),
-             L::bytes, stream, a);
+      constexpr int D = decltype(dp)::value;
+      launch(a.cu_q ? attention_dkdv_kernel<T, D, true> : attention_dkdv_kernel<T, D, false>,
+             dim3(static_cast<unsigned>(key_blocks)), dim3(kAttnThreads), L::bytes, stream, a);
+      launch(a.cu_q ? attention_dq_kernel<T, D, true> : attention_dq_kernel<T, D, false>,
+             dim3(static_cast<unsigned>(query_blocks)), dim3(kAttnThreads), L::bytes, stream, a);
     });
   });
 }

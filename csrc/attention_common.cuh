@@ -11,15 +11,17 @@ namespace tk {
 // Tile shapes per (element type, padded head dim). Shared memory holds every operand and the fp32
 // accumulators (wmma hides which lane owns which row, and the online softmax rescales whole rows), so tiles are
 // sized to stay under the 99 KiB an sm_86/sm_89 block may use; `*_smem_bytes` below are checked against it.
+// At D = 256 the fp32 output accumulator alone is 32 KiB per 32 rows: the forward keeps 32 query rows and the
+// backward 16-row tiles (its two key-side accumulators are 16 x 256 fp32 each).
 template <typename T, int DP>
 struct FwdTile {
-  static constexpr int BM = sizeof(T) == 4 ? 32 : 64;
+  static constexpr int BM = (sizeof(T) == 4 || DP > 128) ? 32 : 64;
   static constexpr int BN = (sizeof(T) == 4 || DP > 64) ? 32 : 64;
 };
 template <typename T, int DP>
 struct BwdTile {
-  static constexpr int BM = 32;
-  static constexpr int BN = 32;
+  static constexpr int BM = DP > 128 ? 16 : 32;
+  static constexpr int BN = BM;
 };
 constexpr size_t kMaxBlockSmem = 99 * 1024;
 
@@ -77,6 +79,58 @@ __device__ __forceinline__ void zero_unseen_keys(const float* scores, int lds, T
   }
 }
 
+// The packed arguments (cu_q set) of sequence b as a block sees them: the sequence's lengths and causal offset, and
+// q, dout, k, v moved to its first rows, so the dense indexing (batch stride 0) reads inside it. Output rows go
+// through `query_row` / `key_row`. The kernels are instantiated per form (PACKED, `with_sequence`): a dense block
+// keeps reading its arguments from the parameter space, where a runtime choice would hold a copy of them in
+// registers (and spilled).
+template <typename T>
+__device__ __forceinline__ AttentionArgs sequence_view(const AttentionArgs& a, int64_t b) {
+  AttentionArgs s = a;
+  s.q0 = a.cu_q[b], s.k0 = a.cu_k[b];
+  s.Lq = a.cu_q[b + 1] - s.q0, s.Lk = a.cu_k[b + 1] - s.k0;
+  s.causal_offset = a.causal_offset ? s.Lk - s.Lq : 0;
+  s.q = static_cast<const T*>(a.q) + s.q0 * a.q_stride[2];
+  s.k = static_cast<const T*>(a.k) + s.k0 * a.k_stride[2];
+  s.v = static_cast<const T*>(a.v) + s.k0 * a.v_stride[2];
+  if (a.dout != nullptr) s.dout = static_cast<const T*>(a.dout) + s.q0 * a.do_stride[2];
+  return s;
+}
+
+// Runs the block body `block(a)` on the block's arguments: dense, the kernel parameter itself (every helper takes
+// it by reference and reads the parameter space); packed, its sequence's view, unless the sequence ends before the
+// block's first row (`start`, a query row or with `keys` a key row): the grid covers the longest sequence.
+template <typename T, bool PACKED, typename F>
+__device__ __forceinline__ void with_sequence(const AttentionArgs& args, int64_t b, int64_t start, bool keys,
+                                              F&& block) {
+  if constexpr (PACKED) {
+    const AttentionArgs view = sequence_view<T>(args, b);
+    if (start < (keys ? view.Lk : view.Lq)) block(view);
+  } else {
+    block(args);
+  }
+}
+
+// Row of (bh = b·H + h, query i) in out, dq, row_max, inv_l, delta and the dropout draw: dense [B, H, Lq] order,
+// packed [total_q, H] order (`sequence_view`'s arguments).
+template <bool PACKED>
+__device__ __forceinline__ int64_t query_row(const AttentionArgs& s, int64_t bh, int64_t h, int64_t i) {
+  if constexpr (PACKED) return (s.q0 + i) * s.H + h;
+  else return bh * s.Lq + i;
+}
+// Rows between consecutive queries (keys: with Hkv) of one head: 1 dense, H packed.
+template <bool PACKED>
+__device__ __forceinline__ int64_t row_step(int64_t heads) {
+  if constexpr (PACKED) return heads;
+  else return 1;
+}
+// Row of (bhk = b·Hkv + hk, key j) in dk and dv.
+template <bool PACKED>
+__device__ __forceinline__ int64_t key_row(const AttentionArgs& s, int64_t bhk, int64_t hk, int64_t j) {
+  if constexpr (PACKED) return (s.k0 + j) * s.Hkv + hk;
+  else return bhk * s.Lk + j;
+}
+
 // This block's tile: `outer` = b·heads + head, `start` = its first row. B·heads and the tiles of a length fold into
 // grid x, so any B·H fits.
 struct TileIndex {
@@ -104,7 +158,10 @@ inline void dispatch_head_dim(int64_t d, F&& f) {
   if (d <= 16) return f(std::integral_constant<int, 16>{});
   if (d <= 32) return f(std::integral_constant<int, 32>{});
   if (d <= 64) return f(std::integral_constant<int, 64>{});
-  if constexpr (sizeof(T) != 4) return f(std::integral_constant<int, 128>{});
+  if constexpr (sizeof(T) != 4) {
+    if (d <= 128) return f(std::integral_constant<int, 128>{});
+    return f(std::integral_constant<int, 256>{});
+  }
 }
 
 }  // namespace tk

@@ -17,8 +17,8 @@ struct FwdSmem {
   static_assert(bytes <= kMaxBlockSmem, "forward tile exceeds the shared memory of sm_86/sm_89");
 };
 
-template <typename T, int DP>
-__global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttentionArgs a) {
+template <typename T, int DP, bool PACKED>
+__global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttentionArgs args) {
   using L = FwdSmem<T, DP>;
   constexpr int BM = L::BM, BN = L::BN;
   TK_EXTERN_SHARED(unsigned char, smem);
@@ -31,91 +31,94 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttentionAr
   float* m_s = reinterpret_cast<float*>(smem + L::m);
   float* l_s = reinterpret_cast<float*>(smem + L::l);
 
-  const TileIndex tile = tile_index(a.Lq, BM);
+  const TileIndex tile = tile_index(args.Lq, BM);
   const int64_t bh = tile.outer, m0 = tile.start;
-  const int64_t b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.Hkv);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  const int64_t b = bh / args.H, h = bh % args.H, hk = h / (args.H / args.Hkv);
+  with_sequence<T, PACKED>(args, b, m0, false, [&](const AttentionArgs& a) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
 
-  load_tile<T, BM, DP, false>(qs, L::LDT, static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + m0 * a.q_stride[2],
-                              a.q_stride, a.Lq - m0, a, b, 0);
-  for (int e = threadIdx.x; e < BM * L::LDO; e += blockDim.x) os[e] = 0.0f;
-  for (int r = threadIdx.x; r < BM; r += blockDim.x) m_s[r] = -INFINITY, l_s[r] = 0.0f;
-  const T* k_base = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1];
-  const T* v_base = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
-  const bool dropout = a.dropout_p > 0.0f;
-  const uint32_t threshold = dropout_threshold(a.dropout_p);
-  const uint64_t seed = dropout ? *a.seed : 0;
-  const int64_t hi = key_end(a, m0, BM);
-  // Split-KV: this block's chunk of the keys (blockIdx.y; split_len is a multiple of BN).
-  const int64_t n_lo = a.splits > 1 ? blockIdx.y * a.split_len : 0;
-  const int64_t n_hi = a.splits > 1 && n_lo + a.split_len < hi ? n_lo + a.split_len : hi;
+    load_tile<T, BM, DP, false>(qs, L::LDT, static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + m0 * a.q_stride[2],
+                                a.q_stride, a.Lq - m0, a, b, 0);
+    for (int e = threadIdx.x; e < BM * L::LDO; e += blockDim.x) os[e] = 0.0f;
+    for (int r = threadIdx.x; r < BM; r += blockDim.x) m_s[r] = -INFINITY, l_s[r] = 0.0f;
+    const T* k_base = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1];
+    const T* v_base = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
+    const bool dropout = a.dropout_p > 0.0f;
+    const uint32_t threshold = dropout_threshold(a.dropout_p);
+    const uint64_t seed = dropout ? *a.seed : 0;
+    const int64_t hi = key_end(a, m0, BM);
+    // Split-KV: this block's chunk of the keys (blockIdx.y; split_len is a multiple of BN).
+    const int64_t n_lo = a.splits > 1 ? blockIdx.y * a.split_len : 0;
+    const int64_t n_hi = a.splits > 1 && n_lo + a.split_len < hi ? n_lo + a.split_len : hi;
 
-  for (int64_t n0 = n_lo; n0 < n_hi; n0 += BN) {
-    __syncthreads();  // the previous tile's products are done with ks, vs and ps (first pass: qs, os filled)
-    load_tile<T, BN, DP, true>(ks, L::LDT, k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0);
-    load_tile<T, BN, DP, true>(vs, L::LDT, v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0);
-    __syncthreads();  // K and V tiles complete
-    block_gemm<T, BM, BN, DP, false, true>(qs, L::LDT, ks, L::LDT, ss, L::LDS, false);
-    __syncthreads();  // raw scores complete
-    for (int e = threadIdx.x; e < BM * BN; e += blockDim.x) {
-      const int r = e / BN, c = e % BN;
-      ss[r * L::LDS + c] = masked_score<T>(a, b, h, m0 + r, n0 + c, ss[r * L::LDS + c]);
-    }
-    __syncthreads();  // masked scores complete
-    if (a.mask_kind != kNoMask) zero_unseen_keys<T, BM, BN, DP>(ss, L::LDS, vs, L::LDT);
-    // Online softmax, a warp per row: new max, rescale factor for what was summed before, probabilities.
-    for (int r = warp; r < BM; r += n_warps) {
-      const float m_old = m_s[r];
-      float mx = -INFINITY;
-      for (int c = lane; c < BN; c += 32) mx = fmaxf(mx, ss[r * L::LDS + c]);
-      const float m_new = fmaxf(m_old, warp_allreduce(mx, MaxOp{}));
-      // A row with nothing visible yet subtracts 0, so exp(-inf) = 0 instead of NaN.
-      const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = expf(m_old - m_safe);
-      const uint32_t row_hash = dropout ? dropout_row_hash(seed, bh * a.Lq + m0 + r) : 0u;
-      float sum = 0.0f;
-      for (int c = lane; c < BN; c += 32) {
-        float p = expf(ss[r * L::LDS + c] - m_safe);
-        sum += p;
-        // The sum keeps the undropped probabilities: dropout applies after normalisation.
-        if (dropout && !dropout_keep(row_hash, n0 + c, threshold)) p = 0.0f;
-        ps[r * L::LDP + c] = from_float<T>(p);
+    for (int64_t n0 = n_lo; n0 < n_hi; n0 += BN) {
+      __syncthreads();  // the previous tile's products are done with ks, vs and ps (first pass: qs, os filled)
+      load_tile<T, BN, DP, true>(ks, L::LDT, k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0);
+      load_tile<T, BN, DP, true>(vs, L::LDT, v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0);
+      __syncthreads();  // K and V tiles complete
+      block_gemm<T, BM, BN, DP, false, true>(qs, L::LDT, ks, L::LDT, ss, L::LDS, false);
+      __syncthreads();  // raw scores complete
+      for (int e = threadIdx.x; e < BM * BN; e += blockDim.x) {
+        const int r = e / BN, c = e % BN;
+        ss[r * L::LDS + c] = masked_score<T>(a, b, h, m0 + r, n0 + c, ss[r * L::LDS + c]);
       }
-      sum = warp_allreduce(sum, SumOp{});
-      for (int d = lane; d < DP; d += 32) os[r * L::LDO + d] *= alpha;
-      if (lane == 0) m_s[r] = m_new, l_s[r] = l_s[r] * alpha + sum;
+      __syncthreads();  // masked scores complete
+      if (a.mask_kind != kNoMask) zero_unseen_keys<T, BM, BN, DP>(ss, L::LDS, vs, L::LDT);
+      // Online softmax, a warp per row: new max, rescale factor for what was summed before, probabilities.
+      for (int r = warp; r < BM; r += n_warps) {
+        const float m_old = m_s[r];
+        float mx = -INFINITY;
+        for (int c = lane; c < BN; c += 32) mx = fmaxf(mx, ss[r * L::LDS + c]);
+        const float m_new = fmaxf(m_old, warp_allreduce(mx, MaxOp{}));
+        // A row with nothing visible yet subtracts 0, so exp(-inf) = 0 instead of NaN.
+        const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
+        const float alpha = expf(m_old - m_safe);
+        const uint32_t row_hash = dropout ? dropout_row_hash(seed, query_row<PACKED>(a, bh, h, m0 + r)) : 0u;
+        float sum = 0.0f;
+        for (int c = lane; c < BN; c += 32) {
+          float p = expf(ss[r * L::LDS + c] - m_safe);
+          sum += p;
+          // The sum keeps the undropped probabilities: dropout applies after normalisation.
+          if (dropout && !dropout_keep(row_hash, n0 + c, threshold)) p = 0.0f;
+          ps[r * L::LDP + c] = from_float<T>(p);
+        }
+        sum = warp_allreduce(sum, SumOp{});
+        for (int d = lane; d < DP; d += 32) os[r * L::LDO + d] *= alpha;
+        if (lane == 0) m_s[r] = m_new, l_s[r] = l_s[r] * alpha + sum;
+      }
+      __syncthreads();  // probabilities, rescaled accumulators and zeroed values complete
+      block_gemm<T, BM, DP, BN, false, false>(ps, L::LDP, vs, L::LDT, os, L::LDO, true);
     }
-    __syncthreads();  // probabilities, rescaled accumulators and zeroed values complete
-    block_gemm<T, BM, DP, BN, false, false>(ps, L::LDP, vs, L::LDT, os, L::LDO, true);
-  }
-  __syncthreads();  // accumulators final
+    __syncthreads();  // accumulators final
 
-  if (a.splits > 1) {
-    // The partial of this chunk, unnormalised, for attention_combine_kernel.
-    const int64_t row0 = static_cast<int64_t>(blockIdx.y) * a.B * a.H * a.Lq + bh * a.Lq + m0;
+    if (a.splits > 1) {
+      // The partial of this chunk, unnormalised, for attention_combine_kernel.
+      const int64_t row0 = static_cast<int64_t>(blockIdx.y) * a.B * a.H * a.Lq + bh * a.Lq + m0;
+      for (int e = threadIdx.x; e < BM * DP; e += blockDim.x) {
+        const int r = e / DP, d = e % DP;
+        if (m0 + r < a.Lq && d < a.D) a.o_part[(row0 + r) * a.D + d] = os[r * L::LDO + d];
+      }
+      for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+        if (m0 + r < a.Lq) a.m_part[row0 + r] = m_s[r], a.l_part[row0 + r] = l_s[r];
+      }
+      return;
+    }
+    const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+    const int64_t row0 = query_row<PACKED>(a, bh, h, m0), step = row_step<PACKED>(a.H);
+    T* out = static_cast<T*>(a.out) + row0 * a.D;
     for (int e = threadIdx.x; e < BM * DP; e += blockDim.x) {
       const int r = e / DP, d = e % DP;
-      if (m0 + r < a.Lq && d < a.D) a.o_part[(row0 + r) * a.D + d] = os[r * L::LDO + d];
+      if (m0 + r >= a.Lq || d >= a.D) continue;
+      // A row with no visible key has l = 0: output 0 and, through inv_l = 0, zero gradients.
+      const float inv = l_s[r] == 0.0f ? 0.0f : 1.0f / l_s[r];
+      out[r * step * a.D + d] = from_float<T>(os[r * L::LDO + d] * inv * keep_scale);
     }
     for (int r = threadIdx.x; r < BM; r += blockDim.x) {
-      if (m0 + r < a.Lq) a.m_part[row0 + r] = m_s[r], a.l_part[row0 + r] = l_s[r];
+      if (m0 + r >= a.Lq) continue;
+      a.row_max[row0 + r * step] = m_s[r] == -INFINITY ? 0.0f : m_s[r];
+      a.inv_l[row0 + r * step] = l_s[r] == 0.0f ? 0.0f : 1.0f / l_s[r];
     }
-    return;
-  }
-  const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
-  T* out = static_cast<T*>(a.out) + (bh * a.Lq + m0) * a.D;
-  for (int e = threadIdx.x; e < BM * DP; e += blockDim.x) {
-    const int r = e / DP, d = e % DP;
-    if (m0 + r >= a.Lq || d >= a.D) continue;
-    // A row with no visible key has l = 0: output 0 and, through inv_l = 0, zero gradients.
-    const float inv = l_s[r] == 0.0f ? 0.0f : 1.0f / l_s[r];
-    out[r * a.D + d] = from_float<T>(os[r * L::LDO + d] * inv * keep_scale);
-  }
-  for (int r = threadIdx.x; r < BM; r += blockDim.x) {
-    if (m0 + r >= a.Lq) continue;
-    a.row_max[bh * a.Lq + m0 + r] = m_s[r] == -INFINITY ? 0.0f : m_s[r];
-    a.inv_l[bh * a.Lq + m0 + r] = l_s[r] == 0.0f ? 0.0f : 1.0f / l_s[r];
-  }
+  });
 }
 
 constexpr int kCombineThreads = 128;
@@ -173,8 +176,9 @@ void attention_forward(const AttentionArgs& a, tk_stream_t stream) {
       const int64_t blocks = a.B * a.H * ((a.Lq + L::BM - 1) / L::BM);
       if (blocks > 0x7fffffffLL) throw std::invalid_argument("attention: more than 2^31-1 query tiles");
       const unsigned splits = a.splits > 1 ? static_cast<unsigned>(a.splits) : 1u;
-      launch(attention_fwd_kernel<T, decltype(dp)::value>, dim3(static_cast<unsigned>(blocks), splits),
-             dim3(kAttnThreads), L::bytes, stream, a);
+      constexpr int D = decltype(dp)::value;
+      launch(a.cu_q ? attention_fwd_kernel<T, D, true> : attention_fwd_kernel<T, D, false>,
+             dim3(static_cast<unsigned>(blocks), splits), dim3(kAttnThreads), L::bytes, stream, a);
     });
     if (a.splits > 1) {
       const int64_t rows = a.B * a.H * a.Lq, per_block = kCombineThreads / 32;

@@ -166,6 +166,10 @@ tk::AttentionArgs attention_args(const py::dict& d) {
   a.seed = ptr<const uint64_t>(d["seed"].cast<uintptr_t>());
   a.dtype = d["dtype"].cast<int>();
   a.mask_kind = d["mask_kind"].cast<int>();
+  a.cu_q = ptr<const int32_t>(d["cu_q"].cast<uintptr_t>());
+  a.cu_k = ptr<const int32_t>(d["cu_k"].cast<uintptr_t>());
+  a.total_q = i64("total_q"), a.total_k = i64("total_k");
+  if ((a.cu_q == nullptr) != (a.cu_k == nullptr)) throw std::invalid_argument("attention: cu_q and cu_k go together");
   if (a.Hkv <= 0 || a.H % a.Hkv != 0) throw std::invalid_argument("attention: H must be a multiple of Hkv >= 1");
   require_seed(a.dropout_p, a.seed);
   return a;
@@ -222,7 +226,9 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
     tk::attention_forward_tile(dtype, d, &bm, &bn);
     return py::make_tuple(bm, bn);
   }, "the attention forward's (BM, BN) for a dtype code and head dim");
-  m.attr("attention_head_dims") = py::make_tuple(tk::kAttnHeadDims[0], tk::kAttnHeadDims[1], tk::kAttnHeadDims[2], tk::kAttnHeadDims[3]);
+  py::tuple head_dims(std::size(tk::kAttnHeadDims));
+  for (std::size_t i = 0; i < std::size(tk::kAttnHeadDims); ++i) head_dims[i] = tk::kAttnHeadDims[i];
+  m.attr("attention_head_dims") = head_dims;
   m.attr("attention_max_head_dim") = py::dict(py::arg("half") = tk::kAttnMaxHeadDimHalf, py::arg("float") = tk::kAttnMaxHeadDimFloat);
   m.def("probe", [] {
     require_device();

@@ -58,10 +58,13 @@ HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)
 
 
 @triton.jit
-def _keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
-    # Element (b·H + h, i, j) of the [B·H·Lq, Lk] draw grid: forward, both backward passes and the mask helper
-    # all call this, whatever their tile sizes.
-    return dropout_keep(seed, bh.to(tl.int64) * seqlen_q + offs_m, start_n + tl.arange(0, BLOCK_N), dropout_p)
+def _keep(seed, bh, first, h, num_heads, seqlen_q, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr,
+          VARLEN: tl.constexpr):
+    # Element (row, key j) of the draw grid, rows numbered by `_row_index`: forward, both backward passes and the
+    # mask helper all call this, whatever their tile sizes. The rows are recomputed per tile rather than kept live
+    # across the key loop: registers are what the widest tiles run out of.
+    rows = _row_index(bh, first, h, num_heads, seqlen_q, offs_m, VARLEN)
+    return dropout_keep(seed, rows, start_n + tl.arange(0, BLOCK_N), dropout_p)
 
 
 @triton.jit
@@ -124,11 +127,11 @@ def _seen_by_any(visible):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, mask_base, stride_mask_m,
-              stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset,
-              dropout_p, seed,
+def _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, first, h, num_heads, k_base, v_base, kpm_ptr, kpm_row,
+              stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
+              seqlen_k, sm_scale, causal_offset, dropout_p, seed,
               MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-              WIDE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
+              WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
     col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
@@ -148,7 +151,8 @@ def _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, k_base, v_base, kpm_ptr, k
         v = tl.where(_seen_by_any(visible)[:, None], v, 0.0)
     if DROPOUT:
         # l_i keeps the undropped sum: dropout applies to the normalised probabilities.
-        p = tl.where(_keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N), p, 0.0)
+        p = tl.where(_keep(seed, bh, first, h, num_heads, seqlen_q, offs_m, start_n, dropout_p, BLOCK_N, VARLEN), p,
+                     0.0)
     acc = mma(p.to(v.dtype), v, acc * alpha[:, None], INTERPRETED)
     return acc, m_new, l_i
 
@@ -162,6 +166,31 @@ def _query_tile(num_heads, group, seqlen_q, BLOCK_M: tl.constexpr):
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
     return bh, (pid % n_m) * BLOCK_M, b, h, h // group
+
+
+@triton.jit
+def _sequence(b, cu_q_ptr, cu_k_ptr, seqlen_q, seqlen_k, causal_offset, VARLEN: tl.constexpr):
+    # (q batch index, Lq, k batch index, Lk, causal offset) of sequence b. Packed (VARLEN), sequence b holds rows
+    # cu_q[b]..cu_q[b+1] of q and cu_k[b]..cu_k[b+1] of k/v; the launcher passes each tensor's row stride as its
+    # batch stride, so a sequence's first row stands in for the batch index; seqlen_q/k are the maxima (they size
+    # the grid) and causal_offset is 1 for bottom-right alignment (offset Lk - Lq of this sequence), 0 top-left.
+    if VARLEN:
+        q0 = tl.load(cu_q_ptr + b)
+        k0 = tl.load(cu_k_ptr + b)
+        lq = tl.load(cu_q_ptr + b + 1) - q0
+        lk = tl.load(cu_k_ptr + b + 1) - k0
+        return q0.to(tl.int64), lq, k0.to(tl.int64), lk, causal_offset * (lk - lq)
+    return b, seqlen_q, b, seqlen_k, causal_offset
+
+
+@triton.jit
+def _row_index(bh, first, h, num_heads, seqlen, offs, VARLEN: tl.constexpr):
+    # Rows of (batch·head bh = b·H + h, positions offs) in the outputs, the saved statistics and the dropout draw:
+    # dense [B, H, L] order bh·L + i; packed [total, H] order (first + i)·H + h (first: the sequence's first row,
+    # `_sequence`).
+    if VARLEN:
+        return (first + offs) * num_heads + h
+    return bh.to(tl.int64) * seqlen + offs
 
 
 @triton.jit
@@ -192,23 +221,30 @@ def _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M: tl.constexpr
 
 @triton.jit(do_not_specialize=["causal_offset"])
 def attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, row_max_ptr, inv_l_ptr, mask_ptr, kpm_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, row_max_ptr, inv_l_ptr, mask_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
     num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+    WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     bh, start_m, b, h, hk = _query_tile(num_heads, group, seqlen_q, BLOCK_M)
+    bq, seqlen_q, bk, seqlen_k, causal_offset = _sequence(b, cu_q_ptr, cu_k_ptr, seqlen_q, seqlen_k, causal_offset,
+                                                          VARLEN)
+    if VARLEN:
+        # The grid covers the longest sequence: a tile past this one's end visits no keys and stores nothing
+        # (an early return instead costs registers: the whole body moves under a branch).
+        seqlen_k = tl.where(start_m < seqlen_q, seqlen_k, 0)
     # The dropout seed is read on the device (torch's generator drew it there): no launch reads it on the host,
     # so a captured CUDA graph draws a new seed on every replay.
     seed = tl.load(seed_ptr) if DROPOUT else 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
-    k_base = k_ptr + b * stride_kb + hk * stride_kh
-    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    q = _load_rows(q_ptr, bq, h, stride_qb, stride_qh, stride_qm, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
+    k_base = k_ptr + bk * stride_kb + hk * stride_kh
+    v_base = v_ptr + bk * stride_vb + hk * stride_vh
     mask_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
     kpm_row = b * stride_kpm_b
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -216,27 +252,28 @@ def attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, full, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, k_base, v_base, kpm_ptr, kpm_row,
-                                  stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m,
-                                  offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND,
-                                  HAS_KPM, False, DROPOUT, WIDE, BLOCK_N, INTERPRETED)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, bq, h, num_heads, k_base, v_base, kpm_ptr,
+                                  kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn,
+                                  offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+                                  MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(full, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, k_base, v_base, kpm_ptr, kpm_row,
-                                      stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn,
-                                      offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
-                                      MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, BLOCK_N, INTERPRETED)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, bq, h, num_heads, k_base, v_base,
+                                      kpm_ptr, kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
+                                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
+                                      causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, VARLEN,
+                                      BLOCK_N, INTERPRETED)
     # A row with no visible key has l = 0: its output and (through inv_l = 0) its gradients are zeros.
     inv_l = tl.where(l_i == 0.0, 0.0, 1.0 / tl.where(l_i == 0.0, 1.0, l_i))
     out = acc * inv_l[:, None]
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
     row_ok = offs_m < seqlen_q
-    o_rows = bh.to(tl.int64) * seqlen_q + offs_m
-    tl.store(out_ptr + o_rows[:, None] * D + offs_d[None, :], cast_out(out, out_ptr.dtype.element_ty, INTERPRETED),
+    rows = _row_index(bh, bq, h, num_heads, seqlen_q, offs_m, VARLEN)
+    tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], cast_out(out, out_ptr.dtype.element_ty, INTERPRETED),
              mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(row_max_ptr + o_rows, tl.where(m_i == float("-inf"), 0.0, m_i), mask=row_ok)
-    tl.store(inv_l_ptr + o_rows, inv_l, mask=row_ok)
+    tl.store(row_max_ptr + rows, tl.where(m_i == float("-inf"), 0.0, m_i), mask=row_ok)
+    tl.store(inv_l_ptr + rows, inv_l, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["causal_offset"])
@@ -268,16 +305,16 @@ def attn_fwd_split_kernel(
     lo_n = split * split_len
     hi_n = tl.minimum(lo_n + split_len, hi)
     for start_n in range(lo_n, tl.minimum(hi_n, full), BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, k_base, v_base, kpm_ptr, b * stride_kpm_b,
-                                  stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m,
-                                  offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND,
-                                  HAS_KPM, False, DROPOUT, False, BLOCK_N, INTERPRETED)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, 0, h, num_heads, k_base, v_base, kpm_ptr,
+                                  b * stride_kpm_b, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn,
+                                  stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p,
+                                  seed, MASK_KIND, HAS_KPM, False, DROPOUT, False, False, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(tl.maximum(lo_n, full), hi_n, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, k_base, v_base, kpm_ptr,
-                                      b * stride_kpm_b, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, 0, h, num_heads, k_base, v_base,
+                                      kpm_ptr, b * stride_kpm_b, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
                                       stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
-                                      causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, False,
+                                      causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, False, False,
                                       BLOCK_N, INTERPRETED)
     total_rows = (tl.num_programs(0) // tl.cdiv(seqlen_q, BLOCK_M)).to(tl.int64) * seqlen_q  # B·H·Lq
     rows = split * total_rows + bh.to(tl.int64) * seqlen_q + offs_m
@@ -319,17 +356,18 @@ def attn_fwd_combine_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, row_max
 
 
 @triton.jit
-def attn_bwd_preprocess_kernel(out_ptr, do_ptr, delta_ptr, stride_dob, stride_doh, stride_dom, num_heads, seqlen_q,
-                               D: tl.constexpr, WIDE: tl.constexpr,
+def attn_bwd_preprocess_kernel(out_ptr, do_ptr, delta_ptr, cu_q_ptr, stride_dob, stride_doh, stride_dom, num_heads,
+                               seqlen_q, D: tl.constexpr, WIDE: tl.constexpr, VARLEN: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax-backward correction, once per row.
     bh, start_m, b, h, _ = _query_tile(num_heads, 1, seqlen_q, BLOCK_M)
+    bq, seqlen_q, _, _, _ = _sequence(b, cu_q_ptr, cu_q_ptr, seqlen_q, seqlen_q, 0, VARLEN)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D)
-    rows = bh.to(tl.int64) * seqlen_q + offs_m
+    rows = _row_index(bh, bq, h, num_heads, seqlen_q, offs_m, VARLEN)
     o = tl.load(out_ptr + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-    do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
+    do = _load_rows(do_ptr, bq, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
     tl.store(delta_ptr + rows, tl.sum(o * do.to(tl.float32), axis=1), mask=offs_m < seqlen_q)
 
 
@@ -348,21 +386,21 @@ def _probs(q, kt, start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, i
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_base,
+def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_base,
                stride_mask_m, stride_mask_n, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
                offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
                MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr,
-               BLOCK_M: tl.constexpr, INTERPRETED: tl.constexpr):
+               VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
-    do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
-    rows = bh.to(tl.int64) * seqlen_q + offs_m
+    q = _load_rows(q_ptr, bq, h, stride_qb, stride_qh, stride_qm, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
+    do = _load_rows(do_ptr, bq, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
+    rows = _row_index(bh, bq, h, num_heads, seqlen_q, offs_m, VARLEN)
     p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
                         seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
                         IS_CAUSAL, WIDE, INTERPRETED)
     dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, k.shape[0]], tl.float32), INTERPRETED)
     if DROPOUT:
-        keep = _keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, k.shape[0])
+        keep = _keep(seed, bh, bq, h, num_heads, seqlen_q, offs_m, start_n, dropout_p, k.shape[0], VARLEN)
         scale = 1.0 / (1.0 - dropout_p)
         dv = mma(tl.trans(tl.where(keep, p * scale, 0.0).to(do.dtype)), do, dv, INTERPRETED)
         dp = tl.where(keep, dp * scale, 0.0)
@@ -377,29 +415,36 @@ def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_
 
 @triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
     stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
     num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+    WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     n_n = tl.cdiv(seqlen_k, BLOCK_N)
-    seed = tl.load(seed_ptr) if DROPOUT else 0
     pid = tl.program_id(0)
     bhk = pid // n_n
     start_n = (pid % n_n) * BLOCK_N
     hkv = num_heads // group
     b = (bhk // hkv).to(tl.int64)
     hk = (bhk % hkv).to(tl.int64)
+    bq, seqlen_q, bk, seqlen_k, causal_offset = _sequence(b, cu_q_ptr, cu_k_ptr, seqlen_q, seqlen_k, causal_offset,
+                                                          VARLEN)
+    if VARLEN:
+        # The grid covers the longest sequence: a tile past this one's end visits no queries and stores nothing.
+        seqlen_q = tl.where(start_n < seqlen_k, seqlen_q, 0)
+    seed = tl.load(seed_ptr) if DROPOUT else 0
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     col_ok = _key_cols(kpm_ptr, b * stride_kpm_b, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     kv_ok = col_ok[:, None] & d_ok[None, :]
-    k_base, v_base, rel_n = _key_tile(k_ptr + b * stride_kb + hk * stride_kh, v_ptr + b * stride_vb + hk * stride_vh,
-                                      start_n, offs_n, stride_kn, stride_vn, WIDE)
+    k_base, v_base, rel_n = _key_tile(k_ptr + bk * stride_kb + hk * stride_kh,
+                                      v_ptr + bk * stride_vb + hk * stride_vh, start_n, offs_n, stride_kn, stride_vn,
+                                      WIDE)
     k = tl.load(k_base + rel_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -419,18 +464,18 @@ def attn_bwd_dkdv_kernel(
         mask_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
         if IS_CAUSAL:
             for start_m in range(lo, full, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_ptr, inv_l_ptr,
-                                    delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb, stride_qh,
-                                    stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D,
-                                    seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND, True,
-                                    DROPOUT, WIDE, BLOCK_M, INTERPRETED)
+                dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr,
+                                    inv_l_ptr, delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb,
+                                    stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok,
+                                    D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND, True,
+                                    DROPOUT, WIDE, VARLEN, BLOCK_M, INTERPRETED)
         for start_m in range(full, seqlen_q, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, b, h, q_ptr, do_ptr, row_max_ptr, inv_l_ptr,
-                                delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb, stride_qh, stride_qm,
-                                stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k,
-                                sm_scale, causal_offset, dropout_p, seed, MASK_KIND, False, DROPOUT, WIDE, BLOCK_M,
-                                INTERPRETED)
-    rows = bhk.to(tl.int64) * seqlen_k + offs_n
+            dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr,
+                                inv_l_ptr, delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb, stride_qh,
+                                stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D, seqlen_q,
+                                seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND, False, DROPOUT, WIDE,
+                                VARLEN, BLOCK_M, INTERPRETED)
+    rows = _row_index(bhk, bk, hk, hkv, seqlen_k, offs_n, VARLEN)
     out_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
     tl.store(dk_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dk * sm_scale, dk_ptr.dtype.element_ty,
                                                                     INTERPRETED), mask=out_ok)
@@ -438,11 +483,11 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, row_max_ptr,
-             inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
-             seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, k_base, v_base, kpm_ptr, kpm_row,
+             stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m,
+             offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-             WIDE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
+             WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     kv_ok = col_ok[:, None] & (offs_d[None, :] < D)
@@ -454,7 +499,7 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_p
                         IS_CAUSAL, WIDE, INTERPRETED)
     dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
-        dp = tl.where(_keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N),
+        dp = tl.where(_keep(seed, bh, first, h, num_heads, seqlen_q, offs_m, start_n, dropout_p, BLOCK_N, VARLEN),
                       dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
     if MASK_KIND != 0:
@@ -464,39 +509,47 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_p
 
 @triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
     stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
     num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+    WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     bh, start_m, b, h, hk = _query_tile(num_heads, group, seqlen_q, BLOCK_M)
+    bq, seqlen_q, bk, seqlen_k, causal_offset = _sequence(b, cu_q_ptr, cu_k_ptr, seqlen_q, seqlen_k, causal_offset,
+                                                          VARLEN)
+    if VARLEN:
+        # The grid covers the longest sequence: a tile past this one's end visits no keys and stores nothing
+        # (an early return instead costs registers: the whole body moves under a branch).
+        seqlen_k = tl.where(start_m < seqlen_q, seqlen_k, 0)
     seed = tl.load(seed_ptr) if DROPOUT else 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D)
-    q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
-    do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
-    rows = bh.to(tl.int64) * seqlen_q + offs_m
+    q = _load_rows(q_ptr, bq, h, stride_qb, stride_qh, stride_qm, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
+    do = _load_rows(do_ptr, bq, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
+    rows = _row_index(bh, bq, h, num_heads, seqlen_q, offs_m, VARLEN)
     delta = tl.load(delta_ptr + rows, mask=offs_m < seqlen_q, other=0.0)
-    k_base = k_ptr + b * stride_kb + hk * stride_kh
-    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    k_base = k_ptr + bk * stride_kb + hk * stride_kh
+    v_base = v_ptr + bk * stride_vb + hk * stride_vh
     mask_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, full, BLOCK_N):
-        dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b,
-                      stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn,
-                      stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
-                      MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, BLOCK_N, INTERPRETED)
+        dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, bq, h, num_heads, rows, k_base, v_base, kpm_ptr,
+                      b * stride_kpm_b, stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n,
+                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p,
+                      seed, MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(full, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, rows, k_base, v_base, kpm_ptr, b * stride_kpm_b,
-                          stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn,
-                          stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
-                          MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, BLOCK_N, INTERPRETED)
+            dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, bq, h, num_heads, rows, k_base, v_base, kpm_ptr,
+                          b * stride_kpm_b, stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m,
+                          stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
+                          causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, VARLEN, BLOCK_N,
+                          INTERPRETED)
     tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dq * sm_scale, dq_ptr.dtype.element_ty,
                                                                     INTERPRETED), mask=ok)
 
@@ -542,7 +595,7 @@ def attn_bwd_dmask_kernel(
                         sm_scale, causal_offset, FLOAT_MASK, IS_CAUSAL, WIDE, INTERPRETED)
     dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
-        dp = tl.where(_keep(seed, bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N),
+        dp = tl.where(_keep(seed, bh, 0, h, num_heads, seqlen_q, offs_m, start_n, dropout_p, BLOCK_N, False),
                       dp * (1.0 / (1.0 - dropout_p)), 0.0)
     delta = tl.load(delta_ptr + rows, mask=offs_m < seqlen_q, other=0.0)
     ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
@@ -562,7 +615,7 @@ def dropout_mask_kernel(keep_ptr, seqlen_q, seqlen_k, dropout_p, seed_ptr, BLOCK
     offs_m = (pid // n_n) % n_m * BLOCK_M + tl.arange(0, BLOCK_M)
     start_n = pid % n_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    keep = _keep(tl.load(seed_ptr), bh, seqlen_q, seqlen_k, offs_m, start_n, dropout_p, BLOCK_N)
+    keep = _keep(tl.load(seed_ptr), bh, 0, 0, 1, seqlen_q, offs_m, start_n, dropout_p, BLOCK_N, False)
     ptr = keep_ptr + (bh.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
     tl.store(ptr, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 
@@ -650,6 +703,23 @@ _WIDE_TILES = {
     ("fwd", ("plain", 2, 256)): TileConfig(32, 32, 8, 1),
     ("dq", ("all", 2, 256)): TileConfig(16, 16, 8, 1),
 }
+# Packed sequences (VARLEN) keep a sequence's bounds and 64-bit first rows in registers: where a tile of the class
+# spilled with them, these replace it (each compiled with 0 spills on sm_80 and sm_90); the WIDE form likewise.
+_VARLEN_TILES = {
+    ("dkdv", ("all", 4, 16)): [TileConfig(16, 32, 4, 1), TileConfig(16, 16, 8, 1)],
+    ("dkdv", ("plain", 4, 32)): [TileConfig(16, 16, 8, 1)],
+    ("dkdv", ("plain", 4, 64)): [TileConfig(16, 32, 8, 1)],
+    ("dkdv", ("all", 4, 64)): [TileConfig(16, 32, 8, 1)],
+    ("fwd", ("all", 2, 256)): [TileConfig(32, 64, 8, 2)],
+    ("fwd", ("plain", 2, 256)): [TileConfig(64, 32, 8, 2)],
+}
+_VARLEN_WIDE_TILES = {
+    ("dkdv", ("plain", 4, 16)): TileConfig(16, 32, 4, 1),
+    ("dkdv", ("all", 4, 32)): TileConfig(16, 16, 8, 1),
+    ("dkdv", ("all", 4, 64)): TileConfig(16, 16, 8, 1),
+    ("dkdv", ("all", 2, 64)): TileConfig(32, 32, 8, 2),
+    ("dq", ("all", 2, 16)): TileConfig(64, 32, 8, 2),
+}
 # Under the interpreter every tile costs a numpy call per op: one small fixed tile, no tuning.
 INTERPRETER_CONFIG = TileConfig(32, 32, 1, 1)
 PREPROCESS_BLOCK_M = 64
@@ -660,19 +730,24 @@ def feature_class(mask_kind: int, has_kpm: bool, dropout: bool) -> str:
     return "all" if mask_kind != MASK_NONE or has_kpm or dropout else "plain"
 
 
-def tile_configs(pass_name: str, block_d: int, elem_bytes: int, features: str) -> list[TileConfig]:
+def tile_configs(pass_name: str, block_d: int, elem_bytes: int, features: str, varlen: bool = False,
+                 ) -> list[TileConfig]:
     """The tiles autotune may pick for a pass ("fwd" | "dkdv" | "dq") at this head-dim block, element size and
-    feature class."""
+    feature class (``varlen``: the packed-sequence form)."""
     if is_interpreted():
         return [INTERPRETER_CONFIG]
-    return PASSES[pass_name][(features, max(elem_bytes, 2), block_d)]
+    return _tiles(pass_name, (features, max(elem_bytes, 2), block_d), varlen)
 
 
-def wide_tile(pass_name: str, block_d: int, elem_bytes: int, features: str) -> TileConfig:
+def wide_tile(pass_name: str, block_d: int, elem_bytes: int, features: str, varlen: bool = False) -> TileConfig:
     """The one tile of the WIDE form of a pass (see `tile_configs`)."""
     if is_interpreted():
         return INTERPRETER_CONFIG
-    return _wide_tile(pass_name, (features, max(elem_bytes, 2), block_d))
+    return _wide_tile(pass_name, (features, max(elem_bytes, 2), block_d), varlen)
+
+
+def _tiles(pass_name: str, key: tuple[str, int, int], varlen: bool) -> list[TileConfig]:
+    return (_VARLEN_TILES.get((pass_name, key)) if varlen else None) or PASSES[pass_name][key]
 
 
 def dmask_tile(block_d: int, elem_bytes: int, wide: bool) -> TileConfig:
@@ -684,24 +759,29 @@ def dmask_tile(block_d: int, elem_bytes: int, wide: bool) -> TileConfig:
     return _wide_tile("dq", key) if wide else PASSES["dq"][key][-1]
 
 
-def _wide_tile(pass_name: str, key: tuple[str, int, int]) -> TileConfig:
+def _wide_tile(pass_name: str, key: tuple[str, int, int], varlen: bool = False) -> TileConfig:
+    if varlen and (pass_name, key) in _VARLEN_WIDE_TILES:
+        return _VARLEN_WIDE_TILES[(pass_name, key)]
     return _WIDE_TILES.get((pass_name, key), PASSES[pass_name][key][-1])
 
 
 def _autotuned(kernel, pass_name: str):
-    """`kernel` autotuned over every tile of the pass, pruned per call to the head-dim block and element size; the
-    WIDE form (64-bit tile corners, for tensors past 2^31 elements) takes the pass's smallest tile, the one whose
-    registers leave room for the wider addresses (`wide_tile`)."""
+    """`kernel` autotuned over every tile of the pass, pruned per call to the head-dim block, element size and
+    packing; the WIDE form (64-bit tile corners, for tensors past 2^31 elements) takes the pass's smallest tile, the
+    one whose registers leave room for the wider addresses (`wide_tile`)."""
     table = {"": [INTERPRETER_CONFIG]} if is_interpreted() else PASSES[pass_name]
 
     def allowed(named_args, kwargs):
         features = feature_class(kwargs["MASK_KIND"], kwargs["HAS_KPM"], kwargs["DROPOUT"])
-        shape_class = (pass_name, kwargs["BLOCK_D"], named_args["q_ptr"].element_size(), features)
+        shape_class = (pass_name, kwargs["BLOCK_D"], named_args["q_ptr"].element_size(), features, kwargs["VARLEN"])
         return [wide_tile(*shape_class)] if kwargs["WIDE"] else tile_configs(*shape_class)
 
-    key = ["seqlen_q_class", "seqlen_k_class", "group", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "DROPOUT", "WIDE"]
-    wide = [] if is_interpreted() else [c for (p, _), c in _WIDE_TILES.items() if p == pass_name]
-    return Autotuned(kernel, [c for tiles in table.values() for c in tiles] + wide, key, allowed)
+    key = ["seqlen_q_class", "seqlen_k_class", "group", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "DROPOUT", "WIDE",
+           "VARLEN"]
+    extra = [] if is_interpreted() else (
+        [c for (p, _), c in (*_WIDE_TILES.items(), *_VARLEN_WIDE_TILES.items()) if p == pass_name]
+        + [c for (p, _), tiles in _VARLEN_TILES.items() if p == pass_name for c in tiles])
+    return Autotuned(kernel, [c for tiles in table.values() for c in tiles] + extra, key, allowed)
 
 
 _fwd = _autotuned(attn_fwd_kernel, "fwd")
@@ -755,6 +835,12 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride()[:3]
 
 
+def _packed_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    # [total, heads, D] as the kernels' (batch, head, row) strides: the row stride doubles as the batch stride, a
+    # sequence's first row standing in for its batch index (`_sequence`).
+    return t.stride(0), t.stride(1), t.stride(0)
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       kpm: torch.Tensor | None, scale: float, is_causal: bool, causal_offset: int,
                       dropout_p: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -796,9 +882,38 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         return out, row_max, inv_l
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
     _fwd[grid](
-        q, k, v, out, row_max, inv_l, *args, length_class(lq), length_class(lk), D=d, MASK_KIND=kind,
-        HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0, WIDE=wide, BLOCK_D=block_d,
-        INTERPRETED=is_interpreted(),
+        q, k, v, out, row_max, inv_l, m, kp, q, q, *args[2:], length_class(lq), length_class(lk), D=d, MASK_KIND=kind,
+        HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0, WIDE=wide, VARLEN=False,
+        BLOCK_D=block_d, INTERPRETED=is_interpreted(),
+    )
+    return out, row_max, inv_l
+
+
+def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                   max_q: int, max_k: int, scale: float, is_causal: bool, bottom_right: bool, dropout_p: float,
+                   seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed sequences: q ``[total_q, H, D]``, k/v ``[total_k, Hkv, D]`` (any strides), sequence b holding rows
+    ``cu_q[b]:cu_q[b+1]`` of q and ``cu_k[b]:cu_k[b+1]`` of k/v (cu int32 ``[B + 1]`` on q's device, starting at 0
+    and ending at the totals), max_q/max_k at least the longest lengths (they size the grid: no host sync);
+    causal per sequence, aligned bottom-right (offset Lk - Lq) or top-left. Returns the contiguous output
+    ``[total_q, H, D]`` and the fp32 row max and reciprocal sum ``[total_q, H]``."""
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
+    total_q, h, d = q.shape
+    batch, hkv = cu_q.numel() - 1, k.shape[1]
+    out = torch.empty((total_q, h, d), dtype=q.dtype, device=q.device)
+    row_max = torch.empty((total_q, h), dtype=torch.float32, device=q.device)
+    inv_l = torch.empty_like(row_max)
+    if out.numel() == 0 or batch == 0:
+        return out, row_max, inv_l
+    kind, m, ms, kp, kps = _mask_args(None, None, q)
+    block_d = head_dim_block(d, q.dtype)
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * h,)
+    _fwd[grid](
+        q, k, v, out, row_max, inv_l, m, kp, cu_q, cu_k, *_packed_strides(q), *_packed_strides(k),
+        *_packed_strides(v), *ms, *kps, h, h // hkv, max_q, max_k, scale, int(bottom_right), dropout_p,
+        q if seed is None else seed, length_class(max_q), length_class(max_k), D=d, MASK_KIND=kind, HAS_KPM=False,
+        IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0, WIDE=spans_past_int32(q, k, v), VARLEN=True,
+        BLOCK_D=block_d, INTERPRETED=is_interpreted(),
     )
     return out, row_max, inv_l
 
@@ -827,17 +942,13 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     block_d = head_dim_block(d, q.dtype)
     wide = spans_past_int32(q, k, v, dout, m)
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
-    attn_bwd_preprocess_kernel[(triton.cdiv(lq, PREPROCESS_BLOCK_M) * b * h,)](
-        out, dout, delta, *_strides3(dout), h, lq, D=d, WIDE=wide, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d)
     common = dict(D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
                   WIDE=wide, BLOCK_D=block_d, INTERPRETED=is_interpreted())
     sizes = (h, h // hkv, lq, lk, scale, causal_offset, dropout_p, q if seed is None else seed, length_class(lq),
              length_class(lk))
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *ms, *kps)
-    _dkdv[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)](
-        q, k, v, dout, dk, dv, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)
-    _dq[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)](
-        q, k, v, dout, dq, row_max, inv_l, delta, m, kp, *strides, *sizes, **common)
+    _backward_passes(dout, q, k, v, out, row_max, inv_l, dq, dk, dv, delta, m, kp, q, q, strides, sizes, b, common,
+                     varlen=False)
     if mask_grad:
         c = dmask_tile(block_d, q.element_size(), wide)
         features = {name: value for name, value in common.items() if name != "MASK_KIND"}  # always a float mask
@@ -847,24 +958,80 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     return dq, dk, dv, dmask
 
 
+def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    row_max: torch.Tensor, inv_l: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
+                    max_k: int, scale: float, is_causal: bool, bottom_right: bool, dropout_p: float,
+                    seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `varlen_forward` for ``dout`` ``[total_q, H, D]`` (any strides): contiguous dq, dk, dv in the
+    packed layouts (dK/dV of a GQA group summed over its query heads)."""
+    q, k, v, dout = (unit_last_stride(t) for t in (q, k, v, dout))
+    total_q, h, d = q.shape
+    batch, hkv = cu_q.numel() - 1, k.shape[1]
+    # Every row of q and k/v belongs to one sequence (cu runs 0..total), and the passes write each row of their
+    # sequences; with nothing to attend the gradients are zeros.
+    nothing = total_q * h * d == 0 or k.shape[0] == 0 or batch == 0
+    alloc = torch.zeros if nothing else torch.empty
+    dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    if nothing:
+        return dq, dk, dv
+    kind, m, ms, kp, kps = _mask_args(None, None, q)
+    common = dict(D=d, MASK_KIND=kind, HAS_KPM=False, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
+                  WIDE=spans_past_int32(q, k, v, dout), BLOCK_D=head_dim_block(d, q.dtype),
+                  INTERPRETED=is_interpreted())
+    sizes = (h, h // hkv, max_q, max_k, scale, int(bottom_right), dropout_p, q if seed is None else seed,
+             length_class(max_q), length_class(max_k))
+    strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *_packed_strides(dout), *ms, *kps)
+    delta = torch.empty((total_q, h), dtype=torch.float32, device=q.device)
+    _backward_passes(dout, q, k, v, out, row_max, inv_l, dq, dk, dv, delta, m, kp, cu_q, cu_k, strides, sizes, batch,
+                     common, varlen=True)
+    return dq, dk, dv
+
+
+def _backward_passes(dout, q, k, v, out, row_max, inv_l, dq, dk, dv, delta, m, kp, cu_q, cu_k, strides, sizes, batch,
+                     common, varlen: bool) -> None:
+    # delta, then dK/dV per key tile and dQ per query tile; ``sizes`` starts (H, group, Lq, Lk) (the maxima when
+    # packed) and ``strides`` with dout's three at 9..11.
+    h, group, lq, lk = sizes[:4]
+    attn_bwd_preprocess_kernel[(triton.cdiv(lq, PREPROCESS_BLOCK_M) * batch * h,)](
+        out, dout, delta, cu_q, *strides[9:12], h, lq, D=common["D"], WIDE=common["WIDE"], VARLEN=varlen,
+        BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=common["BLOCK_D"])
+    _dkdv[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * batch * (h // group),)](
+        q, k, v, dout, dk, dv, row_max, inv_l, delta, m, kp, cu_q, cu_k, *strides, *sizes, **common, VARLEN=varlen)
+    _dq[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * batch * h,)](
+        q, k, v, dout, dq, row_max, inv_l, delta, m, kp, cu_q, cu_k, *strides, *sizes, **common, VARLEN=varlen)
+
+
 _AOT_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
 # Pointers and scalars that are neither q's dtype nor 32-bit ints (the rest of the AOT signature is derived from the
 # kernels); the masks' unit key strides are specialised as Triton does for a stride of 1.
 _AOT_TYPES = {"row_max_ptr": "*fp32", "inv_l_ptr": "*fp32", "delta_ptr": "*fp32", "ds_ptr": "*fp32", "kpm_ptr": "*u8",
-              "sm_scale": "fp32", "dropout_p": "fp32", "seed_ptr": "*i64", "stride_mask_n": "constexpr",
-              "stride_kpm_n": "constexpr"}
-# The most expensive feature set (float mask, key padding, causal, dropout) and the cheapest (causal only).
+              "sm_scale": "fp32", "dropout_p": "fp32", "seed_ptr": "*i64", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
+              "stride_mask_n": "constexpr", "stride_kpm_n": "constexpr"}
+# The most expensive feature set (float mask, key padding, causal, dropout), the cheapest (causal only), and the
+# packed-sequence forms (no mask or padding there), each compiled with the tiles of its class (`feature_class`).
 AOT_FEATURES = {
-    "all": {"MASK_KIND": MASK_ADD, "HAS_KPM": True, "IS_CAUSAL": True, "DROPOUT": True},
-    "plain": {"MASK_KIND": MASK_NONE, "HAS_KPM": False, "IS_CAUSAL": True, "DROPOUT": False},
+    "all": {"MASK_KIND": MASK_ADD, "HAS_KPM": True, "IS_CAUSAL": True, "DROPOUT": True, "VARLEN": False},
+    "plain": {"MASK_KIND": MASK_NONE, "HAS_KPM": False, "IS_CAUSAL": True, "DROPOUT": False, "VARLEN": False},
+    "varlen": {"MASK_KIND": MASK_NONE, "HAS_KPM": False, "IS_CAUSAL": True, "DROPOUT": True, "VARLEN": True},
+    "varlen plain": {"MASK_KIND": MASK_NONE, "HAS_KPM": False, "IS_CAUSAL": True, "DROPOUT": False, "VARLEN": True},
 }
+
+
+def _aot_class(features: str) -> str:
+    f = AOT_FEATURES[features]
+    return feature_class(f["MASK_KIND"], f["HAS_KPM"], f["DROPOUT"])
+
+
+def _dense(features: str) -> dict:
+    # The feature constants of the kernels that have no packed form (mask gradient, split-KV).
+    return {k: v for k, v in AOT_FEATURES[features].items() if k != "VARLEN"}
 
 
 def _aligned(sig: dict[str, str]) -> tuple[str, ...]:
     # Torch allocations and their strides are 16-byte / 16-element aligned in the usual call; bool padding masks
-    # are not assumed to be.
-    return tuple(n for n, t in sig.items()
-                 if (n.endswith("_ptr") or n.startswith("stride_")) and t != "constexpr" and n != "kpm_ptr")
+    # and cu_seqlens (often a slice) are not assumed to be.
+    return tuple(n for n, t in sig.items() if (n.endswith("_ptr") or n.startswith("stride_")) and t != "constexpr"
+                 and n not in ("kpm_ptr", "cu_q_ptr", "cu_k_ptr"))
 
 
 def aot_variant(pass_name: str, dtype: torch.dtype, block_d: int, c: TileConfig, features: str,
@@ -886,7 +1053,7 @@ def _dmask_variant(dtype: torch.dtype, block_d: int, wide: bool) -> AotVariant:
     dt = TRITON_DTYPE_NAMES[dtype]
     c = dmask_tile(block_d, dtype.itemsize, wide)
     sig = aot_signature(attn_bwd_dmask_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
-    features = {k: v for k, v in AOT_FEATURES["all"].items() if k != "MASK_KIND"}
+    features = {k: v for k, v in _dense("all").items() if k != "MASK_KIND"}
     consts = {**features, "WIDE": wide, "INTERPRETED": False, "stride_mask_n": 1, "stride_kpm_n": 1, "D": block_d,
               "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": block_d}
     return AotVariant("attn_dmask", attn_bwd_dmask_kernel, sig, consts, c.num_warps,
@@ -899,7 +1066,7 @@ def _split_variant(dtype: torch.dtype, block_d: int, features: str) -> AotVarian
     c = split_tile(block_d, dtype.itemsize, features, interpreted=False)
     sig = aot_signature(attn_fwd_split_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}", "o_part_ptr": "*fp32",
                                                 "m_part_ptr": "*fp32", "l_part_ptr": "*fp32"})
-    consts = {**AOT_FEATURES[features], "INTERPRETED": False, "stride_mask_n": 1, "stride_kpm_n": 1, "D": block_d,
+    consts = {**_dense(features), "INTERPRETED": False, "stride_mask_n": 1, "stride_kpm_n": 1, "D": block_d,
               "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": block_d}
     return AotVariant("attn_fwd_split", attn_fwd_split_kernel, sig, consts, c.num_warps,
                       f"{dt} D={block_d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} {features}",
@@ -917,25 +1084,30 @@ def _combine_variant(dtype: torch.dtype, block_d: int) -> AotVariant:
 def aot_variants() -> list[AotVariant]:
     """Every tile configuration autotune can pick, for each dtype, head-dim block and feature class (see
     `tile_configs`), forward and both backward passes, the WIDE form of each with its one tile, the mask-gradient
-    pass (its one tile, plain and WIDE), the split-KV forward and its combine, plus the preprocess."""
+    pass (its one tile, plain and WIDE), the split-KV forward and its combine, plus the preprocess (dense and
+    packed)."""
     out = []
     for dtype in SUPPORTED_DTYPES:
         for block_d in (b for b in HEAD_DIM_BLOCKS if b <= next_power_of_2(MAX_HEAD_DIM[dtype])):
             for pass_name in PASSES:
                 for features in AOT_FEATURES:
-                    key = (features, max(dtype.itemsize, 2), block_d)
-                    out += [aot_variant(pass_name, dtype, block_d, c, features) for c in PASSES[pass_name][key]]
-                    out.append(aot_variant(pass_name, dtype, block_d, _wide_tile(pass_name, key), features, wide=True))
+                    key = (_aot_class(features), max(dtype.itemsize, 2), block_d)
+                    varlen = AOT_FEATURES[features]["VARLEN"]
+                    out += [aot_variant(pass_name, dtype, block_d, c, features) for c in _tiles(pass_name, key, varlen)]
+                    out.append(aot_variant(pass_name, dtype, block_d, _wide_tile(pass_name, key, varlen), features,
+                                           wide=True))
             for wide in (False, True):
                 out.append(_dmask_variant(dtype, block_d, wide))
-            out += [_split_variant(dtype, block_d, features) for features in AOT_FEATURES]
+            out += [_split_variant(dtype, block_d, features) for features in ("all", "plain")]
             out.append(_combine_variant(dtype, block_d))
         dt = TRITON_DTYPE_NAMES[dtype]
         sig = aot_signature(attn_bwd_preprocess_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
         for block_d in HEAD_DIM_BLOCKS:
             for wide in (False, True):
-                out.append(AotVariant("attn_bwd_preprocess", attn_bwd_preprocess_kernel, sig,
-                                      {"D": block_d, "WIDE": wide, "BLOCK_M": PREPROCESS_BLOCK_M, "BLOCK_D": block_d},
-                                      4, f"{dt} D={block_d} M={PREPROCESS_BLOCK_M}" + (" wide" if wide else ""),
-                                      aligned=_aligned(sig)))
+                for varlen in (False, True):
+                    out.append(AotVariant(
+                        "attn_bwd_preprocess", attn_bwd_preprocess_kernel, sig,
+                        {"D": block_d, "WIDE": wide, "VARLEN": varlen, "BLOCK_M": PREPROCESS_BLOCK_M,
+                         "BLOCK_D": block_d}, 4, f"{dt} D={block_d} M={PREPROCESS_BLOCK_M}" + (" wide" if wide else "")
+                        + (" varlen" if varlen else ""), aligned=_aligned(sig)))
     return out

@@ -104,8 +104,8 @@ def max_head_dim(backend, dtype, device):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("d", [16, 32, 40, 48, 59, 64, 72, 80, 96, 111, 128, 160, 256])
 def test_head_dims(backend, d, device):
-    # Triton runs fp16 up to 256, the CUDA kernels up to 128; fp32 (tf32x3 dots in Triton, FMA loops in CUDA)
-    # up to 64 on both. Above its limit a forced backend raises a clear error.
+    # Both kernel backends run fp16/bf16 up to 256; fp32 (tf32x3 dots in Triton, FMA loops in CUDA) up to 64.
+    # Above its limit a forced backend raises a clear error.
     for dtype in (torch.float16, torch.float32):
         if d <= max_head_dim(backend, dtype, device):
             q, k, v = make_qkv(1, 2, 2, 19, 23, d, dtype, device, seed=d)
@@ -594,11 +594,12 @@ def test_unsupported_inputs_on_a_forced_backend_and_auto_fallback():
     for backend in KERNEL_BACKENDS:
         with pytest.raises(NotImplementedError, match=rf"{backend}.*head dim 300"), tk.use_backend(backend):
             tk.ops.attention(q, k, v)
-    # The CUDA kernels stop at a narrower head than Triton's 256 (csrc/attention.h): 160 runs on Triton only.
-    wide = make_qkv(1, 1, 1, 3, 3, 160, torch.float16)
-    with pytest.raises(NotImplementedError, match=r"cuda.*head dim 160 with torch.float16 \(supported: 1\.\.128\)"), \
-            tk.use_backend("cuda"):
-        tk.ops.attention(*wide)
+    # fp32 stops at 64 on both (csrc/attention.h, kernels/attention.py): the limit is named per dtype.
+    wide = make_qkv(1, 1, 1, 3, 3, 128, torch.float32)
+    for backend in KERNEL_BACKENDS:
+        with pytest.raises(NotImplementedError, match=rf"{backend}.*head dim 128 with torch.float32 \(supported: 1\.\.64\)"), \
+                tk.use_backend(backend):
+            tk.ops.attention(*wide)
     with tk.use_backend("torch"):
         check_against_reference("torch", q, k, v)
     # auto on a CUDA tensor skips a backend that cannot take the inputs (resolved without running anything)

@@ -41,6 +41,9 @@ def test_gpu_path_with_a_fake_timer(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "DECODE_KEYS", (300,))
     monkeypatch.setattr(bench, "DECODE_HEAD_DIM", 16)
+    for name, value in (("VARLEN_PADDED_LENS", (24,)), ("VARLEN_BATCH", 3), ("VARLEN_HEADS", 2),
+                        ("VARLEN_HEAD_DIM", 16)):
+        monkeypatch.setattr(bench, name, value)
     table, csv_path, png = bench.gpu_report(torch.device("cpu"), tmp_path, timer=fake_timer, models=("tiny-gpt",),
                                             seq_lens=(16, 32), dtype=torch.float32)
     # On CPU tensors Triton runs only interpreted (the suite's machine); on a GPU machine its cases are skipped.
@@ -49,6 +52,14 @@ def test_gpu_path_with_a_fake_timer(tmp_path, monkeypatch):
     decode = [r["impl"] for r in csv.DictReader(csv_path.open()) if r["op"] == "attention_decode"]
     assert "cuda" in decode and ("triton" in decode) == INTERPRETED  # a backend that refuses CPU tensors is skipped
     n_cases += len(decode)
+    varlen = [(r["op"], r["impl"]) for r in csv.DictReader(csv_path.open()) if r["op"] in ("attention_varlen",
+                                                                                         "attention_padded")]
+    # forward and forward+backward: packed on our kernels, padded on ours and SDPA
+    assert sorted(set(varlen)) == sorted({("attention_varlen", ours), ("attention_padded", ours),
+                                          ("attention_padded", "sdpa")} | ({("attention_varlen", "cuda"),
+                                                                           ("attention_padded", "cuda")}))
+    assert len(varlen) == 2 * len(set(varlen))
+    n_cases += len(varlen)
     assert len(calls) == n_cases and all(q == [0.5, 0.2, 0.8] for q in calls)
     with csv_path.open() as fh:
         rows = list(csv.DictReader(fh))

@@ -13,8 +13,8 @@ from transformer_kernels.tools.testing import assert_rows, compare
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MASKS = ["none", "bool", "same dtype", "fp32"]
-# Head dims that pad to each instantiated block (16, 32, 64, 128), up to each dtype's widest.
-ATTENTION_CASES = [(dtype, d) for dtype in DTYPES for d in (8, 32, 40, 100, 128)
+# Head dims that pad to each instantiated block (16, 32, 64, 128, 256), up to each dtype's widest.
+ATTENTION_CASES = [(dtype, d) for dtype in DTYPES for d in (8, 32, 40, 100, 128, 200)
                    if d <= cuda_attention.max_head_dim(dtype, torch.device("cpu"))]
 
 

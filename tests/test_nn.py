@@ -72,6 +72,27 @@ def test_multihead_attention_self(backend, batch_first, masks):
     torch.testing.assert_close(w2, w1, **TOL)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_padding_heavy_batches_unpad_the_keys_and_keep_every_row(backend, monkeypatch):
+    """Half the key slots padding (a tail, a head and holes): the layer gathers the real keys and runs varlen
+    attention; outputs (padded query rows too) and gradients match torch.nn. A little padding stays dense."""
+    ref, ours = pair(nn.MultiheadAttention(E, H, batch_first=True), tk_nn.MultiheadAttention(E, H, batch_first=True,
+                                                                                               backend=backend))
+    calls = []
+    varlen = tk.ops.varlen_attention
+    monkeypatch.setattr(tk_nn.attention.ops, "varlen_attention", lambda *a, **kw: calls.append(1) or varlen(*a, **kw))
+    x = inputs(3, 8, E)
+    heavy = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0, 1], [0, 1, 0, 1, 0, 1, 0, 1]], dtype=torch.bool)
+    light = torch.zeros(3, 8, dtype=torch.bool)
+    light[0, -1] = True
+    for kpm, unpadded in ((heavy, True), (light, False)):
+        calls.clear()
+        compare_fwd_bwd(lambda x, kpm=kpm: ref(x, x, x, key_padding_mask=kpm, need_weights=False)[0],
+                        lambda x, kpm=kpm: ours(x, x, x, key_padding_mask=kpm, need_weights=False)[0], [x],
+                        list(ref.parameters()), list(ours.parameters()))
+        assert bool(calls) == unpadded
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_multihead_attention_cross_with_kdim_vdim(backend):
     ref, ours = pair(nn.MultiheadAttention(E, H, kdim=12, vdim=20, batch_first=True),

@@ -79,14 +79,16 @@ def test_cuda_softmax_instantiations(cuda_rows):
 
 
 def test_cuda_attention_instantiations_use_tensor_cores(cuda_rows):
-    # Every head dim the bindings report, for fp16 and bf16 (on tensor cores) and fp32 up to its limit (FMA).
+    # Every head dim the bindings report, for fp16 and bf16 (on tensor cores) and fp32 up to its limit (FMA), dense
+    # and packed (varlen).
     c = _ext.load("_C_host")
     expected = {(t, d) for t in ("__half", "__nv_bfloat16") for d in c.attention_head_dims
                 if d <= c.attention_max_head_dim["half"]}
     expected |= {("float", d) for d in c.attention_head_dims if d <= c.attention_max_head_dim["float"]}
     for kernel in ("attention_fwd_kernel", "attention_dkdv_kernel", "attention_dq_kernel"):
         rows = [r for r in cuda_rows if r.kernel == kernel]
-        assert {tuple(r.variant.split(", ")) for r in rows} == {(t, str(d)) for t, d in expected}
+        assert {tuple(r.variant.split(", ")) for r in rows} == {(t, str(d), p) for t, d in expected
+                                                                for p in ("false", "true")}
         for r in rows:
             assert (r.tensor_core_instrs > 0) == (not r.variant.startswith("float")), (kernel, r.variant, r.arch)
 

@@ -23,6 +23,7 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "masked_softmax": ("triton", "cuda", "torch"),
     "attention": ("triton", "cuda", "torch"),
+    "varlen_attention": ("triton", "cuda", "torch"),
     "layer_norm": ("triton", "cuda", "torch"),
     "rms_norm": ("triton", "cuda", "torch"),
     "linear": ("triton", "cuda", "torch"),

@@ -10,6 +10,7 @@ Layer-level functions take a ``state`` dict with the same keys as the ``torch.nn
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 
@@ -203,6 +204,39 @@ def scaled_dot_product_attention(
         p = p * dropout_mask / (1.0 - dropout_p)
     out = torch.matmul(rnd(p), v).to(q.dtype)
     return (out, weights.to(q.dtype)) if return_weights else out
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    *,
+    dropout_mask: Tensor | None = None,
+    causal_alignment: str = "top_left",
+    **kwargs,
+) -> Tensor:
+    """Packed sequences, each sequence's attention on its own: q ``[total_q, H, D]``, k/v ``[total_k, Hkv, D]``,
+    sequence b at rows ``cu_seqlens[b]:cu_seqlens[b+1]``; ``kwargs`` as `scaled_dot_product_attention` (without
+    masks). ``dropout_mask``: bool keep-mask ``[total_q·H, max Lk]`` whose row ``(cu_seqlens_q[b] + i)·H + h`` serves
+    query i of sequence b, head h (the kernels' draw). A sequence with no keys gives zeros. Returns
+    ``[total_q, H, Dv]``."""
+    h = q.shape[1]
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for (q0, q1), (k0, k1) in zip(itertools.pairwise(bounds_q), itertools.pairwise(bounds_k), strict=True):
+        if q1 == q0 or k1 == k0:
+            outs.append(q.new_zeros(q1 - q0, h, v.shape[-1]))
+            continue
+        qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        keep = None
+        if dropout_mask is not None:
+            keep = dropout_mask[q0 * h:q1 * h].view(q1 - q0, h, -1).transpose(0, 1)[None, :, :, :k1 - k0]
+        out = scaled_dot_product_attention(qs, ks, vs, dropout_mask=keep, causal_alignment=causal_alignment,
+                                           enable_gqa=True, **kwargs)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
 
 
 # ---------------------------------------------------------------------------------------------

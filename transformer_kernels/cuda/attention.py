@@ -44,7 +44,23 @@ def _args(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, s
         "seed": ptr(seed), "dtype": _ext.dtype_code(mod, q.dtype),
         "out": 0, "row_max": 0, "inv_l": 0, "dout": 0, "do_stride": [0] * 4, "delta": 0, "dq": 0, "dk": 0, "dv": 0,
         "dmask": 0, "splits": 1, "split_len": 0, "o_part": 0, "m_part": 0, "l_part": 0,
+        "cu_q": 0, "cu_k": 0, "total_q": 0, "total_k": 0,
     }
+
+
+def _as_dense(t: torch.Tensor) -> torch.Tensor:
+    # A packed [total, heads, D] tensor as the [1, heads, total, D] view whose strides the kernels read.
+    return t.permute(1, 0, 2).unsqueeze(0)
+
+
+def _packed_args(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p, seed) -> dict:
+    # csrc/attention.h's packed form: B sequences, the longest lengths, batch strides 0, causal_offset a flag.
+    args = _args(mod, _as_dense(q), _as_dense(k), _as_dense(v), None, None, scale, is_causal, int(bottom_right),
+                 dropout_p, seed)
+    for name in ("q_stride", "k_stride", "v_stride"):
+        args[name][0] = 0
+    return args | {"B": cu_q.numel() - 1, "Lq": max_q, "Lk": max_k, "cu_q": cu_q.data_ptr(), "cu_k": cu_k.data_ptr(),
+                   "total_q": q.shape[0], "total_k": k.shape[0]}
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -94,3 +110,44 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
              "dq": dq.data_ptr(), "dk": dk.data_ptr(), "dv": dv.data_ptr(), "dmask": ptr(dmask)}
     mod.attention_backward(args, stream(q))
     return dq, dk, dv, dmask
+
+
+def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                   max_q: int, max_k: int, scale: float, is_causal: bool, bottom_right: bool, dropout_p: float,
+                   seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed sequences; the contract of kernels/attention.py:varlen_forward."""
+    mod = _ext.module_for(q.device)
+    total_q, h, d = q.shape
+    out = torch.empty((total_q, h, d), dtype=q.dtype, device=q.device)
+    row_max = torch.empty((total_q, h), dtype=torch.float32, device=q.device)
+    inv_l = torch.empty_like(row_max)
+    if out.numel() and cu_q.numel() > 1:
+        args = _packed_args(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p, seed)
+        args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr()}
+        mod.attention_forward(args, stream(q))
+    return out, row_max, inv_l
+
+
+def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    row_max: torch.Tensor, inv_l: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
+                    max_k: int, scale: float, is_causal: bool, bottom_right: bool, dropout_p: float,
+                    seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `varlen_forward`; the contract of kernels/attention.py:varlen_backward."""
+    mod = _ext.module_for(q.device)
+    # Every row belongs to one sequence and the passes write each row of theirs; with nothing to attend the
+    # kernels do not run and the gradients are zeros.
+    nothing = q.numel() == 0 or k.shape[0] == 0 or cu_q.numel() < 2 or max_q == 0 or max_k == 0
+    alloc = torch.zeros if nothing else torch.empty
+    dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    if nothing:
+        return dq, dk, dv
+    delta = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    out = out.contiguous()
+    args = _packed_args(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p, seed)
+    do_stride = list(_as_dense(dout).stride())
+    do_stride[0] = 0
+    args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr(),
+             "dout": dout.data_ptr(), "do_stride": do_stride, "delta": delta.data_ptr(),
+             "dq": dq.data_ptr(), "dk": dk.data_ptr(), "dv": dv.data_ptr()}
+    mod.attention_backward(args, stream(q))
+    return dq, dk, dv

@@ -65,10 +65,13 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     work). ``is_causal`` is decided as transformers' sdpa path does: causal only without a mask and with more than
     one query; a decoding step (Lq = 1) sees every cached key, and a chunked prefill (Lq < Lk) gets its causal
     pattern from the mask. Bool masks (True = attend) and float (additive) masks pass to the kernels through their
-    strides; T5's ``position_bias`` is added to the scores and gets its gradient. The backend is the module's
-    ``tk_backend`` (set by `tk.convert`), else the one in force.
+    strides; T5's ``position_bias`` is added to the scores and gets its gradient. Packed sequences
+    (``cu_seq_lens_q/k`` kwargs) run `ops.varlen_attention`. The backend is the module's ``tk_backend`` (set by
+    `tk.convert`), else the one in force.
     """
     _refuse_unsupported(kwargs)
+    if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None and position_bias is None:
+        return _packed_forward(module, query, key, value, dropout, scaling, is_causal, kwargs), None
     if cache is not None and hasattr(cache, "update") and getattr(module, "layer_idx", None) is not None:
         # transformers' continuous batching hands its paged cache to the attention function to update.
         key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)
@@ -83,6 +86,25 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     out = ops.attention(query, key, value, attn_mask=mask, dropout_p=float(dropout), is_causal=causal, scale=scaling,
                         enable_gqa=query.shape[1] != key.shape[1], backend=getattr(module, "tk_backend", None))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, dropout: float,
+                    scaling: float | None, is_causal: bool | None, kwargs: dict) -> Tensor:
+    """Packed sequences (transformers passes ``cu_seq_lens_q/k`` and ``max_length_q/k`` when a batch of one row holds
+    several sequences, e.g. from ``DataCollatorWithFlattening``): `ops.varlen_attention` on the rows, so no query
+    attends across a sequence boundary and no padding is computed; the block-diagonal mask transformers built
+    alongside is not needed. Causal alignment bottom-right, as flash-attn's varlen function."""
+    if query.shape[0] != 1:
+        raise ValueError(f"cu_seq_lens_q/k describe packed sequences in one batch row; got a batch of {query.shape[0]}")
+    # max_length_* are Python ints from transformers' collators; a tensor costs one host sync here.
+    max_q, max_k = (int(kwargs[name]) for name in ("max_length_q", "max_length_k"))
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = ops.varlen_attention(q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], max_q, max_k,
+                               dropout_p=float(dropout), is_causal=bool(causal), scale=scaling,
+                               enable_gqa=q.shape[1] != k.shape[1], causal_alignment="bottom_right",
+                               backend=getattr(module, "tk_backend", None))
+    return out.unsqueeze(0)
 
 
 def register() -> None:

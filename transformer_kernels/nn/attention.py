@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import eager, ops
+from .. import backends, eager, ops
 from ..masks import nn_masks_to_sdpa
+from ..ops.attention import FAMILY
 
 
 def cached_length(cache: dict) -> int:
@@ -43,7 +45,18 @@ class MultiheadAttention(nn.Module):
     attention weights, computed by the eager composition (eager.py): that is the slow path, and it applies no
     dropout; pass ``need_weights=False`` for the kernels. ``add_bias_kv`` and ``add_zero_attn`` are not supported
     (ValueError). ``backend`` is passed to every op (None: ``set_backend``/``use_backend`` decide).
+
+    Unpadding: with a bool key padding mask (no other mask, not causal, no cache) on a kernel backend, when at
+    least ``unpad_min_padding`` of the key slots are padding, the real keys and values are gathered and
+    ``ops.varlen_attention`` runs with the queries as they are: the attention work shrinks with the padding and
+    every output row, padded query rows included, keeps the dense result (a padded query still attends to its
+    sequence's real keys, as in torch.nn). The gather costs one host sync (its size is the number of real keys),
+    which is why a little padding stays on the dense kernel; never under torch.compile (a data-dependent size).
     """
+
+    # The fraction of padded key slots from which the keys are unpadded: at 1/4 the attention work drops by a
+    # quarter, well above the gather and the sync.
+    unpad_min_padding: float = 0.25
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
@@ -103,7 +116,33 @@ class MultiheadAttention(nn.Module):
         cached ones and aligns the causal mask bottom-right (query i of the step sees every earlier key);
         ``static_kv`` (cross-attention) projects key/value once and reuses them afterwards."""
         q, k, v, kwargs = self._inputs(query, key, value, key_padding_mask, attn_mask, is_causal, cache, static_kv)
-        return ops.attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, backend=self.backend, **kwargs)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None:
+            out = self._attend_unpadded(q, k, v, kwargs, dropout_p)
+            if out is not None:
+                return out
+        return ops.attention(q, k, v, dropout_p=dropout_p, backend=self.backend, **kwargs)
+
+    def _attend_unpadded(self, q: Tensor, k: Tensor, v: Tensor, kw: dict, dropout_p: float) -> Tensor | None:
+        """Attention over the real keys only (see the class docstring), or None where the rule says dense."""
+        kpm = kw["key_padding_mask"]
+        if kpm is None or kw["attn_mask"] is not None or kw["is_causal"] or torch.compiler.is_compiling():
+            return None
+        if backends.resolve_for("varlen_attention", FAMILY, q.device, self.backend, q, k, v) == "torch":
+            return None
+        b, h, lq, d = q.shape
+        hkv, lk = k.shape[1], k.shape[2]
+        real = ~kpm
+        rows = real.flatten().nonzero().squeeze(1)  # the one host sync
+        if rows.numel() > (1.0 - self.unpad_min_padding) * b * lk:
+            return None
+        # [B, H, L, D] heads as [B·L, H, D] rows (a view of the projections' [B, L, H·D] output), real keys gathered.
+        k, v = (t.transpose(1, 2).reshape(b * lk, hkv, t.shape[3]).index_select(0, rows) for t in (k, v))
+        cu_k = F.pad(real.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+        cu_q = torch.arange(0, (b + 1) * lq, lq, dtype=torch.int32, device=q.device)
+        out = ops.varlen_attention(q.transpose(1, 2).reshape(b * lq, h, d), k, v, cu_q, cu_k, lq, lk, dropout_p,
+                                   scale=kw["scale"], enable_gqa=h != hkv, backend=self.backend)
+        return out.view(b, lq, h, out.shape[-1]).transpose(1, 2)
 
     def _inputs(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
                 attn_mask: Tensor | None, is_causal: bool, cache: dict | None = None,

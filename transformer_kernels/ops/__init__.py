@@ -4,6 +4,7 @@ from .attention import attention
 from .linear import feed_forward, gated_linear, linear, out_projection, qkv_projection
 from .norm import layer_norm, rms_norm
 from .softmax import masked_softmax
+from .varlen_attention import varlen_attention
 
 __all__ = ["attention", "feed_forward", "gated_linear", "layer_norm", "linear", "masked_softmax", "out_projection",
-           "qkv_projection", "rms_norm"]
+           "qkv_projection", "rms_norm", "varlen_attention"]

@@ -13,6 +13,7 @@ traffic of each fused op against the unfused PyTorch sequence it replaces, as a 
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 from collections.abc import Callable
@@ -320,6 +321,55 @@ def decode_cases(dtype: torch.dtype = torch.float16, keys: tuple[int, ...] | Non
     return out
 
 
+# Packed vs padded (BERT-style batches): VARLEN_BATCH sequences, lengths spread evenly up to the padded length so
+# half of the padded batch is padding; the varlen kernels compute only the real tokens.
+VARLEN_BATCH, VARLEN_HEADS, VARLEN_HEAD_DIM = 16, 12, 64
+VARLEN_PADDED_LENS = (512, 2048)
+
+
+def varlen_lengths(padded: int) -> list[int]:
+    """Sequence lengths averaging half of ``padded`` (50% padding)."""
+    return [max(1, round(padded * (i + 0.5) / VARLEN_BATCH)) for i in range(VARLEN_BATCH)]
+
+
+def _varlen_maker(impl: str, padded: int, dtype: torch.dtype, backward: bool, packed: bool):
+    def make(device: torch.device) -> Callable[[], torch.Tensor]:
+        lens = varlen_lengths(padded)
+        shape = (VARLEN_BATCH, padded, VARLEN_HEADS, VARLEN_HEAD_DIM)
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+        real = torch.arange(padded, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+        if packed:
+            cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+            q, k, v = (t[real].requires_grad_(backward) for t in (q, k, v))
+            return lambda: ops.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), backend=impl)
+        q, k, v = (t.transpose(1, 2).requires_grad_(backward) for t in (q, k, v))
+        if impl in KERNEL_IMPLS:
+            return lambda: ops.attention(q, k, v, key_padding_mask=~real, backend=impl)
+        mask = real[:, None, None, :]
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return make
+
+
+def varlen_cases(dtype: torch.dtype = torch.float16, padded_lens: tuple[int, ...] | None = None) -> list[Case]:
+    """Attention over a batch with 50% padding, forward and forward+backward: our varlen kernels on the packed
+    tokens ("attention_varlen") against the padded batch with a key padding mask on our kernels and on SDPA
+    ("attention_padded"). FLOPs count the real tokens only, so TFLOP/s compares useful work."""
+    out = []
+    for padded in padded_lens or VARLEN_PADDED_LENS:
+        flops = sum(attention_flops(1, VARLEN_HEADS, n, n, VARLEN_HEAD_DIM, False, False) for n in varlen_lengths(padded))
+        io = 4 * 2 * sum(varlen_lengths(padded)) * VARLEN_HEADS * VARLEN_HEAD_DIM
+        shape = f"B{VARLEN_BATCH} H{VARLEN_HEADS} D{VARLEN_HEAD_DIM} 50%pad"
+        for backward in (False, True):
+            scale = 3.5 if backward else 1.0
+            for impl in KERNEL_IMPLS:
+                out.append(Case("attention_varlen", impl, shape, padded, backward, flops * scale, io,
+                                _varlen_maker(impl, padded, dtype, backward, True)))
+            for impl in (*KERNEL_IMPLS, "sdpa"):
+                out.append(Case("attention_padded", impl, shape, padded, backward, flops * scale, io,
+                                _varlen_maker(impl, padded, dtype, backward, False)))
+    return out
+
+
 def decode_tokens_per_second(rows: list[Timing]) -> list[tuple[str, int, float]]:
     """(impl, KV length, tokens/s) of the decoding rows."""
     return [(r.impl, r.seq_len, DECODE_BATCH / (r.median_ms / 1e3)) for r in rows if r.op == "attention_decode"]
@@ -524,7 +574,8 @@ def gpu_report(device: torch.device, out_dir: Path = RESULTS_DIR, timer: Callabl
                dtype: torch.dtype = torch.float16,
                progress: Callable[[int, int, Case], None] | None = None) -> tuple[str, Path, Path]:
     """Times every case, appends the CSV and draws the plot; returns (table, csv path, png path)."""
-    rows = run_cases(cases(models, seq_lens, dtype) + decode_cases(dtype), device, timer, progress)
+    rows = run_cases(cases(models, seq_lens, dtype) + decode_cases(dtype) + varlen_cases(dtype), device, timer,
+                     progress)
     csv_path = append_csv(rows, device, out_dir / "results.csv")
     png = plot_timings(rows, out_dir / "attention_tflops_memory.png", model=models[-1])
     return format_timings(rows), csv_path, png

@@ -112,7 +112,7 @@ def bench(out: Path) -> None:
     from . import bench as bench_mod
 
     device = torch.device("cuda")
-    cases = bench_mod.quick_cases() + bench_mod.decode_cases()
+    cases = bench_mod.quick_cases() + bench_mod.decode_cases() + bench_mod.varlen_cases(padded_lens=(1024,))
     if importlib.util.find_spec("transformers") is not None:
         from . import bench_hf
 

@@ -8,6 +8,7 @@ simulator build; on a GPU machine both run on the GPU. Each case returns one row
 from __future__ import annotations
 
 import contextlib
+import itertools
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -125,6 +126,35 @@ def _attention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
 
                     return compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v"))
                 yield Case("attention", impl, dtype, f"{label} [{b},{h},{lq}x{lk},{d}]", run)
+
+
+def _varlen_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    # (label, query lengths, key lengths, H, Hkv, D, options): packed sequences with empty ones on either side.
+    shapes = [
+        ("causal_br gqa", (5, 0, 17, 40), (7, 4, 0, 33), 4, 2, 64,
+         {"is_causal": True, "causal_alignment": "bottom_right", "enable_gqa": True}),
+        ("self", (13, 1, 30), (13, 1, 30), 2, 2, 40, {}),
+    ]
+    for impl, scope in implementations("varlen_attention", device):
+        for dtype in DTYPES:
+            for label, lens_q, lens_k, h, hkv, d, kw in shapes[:1] if quick else shapes:
+                def run(lens_q=lens_q, lens_k=lens_k, h=h, hkv=hkv, d=d, kw=kw, dtype=dtype, scope=scope):
+                    g = torch.Generator().manual_seed(sum(lens_q))
+                    q, k, v = (torch.randn(s, generator=g).to(dtype).to(device)
+                               for s in ((sum(lens_q), h, d), (sum(lens_k), hkv, d), (sum(lens_k), hkv, d)))
+                    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device=device)
+                                  for n in (lens_q, lens_k))
+
+                    def ours(q, k, v):
+                        with scope():
+                            return ops.varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), **kw)
+
+                    def ref(q, k, v):
+                        return reference.varlen_attention(q, k, v, cu_q, cu_k, low_precision=q.dtype != torch.float32,
+                                                          **{n: x for n, x in kw.items() if n != "enable_gqa"})
+
+                    return compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v"))
+                yield Case("varlen_attention", impl, dtype, f"{label} {list(lens_q)}x{list(lens_k)} D{d}", run)
 
 
 def _norm_cases(device: torch.device, quick: bool) -> Iterator[Case]:
@@ -278,7 +308,7 @@ def _huggingface_cases(device: torch.device, quick: bool) -> Iterator[Case]:
 
 # Case generators, one per op; later ops add theirs here.
 CASE_SOURCES: tuple[Callable[[torch.device, bool], Iterator[Case]], ...] = (
-    _softmax_cases, _attention_cases, _norm_cases, _projection_cases, _architecture_cases, _huggingface_cases)
+    _softmax_cases, _attention_cases, _varlen_cases, _norm_cases, _projection_cases, _architecture_cases, _huggingface_cases)
 
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:

@@ -1,0 +1,182 @@
+"""`varlen_attention`: attention over packed variable-length sequences (no padding computed), flash-attn's
+``flash_attn_varlen_func`` contract; the kernel backends run as a torch.library custom op (fake impl, autograd), the
+torch backend loops `eager.attention` over the sequences.
+
+Sequence b holds rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k/v;
+a query sees only its own sequence's keys.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import Tensor
+
+from .. import backends, eager
+from ._checks import CAUSAL_ALIGNMENTS, autocast_dtype, cast_all, check_float_tensor, describe
+from .attention import FAMILY, draw_seed
+
+OP = "varlen_attention"
+
+
+@torch.library.custom_op("transformer_kernels::varlen_attention", mutates_args=())
+def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                      dropout_p: float, is_causal: bool, scale: float, bottom_right: bool, seed: Tensor | None,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    with backends.on_device(q):
+        return backends.launchers(FAMILY, backend).varlen_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p, seed)
+
+
+@_varlen_attention.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, bottom_right, seed, backend):
+    stats = q.shape[:-1]
+    return q.new_empty(q.shape), q.new_empty(stats, dtype=torch.float32), q.new_empty(stats, dtype=torch.float32)
+
+
+@torch.library.custom_op("transformer_kernels::varlen_attention_backward", mutates_args=())
+def _varlen_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, row_max: Tensor,
+                               inv_l: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, dropout_p: float,
+                               is_causal: bool, scale: float, bottom_right: bool, seed: Tensor | None,
+                               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    with backends.on_device(q):
+        return backends.launchers(FAMILY, backend).varlen_backward(
+            grad, q, k, v, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p,
+            seed)
+
+
+@_varlen_attention_backward.register_fake
+def _(grad, q, k, v, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, bottom_right, seed,
+      backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, bottom_right, seed, backend = inputs
+    out, row_max, inv_l = output
+    ctx.save_for_backward(q, k, v, out, row_max, inv_l, cu_q, cu_k, seed)
+    ctx.args = (max_q, max_k, dropout_p, is_causal, scale, bottom_right, backend)
+
+
+def _backward(ctx, grad: Tensor, _grad_max: Tensor, _grad_inv_l: Tensor):
+    q, k, v, out, row_max, inv_l, cu_q, cu_k, seed = ctx.saved_tensors
+    max_q, max_k, dropout_p, is_causal, scale, bottom_right, backend = ctx.args
+    dq, dk, dv = _varlen_attention_backward(grad, q, k, v, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, dropout_p,
+                                            is_causal, scale, bottom_right, seed, backend)
+    return dq, dk, dv, *([None] * 10)
+
+
+_varlen_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_cu(name: str, cu: Tensor, total: int, max_len: int, batch: int, q: Tensor) -> Tensor:
+    """cu_seqlens as contiguous int32 ``[B + 1]``, its values checked: on the host for CPU tensors; on a GPU by
+    asynchronous device asserts (no host sync: a bad value stops the stream with a device-side assert naming the
+    check instead of a ValueError)."""
+    if not isinstance(cu, Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1:
+        raise TypeError(f"{name} must be a 1-D int32 (or int64) tensor [B + 1]; got "
+                        f"{describe(cu) if isinstance(cu, Tensor) else type(cu).__name__}")
+    if cu.device != q.device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+    if cu.numel() != batch + 1:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have B + 1 entries; got {batch + 1} and "
+                         f"{cu.numel()} ({name})")
+    if total >= 2**31:
+        raise ValueError(f"{name}: {total} rows do not fit int32 offsets")
+    lengths = cu[1:] - cu[:-1]
+    checks = (
+        (cu[0] == 0, f"{name}[0] must be 0"),
+        (cu[-1] == total, f"{name}[-1] must equal the rows of its tensor ({total})"),
+        ((lengths >= 0).all(), f"{name} must be non-decreasing"),
+        ((lengths <= max_len).all(), f"a sequence is longer than its max_seqlen ({max_len}) per {name}"),
+    )
+    for ok, why in checks:
+        if cu.is_cuda:
+            torch._assert_async(ok, why)
+        elif not bool(ok):
+            raise ValueError(f"{why}; got {cu.tolist()}")
+    return cu.to(torch.int32).contiguous()
+
+
+def _check_inputs(q, k, v, dropout_p, enable_gqa, causal_alignment, max_seqlen_q, max_seqlen_k) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, t, allow_fp64=True)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D [total, heads, D] (packed sequences); got {describe(t)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    (_, h, d), (total_k, hkv, dk) = q.shape, k.shape
+    if v.shape[0] != total_k or v.shape[1] != hkv or dk != d:
+        raise ValueError(f"expected q [total_q, H, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv]; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if hkv == 0 or h % hkv != 0:
+        raise ValueError(f"query heads {h} must be a multiple of key/value heads {hkv}")
+    if h != hkv and not enable_gqa:
+        raise ValueError(f"q has {h} heads but k/v have {hkv}: pass enable_gqa=True for grouped-query attention")
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise TypeError(f"{name} must be a non-negative Python int (it sizes the launch grid); got {n!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+    if causal_alignment not in CAUSAL_ALIGNMENTS:
+        raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}; got {causal_alignment!r}")
+
+
+def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, dropout_p: float, is_causal: bool,
+                  scale: float, bottom_right: bool) -> Tensor:
+    """The torch backend: each sequence through eager.attention (reads cu_seqlens on the host)."""
+    outs = []
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for (q0, q1), (k0, k1) in zip(itertools.pairwise(bounds_q), itertools.pairwise(bounds_k), strict=True):
+        qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        offset = (k1 - k0) - (q1 - q0) if bottom_right else 0
+        outs.append(eager.attention(qs, ks, vs, None, None, dropout_p, is_causal, scale, offset)[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    causal_alignment: str = "top_left",
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Attention over packed variable-length sequences.
+
+    q ``[total_q, H, D]``, k/v ``[total_k, Hkv, D]`` (any strides; H % Hkv == 0, Hkv < H needs
+    ``enable_gqa=True``); cu_seqlens_q/k int32 (int64 accepted) ``[B + 1]`` on q's device, cumulative sequence
+    starts from 0 to the totals (sequences of length 0 allowed in either); max_seqlen_q/k Python ints at least the
+    longest lengths: they size the launch, so no host sync is needed on a GPU (values are checked there by
+    asynchronous device asserts, on the CPU by ValueErrors). is_causal: per sequence, query i sees keys
+    ``j <= i + offset``, offset 0 ("top_left") or ``Lk - Lq`` of that sequence ("bottom_right"). Dropout, fully
+    hidden rows (zeros) and dtypes as in `attention`. Returns a contiguous ``[total_q, H, D]`` tensor in q's dtype.
+    """
+    if isinstance(q, Tensor):
+        q, k, v = cast_all(autocast_dtype(q), q, k, v)
+    _check_inputs(q, k, v, dropout_p, enable_gqa, causal_alignment, max_seqlen_q, max_seqlen_k)
+    batch = cu_seqlens_q.numel() - 1 if isinstance(cu_seqlens_q, Tensor) else -1
+    cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, batch, q)
+    cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, batch, q)
+    name = backends.resolve_for(OP, FAMILY, q.device, backend, q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    bottom_right = causal_alignment == "bottom_right"
+    if name == "torch":
+        return _torch_varlen(q, k, v, cu_q, cu_k, dropout_p, is_causal, scale, bottom_right)
+    seed = draw_seed(q.device) if dropout_p > 0.0 else None
+    out, _, _ = torch.ops.transformer_kernels.varlen_attention(
+        q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, float(dropout_p), bool(is_causal), scale, bottom_right,
+        seed, name)
+    return out
