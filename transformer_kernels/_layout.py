@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -18,3 +20,9 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 def col_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """dBias when no GEMM carries it: a column sum of ``[M, N]`` in fp32, in a fixed order."""
     return t.float().sum(0).to(dtype)
+
+
+def packed_bounds(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """``(q0, q1, k0, k1)`` per packed sequence: its rows of q and of k/v (read on the host)."""
+    return [(q0, q1, k0, k1) for (q0, q1), (k0, k1) in zip(itertools.pairwise(cu_seqlens_q.tolist()),
+                                                           itertools.pairwise(cu_seqlens_k.tolist()), strict=True)]

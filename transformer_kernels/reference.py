@@ -10,7 +10,6 @@ Layer-level functions take a ``state`` dict with the same keys as the ``torch.nn
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # The polarity conversion of torch.nn's masks is part of the layers' contract, shared with them rather than restated.
+from ._layout import packed_bounds
 from .masks import nn_masks_to_sdpa
 from .ops._checks import ACTIVATIONS, CAUSAL_ALIGNMENTS
 
@@ -223,9 +223,8 @@ def varlen_attention(
     query i of sequence b, head h (the kernels' draw). A sequence with no keys gives zeros. Returns
     ``[total_q, H, Dv]``."""
     h = q.shape[1]
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs = []
-    for (q0, q1), (k0, k1) in zip(itertools.pairwise(bounds_q), itertools.pairwise(bounds_k), strict=True):
+    for q0, q1, k0, k1 in packed_bounds(cu_seqlens_q, cu_seqlens_k):
         if q1 == q0 or k1 == k0:
             outs.append(q.new_zeros(q1 - q0, h, v.shape[-1]))
             continue

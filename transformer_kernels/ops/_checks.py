@@ -23,6 +23,31 @@ def check_float_tensor(name: str, t: object, allow_fp64: bool = False) -> torch.
     return t
 
 
+def check_qkv(q: object, k: object, v: object, ndim: int, layout: str) -> None:
+    """q, k, v: floating (fp64 allowed: the torch backend), ``ndim``-D (``layout`` names the dims), one dtype, one
+    device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, t, allow_fp64=True)
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D {layout}; got {describe(t)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+
+
+def check_attention_options(h: int, hkv: int, enable_gqa: bool, dropout_p: float, causal_alignment: str) -> None:
+    """Head counts (grouped-query only when asked for), the dropout probability and the causal alignment."""
+    if hkv == 0 or h % hkv != 0:
+        raise ValueError(f"query heads {h} must be a multiple of key/value heads {hkv}")
+    if h != hkv and not enable_gqa:
+        raise ValueError(f"q has {h} heads but k/v have {hkv}: pass enable_gqa=True for grouped-query attention")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+    if causal_alignment not in CAUSAL_ALIGNMENTS:
+        raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}; got {causal_alignment!r}")
+
+
 def check_mask(name: str, mask: object, target: torch.Tensor) -> torch.Tensor | None:
     """A bool or floating mask on target's device that broadcasts to target's shape."""
     if mask is None:

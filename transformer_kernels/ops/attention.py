@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, eager
-from ._checks import CAUSAL_ALIGNMENTS, autocast_dtype, cast_all, check_float_tensor, check_mask, describe
+from ._checks import autocast_dtype, cast_all, check_attention_options, check_mask, check_qkv, describe
 
 OP = "attention"
 FAMILY = "attention"
@@ -106,22 +106,12 @@ _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, enable_gqa, causal_alignment) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float_tensor(name, t, allow_fp64=True)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, heads, L, D]; got {describe(t)}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.device == k.device == v.device:
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    check_qkv(q, k, v, 4, "[B, heads, L, D]")
     (b, h, lq, d), (bk, hkv, lk, dk) = q.shape, k.shape
     if bk != b or v.shape[0] != b or v.shape[1] != hkv or v.shape[2] != lk or dk != d:
         raise ValueError(f"expected q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if hkv == 0 or h % hkv != 0:
-        raise ValueError(f"query heads {h} must be a multiple of key/value heads {hkv}")
-    if h != hkv and not enable_gqa:
-        raise ValueError(f"q has {h} heads but k/v have {hkv}: pass enable_gqa=True for grouped-query attention")
+    check_attention_options(h, hkv, enable_gqa, dropout_p, causal_alignment)
     if attn_mask is not None and attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must broadcast to [B, H, Lq, Lk] = {(b, h, lq, lk)}; got {describe(attn_mask)}")
     # A one-element tensor expanded to the full shape: the broadcast check without allocating it.
@@ -133,10 +123,6 @@ def _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, enable_gqa, c
             raise ValueError(f"key_padding_mask must have shape [B, Lk] = {(b, lk)}; got {describe(key_padding_mask)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
-    if causal_alignment not in CAUSAL_ALIGNMENTS:
-        raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}; got {causal_alignment!r}")
 
 
 def attention(

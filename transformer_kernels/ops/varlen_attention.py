@@ -8,14 +8,14 @@ a query sees only its own sequence's keys.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
 from torch import Tensor
 
 from .. import backends, eager
-from ._checks import CAUSAL_ALIGNMENTS, autocast_dtype, cast_all, check_float_tensor, describe
+from .._layout import packed_bounds
+from ._checks import autocast_dtype, cast_all, check_attention_options, check_qkv, describe
 from .attention import FAMILY, draw_seed
 
 OP = "varlen_attention"
@@ -101,37 +101,22 @@ def _check_cu(name: str, cu: Tensor, total: int, max_len: int, batch: int, q: Te
 
 
 def _check_inputs(q, k, v, dropout_p, enable_gqa, causal_alignment, max_seqlen_q, max_seqlen_k) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float_tensor(name, t, allow_fp64=True)
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D [total, heads, D] (packed sequences); got {describe(t)}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.device == k.device == v.device:
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    check_qkv(q, k, v, 3, "[total, heads, D] (packed sequences)")
     (_, h, d), (total_k, hkv, dk) = q.shape, k.shape
     if v.shape[0] != total_k or v.shape[1] != hkv or dk != d:
         raise ValueError(f"expected q [total_q, H, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv]; got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if hkv == 0 or h % hkv != 0:
-        raise ValueError(f"query heads {h} must be a multiple of key/value heads {hkv}")
-    if h != hkv and not enable_gqa:
-        raise ValueError(f"q has {h} heads but k/v have {hkv}: pass enable_gqa=True for grouped-query attention")
+    check_attention_options(h, hkv, enable_gqa, dropout_p, causal_alignment)
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise TypeError(f"{name} must be a non-negative Python int (it sizes the launch grid); got {n!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
-    if causal_alignment not in CAUSAL_ALIGNMENTS:
-        raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}; got {causal_alignment!r}")
 
 
 def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, dropout_p: float, is_causal: bool,
                   scale: float, bottom_right: bool) -> Tensor:
     """The torch backend: each sequence through eager.attention (reads cu_seqlens on the host)."""
     outs = []
-    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
-    for (q0, q1), (k0, k1) in zip(itertools.pairwise(bounds_q), itertools.pairwise(bounds_k), strict=True):
+    for q0, q1, k0, k1 in packed_bounds(cu_q, cu_k):
         qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
         offset = (k1 - k0) - (q1 - q0) if bottom_right else 0
         outs.append(eager.attention(qs, ks, vs, None, None, dropout_p, is_causal, scale, offset)[0].transpose(0, 1))
