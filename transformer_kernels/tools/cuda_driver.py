@@ -39,6 +39,12 @@ def run(device: torch.device) -> list[str]:
     q, k, v = randn(1, 4, 1, 64), randn(1, 2, 300, 64), randn(1, 2, 300, 64)
     ops.attention(q, k, v, enable_gqa=True, backend="cuda").sum().backward()
     ran.append("attention decoding step (split-KV forward and its combine kernel)")
+    # Packed sequences (the PACKED instantiations): an empty sequence, a short one and one past a 32-row tile.
+    cu = torch.tensor([0, 0, 5, 38], dtype=torch.int32, device=device)
+    q, k, v = randn(38, 4, 64), randn(38, 2, 64), randn(38, 2, 64)
+    ops.varlen_attention(q, k, v, cu, cu, 33, 33, dropout_p=0.1, is_causal=True, enable_gqa=True,
+                         backend="cuda").sum().backward()
+    ran.append("varlen attention forward/backward (packed sequences)")
     x, w, b = randn(37, 64), randn(96, 64), randn(96)
     ops.linear(x, w, b, "gelu", residual=randn(37, 96), dropout_p=0.1, backend="cuda").sum().backward()
     ops.gated_linear(x, w, randn(96, 64), b, randn(96), "silu", backend="cuda").sum().backward()

@@ -247,6 +247,18 @@ def _cuda_file_report(nvcc: Path, csrc: Path, f: str, arch: str, tmp: str) -> li
     return rows
 
 
+# Reports already compiled in this process, by (files, archs, digest of every csrc source): the resource test and
+# the static bench report ask for the same one, and each costs a minute of nvcc on two cores.
+_cuda_reports: dict[tuple, list[Resources]] = {}
+
+
+def _csrc_digest(csrc: Path) -> str:
+    h = hashlib.sha256(" ".join(toolchain.NVCC_FLAGS).encode())
+    for path in sorted(p for p in csrc.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(csrc)).encode() + path.read_bytes())
+    return h.hexdigest()
+
+
 def cuda_report(files: Iterable[str] = CUDA_KERNEL_FILES, archs: Iterable[str] | None = None,
                 jobs: int = os.cpu_count() or 1) -> list[Resources]:
     """nvcc-compiles each kernel file to a cubin per arch (in parallel) and reads every instantiated kernel."""
@@ -254,11 +266,14 @@ def cuda_report(files: Iterable[str] = CUDA_KERNEL_FILES, archs: Iterable[str] |
     if nvcc is None:
         raise RuntimeError("nvcc not found: set CUDA_HOME to a CUDA toolkit")
     csrc = toolchain.csrc_dir()
-    arch_list = list(archs or toolchain.cuda_archs())
-    jobs_list = [(f, arch) for f in files for arch in arch_list]
-    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(jobs, 1)) as pool:
-        parts = pool.map(lambda fa: _cuda_file_report(nvcc, csrc, fa[0], fa[1], tmp), jobs_list)
-        return [r for part in parts for r in part]
+    files, arch_list = tuple(files), tuple(archs or toolchain.cuda_archs())
+    key = (str(nvcc), files, arch_list, _csrc_digest(csrc))
+    if key not in _cuda_reports:
+        jobs_list = [(f, arch) for f in files for arch in arch_list]
+        with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(jobs, 1)) as pool:
+            parts = pool.map(lambda fa: _cuda_file_report(nvcc, csrc, fa[0], fa[1], tmp), jobs_list)
+            _cuda_reports[key] = [r for part in parts for r in part]
+    return list(_cuda_reports[key])
 
 
 def format_table(rows: list[Resources]) -> str:
