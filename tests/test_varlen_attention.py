@@ -126,6 +126,7 @@ def test_varlen_rejects_bad_arguments():
         (ValueError, "non-decreasing", dict(cu_seqlens_q=torch.tensor([0, 5, 3, 7], dtype=torch.int32),
                                             cu_seqlens_k=torch.tensor([0, 3, 3, 7], dtype=torch.int32))),
         (ValueError, "B \\+ 1 entries", dict(cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32))),
+        (ValueError, "B \\+ 1 entries", dict(cu_seqlens_q=good[:0], cu_seqlens_k=good[:0])),
         (TypeError, "int32", dict(cu_seqlens_q=good.float())),
         (ValueError, "longer than its max_seqlen", dict(max_seqlen_q=3)),
         (TypeError, "Python int", dict(max_seqlen_k=torch.tensor(4))),

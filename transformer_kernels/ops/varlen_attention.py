@@ -80,7 +80,7 @@ def _check_cu(name: str, cu: Tensor, total: int, max_len: int, batch: int, q: Te
                         f"{describe(cu) if isinstance(cu, Tensor) else type(cu).__name__}")
     if cu.device != q.device:
         raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
-    if cu.numel() != batch + 1:
+    if cu.numel() != batch + 1 or cu.numel() == 0:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have B + 1 entries; got {batch + 1} and "
                          f"{cu.numel()} ({name})")
     if total >= 2**31:
