@@ -73,17 +73,19 @@ def test_multihead_attention_self(backend, batch_first, masks):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_padding_heavy_batches_unpad_the_keys_and_keep_every_row(backend, monkeypatch):
+def test_padding_heavy_batches_unpad_the_keys_and_keep_every_row(backend, monkeypatch, device):
     """Half the key slots padding (a tail, a head and holes): the layer gathers the real keys and runs varlen
     attention; outputs (padded query rows too) and gradients match torch.nn. A little padding stays dense."""
     ref, ours = pair(nn.MultiheadAttention(E, H, batch_first=True), tk_nn.MultiheadAttention(E, H, batch_first=True,
                                                                                                backend=backend))
+    ref, ours = ref.to(device), ours.to(device)
     calls = []
     varlen = tk.ops.varlen_attention
     monkeypatch.setattr(tk_nn.attention.ops, "varlen_attention", lambda *a, **kw: calls.append(1) or varlen(*a, **kw))
-    x = inputs(3, 8, E)
-    heavy = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0, 1], [0, 1, 0, 1, 0, 1, 0, 1]], dtype=torch.bool)
-    light = torch.zeros(3, 8, dtype=torch.bool)
+    x = inputs(3, 8, E, grad=False).to(device)
+    heavy = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0, 1], [0, 1, 0, 1, 0, 1, 0, 1]], dtype=torch.bool,
+                         device=device)
+    light = torch.zeros(3, 8, dtype=torch.bool, device=device)
     light[0, -1] = True
     for kpm, unpadded in ((heavy, True), (light, False)):
         calls.clear()
