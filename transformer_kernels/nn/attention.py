@@ -128,7 +128,8 @@ class MultiheadAttention(nn.Module):
         kpm = kw["key_padding_mask"]
         if kpm is None or kw["attn_mask"] is not None or kw["is_causal"] or torch.compiler.is_compiling():
             return None
-        if backends.resolve_for("varlen_attention", FAMILY, q.device, self.backend, q, k, v) == "torch":
+        backend = backends.resolve_for("varlen_attention", FAMILY, q.device, self.backend, q, k, v)
+        if backend == "torch":
             return None
         b, h, lq, d = q.shape
         hkv, lk = k.shape[1], k.shape[2]
@@ -141,7 +142,7 @@ class MultiheadAttention(nn.Module):
         cu_k = F.pad(real.sum(1).cumsum(0), (1, 0)).to(torch.int32)
         cu_q = torch.arange(0, (b + 1) * lq, lq, dtype=torch.int32, device=q.device)
         out = ops.varlen_attention(q.transpose(1, 2).reshape(b * lq, h, d), k, v, cu_q, cu_k, lq, lk, dropout_p,
-                                   scale=kw["scale"], enable_gqa=h != hkv, backend=self.backend)
+                                   scale=kw["scale"], enable_gqa=h != hkv, backend=backend)
         return out.view(b, lq, h, out.shape[-1]).transpose(1, 2)
 
     def _inputs(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
