@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +42,14 @@ class Step:
     log: str
 
 
+def test_workers() -> list[str]:
+    """pytest-xdist's arguments where it is installed: the GPU run's test time is mostly Triton's JIT compiles,
+    which are CPU-bound and serial in one process, so one worker per two cores (at most 8) sharing the GPU."""
+    if importlib.util.find_spec("xdist") is None:
+        return []
+    return ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
+
+
 def steps(out: Path) -> list[Step]:
     """The steps in order; their limits add up to 510 s, inside the 9 minutes with room for the install."""
     py = sys.executable
@@ -52,7 +61,7 @@ def steps(out: Path) -> list[Step]:
              # facts that CI checks already; the GPU's minutes go to what only a GPU shows.
              [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}", "tests",
               "--ignore=tests/test_resources.py", "--ignore=tests/test_simt.py", "--ignore=tests/test_sanitizers.py",
-              "-k", "not static_bench"],
+              "-k", "not static_bench", "-rfE", "--durations=15", *test_workers()],
              220, "tests.log"),
     ]
     for tool in SANITIZER_TOOLS:
@@ -67,17 +76,27 @@ def steps(out: Path) -> list[Step]:
 
 
 def run_step(step: Step, out: Path) -> tuple[int, float]:
-    """(exit code, seconds); 124 when the step ran past its limit."""
+    """(exit code, seconds); 124 when the step ran past its limit.
+
+    A step past its limit gets SIGINT first and 15 s to wind down: pytest then still writes its JUnit XML and its
+    summary of what failed so far, which a kill would lose."""
     start = time.monotonic()
     with (out / step.log).open("w") as log:
         try:
-            rc = subprocess.run(step.command, stdout=log, stderr=subprocess.STDOUT, timeout=step.timeout_s,
-                                check=False).returncode
-        except subprocess.TimeoutExpired:
-            rc = 124
+            proc = subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT)
         except FileNotFoundError as e:
             log.write(f"cannot run: {e}\n")
-            rc = 127
+            return 127, time.monotonic() - start
+        try:
+            rc = proc.wait(timeout=step.timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            rc = 124
     return rc, time.monotonic() - start
 
 
@@ -117,8 +136,17 @@ def bench(out: Path) -> None:
         from . import bench_hf
 
         cases += bench_hf.hf_cases(bench_hf.QUICK_SHAPES)
-    rows = bench_mod.run_cases(cases, device)
-    bench_mod.append_csv(rows, device, out / "results.csv")
+    # One case at a time, each appended to the CSV as it lands: a step stopped at its limit (SIGINT) keeps what
+    # it measured, and the table, the plot and the ratios below are made from those rows.
+    rows = []
+    try:
+        for i, case in enumerate(cases):
+            print(f"[{i + 1}/{len(cases)}] {case.op} {case.impl} {case.model} {case.seq_len}", flush=True)
+            timed = bench_mod.run_cases([case], device)
+            bench_mod.append_csv(timed, device, out / "results.csv")
+            rows += timed
+    except KeyboardInterrupt:
+        print(f"stopped at its limit after {len(rows)} of {len(cases)} cases", flush=True)
     bench_mod.plot_timings(rows, out / "attention_tflops_memory.png", model="D128 causal")
     print(bench_mod.format_timings(rows))
     (out / "ratios.json").write_text(json.dumps(bench_mod.compare_to_baselines(rows)))
