@@ -75,14 +75,14 @@ bench: setup
 
 # On a GPU machine with a CUDA torch and triton preinstalled and no network: install this package without touching
 # its dependencies, then every GPU verification and the quick benchmarks (tools/gpu_check.py) into $(OUT).
-# DRY_RUN=1 only lists the steps (anywhere, no GPU needed).
+# DRY_RUN=1 only lists the steps (anywhere, no GPU needed); RESUME=<results.csv> skips the benchmark cases it holds.
 OUT ?= gpu_check
 gpu-check: $(VENV)
 ifdef DRY_RUN
 	$(PYTHON) -m transformer_kernels.tools.gpu_check --dry-run --out $(OUT)
 else
 	$(PIP) install -q --no-deps --no-build-isolation -e .
-	$(PYTHON) -m transformer_kernels.tools.gpu_check --out $(OUT)
+	$(PYTHON) -m transformer_kernels.tools.gpu_check --out $(OUT) $(if $(RESUME),--resume $(RESUME))
 endif
 
 info: setup

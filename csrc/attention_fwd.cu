@@ -84,6 +84,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttentionAr
         }
         sum = warp_allreduce(sum, SumOp{});
         for (int d = lane; d < DP; d += 32) os[r * L::LDO + d] *= alpha;
+        // Every lane read m_s[r] above; the shuffles do not order shared memory, a warp barrier does
+        // (compute-sanitizer racecheck reported the read/write pair on an H200).
+        __syncwarp();
         if (lane == 0) m_s[r] = m_new, l_s[r] = l_s[r] * alpha + sum;
       }
       __syncthreads();  // probabilities, rescaled accumulators and zeroed values complete

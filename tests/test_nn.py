@@ -117,7 +117,8 @@ LAYER_CASES = [(nf, bf, act) for nf in (False, True) for bf in (True, False) for
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("norm_first,batch_first,activation", LAYER_CASES, ids=str)
+@pytest.mark.parametrize("norm_first,batch_first,activation", LAYER_CASES,
+                         ids=lambda v: getattr(v, "__name__", str(v)))
 def test_encoder_layer_matches_torch(backend, norm_first, batch_first, activation):
     kw = dict(dim_feedforward=48, dropout=0.0, activation=activation, batch_first=batch_first, norm_first=norm_first)
     ref, ours = pair(nn.TransformerEncoderLayer(E, H, **kw), tk_nn.TransformerEncoderLayer(E, H, backend=backend, **kw))

@@ -16,6 +16,7 @@ file, sanitizer findings per tool, and per benchmark case our figure and the rat
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import json
 import os
@@ -50,7 +51,7 @@ def test_workers() -> list[str]:
     return ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
 
 
-def steps(out: Path) -> list[Step]:
+def steps(out: Path, resume: Path | None = None) -> list[Step]:
     """The steps in order; their limits add up to 510 s, inside the 9 minutes with room for the install."""
     py = sys.executable
     sanitizer = toolchain.compute_sanitizer()
@@ -70,7 +71,8 @@ def steps(out: Path) -> list[Step]:
         out_steps.append(Step(f"sanitizer-{tool}", f"compute-sanitizer {tool} over every CUDA C++ kernel", cmd, 45,
                               f"sanitizer-{tool}.log"))
     out_steps.append(Step("bench", "quick benchmarks (CSV, PNG, ratios to PyTorch)",
-                          [py, "-m", "transformer_kernels.tools.gpu_check", "--bench-only", "--out", str(out)], 125,
+                          [py, "-m", "transformer_kernels.tools.gpu_check", "--bench-only", "--out", str(out),
+                           *(["--resume", str(resume)] if resume else [])], 125,
                           "bench.log"))
     return out_steps
 
@@ -125,7 +127,16 @@ def sanitizer_findings(log: Path) -> str:
     return f"{m[-1]} errors" if m else "no summary (see the log)"
 
 
-def bench(out: Path) -> None:
+def measured(csv_path: Path | None, gpu: str) -> set[tuple[str, str, str, str, str]]:
+    """(op, impl, model, seq_len, pass) of the rows an earlier run on this GPU wrote into csv_path."""
+    if csv_path is None or not csv_path.exists():
+        return set()
+    with csv_path.open() as f:
+        return {(r["op"], r["impl"], r["model"], r["seq_len"], r["pass_"]) for r in csv.DictReader(f)
+                if r["gpu"] == gpu}
+
+
+def bench(out: Path, resume: Path | None = None) -> None:
     import torch
 
     from . import bench as bench_mod
@@ -136,6 +147,10 @@ def bench(out: Path) -> None:
         from . import bench_hf
 
         cases += bench_hf.hf_cases(bench_hf.QUICK_SHAPES)
+    # A lease too short for every case: a second run goes on where the first stopped.
+    done = measured(resume, bench_mod.device_name(device))
+    cases = [c for c in cases if (c.op, c.impl, c.model, str(c.seq_len), "fwd+bwd" if c.backward else "fwd")
+             not in done]
     # One case at a time, each appended to the CSV as it lands: a step stopped at its limit (SIGINT) keeps what
     # it measured, and the table, the plot and the ratios below are made from those rows.
     rows = []
@@ -157,13 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_check")
     parser.add_argument("--dry-run", action="store_true", help="list the steps and exit")
     parser.add_argument("--bench-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--resume", type=Path, help="skip the benchmark cases this results.csv holds for this GPU")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.bench_only:
         out.mkdir(parents=True, exist_ok=True)
-        bench(out)
+        bench(out, args.resume)
         return 0
-    plan = steps(out.resolve())
+    plan = steps(out.resolve(), args.resume.resolve() if args.resume else None)
     if args.dry_run:
         total = sum(s.timeout_s for s in plan)
         print(f"gpu-check would write into {out} ({total} s of step limits):")
