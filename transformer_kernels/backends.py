@@ -1,6 +1,7 @@
 """Which implementation runs an op: "auto", "triton", "cuda" or "torch".
 
-`auto` on CUDA tensors takes the first available backend of the op's entry in `GPU_PREFERENCE`; on CPU
+`auto` on CUDA tensors takes the first available backend of the op's entry in `GPU_PREFERENCE` (in
+`TRAINING_PREFERENCE` when the call will be differentiated and that table has the op); on CPU
 tensors it takes "torch" (eager.py: PyTorch's own ops, differentiated by autograd). A forced backend that cannot run
 raises a clear error instead of falling back.
 """
@@ -17,19 +18,31 @@ from . import _ext
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
-# Order in which `auto` tries backends on CUDA tensors, per op. Not yet measured on a GPU (no GPU was
-# available when these ops landed): Triton first because it autotunes per architecture. Replace with
-# the measured winner once `python -m transformer_kernels bench` has run on a GPU.
+# Order in which `auto` tries backends on CUDA tensors, per op: the measured winner first. Measured on an NVIDIA H200
+# (torch 2.11, triton 3.6; `make gpu-check`, benchmarks/results/h200/results.csv, README's table):
+# - attention, varlen: Triton 263-385 TFLOP/s forward at D128 (above SDPA's flash backend, below cuDNN's), the CUDA
+#   C++ kernels 6-10 (SIMT, no tensor cores yet); "torch" is the unfused eager composition.
+# - linear family: cuBLAS through torch beats both fused GEMMs (linear+gelu+residual 0.106 ms against Triton's
+#   0.138 at 16384x1024x1024 bf16; the FFN 0.50 ms against 0.78), so `auto` takes torch's ops; the fused kernels
+#   stay a forced choice. qkv/out projections were not timed on their own and follow linear.
+# - norms: Triton's forward is the fastest (layer_norm 3.7 TB/s, as Liger's), its backward is not (forward and
+#   backward 1.18 ms against torch's 0.43): see TRAINING_PREFERENCE.
+# - masked_softmax was not timed on the GPU yet: Triton first, as before.
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "masked_softmax": ("triton", "cuda", "torch"),
     "attention": ("triton", "cuda", "torch"),
     "varlen_attention": ("triton", "cuda", "torch"),
     "layer_norm": ("triton", "cuda", "torch"),
     "rms_norm": ("triton", "cuda", "torch"),
-    "linear": ("triton", "cuda", "torch"),
-    "gated_linear": ("triton", "cuda", "torch"),
-    "qkv_projection": ("triton", "cuda", "torch"),
-    "out_projection": ("triton", "cuda", "torch"),
+    "linear": ("torch", "triton", "cuda"),
+    "gated_linear": ("torch", "triton", "cuda"),
+    "qkv_projection": ("torch", "triton", "cuda"),
+    "out_projection": ("torch", "triton", "cuda"),
+}
+# The order when the call will be differentiated (an input requires grad under grad mode), where it differs.
+TRAINING_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "layer_norm": ("torch", "triton", "cuda"),
+    "rms_norm": ("torch", "triton", "cuda"),
 }
 
 _default = "auto"
@@ -111,16 +124,18 @@ _status._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def resolve(op: str, device: torch.device, requested: str | None = None,
-            why_not: Callable[[str], str | None] | None = None) -> str:
+            why_not: Callable[[str], str | None] | None = None, training: bool = False) -> str:
     """The concrete backend ("triton" | "cuda" | "torch") that runs `op` on tensors of `device`.
 
     ``why_not(name)`` says why a kernel backend cannot take these particular inputs (a head dim it lacks, a
-    dtype), or None: `auto` then tries the next backend, a forced backend raises NotImplementedError."""
+    dtype), or None: `auto` then tries the next backend, a forced backend raises NotImplementedError.
+    ``training``: the call will be differentiated, so `auto` follows TRAINING_PREFERENCE where it has the op."""
     name = _check_name(requested) if requested is not None else get_backend()
     if name == "auto":
         if device.type != "cuda":
             return "torch"
-        for candidate in GPU_PREFERENCE.get(op, ("torch",)):
+        order = (TRAINING_PREFERENCE.get(op) if training else None) or GPU_PREFERENCE.get(op, ("torch",))
+        for candidate in order:
             if candidate == "torch" or (status(candidate, device)[0] and not (why_not and why_not(candidate))):
                 return candidate
         return "torch"
@@ -154,6 +169,7 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def resolve_for(op: str, family: str, device: torch.device, requested: str | None, *inputs: torch.Tensor) -> str:
+def resolve_for(op: str, family: str, device: torch.device, requested: str | None, *inputs: torch.Tensor,
+                training: bool = False) -> str:
     """`resolve` with the family's ``unsupported(*inputs)`` as the per-input check of each kernel backend."""
-    return resolve(op, device, requested, lambda name: launchers(family, name).unsupported(*inputs))
+    return resolve(op, device, requested, lambda name: launchers(family, name).unsupported(*inputs), training)

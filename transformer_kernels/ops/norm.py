@@ -83,7 +83,8 @@ def _norm_call(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
         check_float_tensor("residual", residual, allow_fp64=True)
         if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
             raise ValueError(f"residual must match x ({describe(x)}); got {describe(residual)}")
-    name = backends.resolve_for(name_of_op, FAMILY, x.device, backend, x)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    name = backends.resolve_for(name_of_op, FAMILY, x.device, backend, x, training=training)
     if name == "torch":
         if rms:
             return eager.rms_norm(x, weight, eps, residual, return_residual)
