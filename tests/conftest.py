@@ -29,3 +29,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+@pytest.fixture
+def on_test_device():
+    """Factory calls that name no device (torch.randn, the parameters of nn.Linear) create on the suite's device,
+    a GPU where there is one: for modules whose helpers build their own tensors. Nothing changes on a CPU run."""
+    if DEVICE.type == "cpu":
+        yield
+        return
+    with torch.device(DEVICE):
+        yield

@@ -95,3 +95,23 @@ def test_the_cuda_probe_runs_in_both_builds():
     if ok and not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             _ext.load("_C").probe()
+
+
+def test_auto_follows_the_training_order_when_the_call_will_be_differentiated(monkeypatch):
+    import transformer_kernels as tk
+    from transformer_kernels import backends
+
+    monkeypatch.setattr(backends, "status", lambda name, device: (True, ""))
+    cuda = torch.device("cuda")
+    assert backends.resolve("layer_norm", cuda) == backends.GPU_PREFERENCE["layer_norm"][0] == "triton"
+    assert backends.resolve("layer_norm", cuda, training=True) == backends.TRAINING_PREFERENCE["layer_norm"][0]
+    assert backends.resolve("attention", cuda, training=True) == backends.GPU_PREFERENCE["attention"][0]
+    seen = []
+    real = backends.resolve_for
+    monkeypatch.setattr(backends, "resolve_for", lambda *a, **kw: seen.append(kw["training"]) or real(*a, **kw))
+    x, w = torch.randn(3, 8), torch.ones(8, requires_grad=True)
+    tk.ops.layer_norm(x, w)
+    tk.ops.rms_norm(x)
+    with torch.no_grad():
+        tk.ops.layer_norm(x, w)
+    assert seen == [True, False, False]

@@ -94,3 +94,19 @@ def test_cuda_graph_replays_draw_new_dropout_masks(backend):
     # Each replay is still a dropout of the same product: the kept entries of the linear output agree.
     both = (first[1] != 0) & (out_y != 0)
     torch.testing.assert_close(first[1][both], out_y[both], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_a_seed_off_the_inputs_device_or_of_another_dtype_is_refused(backend, device):
+    # A GPU kernel handed a host seed faults and takes the process's CUDA context with it (seen on an H200: one
+    # opcheck call with a CPU seed failed every later test of its pytest worker).
+    q = torch.randn(1, 1, 4, 8, device=device)
+    ops = torch.ops.transformer_kernels
+    seeds = [torch.tensor([3], dtype=torch.int32, device=device), torch.tensor([1, 2], device=device)]
+    if device.type == "cuda":
+        seeds.append(torch.tensor([3]))
+    for seed in seeds:
+        with pytest.raises(ValueError, match=f"seed must be an int64 tensor of 1 element on {device}"):
+            ops.attention(q, q, q, None, None, 0.2, False, 1.0, 0, seed, backend)
+        with pytest.raises(ValueError, match="seed must be"):
+            ops.linear(q[0, 0], q[0, 0], None, None, "", 0.2, seed, backend)

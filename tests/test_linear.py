@@ -184,7 +184,7 @@ def test_opcheck(backend, device):
     ops = torch.ops.transformer_kernels
     cases = [
         (ops.linear.default, (x, w, b, r, "gelu", 0.0, None, backend)),
-        (ops.linear.default, (x, w, None, None, "", 0.2, torch.tensor([3]), backend)),
+        (ops.linear.default, (x, w, None, None, "", 0.2, torch.tensor([3], device=device), backend)),
         (ops.gated_linear.default, (x, w, w * 0.5, b, b, "silu", backend)),
         (ops.qkv_projection.default, (rand(2 * 5, 16, device=device), rand(3 * 2 * 4, 16, device=device), None, 2, 2, 2,
                                       backend)),
@@ -254,8 +254,8 @@ def test_only_some_inputs_require_grad_and_no_grad(device):
             assert not tk.ops.linear(x, w, b).requires_grad
 
 
-def test_fp64_on_the_triton_backend_is_a_clear_error():
-    x, w = torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+def test_fp64_on_the_triton_backend_is_a_clear_error(device):
+    x, w = (torch.randn(n, 4, dtype=torch.float64, device=device) for n in (3, 2))
     with pytest.raises(NotImplementedError, match=r"triton.*float64"), tk.use_backend("triton"):
         tk.ops.linear(x, w)
 

@@ -12,6 +12,9 @@ from transformer_kernels import nn as tk_nn
 from transformer_kernels.tools.testing import randomize_
 
 BACKENDS = ["triton", "cuda", "torch"]
+# On a GPU run the modules and inputs live on the GPU (the Triton kernels take no CPU tensors outside the interpreter).
+pytestmark = pytest.mark.usefixtures("on_test_device")
+
 E, H, B, L, S = 32, 4, 2, 7, 9
 TOL = {"atol": 2e-5, "rtol": 1e-4}
 
@@ -28,7 +31,7 @@ def pair(torch_module: nn.Module, ours: nn.Module) -> tuple[nn.Module, nn.Module
 
 def inputs(*shape, seed=1, grad=True):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g).requires_grad_(grad)
+    return torch.randn(shape, generator=g, device="cpu").to(torch.get_default_device()).requires_grad_(grad)
 
 
 def compare_fwd_bwd(run_ref, run_ours, tensors, params_ref=(), params_ours=(), zero=None):
@@ -207,7 +210,8 @@ def model_pair(cls, backend):
 
 
 def ids(*shape, seed=0):
-    return torch.randint(0, CFG.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, CFG.vocab_size, shape, generator=g, device="cpu").to(torch.get_default_device())
 
 
 def assert_model_grads_match(ref, ours):
@@ -314,7 +318,7 @@ def test_autocast_gives_torch_dtypes(backend, dtype):
     mha_ref, mha = pair(nn.MultiheadAttention(E, H, batch_first=True), tk_nn.MultiheadAttention(E, H, batch_first=True,
                                                                                                backend=backend))
     x = inputs(B, L, E, grad=False)
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(x.device.type, dtype=dtype):
         a, b = ref(x), ours(x)
         ma, mb = mha_ref(x, x, x, need_weights=False)[0], mha(x, x, x, need_weights=False)[0]
     assert b.dtype == a.dtype and mb.dtype == ma.dtype == dtype

@@ -14,6 +14,8 @@ from transformer_kernels.tools.testing import GRADIENT_FACTOR, assert_close
 IMPLS = [("triton", None), ("cuda", "auto"), ("cuda", "warp"), ("cuda", "block"), ("torch", None)]
 IMPL_IDS = [b if a is None else f"{b}-{a}" for b, a in IMPLS]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# On a GPU run the tensors live on the GPU (the Triton kernels take no CPU tensors outside the interpreter).
+pytestmark = pytest.mark.usefixtures("on_test_device")
 
 
 @contextlib.contextmanager
@@ -184,7 +186,7 @@ def test_auto_consults_dtype_support_on_cuda_tensors():
 
 def test_auto_uses_the_torch_backend_on_cpu():
     # auto on CPU tensors runs the eager composition (PyTorch's own ops), which agrees with the oracle.
-    x = torch.randn(3, 5)
+    x = torch.randn(3, 5, device="cpu")
     assert tk.backends.resolve("masked_softmax", x.device, "auto") == "torch"
     with tk.use_backend("auto"):
         torch.testing.assert_close(tk.ops.masked_softmax(x), reference.masked_softmax(x), atol=1e-7, rtol=0)

@@ -136,7 +136,7 @@ def resolve(op: str, device: torch.device, requested: str | None = None,
             return "torch"
         order = (TRAINING_PREFERENCE.get(op) if training else None) or GPU_PREFERENCE.get(op, ("torch",))
         for candidate in order:
-            if candidate == "torch" or (status(candidate, device)[0] and not (why_not and why_not(candidate))):
+            if candidate == "torch" or (status(candidate, device)[0] and not (why_not is not None and why_not(candidate))):
                 return candidate
         return "torch"
     if name != "torch" and name not in GPU_PREFERENCE.get(op, ()):
@@ -144,7 +144,7 @@ def resolve(op: str, device: torch.device, requested: str | None = None,
     ok, why = status(name, device)
     if not ok:
         raise RuntimeError(f"backend {name!r} cannot run {op} on {device.type} tensors: {why}")
-    reason = why_not(name) if why_not and name != "torch" else None
+    reason = why_not(name) if why_not is not None and name != "torch" else None
     if reason:
         raise NotImplementedError(f"backend {name!r} cannot run {op} for these inputs: {reason}")
     return name

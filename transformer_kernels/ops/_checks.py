@@ -23,6 +23,13 @@ def check_float_tensor(name: str, t: object, allow_fp64: bool = False) -> torch.
     return t
 
 
+def check_seed(seed: torch.Tensor | None, device: torch.device) -> None:
+    """The dropout seed the kernels read on the device: int64 ``[1]`` on the inputs' device (a GPU kernel handed a
+    host pointer faults, and the fault kills the process's CUDA context)."""
+    if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device):
+        raise ValueError(f"seed must be an int64 tensor of 1 element on {device} (draw_seed); got {describe(seed)}")
+
+
 def check_qkv(q: object, k: object, v: object, ndim: int, layout: str) -> None:
     """q, k, v: floating (fp64 allowed: the torch backend), ``ndim``-D (``layout`` names the dims), one dtype, one
     device."""

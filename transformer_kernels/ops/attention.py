@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, eager
-from ._checks import autocast_dtype, cast_all, check_attention_options, check_mask, check_qkv, describe
+from ._checks import autocast_dtype, cast_all, check_attention_options, check_mask, check_qkv, check_seed, describe
 
 OP = "attention"
 FAMILY = "attention"
@@ -41,6 +41,7 @@ def _kernel_mask(attn_mask: Tensor | None, q: Tensor, lk: int) -> Tensor | None:
 def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
                dropout_p: float, is_causal: bool, scale: float, causal_offset: int, seed: Tensor | None,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    check_seed(seed, q.device)
     with backends.on_device(q):
         return backends.launchers(FAMILY, backend).attention_forward(
             q, k, v, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale, is_causal, causal_offset,
@@ -60,6 +61,7 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv and, with ``mask_grad``, dS as fp32 ``[B, H, Lq, Lk]`` (the float mask's gradient before its
     broadcast dims are summed; an empty tensor without)."""
+    check_seed(seed, q.device)
     with backends.on_device(q):
         dq, dk, dv, dmask = backends.launchers(FAMILY, backend).attention_backward(
             grad, q, k, v, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import backends, eager
 from .._layout import as_rows
-from ._checks import ACTIVATIONS, autocast_dtype, cast_all, check_float_tensor, describe
+from ._checks import ACTIVATIONS, autocast_dtype, cast_all, check_float_tensor, check_seed, describe
 from .attention import draw_seed
 
 FAMILY = "linear"
@@ -23,6 +23,7 @@ FAMILY = "linear"
 @torch.library.custom_op("transformer_kernels::linear", mutates_args=())
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, activation: str,
             dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
+    check_seed(seed, x.device)
     with backends.on_device(x):
         return backends.launchers(FAMILY, backend).linear_forward(x, weight, bias, residual, activation, dropout_p, seed)
 
@@ -36,6 +37,7 @@ def _(x, weight, bias, residual, activation, dropout_p, seed, backend):
 @torch.library.custom_op("transformer_kernels::linear_backward", mutates_args=())
 def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, has_bias: bool, activation: str,
                      dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    check_seed(seed, x.device)
     with backends.on_device(x):
         return backends.launchers(FAMILY, backend).linear_backward(dy, x, weight, z, has_bias, activation, dropout_p, seed)
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import backends, eager
 from .._layout import packed_bounds
-from ._checks import autocast_dtype, cast_all, check_attention_options, check_qkv, describe
+from ._checks import autocast_dtype, cast_all, check_attention_options, check_qkv, check_seed, describe
 from .attention import FAMILY, draw_seed
 
 OP = "varlen_attention"
@@ -25,6 +25,7 @@ OP = "varlen_attention"
 def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
                       dropout_p: float, is_causal: bool, scale: float, bottom_right: bool, seed: Tensor | None,
                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    check_seed(seed, q.device)
     with backends.on_device(q):
         return backends.launchers(FAMILY, backend).varlen_forward(
             q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p, seed)
@@ -41,6 +42,7 @@ def _varlen_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                                inv_l: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, dropout_p: float,
                                is_causal: bool, scale: float, bottom_right: bool, seed: Tensor | None,
                                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    check_seed(seed, q.device)
     with backends.on_device(q):
         return backends.launchers(FAMILY, backend).varlen_backward(
             grad, q, k, v, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p,

@@ -1,6 +1,10 @@
 """`make gpu-check OUT=<dir>`: every GPU verification and the quick benchmarks, as one command that fits 9 minutes
 on one H100 with no network (a lent GPU is lent for 15 minutes in all).
 
+Seen on an H200 (16 cores, 2026-11-26): the editable install with TK_CUDA_ARCHS=90 took about 40 s; the suite across
+8 pytest-xdist workers did not finish in its 220 s (Triton's compiles); the benchmarks measured 142 of their 186
+cases in 125 s, and a second run with RESUME=<the first run's results.csv> measured the rest.
+
 Steps, each with its own time limit so one slow step cannot eat the others' time:
   env        the environment report (versions, GPU, which builds and backends load, and why not)
   tests      the whole test suite on CUDA tensors, gpu-marked tests included (JUnit XML per test)

@@ -104,7 +104,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_((torch.randn(p.shape, generator=g) * (0.2 if p.dim() > 1 else 0.1)).to(p.device))
+            p.copy_((torch.randn(p.shape, generator=g, device="cpu") * (0.2 if p.dim() > 1 else 0.1)).to(p.device))
     return module
 
 
