@@ -811,10 +811,10 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
     why = unsupported_dtype(q, SUPPORTED_DTYPES)
     if why:
         return why
-    if q.shape[-1] > MAX_HEAD_DIM[q.dtype]:
-        return f"head dim {q.shape[-1]} with {q.dtype} (supported: 1..{MAX_HEAD_DIM[q.dtype]})"
-    if v.shape[-1] != q.shape[-1]:
-        return f"value head dim {v.shape[-1]} differs from the query/key head dim {q.shape[-1]}"
+    # A value head dim other than q's runs at the wider of the two (the ops zero-pad the narrower operands).
+    width = max(q.shape[-1], v.shape[-1])
+    if width > MAX_HEAD_DIM[q.dtype]:
+        return f"head dim {width} with {q.dtype} (supported: 1..{MAX_HEAD_DIM[q.dtype]})"
     return None
 
 

@@ -81,6 +81,22 @@ def test_low_precision(backend, dtype, kind, device):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d,dv", [(40, 24), (16, 72), (192, 128)])
+def test_value_head_dim_other_than_the_querys(backend, dtype, d, dv, device):
+    # The kernels run at the wider head dim on zero-padded operands (zeros add nothing to a score, and padded value
+    # columns are cut from the output): forward, dq/dk/dv and the mask's gradient against the reference.
+    if dtype == torch.float32 and max(d, dv) > 64:
+        pytest.skip("torch.float32 stops at D = 64 on both kernel backends")
+    q, k, _ = make_qkv(2, 4, 2, 19, 23, d, dtype, device)
+    v = torch.randn(2, 2, 23, dv, generator=torch.Generator().manual_seed(5)).to(dtype).to(device)
+    assert not backends.launchers("attention", backend).unsupported(q, k, v)
+    rows = check_against_reference(backend, q, k, v, enable_gqa=True, **masks_for("float+padding+causal_br", 2, 4, 19,
+                                                                                  23, device=device))
+    assert len(rows) == 4  # the output and three gradients
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("length", [1, 2, 3, 15, 17, 31, 97, 113, 127, 129, 257])
 def test_odd_lengths(backend, length, device):
     q, k, v = make_qkv(1, 2, 1, length, length, 16, device=device, seed=length)
@@ -550,6 +566,7 @@ def test_opcheck(backend, device):
         (q, k, v, mask, kpm, 0.0, True, scale, 2, None, backend),
         (q, k, v, mask.float(), None, 0.2, False, scale, 0, torch.tensor([11], device=device), backend),
         (q, k, v, torch.randn(2, 1, 7, device=device), kpm, 0.0, True, scale, 0, None, backend),
+        (q, k, torch.randn(1, 1, 7, 24, device=device), None, kpm, 0.0, True, scale, 0, None, backend),  # Dv != D
     ]:
         # The float masks require grad: the op's dMask path is checked too.
         args = tuple(a.clone().requires_grad_() if i < 3 or (i == 3 and a is not None and a.is_floating_point())

@@ -25,11 +25,11 @@ def cu_seqlens(lens: list[int], device) -> torch.Tensor:
     return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
 
 
-def packed(lens_q, lens_k, h, hkv, d, dtype=torch.float32, device="cpu", seed=0):
+def packed(lens_q, lens_k, h, hkv, d, dtype=torch.float32, device="cpu", seed=0, dv=None):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(sum(lens_q), h, d, generator=g)
     k = torch.randn(sum(lens_k), hkv, d, generator=g)
-    v = torch.randn(sum(lens_k), hkv, d, generator=g)
+    v = torch.randn(sum(lens_k), hkv, dv or d, generator=g)
     return [t.to(dtype).to(device) for t in (q, k, v)]
 
 
@@ -38,8 +38,8 @@ def reference_varlen(q, k, v, lens_q, lens_k, keep=None, **kw):
                                       low_precision=q.dtype != torch.float32, **kw)
 
 
-def check_varlen(backend, lens_q, lens_k, h, hkv, d, dtype, device, **kw):
-    q, k, v = packed(lens_q, lens_k, h, hkv, d, dtype, device)
+def check_varlen(backend, lens_q, lens_k, h, hkv, d, dtype, device, dv=None, **kw):
+    q, k, v = packed(lens_q, lens_k, h, hkv, d, dtype, device, dv=dv)
     cu_q, cu_k = cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
 
     def ours(q, k, v):
@@ -64,6 +64,13 @@ def test_varlen_matches_each_sequence_alone(backend, causal, device):
 @pytest.mark.parametrize("d", [64, 128])
 def test_varlen_low_precision(backend, dtype, d, device):
     check_varlen(backend, [9, 33, 2], [9, 33, 30], 2, 1, d, dtype, device, is_causal=True,
+                 causal_alignment="bottom_right")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("d,dv", [(40, 16), (16, 56)])
+def test_varlen_value_head_dim_other_than_the_querys(backend, d, dv, device):
+    check_varlen(backend, LENS_Q, LENS_K, 4, 2, d, torch.float32, device, dv=dv, is_causal=True,
                  causal_alignment="bottom_right")
 
 

@@ -12,6 +12,16 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def widen_head_dim(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` with its last dim zero-padded to ``width`` (``t`` itself when it has that width)."""
+    return t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+
+
+def narrow_head_dim(t: torch.Tensor, width: int) -> torch.Tensor:
+    """The first ``width`` entries of the last dim, contiguous (``t`` itself when it has that width)."""
+    return t if t.shape[-1] == width else t[..., :width].contiguous()
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``[..., C]`` as ``[rows, C]`` (a view when the strides allow; also for zero rows or C = 0)."""
     return t.reshape(t.shape[:-1].numel(), t.shape[-1])

@@ -23,11 +23,10 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
     why = unsupported_dtype(q)
     if why:
         return why
-    max_d = max_head_dim(q.dtype, q.device)
-    if q.shape[-1] > max_d:
-        return f"head dim {q.shape[-1]} with {q.dtype} (supported: 1..{max_d})"
-    if v.shape[-1] != q.shape[-1]:
-        return f"value head dim {v.shape[-1]} differs from the query/key head dim {q.shape[-1]}"
+    # A value head dim other than q's runs at the wider of the two (the ops zero-pad the narrower operands).
+    max_d, width = max_head_dim(q.dtype, q.device), max(q.shape[-1], v.shape[-1])
+    if width > max_d:
+        return f"head dim {width} with {q.dtype} (supported: 1..{max_d})"
     return None
 
 

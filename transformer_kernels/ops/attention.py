@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, eager
+from .._layout import narrow_head_dim, widen_head_dim
 from ._checks import autocast_dtype, cast_all, check_attention_options, check_mask, check_qkv, check_seed, describe
 
 OP = "attention"
@@ -42,16 +43,19 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pa
                dropout_p: float, is_causal: bool, scale: float, causal_offset: int, seed: Tensor | None,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     check_seed(seed, q.device)
+    width, dv = max(q.shape[-1], v.shape[-1]), v.shape[-1]
     with backends.on_device(q):
-        return backends.launchers(FAMILY, backend).attention_forward(
-            q, k, v, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale, is_causal, causal_offset,
-            dropout_p, seed)
+        out, row_max, inv_l = backends.launchers(FAMILY, backend).attention_forward(
+            *(widen_head_dim(t, width) for t in (q, k, v)), _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask,
+            scale, is_causal, causal_offset, dropout_p, seed)
+    return narrow_head_dim(out, dv), row_max, inv_l
 
 
 @_attention.register_fake
 def _(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, causal_offset, seed, backend):
     stats = q.shape[:-1]
-    return q.new_empty(q.shape), q.new_empty(stats, dtype=torch.float32), q.new_empty(stats, dtype=torch.float32)
+    return (q.new_empty((*stats, v.shape[-1])), q.new_empty(stats, dtype=torch.float32),
+            q.new_empty(stats, dtype=torch.float32))
 
 
 @torch.library.custom_op("transformer_kernels::attention_backward", mutates_args=())
@@ -62,11 +66,14 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     """dq, dk, dv and, with ``mask_grad``, dS as fp32 ``[B, H, Lq, Lk]`` (the float mask's gradient before its
     broadcast dims are summed; an empty tensor without)."""
     check_seed(seed, q.device)
+    d, width = q.shape[-1], max(q.shape[-1], v.shape[-1])
+    grad, q_, k_, v_, out = (widen_head_dim(t, width) for t in (grad, q, k, v, out))
     with backends.on_device(q):
         dq, dk, dv, dmask = backends.launchers(FAMILY, backend).attention_backward(
-            grad, q, k, v, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
+            grad, q_, k_, v_, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
             is_causal, causal_offset, dropout_p, seed, mask_grad)
-    return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if dmask is None else dmask
+    return (narrow_head_dim(dq, d), narrow_head_dim(dk, d), narrow_head_dim(dv, v.shape[-1]),
+            q.new_empty(0, dtype=torch.float32) if dmask is None else dmask)
 
 
 @_attention_backward.register_fake

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, eager
-from .._layout import packed_bounds
+from .._layout import narrow_head_dim, packed_bounds, widen_head_dim
 from ._checks import autocast_dtype, cast_all, check_attention_options, check_qkv, check_seed, describe
 from .attention import FAMILY, draw_seed
 
@@ -26,15 +26,19 @@ def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tenso
                       dropout_p: float, is_causal: bool, scale: float, bottom_right: bool, seed: Tensor | None,
                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
     check_seed(seed, q.device)
+    width = max(q.shape[-1], v.shape[-1])
     with backends.on_device(q):
-        return backends.launchers(FAMILY, backend).varlen_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p, seed)
+        out, row_max, inv_l = backends.launchers(FAMILY, backend).varlen_forward(
+            *(widen_head_dim(t, width) for t in (q, k, v)), cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right,
+            dropout_p, seed)
+    return narrow_head_dim(out, v.shape[-1]), row_max, inv_l
 
 
 @_varlen_attention.register_fake
 def _(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, bottom_right, seed, backend):
     stats = q.shape[:-1]
-    return q.new_empty(q.shape), q.new_empty(stats, dtype=torch.float32), q.new_empty(stats, dtype=torch.float32)
+    return (q.new_empty((*stats, v.shape[-1])), q.new_empty(stats, dtype=torch.float32),
+            q.new_empty(stats, dtype=torch.float32))
 
 
 @torch.library.custom_op("transformer_kernels::varlen_attention_backward", mutates_args=())
@@ -43,10 +47,13 @@ def _varlen_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                                is_causal: bool, scale: float, bottom_right: bool, seed: Tensor | None,
                                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     check_seed(seed, q.device)
+    d, width = q.shape[-1], max(q.shape[-1], v.shape[-1])
+    grad, q_, k_, v_, out = (widen_head_dim(t, width) for t in (grad, q, k, v, out))
     with backends.on_device(q):
-        return backends.launchers(FAMILY, backend).varlen_backward(
-            grad, q, k, v, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p,
+        dq, dk, dv = backends.launchers(FAMILY, backend).varlen_backward(
+            grad, q_, k_, v_, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p,
             seed)
+    return narrow_head_dim(dq, d), narrow_head_dim(dk, d), narrow_head_dim(dv, v.shape[-1])
 
 
 @_varlen_attention_backward.register_fake
