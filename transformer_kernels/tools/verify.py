@@ -96,7 +96,8 @@ def _softmax_cases(device: torch.device, quick: bool) -> Iterator[Case]:
 
 
 def _attention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
-    # (label, B, H, Hkv, Lq, Lk, D, mask builder): self, causal, padded, cross and GQA attention.
+    # (label, B, H, Hkv, Lq, Lk, D or (D, Dv), mask builder): self, causal, padded, cross and GQA attention, and a
+    # value head dim other than the query's.
     shapes = [
         ("self", 2, 2, 2, 33, 33, 64, lambda b, h, lq, lk, g: {}),
         ("causal", 2, 2, 2, 47, 47, 40, lambda b, h, lq, lk, g: {"is_causal": True}),
@@ -105,6 +106,8 @@ def _attention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
         ("gqa causal_br", 1, 4, 2, 21, 50, 64,
          lambda b, h, lq, lk, g: {"is_causal": True, "causal_alignment": "bottom_right", "enable_gqa": True,
                                   "attn_mask": torch.rand(b, 1, 1, lk, generator=g) > 0.2}),
+        ("cross dv<d causal", 2, 2, 1, 19, 37, (48, 24),
+         lambda b, h, lq, lk, g: {"is_causal": True, "enable_gqa": True}),
     ]
     if quick:
         shapes = shapes[1:3]
@@ -113,8 +116,9 @@ def _attention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
             for label, b, h, hkv, lq, lk, d, masks in shapes:
                 def run(b=b, h=h, hkv=hkv, lq=lq, lk=lk, d=d, masks=masks, dtype=dtype, scope=scope):
                     g = torch.Generator().manual_seed(lq * lk)
+                    dqk, dv = d if isinstance(d, tuple) else (d, d)
                     q, k, v = (torch.randn(s, generator=g).to(dtype).to(device)
-                               for s in ((b, h, lq, d), (b, hkv, lk, d), (b, hkv, lk, d)))
+                               for s in ((b, h, lq, dqk), (b, hkv, lk, dqk), (b, hkv, lk, dv)))
                     kw = {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in masks(b, h, lq, lk, g).items()}
 
                     def ours(q, k, v):
@@ -125,7 +129,8 @@ def _attention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
                         return reference.scaled_dot_product_attention(q, k, v, low_precision=q.dtype != torch.float32, **kw)
 
                     return compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v"))
-                yield Case("attention", impl, dtype, f"{label} [{b},{h},{lq}x{lk},{d}]", run)
+                dims = "x".join(map(str, d)) if isinstance(d, tuple) else d
+                yield Case("attention", impl, dtype, f"{label} [{b},{h},{lq}x{lk},{dims}]", run)
 
 
 def _varlen_cases(device: torch.device, quick: bool) -> Iterator[Case]:
