@@ -23,7 +23,7 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 # - attention, varlen: Triton 263-385 TFLOP/s forward at D128 (above SDPA's flash backend, below cuDNN's), the CUDA
 #   C++ kernels 6-10 (SIMT, no tensor cores yet); "torch" is the unfused eager composition.
 # - linear family: cuBLAS through torch beats both fused GEMMs (linear+gelu+residual 0.106 ms against Triton's
-#   0.138 at 16384x1024x1024 bf16; the FFN 0.50 ms against 0.78), so `auto` takes torch's ops; the fused kernels
+#   0.138 at 16384x1024x1024 fp16; the FFN 0.50 ms against 0.78), so `auto` takes torch's ops; the fused kernels
 #   stay a forced choice. qkv/out projections were not timed on their own and follow linear.
 # - norms: Triton's forward is the fastest (layer_norm 3.7 TB/s, as Liger's), its backward is not (forward and
 #   backward 1.18 ms against torch's 0.43): see TRAINING_PREFERENCE.
