@@ -51,6 +51,9 @@ def test_gpu_path_with_a_fake_timer(tmp_path, monkeypatch):
     n_cases = sum(1 for c in bench.cases(("tiny-gpt",), (16, 32), torch.float32) if INTERPRETED or c.impl != "triton")
     decode = [r["impl"] for r in csv.DictReader(csv_path.open()) if r["op"] == "attention_decode"]
     assert "cuda" in decode and ("triton" in decode) == INTERPRETED  # a backend that refuses CPU tensors is skipped
+    # the graph-replay cases exist and need a GPU: skipped here
+    assert {c.impl for c in bench.decode_cases()} >= {"triton" + bench.GRAPHED, "cuda" + bench.GRAPHED}
+    assert not any(impl.endswith(bench.GRAPHED) for impl in decode)
     n_cases += len(decode)
     varlen = [(r["op"], r["impl"]) for r in csv.DictReader(csv_path.open()) if r["op"] in ("attention_varlen",
                                                                                          "attention_padded")]
