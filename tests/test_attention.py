@@ -301,9 +301,9 @@ def test_mask_broadcast_shapes_equal_the_full_mask(backend, shape, kind, device)
         outs = [tk.ops.attention(q, k, v, attn_mask=m) for m in (mask, mask.expand(2, 3, 7, 13), full, strided)]
     # Bitwise equal when interpreted; compiled, each mask layout is its own variant whose instruction order (FMA
     # contraction) may differ by an ulp (seen on an H200: 2.4e-07 for bool masks).
-    tol = {} if q.device.type == "cpu" else dict(atol=1e-6, rtol=1e-5)
+    tol = dict(atol=0, rtol=0) if q.device.type == "cpu" else dict(atol=1e-6, rtol=1e-5)
     for o in outs[1:]:
-        torch.testing.assert_close(o, outs[0], **(tol or dict(atol=0, rtol=0)))
+        torch.testing.assert_close(o, outs[0], **tol)
     check_against_reference(backend, q, k, v, attn_mask=mask)
 
 

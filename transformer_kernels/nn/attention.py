@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .. import backends, eager, ops
 from ..masks import nn_masks_to_sdpa
 from ..ops.attention import FAMILY
+from ..ops.varlen_attention import OP as VARLEN_OP
 
 
 def cached_length(cache: dict) -> int:
@@ -128,7 +129,7 @@ class MultiheadAttention(nn.Module):
         kpm = kw["key_padding_mask"]
         if kpm is None or kw["attn_mask"] is not None or kw["is_causal"] or torch.compiler.is_compiling():
             return None
-        backend = backends.resolve_for("varlen_attention", FAMILY, q.device, self.backend, q, k, v)
+        backend = backends.resolve_for(VARLEN_OP, FAMILY, q.device, self.backend, q, k, v)
         if backend == "torch":
             return None
         b, h, lq, d = q.shape
