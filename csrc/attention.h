@@ -1,7 +1,8 @@
-// Fused attention (flash-style, tensor cores through wmma): the argument block the bindings fill, the
+// Fused attention (flash-style; the forward on mma.sync, the backward through wmma): the argument block the bindings fill, the
 // instantiated head dims, and the launchers.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "types.h"
@@ -9,7 +10,7 @@
 namespace tk {
 
 // Head dims are padded up to one of these; a wider head raises (Python reads the list through the
-// bindings: attention_head_dims). fp32 runs its products on FMA units and stops at 64, as the Triton kernel.
+// bindings: attention_head_dims). fp32 runs its products on FMA units over shared-memory tiles and stops at 64.
 constexpr int kAttnHeadDims[] = {16, 32, 64, 128, 256};
 constexpr int kAttnMaxHeadDimHalf = 256;
 constexpr int kAttnMaxHeadDimFloat = 64;
@@ -71,5 +72,9 @@ void attention_forward(const AttentionArgs& args, tk_stream_t stream);
 void attention_forward_tile(int dtype, int64_t d, int* bm, int* bn);
 // Fills delta, dq, dk, dv (and dmask when not null) from dout, out, row_max, inv_l.
 void attention_backward(const AttentionArgs& args, tk_stream_t stream);
+// Dynamic shared memory each kernel launches with, for a dtype code and head dim (the resource report adds it to
+// the static shared memory a cubin declares): the forward's, and the dK/dV (dq false) or dQ kernel's.
+size_t attention_forward_smem(int dtype, int64_t d);
+size_t attention_backward_smem(int dtype, int64_t d, bool dq);
 
 }  // namespace tk

@@ -1,5 +1,6 @@
 // Attention backward, deterministic (no atomics): delta = rowsum(dO * O); dK/dV per key tile iterating
-// over the query tiles of every head of its GQA group in a fixed order; dQ per query tile in its own pass.
+// over the query tiles of every head of its GQA group in a fixed order (shared-memory tiles, wmma / FMA); dQ per
+// query tile in its own pass (fp16/bf16 on mma.sync with registers, fp32 FMA).
 // Probabilities are recomputed from the saved row max and 1/sum, dropout from the same counter-based draw.
 #include "attention_common.cuh"
 #include "launch.cuh"
@@ -159,8 +160,144 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_kernel(Attenti
   });
 }
 
+// fp16/bf16 dQ in the forward's register-resident form (attention_fwd.cu): 4 warps of 16 query rows, S = Q·Kᵀ and
+// dP = dO·Vᵀ as mma.sync accumulators, dS = P·(dP - delta) elementwise in registers, dQ += dS·K with the
+// accumulator in registers; K/V tiles double-buffered through cp.async, Q and dO read by ldmatrix from shared
+// memory every tile. Key tiles shrink with the head dim to keep shared memory at 64 KiB (D = 128) and 96 KiB (256).
+template <typename T, int DP>
+struct MmaDqLayout {
+  static constexpr int kWarps = kAttnThreads / 32;
+  static constexpr int BM = 16 * kWarps, BN = DP <= 64 ? 64 : 4096 / DP;
+  static constexpr size_t q = 0, dout = q + sizeof(T) * BM * DP, k = dout + sizeof(T) * BM * DP,
+                          v = k + 2 * sizeof(T) * BN * DP, seen = v + 2 * sizeof(T) * BN * DP,
+                          bytes = seen + sizeof(uint32_t) * kWarps * seen_words<BN / 8>();
+  static_assert(bytes <= kMaxBlockSmem, "dQ tile exceeds the shared memory of sm_86/sm_89");
+};
+
+// (kAttnThreads, 1): without the minimum, ptxas aimed at three blocks per SM (168 registers) and spilled 8 bytes.
 template <typename T, int DP, bool PACKED>
-__global__ void __launch_bounds__(kAttnThreads) attention_dq_kernel(AttentionArgs args) {
+__global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(AttentionArgs args) {
+  using L = MmaDqLayout<T, DP>;
+  constexpr int BM = L::BM, BN = L::BN, NT = BN / 8, DT = DP / 8;
+  TK_EXTERN_SHARED(unsigned char, smem);
+  T* qs = reinterpret_cast<T*>(smem + L::q);
+  T* dos = reinterpret_cast<T*>(smem + L::dout);
+  T* ks = reinterpret_cast<T*>(smem + L::k);
+  T* vs = reinterpret_cast<T*>(smem + L::v);
+  uint32_t* seen = reinterpret_cast<uint32_t*>(smem + L::seen);
+  const TileIndex tile = tile_index(args.Lq, BM);
+  const int64_t bh = tile.outer, m0 = tile.start;
+  const int64_t b = bh / args.H, h = bh % args.H, hk = h / (args.H / args.Hkv);
+  with_sequence<T, PACKED>(args, b, m0, false, [&](const AttentionArgs& a) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const T* k_base = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1];
+    const T* v_base = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
+    const bool k_async = copies_by_16_bytes<T>(a.k, a.k_stride), v_async = copies_by_16_bytes<T>(a.v, a.v_stride);
+    const bool dropout = a.dropout_p > 0.0f;
+    const uint32_t threshold = dropout_threshold(a.dropout_p);
+    const uint64_t seed = dropout ? *a.seed : 0;
+    const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+    // This lane's two rows and their saved statistics.
+    const int64_t rows[2] = {m0 + 16 * warp + g, m0 + 16 * warp + g + 8};
+    float row_max[2], inv_l[2], delta[2];
+    uint32_t row_hash[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool ok = rows[r] < a.Lq;
+      const int64_t qr = query_row<PACKED>(a, bh, h, rows[r]);
+      row_max[r] = ok ? a.row_max[qr] : 0.0f;
+      inv_l[r] = ok ? a.inv_l[qr] : 0.0f;
+      delta[r] = ok ? a.delta[qr] : 0.0f;
+      row_hash[r] = dropout ? dropout_row_hash(seed, qr) : 0u;
+    }
+    const int64_t hi = key_end(a, m0, BM);
+    const int n_tiles = static_cast<int>((hi + BN - 1) / BN);
+    float* dmask_rows = a.dmask == nullptr ? nullptr : a.dmask + bh * a.Lq * a.Lk;
+
+    auto load_kv = [&](int it) {
+      const int64_t n0 = static_cast<int64_t>(it) * BN;
+      const int stage = it & 1;
+      load_tile_swizzled<T, BN, DP, true>(ks + stage * BN * DP, k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a,
+                                          b, n0, k_async);
+      load_tile_swizzled<T, BN, DP, true>(vs + stage * BN * DP, v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a,
+                                          b, n0, v_async);
+    };
+    load_tile_swizzled<T, BM, DP, false>(qs, static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] +
+                                         m0 * a.q_stride[2], a.q_stride, a.Lq - m0, a, b, 0,
+                                         copies_by_16_bytes<T>(a.q, a.q_stride));
+    load_tile_swizzled<T, BM, DP, false>(dos, static_cast<const T*>(a.dout) + b * a.do_stride[0] + h * a.do_stride[1] +
+                                         m0 * a.do_stride[2], a.do_stride, a.Lq - m0, a, b, 0,
+                                         copies_by_16_bytes<T>(a.dout, a.do_stride));
+    if (n_tiles > 0) load_kv(0);
+    cp_async_commit();
+
+    float dq[DT][4] = {};
+    for (int it = 0; it < n_tiles; ++it) {
+      const int stage = it & 1;
+      const int64_t n0 = static_cast<int64_t>(it) * BN;
+      if (it + 1 < n_tiles) {
+        load_kv(it + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();  // tile it (and, first, Q and dO) landed from every thread's copies
+      T* kt = ks + stage * BN * DP;
+      const T* vt = vs + stage * BN * DP;
+      float s[NT][4] = {}, dp[NT][4] = {};
+      warp_mma_abt<T, DP, NT>(s, [&](int kk, uint32_t (&af)[4]) { ldmatrix_a<T, DP>(af, qs, 16 * warp, 16 * kk, lane); },
+                              kt, lane);
+      warp_mma_abt<T, DP, NT>(dp, [&](int kk, uint32_t (&af)[4]) { ldmatrix_a<T, DP>(af, dos, 16 * warp, 16 * kk, lane); },
+                              vt, lane);
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          const int64_t col = n0 + 8 * j + 2 * t + (e & 1);
+          s[j][e] = masked_score<T>(a, b, h, rows[r], col, s[j][e]);
+          float ds = 0.0f;
+          // Hidden scores give exact zeros (never 0 * NaN from a masked NaN value).
+          if (s[j][e] != -INFINITY) {
+            const float p = expf(s[j][e] - row_max[r]) * inv_l[r];
+            const bool kept = !dropout || dropout_keep(row_hash[r], col, threshold);
+            ds = p * ((kept ? dp[j][e] * keep_scale : 0.0f) - delta[r]);
+          }
+          dp[j][e] = ds;
+          if (dmask_rows != nullptr && rows[r] < a.Lq && col < a.Lk) dmask_rows[rows[r] * a.Lk + col] = ds;
+        }
+      // Keys no query of the block sees: zero K rows (their dS is 0, their K may be NaN).
+      if (a.mask_kind != kNoMask) zero_unseen_key_rows<T, DP, NT, L::kWarps>(s, seen, kt, lane, warp);
+      warp_mma_pb<T, DP, NT>(dq, dp, kt, lane);  // dQ += dS·K
+      __syncthreads();  // every warp is done with this stage before the next iteration refills it
+    }
+    cp_async_wait<0>();  // no tile at all: Q's and dO's copies retire here
+    // Keys past the last tile: their dS is zero, written so the mask gradient needs no zero fill.
+    const int64_t n_end = static_cast<int64_t>(n_tiles) * BN;
+    if (dmask_rows != nullptr && n_end < a.Lk) {
+      const int64_t n_rows = a.Lq - m0 < BM ? a.Lq - m0 : BM, width = a.Lk - n_end;
+      for (int64_t e = threadIdx.x; e < n_rows * width; e += blockDim.x)
+        dmask_rows[(m0 + e / width) * a.Lk + n_end + e % width] = 0.0f;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (rows[r] >= a.Lq) continue;
+      T* out = static_cast<T*>(a.dq) + query_row<PACKED>(a, bh, h, rows[r]) * a.D;
+#pragma unroll
+      for (int d = 0; d < DT; ++d)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * d + 2 * t + e;
+          if (col < a.D) out[col] = from_float<T>(dq[d][2 * r + e] * a.scale);
+        }
+    }
+  });
+}
+
+// fp32 dQ: tiles and accumulators in shared memory, FMA products (block_gemm).
+template <typename T, int DP, bool PACKED>
+__global__ void __launch_bounds__(kAttnThreads) attention_dq_fma_kernel(AttentionArgs args) {
   using L = BwdSmem<T, DP>;
   constexpr int BM = L::BM, BN = L::BN;
   TK_EXTERN_SHARED(unsigned char, smem);
@@ -208,6 +345,19 @@ __global__ void __launch_bounds__(kAttnThreads) attention_dq_kernel(AttentionArg
 
 }  // namespace
 
+size_t attention_backward_smem(int dtype, int64_t d, bool dq) {
+  size_t bytes = 0;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_head_dim<T>(d, [&](auto dp) {
+      constexpr int D = decltype(dp)::value;
+      if constexpr (sizeof(T) == 2) bytes = dq ? MmaDqLayout<T, D>::bytes : BwdSmem<T, D>::bytes;
+      else bytes = BwdSmem<T, D>::bytes;
+    });
+  });
+  return bytes;
+}
+
 void attention_backward(const AttentionArgs& a, tk_stream_t stream) {
   if (a.B * a.H * a.D == 0 || a.Lq == 0 || a.Lk == 0) return;  // the caller's zero-filled gradients stand
   dispatch_dtype(a.dtype, [&](auto tag) {
@@ -225,8 +375,15 @@ void attention_backward(const AttentionArgs& a, tk_stream_t stream) {
       constexpr int D = decltype(dp)::value;
       launch(a.cu_q ? attention_dkdv_kernel<T, D, true> : attention_dkdv_kernel<T, D, false>,
              dim3(static_cast<unsigned>(key_blocks)), dim3(kAttnThreads), L::bytes, stream, a);
-      launch(a.cu_q ? attention_dq_kernel<T, D, true> : attention_dq_kernel<T, D, false>,
-             dim3(static_cast<unsigned>(query_blocks)), dim3(kAttnThreads), L::bytes, stream, a);
+      if constexpr (sizeof(T) == 2) {
+        using Q = MmaDqLayout<T, D>;
+        const int64_t blocks = a.B * a.H * ((a.Lq + Q::BM - 1) / Q::BM);
+        launch(a.cu_q ? attention_dq_mma_kernel<T, D, true> : attention_dq_mma_kernel<T, D, false>,
+               dim3(static_cast<unsigned>(blocks)), dim3(kAttnThreads), Q::bytes, stream, a);
+      } else {
+        launch(a.cu_q ? attention_dq_fma_kernel<T, D, true> : attention_dq_fma_kernel<T, D, false>,
+               dim3(static_cast<unsigned>(query_blocks)), dim3(kAttnThreads), L::bytes, stream, a);
+      }
     });
   });
 }

@@ -4,6 +4,7 @@
 
 #include "attention.h"
 #include "mma.cuh"
+#include "ptx.cuh"
 #include "softmax.h"
 
 namespace tk {
@@ -42,6 +43,140 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* base, const i
     if (KEYS && ok) ok = key_visible(a, b, n0 + r);
     dst[r * ld + d] = ok ? base[r * stride[2] + d * stride[3]] : from_float<T>(0.0f);
   }
+}
+
+// ---- register-resident (mma.sync) tiles ----
+
+// Offset of element (row, col) in a [rows][DP] tile of 16-bit elements kept without padding: each row's 16-byte
+// chunks are permuted by XOR with the row, so the 8 row addresses of an ldmatrix (one chunk column, 8 rows) fall
+// in 8 different 16-byte bank groups of the 128 bytes the banks span. Rows narrower than 128 bytes (DP < 64) XOR
+// with the row's position among the rows sharing 128 bytes.
+template <int DP>
+__device__ __forceinline__ int swizzled(int row, int col) {
+  constexpr int chunks = DP / 8;
+  constexpr int span = chunks >= 8 ? 8 : chunks;
+  constexpr int shift = chunks >= 8 ? 0 : (chunks == 4 ? 1 : 2);
+  static_assert(chunks >= 2 && (chunks & (chunks - 1)) == 0, "head-dim tiles are 16..256 wide");
+  return row * DP + ((((col >> 3) ^ (row >> shift)) & (span - 1)) | ((col >> 3) & ~(span - 1))) * 8 + (col & 7);
+}
+
+// Whether a [B, heads, L, D] tensor can be copied in 16-byte pieces (cp.async): 16-byte aligned base, unit
+// stride along D and every other stride a multiple of 8 elements (a row always starts 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ bool copies_by_16_bytes(const void* base, const int64_t* stride) {
+  constexpr int64_t per16 = 16 / sizeof(T);
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && stride[3] == 1 && stride[2] % per16 == 0 &&
+         stride[1] % per16 == 0 && stride[0] % per16 == 0;
+}
+
+// ROWS x DP tile (base at its first row) into swizzled shared memory, zeros where `load_tile` has them (rows past
+// valid_rows, invisible keys, head-dim padding). `async`: cp.async per 16-byte chunk, zero-filled past the valid
+// bytes, landing at the caller's wait; otherwise element by element, visible at the caller's next barrier.
+template <typename T, int ROWS, int DP, bool KEYS>
+__device__ __forceinline__ void load_tile_swizzled(T* dst, const T* base, const int64_t* stride, int64_t valid_rows,
+                                                   const AttentionArgs& a, int64_t b, int64_t n0, bool async) {
+  constexpr int kChunks = DP / 8;
+  for (int e = threadIdx.x; e < ROWS * kChunks; e += blockDim.x) {
+    const int r = e / kChunks, c0 = (e % kChunks) * 8;
+    bool ok = r < valid_rows && c0 < a.D;
+    if (KEYS && ok) ok = key_visible(a, b, n0 + r);
+    T* d = dst + swizzled<DP>(r, c0);
+    if (async) {
+      const int64_t left = a.D - c0;
+      cp_async_16(d, ok ? base + r * stride[2] + c0 : base, ok ? (left >= 8 ? 16 : static_cast<int>(left) * 2) : 0);
+    } else {
+      for (int i = 0; i < 8; ++i)
+        d[i] = ok && c0 + i < a.D ? base[r * stride[2] + (c0 + i) * stride[3]] : from_float<T>(0.0f);
+    }
+  }
+}
+
+// ---- warp products on mma.sync: a warp owns 16 rows; a lane holds rows g, g + 8 (g = lane / 4) and columns
+// 2t, 2t + 1 (t = lane % 4) of every 8-wide accumulator tile (ptx.cuh has the fragment layouts) ----
+
+// A-fragment (16 x 16 at column k0) of rows row0.. of a swizzled row-major tile: lanes 0-15 address rows 0-15 at
+// k0, lanes 16-31 the same rows at k0 + 8 (the matrices: rows 0-7, rows 8-15, then the same 8 columns on).
+template <typename T, int DP>
+__device__ __forceinline__ void ldmatrix_a(uint32_t (&f)[4], const T* tile, int row0, int k0, int lane) {
+  ldmatrix_x4<false>(f, tile + swizzled<DP>(row0 + (lane & 15), k0 + 8 * (lane >> 4)));
+}
+
+// acc [16 x 8·NT] += A · Bᵀ over DP: B a swizzled [8·NT][DP] tile (key-major K, V), whose non-transposed rows are
+// B-fragments, two 8-row tiles per ldmatrix; `a_frag(kk, f)` gives A's fragment for columns 16kk...
+template <typename T, int DP, int NT, typename AFrag>
+__device__ __forceinline__ void warp_mma_abt(float (&acc)[NT][4], AFrag&& a_frag, const T* b_tile, int lane) {
+  static_assert(NT % 2 == 0, "key tiles are multiples of 16");
+#pragma unroll
+  for (int kk = 0; kk < DP / 16; ++kk) {
+    uint32_t af[4];
+    a_frag(kk, af);
+#pragma unroll
+    for (int j = 0; j < NT / 2; ++j) {
+      uint32_t bf[4];
+      ldmatrix_x4<false>(bf, b_tile + swizzled<DP>(16 * j + (lane & 7) + 8 * (lane >> 4), 16 * kk + 8 * ((lane >> 3) & 1)));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma_16816<T>(acc[2 * j], af, b0, acc[2 * j]);
+      mma_16816<T>(acc[2 * j + 1], af, b1, acc[2 * j + 1]);
+    }
+  }
+}
+
+// acc [16 x DP] += P · B: P [16 x 8·NT] in accumulator layout, whose tiles 2kk and 2kk + 1 repacked to 16 bits are
+// A's fragment for rows 16kk.. of B; B a swizzled [8·NT][DP] tile, transposed by ldmatrix .trans into B-fragments,
+// two 8-wide column tiles per load.
+template <typename T, int DP, int NT>
+__device__ __forceinline__ void warp_mma_pb(float (&acc)[DP / 8][4], const float (&p)[NT][4], const T* b_tile, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    const uint32_t pf[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
+                            pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+    for (int jd = 0; jd < DP / 16; ++jd) {
+      uint32_t bf[4];
+      ldmatrix_x4<true>(bf, b_tile + swizzled<DP>(16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1), 16 * jd + 8 * (lane >> 4)));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma_16816<T>(acc[2 * jd], pf, b0, acc[2 * jd]);
+      mma_16816<T>(acc[2 * jd + 1], pf, b1, acc[2 * jd + 1]);
+    }
+  }
+}
+
+// Seen-key words a block needs for a tile of 8·NT keys: one bit per key per warp.
+template <int NT>
+__host__ __device__ constexpr int seen_words() { return (8 * NT + 31) / 32; }
+
+// Zeroes row c of `rows_tile` (swizzled [8·NT][DP]) for every key c that no row of the block sees (s = -inf in
+// every warp's scores), so NaN/Inf there cannot reach a product through 0·NaN: a ballot per column pair gives the
+// warp's view, the block's is the OR over the warps' words in `seen` (kWarps x seen_words). Block-wide (barriers).
+template <typename T, int DP, int NT, int kWarps>
+__device__ __forceinline__ void zero_unseen_key_rows(const float (&s)[NT][4], uint32_t* seen, T* rows_tile, int lane,
+                                                     int warp) {
+  constexpr int W = seen_words<NT>();
+  uint32_t words[W] = {};
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const unsigned lanes = __ballot_sync(0xffffffffu, s[j][e] != -INFINITY || s[j][e + 2] != -INFINITY);
+#pragma unroll
+      for (int tt = 0; tt < 4; ++tt)
+        if (lanes & (0x11111111u << tt)) {
+          const int col = 8 * j + 2 * tt + e;
+          words[col >> 5] |= 1u << (col & 31);
+        }
+    }
+  if (lane == 0)
+#pragma unroll
+    for (int w = 0; w < W; ++w) seen[warp * W + w] = words[w];
+  __syncthreads();  // every warp's words written
+  for (int c = threadIdx.x; c < 8 * NT; c += blockDim.x) {
+    uint32_t any = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) any |= seen[w * W + (c >> 5)];
+    if (!(any >> (c & 31) & 1u))
+      for (int d = 0; d < DP; ++d) rows_tile[c * DP + d] = from_float<T>(0.0f);  // the whole row, any swizzle
+  }
+  __syncthreads();  // rows zeroed before any warp reads them; the words are read
 }
 
 // The score of query i and key j in natural units (scale * q.k + float mask), -inf where hidden: a key the

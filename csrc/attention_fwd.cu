@@ -1,11 +1,201 @@
-// Attention forward: one block per (batch, head, query tile); K/V tiles stream through shared memory, the
-// online softmax keeps a running row max and sum, products run on tensor cores (mma.cuh), fp32 accumulators.
+// Attention forward: one block per (batch, head, query tile); K/V tiles stream through shared memory and the
+// online softmax keeps a running row max and sum. fp16/bf16: FlashAttention-2's register-resident form
+// (attention_fwd_mma_kernel); fp32: products on FMA units over shared-memory tiles (attention_fwd_fma_kernel).
 #include "attention_common.cuh"
 #include "launch.cuh"
+
+#include <type_traits>
 
 namespace tk {
 namespace {
 
+// fp16/bf16 tiles: each of the 4 warps owns 16 query rows; K and V tiles are double-buffered. Q stays in
+// registers up to D = 128 (read from shared memory once; its space then holds the per-warp seen-key words), at
+// D = 256 in shared memory, where the output accumulator already takes 128 registers a lane.
+template <typename T, int DP>
+struct MmaFwdLayout {
+  static constexpr int kWarps = kAttnThreads / 32;
+  static constexpr int BM = 16 * kWarps, BN = DP > 128 ? 32 : 64;
+  static constexpr bool kQInRegs = DP <= 128;
+  static constexpr size_t q = 0, k = q + sizeof(T) * BM * DP, v = k + 2 * sizeof(T) * BN * DP,
+                          end = v + 2 * sizeof(T) * BN * DP;
+  static constexpr size_t seen = kQInRegs ? q : end;  // kWarps x seen_words words
+  static constexpr size_t bytes = kQInRegs ? end : end + sizeof(uint32_t) * kWarps * seen_words<BN / 8>();
+  static_assert(bytes <= kMaxBlockSmem, "forward tile exceeds the shared memory of sm_86/sm_89");
+};
+
+// S = Q·Kᵀ, P = softmax, O += P·V per warp on mma.sync m16n8k16 (ptx.cuh has the fragment layouts): a lane holds
+// rows g and g + 8 (g = lane / 4) of its warp's 16, columns 2t, 2t + 1 (t = lane % 4) of every 8-wide tile, so a
+// row's max and sum reduce over the 4 lanes of a quad, and S's accumulators are, repacked to 16 bits, P's
+// A-fragments. K(j+1) and V(j+1) are copied (cp.async) while tile j is computed.
+template <typename T, int DP, bool PACKED>
+__global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(AttentionArgs args) {
+  using L = MmaFwdLayout<T, DP>;
+  constexpr int BM = L::BM, BN = L::BN, NT = BN / 8, DT = DP / 8;
+  TK_EXTERN_SHARED(unsigned char, smem);
+  T* qs = reinterpret_cast<T*>(smem + L::q);
+  T* ks = reinterpret_cast<T*>(smem + L::k);
+  T* vs = reinterpret_cast<T*>(smem + L::v);
+  uint32_t* seen = reinterpret_cast<uint32_t*>(smem + L::seen);
+
+  const TileIndex tile = tile_index(args.Lq, BM);
+  const int64_t bh = tile.outer, m0 = tile.start;
+  const int64_t b = bh / args.H, h = bh % args.H, hk = h / (args.H / args.Hkv);
+  with_sequence<T, PACKED>(args, b, m0, false, [&](const AttentionArgs& a) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const T* q_base = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + m0 * a.q_stride[2];
+    const T* k_base = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1];
+    const T* v_base = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
+    const bool q_async = copies_by_16_bytes<T>(a.q, a.q_stride), k_async = copies_by_16_bytes<T>(a.k, a.k_stride),
+               v_async = copies_by_16_bytes<T>(a.v, a.v_stride);
+    const bool dropout = a.dropout_p > 0.0f;
+    const uint32_t threshold = dropout_threshold(a.dropout_p);
+    const uint64_t seed = dropout ? *a.seed : 0;
+    const int64_t rows[2] = {m0 + 16 * warp + g, m0 + 16 * warp + g + 8};
+    const uint32_t row_hash[2] = {dropout ? dropout_row_hash(seed, query_row<PACKED>(a, bh, h, rows[0])) : 0u,
+                                  dropout ? dropout_row_hash(seed, query_row<PACKED>(a, bh, h, rows[1])) : 0u};
+    const int64_t hi = key_end(a, m0, BM);
+    // Split-KV: this block's chunk of the keys (blockIdx.y; split_len is a multiple of BN).
+    const int64_t n_lo = a.splits > 1 ? blockIdx.y * a.split_len : 0;
+    const int64_t n_hi = a.splits > 1 && n_lo + a.split_len < hi ? n_lo + a.split_len : hi;
+    const int n_tiles = n_hi > n_lo ? static_cast<int>((n_hi - n_lo + BN - 1) / BN) : 0;
+
+    auto load_kv = [&](int it) {
+      const int64_t n0 = n_lo + static_cast<int64_t>(it) * BN;
+      const int stage = it & 1;
+      load_tile_swizzled<T, BN, DP, true>(ks + stage * BN * DP, k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a,
+                                          b, n0, k_async);
+      load_tile_swizzled<T, BN, DP, true>(vs + stage * BN * DP, v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a,
+                                          b, n0, v_async);
+    };
+    load_tile_swizzled<T, BM, DP, false>(qs, q_base, a.q_stride, a.Lq - m0, a, b, 0, q_async);
+    if (n_tiles > 0) load_kv(0);
+    cp_async_commit();
+
+    uint32_t qf[L::kQInRegs ? DP / 16 : 1][4];
+    float o[DT][4] = {};
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};  // l: this lane's share of the row sum
+
+    for (int it = 0; it < n_tiles; ++it) {
+      const int stage = it & 1;
+      const int64_t n0 = n_lo + static_cast<int64_t>(it) * BN;
+      if (it + 1 < n_tiles) {
+        load_kv(it + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();  // tile it (and, first, Q) landed from every thread's copies
+      if constexpr (L::kQInRegs) {
+        if (it == 0) {
+          #pragma unroll
+          for (int kk = 0; kk < DP / 16; ++kk) ldmatrix_a<T, DP>(qf[kk], qs, 16 * warp, 16 * kk, lane);
+          __syncthreads();  // every warp holds Q: its space becomes the seen-key words
+        }
+      }
+      const T* kt = ks + stage * BN * DP;
+      T* vt = vs + stage * BN * DP;
+
+      // S = Q·Kᵀ (Q's fragments from registers or, at D = 256, shared memory).
+      float s[NT][4] = {};
+      warp_mma_abt<T, DP, NT>(s, [&](int kk, uint32_t (&af)[4]) {
+        if constexpr (L::kQInRegs) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) af[i] = qf[kk][i];
+        } else {
+          ldmatrix_a<T, DP>(af, qs, 16 * warp, 16 * kk, lane);
+        }
+      }, kt, lane);
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          s[j][e] = masked_score<T>(a, b, h, rows[e >> 1], n0 + 8 * j + 2 * t + (e & 1), s[j][e]);
+      // Keys no query of the block sees: zero value rows (hidden scores already give p = 0).
+      if (a.mask_kind != kNoMask) zero_unseen_key_rows<T, DP, NT, L::kWarps>(s, seen, vt, lane, warp);
+
+      // Online softmax on the quad's rows: new max, rescale what was accumulated, probabilities.
+      #pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+        #pragma unroll
+        for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[r], mx);
+        // A row with nothing visible yet subtracts 0, so exp(-inf) = 0 instead of NaN.
+        const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
+        const float alpha = expf(m_run[r] - m_safe);
+        m_run[r] = m_new;
+        l_run[r] *= alpha;
+        #pragma unroll
+        for (int d = 0; d < DT; ++d) o[d][2 * r] *= alpha, o[d][2 * r + 1] *= alpha;
+        #pragma unroll
+        for (int j = 0; j < NT; ++j)
+          #pragma unroll
+          for (int e = 2 * r; e < 2 * r + 2; ++e) {
+            float p = expf(s[j][e] - m_safe);
+            l_run[r] += p;
+            // The sum keeps the undropped probabilities: dropout applies after normalisation.
+            if (dropout && !dropout_keep(row_hash[r], n0 + 8 * j + 2 * t + (e & 1), threshold)) p = 0.0f;
+            s[j][e] = p;
+          }
+      }
+
+      // O += P·V (S's accumulators, now probabilities, are P's A-fragments).
+      warp_mma_pb<T, DP, NT>(o, s, vt, lane);
+      __syncthreads();  // every warp is done with this stage before the next iteration refills it
+    }
+    cp_async_wait<0>();  // no tile at all: Q's copies retire here
+
+    float l_full[2];
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l_full[r] = l_run[r] + __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+      l_full[r] += __shfl_xor_sync(0xffffffffu, l_full[r], 2);
+    }
+    if (a.splits > 1) {
+      // The partial of this chunk, unnormalised, for attention_combine_kernel.
+      const int64_t row0 = static_cast<int64_t>(blockIdx.y) * a.B * a.H * a.Lq + bh * a.Lq;
+      #pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (rows[r] >= a.Lq) continue;
+        #pragma unroll
+        for (int d = 0; d < DT; ++d)
+          #pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * d + 2 * t + e;
+            if (col < a.D) a.o_part[(row0 + rows[r]) * a.D + col] = o[d][2 * r + e];
+          }
+        if (t == 0) a.m_part[row0 + rows[r]] = m_run[r], a.l_part[row0 + rows[r]] = l_full[r];
+      }
+      return;
+    }
+    const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (rows[r] >= a.Lq) continue;
+      const int64_t row = query_row<PACKED>(a, bh, h, rows[r]);
+      // A row with no visible key has l = 0: output 0 and, through inv_l = 0, zero gradients.
+      const float inv = l_full[r] == 0.0f ? 0.0f : 1.0f / l_full[r];
+      T* out = static_cast<T*>(a.out) + row * a.D;
+      #pragma unroll
+      for (int d = 0; d < DT; ++d)
+        #pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * d + 2 * t + e;
+          if (col < a.D) out[col] = from_float<T>(o[d][2 * r + e] * inv * keep_scale);
+        }
+      if (t == 0) {
+        a.row_max[row] = m_run[r] == -INFINITY ? 0.0f : m_run[r];
+        a.inv_l[row] = inv;
+      }
+    }
+  });
+}
+
+// fp32 tiles: every operand and the accumulators in shared memory, products by block_gemm's FMA loop.
 template <typename T, int DP>
 struct FwdSmem {
   using Tile = FwdTile<T, DP>;
@@ -18,7 +208,7 @@ struct FwdSmem {
 };
 
 template <typename T, int DP, bool PACKED>
-__global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttentionArgs args) {
+__global__ void __launch_bounds__(kAttnThreads) attention_fwd_fma_kernel(AttentionArgs args) {
   using L = FwdSmem<T, DP>;
   constexpr int BM = L::BM, BN = L::BN;
   TK_EXTERN_SHARED(unsigned char, smem);
@@ -160,14 +350,26 @@ __global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(Atte
 
 }  // namespace
 
+// The forward's layout (BM, BN, bytes) for an element type and padded head dim: mma.sync for fp16/bf16, FMA for fp32.
+template <typename T, int DP>
+using ForwardLayout = std::conditional_t<sizeof(T) == 2, MmaFwdLayout<T, DP>, FwdSmem<T, DP>>;
+
 void attention_forward_tile(int dtype, int64_t d, int* bm, int* bn) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_head_dim<T>(d, [&](auto dp) {
-      *bm = FwdTile<T, decltype(dp)::value>::BM;
-      *bn = FwdTile<T, decltype(dp)::value>::BN;
+      *bm = ForwardLayout<T, decltype(dp)::value>::BM;
+      *bn = ForwardLayout<T, decltype(dp)::value>::BN;
     });
   });
+}
+
+size_t attention_forward_smem(int dtype, int64_t d) {
+  size_t bytes = 0;
+  dispatch_dtype(dtype, [&](auto tag) {
+    dispatch_head_dim<decltype(tag)>(d, [&](auto dp) { bytes = ForwardLayout<decltype(tag), decltype(dp)::value>::bytes; });
+  });
+  return bytes;
 }
 
 void attention_forward(const AttentionArgs& a, tk_stream_t stream) {
@@ -175,13 +377,18 @@ void attention_forward(const AttentionArgs& a, tk_stream_t stream) {
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_head_dim<T>(a.D, [&](auto dp) {
-      using L = FwdSmem<T, decltype(dp)::value>;
+      constexpr int D = decltype(dp)::value;
+      using L = ForwardLayout<T, D>;
       const int64_t blocks = a.B * a.H * ((a.Lq + L::BM - 1) / L::BM);
       if (blocks > 0x7fffffffLL) throw std::invalid_argument("attention: more than 2^31-1 query tiles");
-      const unsigned splits = a.splits > 1 ? static_cast<unsigned>(a.splits) : 1u;
-      constexpr int D = decltype(dp)::value;
-      launch(a.cu_q ? attention_fwd_kernel<T, D, true> : attention_fwd_kernel<T, D, false>,
-             dim3(static_cast<unsigned>(blocks), splits), dim3(kAttnThreads), L::bytes, stream, a);
+      const dim3 grid(static_cast<unsigned>(blocks), a.splits > 1 ? static_cast<unsigned>(a.splits) : 1u);
+      if constexpr (sizeof(T) == 2) {
+        launch(a.cu_q ? attention_fwd_mma_kernel<T, D, true> : attention_fwd_mma_kernel<T, D, false>, grid,
+               dim3(kAttnThreads), L::bytes, stream, a);
+      } else {
+        launch(a.cu_q ? attention_fwd_fma_kernel<T, D, true> : attention_fwd_fma_kernel<T, D, false>, grid,
+               dim3(kAttnThreads), L::bytes, stream, a);
+      }
     });
     if (a.splits > 1) {
       const int64_t rows = a.B * a.H * a.Lq, per_block = kCombineThreads / 32;

@@ -226,6 +226,9 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
     tk::attention_forward_tile(dtype, d, &bm, &bn);
     return py::make_tuple(bm, bn);
   }, "the attention forward's (BM, BN) for a dtype code and head dim");
+  m.def("attention_smem", [](const std::string& pass, int dtype, int64_t d) {
+    return pass == "fwd" ? tk::attention_forward_smem(dtype, d) : tk::attention_backward_smem(dtype, d, pass == "dq");
+  }, "dynamic shared memory (bytes) of the attention kernel of a pass (fwd | dkdv | dq) for a dtype code and head dim");
   py::tuple head_dims(std::size(tk::kAttnHeadDims));
   for (std::size_t i = 0; i < std::size(tk::kAttnHeadDims); ++i) head_dims[i] = tk::kAttnHeadDims[i];
   m.attr("attention_head_dims") = head_dims;
@@ -256,5 +259,8 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
   st.def("int_shuffles", &simt_selftest::int_shuffles);
   st.def("atomics", &simt_selftest::atomics);
   st.def("gemm", &simt_selftest::gemm);
+  st.def("mma_16816", &simt_selftest::mma_16816);
+  st.def("ldmatrix", &simt_selftest::ldmatrix);
+  st.def("cp_async", &simt_selftest::cp_async);
 #endif
 }

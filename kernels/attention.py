@@ -49,12 +49,26 @@ from .config import (
 )
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Largest head dim per dtype for which every pass has a spill-free tile on sm_80 and sm_90 (fp32 dots run as
-# tf32x3, which holds each operand twice: with masks and dropout no fp32 tile above D = 64 fits the registers).
-MAX_HEAD_DIM = {torch.float16: 256, torch.bfloat16: 256, torch.float32: 64}
+# Largest head dim per dtype; every pass has a spill-free tile for each up to it on sm_80 and sm_90.
+MAX_HEAD_DIM = {torch.float16: 256, torch.bfloat16: 256, torch.float32: 256}
+# fp32 products run as tf32x3 on tensor cores up to this head-dim block and as ieee FMA products above it: tf32x3
+# holds a high and a low tf32 copy of each operand, and with masks and dropout no fp32 tile above D = 64 compiled
+# without spills; FMA products hold each operand once (about 1/3 of tf32x3's throughput, at least its accuracy).
+FP32_TENSOR_CORE_MAX_D = tl.constexpr(64)
 MIN_BLOCK_D = 16  # tl.dot needs every dimension >= 16
 FLOAT_MASK = tl.constexpr(MASK_ADD)  # the mask kind of the mask-gradient pass, readable inside @triton.jit
 HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)
+
+
+@triton.jit
+def _dot(a, b, acc, INTERPRETED: tl.constexpr):
+    """acc + a @ b (`mma`), fp32 above FP32_TENSOR_CORE_MAX_D as ieee FMA products. Every product here has the
+    head dim as its inner dim (q·kᵀ, do·vᵀ) or its output's columns (p·v, pᵀ·do, dsᵀ·q, ds·k), and no fp32 tile
+    has another dim above 64, so the wider of a's columns and b's columns is the head-dim block."""
+    wide = a.shape[1] > FP32_TENSOR_CORE_MAX_D or b.shape[1] > FP32_TENSOR_CORE_MAX_D
+    if a.dtype == tl.float32 and wide and not INTERPRETED:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return mma(a, b, acc, INTERPRETED)
 
 
 @triton.jit
@@ -137,7 +151,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, first, h, num_heads, k_bas
     col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
     k_base, v_base, rel_n = _key_tile(k_base, v_base, start_n, offs_n, stride_kn, stride_vn, WIDE)
     kt = tl.load(k_base + rel_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-    qk = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
+    qk = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
                              stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -153,7 +167,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, first, h, num_heads, k_bas
         # l_i keeps the undropped sum: dropout applies to the normalised probabilities.
         p = tl.where(_keep(seed, bh, first, h, num_heads, seqlen_q, offs_m, start_n, dropout_p, BLOCK_N, VARLEN), p,
                      0.0)
-    acc = mma(p.to(v.dtype), v, acc * alpha[:, None], INTERPRETED)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], INTERPRETED)
     return acc, m_new, l_i
 
 
@@ -376,7 +390,7 @@ def _probs(q, kt, start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, i
            stride_mask_m, stride_mask_n, sm_scale, causal_offset,
            MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WIDE: tl.constexpr, INTERPRETED: tl.constexpr):
     # Recomputes the forward probabilities of one tile from the saved row max and reciprocal sum.
-    qk = mma(q, kt, tl.zeros([q.shape[0], kt.shape[1]], tl.float32), INTERPRETED)
+    qk = _dot(q, kt, tl.zeros([q.shape[0], kt.shape[1]], tl.float32), INTERPRETED)
     s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
                              stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
     row_ok = offs_m < seqlen_q
@@ -398,18 +412,18 @@ def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_p
     p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
                         seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
                         IS_CAUSAL, WIDE, INTERPRETED)
-    dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, k.shape[0]], tl.float32), INTERPRETED)
+    dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, k.shape[0]], tl.float32), INTERPRETED)
     if DROPOUT:
         keep = _keep(seed, bh, bq, h, num_heads, seqlen_q, offs_m, start_n, dropout_p, k.shape[0], VARLEN)
         scale = 1.0 / (1.0 - dropout_p)
-        dv = mma(tl.trans(tl.where(keep, p * scale, 0.0).to(do.dtype)), do, dv, INTERPRETED)
+        dv = _dot(tl.trans(tl.where(keep, p * scale, 0.0).to(do.dtype)), do, dv, INTERPRETED)
         dp = tl.where(keep, dp * scale, 0.0)
     else:
-        dv = mma(tl.trans(p.to(do.dtype)), do, dv, INTERPRETED)
+        dv = _dot(tl.trans(p.to(do.dtype)), do, dv, INTERPRETED)
     delta = tl.load(delta_ptr + rows, mask=offs_m < seqlen_q, other=0.0)
     # Hidden entries get exactly 0, even where a padded V holds NaN and made dp NaN.
     ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
-    dk = mma(tl.trans(ds.to(q.dtype)), q, dk, INTERPRETED)
+    dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, INTERPRETED)
     return dk, dv
 
 
@@ -497,14 +511,14 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, 
     p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
                         seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
                         IS_CAUSAL, WIDE, INTERPRETED)
-    dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
+    dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
         dp = tl.where(_keep(seed, bh, first, h, num_heads, seqlen_q, offs_m, start_n, dropout_p, BLOCK_N, VARLEN),
                       dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
     if MASK_KIND != 0:
         k = tl.where(_seen_by_any(visible)[:, None], k, 0.0)
-    return mma(ds.to(k.dtype), k, dq, INTERPRETED)
+    return _dot(ds.to(k.dtype), k, dq, INTERPRETED)
 
 
 @triton.jit(do_not_specialize=["causal_offset"])
@@ -593,7 +607,7 @@ def attn_bwd_dmask_kernel(
     p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
                         seqlen_q, mask_ptr + b * stride_mask_b + h * stride_mask_h, stride_mask_m, stride_mask_n,
                         sm_scale, causal_offset, FLOAT_MASK, IS_CAUSAL, WIDE, INTERPRETED)
-    dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERPRETED)
+    dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
         dp = tl.where(_keep(seed, bh, 0, h, num_heads, seqlen_q, offs_m, start_n, dropout_p, BLOCK_N, False),
                       dp * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -639,7 +653,9 @@ class TileConfig:
 # one. Chosen by compiling candidates from large to small for sm_80 and sm_90 and keeping the first two with 0
 # spill bytes on both (tests/test_resources.py re-checks every entry): a "plain" kernel (causal at most) affords
 # bigger tiles than one that also loads a mask tile, padding and dropout draws ("all"), and fp32 (4 bytes, tf32x3
-# dots) needs the smallest. dkdv keeps K, V, dK and dV of its key tile resident, so its tiles are the smallest.
+# dots; FMA dots above D = 64) needs the smallest. dkdv keeps K, V, dK and dV of its key tile resident, so its tiles
+# are the smallest. ptxas caps some 8-warp fp32 kernels at 80 or 128 registers, so a smaller tile can spill where a
+# larger one does not (or more warps help): the fp32 entries at D = 128/256 are the candidates that compiled clean.
 _FWD = {
     ("plain", 2, 16): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
     ("plain", 2, 32): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
@@ -649,6 +665,8 @@ _FWD = {
     ("plain", 4, 16): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
     ("plain", 4, 32): [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2)],
     ("plain", 4, 64): [TileConfig(32, 32, 4, 2), TileConfig(32, 32, 8, 1)],
+    ("plain", 4, 128): [TileConfig(16, 32, 8, 1), TileConfig(16, 16, 4, 1)],
+    ("plain", 4, 256): [TileConfig(16, 32, 8, 1), TileConfig(16, 16, 4, 1)],
     ("all", 2, 16): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
     ("all", 2, 32): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
     ("all", 2, 64): [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2)],
@@ -657,6 +675,8 @@ _FWD = {
     ("all", 4, 16): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
     ("all", 4, 32): [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2)],
     ("all", 4, 64): [TileConfig(32, 32, 4, 2), TileConfig(32, 32, 8, 1)],
+    ("all", 4, 128): [TileConfig(16, 16, 4, 1)],
+    ("all", 4, 256): [TileConfig(16, 32, 8, 1), TileConfig(16, 16, 4, 1)],
 }
 _DKDV = {
     ("plain", 2, 16): [TileConfig(32, 128, 8, 2), TileConfig(64, 64, 8, 2)],
@@ -667,6 +687,8 @@ _DKDV = {
     ("plain", 4, 16): [TileConfig(32, 32, 8, 2), TileConfig(32, 32, 4, 2)],
     ("plain", 4, 32): [TileConfig(16, 16, 4, 1)],
     ("plain", 4, 64): [TileConfig(16, 32, 8, 1), TileConfig(16, 32, 4, 1)],
+    ("plain", 4, 128): [TileConfig(16, 16, 4, 1)],
+    ("plain", 4, 256): [TileConfig(16, 16, 8, 1)],
     ("all", 2, 16): [TileConfig(32, 32, 8, 2), TileConfig(32, 32, 4, 2)],
     ("all", 2, 32): [TileConfig(32, 32, 8, 2), TileConfig(32, 32, 4, 2)],
     ("all", 2, 64): [TileConfig(32, 32, 8, 2), TileConfig(32, 32, 4, 2)],
@@ -675,6 +697,8 @@ _DKDV = {
     ("all", 4, 16): [TileConfig(16, 32, 4, 1), TileConfig(16, 16, 4, 1)],
     ("all", 4, 32): [TileConfig(16, 16, 4, 1)],
     ("all", 4, 64): [TileConfig(16, 32, 8, 1), TileConfig(16, 16, 4, 1)],
+    ("all", 4, 128): [TileConfig(32, 16, 8, 1)],
+    ("all", 4, 256): [TileConfig(16, 32, 8, 1)],
 }
 _DQ = {
     ("plain", 2, 16): [TileConfig(128, 32, 8, 2), TileConfig(64, 64, 8, 2)],
@@ -685,6 +709,8 @@ _DQ = {
     ("plain", 4, 16): [TileConfig(128, 32, 8, 2), TileConfig(64, 64, 8, 2)],
     ("plain", 4, 32): [TileConfig(64, 32, 8, 2), TileConfig(16, 32, 8, 1)],
     ("plain", 4, 64): [TileConfig(16, 32, 8, 1), TileConfig(16, 32, 4, 1)],
+    ("plain", 4, 128): [TileConfig(16, 32, 8, 1), TileConfig(16, 16, 8, 1)],
+    ("plain", 4, 256): [TileConfig(16, 32, 8, 1), TileConfig(16, 16, 4, 1)],
     ("all", 2, 16): [TileConfig(128, 32, 8, 2), TileConfig(64, 64, 8, 2)],
     ("all", 2, 32): [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 8, 2)],
     ("all", 2, 64): [TileConfig(32, 64, 8, 2), TileConfig(32, 32, 8, 2)],
@@ -693,6 +719,8 @@ _DQ = {
     ("all", 4, 16): [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 8, 2)],
     ("all", 4, 32): [TileConfig(16, 32, 8, 1), TileConfig(16, 32, 4, 1)],
     ("all", 4, 64): [TileConfig(16, 16, 4, 1)],
+    ("all", 4, 128): [TileConfig(16, 32, 8, 1), TileConfig(16, 16, 4, 1)],
+    ("all", 4, 256): [TileConfig(16, 32, 8, 1), TileConfig(16, 16, 8, 1)],
 }
 PASSES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ}
 # The WIDE form (64-bit tile corners) runs one tile per pass and class: the smallest of the table above, except
@@ -702,6 +730,7 @@ _WIDE_TILES = {
     ("dkdv", ("plain", 4, 64)): TileConfig(16, 16, 8, 1),
     ("fwd", ("plain", 2, 256)): TileConfig(32, 32, 8, 1),
     ("dq", ("all", 2, 256)): TileConfig(16, 16, 8, 1),
+    ("dkdv", ("plain", 4, 128)): TileConfig(16, 16, 8, 1),
 }
 # Packed sequences (VARLEN) keep a sequence's bounds and 64-bit first rows in registers: where a tile of the class
 # spilled with them, these replace it (each compiled with 0 spills on sm_80 and sm_90); the WIDE form likewise.
@@ -712,6 +741,9 @@ _VARLEN_TILES = {
     ("dkdv", ("all", 4, 64)): [TileConfig(16, 32, 8, 1)],
     ("fwd", ("all", 2, 256)): [TileConfig(32, 64, 8, 2)],
     ("fwd", ("plain", 2, 256)): [TileConfig(64, 32, 8, 2)],
+    ("dkdv", ("all", 4, 128)): [TileConfig(16, 64, 8, 1)],
+    ("dkdv", ("plain", 4, 128)): [TileConfig(32, 16, 8, 1)],
+    ("dq", ("plain", 4, 128)): [TileConfig(16, 16, 8, 1)],
 }
 _VARLEN_WIDE_TILES = {
     ("dkdv", ("plain", 4, 16)): TileConfig(16, 32, 4, 1),
@@ -719,6 +751,9 @@ _VARLEN_WIDE_TILES = {
     ("dkdv", ("all", 4, 64)): TileConfig(16, 16, 8, 1),
     ("dkdv", ("all", 2, 64)): TileConfig(32, 32, 8, 2),
     ("dq", ("all", 2, 16)): TileConfig(64, 32, 8, 2),
+    ("dq", ("all", 4, 128)): TileConfig(16, 32, 8, 1),
+    ("dkdv", ("all", 4, 256)): TileConfig(16, 16, 8, 2),
+    ("dkdv", ("plain", 4, 256)): TileConfig(16, 16, 16, 1),
 }
 # Under the interpreter every tile costs a numpy call per op: one small fixed tile, no tuning.
 INTERPRETER_CONFIG = TileConfig(32, 32, 1, 1)
@@ -792,12 +827,19 @@ _dq = _autotuned(attn_bwd_dq_kernel, "dq")
 COMBINE_BLOCK_R = 16
 
 
+# Where the rule of `split_tile` spilled (fp32 D = 128: 8 bytes on sm_80), the class's other tile, 0 spills.
+_SPLIT_TILES = {("plain", 4, 128): TileConfig(16, 32, 8, 1)}
+
+
 def split_tile(block_d: int, elem_bytes: int, features: str, interpreted: bool | None = None) -> TileConfig:
     """The one tile of the split-KV forward: 16 query rows (a decoding step has 1) with the key tile, warps and
     stages of the forward's smallest tile of the class: fewer registers than that tile, which is spill-free."""
     if is_interpreted() if interpreted is None else interpreted:
         return INTERPRETER_CONFIG
-    smallest = _FWD[(features, max(elem_bytes, 2), block_d)][-1]
+    key = (features, max(elem_bytes, 2), block_d)
+    if key in _SPLIT_TILES:
+        return _SPLIT_TILES[key]
+    smallest = _FWD[key][-1]
     return TileConfig(16, smallest.block_n, smallest.num_warps, smallest.num_stages)
 
 

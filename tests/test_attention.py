@@ -86,8 +86,8 @@ def test_low_precision(backend, dtype, kind, device):
 def test_value_head_dim_other_than_the_querys(backend, dtype, d, dv, device):
     # The kernels run at the wider head dim on zero-padded operands (zeros add nothing to a score, and padded value
     # columns are cut from the output): forward, dq/dk/dv and the mask's gradient against the reference.
-    if dtype == torch.float32 and max(d, dv) > 64:
-        pytest.skip("torch.float32 stops at D = 64 on both kernel backends")
+    if max(d, dv) > max_head_dim(backend, dtype, device):
+        pytest.skip(f"{dtype} stops at D = {max_head_dim(backend, dtype, device)} on {backend}")
     q, k, _ = make_qkv(2, 4, 2, 19, 23, d, dtype, device)
     v = torch.randn(2, 2, 23, dv, generator=torch.Generator().manual_seed(5)).to(dtype).to(device)
     assert not backends.launchers("attention", backend).unsupported(q, k, v)
@@ -120,8 +120,8 @@ def max_head_dim(backend, dtype, device):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("d", [16, 32, 40, 48, 59, 64, 72, 80, 96, 111, 128, 160, 256])
 def test_head_dims(backend, d, device):
-    # Both kernel backends run fp16/bf16 up to 256; fp32 (tf32x3 dots in Triton, FMA loops in CUDA) up to 64.
-    # Above its limit a forced backend raises a clear error.
+    # Both kernel backends run fp16/bf16 up to 256; fp32 up to 256 on Triton (tf32x3 dots to 64, FMA dots above) and
+    # up to 64 on CUDA (FMA loops). Above its limit a forced backend raises a clear error.
     for dtype in (torch.float16, torch.float32):
         if d <= max_head_dim(backend, dtype, device):
             q, k, v = make_qkv(1, 2, 2, 19, 23, d, dtype, device, seed=d)
@@ -614,12 +614,12 @@ def test_unsupported_inputs_on_a_forced_backend_and_auto_fallback(device):
     for backend in KERNEL_BACKENDS:
         with pytest.raises(NotImplementedError, match=rf"{backend}.*head dim 300"), tk.use_backend(backend):
             tk.ops.attention(q, k, v)
-    # fp32 stops at 64 on both (csrc/attention.h, kernels/attention.py): the limit is named per dtype.
+    # fp32 stops at 64 on CUDA (csrc/attention.h): the limit is named per dtype; Triton takes it.
     wide = make_qkv(1, 1, 1, 3, 3, 128, torch.float32, device)
-    for backend in KERNEL_BACKENDS:
-        with pytest.raises(NotImplementedError, match=rf"{backend}.*head dim 128 with torch.float32 \(supported: 1\.\.64\)"), \
-                tk.use_backend(backend):
-            tk.ops.attention(*wide)
+    with pytest.raises(NotImplementedError, match=r"cuda.*head dim 128 with torch.float32 \(supported: 1\.\.64\)"), \
+            tk.use_backend("cuda"):
+        tk.ops.attention(*wide)
+    assert backends.resolve_for("attention", "attention", torch.device("cuda"), "auto", *wide) == "triton"
     with tk.use_backend("torch"):
         check_against_reference("torch", q, k, v)
     # auto on a CUDA tensor skips a backend that cannot take the inputs (resolved without running anything)

@@ -85,12 +85,37 @@ def test_cuda_attention_instantiations_use_tensor_cores(cuda_rows):
     expected = {(t, d) for t in ("__half", "__nv_bfloat16") for d in c.attention_head_dims
                 if d <= c.attention_max_head_dim["half"]}
     expected |= {("float", d) for d in c.attention_head_dims if d <= c.attention_max_head_dim["float"]}
-    for kernel in ("attention_fwd_kernel", "attention_dkdv_kernel", "attention_dq_kernel"):
-        rows = [r for r in cuda_rows if r.kernel == kernel]
+    for kernel in ("attention_fwd", "attention_dkdv_kernel", "attention_dq"):
+        rows = [r for r in cuda_rows if r.kernel.startswith(kernel)]
         assert {tuple(r.variant.split(", ")) for r in rows} == {(t, str(d), p) for t, d in expected
                                                                 for p in ("false", "true")}
         for r in rows:
             assert (r.tensor_core_instrs > 0) == (not r.variant.startswith("float")), (kernel, r.variant, r.arch)
+    # the forward and dQ: mma.sync for fp16/bf16, the FMA kernels for fp32
+    for kernel in ("attention_fwd_fma_kernel", "attention_dq_fma_kernel"):
+        assert {r.variant.split(", ")[0] for r in cuda_rows if r.kernel == kernel} == {"float"}
+
+
+def test_cuda_forward_and_dq_are_register_resident_and_pipelined(cuda_rows):
+    # mma.sync (HMMA) fed by ldmatrix (LDSM) from tiles copied by cp.async (LDGSTS), for every fp16/bf16
+    # instantiation; the shared-memory column counts the dynamic tiles, and at D = 128 fp16 two 4-warp blocks fit
+    # an sm_80 SM (<= 80 KiB each).
+    rows = [r for r in cuda_rows if r.kernel in ("attention_fwd_mma_kernel", "attention_dq_mma_kernel")]
+    assert {r.kernel for r in rows} == {"attention_fwd_mma_kernel", "attention_dq_mma_kernel"}
+    for r in rows:
+        where = f"{r.kernel}<{r.variant}> sm_{r.arch}"
+        assert r.tensor_core_instrs > 0 and r.sass_ops["LDSM"] > 0 and r.sass_ops["LDGSTS"] > 0, (where, r.sass_ops)
+        assert r.shared_bytes <= resources.MAX_SHARED[86], where
+    d128 = [r for r in rows if r.variant.startswith("__half, 128,") and r.arch == 80]
+    assert d128 and all(r.shared_bytes <= 80 * 1024 for r in d128), [r.shared_bytes for r in d128]
+    assert all(resources.MAX_SHARED[80] // r.shared_bytes >= 2 for r in d128)
+    # every attention kernel reports the dynamic shared memory it launches with
+    c = _ext.load("_C_host")
+    for r in cuda_rows:
+        if r.kernel.startswith(("attention_fwd_", "attention_dkdv", "attention_dq")):
+            code = {"float": 0, "__half": 1, "__nv_bfloat16": 2}[r.variant.split(", ")[0]]
+            pass_name = "fwd" if "fwd" in r.kernel else "dq" if "dq" in r.kernel else "dkdv"
+            assert r.shared_bytes >= c.attention_smem(pass_name, code, int(r.variant.split(", ")[1])) > 0
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +139,10 @@ def test_every_triton_attention_config_compiles_without_spills_on_tensor_cores(a
         assert r.stack_bytes == 0, f"{where} spills {r.stack_bytes} bytes"
         assert r.shared_bytes <= resources.MAX_SHARED[r.arch], f"{where} needs {r.shared_bytes} B of shared memory"
         if r.kernel not in ("attn_bwd_preprocess", "attn_fwd_combine"):  # row reductions, no products
-            assert r.tensor_core_instrs > 0, f"{where} does not use tensor cores"
+            # fp32 above FP32_TENSOR_CORE_MAX_D runs ieee FMA products, everything else tensor cores
+            dtype, d = r.variant.split()[:2]
+            fma = dtype == "fp32" and int(d.removeprefix("D=")) > triton_attention.FP32_TENSOR_CORE_MAX_D.value
+            assert (r.tensor_core_instrs > 0) != fma, f"{where}: {r.tensor_core_instrs} tensor-core instructions"
     # the split-KV forward and its combine, for every dtype and head-dim block
     for kernel in ("attn_fwd_split", "attn_fwd_combine", "attn_dmask"):
         assert any(r.kernel == kernel for r in attention_rows), kernel

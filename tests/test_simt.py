@@ -89,6 +89,60 @@ def test_block_gemm_and_wmma_fragments(code, a_t, b_t):
     torch.testing.assert_close(c, expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("code", [1, 2])
+def test_mma_16816_fragment_layout(code):
+    # Every lane builds its A, B, C fragments from the PTX ISA's table and writes D where the table puts it: the
+    # whole 16 x 8 product right means every lane's elements are where the ISA says (a misplaced element would
+    # land in a wrong row or column of D). Distinct powers of two per element make any misplacement visible.
+    dtype = DTYPES[code]
+    g = torch.Generator().manual_seed(code)
+    a = torch.randint(-4, 5, (16, 16), generator=g).to(dtype) * 2.0 ** torch.arange(16).remainder(5).to(dtype)
+    b = torch.randint(-4, 5, (16, 8), generator=g).to(dtype)
+    c = torch.randint(-8, 9, (16, 8), generator=g).float()
+    d = torch.empty(16, 8)
+    C.selftest.mma_16816(a.data_ptr(), b.data_ptr(), c.data_ptr(), d.data_ptr(), code)
+    assert torch.equal(d, c + a.float() @ b.float())  # small integers times powers of two: exact in any order
+    # the layout is asymmetric: transposing either operand's placement changes the product
+    assert not torch.allclose(d, c + a.float().T @ b.float(), atol=1e-3)
+
+
+@pytest.mark.parametrize("trans", [False, True])
+def test_ldmatrix_x4_gives_each_lane_its_documented_elements(trans):
+    tile = torch.arange(256, dtype=torch.int32).to(torch.uint16).view(16, 16)  # element value = its position
+    out = torch.empty(32, 4, 2, dtype=torch.uint16)
+    C.selftest.ldmatrix(tile.data_ptr(), out.data_ptr(), trans)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for i in range(4):  # matrix i: rows 8(i % 2).., columns 8(i // 2)..
+            for h in range(2):
+                r, col = (2 * t + h, g) if trans else (g, 2 * t + h)
+                expected = (8 * (i % 2) + r) * 16 + 8 * (i // 2) + col
+                assert int(out[lane, i, h]) == expected, (lane, i, h)
+
+
+def test_cp_async_lands_between_issue_and_the_wait_that_retires_its_group():
+    n = 40
+    src = torch.randn(n * 4)
+    sizes = torch.tensor([16, 0, 8, 16, 4] * 8, dtype=torch.int32)  # full, zero-filled and partial copies
+    expected = src.clone().view(n, 4)
+    for i, b in enumerate(sizes.tolist()):
+        expected[i, b // 4:] = 0.0
+    out = torch.empty(n, 4)
+    C.simt_seed(0)
+    C.selftest.cp_async(src.data_ptr(), sizes.data_ptr(), out.data_ptr(), n, 32, 0)
+    assert torch.equal(out, expected)
+    # Waiting for the older group only: the even chunks (first group) are there; each odd one, in flight, either
+    # landed at its issue or still reads as the poisoned shared memory (0xFF bytes: NaN) — both happen.
+    C.selftest.cp_async(src.data_ptr(), sizes.data_ptr(), out.data_ptr(), n, 32, 1)
+    assert torch.equal(out[0::2], expected[0::2])
+    landed = (out[1::2] == expected[1::2]).all(1)
+    assert (landed | out[1::2].isnan().all(1)).all() and landed.any() and not landed.all()
+    # a read before any wait sees only the copies that landed at issue
+    C.selftest.cp_async(src.data_ptr(), sizes.data_ptr(), out.data_ptr(), n, 32, -1)
+    landed = (out == expected).all(1)
+    assert (landed | out.isnan().all(1)).all() and not landed.all()
+
+
 def test_cuda_build_without_a_device_raises_cleanly():
     ok, why = _ext.available("_C")
     if not ok:
@@ -197,19 +251,24 @@ def norm_error(module, direction, monkeypatch):
     return max_error(ours, theirs)
 
 
-def attention_error(module, direction, monkeypatch):
-    """Max error of the module's attention (forward, or one gradient) against the fp32 reference."""
+def attention_error(module, direction, monkeypatch, dtype=torch.float16):
+    """Max error of the module's attention (forward, or one gradient) against the fp32 reference: 200 keys, so the
+    forward streams several double-buffered key tiles past the 40 queries; fp32 at D = 64, where the FMA product
+    of a row runs on other warps than the row's softmax."""
     monkeypatch.setattr(_ext, "module_for", lambda device: module)
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 40, 32, dtype=torch.float16, requires_grad=True) for _ in range(3))
-    mask = torch.rand(40, 40) > 0.2
+    d = 64 if dtype == torch.float32 else 32
+    q = torch.randn(1, 2, 40, d, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, 2, 200, d, dtype=dtype, requires_grad=True) for _ in range(2))
+    mask = torch.rand(40, 200) > 0.2
     with tk.use_backend("cuda"):
-        out = tk.ops.attention(q, k, v, attn_mask=mask, is_causal=True)
-    ref = reference.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), mask, is_causal=True)
+        out = tk.ops.attention(q, k, v, attn_mask=mask, is_causal=True, causal_alignment="bottom_right")
+    ref = reference.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), mask, is_causal=True,
+                                                 causal_alignment="bottom_right")
     if direction == "forward":
         return max_error(out, ref)
     g = torch.randn_like(ref)
-    ours = torch.autograd.grad(out, (q, k, v), g.half())
+    ours = torch.autograd.grad(out, (q, k, v), g.to(dtype))
     theirs = torch.autograd.grad(ref, (q, k, v), g)
     grad = {"dq": 0, "dk": 1, "dv": 2}[direction]
     return max_error(ours[grad], theirs[grad])
@@ -220,16 +279,18 @@ def attention_error(module, direction, monkeypatch):
 MUTANTS = [
     ("softmax.cu", 0, "softmax", "forward"),        # softmax_fwd_block: warp partials visible
     ("common.cuh", 0, "softmax", "backward"),       # block_allreduce (softmax_bwd_block): warp partials visible
-    ("attention_fwd.cu", 4, "attention", "forward"),  # probabilities and rescaled accumulators complete
+    ("attention_fwd.cu", 0, "attention", "forward"),  # mma: other threads' cp.async copies of the tile landed
+    ("attention_fwd.cu", 2, "attention", "forward"),  # mma: a stage drained by every warp before it is refilled
+    ("attention_fwd.cu", 7, "attention_fp32", "forward"),  # fma: probabilities and rescaled accumulators complete
     ("attention_bwd.cu", 3, "attention", "dv"),     # dkdv: P and dS complete before dV += P^T dO, dK += dS^T Q
-    ("attention_bwd.cu", 6, "attention", "dq"),     # dq: K and V tiles complete before S and dP
+    ("attention_bwd.cu", 5, "attention", "dq"),     # dq (mma): other threads' cp.async copies of K and V landed
     ("common.cuh", 1, "norm", "forward"),           # block_allreduce (norm_fwd_kernel): scratch read before reuse
     ("common.cuh", 1, "norm", "backward"),          # the same in norm_bwd_kernel
 ]
 
 
-# (error of the real build stays below, error of some mutant run exceeds): fp32 softmax, fp16 attention.
-BOUNDS = {"softmax": (1e-5, 1e-3), "attention": (2e-2, 0.1), "norm": (1e-4, 1e-2)}
+# (error of the real build stays below, error of some mutant run exceeds): fp32 softmax, fp16 and fp32 attention.
+BOUNDS = {"softmax": (1e-5, 1e-3), "attention": (2e-2, 0.1), "attention_fp32": (1e-4, 0.1), "norm": (1e-4, 1e-2)}
 
 
 @pytest.mark.parametrize("file,occurrence,op,direction", MUTANTS)
@@ -239,7 +300,8 @@ def test_removing_a_barrier_is_caught(tmp_path, pristine_objects, monkeypatch, f
             return softmax_error(module, direction)
         if op == "norm":
             return norm_error(module, direction, monkeypatch)
-        return attention_error(module, direction, monkeypatch)
+        return attention_error(module, direction, monkeypatch,
+                               torch.float32 if op == "attention_fp32" else torch.float16)
 
     ok, caught = BOUNDS[op]
     assert error(C) < ok  # the real build passes the same check

@@ -114,6 +114,16 @@ struct Fiber {
   int bar_line = 0;
   unsigned warp_mask = 0;          // lanes a warp collective waits for
   void* race_fiber = nullptr;      // its ThreadSanitizer fiber (race checking only)
+  // cp.async copies not yet retired: a GPU may complete a copy any time between its issue and the wait that
+  // retires its group. The simulator picks one of the two ends at random per copy: at issue (a copy overwriting a
+  // buffer other warps still read shows) or at the wait (a read before the wait sees the old bytes); these wait.
+  struct AsyncCopy {
+    unsigned char* dst;
+    unsigned char bytes[16];
+    unsigned group;
+  };
+  std::vector<AsyncCopy> async_copies;
+  unsigned async_groups = 0;       // groups committed so far
 };
 
 struct Runtime {
@@ -142,6 +152,7 @@ struct Runtime {
   char block_start = 0, block_end = 0, barrier = 0;
   std::vector<char> warp_collective;
   std::vector<float> wmma_scratch;  // per warp: the A and B tiles of an mma_sync (512 floats)
+  uint64_t coin = 0;                // a fiber's random choices (cp.async landing), reseeded per block from rng
 };
 
 SIMT_RUNTIME inline Runtime& rt() {
@@ -150,6 +161,13 @@ SIMT_RUNTIME inline Runtime& rt() {
 }
 
 SIMT_RUNTIME inline void set_seed(uint64_t seed) { rt().rng.seed(seed); }
+
+// A random bit for a fiber (an LCG step, uninstrumented: fibers never run at once, ThreadSanitizer would not know).
+SIMT_RUNTIME inline bool coin_flip() {
+  auto& r = rt();
+  r.coin = r.coin * 6364136223846793005ULL + 1442695040888963407ULL;
+  return r.coin >> 63;
+}
 
 SIMT_RUNTIME inline size_t fiber_stack_bytes() {
   static size_t bytes = [] {
@@ -200,6 +218,8 @@ SIMT_RUNTIME inline void fiber_entry() {
   } catch (const std::exception& e) {
     if (r.error.empty()) r.error = e.what();
   }
+  if (!r.cur->async_copies.empty() && r.error.empty())
+    r.error = where(*r.cur) + " exits with cp.async copies it never waited for";
   r.cur->state = State::Done;
   race::release(&r.block_end);
   race::switch_to(r.race_scheduler);
@@ -423,6 +443,7 @@ SIMT_RUNTIME inline void launch(dim3 grid, dim3 block, size_t dyn_smem_bytes, co
       r.block_idx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
                           static_cast<unsigned>(b / (1ull * grid.x * grid.y))};
       r.sticky = r.rng() & 1;
+      r.coin = r.rng();
       r.last_warp = ~0u;
       poison_static_shared();
       std::memset(r.dyn_smem.data(), 0xff, r.dyn_smem.size());
@@ -434,6 +455,8 @@ SIMT_RUNTIME inline void launch(dim3 grid, dim3 block, size_t dyn_smem_bytes, co
         f.linear = i;
         f.tid = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
         f.state = State::Runnable;
+        f.async_copies.clear();
+        f.async_groups = 0;
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = r.stacks + static_cast<size_t>(i) * r.stack_bytes;
         f.ctx.uc_stack.ss_size = r.stack_bytes;
@@ -685,3 +708,101 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
 
 }  // namespace wmma
 }  // namespace nvcuda
+
+// ---- PTX: mma.sync m16n8k16, ldmatrix, cp.async ------------------------------------------------------------------
+// The instructions of csrc/ptx.cuh with the register layouts of the PTX ISA (the table there). mma and ldmatrix are
+// warp collectives: the lanes publish their operands, wait for the whole warp, then each lane reads what the
+// instruction gives it, so a diverged warp raises as on a GPU it would hang or be undefined.
+namespace simt {
+namespace ptx {
+
+template <typename T>
+inline float half_bits_to_float(uint32_t bits16) {
+  T v;
+  const uint16_t b = static_cast<uint16_t>(bits16);
+  std::memcpy(&v, &b, 2);
+  return ::nvcuda::wmma::detail::as_float(v);
+}
+
+// D = A (16 x 16) * B (16 x 8) + C: every lane scatters its A and B elements into the warp's scratch by the
+// documented layout, then computes its four outputs in fp32 (products of 16-bit values are exact in fp32; the
+// hardware's sum order differs, within fp32 rounding).
+template <typename T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+  const int lane = static_cast<int>(lane_id()), g = lane >> 2, t = lane & 3;
+  float* sa = ::nvcuda::wmma::detail::warp_scratch();  // A row-major 16 x 16
+  float* sb = sa + 256;                                // B k-major 16 x 8
+  for (int i = 0; i < 4; ++i)
+    for (int h = 0; h < 2; ++h) {
+      const int row = g + 8 * (i & 1), col = 2 * t + h + 8 * (i >> 1);
+      sa[row * 16 + col] = half_bits_to_float<T>(a[i] >> (16 * h));
+    }
+  for (int i = 0; i < 2; ++i)
+    for (int h = 0; h < 2; ++h) sb[(2 * t + h + 8 * i) * 8 + g] = half_bits_to_float<T>(b[i] >> (16 * h));
+  warp_sync(0xffffffffu);  // every lane's operands are published
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) acc += sa[row * 16 + k] * sb[k * 8 + col];
+    out[i] = acc;
+  }
+  warp_sync(0xffffffffu);  // every lane has read the scratch before the next instruction overwrites it
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l gives the address of row l % 8 of matrix l / 8.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  const unsigned warp = warp_id(), lane = lane_id();
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail(where(*rt().cur) + " ldmatrix row address not 16-byte aligned");
+  std::memcpy(exchange_slot(warp, lane), &row, sizeof row);
+  warp_sync(0xffffffffu);  // every lane's row address is published
+  const unsigned g = lane >> 2, t = lane & 3;
+  for (unsigned i = 0; i < 4; ++i) {
+    uint16_t e[2];
+    for (unsigned h = 0; h < 2; ++h) {
+      // plain: row g, column 2t + h of matrix i; transposed: row 2t + h, column g
+      const unsigned src_row = trans ? 2 * t + h : g, col = trans ? g : 2 * t + h;
+      const unsigned char* p;
+      std::memcpy(&p, exchange_slot(warp, 8 * i + src_row), sizeof p);
+      std::memcpy(&e[h], p + 2 * col, 2);
+    }
+    r[i] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
+  }
+  warp_sync(0xffffffffu);  // every lane has read the addresses before a slot is reused
+}
+
+inline void cp_async_16(void* dst, const void* src, int src_bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16)
+    fail(where(*rt().cur) + " cp.async with an address not 16-byte aligned");
+  if (src_bytes < 0 || src_bytes > 16) fail(where(*rt().cur) + " cp.async src-size outside 0..16");
+  Fiber& f = *rt().cur;
+  Fiber::AsyncCopy c{static_cast<unsigned char*>(dst), {}, f.async_groups};
+  if (src_bytes) std::memcpy(c.bytes, src, static_cast<size_t>(src_bytes));
+  if (coin_flip()) {
+    for (int i = 0; i < 16; ++i) c.dst[i] = c.bytes[i];  // lands at once
+  } else {
+    f.async_copies.push_back(c);
+  }
+}
+
+inline void cp_async_commit() { ++rt().cur->async_groups; }
+
+// Retires every copy of a committed group older than the newest n; copies not yet committed stay in flight. The
+// writes are the fiber's own (instrumented under the sanitizers, like any store of the thread).
+inline void cp_async_wait(int n) {
+  Fiber& f = *rt().cur;
+  const unsigned keep_from = f.async_groups > static_cast<unsigned>(n) ? f.async_groups - n : 0;
+  size_t kept = 0;
+  for (auto& c : f.async_copies) {
+    if (c.group < keep_from) {
+      for (int i = 0; i < 16; ++i) c.dst[i] = c.bytes[i];
+    } else {
+      f.async_copies[kept++] = c;
+    }
+  }
+  f.async_copies.resize(kept);
+}
+
+}  // namespace ptx
+}  // namespace simt

@@ -55,6 +55,8 @@ class Resources:
     stack_bytes: int  # local memory frame: where spills go
     shared_bytes: int
     tensor_core_instrs: int
+    # CUDA rows: counts of the SASS opcodes of `SASS_OPCODES` (ldmatrix, cp.async) in the kernel
+    sass_ops: dict[str, int] | None = None
 
     @property
     def occupancy(self) -> float | None:
@@ -84,6 +86,25 @@ def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
     return out
 
 
+# ldmatrix and cp.async as SASS names them (LDSM.16.M88.4, LDGSTS.E.BYPASS.128 ...).
+SASS_OPCODES = {"LDSM": re.compile(r"\bLDSM\."), "LDGSTS": re.compile(r"\bLDGSTS\.")}
+
+
+def count_opcodes(sass: str) -> dict[str, dict[str, int]]:
+    """cuobjdump --dump-sass → {function: {opcode: count}} for the opcodes of SASS_OPCODES."""
+    counts: dict[str, dict[str, int]] = {}
+    current = None
+    for line in sass.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            current = m.group(1)
+            counts[current] = dict.fromkeys(SASS_OPCODES, 0)
+        elif current:
+            for name, pattern in SASS_OPCODES.items():
+                counts[current][name] += bool(pattern.search(line))
+    return counts
+
+
 def count_tensor_core(sass: str) -> dict[str, int]:
     """cuobjdump --dump-sass → {function: number of tensor-core instructions}."""
     counts: dict[str, int] = {}
@@ -98,12 +119,15 @@ def count_tensor_core(sass: str) -> dict[str, int]:
     return counts
 
 
-def _cuobjdump(cubin: Path) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+def _cuobjdump(cubin: Path, opcodes: bool = False) -> tuple:
+    """(resource usage, tensor-core counts) per function of a cubin, plus `count_opcodes` with ``opcodes``."""
     tool = toolchain.triton_tool("cuobjdump")
     if tool is None:
         raise RuntimeError("cuobjdump not found (ships with triton and with the CUDA toolkit)")
     usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
     sass = subprocess.run([tool, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
+    if opcodes:
+        return parse_resource_usage(usage), count_tensor_core(sass), count_opcodes(sass)
     return parse_resource_usage(usage), count_tensor_core(sass)
 
 
@@ -143,8 +167,10 @@ def compile_variant(v, arch: int) -> dict:
         usage, tc = _cuobjdump(cubin)
     name = compiled.metadata.name
     u = usage[name]
-    return asdict(Resources("triton", v.kernel_name, v.label, arch, v.num_warps * 32, u["REG"],
-                            max(u["STACK"], u["LOCAL"]), max(u["SHARED"], compiled.metadata.shared), tc.get(name, 0)))
+    row = asdict(Resources("triton", v.kernel_name, v.label, arch, v.num_warps * 32, u["REG"],
+                           max(u["STACK"], u["LOCAL"]), max(u["SHARED"], compiled.metadata.shared), tc.get(name, 0)))
+    del row["sass_ops"]  # counted for CUDA kernels only; the committed table keeps its fields
+    return row
 
 
 def _read_json(path: Path) -> dict:
@@ -235,16 +261,33 @@ def _cuda_file_report(nvcc: Path, csrc: Path, f: str, arch: str, tmp: str) -> li
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed on {f} for sm_{arch}:\n{proc.stderr[-4000:]}")
-    usage, tc = _cuobjdump(cubin)
+    usage, tc, ops = _cuobjdump(cubin, opcodes=True)
     names = _demangle(list(usage))
     rows = []
     for mangled, u in sorted(usage.items(), key=lambda kv: names[kv[0]]):
         kernel, variant = _short_kernel_name(names[mangled])
-        # SHARED is the static shared memory; the attention kernels' dynamic tiles are bounded at compile time
-        # (static_assert in csrc/attention_*.cu).
+        # SHARED is the static shared memory; the attention kernels add the dynamic tiles they launch with.
         rows.append(Resources("cuda", kernel, variant, int(arch), 0, u["REG"], max(u["STACK"], u["LOCAL"]),
-                              u["SHARED"], tc.get(mangled, 0)))
+                              u["SHARED"] + _dynamic_shared(kernel, variant), tc.get(mangled, 0),
+                              ops.get(mangled)))
     return rows
+
+
+# The attention kernels' dynamic shared memory, by which pass's layout they launch with (csrc/attention_*.cu).
+_ATTENTION_SMEM_PASS = {"attention_fwd_mma_kernel": "fwd", "attention_fwd_fma_kernel": "fwd",
+                        "attention_dkdv_kernel": "dkdv", "attention_dq_mma_kernel": "dq", "attention_dq_fma_kernel": "dq"}
+
+
+def _dynamic_shared(kernel: str, variant: str) -> int:
+    """Dynamic shared memory of a CUDA kernel instantiation ('__half, 128, false'), as its launcher passes it."""
+    if kernel not in _ATTENTION_SMEM_PASS:
+        return 0
+    from .. import _ext
+
+    host = _ext.load("_C_host")
+    element, d = variant.split(", ")[:2]
+    code = host.dtype_codes[{"float": "float32", "__half": "float16", "__nv_bfloat16": "bfloat16"}[element]]
+    return host.attention_smem(_ATTENTION_SMEM_PASS[kernel], code, int(d))
 
 
 # Reports already compiled in this process, by (files, archs, digest of every csrc source): the resource test and
