@@ -190,9 +190,6 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
   const int64_t b = bh / args.H, h = bh % args.H, hk = h / (args.H / args.Hkv);
   with_sequence<T, PACKED>(args, b, m0, false, [&](const AttentionArgs& a) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const T* k_base = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1];
-    const T* v_base = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
-    const bool k_async = copies_by_16_bytes<T>(a.k, a.k_stride), v_async = copies_by_16_bytes<T>(a.v, a.v_stride);
     const bool dropout = a.dropout_p > 0.0f;
     const uint32_t threshold = dropout_threshold(a.dropout_p);
     const uint64_t seed = dropout ? *a.seed : 0;
@@ -211,40 +208,23 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
       row_hash[r] = dropout ? dropout_row_hash(seed, qr) : 0u;
     }
     const int64_t hi = key_end(a, m0, BM);
-    const int n_tiles = static_cast<int>((hi + BN - 1) / BN);
+    const auto kv = kv_tiles<T, BN, DP>(a, ks, vs, b, hk, 0, hi);
     float* dmask_rows = a.dmask == nullptr ? nullptr : a.dmask + bh * a.Lq * a.Lk;
-
-    auto load_kv = [&](int it) {
-      const int64_t n0 = static_cast<int64_t>(it) * BN;
-      const int stage = it & 1;
-      load_tile_swizzled<T, BN, DP, true>(ks + stage * BN * DP, k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a,
-                                          b, n0, k_async);
-      load_tile_swizzled<T, BN, DP, true>(vs + stage * BN * DP, v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a,
-                                          b, n0, v_async);
-    };
     load_tile_swizzled<T, BM, DP, false>(qs, static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] +
                                          m0 * a.q_stride[2], a.q_stride, a.Lq - m0, a, b, 0,
                                          copies_by_16_bytes<T>(a.q, a.q_stride));
     load_tile_swizzled<T, BM, DP, false>(dos, static_cast<const T*>(a.dout) + b * a.do_stride[0] + h * a.do_stride[1] +
                                          m0 * a.do_stride[2], a.do_stride, a.Lq - m0, a, b, 0,
                                          copies_by_16_bytes<T>(a.dout, a.do_stride));
-    if (n_tiles > 0) load_kv(0);
-    cp_async_commit();
+    kv.start(a, b);
 
     float dq[DT][4] = {};
-    for (int it = 0; it < n_tiles; ++it) {
-      const int stage = it & 1;
-      const int64_t n0 = static_cast<int64_t>(it) * BN;
-      if (it + 1 < n_tiles) {
-        load_kv(it + 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
+    for (int it = 0; it < kv.n_tiles; ++it) {
+      const int64_t n0 = kv.first_key(it);
+      kv.advance(a, b, it);
       __syncthreads();  // tile it (and, first, Q and dO) landed from every thread's copies
-      T* kt = ks + stage * BN * DP;
-      const T* vt = vs + stage * BN * DP;
+      T* kt = kv.k(it);
+      const T* vt = kv.v(it);
       float s[NT][4] = {}, dp[NT][4] = {};
       warp_mma_abt<T, DP, NT>(s, [&](int kk, uint32_t (&af)[4]) { ldmatrix_a<T, DP>(af, qs, 16 * warp, 16 * kk, lane); },
                               kt, lane);
@@ -274,7 +254,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
     }
     cp_async_wait<0>();  // no tile at all: Q's and dO's copies retire here
     // Keys past the last tile: their dS is zero, written so the mask gradient needs no zero fill.
-    const int64_t n_end = static_cast<int64_t>(n_tiles) * BN;
+    const int64_t n_end = static_cast<int64_t>(kv.n_tiles) * BN;
     if (dmask_rows != nullptr && n_end < a.Lk) {
       const int64_t n_rows = a.Lq - m0 < BM ? a.Lq - m0 : BM, width = a.Lk - n_end;
       for (int64_t e = threadIdx.x; e < n_rows * width; e += blockDim.x)

@@ -91,6 +91,54 @@ __device__ __forceinline__ void load_tile_swizzled(T* dst, const T* base, const 
   }
 }
 
+// The K and V tiles of a key loop (keys n_lo + it·BN.. of one batch and KV head), double-buffered in shared memory:
+// tile `it` sits in stage it % 2. `start` issues tile 0 and commits it with the copies the caller issued before;
+// `advance(it)` issues tile it + 1 into the other stage (which the caller's end-of-iteration barrier has released)
+// and waits for this thread's copies of tile it; the caller's next barrier makes every thread's copies visible.
+template <typename T, int BN, int DP>
+struct KvTiles {
+  T* k_smem;
+  T* v_smem;
+  const T* k_base;
+  const T* v_base;
+  bool k_async, v_async;
+  int64_t n_lo;
+  int n_tiles;
+
+  __device__ T* k(int it) const { return k_smem + (it & 1) * BN * DP; }
+  __device__ T* v(int it) const { return v_smem + (it & 1) * BN * DP; }
+  __device__ int64_t first_key(int it) const { return n_lo + static_cast<int64_t>(it) * BN; }
+  __device__ void load(const AttentionArgs& a, int64_t b, int it) const {
+    const int64_t n0 = first_key(it);
+    load_tile_swizzled<T, BN, DP, true>(k(it), k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0, k_async);
+    load_tile_swizzled<T, BN, DP, true>(v(it), v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0, v_async);
+  }
+  __device__ void start(const AttentionArgs& a, int64_t b) const {
+    if (n_tiles > 0) load(a, b, 0);
+    cp_async_commit();
+  }
+  __device__ void advance(const AttentionArgs& a, int64_t b, int it) const {
+    if (it + 1 < n_tiles) {
+      load(a, b, it + 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+  }
+};
+
+// The key loop's tiles of (batch b, KV head hk) over keys [n_lo, n_hi), in k_smem / v_smem (2 stages each).
+template <typename T, int BN, int DP>
+__device__ __forceinline__ KvTiles<T, BN, DP> kv_tiles(const AttentionArgs& a, T* k_smem, T* v_smem, int64_t b,
+                                                       int64_t hk, int64_t n_lo, int64_t n_hi) {
+  return KvTiles<T, BN, DP>{k_smem, v_smem,
+                            static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1],
+                            static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1],
+                            copies_by_16_bytes<T>(a.k, a.k_stride), copies_by_16_bytes<T>(a.v, a.v_stride), n_lo,
+                            n_hi > n_lo ? static_cast<int>((n_hi - n_lo + BN - 1) / BN) : 0};
+}
+
 // ---- warp products on mma.sync: a warp owns 16 rows; a lane holds rows g, g + 8 (g = lane / 4) and columns
 // 2t, 2t + 1 (t = lane % 4) of every 8-wide accumulator tile (ptx.cuh has the fragment layouts) ----
 

@@ -44,10 +44,6 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
   with_sequence<T, PACKED>(args, b, m0, false, [&](const AttentionArgs& a) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const T* q_base = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + m0 * a.q_stride[2];
-    const T* k_base = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1];
-    const T* v_base = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
-    const bool q_async = copies_by_16_bytes<T>(a.q, a.q_stride), k_async = copies_by_16_bytes<T>(a.k, a.k_stride),
-               v_async = copies_by_16_bytes<T>(a.v, a.v_stride);
     const bool dropout = a.dropout_p > 0.0f;
     const uint32_t threshold = dropout_threshold(a.dropout_p);
     const uint64_t seed = dropout ? *a.seed : 0;
@@ -58,34 +54,18 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
     // Split-KV: this block's chunk of the keys (blockIdx.y; split_len is a multiple of BN).
     const int64_t n_lo = a.splits > 1 ? blockIdx.y * a.split_len : 0;
     const int64_t n_hi = a.splits > 1 && n_lo + a.split_len < hi ? n_lo + a.split_len : hi;
-    const int n_tiles = n_hi > n_lo ? static_cast<int>((n_hi - n_lo + BN - 1) / BN) : 0;
-
-    auto load_kv = [&](int it) {
-      const int64_t n0 = n_lo + static_cast<int64_t>(it) * BN;
-      const int stage = it & 1;
-      load_tile_swizzled<T, BN, DP, true>(ks + stage * BN * DP, k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a,
-                                          b, n0, k_async);
-      load_tile_swizzled<T, BN, DP, true>(vs + stage * BN * DP, v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a,
-                                          b, n0, v_async);
-    };
-    load_tile_swizzled<T, BM, DP, false>(qs, q_base, a.q_stride, a.Lq - m0, a, b, 0, q_async);
-    if (n_tiles > 0) load_kv(0);
-    cp_async_commit();
+    const auto kv = kv_tiles<T, BN, DP>(a, ks, vs, b, hk, n_lo, n_hi);
+    load_tile_swizzled<T, BM, DP, false>(qs, q_base, a.q_stride, a.Lq - m0, a, b, 0,
+                                         copies_by_16_bytes<T>(a.q, a.q_stride));
+    kv.start(a, b);
 
     uint32_t qf[L::kQInRegs ? DP / 16 : 1][4];
     float o[DT][4] = {};
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};  // l: this lane's share of the row sum
 
-    for (int it = 0; it < n_tiles; ++it) {
-      const int stage = it & 1;
-      const int64_t n0 = n_lo + static_cast<int64_t>(it) * BN;
-      if (it + 1 < n_tiles) {
-        load_kv(it + 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
+    for (int it = 0; it < kv.n_tiles; ++it) {
+      const int64_t n0 = kv.first_key(it);
+      kv.advance(a, b, it);
       __syncthreads();  // tile it (and, first, Q) landed from every thread's copies
       if constexpr (L::kQInRegs) {
         if (it == 0) {
@@ -94,8 +74,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
           __syncthreads();  // every warp holds Q: its space becomes the seen-key words
         }
       }
-      const T* kt = ks + stage * BN * DP;
-      T* vt = vs + stage * BN * DP;
+      const T* kt = kv.k(it);
+      T* vt = kv.v(it);
 
       // S = Q·Kᵀ (Q's fragments from registers or, at D = 256, shared memory).
       float s[NT][4] = {};
