@@ -22,6 +22,9 @@ SAMPLE_SASS = """
         /*0020*/                   HFMA2.MMA R7, -RZ, RZ, 0, 2.384185791015625e-07 ;
         /*0030*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
         /*0040*/                   HGMMA.64x64x16.F32 gdesc[UR4], RZ, !UP0 ;
+        /*0050*/                   LDSM.16.MT88.4 R16, [R3+0x800] ;
+        /*0060*/                   LDGSTS.E.BYPASS.LTC128B.128 [R5+0x4000], desc[UR6][R8.64] ;
+        /*0070*/                   LDGSTS.E.BYPASS.LTC128B.128.ZFILL [R5+0x4800], desc[UR6][R10.64], P0 ;
 """
 
 
@@ -31,6 +34,7 @@ def test_parsers_read_cuobjdump_output():
     }
     # HFMA2.MMA is a plain FMA, not a tensor-core instruction
     assert resources.count_tensor_core(SAMPLE_SASS) == {"k": 2}
+    assert resources.count_opcodes(SAMPLE_SASS) == {"k": {"LDSM": 1, "LDGSTS": 2}}
 
 
 @pytest.fixture(scope="module")

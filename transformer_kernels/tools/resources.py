@@ -90,33 +90,24 @@ def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
 SASS_OPCODES = {"LDSM": re.compile(r"\bLDSM\."), "LDGSTS": re.compile(r"\bLDGSTS\.")}
 
 
-def count_opcodes(sass: str) -> dict[str, dict[str, int]]:
-    """cuobjdump --dump-sass → {function: {opcode: count}} for the opcodes of SASS_OPCODES."""
+def count_opcodes(sass: str, opcodes: dict[str, re.Pattern] = SASS_OPCODES) -> dict[str, dict[str, int]]:
+    """cuobjdump --dump-sass → {function: {name: number of instructions matching its pattern}}."""
     counts: dict[str, dict[str, int]] = {}
     current = None
     for line in sass.splitlines():
         m = re.match(r"\s*Function : (\S+)", line)
         if m:
             current = m.group(1)
-            counts[current] = dict.fromkeys(SASS_OPCODES, 0)
+            counts[current] = dict.fromkeys(opcodes, 0)
         elif current:
-            for name, pattern in SASS_OPCODES.items():
+            for name, pattern in opcodes.items():
                 counts[current][name] += bool(pattern.search(line))
     return counts
 
 
 def count_tensor_core(sass: str) -> dict[str, int]:
     """cuobjdump --dump-sass → {function: number of tensor-core instructions}."""
-    counts: dict[str, int] = {}
-    current = None
-    for line in sass.splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            current = m.group(1)
-            counts[current] = 0
-        elif current and TENSOR_CORE_OPCODES.search(line):
-            counts[current] += 1
-    return counts
+    return {f: c["tc"] for f, c in count_opcodes(sass, {"tc": TENSOR_CORE_OPCODES}).items()}
 
 
 def _cuobjdump(cubin: Path, opcodes: bool = False) -> tuple:
