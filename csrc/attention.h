@@ -1,5 +1,5 @@
-// Fused attention (flash-style; the forward on mma.sync, the backward through wmma): the argument block the bindings fill, the
-// instantiated head dims, and the launchers.
+// Fused attention (flash-style; fp16/bf16 forward and dQ on mma.sync, dK/dV through wmma, fp32 on FMA units): the
+// argument block the bindings fill, the instantiated head dims, and the launchers.
 #pragma once
 
 #include <cstddef>

@@ -5,6 +5,8 @@
 #include "attention_common.cuh"
 #include "launch.cuh"
 
+#include <type_traits>
+
 namespace tk {
 namespace {
 
@@ -160,6 +162,16 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_kernel(Attenti
   });
 }
 
+// The mask gradient of query rows [m0, m0 + bm) at keys [n_end, Lk), which no key tile of the dQ pass visits (past
+// the causal range): zeros, written so the caller needs no zero fill. `head` is row 0 of this head's [Lq, Lk].
+__device__ __forceinline__ void zero_mask_grad_tail(const AttentionArgs& a, float* head, int64_t m0, int bm,
+                                                    int64_t n_end) {
+  if (head == nullptr || n_end >= a.Lk) return;
+  const int64_t n_rows = a.Lq - m0 < bm ? a.Lq - m0 : bm, width = a.Lk - n_end;
+  for (int64_t e = threadIdx.x; e < n_rows * width; e += blockDim.x)
+    head[(m0 + e / width) * a.Lk + n_end + e % width] = 0.0f;
+}
+
 // fp16/bf16 dQ in the forward's register-resident form (attention_fwd.cu): 4 warps of 16 query rows, S = Q·Kᵀ and
 // dP = dO·Vᵀ as mma.sync accumulators, dS = P·(dP - delta) elementwise in registers, dQ += dS·K with the
 // accumulator in registers; K/V tiles double-buffered through cp.async, Q and dO read by ldmatrix from shared
@@ -209,7 +221,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
     }
     const int64_t hi = key_end(a, m0, BM);
     const auto kv = kv_tiles<T, BN, DP>(a, ks, vs, b, hk, 0, hi);
-    float* dmask_rows = a.dmask == nullptr ? nullptr : a.dmask + bh * a.Lq * a.Lk;
+    float* dmask_head = a.dmask == nullptr ? nullptr : a.dmask + bh * a.Lq * a.Lk;
     load_tile_swizzled<T, BM, DP, false>(qs, static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] +
                                          m0 * a.q_stride[2], a.q_stride, a.Lq - m0, a, b, 0,
                                          copies_by_16_bytes<T>(a.q, a.q_stride));
@@ -245,7 +257,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
             ds = p * ((kept ? dp[j][e] * keep_scale : 0.0f) - delta[r]);
           }
           dp[j][e] = ds;
-          if (dmask_rows != nullptr && rows[r] < a.Lq && col < a.Lk) dmask_rows[rows[r] * a.Lk + col] = ds;
+          if (dmask_head != nullptr && rows[r] < a.Lq && col < a.Lk) dmask_head[rows[r] * a.Lk + col] = ds;
         }
       // Keys no query of the block sees: zero K rows (their dS is 0, their K may be NaN).
       if (a.mask_kind != kNoMask) zero_unseen_key_rows<T, DP, NT, L::kWarps>(s, seen, kt, lane, warp);
@@ -253,25 +265,11 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
       __syncthreads();  // every warp is done with this stage before the next iteration refills it
     }
     cp_async_wait<0>();  // no tile at all: Q's and dO's copies retire here
-    // Keys past the last tile: their dS is zero, written so the mask gradient needs no zero fill.
-    const int64_t n_end = static_cast<int64_t>(kv.n_tiles) * BN;
-    if (dmask_rows != nullptr && n_end < a.Lk) {
-      const int64_t n_rows = a.Lq - m0 < BM ? a.Lq - m0 : BM, width = a.Lk - n_end;
-      for (int64_t e = threadIdx.x; e < n_rows * width; e += blockDim.x)
-        dmask_rows[(m0 + e / width) * a.Lk + n_end + e % width] = 0.0f;
-    }
+    zero_mask_grad_tail(a, dmask_head, m0, BM, static_cast<int64_t>(kv.n_tiles) * BN);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (rows[r] >= a.Lq) continue;
-      T* out = static_cast<T*>(a.dq) + query_row<PACKED>(a, bh, h, rows[r]) * a.D;
-#pragma unroll
-      for (int d = 0; d < DT; ++d)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = 8 * d + 2 * t + e;
-          if (col < a.D) out[col] = from_float<T>(dq[d][2 * r + e] * a.scale);
-        }
-    }
+    for (int r = 0; r < 2; ++r)
+      if (rows[r] < a.Lq) store_acc_row(static_cast<T*>(a.dq) + query_row<PACKED>(a, bh, h, rows[r]) * a.D, dq, r, lane,
+                                        a.D, a.scale);
   });
 }
 
@@ -305,13 +303,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_dq_fma_kernel(Attentio
       }
       block_gemm<T, BM, DP, BN, false, false>(t.ds, L::LDP, t.k, L::LDT, t.acc0, L::LDO, true);  // dQ += dS K
     }
-    // Keys past the causal range: their dS is zero, written so the mask gradient needs no zero fill.
-    const int64_t n_end = (hi + BN - 1) / BN * BN;
-    if (dmask_rows != nullptr) {
-      const int64_t rows = a.Lq - m0 < BM ? a.Lq - m0 : BM;
-      for (int64_t e = threadIdx.x; e < rows * (a.Lk - n_end); e += blockDim.x)
-        dmask_rows[e / (a.Lk - n_end) * a.Lk + n_end + e % (a.Lk - n_end)] = 0.0f;
-    }
+    zero_mask_grad_tail(a, a.dmask == nullptr ? nullptr : a.dmask + bh * a.Lq * a.Lk, m0, BM, (hi + BN - 1) / BN * BN);
     __syncthreads();  // accumulator final
     const int64_t step = row_step<PACKED>(a.H);
     T* dq = static_cast<T*>(a.dq) + query_row<PACKED>(a, bh, h, m0) * a.D;
@@ -325,14 +317,17 @@ __global__ void __launch_bounds__(kAttnThreads) attention_dq_fma_kernel(Attentio
 
 }  // namespace
 
+// The dQ pass's layout (BM, bytes): mma.sync for fp16/bf16, the shared-memory tiles for fp32.
+template <typename T, int DP>
+using DqLayout = std::conditional_t<sizeof(T) == 2, MmaDqLayout<T, DP>, BwdSmem<T, DP>>;
+
 size_t attention_backward_smem(int dtype, int64_t d, bool dq) {
   size_t bytes = 0;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_head_dim<T>(d, [&](auto dp) {
       constexpr int D = decltype(dp)::value;
-      if constexpr (sizeof(T) == 2) bytes = dq ? MmaDqLayout<T, D>::bytes : BwdSmem<T, D>::bytes;
-      else bytes = BwdSmem<T, D>::bytes;
+      bytes = dq ? DqLayout<T, D>::bytes : BwdSmem<T, D>::bytes;
     });
   });
   return bytes;
@@ -347,22 +342,21 @@ void attention_backward(const AttentionArgs& a, tk_stream_t stream) {
     launch(attention_delta_kernel<T>, dim3(static_cast<unsigned>((rows + warps - 1) / warps)), dim3(kDeltaThreads), 0,
            stream, a);
     dispatch_head_dim<T>(a.D, [&](auto dp) {
-      using L = BwdSmem<T, decltype(dp)::value>;
+      constexpr int D = decltype(dp)::value;
+      using L = BwdSmem<T, D>;
+      using Q = DqLayout<T, D>;
       const int64_t key_blocks = a.B * a.Hkv * ((a.Lk + L::BN - 1) / L::BN);
-      const int64_t query_blocks = a.B * a.H * ((a.Lq + L::BM - 1) / L::BM);
+      const int64_t query_blocks = a.B * a.H * ((a.Lq + Q::BM - 1) / Q::BM);
       if (key_blocks > 0x7fffffffLL || query_blocks > 0x7fffffffLL)
         throw std::invalid_argument("attention: more than 2^31-1 tiles");
-      constexpr int D = decltype(dp)::value;
       launch(a.cu_q ? attention_dkdv_kernel<T, D, true> : attention_dkdv_kernel<T, D, false>,
              dim3(static_cast<unsigned>(key_blocks)), dim3(kAttnThreads), L::bytes, stream, a);
       if constexpr (sizeof(T) == 2) {
-        using Q = MmaDqLayout<T, D>;
-        const int64_t blocks = a.B * a.H * ((a.Lq + Q::BM - 1) / Q::BM);
         launch(a.cu_q ? attention_dq_mma_kernel<T, D, true> : attention_dq_mma_kernel<T, D, false>,
-               dim3(static_cast<unsigned>(blocks)), dim3(kAttnThreads), Q::bytes, stream, a);
+               dim3(static_cast<unsigned>(query_blocks)), dim3(kAttnThreads), Q::bytes, stream, a);
       } else {
         launch(a.cu_q ? attention_dq_fma_kernel<T, D, true> : attention_dq_fma_kernel<T, D, false>,
-               dim3(static_cast<unsigned>(query_blocks)), dim3(kAttnThreads), L::bytes, stream, a);
+               dim3(static_cast<unsigned>(query_blocks)), dim3(kAttnThreads), Q::bytes, stream, a);
       }
     });
   });

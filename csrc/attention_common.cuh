@@ -9,15 +9,15 @@
 
 namespace tk {
 
-// Tile shapes per (element type, padded head dim). Shared memory holds every operand and the fp32
+// Tile shapes of the shared-memory kernels (the fp32 forward and dQ, every dK/dV; the fp16/bf16 forward and dQ keep
+// their accumulators in registers: MmaFwdLayout, MmaDqLayout). Shared memory holds every operand and the fp32
 // accumulators (wmma hides which lane owns which row, and the online softmax rescales whole rows), so tiles are
-// sized to stay under the 99 KiB an sm_86/sm_89 block may use; `*_smem_bytes` below are checked against it.
-// At D = 256 the fp32 output accumulator alone is 32 KiB per 32 rows: the forward keeps 32 query rows and the
-// backward 16-row tiles (its two key-side accumulators are 16 x 256 fp32 each).
+// sized to stay under the 99 KiB an sm_86/sm_89 block may use; the layouts' static_asserts check it. The backward
+// takes 16-row tiles at D = 256 (its two key-side accumulators are 16 x 256 fp32 each).
 template <typename T, int DP>
 struct FwdTile {
-  static constexpr int BM = (sizeof(T) == 4 || DP > 128) ? 32 : 64;
-  static constexpr int BN = (sizeof(T) == 4 || DP > 64) ? 32 : 64;
+  static_assert(sizeof(T) == 4, "fp16/bf16 run the mma.sync forward");
+  static constexpr int BM = 32, BN = 32;
 };
 template <typename T, int DP>
 struct BwdTile {
@@ -187,6 +187,21 @@ __device__ __forceinline__ void warp_mma_pb(float (&acc)[DP / 8][4], const float
       mma_16816<T>(acc[2 * jd + 1], pf, b1, acc[2 * jd + 1]);
     }
   }
+}
+
+// Writes this lane's share of accumulator row r (0: row g, 1: row g + 8 of the warp's 16) times `scale` to `out`,
+// that row's first element, for the columns below d.
+template <typename Out, int DT>
+__device__ __forceinline__ void store_acc_row(Out* out, const float (&acc)[DT][4], int r, int lane, int64_t d,
+                                              float scale) {
+  const int t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < DT; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int col = 8 * j + 2 * t + e;
+      if (col < d) out[col] = from_float<Out>(acc[j][2 * r + e] * scale);
+    }
 }
 
 // Seen-key words a block needs for a tile of 8·NT keys: one bit per key per warp.

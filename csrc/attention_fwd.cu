@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
       __syncthreads();  // tile it (and, first, Q) landed from every thread's copies
       if constexpr (L::kQInRegs) {
         if (it == 0) {
-          #pragma unroll
+#pragma unroll
           for (int kk = 0; kk < DP / 16; ++kk) ldmatrix_a<T, DP>(qf[kk], qs, 16 * warp, 16 * kk, lane);
           __syncthreads();  // every warp holds Q: its space becomes the seen-key words
         }
@@ -96,10 +96,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
       if (a.mask_kind != kNoMask) zero_unseen_key_rows<T, DP, NT, L::kWarps>(s, seen, vt, lane, warp);
 
       // Online softmax on the quad's rows: new max, rescale what was accumulated, probabilities.
-      #pragma unroll
+#pragma unroll
       for (int r = 0; r < 2; ++r) {
         float mx = -INFINITY;
-        #pragma unroll
+#pragma unroll
         for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -109,11 +109,11 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
         const float alpha = expf(m_run[r] - m_safe);
         m_run[r] = m_new;
         l_run[r] *= alpha;
-        #pragma unroll
+#pragma unroll
         for (int d = 0; d < DT; ++d) o[d][2 * r] *= alpha, o[d][2 * r + 1] *= alpha;
-        #pragma unroll
+#pragma unroll
         for (int j = 0; j < NT; ++j)
-          #pragma unroll
+#pragma unroll
           for (int e = 2 * r; e < 2 * r + 2; ++e) {
             float p = expf(s[j][e] - m_safe);
             l_run[r] += p;
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
     cp_async_wait<0>();  // no tile at all: Q's copies retire here
 
     float l_full[2];
-    #pragma unroll
+#pragma unroll
     for (int r = 0; r < 2; ++r) {
       l_full[r] = l_run[r] + __shfl_xor_sync(0xffffffffu, l_run[r], 1);
       l_full[r] += __shfl_xor_sync(0xffffffffu, l_full[r], 2);
@@ -138,35 +138,22 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
     if (a.splits > 1) {
       // The partial of this chunk, unnormalised, for attention_combine_kernel.
       const int64_t row0 = static_cast<int64_t>(blockIdx.y) * a.B * a.H * a.Lq + bh * a.Lq;
-      #pragma unroll
+#pragma unroll
       for (int r = 0; r < 2; ++r) {
         if (rows[r] >= a.Lq) continue;
-        #pragma unroll
-        for (int d = 0; d < DT; ++d)
-          #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = 8 * d + 2 * t + e;
-            if (col < a.D) a.o_part[(row0 + rows[r]) * a.D + col] = o[d][2 * r + e];
-          }
+        store_acc_row(a.o_part + (row0 + rows[r]) * a.D, o, r, lane, a.D, 1.0f);
         if (t == 0) a.m_part[row0 + rows[r]] = m_run[r], a.l_part[row0 + rows[r]] = l_full[r];
       }
       return;
     }
     const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
-    #pragma unroll
+#pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (rows[r] >= a.Lq) continue;
       const int64_t row = query_row<PACKED>(a, bh, h, rows[r]);
       // A row with no visible key has l = 0: output 0 and, through inv_l = 0, zero gradients.
       const float inv = l_full[r] == 0.0f ? 0.0f : 1.0f / l_full[r];
-      T* out = static_cast<T*>(a.out) + row * a.D;
-      #pragma unroll
-      for (int d = 0; d < DT; ++d)
-        #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = 8 * d + 2 * t + e;
-          if (col < a.D) out[col] = from_float<T>(o[d][2 * r + e] * inv * keep_scale);
-        }
+      store_acc_row(static_cast<T*>(a.out) + row * a.D, o, r, lane, a.D, inv * keep_scale);
       if (t == 0) {
         a.row_max[row] = m_run[r] == -INFINITY ? 0.0f : m_run[r];
         a.inv_l[row] = inv;

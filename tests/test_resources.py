@@ -116,10 +116,10 @@ def test_cuda_forward_and_dq_are_register_resident_and_pipelined(cuda_rows):
     # every attention kernel reports the dynamic shared memory it launches with
     c = _ext.load("_C_host")
     for r in cuda_rows:
-        if r.kernel.startswith(("attention_fwd_", "attention_dkdv", "attention_dq")):
-            code = {"float": 0, "__half": 1, "__nv_bfloat16": 2}[r.variant.split(", ")[0]]
-            pass_name = "fwd" if "fwd" in r.kernel else "dq" if "dq" in r.kernel else "dkdv"
-            assert r.shared_bytes >= c.attention_smem(pass_name, code, int(r.variant.split(", ")[1])) > 0
+        if r.kernel in resources.ATTENTION_SMEM_PASS:
+            element, d = r.variant.split(", ")[:2]
+            code = c.dtype_codes[resources.CUDA_ELEMENT_TYPES[element]]
+            assert r.shared_bytes >= c.attention_smem(resources.ATTENTION_SMEM_PASS[r.kernel], code, int(d)) > 0
 
 
 @pytest.fixture(scope="module")

@@ -110,16 +110,14 @@ def count_tensor_core(sass: str) -> dict[str, int]:
     return {f: c["tc"] for f, c in count_opcodes(sass, {"tc": TENSOR_CORE_OPCODES}).items()}
 
 
-def _cuobjdump(cubin: Path, opcodes: bool = False) -> tuple:
-    """(resource usage, tensor-core counts) per function of a cubin, plus `count_opcodes` with ``opcodes``."""
+def _cuobjdump(cubin: Path) -> tuple[dict[str, dict[str, int]], dict[str, int], dict[str, dict[str, int]]]:
+    """Per function of a cubin: resource usage, tensor-core instructions, and the `SASS_OPCODES` counts."""
     tool = toolchain.triton_tool("cuobjdump")
     if tool is None:
         raise RuntimeError("cuobjdump not found (ships with triton and with the CUDA toolkit)")
     usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
     sass = subprocess.run([tool, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
-    if opcodes:
-        return parse_resource_usage(usage), count_tensor_core(sass), count_opcodes(sass)
-    return parse_resource_usage(usage), count_tensor_core(sass)
+    return parse_resource_usage(usage), count_tensor_core(sass), count_opcodes(sass)
 
 
 # ---- Triton ----------------------------------------------------------------------------------
@@ -155,7 +153,7 @@ def compile_variant(v, arch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        usage, tc = _cuobjdump(cubin)
+        usage, tc, _ = _cuobjdump(cubin)
     name = compiled.metadata.name
     u = usage[name]
     row = asdict(Resources("triton", v.kernel_name, v.label, arch, v.num_warps * 32, u["REG"],
@@ -252,7 +250,7 @@ def _cuda_file_report(nvcc: Path, csrc: Path, f: str, arch: str, tmp: str) -> li
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed on {f} for sm_{arch}:\n{proc.stderr[-4000:]}")
-    usage, tc, ops = _cuobjdump(cubin, opcodes=True)
+    usage, tc, ops = _cuobjdump(cubin)
     names = _demangle(list(usage))
     rows = []
     for mangled, u in sorted(usage.items(), key=lambda kv: names[kv[0]]):
@@ -264,21 +262,22 @@ def _cuda_file_report(nvcc: Path, csrc: Path, f: str, arch: str, tmp: str) -> li
     return rows
 
 
-# The attention kernels' dynamic shared memory, by which pass's layout they launch with (csrc/attention_*.cu).
-_ATTENTION_SMEM_PASS = {"attention_fwd_mma_kernel": "fwd", "attention_fwd_fma_kernel": "fwd",
-                        "attention_dkdv_kernel": "dkdv", "attention_dq_mma_kernel": "dq", "attention_dq_fma_kernel": "dq"}
+# The attention kernels' dynamic shared memory, by which pass's layout they launch with (csrc/attention_*.cu), and
+# the torch dtype names of the element types their instantiations name.
+ATTENTION_SMEM_PASS = {"attention_fwd_mma_kernel": "fwd", "attention_fwd_fma_kernel": "fwd",
+                       "attention_dkdv_kernel": "dkdv", "attention_dq_mma_kernel": "dq", "attention_dq_fma_kernel": "dq"}
+CUDA_ELEMENT_TYPES = {"float": "float32", "__half": "float16", "__nv_bfloat16": "bfloat16"}
 
 
 def _dynamic_shared(kernel: str, variant: str) -> int:
     """Dynamic shared memory of a CUDA kernel instantiation ('__half, 128, false'), as its launcher passes it."""
-    if kernel not in _ATTENTION_SMEM_PASS:
+    if kernel not in ATTENTION_SMEM_PASS:
         return 0
     from .. import _ext
 
     host = _ext.load("_C_host")
     element, d = variant.split(", ")[:2]
-    code = host.dtype_codes[{"float": "float32", "__half": "float16", "__nv_bfloat16": "bfloat16"}[element]]
-    return host.attention_smem(_ATTENTION_SMEM_PASS[kernel], code, int(d))
+    return host.attention_smem(ATTENTION_SMEM_PASS[kernel], host.dtype_codes[CUDA_ELEMENT_TYPES[element]], int(d))
 
 
 # Reports already compiled in this process, by (files, archs, digest of every csrc source): the resource test and

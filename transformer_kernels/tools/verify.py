@@ -116,12 +116,12 @@ def _attention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
     for impl, scope in implementations("attention", device):
         for dtype in DTYPES:
             for label, b, h, hkv, lq, lk, d, masks in shapes:
-                if impl != "torch" and max(d if isinstance(d, tuple) else (d,)) > backends.launchers(
-                        "attention", impl).max_head_dim(dtype, device):
+                dqk, dv = d if isinstance(d, tuple) else (d, d)
+                if impl != "torch" and max(dqk, dv) > backends.launchers("attention", impl).max_head_dim(dtype, device):
                     continue  # wider than this backend takes in this dtype (CUDA fp32 stops at 64)
-                def run(b=b, h=h, hkv=hkv, lq=lq, lk=lk, d=d, masks=masks, dtype=dtype, scope=scope):
+
+                def run(b=b, h=h, hkv=hkv, lq=lq, lk=lk, dqk=dqk, dv=dv, masks=masks, dtype=dtype, scope=scope):
                     g = torch.Generator().manual_seed(lq * lk)
-                    dqk, dv = d if isinstance(d, tuple) else (d, d)
                     q, k, v = (torch.randn(s, generator=g).to(dtype).to(device)
                                for s in ((b, h, lq, dqk), (b, hkv, lk, dqk), (b, hkv, lk, dv)))
                     kw = {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in masks(b, h, lq, lk, g).items()}
@@ -134,7 +134,7 @@ def _attention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
                         return reference.scaled_dot_product_attention(q, k, v, low_precision=q.dtype != torch.float32, **kw)
 
                     return compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v"))
-                dims = "x".join(map(str, d)) if isinstance(d, tuple) else d
+                dims = dqk if dqk == dv else f"{dqk}x{dv}"
                 yield Case("attention", impl, dtype, f"{label} [{b},{h},{lq}x{lk},{dims}]", run)
 
 
