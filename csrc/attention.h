@@ -1,4 +1,5 @@
-// Fused attention (flash-style; fp16/bf16 forward and dQ on mma.sync, dK/dV through wmma, fp32 on FMA units): the
+// Fused attention (flash-style; fp16/bf16 forward and backward on mma.sync with register accumulators, fp32 on FMA
+// units over shared-memory tiles): the
 // argument block the bindings fill, the instantiated head dims, and the launchers.
 #pragma once
 
@@ -10,10 +11,9 @@
 namespace tk {
 
 // Head dims are padded up to one of these; a wider head raises (Python reads the list through the
-// bindings: attention_head_dims). fp32 runs its products on FMA units over shared-memory tiles and stops at 64.
+// bindings: attention_head_dims), for every dtype.
 constexpr int kAttnHeadDims[] = {16, 32, 64, 128, 256};
-constexpr int kAttnMaxHeadDimHalf = 256;
-constexpr int kAttnMaxHeadDimFloat = 64;
+constexpr int kAttnMaxHeadDim = 256;
 constexpr int kAttnThreads = 128;
 
 // q [B, H, Lq, D], k/v [B, Hkv, Lk, D] through 4 strides each; mask viewed as [B, H, Lq, Lk] through its

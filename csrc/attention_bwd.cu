@@ -1,6 +1,6 @@
 // Attention backward, deterministic (no atomics): delta = rowsum(dO * O); dK/dV per key tile iterating
-// over the query tiles of every head of its GQA group in a fixed order (shared-memory tiles, wmma / FMA); dQ per
-// query tile in its own pass (fp16/bf16 on mma.sync with registers, fp32 FMA).
+// over the query tiles of every head of its GQA group in a fixed order; dQ per query tile in its own pass.
+// fp16/bf16 on mma.sync with register accumulators, fp32 on FMA units over shared-memory tiles.
 // Probabilities are recomputed from the saved row max and 1/sum, dropout from the same counter-based draw.
 #include "attention_common.cuh"
 #include "launch.cuh"
@@ -43,7 +43,7 @@ struct BwdSmem {
                           dp = s + sizeof(float) * BM * LDS, p = dp + sizeof(float) * BM * LDS,
                           ds = p + sizeof(T) * BM * LDP, stats = ds + sizeof(T) * BM * LDP,
                           bytes = stats + 3 * sizeof(float) * BM;
-  static_assert(BM == BN, "the dQ pass reuses the key-tile accumulator space for its query tile");
+  static_assert(BM <= BN, "the dQ pass reuses the key-tile accumulator space for its query tile");
   static_assert(bytes <= kMaxBlockSmem, "backward tile exceeds the shared memory of sm_86/sm_89");
 };
 
@@ -116,10 +116,9 @@ __device__ __forceinline__ void probabilities_and_score_grads(const AttentionArg
   }
 }
 
-// One block per SM is all the launch bounds promise (shared memory allows one or two anyway): without it ptxas
-// aimed at more and spilled the D = 256 fp16 instantiation at 48 registers.
+// fp32 dK/dV: tiles and accumulators in shared memory, FMA products (block_gemm).
 template <typename T, int DP, bool PACKED>
-__global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_kernel(AttentionArgs args) {
+__global__ void __launch_bounds__(kAttnThreads) attention_dkdv_fma_kernel(AttentionArgs args) {
   using L = BwdSmem<T, DP>;
   constexpr int BM = L::BM, BN = L::BN;
   TK_EXTERN_SHARED(unsigned char, smem);
@@ -158,6 +157,144 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_kernel(Attenti
       if (n0 + r >= a.Lk || d >= a.D) continue;
       dk[r * step * a.D + d] = from_float<T>(t.acc0[r * L::LDO + d] * a.scale);
       dv[r * step * a.D + d] = from_float<T>(t.acc1[r * L::LDO + d]);
+    }
+  });
+}
+
+// fp16/bf16 dK/dV in the register-resident form: each of the 4 warps owns 16 keys of the block's 64 and keeps
+// their dK and dV accumulators in registers; per query tile it forms Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ as mma.sync
+// accumulators (K and V rows as A-fragments by ldmatrix, Q and dO rows as B-fragments), Pᵀ and dSᵀ elementwise
+// (the query's statistics from shared memory), then dV += Pᵀ·dO and dK += dSᵀ·Q with Pᵀ and dSᵀ repacked as
+// A-fragments and dO, Q read transposed (ldmatrix .trans). Q, dO and the statistics of the query tiles (every head
+// of the GQA group in turn) stream through two cp.async stages; K and V stay in shared memory. At D = 256 a lane
+// cannot hold both 16 x 256 accumulators: the query loop runs once per 128-column half of dK/dV (DC), recomputing
+// Sᵀ and dPᵀ.
+template <typename T, int DP>
+struct MmaDkdvLayout {
+  static constexpr int kWarps = kAttnThreads / 32;
+  static constexpr int BN = 16 * kWarps, BM = DP <= 64 ? 64 : 4096 / DP, DC = DP > 128 ? 128 : DP;
+  static constexpr size_t k = 0, v = k + sizeof(T) * BN * DP, q = v + sizeof(T) * BN * DP,
+                          dout = q + 2 * sizeof(T) * BM * DP, stats = dout + 2 * sizeof(T) * BM * DP,
+                          hash = stats + 2 * 3 * sizeof(float) * BM, bytes = hash + 2 * sizeof(uint32_t) * BM;
+  static_assert(bytes <= kMaxBlockSmem, "dK/dV tile exceeds the shared memory of sm_86/sm_89");
+};
+
+// The query side of the dK/dV loop: tile `it` is rows m_lo + (it % per_head)·BM.. of head hk·group + it / per_head,
+// its Q and dO tiles (swizzled) and, per row, the saved max, 1/sum, delta and dropout row hash.
+template <typename T, int BM, int DP, bool PACKED>
+struct QueryTiles : TwoStages<QueryTiles<T, BM, DP, PACKED>> {
+  T* q_smem;
+  T* do_smem;
+  float* stat_smem;
+  uint32_t* hash_smem;
+  bool q_async, do_async;
+  int64_t h0, m_lo;
+  int per_head, n_tiles;
+
+  __device__ const T* q(int it) const { return q_smem + (it & 1) * BM * DP; }
+  __device__ const T* dout(int it) const { return do_smem + (it & 1) * BM * DP; }
+  __device__ const float* stats(int it) const { return stat_smem + (it & 1) * 3 * BM; }  // max, 1/sum, delta
+  __device__ const uint32_t* hashes(int it) const { return hash_smem + (it & 1) * BM; }
+  __device__ int64_t head(int it) const { return h0 + it / per_head; }
+  __device__ int64_t first_query(int it) const { return m_lo + static_cast<int64_t>(it % per_head) * BM; }
+  __device__ void load(const AttentionArgs& a, int64_t b, int it) const {
+    const int64_t h = head(it), m0 = first_query(it);
+    load_tile_swizzled<T, BM, DP, false>(const_cast<T*>(q(it)), static_cast<const T*>(a.q) + b * a.q_stride[0] +
+                                         h * a.q_stride[1] + m0 * a.q_stride[2], a.q_stride, a.Lq - m0, a, b, 0, q_async);
+    load_tile_swizzled<T, BM, DP, false>(const_cast<T*>(dout(it)), static_cast<const T*>(a.dout) + b * a.do_stride[0] +
+                                         h * a.do_stride[1] + m0 * a.do_stride[2], a.do_stride, a.Lq - m0, a, b, 0,
+                                         do_async);
+    float* st = stat_smem + (it & 1) * 3 * BM;
+    uint32_t* hs = hash_smem + (it & 1) * BM;
+    for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+      const bool ok = m0 + r < a.Lq;
+      const int64_t row = query_row<PACKED>(a, b * a.H + h, h, m0 + r);
+      st[r] = ok ? a.row_max[row] : 0.0f;
+      st[BM + r] = ok ? a.inv_l[row] : 0.0f;
+      st[2 * BM + r] = ok ? a.delta[row] : 0.0f;
+      hs[r] = ok && a.dropout_p > 0.0f ? dropout_row_hash(*a.seed, row) : 0u;
+    }
+  }
+};
+
+template <typename T, int DP, bool PACKED>
+__global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_mma_kernel(AttentionArgs args) {
+  using L = MmaDkdvLayout<T, DP>;
+  constexpr int BM = L::BM, BN = L::BN, NT = BM / 8, DC = L::DC;
+  TK_EXTERN_SHARED(unsigned char, smem);
+  T* ks = reinterpret_cast<T*>(smem + L::k);
+  T* vs = reinterpret_cast<T*>(smem + L::v);
+  const TileIndex tile = tile_index(args.Lk, BN);
+  const int64_t bhk = tile.outer, n0 = tile.start;
+  const int64_t b = bhk / args.Hkv, hk = bhk % args.Hkv, group = args.H / args.Hkv;
+  with_sequence<T, PACKED>(args, b, n0, true, [&](const AttentionArgs& a) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const bool dropout = a.dropout_p > 0.0f;
+    const uint32_t threshold = dropout_threshold(a.dropout_p);
+    const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+    const int64_t keys[2] = {n0 + 16 * warp + g, n0 + 16 * warp + g + 8};  // this lane's two keys
+    load_tile_swizzled<T, BN, DP, true>(ks, static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1] +
+                                        n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0,
+                                        copies_by_16_bytes<T>(a.k, a.k_stride));
+    load_tile_swizzled<T, BN, DP, true>(vs, static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1] +
+                                        n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0,
+                                        copies_by_16_bytes<T>(a.v, a.v_stride));
+    // Causal: the first query that sees key n0 is n0 - causal_offset; earlier query tiles are skipped.
+    const int64_t m_lo = a.causal && n0 - a.causal_offset > 0 ? (n0 - a.causal_offset) / BM * BM : 0;
+    const int per_head = m_lo < a.Lq ? static_cast<int>((a.Lq - m_lo + BM - 1) / BM) : 0;
+    const QueryTiles<T, BM, DP, PACKED> qt{{}, reinterpret_cast<T*>(smem + L::q), reinterpret_cast<T*>(smem + L::dout),
+                                           reinterpret_cast<float*>(smem + L::stats),
+                                           reinterpret_cast<uint32_t*>(smem + L::hash),
+                                           copies_by_16_bytes<T>(a.q, a.q_stride),
+                                           copies_by_16_bytes<T>(a.dout, a.do_stride), hk * group, m_lo, per_head,
+                                           per_head * static_cast<int>(group)};
+#pragma unroll 1
+    for (int c0 = 0; c0 < DP; c0 += DC) {
+      float dk[DC / 8][4] = {}, dv[DC / 8][4] = {};
+      qt.start(a, b);
+      for (int it = 0; it < qt.n_tiles; ++it) {
+        qt.advance(a, b, it);
+        __syncthreads();  // tile it (and, first, K and V) landed from every thread's copies
+        const int64_t h = qt.head(it), m0 = qt.first_query(it);
+        const T* qtile = qt.q(it);
+        const T* dotile = qt.dout(it);
+        const float* st = qt.stats(it);
+        const uint32_t* hs = qt.hashes(it);
+        float s[NT][4] = {}, dp[NT][4] = {};
+        warp_mma_abt<T, DP, NT>(s, [&](int kk, uint32_t (&af)[4]) { ldmatrix_a<T, DP>(af, ks, 16 * warp, 16 * kk, lane); },
+                                qtile, lane);
+        warp_mma_abt<T, DP, NT>(dp, [&](int kk, uint32_t (&af)[4]) { ldmatrix_a<T, DP>(af, vs, 16 * warp, 16 * kk, lane); },
+                                dotile, lane);
+        // Element (key r, query c): Pᵀ (dropped) into s, dSᵀ = P·(dP·kept - delta) into dp.
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int c = 8 * j + 2 * t + (e & 1);
+            const float sc = masked_score<T>(a, b, h, m0 + c, keys[e >> 1], s[j][e]);
+            float p = 0.0f, ds = 0.0f;
+            // Hidden scores give exact zeros (never 0 * NaN from a masked NaN value).
+            if (sc != -INFINITY) {
+              p = expf(sc - st[c]) * st[BM + c];
+              const float kept = !dropout || dropout_keep(hs[c], keys[e >> 1], threshold) ? keep_scale : 0.0f;
+              ds = p * (dp[j][e] * kept - st[2 * BM + c]);
+              p *= kept;
+            }
+            s[j][e] = p;
+            dp[j][e] = ds;
+          }
+        warp_mma_pb<T, DP, NT, DC>(dv, s, dotile, lane, c0);   // dV += Pᵀ·dO
+        warp_mma_pb<T, DP, NT, DC>(dk, dp, qtile, lane, c0);  // dK += dSᵀ·Q
+        __syncthreads();  // every warp is done with this stage before the next iteration refills it
+      }
+      cp_async_wait<0>();  // no query tile at all: K's and V's copies retire here
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (keys[r] >= a.Lk) continue;
+        const int64_t row = key_row<PACKED>(a, bhk, hk, keys[r]) * a.D + c0;
+        store_acc_row(static_cast<T*>(a.dk) + row, dk, r, lane, a.D - c0, a.scale);
+        store_acc_row(static_cast<T*>(a.dv) + row, dv, r, lane, a.D - c0, 1.0f);
+      }
     }
   });
 }
@@ -317,7 +454,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_dq_fma_kernel(Attentio
 
 }  // namespace
 
-// The dQ pass's layout (BM, bytes): mma.sync for fp16/bf16, the shared-memory tiles for fp32.
+// The layouts (BM, BN, bytes) of the dK/dV and dQ passes: mma.sync for fp16/bf16, the shared-memory tiles for fp32.
+template <typename T, int DP>
+using DkdvLayout = std::conditional_t<sizeof(T) == 2, MmaDkdvLayout<T, DP>, BwdSmem<T, DP>>;
 template <typename T, int DP>
 using DqLayout = std::conditional_t<sizeof(T) == 2, MmaDqLayout<T, DP>, BwdSmem<T, DP>>;
 
@@ -325,9 +464,9 @@ size_t attention_backward_smem(int dtype, int64_t d, bool dq) {
   size_t bytes = 0;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dispatch_head_dim<T>(d, [&](auto dp) {
+    dispatch_head_dim(d, [&](auto dp) {
       constexpr int D = decltype(dp)::value;
-      bytes = dq ? DqLayout<T, D>::bytes : BwdSmem<T, D>::bytes;
+      bytes = dq ? DqLayout<T, D>::bytes : DkdvLayout<T, D>::bytes;
     });
   });
   return bytes;
@@ -341,22 +480,25 @@ void attention_backward(const AttentionArgs& a, tk_stream_t stream) {
     const int64_t warps = kDeltaThreads / 32;
     launch(attention_delta_kernel<T>, dim3(static_cast<unsigned>((rows + warps - 1) / warps)), dim3(kDeltaThreads), 0,
            stream, a);
-    dispatch_head_dim<T>(a.D, [&](auto dp) {
+    dispatch_head_dim(a.D, [&](auto dp) {
       constexpr int D = decltype(dp)::value;
-      using L = BwdSmem<T, D>;
+      using K = DkdvLayout<T, D>;
       using Q = DqLayout<T, D>;
-      const int64_t key_blocks = a.B * a.Hkv * ((a.Lk + L::BN - 1) / L::BN);
+      const int64_t key_blocks = a.B * a.Hkv * ((a.Lk + K::BN - 1) / K::BN);
       const int64_t query_blocks = a.B * a.H * ((a.Lq + Q::BM - 1) / Q::BM);
       if (key_blocks > 0x7fffffffLL || query_blocks > 0x7fffffffLL)
         throw std::invalid_argument("attention: more than 2^31-1 tiles");
-      launch(a.cu_q ? attention_dkdv_kernel<T, D, true> : attention_dkdv_kernel<T, D, false>,
-             dim3(static_cast<unsigned>(key_blocks)), dim3(kAttnThreads), L::bytes, stream, a);
+      const dim3 key_grid(static_cast<unsigned>(key_blocks)), query_grid(static_cast<unsigned>(query_blocks));
       if constexpr (sizeof(T) == 2) {
-        launch(a.cu_q ? attention_dq_mma_kernel<T, D, true> : attention_dq_mma_kernel<T, D, false>,
-               dim3(static_cast<unsigned>(query_blocks)), dim3(kAttnThreads), Q::bytes, stream, a);
+        launch(a.cu_q ? attention_dkdv_mma_kernel<T, D, true> : attention_dkdv_mma_kernel<T, D, false>, key_grid,
+               dim3(kAttnThreads), K::bytes, stream, a);
+        launch(a.cu_q ? attention_dq_mma_kernel<T, D, true> : attention_dq_mma_kernel<T, D, false>, query_grid,
+               dim3(kAttnThreads), Q::bytes, stream, a);
       } else {
-        launch(a.cu_q ? attention_dq_fma_kernel<T, D, true> : attention_dq_fma_kernel<T, D, false>,
-               dim3(static_cast<unsigned>(query_blocks)), dim3(kAttnThreads), Q::bytes, stream, a);
+        launch(a.cu_q ? attention_dkdv_fma_kernel<T, D, true> : attention_dkdv_fma_kernel<T, D, false>, key_grid,
+               dim3(kAttnThreads), K::bytes, stream, a);
+        launch(a.cu_q ? attention_dq_fma_kernel<T, D, true> : attention_dq_fma_kernel<T, D, false>, query_grid,
+               dim3(kAttnThreads), Q::bytes, stream, a);
       }
     });
   });

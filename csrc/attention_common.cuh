@@ -9,20 +9,21 @@
 
 namespace tk {
 
-// Tile shapes of the shared-memory kernels (the fp32 forward and dQ, every dK/dV; the fp16/bf16 forward and dQ keep
-// their accumulators in registers: MmaFwdLayout, MmaDqLayout). Shared memory holds every operand and the fp32
-// accumulators (wmma hides which lane owns which row, and the online softmax rescales whole rows), so tiles are
-// sized to stay under the 99 KiB an sm_86/sm_89 block may use; the layouts' static_asserts check it. The backward
-// takes 16-row tiles at D = 256 (its two key-side accumulators are 16 x 256 fp32 each).
+// Tile shapes of the fp32 kernels (fp16/bf16 keep their accumulators in registers: MmaFwdLayout, MmaDqLayout,
+// MmaDkdvLayout). Shared memory holds every operand and the fp32 accumulators (the online softmax rescales whole
+// rows, block-wide), so tiles shrink with the head dim to stay under the 99 KiB an sm_86/sm_89 block may use; the
+// layouts' static_asserts check it. The backward holds six D-wide tiles (q, dO, k, v and the two key-side
+// accumulators): 16 rows at D = 128, and at D = 256 16 keys with 8-query tiles.
 template <typename T, int DP>
 struct FwdTile {
   static_assert(sizeof(T) == 4, "fp16/bf16 run the mma.sync forward");
-  static constexpr int BM = 32, BN = 32;
+  static constexpr int BM = DP > 128 ? 16 : 32, BN = BM;
 };
 template <typename T, int DP>
 struct BwdTile {
-  static constexpr int BM = DP > 128 ? 16 : 32;
-  static constexpr int BN = BM;
+  static_assert(sizeof(T) == 4, "fp16/bf16 run the mma.sync backward");
+  static constexpr int BN = DP > 64 ? 16 : 32;
+  static constexpr int BM = DP > 128 ? 8 : BN;
 };
 constexpr size_t kMaxBlockSmem = 99 * 1024;
 
@@ -91,12 +92,33 @@ __device__ __forceinline__ void load_tile_swizzled(T* dst, const T* base, const 
   }
 }
 
-// The K and V tiles of a key loop (keys n_lo + it·BN.. of one batch and KV head), double-buffered in shared memory:
-// tile `it` sits in stage it % 2. `start` issues tile 0 and commits it with the copies the caller issued before;
-// `advance(it)` issues tile it + 1 into the other stage (which the caller's end-of-iteration barrier has released)
-// and waits for this thread's copies of tile it; the caller's next barrier makes every thread's copies visible.
+// Tiles of a loop streamed through two shared-memory stages by cp.async: tile `it` sits in stage it % 2. `start`
+// issues tile 0 and commits it with the copies the caller issued before; `advance(it)` issues tile it + 1 into the
+// other stage (which the caller's end-of-iteration barrier has released) and waits for this thread's copies of tile
+// it; the caller's next barrier makes every thread's copies (and plain stores) visible. Tiles::load(a, b, it)
+// issues one tile.
+template <typename Tiles>
+struct TwoStages {
+  __device__ void start(const AttentionArgs& a, int64_t b) const {
+    const Tiles& t = static_cast<const Tiles&>(*this);
+    if (t.n_tiles > 0) t.load(a, b, 0);
+    cp_async_commit();
+  }
+  __device__ void advance(const AttentionArgs& a, int64_t b, int it) const {
+    const Tiles& t = static_cast<const Tiles&>(*this);
+    if (it + 1 < t.n_tiles) {
+      t.load(a, b, it + 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+  }
+};
+
+// The K and V tiles of a key loop: keys n_lo + it·BN.. of one batch and KV head.
 template <typename T, int BN, int DP>
-struct KvTiles {
+struct KvTiles : TwoStages<KvTiles<T, BN, DP>> {
   T* k_smem;
   T* v_smem;
   const T* k_base;
@@ -113,26 +135,13 @@ struct KvTiles {
     load_tile_swizzled<T, BN, DP, true>(k(it), k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0, k_async);
     load_tile_swizzled<T, BN, DP, true>(v(it), v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0, v_async);
   }
-  __device__ void start(const AttentionArgs& a, int64_t b) const {
-    if (n_tiles > 0) load(a, b, 0);
-    cp_async_commit();
-  }
-  __device__ void advance(const AttentionArgs& a, int64_t b, int it) const {
-    if (it + 1 < n_tiles) {
-      load(a, b, it + 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-  }
 };
 
 // The key loop's tiles of (batch b, KV head hk) over keys [n_lo, n_hi), in k_smem / v_smem (2 stages each).
 template <typename T, int BN, int DP>
 __device__ __forceinline__ KvTiles<T, BN, DP> kv_tiles(const AttentionArgs& a, T* k_smem, T* v_smem, int64_t b,
                                                        int64_t hk, int64_t n_lo, int64_t n_hi) {
-  return KvTiles<T, BN, DP>{k_smem, v_smem,
+  return KvTiles<T, BN, DP>{{}, k_smem, v_smem,
                             static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1],
                             static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1],
                             copies_by_16_bytes<T>(a.k, a.k_stride), copies_by_16_bytes<T>(a.v, a.v_stride), n_lo,
@@ -169,19 +178,21 @@ __device__ __forceinline__ void warp_mma_abt(float (&acc)[NT][4], AFrag&& a_frag
   }
 }
 
-// acc [16 x DP] += P · B: P [16 x 8·NT] in accumulator layout, whose tiles 2kk and 2kk + 1 repacked to 16 bits are
-// A's fragment for rows 16kk.. of B; B a swizzled [8·NT][DP] tile, transposed by ldmatrix .trans into B-fragments,
-// two 8-wide column tiles per load.
-template <typename T, int DP, int NT>
-__device__ __forceinline__ void warp_mma_pb(float (&acc)[DP / 8][4], const float (&p)[NT][4], const T* b_tile, int lane) {
+// acc [16 x DC] += P · B[:, col0 : col0 + DC]: P [16 x 8·NT] in accumulator layout, whose tiles 2kk and 2kk + 1
+// repacked to 16 bits are A's fragment for rows 16kk.. of B; B a swizzled [8·NT][DP] tile, transposed by
+// ldmatrix .trans into B-fragments, two 8-wide column tiles per load.
+template <typename T, int DP, int NT, int DC = DP>
+__device__ __forceinline__ void warp_mma_pb(float (&acc)[DC / 8][4], const float (&p)[NT][4], const T* b_tile, int lane,
+                                            int col0 = 0) {
 #pragma unroll
   for (int kk = 0; kk < NT / 2; ++kk) {
     const uint32_t pf[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
                             pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
 #pragma unroll
-    for (int jd = 0; jd < DP / 16; ++jd) {
+    for (int jd = 0; jd < DC / 16; ++jd) {
       uint32_t bf[4];
-      ldmatrix_x4<true>(bf, b_tile + swizzled<DP>(16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1), 16 * jd + 8 * (lane >> 4)));
+      ldmatrix_x4<true>(bf, b_tile + swizzled<DP>(16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1),
+                                                  col0 + 16 * jd + 8 * (lane >> 4)));
       const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
       mma_16816<T>(acc[2 * jd], pf, b0, acc[2 * jd]);
       mma_16816<T>(acc[2 * jd + 1], pf, b1, acc[2 * jd + 1]);
@@ -347,19 +358,16 @@ __device__ __forceinline__ int64_t key_end(const AttentionArgs& a, int64_t m0, i
 }
 
 // Calls f(std::integral_constant<int, DP>) with the smallest instantiated head dim >= D.
-template <typename T, typename F>
+template <typename F>
 inline void dispatch_head_dim(int64_t d, F&& f) {
-  const int64_t max_d = sizeof(T) == 4 ? kAttnMaxHeadDimFloat : kAttnMaxHeadDimHalf;
-  if (d < 1 || d > max_d)
-    throw std::invalid_argument("attention: head dim " + std::to_string(d) + " is not instantiated for this dtype (1.." +
-                                std::to_string(max_d) + ")");
+  if (d < 1 || d > kAttnMaxHeadDim)
+    throw std::invalid_argument("attention: head dim " + std::to_string(d) + " is not instantiated (1.." +
+                                std::to_string(kAttnMaxHeadDim) + ")");
   if (d <= 16) return f(std::integral_constant<int, 16>{});
   if (d <= 32) return f(std::integral_constant<int, 32>{});
   if (d <= 64) return f(std::integral_constant<int, 64>{});
-  if constexpr (sizeof(T) != 4) {
-    if (d <= 128) return f(std::integral_constant<int, 128>{});
-    return f(std::integral_constant<int, 256>{});
-  }
+  if (d <= 128) return f(std::integral_constant<int, 128>{});
+  return f(std::integral_constant<int, 256>{});
 }
 
 }  // namespace tk

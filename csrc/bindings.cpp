@@ -232,7 +232,7 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
   py::tuple head_dims(std::size(tk::kAttnHeadDims));
   for (std::size_t i = 0; i < std::size(tk::kAttnHeadDims); ++i) head_dims[i] = tk::kAttnHeadDims[i];
   m.attr("attention_head_dims") = head_dims;
-  m.attr("attention_max_head_dim") = py::dict(py::arg("half") = tk::kAttnMaxHeadDimHalf, py::arg("float") = tk::kAttnMaxHeadDimFloat);
+  m.attr("attention_max_head_dim") = py::dict(py::arg("half") = tk::kAttnMaxHeadDim, py::arg("float") = tk::kAttnMaxHeadDim);
   m.def("probe", [] {
     require_device();
     return tk::probe_launch();

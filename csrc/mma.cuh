@@ -22,7 +22,8 @@ template <typename T> constexpr int pitch(int cols) { return cols + (sizeof(T) =
 // Every thread of the block calls it; the caller puts the barriers around it.
 template <typename T, int M, int N, int K, bool A_T, bool B_T>
 __device__ __forceinline__ void block_gemm(const T* A, int lda, const T* B, int ldb, float* C, int ldc, bool accumulate) {
-  static_assert(M % 16 == 0 && N % 16 == 0 && K % 16 == 0, "tiles are multiples of 16");
+  static_assert(std::is_same<T, float>::value || (M % 16 == 0 && N % 16 == 0 && K % 16 == 0),
+                "wmma tiles are multiples of 16");
   if constexpr (std::is_same<T, float>::value) {
     for (int e = threadIdx.x; e < M * N; e += blockDim.x) {
       const int m = e / N, n = e % N;

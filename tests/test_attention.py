@@ -120,8 +120,8 @@ def max_head_dim(backend, dtype, device):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("d", [16, 32, 40, 48, 59, 64, 72, 80, 96, 111, 128, 160, 256])
 def test_head_dims(backend, d, device):
-    # Both kernel backends run fp16/bf16 up to 256; fp32 up to 256 on Triton (tf32x3 dots to 64, FMA dots above) and
-    # up to 64 on CUDA (FMA loops). Above its limit a forced backend raises a clear error.
+    # Both kernel backends run every dtype up to 256: fp32 on Triton as tf32x3 dots to 64 and FMA dots above, on
+    # CUDA as FMA loops over shared-memory tiles. Above its limit a forced backend raises a clear error.
     for dtype in (torch.float16, torch.float32):
         if d <= max_head_dim(backend, dtype, device):
             q, k, v = make_qkv(1, 2, 2, 19, 23, d, dtype, device, seed=d)
@@ -614,12 +614,10 @@ def test_unsupported_inputs_on_a_forced_backend_and_auto_fallback(device):
     for backend in KERNEL_BACKENDS:
         with pytest.raises(NotImplementedError, match=rf"{backend}.*head dim 300"), tk.use_backend(backend):
             tk.ops.attention(q, k, v)
-    # fp32 stops at 64 on CUDA (csrc/attention.h): the limit is named per dtype; Triton takes it.
-    wide = make_qkv(1, 1, 1, 3, 3, 128, torch.float32, device)
-    with pytest.raises(NotImplementedError, match=r"cuda.*head dim 128 with torch.float32 \(supported: 1\.\.64\)"), \
+    # the limit is named with the dtype (every dtype stops at 256 on both kernel backends)
+    with pytest.raises(NotImplementedError, match=r"cuda.*head dim 300 with torch.float16 \(supported: 1\.\.256\)"), \
             tk.use_backend("cuda"):
-        tk.ops.attention(*wide)
-    assert backends.resolve_for("attention", "attention", torch.device("cuda"), "auto", *wide) == "triton"
+        tk.ops.attention(*(t.half() for t in (q, k, v)))
     with tk.use_backend("torch"):
         check_against_reference("torch", q, k, v)
     # auto on a CUDA tensor skips a backend that cannot take the inputs (resolved without running anything)

@@ -89,23 +89,24 @@ def test_cuda_attention_instantiations_use_tensor_cores(cuda_rows):
     expected = {(t, d) for t in ("__half", "__nv_bfloat16") for d in c.attention_head_dims
                 if d <= c.attention_max_head_dim["half"]}
     expected |= {("float", d) for d in c.attention_head_dims if d <= c.attention_max_head_dim["float"]}
-    for kernel in ("attention_fwd", "attention_dkdv_kernel", "attention_dq"):
+    for kernel in ("attention_fwd", "attention_dkdv", "attention_dq"):
         rows = [r for r in cuda_rows if r.kernel.startswith(kernel)]
         assert {tuple(r.variant.split(", ")) for r in rows} == {(t, str(d), p) for t, d in expected
                                                                 for p in ("false", "true")}
         for r in rows:
             assert (r.tensor_core_instrs > 0) == (not r.variant.startswith("float")), (kernel, r.variant, r.arch)
-    # the forward and dQ: mma.sync for fp16/bf16, the FMA kernels for fp32
-    for kernel in ("attention_fwd_fma_kernel", "attention_dq_fma_kernel"):
+    # every pass: mma.sync for fp16/bf16, the FMA kernels for fp32
+    for kernel in ("attention_fwd_fma_kernel", "attention_dkdv_fma_kernel", "attention_dq_fma_kernel"):
         assert {r.variant.split(", ")[0] for r in cuda_rows if r.kernel == kernel} == {"float"}
 
 
-def test_cuda_forward_and_dq_are_register_resident_and_pipelined(cuda_rows):
+def test_cuda_attention_passes_are_register_resident_and_pipelined(cuda_rows):
     # mma.sync (HMMA) fed by ldmatrix (LDSM) from tiles copied by cp.async (LDGSTS), for every fp16/bf16
     # instantiation; the shared-memory column counts the dynamic tiles, and at D = 128 fp16 two 4-warp blocks fit
     # an sm_80 SM (<= 80 KiB each).
-    rows = [r for r in cuda_rows if r.kernel in ("attention_fwd_mma_kernel", "attention_dq_mma_kernel")]
-    assert {r.kernel for r in rows} == {"attention_fwd_mma_kernel", "attention_dq_mma_kernel"}
+    mma = {"attention_fwd_mma_kernel", "attention_dkdv_mma_kernel", "attention_dq_mma_kernel"}
+    rows = [r for r in cuda_rows if r.kernel in mma]
+    assert {r.kernel for r in rows} == mma
     for r in rows:
         where = f"{r.kernel}<{r.variant}> sm_{r.arch}"
         assert r.tensor_core_instrs > 0 and r.sass_ops["LDSM"] > 0 and r.sass_ops["LDGSTS"] > 0, (where, r.sass_ops)

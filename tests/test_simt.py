@@ -282,8 +282,9 @@ MUTANTS = [
     ("attention_fwd.cu", 0, "attention", "forward"),  # mma: other threads' cp.async copies of the tile landed
     ("attention_fwd.cu", 2, "attention", "forward"),  # mma: a stage drained by every warp before it is refilled
     ("attention_fwd.cu", 7, "attention_fp32", "forward"),  # fma: probabilities and rescaled accumulators complete
-    ("attention_bwd.cu", 3, "attention", "dv"),     # dkdv: P and dS complete before dV += P^T dO, dK += dS^T Q
-    ("attention_bwd.cu", 5, "attention", "dq"),     # dq (mma): other threads' cp.async copies of K and V landed
+    ("attention_bwd.cu", 3, "attention_fp32", "dv"),  # dkdv (fma): P and dS complete before dV += P^T dO
+    ("attention_bwd.cu", 5, "attention", "dk"),     # dkdv (mma): other threads' copies of K, V, Q and dO landed
+    ("attention_bwd.cu", 7, "attention", "dq"),     # dq (mma): other threads' cp.async copies of K and V landed
     ("common.cuh", 1, "norm", "forward"),           # block_allreduce (norm_fwd_kernel): scratch read before reuse
     ("common.cuh", 1, "norm", "backward"),          # the same in norm_bwd_kernel
 ]

@@ -265,7 +265,8 @@ def _cuda_file_report(nvcc: Path, csrc: Path, f: str, arch: str, tmp: str) -> li
 # The attention kernels' dynamic shared memory, by which pass's layout they launch with (csrc/attention_*.cu), and
 # the torch dtype names of the element types their instantiations name.
 ATTENTION_SMEM_PASS = {"attention_fwd_mma_kernel": "fwd", "attention_fwd_fma_kernel": "fwd",
-                       "attention_dkdv_kernel": "dkdv", "attention_dq_mma_kernel": "dq", "attention_dq_fma_kernel": "dq"}
+                       "attention_dkdv_mma_kernel": "dkdv", "attention_dkdv_fma_kernel": "dkdv",
+                       "attention_dq_mma_kernel": "dq", "attention_dq_fma_kernel": "dq"}
 CUDA_ELEMENT_TYPES = {"float": "float32", "__half": "float16", "__nv_bfloat16": "bfloat16"}
 
 
