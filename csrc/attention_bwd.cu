@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kDeltaThreads) attention_delta_kernel(Attentio
 template <typename T, int DP>
 struct BwdSmem {
   static constexpr int BM = BwdTile<T, DP>::BM, BN = BwdTile<T, DP>::BN;
-  static constexpr int LDT = pitch<T>(DP), LDP = pitch<T>(BN), LDS = pitch<float>(BN), LDO = pitch<float>(DP);
+  static constexpr int LDT = pitch(DP), LDP = pitch(BN), LDS = pitch(BN), LDO = pitch(DP);
   // q, dO, k, v tiles; two fp32 accumulators (dK and dV, or dQ and unused); S and dP; P and dS in T.
   static constexpr size_t q = 0, dout = q + sizeof(T) * BM * LDT, k = dout + sizeof(T) * BM * LDT,
                           v = k + sizeof(T) * BN * LDT, acc0 = v + sizeof(T) * BN * LDT,
@@ -88,8 +88,8 @@ __device__ __forceinline__ void probabilities_and_score_grads(const AttentionArg
                                                               float* ds_out = nullptr) {
   using L = BwdSmem<T, DP>;
   constexpr int BM = L::BM, BN = L::BN;
-  block_gemm<T, BM, BN, DP, false, true>(t.q, L::LDT, t.k, L::LDT, t.s, L::LDS, false);
-  block_gemm<T, BM, BN, DP, false, true>(t.dout, L::LDT, t.v, L::LDT, t.dp, L::LDS, false);
+  block_gemm<BM, BN, DP, false, true>(t.q, L::LDT, t.k, L::LDT, t.s, L::LDS, false);
+  block_gemm<BM, BN, DP, false, true>(t.dout, L::LDT, t.v, L::LDT, t.dp, L::LDS, false);
   __syncthreads();  // S and dP complete
   const bool dropout = a.dropout_p > 0.0f;
   const uint32_t threshold = dropout_threshold(a.dropout_p);
@@ -144,8 +144,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_dkdv_fma_kernel(Attent
         __syncthreads();  // q, dO and the row statistics complete
         probabilities_and_score_grads<T, DP, PACKED>(a, t, b, h, m0, n0);
         __syncthreads();  // P and dS complete
-        block_gemm<T, BN, DP, BM, true, false>(t.p, L::LDP, t.dout, L::LDT, t.acc1, L::LDO, true);  // dV += P^T dO
-        block_gemm<T, BN, DP, BM, true, false>(t.ds, L::LDP, t.q, L::LDT, t.acc0, L::LDO, true);    // dK += dS^T Q
+        block_gemm<BN, DP, BM, true, false>(t.p, L::LDP, t.dout, L::LDT, t.acc1, L::LDO, true);  // dV += P^T dO
+        block_gemm<BN, DP, BM, true, false>(t.ds, L::LDP, t.q, L::LDT, t.acc0, L::LDO, true);    // dK += dS^T Q
       }
     }
     __syncthreads();  // accumulators final
@@ -438,7 +438,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_dq_fma_kernel(Attentio
         zero_unseen_keys<T, BM, BN, DP>(t.s, L::LDS, t.k, L::LDT);
         __syncthreads();  // K rows of unseen keys zeroed
       }
-      block_gemm<T, BM, DP, BN, false, false>(t.ds, L::LDP, t.k, L::LDT, t.acc0, L::LDO, true);  // dQ += dS K
+      block_gemm<BM, DP, BN, false, false>(t.ds, L::LDP, t.k, L::LDT, t.acc0, L::LDO, true);  // dQ += dS K
     }
     zero_mask_grad_tail(a, a.dmask == nullptr ? nullptr : a.dmask + bh * a.Lq * a.Lk, m0, BM, (hi + BN - 1) / BN * BN);
     __syncthreads();  // accumulator final

@@ -3,7 +3,7 @@
 #pragma once
 
 #include "attention.h"
-#include "mma.cuh"
+#include "block_gemm.cuh"
 #include "ptx.cuh"
 #include "softmax.h"
 

@@ -167,7 +167,7 @@ template <typename T, int DP>
 struct FwdSmem {
   using Tile = FwdTile<T, DP>;
   static constexpr int BM = Tile::BM, BN = Tile::BN;
-  static constexpr int LDT = pitch<T>(DP), LDP = pitch<T>(BN), LDS = pitch<float>(BN), LDO = pitch<float>(DP);
+  static constexpr int LDT = pitch(DP), LDP = pitch(BN), LDS = pitch(BN), LDO = pitch(DP);
   static constexpr size_t q = 0, k = q + sizeof(T) * BM * LDT, v = k + sizeof(T) * BN * LDT,
                           p = v + sizeof(T) * BN * LDT, s = p + sizeof(T) * BM * LDP, o = s + sizeof(float) * BM * LDS,
                           m = o + sizeof(float) * BM * LDO, l = m + sizeof(float) * BM, bytes = l + sizeof(float) * BM;
@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_fwd_fma_kernel(Atte
       load_tile<T, BN, DP, true>(ks, L::LDT, k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0);
       load_tile<T, BN, DP, true>(vs, L::LDT, v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0);
       __syncthreads();  // K and V tiles complete
-      block_gemm<T, BM, BN, DP, false, true>(qs, L::LDT, ks, L::LDT, ss, L::LDS, false);
+      block_gemm<BM, BN, DP, false, true>(qs, L::LDT, ks, L::LDT, ss, L::LDS, false);
       __syncthreads();  // raw scores complete
       for (int e = threadIdx.x; e < BM * BN; e += blockDim.x) {
         const int r = e / BN, c = e % BN;
@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_fwd_fma_kernel(Atte
         if (lane == 0) m_s[r] = m_new, l_s[r] = l_s[r] * alpha + sum;
       }
       __syncthreads();  // probabilities, rescaled accumulators and zeroed values complete
-      block_gemm<T, BM, DP, BN, false, false>(ps, L::LDP, vs, L::LDT, os, L::LDO, true);
+      block_gemm<BM, DP, BN, false, false>(ps, L::LDP, vs, L::LDT, os, L::LDO, true);
     }
     __syncthreads();  // accumulators final
 

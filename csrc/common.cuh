@@ -13,8 +13,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-// 128-byte aligned: wmma loads need 32-byte aligned tiles, and only the declared alignment is guaranteed (not
-// wherever the block's dynamic shared memory happens to start).
+// 128-byte aligned: cp.async and ldmatrix need 16-byte aligned rows and the swizzled tiles start on a 128-byte
+// bank boundary; only the declared alignment is guaranteed (not wherever dynamic shared memory happens to start).
 #define TK_EXTERN_SHARED(type, name) extern __shared__ __align__(128) unsigned char name##_raw[]; \
   type* name = reinterpret_cast<type*>(name##_raw)
 #else

@@ -1,5 +1,5 @@
 """What only real hardware would expose, checked where it can be: outputs not zero-filled twice, dynamic shared
-memory aligned for wmma, no recompile for arguments that change on every call, the bench's peak-memory column."""
+memory aligned for cp.async/ldmatrix, no recompile for arguments that change on every call, the bench's peak-memory column."""
 
 import re
 import sys
@@ -50,7 +50,8 @@ def test_kernel_outputs_are_not_zero_filled(backend, device, monkeypatch):
 
 
 def test_dynamic_shared_memory_is_declared_128_byte_aligned():
-    # wmma needs 32-byte aligned tiles; only the declared alignment of `extern __shared__` is guaranteed.
+    # cp.async and ldmatrix need 16-byte aligned rows and the swizzle assumes tiles on 128-byte boundaries; only the
+    # declared alignment of `extern __shared__` is guaranteed.
     sources = [p for p in CSRC.rglob("*") if p.suffix in (".cu", ".cuh", ".h")]
     for path in sources:
         for line in path.read_text().splitlines():

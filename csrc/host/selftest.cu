@@ -1,7 +1,7 @@
 // Kernels that test the simulator itself (built into _C_host only): a barrier the caller may skip,
 // divergent barriers, warp shuffles of every element type, atomics and dynamic shared memory.
 #include "../launch.cuh"
-#include "../mma.cuh"
+#include "../block_gemm.cuh"
 #include "../ptx.cuh"
 #include "selftest.h"
 
@@ -80,18 +80,17 @@ __global__ void atomics_kernel(float* fsum, int* isum, const float* in, int n) {
   }
 }
 
-// C [32 x 48] fp32 = A [32 x 64] * B [64 x 48] through tk::block_gemm (wmma for half/bf16): A and B are given
-// row-major in global memory and staged in shared memory as stored (A_T / B_T: transposed), C accumulates onto
-// its input.
+// C [32 x 48] fp32 = A [32 x 64] * B [64 x 48] through tk::block_gemm: A and B are given row-major in global
+// memory and staged in shared memory as stored (A_T / B_T: transposed), C accumulates onto its input.
 constexpr int kGemmM = 32, kGemmN = 48, kGemmK = 64;
 
-template <typename T, bool A_T, bool B_T>
-__global__ void gemm_kernel(const T* a, const T* b, float* c) {
-  constexpr int LDA = tk::pitch<T>(A_T ? kGemmM : kGemmK), LDB = tk::pitch<T>(B_T ? kGemmK : kGemmN);
-  constexpr int LDC = tk::pitch<float>(kGemmN);
-  __shared__ __align__(32) T as[(A_T ? kGemmK : kGemmM) * LDA];
-  __shared__ __align__(32) T bs[(B_T ? kGemmN : kGemmK) * LDB];
-  __shared__ __align__(32) float cs[kGemmM * LDC];
+template <bool A_T, bool B_T>
+__global__ void gemm_kernel(const float* a, const float* b, float* c) {
+  constexpr int LDA = tk::pitch(A_T ? kGemmM : kGemmK), LDB = tk::pitch(B_T ? kGemmK : kGemmN);
+  constexpr int LDC = tk::pitch(kGemmN);
+  __shared__ float as[(A_T ? kGemmK : kGemmM) * LDA];
+  __shared__ float bs[(B_T ? kGemmN : kGemmK) * LDB];
+  __shared__ float cs[kGemmM * LDC];
   for (int e = threadIdx.x; e < kGemmM * kGemmK; e += blockDim.x) {
     const int m = e / kGemmK, k = e % kGemmK;
     as[A_T ? k * LDA + m : m * LDA + k] = a[e];
@@ -102,7 +101,7 @@ __global__ void gemm_kernel(const T* a, const T* b, float* c) {
   }
   for (int e = threadIdx.x; e < kGemmM * kGemmN; e += blockDim.x) cs[(e / kGemmN) * LDC + e % kGemmN] = c[e];
   __syncthreads();
-  tk::block_gemm<T, kGemmM, kGemmN, kGemmK, A_T, B_T>(as, LDA, bs, LDB, cs, LDC, true);
+  tk::block_gemm<kGemmM, kGemmN, kGemmK, A_T, B_T>(as, LDA, bs, LDB, cs, LDC, true);
   __syncthreads();
   for (int e = threadIdx.x; e < kGemmM * kGemmN; e += blockDim.x) c[e] = cs[(e / kGemmN) * LDC + e % kGemmN];
 }
@@ -194,18 +193,15 @@ void shuffles(uintptr_t out, int threads, int dtype) {
     tk::launch(shuffles_kernel<T>, dim3(1), dim3(threads), 0, nullptr, reinterpret_cast<T*>(out));
   });
 }
-void gemm(uintptr_t a, uintptr_t b, uintptr_t c, bool a_t, bool b_t, int dtype) {
-  tk::dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    auto run = [&](auto kernel) {
-      tk::launch(kernel, dim3(1), dim3(128), 0, nullptr, reinterpret_cast<const T*>(a), reinterpret_cast<const T*>(b),
-                 reinterpret_cast<float*>(c));
-    };
-    if (a_t && b_t) run(gemm_kernel<T, true, true>);
-    else if (a_t) run(gemm_kernel<T, true, false>);
-    else if (b_t) run(gemm_kernel<T, false, true>);
-    else run(gemm_kernel<T, false, false>);
-  });
+void gemm(uintptr_t a, uintptr_t b, uintptr_t c, bool a_t, bool b_t) {
+  auto run = [&](auto kernel) {
+    tk::launch(kernel, dim3(1), dim3(128), 0, nullptr, reinterpret_cast<const float*>(a),
+               reinterpret_cast<const float*>(b), reinterpret_cast<float*>(c));
+  };
+  if (a_t && b_t) run(gemm_kernel<true, true>);
+  else if (a_t) run(gemm_kernel<true, false>);
+  else if (b_t) run(gemm_kernel<false, true>);
+  else run(gemm_kernel<false, false>);
 }
 void int_shuffles(uintptr_t out, int threads) {
   tk::launch(int_shuffles_kernel, dim3(1), dim3(threads), 0, nullptr, reinterpret_cast<int*>(out));

@@ -12,7 +12,7 @@ void exit_before_barrier(uintptr_t out, int threads);
 void different_barriers(uintptr_t out, int threads);
 void shuffles(uintptr_t out, int threads, int dtype);
 void int_shuffles(uintptr_t out, int threads);
-void gemm(uintptr_t a, uintptr_t b, uintptr_t c, bool a_t, bool b_t, int dtype);
+void gemm(uintptr_t a, uintptr_t b, uintptr_t c, bool a_t, bool b_t);
 void atomics(uintptr_t fsum, uintptr_t isum, uintptr_t in, int n, int threads);
 void mma_16816(uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d, int dtype);
 void ldmatrix(uintptr_t tile, uintptr_t out, bool trans);

@@ -151,7 +151,7 @@ struct Runtime {
   void* race_scheduler = nullptr;
   char block_start = 0, block_end = 0, barrier = 0;
   std::vector<char> warp_collective;
-  std::vector<float> wmma_scratch;  // per warp: the A and B tiles of an mma_sync (512 floats)
+  std::vector<float> mma_scratch;   // per warp: the A and B tiles of an mma.sync (512 floats)
   uint64_t coin = 0;                // a fiber's random choices (cp.async landing), reseeded per block from rng
 };
 
@@ -429,7 +429,7 @@ SIMT_RUNTIME inline void launch(dim3 grid, dim3 block, size_t dyn_smem_bytes, co
   r.fibers.assign(r.n_threads, Fiber{});
   r.exchange.assign(static_cast<size_t>((r.n_threads + 31) / 32) * 32 * 16, 0);
   r.warp_collective.assign((r.n_threads + 31) / 32, 0);
-  r.wmma_scratch.assign(static_cast<size_t>((r.n_threads + 31) / 32) * 512, 0.0f);
+  r.mma_scratch.assign(static_cast<size_t>((r.n_threads + 31) / 32) * 512, 0.0f);
   r.race_scheduler = race::current();
   r.dyn_smem.assign(dyn_smem_bytes, 0);
   r.error.clear();
@@ -614,101 +614,6 @@ inline T __ldg(const T* p) { return *p; }
 using std::max;
 using std::min;
 
-// ---- nvcuda::wmma ---------------------------------------------------------------------------
-// The 16x16x16 shapes with half/bf16 multiplicands and float accumulators. Each lane holds 8 of a
-// fragment's 256 elements (lane l: row-major elements 8l..8l+7 of the logical tile); programs must not
-// depend on that mapping, as on a GPU, where it is unspecified. mma_sync is a warp collective: the
-// lanes publish their A and B elements in a per-warp buffer, wait for the whole warp, then each computes
-// its own 8 outputs in fp32, so a lane missing from the warp or a diverged warp raises.
-namespace nvcuda {
-namespace wmma {
-
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "simt implements the m16n16k16 wmma shape only");
-  static constexpr int num_elements = 8;
-  using element_type = T;
-  T x[num_elements];
-};
-
-namespace detail {
-constexpr int kLaneElems = 8;
-inline int tile_row(int lane, int e) { return (lane * kLaneElems + e) / 16; }
-inline int tile_col(int lane, int e) { return (lane * kLaneElems + e) % 16; }
-// Per warp: A (256 floats) then B (256 floats), reused by every mma_sync.
-SIMT_RUNTIME inline float* warp_scratch() {
-  return ::simt::rt().wmma_scratch.data() + static_cast<size_t>(::simt::warp_id()) * 512;
-}
-template <typename T> inline float as_float(T v) { return static_cast<float>(v); }
-template <> inline float as_float<__half>(__half v) { return __half2float(v); }
-template <> inline float as_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-}  // namespace detail
-
-// Element (r, c) of the logical tile sits at p[r * ldm + c] in row-major and p[c * ldm + r] in column-major
-// memory; for matrix_b the logical tile is B[k][n].
-template <typename Use, typename T, typename Layout, typename P>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const P* p, unsigned ldm) {
-  static_assert(!std::is_same<Use, accumulator>::value, "accumulators take a layout_t argument");
-  const int lane = static_cast<int>(::simt::lane_id());
-  for (int e = 0; e < detail::kLaneElems; ++e) {
-    const int r = detail::tile_row(lane, e), c = detail::tile_col(lane, e);
-    f.x[e] = std::is_same<Layout, row_major>::value ? p[r * ldm + c] : p[c * ldm + r];
-  }
-}
-
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm, layout_t layout) {
-  const int lane = static_cast<int>(::simt::lane_id());
-  for (int e = 0; e < detail::kLaneElems; ++e) {
-    const int r = detail::tile_row(lane, e), c = detail::tile_col(lane, e);
-    f.x[e] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
-  }
-}
-
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t layout) {
-  const int lane = static_cast<int>(::simt::lane_id());
-  for (int e = 0; e < detail::kLaneElems; ++e) {
-    const int r = detail::tile_row(lane, e), c = detail::tile_col(lane, e);
-    (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[e];
-  }
-}
-
-template <typename Use, typename T, typename Layout>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, T v) {
-  for (auto& x : f.x) x = v;
-}
-
-template <typename T, typename LA, typename LB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
-  const int lane = static_cast<int>(::simt::lane_id());
-  float* sa = detail::warp_scratch();
-  float* sb = sa + 256;
-  for (int e = 0; e < detail::kLaneElems; ++e) {
-    sa[lane * detail::kLaneElems + e] = detail::as_float(a.x[e]);
-    sb[lane * detail::kLaneElems + e] = detail::as_float(b.x[e]);
-  }
-  ::simt::warp_sync(0xffffffffu);  // every lane's A and B elements are published
-  float out[detail::kLaneElems];
-  for (int e = 0; e < detail::kLaneElems; ++e) {
-    const int r = detail::tile_row(lane, e), col = detail::tile_col(lane, e);
-    float acc = c.x[e];
-    for (int k = 0; k < 16; ++k) acc += sa[r * 16 + k] * sb[k * 16 + col];
-    out[e] = acc;
-  }
-  ::simt::warp_sync(0xffffffffu);  // every lane has read the buffer before the next mma_sync overwrites it
-  for (int e = 0; e < detail::kLaneElems; ++e) d.x[e] = out[e];
-}
-
-}  // namespace wmma
-}  // namespace nvcuda
-
 // ---- PTX: mma.sync m16n8k16, ldmatrix, cp.async ------------------------------------------------------------------
 // The instructions of csrc/ptx.cuh with the register layouts of the PTX ISA (the table there). mma and ldmatrix are
 // warp collectives: the lanes publish their operands, wait for the whole warp, then each lane reads what the
@@ -716,12 +621,18 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
 namespace simt {
 namespace ptx {
 
+// This warp's operand scratch (512 floats).
+SIMT_RUNTIME inline float* warp_mma_scratch() {
+  return rt().mma_scratch.data() + static_cast<size_t>(warp_id()) * 512;
+}
+
 template <typename T>
 inline float half_bits_to_float(uint32_t bits16) {
   T v;
   const uint16_t b = static_cast<uint16_t>(bits16);
   std::memcpy(&v, &b, 2);
-  return ::nvcuda::wmma::detail::as_float(v);
+  if constexpr (std::is_same<T, __half>::value) return __half2float(v);
+  else return __bfloat162float(v);
 }
 
 // D = A (16 x 16) * B (16 x 8) + C: every lane scatters its A and B elements into the warp's scratch by the
@@ -730,8 +641,8 @@ inline float half_bits_to_float(uint32_t bits16) {
 template <typename T>
 inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
   const int lane = static_cast<int>(lane_id()), g = lane >> 2, t = lane & 3;
-  float* sa = ::nvcuda::wmma::detail::warp_scratch();  // A row-major 16 x 16
-  float* sb = sa + 256;                                // B k-major 16 x 8
+  float* sa = warp_mma_scratch();  // A row-major 16 x 16
+  float* sb = sa + 256;            // B k-major 16 x 8
   for (int i = 0; i < 4; ++i)
     for (int h = 0; h < 2; ++h) {
       const int row = g + 8 * (i & 1), col = 2 * t + h + 8 * (i >> 1);
