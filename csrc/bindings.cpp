@@ -12,6 +12,7 @@
 #include "epilogue.h"
 #include "norm.h"
 #include "probe.h"
+#include "ptx_selftest.h"
 #include "softmax.h"
 
 #ifdef TK_HOST_SIM
@@ -233,6 +234,20 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
   for (std::size_t i = 0; i < std::size(tk::kAttnHeadDims); ++i) head_dims[i] = tk::kAttnHeadDims[i];
   m.attr("attention_head_dims") = head_dims;
   m.attr("attention_max_head_dim") = py::dict(py::arg("half") = tk::kAttnMaxHeadDim, py::arg("float") = tk::kAttnMaxHeadDim);
+  // The instruction layout self-tests (ptx_selftest.cu): the simulator's instructions here, the GPU's in _C.
+  auto ptx = m.def_submodule("ptx_selftest", "mma.sync, ldmatrix and cp.async against the PTX ISA's layouts");
+  ptx.def("mma_16816", [](uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d, int dtype) {
+    require_device();
+    tk::ptx_selftest_mma_16816(a, b, c, d, dtype);
+  });
+  ptx.def("ldmatrix", [](uintptr_t tile, uintptr_t out, bool trans) {
+    require_device();
+    tk::ptx_selftest_ldmatrix(tile, out, trans);
+  });
+  ptx.def("cp_async", [](uintptr_t src, uintptr_t src_bytes, uintptr_t out, int n, int threads, int wait) {
+    require_device();
+    tk::ptx_selftest_cp_async(src, src_bytes, out, n, threads, wait);
+  });
   m.def("probe", [] {
     require_device();
     return tk::probe_launch();
@@ -259,8 +274,5 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
   st.def("int_shuffles", &simt_selftest::int_shuffles);
   st.def("atomics", &simt_selftest::atomics);
   st.def("gemm", &simt_selftest::gemm);
-  st.def("mma_16816", &simt_selftest::mma_16816);
-  st.def("ldmatrix", &simt_selftest::ldmatrix);
-  st.def("cp_async", &simt_selftest::cp_async);
 #endif
 }

@@ -85,28 +85,55 @@ def test_block_gemm(a_t, b_t):
     torch.testing.assert_close(c, expected, atol=1e-4, rtol=1e-5)
 
 
+# The instruction self-tests run the same kernels (csrc/ptx_selftest.cu) on the simulator and, on a GPU, on the
+# hardware: both must give every lane the elements the PTX ISA's table names.
+INSTRUCTION_TARGETS = ["simulator", pytest.param("gpu", marks=pytest.mark.gpu)]
+
+
+def instruction_target(target):
+    """(module, device) the self-test kernels of `target` run with."""
+    if target == "simulator":
+        return C, torch.device("cpu")
+    return _ext.load("_C"), torch.device("cuda")
+
+
+def finish(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the self-tests launch on the default stream
+
+
+@pytest.mark.parametrize("target", INSTRUCTION_TARGETS)
 @pytest.mark.parametrize("code", [1, 2])
-def test_mma_16816_fragment_layout(code):
+def test_mma_16816_fragment_layout(code, target):
     # Every lane builds its A, B, C fragments from the PTX ISA's table and writes D where the table puts it: the
     # whole 16 x 8 product right means every lane's elements are where the ISA says (a misplaced element would
     # land in a wrong row or column of D). Distinct powers of two per element make any misplacement visible.
+    mod, device = instruction_target(target)
     dtype = DTYPES[code]
     g = torch.Generator().manual_seed(code)
     a = torch.randint(-4, 5, (16, 16), generator=g).to(dtype) * 2.0 ** torch.arange(16).remainder(5).to(dtype)
     b = torch.randint(-4, 5, (16, 8), generator=g).to(dtype)
     c = torch.randint(-8, 9, (16, 8), generator=g).float()
-    d = torch.empty(16, 8)
-    C.selftest.mma_16816(a.data_ptr(), b.data_ptr(), c.data_ptr(), d.data_ptr(), code)
+    a_dev, b_dev, c_dev = (t.to(device) for t in (a, b, c))
+    d = torch.empty(16, 8, device=device)
+    mod.ptx_selftest.mma_16816(a_dev.data_ptr(), b_dev.data_ptr(), c_dev.data_ptr(), d.data_ptr(), code)
+    finish(device)
+    d = d.cpu()
     assert torch.equal(d, c + a.float() @ b.float())  # small integers times powers of two: exact in any order
     # the layout is asymmetric: transposing either operand's placement changes the product
     assert not torch.allclose(d, c + a.float().T @ b.float(), atol=1e-3)
 
 
+@pytest.mark.parametrize("target", INSTRUCTION_TARGETS)
 @pytest.mark.parametrize("trans", [False, True])
-def test_ldmatrix_x4_gives_each_lane_its_documented_elements(trans):
-    tile = torch.arange(256, dtype=torch.int32).to(torch.uint16).view(16, 16)  # element value = its position
-    out = torch.empty(32, 4, 2, dtype=torch.uint16)
-    C.selftest.ldmatrix(tile.data_ptr(), out.data_ptr(), trans)
+def test_ldmatrix_x4_gives_each_lane_its_documented_elements(trans, target):
+    mod, device = instruction_target(target)
+    # 16-bit elements whose value is their position (int16: every device copies it; the kernel moves bits)
+    tile = torch.arange(256, dtype=torch.int16).view(16, 16).to(device)
+    out = torch.empty(32, 4, 2, dtype=torch.int16, device=device)
+    mod.ptx_selftest.ldmatrix(tile.data_ptr(), out.data_ptr(), trans)
+    finish(device)
+    out = out.cpu()
     for lane in range(32):
         g, t = lane // 4, lane % 4
         for i in range(4):  # matrix i: rows 8(i % 2).., columns 8(i // 2)..
@@ -116,25 +143,41 @@ def test_ldmatrix_x4_gives_each_lane_its_documented_elements(trans):
                 assert int(out[lane, i, h]) == expected, (lane, i, h)
 
 
-def test_cp_async_lands_between_issue_and_the_wait_that_retires_its_group():
+@pytest.mark.parametrize("target", INSTRUCTION_TARGETS)
+def test_cp_async_copies_zero_fill_and_groups(target):
+    # Full, zero-filled and partial copies land as the ISA says after the wait that retires their group; waiting for
+    # the older group only guarantees the even chunks (the first group).
+    mod, device = instruction_target(target)
+    n = 40
+    src = torch.randn(n * 4, device=device)
+    sizes = torch.tensor([16, 0, 8, 16, 4] * 8, dtype=torch.int32, device=device)
+    expected = src.cpu().clone().view(n, 4)
+    for i, b in enumerate(sizes.tolist()):
+        expected[i, b // 4:] = 0.0
+    out = torch.empty(n, 4, device=device)
+    for wait in (0, 1):
+        mod.ptx_selftest.cp_async(src.data_ptr(), sizes.data_ptr(), out.data_ptr(), n, 32, wait)
+        finish(device)
+        got = out.cpu()
+        assert torch.equal(got if wait == 0 else got[0::2], expected if wait == 0 else expected[0::2]), wait
+
+
+def test_simulated_cp_async_lands_between_issue_and_the_wait_that_retires_its_group():
     n = 40
     src = torch.randn(n * 4)
-    sizes = torch.tensor([16, 0, 8, 16, 4] * 8, dtype=torch.int32)  # full, zero-filled and partial copies
+    sizes = torch.tensor([16, 0, 8, 16, 4] * 8, dtype=torch.int32)
     expected = src.clone().view(n, 4)
     for i, b in enumerate(sizes.tolist()):
         expected[i, b // 4:] = 0.0
     out = torch.empty(n, 4)
     C.simt_seed(0)
-    C.selftest.cp_async(src.data_ptr(), sizes.data_ptr(), out.data_ptr(), n, 32, 0)
-    assert torch.equal(out, expected)
-    # Waiting for the older group only: the even chunks (first group) are there; each odd one, in flight, either
-    # landed at its issue or still reads as the poisoned shared memory (0xFF bytes: NaN) — both happen.
-    C.selftest.cp_async(src.data_ptr(), sizes.data_ptr(), out.data_ptr(), n, 32, 1)
-    assert torch.equal(out[0::2], expected[0::2])
+    # Waiting for the older group only: each odd chunk, in flight, either landed at its issue or still reads as the
+    # poisoned shared memory (0xFF bytes: NaN) — both happen.
+    C.ptx_selftest.cp_async(src.data_ptr(), sizes.data_ptr(), out.data_ptr(), n, 32, 1)
     landed = (out[1::2] == expected[1::2]).all(1)
     assert (landed | out[1::2].isnan().all(1)).all() and landed.any() and not landed.all()
     # a read before any wait sees only the copies that landed at issue
-    C.selftest.cp_async(src.data_ptr(), sizes.data_ptr(), out.data_ptr(), n, 32, -1)
+    C.ptx_selftest.cp_async(src.data_ptr(), sizes.data_ptr(), out.data_ptr(), n, 32, -1)
     landed = (out == expected).all(1)
     assert (landed | out.isnan().all(1)).all() and not landed.all()
 

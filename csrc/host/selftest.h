@@ -14,7 +14,4 @@ void shuffles(uintptr_t out, int threads, int dtype);
 void int_shuffles(uintptr_t out, int threads);
 void gemm(uintptr_t a, uintptr_t b, uintptr_t c, bool a_t, bool b_t);
 void atomics(uintptr_t fsum, uintptr_t isum, uintptr_t in, int n, int threads);
-void mma_16816(uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d, int dtype);
-void ldmatrix(uintptr_t tile, uintptr_t out, bool trans);
-void cp_async(uintptr_t src, uintptr_t src_bytes, uintptr_t out, int n, int threads, int wait);
 }  // namespace simt_selftest
