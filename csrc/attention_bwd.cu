@@ -191,21 +191,21 @@ struct QueryTiles : TwoStages<QueryTiles<T, BM, DP, PACKED>> {
   int64_t h0, m_lo;
   int per_head, n_tiles;
 
-  __device__ const T* q(int it) const { return q_smem + (it & 1) * BM * DP; }
-  __device__ const T* dout(int it) const { return do_smem + (it & 1) * BM * DP; }
-  __device__ const float* stats(int it) const { return stat_smem + (it & 1) * 3 * BM; }  // max, 1/sum, delta
-  __device__ const uint32_t* hashes(int it) const { return hash_smem + (it & 1) * BM; }
+  __device__ T* q(int it) const { return q_smem + (it & 1) * BM * DP; }
+  __device__ T* dout(int it) const { return do_smem + (it & 1) * BM * DP; }
+  __device__ float* stats(int it) const { return stat_smem + (it & 1) * 3 * BM; }  // max, 1/sum, delta
+  __device__ uint32_t* hashes(int it) const { return hash_smem + (it & 1) * BM; }
   __device__ int64_t head(int it) const { return h0 + it / per_head; }
   __device__ int64_t first_query(int it) const { return m_lo + static_cast<int64_t>(it % per_head) * BM; }
   __device__ void load(const AttentionArgs& a, int64_t b, int it) const {
     const int64_t h = head(it), m0 = first_query(it);
-    load_tile_swizzled<T, BM, DP, false>(const_cast<T*>(q(it)), static_cast<const T*>(a.q) + b * a.q_stride[0] +
+    load_tile_swizzled<T, BM, DP, false>(q(it), static_cast<const T*>(a.q) + b * a.q_stride[0] +
                                          h * a.q_stride[1] + m0 * a.q_stride[2], a.q_stride, a.Lq - m0, a, b, 0, q_async);
-    load_tile_swizzled<T, BM, DP, false>(const_cast<T*>(dout(it)), static_cast<const T*>(a.dout) + b * a.do_stride[0] +
+    load_tile_swizzled<T, BM, DP, false>(dout(it), static_cast<const T*>(a.dout) + b * a.do_stride[0] +
                                          h * a.do_stride[1] + m0 * a.do_stride[2], a.do_stride, a.Lq - m0, a, b, 0,
                                          do_async);
-    float* st = stat_smem + (it & 1) * 3 * BM;
-    uint32_t* hs = hash_smem + (it & 1) * BM;
+    float* st = stats(it);
+    uint32_t* hs = hashes(it);
     for (int r = threadIdx.x; r < BM; r += blockDim.x) {
       const bool ok = m0 + r < a.Lq;
       const int64_t row = query_row<PACKED>(a, b * a.H + h, h, m0 + r);

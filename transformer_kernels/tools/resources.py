@@ -30,7 +30,8 @@ from . import toolchain
 
 TRITON_ARCHS = (80, 90)
 TRITON_KERNEL_MODULES = ("softmax", "attention", "norm", "linear")  # kernels/<name>.py files that define aot_variants()
-CUDA_KERNEL_FILES = ("softmax.cu", "attention_fwd.cu", "attention_bwd.cu", "norm.cu", "epilogue.cu", "probe.cu")
+CUDA_KERNEL_FILES = ("softmax.cu", "attention_fwd.cu", "attention_bwd.cu", "norm.cu", "epilogue.cu", "probe.cu",
+                     "ptx_selftest.cu")
 # Opcodes that run on tensor cores: HMMA (sm_80+ mma.sync), HGMMA (sm_90 wgmma), IMMA (int8).
 TENSOR_CORE_OPCODES = re.compile(r"\b(HMMA|HGMMA|IMMA|IGMMA)\.")
 CACHE_DIR = Path(os.environ.get("TK_CACHE_DIR", Path.home() / ".cache" / "transformer_kernels"))
