@@ -463,11 +463,19 @@ def keep_mask_of_next_call(seed_state: int, shape, p, device):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_dropout_matches_reference_with_the_kernels_mask(backend, device):
-    b, h, lq, lk, d, p = 2, 2, 23, 29, 16, 0.3
-    q, k, v = make_qkv(b, h, h, lq, lk, d, device=device)
+@pytest.mark.parametrize("dtype,h,hkv,lq,lk,d", [
+    (torch.float32, 2, 2, 23, 29, 16),
+    # fp16/bf16 run the mma.sync kernels on CUDA: GQA, and more query tiles per key block than the dK/dV pass's two
+    # stages (64 rows at D = 32, 16 at D = 256), so every stage is refilled
+    (torch.float16, 4, 2, 150, 97, 32),
+    (torch.bfloat16, 2, 1, 40, 50, 256),
+], ids=["fp32", "fp16-gqa", "bf16-d256"])
+def test_dropout_matches_reference_with_the_kernels_mask(backend, dtype, h, hkv, lq, lk, d, device):
+    b, p = 2, 0.3
+    q, k, v = make_qkv(b, h, hkv, lq, lk, d, dtype, device)
     keep = keep_mask_of_next_call(7, (b, h, lq, lk), p, device)
-    kw = {"is_causal": True, "key_padding_mask": torch.rand(b, lk, device=device) < 0.2}
+    kw = {"is_causal": True, "causal_alignment": "bottom_right", "enable_gqa": h != hkv,
+          "key_padding_mask": torch.rand(b, lk, generator=torch.Generator().manual_seed(1)).to(device) < 0.2}
 
     def ours(q, k, v):
         torch.manual_seed(7)
@@ -475,10 +483,11 @@ def test_dropout_matches_reference_with_the_kernels_mask(backend, device):
             return tk.ops.attention(q, k, v, dropout_p=p, **kw)
 
     def ref(q, k, v):
-        return reference.scaled_dot_product_attention(q, k, v, dropout_p=p, dropout_mask=keep, **kw)
+        return reference.scaled_dot_product_attention(q, k, v, dropout_p=p, dropout_mask=keep,
+                                                      low_precision=q.dtype != torch.float32, **kw)
 
     # Forward and backward agree with the reference given the kernel's own keep-mask: the same mask both ways.
-    assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")))
+    assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")), f"{dtype}, {backend}:")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
