@@ -100,25 +100,18 @@ __device__ __forceinline__ void probabilities_and_score_grads(const AttentionArg
     const int r = e / BN, c = e % BN;
     const float s = masked_score<T>(a, b, h, m0 + r, n0 + c, t.s[r * L::LDS + c]);
     t.s[r * L::LDS + c] = s;
-    float p = 0.0f, ds = 0.0f;
-    // Hidden scores give exact zeros (never 0 * NaN from a masked NaN value).
-    if (s != -INFINITY) {
-      p = expf(s - t.m[r]) * t.inv_l[r];
-      float dp = t.dp[r * L::LDS + c];
-      float kept = keep_scale;
-      if (dropout && !dropout_keep(dropout_row_hash(seed, row0 + r * step), n0 + c, threshold)) kept = 0.0f;
-      ds = p * (dp * kept - t.delta[r]);
-      p *= kept;
-    }
-    t.p[r * L::LDP + c] = from_float<T>(p);
-    t.ds[r * L::LDP + c] = from_float<T>(ds);
-    if (ds_out != nullptr && m0 + r < a.Lq && n0 + c < a.Lk) ds_out[r * a.Lk + c] = ds;
+    const bool kept = !dropout || dropout_keep(dropout_row_hash(seed, row0 + r * step), n0 + c, threshold);
+    const ProbGrad pg = prob_and_grad(s, t.m[r], t.inv_l[r], t.dp[r * L::LDS + c], t.delta[r], kept ? keep_scale : 0.0f);
+    t.p[r * L::LDP + c] = from_float<T>(pg.p);
+    t.ds[r * L::LDP + c] = from_float<T>(pg.ds);
+    if (ds_out != nullptr && m0 + r < a.Lq && n0 + c < a.Lk) ds_out[r * a.Lk + c] = pg.ds;
   }
 }
 
-// fp32 dK/dV: tiles and accumulators in shared memory, FMA products (block_gemm).
+// fp32 dK/dV: tiles and accumulators in shared memory, FMA products (block_gemm). (kAttnThreads, 1) as for the fp32
+// forward: without the minimum ptxas may hold an FMA kernel to 32-48 registers and spill (it did for dQ, D = 128).
 template <typename T, int DP, bool PACKED>
-__global__ void __launch_bounds__(kAttnThreads) attention_dkdv_fma_kernel(AttentionArgs args) {
+__global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_fma_kernel(AttentionArgs args) {
   using L = BwdSmem<T, DP>;
   constexpr int BM = L::BM, BN = L::BN;
   TK_EXTERN_SHARED(unsigned char, smem);
@@ -261,10 +254,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_mma_kernel(Att
         const float* st = qt.stats(it);
         const uint32_t* hs = qt.hashes(it);
         float s[NT][4] = {}, dp[NT][4] = {};
-        warp_mma_abt<T, DP, NT>(s, [&](int kk, uint32_t (&af)[4]) { ldmatrix_a<T, DP>(af, ks, 16 * warp, 16 * kk, lane); },
-                                qtile, lane);
-        warp_mma_abt<T, DP, NT>(dp, [&](int kk, uint32_t (&af)[4]) { ldmatrix_a<T, DP>(af, vs, 16 * warp, 16 * kk, lane); },
-                                dotile, lane);
+        warp_mma_rows_abt<T, DP, NT>(s, ks, 16 * warp, qtile, lane);
+        warp_mma_rows_abt<T, DP, NT>(dp, vs, 16 * warp, dotile, lane);
         // Element (key r, query c): Pᵀ (dropped) into s, dSᵀ = P·(dP·kept - delta) into dp.
 #pragma unroll
         for (int j = 0; j < NT; ++j)
@@ -272,16 +263,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_mma_kernel(Att
           for (int e = 0; e < 4; ++e) {
             const int c = 8 * j + 2 * t + (e & 1);
             const float sc = masked_score<T>(a, b, h, m0 + c, keys[e >> 1], s[j][e]);
-            float p = 0.0f, ds = 0.0f;
-            // Hidden scores give exact zeros (never 0 * NaN from a masked NaN value).
-            if (sc != -INFINITY) {
-              p = expf(sc - st[c]) * st[BM + c];
-              const float kept = !dropout || dropout_keep(hs[c], keys[e >> 1], threshold) ? keep_scale : 0.0f;
-              ds = p * (dp[j][e] * kept - st[2 * BM + c]);
-              p *= kept;
-            }
-            s[j][e] = p;
-            dp[j][e] = ds;
+            const bool kept = !dropout || dropout_keep(hs[c], keys[e >> 1], threshold);
+            const ProbGrad pg = prob_and_grad(sc, st[c], st[BM + c], dp[j][e], st[2 * BM + c], kept ? keep_scale : 0.0f);
+            s[j][e] = pg.p;
+            dp[j][e] = pg.ds;
           }
         warp_mma_pb<T, DP, NT, DC>(dv, s, dotile, lane, c0);   // dV += Pᵀ·dO
         warp_mma_pb<T, DP, NT, DC>(dk, dp, qtile, lane, c0);  // dK += dSᵀ·Q
@@ -375,10 +360,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
       T* kt = kv.k(it);
       const T* vt = kv.v(it);
       float s[NT][4] = {}, dp[NT][4] = {};
-      warp_mma_abt<T, DP, NT>(s, [&](int kk, uint32_t (&af)[4]) { ldmatrix_a<T, DP>(af, qs, 16 * warp, 16 * kk, lane); },
-                              kt, lane);
-      warp_mma_abt<T, DP, NT>(dp, [&](int kk, uint32_t (&af)[4]) { ldmatrix_a<T, DP>(af, dos, 16 * warp, 16 * kk, lane); },
-                              vt, lane);
+      warp_mma_rows_abt<T, DP, NT>(s, qs, 16 * warp, kt, lane);
+      warp_mma_rows_abt<T, DP, NT>(dp, dos, 16 * warp, vt, lane);
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -386,15 +369,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
           const int r = e >> 1;
           const int64_t col = n0 + 8 * j + 2 * t + (e & 1);
           s[j][e] = masked_score<T>(a, b, h, rows[r], col, s[j][e]);
-          float ds = 0.0f;
-          // Hidden scores give exact zeros (never 0 * NaN from a masked NaN value).
-          if (s[j][e] != -INFINITY) {
-            const float p = expf(s[j][e] - row_max[r]) * inv_l[r];
-            const bool kept = !dropout || dropout_keep(row_hash[r], col, threshold);
-            ds = p * ((kept ? dp[j][e] * keep_scale : 0.0f) - delta[r]);
-          }
-          dp[j][e] = ds;
-          if (dmask_head != nullptr && rows[r] < a.Lq && col < a.Lk) dmask_head[rows[r] * a.Lk + col] = ds;
+          const bool kept = !dropout || dropout_keep(row_hash[r], col, threshold);
+          dp[j][e] = prob_and_grad(s[j][e], row_max[r], inv_l[r], dp[j][e], delta[r], kept ? keep_scale : 0.0f).ds;
+          if (dmask_head != nullptr && rows[r] < a.Lq && col < a.Lk) dmask_head[rows[r] * a.Lk + col] = dp[j][e];
         }
       // Keys no query of the block sees: zero K rows (their dS is 0, their K may be NaN).
       if (a.mask_kind != kNoMask) zero_unseen_key_rows<T, DP, NT, L::kWarps>(s, seen, kt, lane, warp);
@@ -410,9 +387,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
   });
 }
 
-// fp32 dQ: tiles and accumulators in shared memory, FMA products (block_gemm).
+// fp32 dQ: tiles and accumulators in shared memory, FMA products (block_gemm); launch bounds as for dK/dV.
 template <typename T, int DP, bool PACKED>
-__global__ void __launch_bounds__(kAttnThreads) attention_dq_fma_kernel(AttentionArgs args) {
+__global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_fma_kernel(AttentionArgs args) {
   using L = BwdSmem<T, DP>;
   constexpr int BM = L::BM, BN = L::BN;
   TK_EXTERN_SHARED(unsigned char, smem);

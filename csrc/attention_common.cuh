@@ -276,6 +276,28 @@ __device__ __forceinline__ float masked_score(const AttentionArgs& a, int64_t b,
   return s;
 }
 
+// A recomputed probability and its score gradient (the backward passes): P = exp(s - max) · (1 / sum), dropped by
+// `kept` (1 / (1 - p) or 0, the forward's draw), and dS = P·(dP·kept - delta) with the undropped P. A hidden score
+// gives exact zeros (never 0·NaN from a masked NaN value).
+struct ProbGrad {
+  float p, ds;
+};
+__device__ __forceinline__ ProbGrad prob_and_grad(float s, float row_max, float inv_l, float dp, float delta,
+                                                  float kept) {
+  if (s == -INFINITY) return ProbGrad{0.0f, 0.0f};
+  const float p = expf(s - row_max) * inv_l;
+  return ProbGrad{p * kept, p * (dp * kept - delta)};
+}
+
+// The swizzled-tile product of the backward passes: acc += A[row0 : row0 + 16]·Bᵀ, A's fragments read by ldmatrix
+// from a swizzled [rows][DP] tile.
+template <typename T, int DP, int NT>
+__device__ __forceinline__ void warp_mma_rows_abt(float (&acc)[NT][4], const T* a_tile, int row0, const T* b_tile,
+                                                  int lane) {
+  warp_mma_abt<T, DP, NT>(acc, [&](int kk, uint32_t (&af)[4]) { ldmatrix_a<T, DP>(af, a_tile, row0, 16 * kk, lane); },
+                          b_tile, lane);
+}
+
 // Zeroes row c of `rows` (pitch ld) for every key column c of the score tile that no query of the tile sees,
 // so a NaN/Inf value or key hidden by the mask cannot turn a zero probability into NaN in a product.
 template <typename T, int BM, int BN, int DP>
