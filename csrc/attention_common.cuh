@@ -178,6 +178,15 @@ __device__ __forceinline__ void warp_mma_abt(float (&acc)[NT][4], AFrag&& a_frag
   }
 }
 
+// The swizzled-tile product of the backward passes: acc += A[row0 : row0 + 16]·Bᵀ, A's fragments read by ldmatrix
+// from a swizzled [rows][DP] tile.
+template <typename T, int DP, int NT>
+__device__ __forceinline__ void warp_mma_rows_abt(float (&acc)[NT][4], const T* a_tile, int row0, const T* b_tile,
+                                                  int lane) {
+  warp_mma_abt<T, DP, NT>(acc, [&](int kk, uint32_t (&af)[4]) { ldmatrix_a<T, DP>(af, a_tile, row0, 16 * kk, lane); },
+                          b_tile, lane);
+}
+
 // acc [16 x DC] += P · B[:, col0 : col0 + DC]: P [16 x 8·NT] in accumulator layout, whose tiles 2kk and 2kk + 1
 // repacked to 16 bits are A's fragment for rows 16kk.. of B; B a swizzled [8·NT][DP] tile, transposed by
 // ldmatrix .trans into B-fragments, two 8-wide column tiles per load.
@@ -287,15 +296,6 @@ __device__ __forceinline__ ProbGrad prob_and_grad(float s, float row_max, float 
   if (s == -INFINITY) return ProbGrad{0.0f, 0.0f};
   const float p = expf(s - row_max) * inv_l;
   return ProbGrad{p * kept, p * (dp * kept - delta)};
-}
-
-// The swizzled-tile product of the backward passes: acc += A[row0 : row0 + 16]·Bᵀ, A's fragments read by ldmatrix
-// from a swizzled [rows][DP] tile.
-template <typename T, int DP, int NT>
-__device__ __forceinline__ void warp_mma_rows_abt(float (&acc)[NT][4], const T* a_tile, int row0, const T* b_tile,
-                                                  int lane) {
-  warp_mma_abt<T, DP, NT>(acc, [&](int kk, uint32_t (&af)[4]) { ldmatrix_a<T, DP>(af, a_tile, row0, 16 * kk, lane); },
-                          b_tile, lane);
 }
 
 // Zeroes row c of `rows` (pitch ld) for every key column c of the score tile that no query of the tile sees,
