@@ -91,17 +91,14 @@ __device__ __forceinline__ void probabilities_and_score_grads(const AttentionArg
   block_gemm<BM, BN, DP, false, true>(t.q, L::LDT, t.k, L::LDT, t.s, L::LDS, false);
   block_gemm<BM, BN, DP, false, true>(t.dout, L::LDT, t.v, L::LDT, t.dp, L::LDS, false);
   __syncthreads();  // S and dP complete
-  const bool dropout = a.dropout_p > 0.0f;
-  const uint32_t threshold = dropout_threshold(a.dropout_p);
-  const uint64_t seed = dropout ? *a.seed : 0;
-  const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+  const DropoutDraw drop(a);
   const int64_t row0 = query_row<PACKED>(a, b * a.H + h, h, m0), step = row_step<PACKED>(a.H);
   for (int e = threadIdx.x; e < BM * BN; e += blockDim.x) {
     const int r = e / BN, c = e % BN;
     const float s = masked_score<T>(a, b, h, m0 + r, n0 + c, t.s[r * L::LDS + c]);
     t.s[r * L::LDS + c] = s;
-    const bool kept = !dropout || dropout_keep(dropout_row_hash(seed, row0 + r * step), n0 + c, threshold);
-    const ProbGrad pg = prob_and_grad(s, t.m[r], t.inv_l[r], t.dp[r * L::LDS + c], t.delta[r], kept ? keep_scale : 0.0f);
+    const float kept = drop.scale(drop.row_hash(row0 + r * step), n0 + c);
+    const ProbGrad pg = prob_and_grad(s, t.m[r], t.inv_l[r], t.dp[r * L::LDS + c], t.delta[r], kept);
     t.p[r * L::LDP + c] = from_float<T>(pg.p);
     t.ds[r * L::LDP + c] = from_float<T>(pg.ds);
     if (ds_out != nullptr && m0 + r < a.Lq && n0 + c < a.Lk) ds_out[r * a.Lk + c] = pg.ds;
@@ -205,7 +202,7 @@ struct QueryTiles : TwoStages<QueryTiles<T, BM, DP, PACKED>> {
       st[r] = ok ? a.row_max[row] : 0.0f;
       st[BM + r] = ok ? a.inv_l[row] : 0.0f;
       st[2 * BM + r] = ok ? a.delta[row] : 0.0f;
-      hs[r] = ok && a.dropout_p > 0.0f ? dropout_row_hash(*a.seed, row) : 0u;
+      hs[r] = ok ? DropoutDraw(a).row_hash(row) : 0u;
     }
   }
 };
@@ -222,9 +219,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_mma_kernel(Att
   const int64_t b = bhk / args.Hkv, hk = bhk % args.Hkv, group = args.H / args.Hkv;
   with_sequence<T, PACKED>(args, b, n0, true, [&](const AttentionArgs& a) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const bool dropout = a.dropout_p > 0.0f;
-    const uint32_t threshold = dropout_threshold(a.dropout_p);
-    const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+    const DropoutDraw drop(a);
     const int64_t keys[2] = {n0 + 16 * warp + g, n0 + 16 * warp + g + 8};  // this lane's two keys
     load_tile_swizzled<T, BN, DP, true>(ks, static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1] +
                                         n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0,
@@ -263,8 +258,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_mma_kernel(Att
           for (int e = 0; e < 4; ++e) {
             const int c = 8 * j + 2 * t + (e & 1);
             const float sc = masked_score<T>(a, b, h, m0 + c, keys[e >> 1], s[j][e]);
-            const bool kept = !dropout || dropout_keep(hs[c], keys[e >> 1], threshold);
-            const ProbGrad pg = prob_and_grad(sc, st[c], st[BM + c], dp[j][e], st[2 * BM + c], kept ? keep_scale : 0.0f);
+            const ProbGrad pg = prob_and_grad(sc, st[c], st[BM + c], dp[j][e], st[2 * BM + c],
+                                              drop.scale(hs[c], keys[e >> 1]));
             s[j][e] = pg.p;
             dp[j][e] = pg.ds;
           }
@@ -324,10 +319,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
   const int64_t b = bh / args.H, h = bh % args.H, hk = h / (args.H / args.Hkv);
   with_sequence<T, PACKED>(args, b, m0, false, [&](const AttentionArgs& a) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const bool dropout = a.dropout_p > 0.0f;
-    const uint32_t threshold = dropout_threshold(a.dropout_p);
-    const uint64_t seed = dropout ? *a.seed : 0;
-    const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+    const DropoutDraw drop(a);
     // This lane's two rows and their saved statistics.
     const int64_t rows[2] = {m0 + 16 * warp + g, m0 + 16 * warp + g + 8};
     float row_max[2], inv_l[2], delta[2];
@@ -339,7 +331,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
       row_max[r] = ok ? a.row_max[qr] : 0.0f;
       inv_l[r] = ok ? a.inv_l[qr] : 0.0f;
       delta[r] = ok ? a.delta[qr] : 0.0f;
-      row_hash[r] = dropout ? dropout_row_hash(seed, qr) : 0u;
+      row_hash[r] = drop.row_hash(qr);
     }
     const int64_t hi = key_end(a, m0, BM);
     const auto kv = kv_tiles<T, BN, DP>(a, ks, vs, b, hk, 0, hi);
@@ -369,8 +361,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
           const int r = e >> 1;
           const int64_t col = n0 + 8 * j + 2 * t + (e & 1);
           s[j][e] = masked_score<T>(a, b, h, rows[r], col, s[j][e]);
-          const bool kept = !dropout || dropout_keep(row_hash[r], col, threshold);
-          dp[j][e] = prob_and_grad(s[j][e], row_max[r], inv_l[r], dp[j][e], delta[r], kept ? keep_scale : 0.0f).ds;
+          dp[j][e] = prob_and_grad(s[j][e], row_max[r], inv_l[r], dp[j][e], delta[r], drop.scale(row_hash[r], col)).ds;
           if (dmask_head != nullptr && rows[r] < a.Lq && col < a.Lk) dmask_head[rows[r] * a.Lk + col] = dp[j][e];
         }
       // Keys no query of the block sees: zero K rows (their dS is 0, their K may be NaN).

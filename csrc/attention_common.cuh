@@ -262,6 +262,22 @@ __device__ __forceinline__ void zero_unseen_key_rows(const float (&s)[NT][4], ui
   __syncthreads();  // rows zeroed before any warp reads them; the words are read
 }
 
+// The forward's dropout draw as every attention kernel reads it: off at p = 0; element (row, col) is kept by the
+// counter-based hash of the row's hash and col, and kept elements scale by 1 / (1 - p).
+struct DropoutDraw {
+  bool on;
+  uint32_t threshold;
+  uint64_t seed;
+  float keep_scale;
+  __device__ explicit DropoutDraw(const AttentionArgs& a)
+      : on(a.dropout_p > 0.0f), threshold(dropout_threshold(a.dropout_p)), seed(on ? *a.seed : 0),
+        keep_scale(on ? 1.0f / (1.0f - a.dropout_p) : 1.0f) {}
+  __device__ uint32_t row_hash(int64_t row) const { return on ? dropout_row_hash(seed, row) : 0u; }
+  __device__ bool keeps(uint32_t row_hash, int64_t col) const { return !on || dropout_keep(row_hash, col, threshold); }
+  // keep_scale where kept, 0 where dropped
+  __device__ float scale(uint32_t row_hash, int64_t col) const { return keeps(row_hash, col) ? keep_scale : 0.0f; }
+};
+
 // The score of query i and key j in natural units (scale * q.k + float mask), -inf where hidden: a key the
 // padding mask drops, causal order, a bool mask False or a float mask -inf. Natural units until the row max is
 // subtracted keep rows whose scores are all near -6e4 exact.

@@ -44,12 +44,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
   with_sequence<T, PACKED>(args, b, m0, false, [&](const AttentionArgs& a) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const T* q_base = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + m0 * a.q_stride[2];
-    const bool dropout = a.dropout_p > 0.0f;
-    const uint32_t threshold = dropout_threshold(a.dropout_p);
-    const uint64_t seed = dropout ? *a.seed : 0;
+    const DropoutDraw drop(a);
     const int64_t rows[2] = {m0 + 16 * warp + g, m0 + 16 * warp + g + 8};
-    const uint32_t row_hash[2] = {dropout ? dropout_row_hash(seed, query_row<PACKED>(a, bh, h, rows[0])) : 0u,
-                                  dropout ? dropout_row_hash(seed, query_row<PACKED>(a, bh, h, rows[1])) : 0u};
+    const uint32_t row_hash[2] = {drop.row_hash(query_row<PACKED>(a, bh, h, rows[0])),
+                                  drop.row_hash(query_row<PACKED>(a, bh, h, rows[1]))};
     const int64_t hi = key_end(a, m0, BM);
     // Split-KV: this block's chunk of the keys (blockIdx.y; split_len is a multiple of BN).
     const int64_t n_lo = a.splits > 1 ? blockIdx.y * a.split_len : 0;
@@ -118,7 +116,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
             float p = expf(s[j][e] - m_safe);
             l_run[r] += p;
             // The sum keeps the undropped probabilities: dropout applies after normalisation.
-            if (dropout && !dropout_keep(row_hash[r], n0 + 8 * j + 2 * t + (e & 1), threshold)) p = 0.0f;
+            if (!drop.keeps(row_hash[r], n0 + 8 * j + 2 * t + (e & 1))) p = 0.0f;
             s[j][e] = p;
           }
       }
@@ -146,7 +144,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
       }
       return;
     }
-    const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+    // Read here rather than kept from the draw above: a value live across the key loop cost the D = 64 packed
+    // instantiation its last registers (ptxas spilled 16 bytes at its 128-register choice).
+    const float keep_scale = DropoutDraw(a).keep_scale;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (rows[r] >= a.Lq) continue;
@@ -202,9 +202,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_fwd_fma_kernel(Atte
     for (int r = threadIdx.x; r < BM; r += blockDim.x) m_s[r] = -INFINITY, l_s[r] = 0.0f;
     const T* k_base = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1];
     const T* v_base = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
-    const bool dropout = a.dropout_p > 0.0f;
-    const uint32_t threshold = dropout_threshold(a.dropout_p);
-    const uint64_t seed = dropout ? *a.seed : 0;
+    const DropoutDraw drop(a);
     const int64_t hi = key_end(a, m0, BM);
     // Split-KV: this block's chunk of the keys (blockIdx.y; split_len is a multiple of BN).
     const int64_t n_lo = a.splits > 1 ? blockIdx.y * a.split_len : 0;
@@ -232,13 +230,13 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_fwd_fma_kernel(Atte
         // A row with nothing visible yet subtracts 0, so exp(-inf) = 0 instead of NaN.
         const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
         const float alpha = expf(m_old - m_safe);
-        const uint32_t row_hash = dropout ? dropout_row_hash(seed, query_row<PACKED>(a, bh, h, m0 + r)) : 0u;
+        const uint32_t row_hash = drop.row_hash(query_row<PACKED>(a, bh, h, m0 + r));
         float sum = 0.0f;
         for (int c = lane; c < BN; c += 32) {
           float p = expf(ss[r * L::LDS + c] - m_safe);
           sum += p;
           // The sum keeps the undropped probabilities: dropout applies after normalisation.
-          if (dropout && !dropout_keep(row_hash, n0 + c, threshold)) p = 0.0f;
+          if (!drop.keeps(row_hash, n0 + c)) p = 0.0f;
           ps[r * L::LDP + c] = from_float<T>(p);
         }
         sum = warp_allreduce(sum, SumOp{});
@@ -265,7 +263,6 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_fwd_fma_kernel(Atte
       }
       return;
     }
-    const float keep_scale = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
     const int64_t row0 = query_row<PACKED>(a, bh, h, m0), step = row_step<PACKED>(a.H);
     T* out = static_cast<T*>(a.out) + row0 * a.D;
     for (int e = threadIdx.x; e < BM * DP; e += blockDim.x) {
@@ -273,7 +270,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_fwd_fma_kernel(Atte
       if (m0 + r >= a.Lq || d >= a.D) continue;
       // A row with no visible key has l = 0: output 0 and, through inv_l = 0, zero gradients.
       const float inv = l_s[r] == 0.0f ? 0.0f : 1.0f / l_s[r];
-      out[r * step * a.D + d] = from_float<T>(os[r * L::LDO + d] * inv * keep_scale);
+      out[r * step * a.D + d] = from_float<T>(os[r * L::LDO + d] * inv * drop.keep_scale);
     }
     for (int r = threadIdx.x; r < BM; r += blockDim.x) {
       if (m0 + r >= a.Lq) continue;
