@@ -40,20 +40,28 @@ setup: .setup-stamp
 test: setup
 	$(PYTHON) -m pytest -q
 
-# The floor of the supported triton range, proven: every op family's interpreted Triton tests under triton
-# $(TRITON_FLOOR) in a second environment that borrows everything else (torch, pytest, the built extensions) from the
-# main one. triton 3.6's interpreter reads loop bounds with int() of a one-element array, which numpy >= 2.3 refuses.
+# The floors of the supported ranges, proven: every op family's interpreted Triton tests under triton $(TRITON_FLOOR),
+# and the Hugging Face tests under the oldest transformers the `hf` extra admits (read from pyproject.toml), in a second
+# environment that borrows everything else (torch, pytest, the built extensions) from the main one. The HF training
+# curves stay in `make test` alone (4 of its 5 minutes); logits, every gradient, generation and compile run here.
+# triton 3.6's interpreter reads loop bounds with int() of a one-element array, which numpy >= 2.3 refuses.
 TRITON_FLOOR := 3.6.0
+TRANSFORMERS_FLOOR := $(shell sed -n 's/.*"transformers>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 FLOOR := .venv-floor/bin/python
 test-floor: setup
 	@test -x $(FLOOR) || $(PYTHON) -m venv --without-pip .venv-floor
 	@$(PYTHON) -c "import site; print('\n'.join(site.getsitepackages()))" \
 		> "$$($(FLOOR) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_main_environment.pth"
-	$(FLOOR) -m pip install -q --disable-pip-version-check "triton==$(TRITON_FLOOR)" "numpy<2.3"
+	$(FLOOR) -m pip install -q --disable-pip-version-check "triton==$(TRITON_FLOOR)" "numpy<2.3" \
+		"transformers==$(TRANSFORMERS_FLOOR)"
 	$(FLOOR) -c "import triton; assert triton.__version__ == '$(TRITON_FLOOR)', triton.__version__"
+	$(FLOOR) -c "from packaging.version import Version as V; import transformers as t; \
+		assert V(t.__version__) == V('$(TRANSFORMERS_FLOOR)'), t.__version__"
 	PYTHONPATH="$(CURDIR)" $(FLOOR) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
 		tests/test_softmax.py tests/test_norm.py tests/test_linear.py tests/test_attention.py tests/test_backends.py \
 		-k "triton and not long"
+	PYTHONPATH="$(CURDIR)" $(FLOOR) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
+		tests/test_huggingface.py tests/test_layout.py -k "not training_curve"
 
 check: setup
 	$(PYTHON) -m transformer_kernels check

@@ -19,12 +19,26 @@ from torch import Tensor, nn
 
 from .. import ops
 
+
+def _import_failure(error: ImportError) -> str:
+    """Why transformers could not be used: missing, or installed but failing to import (say a dependency of its own
+    shadowed by a folder on sys.path) — the second must never read as the first."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return ("transformer_kernels.integrations.huggingface needs transformers: "
+                "pip install 'transformer-kernels[hf]'")
+    return (f"transformer_kernels.integrations.huggingface: transformers {version} is installed but importing it "
+            f"failed: {type(error).__name__}: {error}")
+
+
 try:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-except ImportError as e:  # pragma: no cover - exercised only without transformers
-    raise ImportError("transformer_kernels.integrations.huggingface needs transformers: "
-                      "pip install 'transformer-kernels[hf]'") from e
+except ImportError as e:
+    raise ImportError(_import_failure(e)) from e
 
 NAME = "transformer_kernels"
 
