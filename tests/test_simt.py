@@ -208,7 +208,7 @@ HOST_SOURCES = ["bindings.cpp", *sorted(p.name for p in toolchain.csrc_dir().glo
 def compile_host(src_dir, source, out):
     lang = ["-x", "c++"] if source.endswith(".cu") else []
     cmd = ["c++", *lang, "-std=c++17", "-O1", "-fPIC", "-DTK_HOST_SIM", "-DTK_MODULE_NAME=" + out.stem.split(".")[0],
-           f"-I{src_dir}", f"-I{toolchain.cuda_home() / 'include'}", *(f"-I{p}" for p in PY_INCLUDES),
+           f"-I{src_dir}", f"-I{toolchain.host_cuda_include()}", *(f"-I{p}" for p in PY_INCLUDES),
            "-c", str(src_dir / source), "-o", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

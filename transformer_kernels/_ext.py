@@ -33,7 +33,8 @@ def load(name: str) -> ModuleType:
             _modules[name] = _import(name)
         except ImportError as e:
             hint = ("built only when nvcc is found at install time (reinstall with a CUDA toolkit)" if name == "_C"
-                    else "reinstall the package: pip install -e .")
+                    else "built only when a CUDA toolkit's headers and a C++ compiler are found at install time "
+                         "(the simulator is a verification tool: the Triton and torch backends need neither)")
             _modules[name] = f"transformer_kernels.{name} is not available ({e}); it is {hint}"
     mod = _modules[name]
     if isinstance(mod, str):

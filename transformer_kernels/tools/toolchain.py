@@ -14,7 +14,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def cuda_home() -> Path | None:
     """The CUDA toolkit root (holds include/cuda_fp16.h): CUDA_HOME/CUDA_PATH, the nvcc on PATH
-    (following wrapper scripts' real location), or /usr/local/cuda."""
+    (following wrapper scripts' real location), or /usr/local/cuda. TK_NO_CUDA_TOOLKIT=1 answers None, as on a
+    machine without one: every caller (the build, info, the resource report) then takes that machine's path."""
+    if os.environ.get("TK_NO_CUDA_TOOLKIT") == "1":
+        return None
     candidates = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
     nvcc_on_path = shutil.which("nvcc")
     if nvcc_on_path:
@@ -24,6 +27,16 @@ def cuda_home() -> Path | None:
         if (path / "include" / "cuda_fp16.h").exists():
             return path
     return None
+
+
+def host_cuda_include() -> Path | None:
+    """The headers the simulator build (`_C_host`) needs, or None (it is then skipped): cuda_fp16.h and cuda_bf16.h
+    give the half/bfloat16 host types and include CCCL's nv/target, so only a toolkit has them whole (torch's wheels
+    bring none; triton's partial copy lacks nv/target)."""
+    home = cuda_home()
+    include = home / "include" if home else None
+    needed = ("cuda_fp16.h", "cuda_bf16.h", "vector_types.h", "nv/target")
+    return include if include and all((include / h).exists() for h in needed) else None
 
 
 def nvcc() -> Path | None:
