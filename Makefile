@@ -80,6 +80,7 @@ coverage: setup
 
 bench: setup
 	$(PYTHON) -m transformer_kernels bench
+	$(PYTHON) -m transformer_kernels bench --host
 
 # On a GPU machine with a CUDA torch and triton preinstalled and no network: install this package without touching
 # its dependencies, then every GPU verification and the quick benchmarks (tools/gpu_check.py) into $(OUT).

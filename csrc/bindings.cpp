@@ -34,6 +34,10 @@ void require_device() {
 #endif
 }
 
+// `python -m transformer_kernels bench --host` times the host work of a call alone: with this set, every entry
+// point parses its arguments as always and then returns instead of launching.
+bool g_launches_stubbed = false;
+
 tk_stream_t as_stream(uintptr_t s) { return reinterpret_cast<tk_stream_t>(s); }
 template <typename T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
@@ -48,7 +52,7 @@ void softmax_forward(uintptr_t x, uintptr_t mask, uintptr_t y, int64_t rows, int
   a.rows = rows, a.cols = cols, a.d1 = d1, a.d2 = d2;
   for (int i = 0; i < 4; ++i) a.x_stride[i] = x_stride[i], a.mask_stride[i] = mask_stride[i];
   a.scale = scale, a.causal = causal, a.causal_offset = causal_offset, a.dtype = dtype, a.mask_kind = mask_kind;
-  tk::softmax_forward(a, algo, as_stream(stream));
+  if (!g_launches_stubbed) tk::softmax_forward(a, algo, as_stream(stream));
 }
 
 void softmax_backward(uintptr_t y, uintptr_t dy, uintptr_t dx, int64_t rows, int64_t cols, int64_t d1, int64_t d2,
@@ -61,7 +65,7 @@ void softmax_backward(uintptr_t y, uintptr_t dy, uintptr_t dx, int64_t rows, int
   a.rows = rows, a.cols = cols, a.d1 = d1, a.d2 = d2;
   for (int i = 0; i < 4; ++i) a.dy_stride[i] = dy_stride[i];
   a.scale = scale, a.dtype = dtype;
-  tk::softmax_backward(a, algo, as_stream(stream));
+  if (!g_launches_stubbed) tk::softmax_backward(a, algo, as_stream(stream));
 }
 
 // Argument blocks of the newer kernels come as dicts: reading fields by name keeps the Python and C++ sides
@@ -182,7 +186,8 @@ void def_launcher(py::module_& m, const char* name, Args (*parse)(const py::dict
                   void (*launcher)(const Args&, tk_stream_t)) {
   m.def(name, [parse, launcher](const py::dict& d, uintptr_t stream) {
     require_device();
-    launcher(parse(d), as_stream(stream));
+    const Args args = parse(d);
+    if (!g_launches_stubbed) launcher(args, as_stream(stream));
   });
 }
 
@@ -248,6 +253,8 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
     require_device();
     tk::ptx_selftest_cp_async(src, src_bytes, out, n, threads, wait);
   });
+  m.def("stub_launches", [](bool on) { g_launches_stubbed = on; },
+        "every launching entry point parses its arguments, then returns without launching (host-time benchmark)");
   m.def("probe", [] {
     require_device();
     return tk::probe_launch();

@@ -26,6 +26,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_backend_answers():
+    """Tests patch what backend availability answers (no driver, an old driver); resolve_for keeps its answers for
+    the process, so each test starts without them."""
+    from transformer_kernels import backends
+
+    backends.clear_caches()
+    yield
+
+
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE

@@ -150,26 +150,59 @@ def resolve(op: str, device: torch.device, requested: str | None = None,
     return name
 
 
+_LAUNCHERS: dict[tuple[str, str], ModuleType] = {}
+
+
 def launchers(family: str, backend: str) -> ModuleType:
     """The module holding a kernel backend's launchers of an op family ("attention", "linear", "norm", "softmax"):
     kernels/<family>.py for "triton", transformer_kernels/cuda/<family>.py for "cuda". Both define the same
     functions with the same signatures, and ``unsupported(...)``, which says why they cannot take some inputs."""
-    # Import statements rather than importlib: torch.compile traces these (modules compile with fullgraph=True),
-    # and triton is imported only once a Triton launcher is first wanted.
-    if backend == "cuda":
-        from .cuda import attention, linear, norm, softmax
-    else:
-        from .kernels import attention, linear, norm, softmax
-    return {"attention": attention, "linear": linear, "norm": norm, "softmax": softmax}[family]
+    module = _LAUNCHERS.get((family, backend))
+    if module is None:
+        # Import statements rather than importlib: torch.compile traces these (modules compile with fullgraph=True),
+        # and triton is imported only once a Triton launcher is first wanted.
+        if backend == "cuda":
+            from .cuda import attention, linear, norm, softmax
+        else:
+            from .kernels import attention, linear, norm, softmax
+        module = {"attention": attention, "linear": linear, "norm": norm, "softmax": softmax}[family]
+        _LAUNCHERS[(family, backend)] = module
+    return module
 
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Makes the launches for ``t`` go to its own GPU whatever the current CUDA device is: Triton and the bindings
-    launch on the current device (and the bindings set their shared-memory limits there)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    launch on the current device (and the bindings set their shared-memory limits there). Nothing to switch (no
+    context manager's cost) when ``t`` is on the CPU or on the current device."""
+    if not t.is_cuda or t.device.index == torch.cuda.current_device():
+        return _NO_SWITCH
+    return torch.cuda.device(t.device)
+
+
+_NO_SWITCH = contextlib.nullcontext()
+
+# resolve_for's answers: backend availability is fixed for the process and ``unsupported`` reads only the inputs'
+# dtypes and shapes, so a call with the same op, device, requested backend, training flag, dtypes and shapes gets the
+# same answer. Bounded: cleared when full (a new shape costs one resolve, as before).
+_RESOLVED: dict[tuple, str] = {}
+_RESOLVED_MAX = 4096
+
+
+def clear_caches() -> None:
+    """Forgets resolve_for's answers: for code that changes what availability answers (tests that patch it)."""
+    _RESOLVED.clear()
 
 
 def resolve_for(op: str, family: str, device: torch.device, requested: str | None, *inputs: torch.Tensor,
                 training: bool = False) -> str:
     """`resolve` with the family's ``unsupported(*inputs)`` as the per-input check of each kernel backend."""
-    return resolve(op, device, requested, lambda name: launchers(family, name).unsupported(*inputs), training)
+    key = (op, device, requested if requested is not None else get_backend(), training,
+           *((t.dtype, t.shape) for t in inputs))
+    name = _RESOLVED.get(key)
+    if name is None:
+        # Errors (a forced backend that cannot run) are raised here every time: only answers are kept.
+        name = resolve(op, device, requested, lambda b: launchers(family, b).unsupported(*inputs), training)
+        if len(_RESOLVED) >= _RESOLVED_MAX:
+            _RESOLVED.clear()
+        _RESOLVED[key] = name
+    return name

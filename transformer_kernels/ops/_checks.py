@@ -55,22 +55,19 @@ def check_attention_options(h: int, hkv: int, enable_gqa: bool, dropout_p: float
         raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}; got {causal_alignment!r}")
 
 
-def check_mask(name: str, mask: object, target: torch.Tensor) -> torch.Tensor | None:
-    """A bool or floating mask on target's device that broadcasts to target's shape."""
+def check_mask(name: str, mask: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+    """A bool or floating mask on ``device`` that broadcasts to ``shape`` (the input's)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         raise TypeError(f"{name} must be bool (True = keep) or floating (added); got {describe(mask)}")
-    if mask.device != target.device:
-        raise ValueError(f"{name} is on {mask.device} but the input is on {target.device}")
-    try:
-        shape = torch.broadcast_shapes(mask.shape, target.shape)
-    except RuntimeError:
-        shape = None
-    if shape != target.shape:
-        raise ValueError(f"{name} with {describe(mask)} does not broadcast to the input shape {tuple(target.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the input is on {device}")
+    # Broadcasts to exactly `shape`: no more dims, and each of its trailing dims 1 or the input's.
+    if mask.dim() > len(shape) or any(m != 1 and m != n for m, n in zip(reversed(mask.shape), reversed(shape), strict=False)):
+        raise ValueError(f"{name} with {describe(mask)} does not broadcast to the input shape {tuple(shape)}")
     return mask
 
 

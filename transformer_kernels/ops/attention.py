@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import backends, eager
 from .._layout import narrow_head_dim, widen_head_dim
 from ._checks import autocast_dtype, cast_all, check_attention_options, check_mask, check_qkv, check_seed, describe
+from ._dispatch import call, custom_op, register_autograd
 
 OP = "attention"
 FAMILY = "attention"
@@ -38,7 +39,7 @@ def _kernel_mask(attn_mask: Tensor | None, q: Tensor, lk: int) -> Tensor | None:
     return attn_mask.expand(*q.shape[:-1], lk)
 
 
-@torch.library.custom_op("transformer_kernels::attention", mutates_args=())
+@custom_op("transformer_kernels::attention")
 def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
                dropout_p: float, is_causal: bool, scale: float, causal_offset: int, seed: Tensor | None,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -58,7 +59,7 @@ def _(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, causal_
             q.new_empty(stats, dtype=torch.float32))
 
 
-@torch.library.custom_op("transformer_kernels::attention_backward", mutates_args=())
+@custom_op("transformer_kernels::attention_backward")
 def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, row_max: Tensor, inv_l: Tensor,
                         attn_mask: Tensor | None, key_padding_mask: Tensor | None, dropout_p: float, is_causal: bool,
                         scale: float, causal_offset: int, seed: Tensor | None, mask_grad: bool, backend: str,
@@ -105,13 +106,13 @@ def _backward(ctx, grad: Tensor, _grad_max: Tensor, _grad_inv_l: Tensor):
     # A float mask that requires grad (T5's position bias, a learned ALiBi slope) gets dS, the gradient of the
     # scores it is added to; otherwise the kernels store nothing more.
     mask_grad = ctx.needs_input_grad[3]
-    dq, dk, dv, ds = _attention_backward(grad, q, k, v, out, row_max, inv_l, attn_mask, kpm, dropout_p, is_causal,
+    dq, dk, dv, ds = call(_attention_backward, grad, q, k, v, out, row_max, inv_l, attn_mask, kpm, dropout_p, is_causal,
                                          scale, causal_offset, seed, mask_grad, backend)
     dmask = _sum_to(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
     return dq, dk, dv, dmask, None, None, None, None, None, None, None
 
 
-_attention.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_attention, _backward, _setup_context)
 
 
 def _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, enable_gqa, causal_alignment) -> None:
@@ -123,8 +124,7 @@ def _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, enable_gqa, c
     check_attention_options(h, hkv, enable_gqa, dropout_p, causal_alignment)
     if attn_mask is not None and attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must broadcast to [B, H, Lq, Lk] = {(b, h, lq, lk)}; got {describe(attn_mask)}")
-    # A one-element tensor expanded to the full shape: the broadcast check without allocating it.
-    check_mask("attn_mask", attn_mask, q.new_empty(()).expand(b, h, lq, lk))
+    check_mask("attn_mask", attn_mask, (b, h, lq, lk), q.device)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor [B, Lk] (True = padding)")
@@ -170,6 +170,6 @@ def attention(
     if name == "torch":
         return eager.attention(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, offset)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
-    out, _, _ = torch.ops.transformer_kernels.attention(
-        q, k, v, attn_mask, key_padding_mask, float(dropout_p), bool(is_causal), scale, offset, seed, name)
+    out, _, _ = call(_attention, q, k, v, attn_mask, key_padding_mask, float(dropout_p), bool(is_causal), scale,
+                     offset, seed, name)
     return out

@@ -6,12 +6,12 @@ Kernel backends run as torch.library custom ops (fake impl, autograd) whose bodi
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .. import backends, eager
 from .._layout import as_rows
 from ._checks import ACTIVATIONS, autocast_dtype, cast_all, check_float_tensor, check_seed, describe
+from ._dispatch import call, custom_op, register_autograd
 from .attention import draw_seed
 
 FAMILY = "linear"
@@ -20,7 +20,7 @@ FAMILY = "linear"
 # ---- linear ----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("transformer_kernels::linear", mutates_args=())
+@custom_op("transformer_kernels::linear")
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, activation: str,
             dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
     check_seed(seed, x.device)
@@ -34,7 +34,7 @@ def _(x, weight, bias, residual, activation, dropout_p, seed, backend):
     return x.new_empty((m, n)), x.new_empty((m, n) if activation else (0,))
 
 
-@torch.library.custom_op("transformer_kernels::linear_backward", mutates_args=())
+@custom_op("transformer_kernels::linear_backward")
 def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, has_bias: bool, activation: str,
                      dropout_p: float, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     check_seed(seed, x.device)
@@ -56,17 +56,17 @@ def _linear_setup(ctx, inputs, output) -> None:
 def _linear_bwd(ctx, dy: Tensor, _dz: Tensor):
     x, weight, z, seed = ctx.saved_tensors
     has_bias, has_res, activation, dropout_p, backend = ctx.args
-    dx, dw, db = _linear_backward(dy, x, weight, z, has_bias, activation, dropout_p, seed, backend)
+    dx, dw, db = call(_linear_backward, dy, x, weight, z, has_bias, activation, dropout_p, seed, backend)
     return dx, dw, (db if has_bias else None), (dy if has_res else None), None, None, None, None
 
 
-_linear.register_autograd(_linear_bwd, setup_context=_linear_setup)
+register_autograd(_linear, _linear_bwd, _linear_setup)
 
 
 # ---- gated linear ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("transformer_kernels::gated_linear", mutates_args=())
+@custom_op("transformer_kernels::gated_linear")
 def _gated(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None, b_up: Tensor | None, activation: str,
            backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with backends.on_device(x):
@@ -79,7 +79,7 @@ def _(x, w_gate, w_up, b_gate, b_up, activation, backend):
     return x.new_empty(shape), x.new_empty(shape), x.new_empty(shape)
 
 
-@torch.library.custom_op("transformer_kernels::gated_linear_backward", mutates_args=())
+@custom_op("transformer_kernels::gated_linear_backward")
 def _gated_backward(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, zg: Tensor, zu: Tensor, has_bias: bool,
                     activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with backends.on_device(x):
@@ -102,17 +102,17 @@ def _gated_setup(ctx, inputs, output) -> None:
 def _gated_bwd(ctx, dy: Tensor, _dzg: Tensor, _dzu: Tensor):
     x, w_gate, w_up, zg, zu = ctx.saved_tensors
     has_bg, has_bu, activation, backend = ctx.args
-    dx, dwg, dwu, dbg, dbu = _gated_backward(dy, x, w_gate, w_up, zg, zu, has_bg or has_bu, activation, backend)
+    dx, dwg, dwu, dbg, dbu = call(_gated_backward, dy, x, w_gate, w_up, zg, zu, has_bg or has_bu, activation, backend)
     return dx, dwg, dwu, (dbg if has_bg else None), (dbu if has_bu else None), None, None
 
 
-_gated.register_autograd(_gated_bwd, setup_context=_gated_setup)
+register_autograd(_gated, _gated_bwd, _gated_setup)
 
 
 # ---- projections with head layouts -----------------------------------------------------------
 
 
-@torch.library.custom_op("transformer_kernels::qkv_projection", mutates_args=())
+@custom_op("transformer_kernels::qkv_projection")
 def _qkv(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, batch: int, num_heads: int, num_kv_heads: int,
          backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with backends.on_device(x):
@@ -127,7 +127,7 @@ def _(x, w_qkv, b_qkv, batch, num_heads, num_kv_heads, backend):
             x.new_empty((batch, num_kv_heads, length, d)))
 
 
-@torch.library.custom_op("transformer_kernels::qkv_projection_backward", mutates_args=())
+@custom_op("transformer_kernels::qkv_projection_backward")
 def _qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, x: Tensor, w_qkv: Tensor, has_bias: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with backends.on_device(x):
@@ -148,14 +148,14 @@ def _qkv_setup(ctx, inputs, output) -> None:
 def _qkv_bwd(ctx, dq: Tensor, dk: Tensor, dv: Tensor):
     x, w_qkv = ctx.saved_tensors
     has_bias, backend = ctx.args
-    dx, dw, db = _qkv_backward(dq.contiguous(), dk.contiguous(), dv.contiguous(), x, w_qkv, has_bias, backend)
+    dx, dw, db = call(_qkv_backward, dq.contiguous(), dk.contiguous(), dv.contiguous(), x, w_qkv, has_bias, backend)
     return dx, dw, (db if has_bias else None), None, None, None, None
 
 
-_qkv.register_autograd(_qkv_bwd, setup_context=_qkv_setup)
+register_autograd(_qkv, _qkv_bwd, _qkv_setup, differentiable=(0, 1, 2))
 
 
-@torch.library.custom_op("transformer_kernels::out_projection", mutates_args=())
+@custom_op("transformer_kernels::out_projection")
 def _out_proj(attn: Tensor, w_o: Tensor, b_o: Tensor | None, residual: Tensor | None, backend: str) -> Tensor:
     with backends.on_device(attn):
         return backends.launchers(FAMILY, backend).out_forward(attn, w_o, b_o, residual)
@@ -166,7 +166,7 @@ def _(attn, w_o, b_o, residual, backend):
     return attn.new_empty((attn.shape[0] * attn.shape[2], w_o.shape[0]))
 
 
-@torch.library.custom_op("transformer_kernels::out_projection_backward", mutates_args=())
+@custom_op("transformer_kernels::out_projection_backward")
 def _out_proj_backward(dy: Tensor, attn: Tensor, w_o: Tensor, has_bias: bool, backend: str,
                        ) -> tuple[Tensor, Tensor, Tensor]:
     with backends.on_device(attn):
@@ -187,11 +187,11 @@ def _out_setup(ctx, inputs, output) -> None:
 def _out_bwd(ctx, dy: Tensor):
     attn, w_o = ctx.saved_tensors
     has_bias, has_res, backend = ctx.args
-    d_attn, dw, db = _out_proj_backward(dy, attn, w_o, has_bias, backend)
+    d_attn, dw, db = call(_out_proj_backward, dy, attn, w_o, has_bias, backend)
     return d_attn, dw, (db if has_bias else None), (dy if has_res else None), None
 
 
-_out_proj.register_autograd(_out_bwd, setup_context=_out_setup)
+register_autograd(_out_proj, _out_bwd, _out_setup)
 
 
 # ---- public functions ------------------------------------------------------------------------
@@ -243,9 +243,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
     if name == "torch":
         return eager.linear(x, weight, bias, activation, residual, dropout_p)
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
-    y, _ = torch.ops.transformer_kernels.linear(
-        as_rows(x), weight, bias, None if residual is None else as_rows(residual), activation or "", float(dropout_p),
-        seed, name)
+    y, _ = call(_linear, as_rows(x), weight, bias, None if residual is None else as_rows(residual), activation or "",
+                float(dropout_p), seed, name)
     return y.view(*x.shape[:-1], n)
 
 
@@ -267,7 +266,7 @@ def gated_linear(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Tensor | None 
     name = backends.resolve_for("gated_linear", FAMILY, x.device, backend, x)
     if name == "torch":
         return eager.gated_linear(x, w_gate, w_up, b_gate, b_up, activation)
-    y, _, _ = torch.ops.transformer_kernels.gated_linear(as_rows(x), w_gate, w_up, b_gate, b_up, activation, name)
+    y, _, _ = call(_gated, as_rows(x), w_gate, w_up, b_gate, b_up, activation, name)
     return y.view(*x.shape[:-1], n)
 
 
@@ -290,7 +289,7 @@ def qkv_projection(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, num_heads: in
     name = backends.resolve_for("qkv_projection", FAMILY, x.device, backend, x)
     if name == "torch":
         return eager.qkv_projection(x, w_qkv, b_qkv, num_heads, hkv)
-    return torch.ops.transformer_kernels.qkv_projection(as_rows(x), w_qkv, b_qkv, x.shape[0], num_heads, hkv, name)
+    return call(_qkv, as_rows(x), w_qkv, b_qkv, x.shape[0], num_heads, hkv, name)
 
 
 def out_projection(attn: Tensor, w_o: Tensor, b_o: Tensor | None = None, residual: Tensor | None = None, *,
@@ -313,7 +312,7 @@ def out_projection(attn: Tensor, w_o: Tensor, b_o: Tensor | None = None, residua
     name = backends.resolve_for("out_projection", FAMILY, attn.device, backend, attn)
     if name == "torch":
         return eager.out_projection(attn, w_o, b_o, residual)
-    y = torch.ops.transformer_kernels.out_projection(attn, w_o, b_o, None if residual is None else as_rows(residual), name)
+    y = call(_out_proj, attn, w_o, b_o, None if residual is None else as_rows(residual), name)
     return y.view(b, length, e)
 
 

@@ -9,11 +9,12 @@ from torch import Tensor
 from .. import backends, eager
 from .._layout import as_rows
 from ._checks import autocast_dtype, cast_all, check_float_tensor, describe
+from ._dispatch import call, custom_op, register_autograd
 
 FAMILY = "norm"
 
 
-@torch.library.custom_op("transformer_kernels::norm", mutates_args=())
+@custom_op("transformer_kernels::norm")
 def _norm(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | None, eps: float, rms: bool,
           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with backends.on_device(x):
@@ -29,7 +30,7 @@ def _(x, residual, weight, bias, eps, rms, backend):
             x.new_empty((0 if rms else rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32))
 
 
-@torch.library.custom_op("transformer_kernels::norm_backward", mutates_args=())
+@custom_op("transformer_kernels::norm_backward")
 def _norm_backward(dy: Tensor, ds: Tensor | None, x: Tensor, residual: Tensor | None, weight: Tensor, mean: Tensor,
                    rstd: Tensor, has_bias: bool, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with backends.on_device(x):
@@ -55,12 +56,13 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dy: Tensor, ds: Tensor | None, _dmean: Tensor, _drstd: Tensor):
     x, residual, weight, mean, rstd = ctx.saved_tensors
     has_residual, has_bias, rms, backend = ctx.args
-    dx, dw, db = _norm_backward(dy, ds if has_residual else None, x, residual, weight, mean, rstd, has_bias, rms,
+    dx, dw, db = call(_norm_backward, dy, ds if has_residual else None, x, residual, weight, mean, rstd, has_bias, rms,
                                 backend)
     return dx, (dx if has_residual else None), dw, (db if has_bias else None), None, None, None
 
 
-_norm.register_autograd(_backward, setup_context=_setup_context)
+# The pre-norm sum's gradient is None when it was not used (`_backward` passes None on): no zeros to add.
+register_autograd(_norm, _backward, _setup_context, differentiable=(0, 1), none_ok=(1,))
 
 
 def _norm_call(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, residual: Tensor | None,
@@ -93,7 +95,7 @@ def _norm_call(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     b = bias.to(x.dtype) if bias is not None else None
     rows = as_rows(x)
     res_rows = as_rows(residual) if residual is not None else None
-    y, s, _, _ = torch.ops.transformer_kernels.norm(rows, res_rows, w.to(x.dtype), b, float(eps), rms, name)
+    y, s, _, _ = call(_norm, rows, res_rows, w.to(x.dtype), b, float(eps), rms, name)
     y = y.view(x.shape)
     if not return_residual:
         return y

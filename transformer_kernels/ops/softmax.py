@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .. import backends, eager
 from ._checks import check_float_tensor, check_mask
+from ._dispatch import call, custom_op, register_autograd
 
 OP = "masked_softmax"
 FAMILY = "softmax"
@@ -33,7 +34,7 @@ def _kernel_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
-@torch.library.custom_op("transformer_kernels::masked_softmax", mutates_args=())
+@custom_op("transformer_kernels::masked_softmax")
 def _masked_softmax(x: Tensor, mask: Tensor | None, scale: float, is_causal: bool, backend: str) -> Tensor:
     m = _kernel_mask(mask, x.dtype)
     x4 = _as_rows(x, x.shape)
@@ -47,7 +48,7 @@ def _(x: Tensor, mask: Tensor | None, scale: float, is_causal: bool, backend: st
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("transformer_kernels::masked_softmax_backward", mutates_args=())
+@custom_op("transformer_kernels::masked_softmax_backward")
 def _masked_softmax_backward(grad: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
     g4 = _as_rows(grad, y.shape)
     y4 = _as_rows(y, y.shape)
@@ -70,10 +71,10 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad: Tensor):
     (y,) = ctx.saved_tensors
     # The mask gets no gradient (it is a constant of the layer, as in torch.nn).
-    return _masked_softmax_backward(grad, y, ctx.scale, ctx.backend), None, None, None, None
+    return call(_masked_softmax_backward, grad, y, ctx.scale, ctx.backend), None, None, None, None
 
 
-_masked_softmax.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_masked_softmax, _backward, _setup_context)
 
 
 def masked_softmax(
@@ -93,7 +94,7 @@ def masked_softmax(
     Returns a contiguous tensor of x's shape and dtype.
     """
     check_float_tensor("x", x, allow_fp64=True)
-    check_mask("mask", mask, x)
+    check_mask("mask", mask, x.shape, x.device)
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dim")
     if is_causal and x.dim() < 2:
@@ -101,4 +102,4 @@ def masked_softmax(
     name = backends.resolve_for(OP, FAMILY, x.device, backend, x)
     if name == "torch":
         return eager.masked_softmax(x, mask, float(scale), bool(is_causal))
-    return torch.ops.transformer_kernels.masked_softmax(x, mask, float(scale), bool(is_causal), name)
+    return call(_masked_softmax, x, mask, float(scale), bool(is_causal), name)

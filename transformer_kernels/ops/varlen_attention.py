@@ -16,12 +16,13 @@ from torch import Tensor
 from .. import backends, eager
 from .._layout import narrow_head_dim, packed_bounds, widen_head_dim
 from ._checks import autocast_dtype, cast_all, check_attention_options, check_qkv, check_seed, describe
+from ._dispatch import call, custom_op, register_autograd
 from .attention import FAMILY, draw_seed
 
 OP = "varlen_attention"
 
 
-@torch.library.custom_op("transformer_kernels::varlen_attention", mutates_args=())
+@custom_op("transformer_kernels::varlen_attention")
 def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
                       dropout_p: float, is_causal: bool, scale: float, bottom_right: bool, seed: Tensor | None,
                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -41,7 +42,7 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, bottom_rig
             q.new_empty(stats, dtype=torch.float32))
 
 
-@torch.library.custom_op("transformer_kernels::varlen_attention_backward", mutates_args=())
+@custom_op("transformer_kernels::varlen_attention_backward")
 def _varlen_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, row_max: Tensor,
                                inv_l: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, dropout_p: float,
                                is_causal: bool, scale: float, bottom_right: bool, seed: Tensor | None,
@@ -72,12 +73,12 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad: Tensor, _grad_max: Tensor, _grad_inv_l: Tensor):
     q, k, v, out, row_max, inv_l, cu_q, cu_k, seed = ctx.saved_tensors
     max_q, max_k, dropout_p, is_causal, scale, bottom_right, backend = ctx.args
-    dq, dk, dv = _varlen_attention_backward(grad, q, k, v, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, dropout_p,
+    dq, dk, dv = call(_varlen_attention_backward, grad, q, k, v, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, dropout_p,
                                             is_causal, scale, bottom_right, seed, backend)
     return dq, dk, dv, *([None] * 10)
 
 
-_varlen_attention.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_varlen_attention, _backward, _setup_context)
 
 
 def _check_cu(name: str, cu: Tensor, total: int, max_len: int, batch: int, q: Tensor) -> Tensor:
@@ -170,7 +171,6 @@ def varlen_attention(
     if name == "torch":
         return _torch_varlen(q, k, v, cu_q, cu_k, dropout_p, is_causal, scale, bottom_right)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
-    out, _, _ = torch.ops.transformer_kernels.varlen_attention(
-        q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, float(dropout_p), bool(is_causal), scale, bottom_right,
-        seed, name)
+    out, _, _ = call(_varlen_attention, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, float(dropout_p),
+                     bool(is_causal), scale, bottom_right, seed, name)
     return out

@@ -108,6 +108,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
     out_dir = Path(args.out) if args.out else bench.RESULTS_DIR
+    if args.host:
+        from . import bench_host
+
+        rows = bench_host.run(calls=50 if args.quick else 200)
+        print(bench_host.format_rows(rows))
+        path = bench_host.append_csv(rows, out_dir / "host.csv")
+        over = [r for r in rows if r.ratio > r.target]
+        print(f"\n{len(rows) - len(over)}/{len(rows)} rows within their targets; appended to {path}")
+        return 0
     if torch.cuda.is_available() and not args.static:
         seq_lens = (512, 1024) if args.quick else bench.SEQ_LENS
         table, csv_path, png = bench.gpu_report(torch.device("cuda"), out_dir, seq_lens=seq_lens)
@@ -141,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="GPU timings, or without a GPU the static resource and memory-traffic report")
     p.add_argument("--quick", action="store_true", help="fewer sequence lengths")
     p.add_argument("--static", action="store_true", help="the static report even on a GPU machine")
+    p.add_argument("--host", action="store_true",
+                   help="host time per op call against PyTorch's op (kernel launches stubbed without a GPU)")
     p.add_argument("--out", default=None, help="folder for the CSV and PNG files (default: $TK_BENCH_DIR or bench_results)")
     p.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)

@@ -1,0 +1,278 @@
+"""Host time per op call (`python -m transformer_kernels bench --host`): the Python and C++ work one call of each op
+costs before and around its kernels, beside the matching PyTorch op(s) on the same tensors, in the same process.
+
+On a machine without a GPU every kernel launch is replaced by a no-op at the lowest level this machine reaches — the
+Triton interpreter's launch (after our launchers, the autotuner and its key) and the C++ entry points of `_C_host`
+(after their argument parsing: `stub_launches`) — so a row is pure host work. PyTorch's ops run for real on tiny
+tensors (their math is a few microseconds), which makes the ratio conservative. On a GPU nothing is stubbed: a row is
+the eager time per call of back-to-back calls (the host time whenever the GPU keeps up, as it does on tiny shapes).
+Not a proof of GPU speed: the host path of a Triton launch on a GPU also runs Triton's JIT binder, which the
+interpreter does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext, ops
+
+KERNEL_BACKENDS = ("triton", "cuda")
+# Budgets as ratios to PyTorch's op in the same run (issue 24's targets): forward calls, forward + backward.
+FORWARD_TARGET = {"triton": 3.0, "cuda": 2.0}
+TRAINING_TARGET = 2.0
+HF_STEP_TARGET = 1.15
+
+
+@dataclass(frozen=True)
+class HostCase:
+    """One op call: ``make(backend)`` builds the tensors and returns the call on our kernels; ``torch_call`` (built by
+    ``make("torch")``) is PyTorch's own op on the same tensors."""
+
+    name: str
+    backward: bool
+    make: Callable[[str], Callable[[], object]]
+
+
+@dataclass(frozen=True)
+class HostRow:
+    name: str
+    backend: str
+    us: float
+    torch_us: float
+
+    @property
+    def ratio(self) -> float:
+        return self.us / self.torch_us
+
+    @property
+    def target(self) -> float:
+        if self.name.startswith("hf "):
+            return HF_STEP_TARGET
+        return TRAINING_TARGET if "backward" in self.name else FORWARD_TARGET[self.backend]
+
+
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[None]:
+    """Kernel launches replaced by no-ops (CPU machines): the interpreter's launch and `_C_host`'s entry points."""
+    import triton.runtime.interpreter as interpreter
+
+    run = interpreter.InterpretedFunction.run
+    host = _ext.load("_C_host") if _ext.available("_C_host")[0] else None
+    interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None
+    if host is not None:
+        host.stub_launches(True)
+    try:
+        yield
+    finally:
+        interpreter.InterpretedFunction.run = run
+        if host is not None:
+            host.stub_launches(False)
+
+
+def _backward(out: object) -> None:
+    t = out[0] if isinstance(out, tuple) else out
+    t.backward(torch.ones_like(t))
+
+
+def _step(call: Callable[[], object], backward: bool) -> Callable[[], object]:
+    return (lambda: _backward(call())) if backward else call
+
+
+def _per_call_us(fn: Callable[[], object], calls: int, rounds: int) -> float:
+    """The minimum over ``rounds`` of the mean time of ``calls`` back-to-back calls, in microseconds."""
+    fn()
+    fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = []
+    for _ in range(rounds):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return min(times)  # the least disturbed round: other processes only ever add time
+
+
+def _attention_case(name: str, q_shape: tuple, kv_shape: tuple, backward: bool, mask: str | None = None,
+                    causal: bool = False, dropout: float = 0.0, device: str = "cpu") -> HostCase:
+    def make(backend: str) -> Callable[[], object]:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(q_shape, generator=g).to(device).requires_grad_(backward)
+        k = torch.randn(kv_shape, generator=g).to(device).requires_grad_(backward)
+        v = torch.randn(kv_shape, generator=g).to(device).requires_grad_(backward)
+        lq, lk = q_shape[2], kv_shape[2]
+        attn_mask = torch.rand(q_shape[0], 1, lq, lk, generator=g).to(device) > 0.2 if mask == "bool" else None
+        gqa = q_shape[1] != kv_shape[1]
+        if backend == "torch":
+            return _step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask, dropout, causal, enable_gqa=gqa),
+                         backward)
+        return _step(lambda: ops.attention(q, k, v, attn_mask, dropout, causal, enable_gqa=gqa, backend=backend),
+                     backward)
+
+    return HostCase(name, backward, make)
+
+
+def _tensors(*shapes: tuple, grad: bool, device: str = "cpu") -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g).mul_(0.1).to(device).requires_grad_(grad) for s in shapes]
+
+
+def _row_case(name: str, backward: bool, ours: Callable, theirs: Callable, *shapes: tuple) -> HostCase:
+    def make(backend: str) -> Callable[[], object]:
+        ts = _tensors(*shapes, grad=backward)
+        if backend == "torch":
+            return _step(lambda: theirs(*ts), backward)
+        return _step(lambda: ours(*ts, backend=backend), backward)
+
+    return HostCase(name, backward, make)
+
+
+def _varlen_case(backward: bool) -> HostCase:
+    lens, h, d = (5, 3, 8), 2, 16
+
+    def make(backend: str) -> Callable[[], object]:
+        if backend == "torch":  # the padded batch on SDPA, what varlen replaces
+            q, k, v = _tensors(*[(len(lens), h, max(lens), d)] * 3, grad=backward)
+            return _step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), backward)
+        q, k, v = _tensors(*[(sum(lens), h, d)] * 3, grad=backward)
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        return _step(lambda: ops.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), is_causal=True,
+                                                  backend=backend), backward)
+
+    return HostCase(f"varlen_attention {'forward + backward' if backward else 'forward'}", backward, make)
+
+
+def _gelu_linear(x, w, b, backend=None):
+    return ops.linear(x, w, b, "gelu", backend=backend) if backend else F.gelu(F.linear(x, w, b))
+
+
+def cases() -> list[HostCase]:
+    """Every op on tiny tensors (B = 2, L = 16, D = 16, hidden 32): forward, and forward + backward."""
+    b, h, length, d, e = 2, 2, 16, 16, 32
+    out = []
+    for backward in (False, True):
+        suffix = "forward + backward" if backward else "forward"
+        out += [
+            _attention_case(f"attention {suffix}", (b, h, length, d), (b, h, length, d), backward),
+            _attention_case(f"attention causal+bool mask {suffix}", (b, h, length, d), (b, h, length, d), backward,
+                            mask="bool", causal=True),
+            _attention_case(f"attention dropout {suffix}", (b, h, length, d), (b, h, length, d), backward,
+                            dropout=0.1),
+            _varlen_case(backward),
+            _row_case(f"masked_softmax {suffix}", backward, lambda x, backend: ops.masked_softmax(
+                x, None, 0.25, True, backend=backend), lambda x: torch.softmax(
+                (x * 0.25).masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf")), -1),
+                (b, h, length, length)),
+            _row_case(f"linear + gelu {suffix}", backward, _gelu_linear, _gelu_linear, (b * length, e), (e, e), (e,)),
+            _row_case(f"gated_linear {suffix}", backward,
+                      lambda x, wg, wu, backend: ops.gated_linear(x, wg, wu, backend=backend),
+                      lambda x, wg, wu: F.silu(F.linear(x, wg)) * F.linear(x, wu), (b * length, e), (2 * e, e), (2 * e, e)),
+            _row_case(f"qkv_projection {suffix}", backward,
+                      lambda x, w, bias, backend: ops.qkv_projection(x, w, bias, h, backend=backend)[0],
+                      lambda x, w, bias: F.linear(x, w, bias).view(b, length, 3, h, e // h).permute(2, 0, 3, 1, 4)[0],
+                      (b, length, e), (3 * e, e), (3 * e,)),
+            _row_case(f"out_projection {suffix}", backward,
+                      lambda a, w, bias, r, backend: ops.out_projection(a, w, bias, r, backend=backend),
+                      lambda a, w, bias, r: F.linear(a.transpose(1, 2).reshape(b, length, e), w, bias) + r,
+                      (b, h, length, e // h), (e, e), (e,), (b, length, e)),
+            _row_case(f"feed_forward {suffix}", backward,
+                      lambda x, w1, b1, w2, b2, backend: ops.feed_forward(x, w1, b1, w2, b2, backend=backend),
+                      lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),
+                      (b * length, e), (4 * e, e), (4 * e,), (e, 4 * e), (e,)),
+            _row_case(f"layer_norm {suffix}", backward,
+                      lambda x, w, bias, backend: ops.layer_norm(x, w, bias, backend=backend),
+                      lambda x, w, bias: F.layer_norm(x, (e,), w, bias), (b * length, e), (e,), (e,)),
+            _row_case(f"rms_norm {suffix}", backward, lambda x, w, backend: ops.rms_norm(x, w, backend=backend),
+                      lambda x, w: F.rms_norm(x, (e,), w, 1e-6), (b * length, e), (e,)),
+        ]
+    # A decoding step: one query of 32 heads against an 8-head KV cache (its length does not change the host work).
+    out.append(_attention_case("attention decoding step", (1, 32, 1, 64), (1, 8, 64, 64), False, causal=False))
+    return out
+
+
+def _hf_case(family: str) -> HostCase:
+    from . import hf_testing
+
+    def make(backend: str) -> Callable[[], object]:
+        from .. import convert
+
+        model = hf_testing.tiny_model(family, layers=2).train()
+        if backend == "torch":
+            model.set_attn_implementation("sdpa")
+        else:
+            model = convert(model, backend=backend)
+        ids = torch.randint(3, hf_testing.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+
+        def step() -> None:
+            model(input_ids=ids, labels=ids).loss.backward()
+
+        return step
+
+    return HostCase(f"hf {family} train step", True, make)
+
+
+def run(calls: int = 200, rounds: int = 5, hf: bool = True,
+        names: tuple[str, ...] | None = None) -> list[HostRow]:
+    """Every case on both kernel backends (launches stubbed without a GPU) and on PyTorch's op."""
+    todo = [c for c in cases() if names is None or c.name in names]
+    if hf and names is None:
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is not None:
+            todo += [_hf_case("bert"), _hf_case("gpt2")]
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    stub = contextlib.nullcontext if torch.cuda.is_available() else stubbed_launches
+    try:
+        for case in todo:
+            n = max(calls // 20, 5) if case.name.startswith("hf ") else calls
+            theirs = _per_call_us(case.make("torch"), n, rounds)
+            for backend in KERNEL_BACKENDS:
+                call = case.make(backend)
+                with stub():
+                    rows.append(HostRow(case.name, backend, _per_call_us(call, n, rounds), theirs))
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def format_rows(rows: list[HostRow]) -> str:
+    width = max(len(r.name) for r in rows)
+    lines = [f"{'call':{width}}  {'backend':7} {'ours µs':>8} {'torch µs':>8} {'ratio':>6} {'target':>6}"]
+    for r in rows:
+        flag = "" if r.ratio <= r.target else "  over"
+        lines.append(f"{r.name:{width}}  {r.backend:7} {r.us:8.1f} {r.torch_us:8.1f} {r.ratio:6.2f} {r.target:6.2f}{flag}")
+    return "\n".join(lines)
+
+
+
+def append_csv(rows: list[HostRow], path: Path) -> Path:
+    """Appends the rows (date, machine, torch and triton versions, whether launches were stubbed) to ``path``."""
+    import triton
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu {platform.machine()}"
+    with path.open("a", newline="") as fh:
+        writer = csv.writer(fh)
+        if new:
+            writer.writerow(["date", "machine", "torch", "triton", "launches", "call", "backend", "ours_us", "torch_us",
+                             "ratio", "target"])
+        stamp = datetime.date.today().isoformat()
+        launches = "real" if torch.cuda.is_available() else "stubbed"
+        for r in rows:
+            writer.writerow([stamp, machine, torch.__version__, triton.__version__, launches, r.name, r.backend,
+                             f"{r.us:.2f}", f"{r.torch_us:.2f}", f"{r.ratio:.3f}", f"{r.target:.2f}"])
+    return path
