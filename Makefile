@@ -14,7 +14,7 @@ export TRITON_DEFAULT_FP_FUSION ?= 1
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.h csrc/*.cuh csrc/*.cpp csrc/host/*)
 
-.PHONY: setup test test-floor check check-resources coverage bench info lint clean gpu-check
+.PHONY: setup test test-floor check check-resources coverage bench info lint clean gpu-check wheel install-check
 
 # Reinstalls (ninja rebuilds only what changed) when the build inputs are newer than the last install.
 setup: .setup-stamp
@@ -66,6 +66,34 @@ test-floor: setup
 check: setup
 	$(PYTHON) -m transformer_kernels check
 
+# A binary wheel in dist/: _C for TK_CUDA_ARCHS (default 80;86;89;90) plus PTX of the newest, _C_host, the Triton
+# kernels and the committed resource table. It links no libtorch and a static cudart: one wheel per Python version.
+wheel: setup
+	rm -rf dist
+	$(PIP) wheel -q --no-deps --no-build-isolation -w dist .
+
+# The install routes users take, each into a fresh environment (that sees only the system's packages, none of
+# .venv's) and run from outside the checkout, so nothing is imported from the source tree:
+# 1. the wheel, non-editable; `check --quick` on every backend it carries;
+# 2. `pip install <checkout>` (build isolation, as users run it) with no CUDA toolkit visible (TK_NO_CUDA_TOOLKIT=1:
+#    the toolkit lookup answers "none", the same code path as a machine without one): both C++ modules skipped with
+#    one line each, then the Triton (interpreted) and torch backends against the reference.
+INSTALL_CHECK := $(CURDIR)/build/install-check
+install-check: wheel
+	rm -rf $(INSTALL_CHECK) && mkdir -p $(INSTALL_CHECK)
+	$(PYTHON) -m venv --system-site-packages --without-pip $(INSTALL_CHECK)/wheel
+	$(INSTALL_CHECK)/wheel/bin/python -m pip install -q --disable-pip-version-check "torch==$(TORCH_CPU_VERSION)" \
+		$(CURDIR)/dist/*.whl
+	cd $(INSTALL_CHECK) && wheel/bin/python -m transformer_kernels info
+	cd $(INSTALL_CHECK) && wheel/bin/python -m transformer_kernels check --quick
+	$(PYTHON) -m venv --system-site-packages --without-pip $(INSTALL_CHECK)/no-toolkit
+	$(INSTALL_CHECK)/no-toolkit/bin/python -m pip install -q --disable-pip-version-check "torch==$(TORCH_CPU_VERSION)"
+	TK_NO_CUDA_TOOLKIT=1 $(INSTALL_CHECK)/no-toolkit/bin/python -m pip install -v --disable-pip-version-check \
+		$(CURDIR) 2>&1 | tee $(INSTALL_CHECK)/no-toolkit.log | grep "transformer-kernels:" || true
+	grep -q "not building _C_host" $(INSTALL_CHECK)/no-toolkit.log
+	cd $(INSTALL_CHECK) && no-toolkit/bin/python -m transformer_kernels info
+	cd $(INSTALL_CHECK) && no-toolkit/bin/python -m transformer_kernels.tools.install_smoke
+
 # Every Triton variant and CUDA C++ kernel compiled again for the target arches (no GPU needed): fails on a spill and
 # rewrites kernels/aot_resources.json, the committed table from which `make test` reads the variants whose kernels
 # did not change. Run it after changing a kernel and commit the table (with 2 cores: about 15 minutes).
@@ -101,4 +129,4 @@ lint: setup
 	$(PYTHON) -m ruff check .
 
 clean:
-	rm -rf build *.egg-info .setup-stamp transformer_kernels/*.so .venv .venv-floor
+	rm -rf build dist *.egg-info .setup-stamp transformer_kernels/*.so .venv .venv-floor

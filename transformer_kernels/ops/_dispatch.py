@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 _Backward = Callable[..., tuple]
 _SetupContext = Callable[[Any, tuple, Any], None]
@@ -60,6 +61,7 @@ def register_autograd(op: Any, backward: _Backward, setup_context: _SetupContext
             return out
 
         @staticmethod
+        @once_differentiable  # the kernels' gradients have no gradient: double backward raises, as the custom op does
         def backward(ctx, *grads):
             grads = tuple(torch.zeros(m[0], dtype=m[1], device=m[2]) if g is None and m is not None else g
                           for g, m in zip(grads, ctx.output_meta, strict=True))
@@ -76,7 +78,10 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 def _plain_eager(args: tuple) -> bool:
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or _functorch_active():
         return False
-    return all(type(a) in _PLAIN for a in args if isinstance(a, Tensor))
+    for a in args:  # noqa: SIM110 (a loop, not all(<generator>): this runs on every op call)
+        if isinstance(a, Tensor) and type(a) not in _PLAIN:
+            return False
+    return True
 
 
 def _functorch_active() -> bool:
