@@ -88,8 +88,11 @@ install-check: wheel
 	cd $(INSTALL_CHECK) && wheel/bin/python -m transformer_kernels check --quick
 	$(PYTHON) -m venv --system-site-packages --without-pip $(INSTALL_CHECK)/no-toolkit
 	$(INSTALL_CHECK)/no-toolkit/bin/python -m pip install -q --disable-pip-version-check "torch==$(TORCH_CPU_VERSION)"
+	@# A copy of the checkout's files as a clone has them (no build/ with earlier extensions in it); tar keeps the link.
+	mkdir -p $(INSTALL_CHECK)/clone && git ls-files -z --cached --others --exclude-standard \
+		| tar --null -T - -cf - | tar -xf - -C $(INSTALL_CHECK)/clone
 	TK_NO_CUDA_TOOLKIT=1 $(INSTALL_CHECK)/no-toolkit/bin/python -m pip install -v --disable-pip-version-check \
-		$(CURDIR) 2>&1 | tee $(INSTALL_CHECK)/no-toolkit.log | grep "transformer-kernels:" || true
+		$(INSTALL_CHECK)/clone 2>&1 | tee $(INSTALL_CHECK)/no-toolkit.log | grep "transformer-kernels:" || true
 	grep -q "not building _C_host" $(INSTALL_CHECK)/no-toolkit.log
 	cd $(INSTALL_CHECK) && no-toolkit/bin/python -m transformer_kernels info
 	cd $(INSTALL_CHECK) && no-toolkit/bin/python -m transformer_kernels.tools.install_smoke

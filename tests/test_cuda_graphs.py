@@ -42,10 +42,10 @@ def _decoding_inputs():
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_a_repeated_call_reads_no_value_on_the_host(backend):
-    q, k, v, pad = _decoding_inputs()
-    packed = torch.randn(9, 2, 16)
-    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+def test_a_repeated_call_reads_no_value_on_the_host(backend, device):
+    q, k, v, pad = (t.to(device) for t in _decoding_inputs())
+    packed = torch.randn(9, 2, 16, device=device)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
 
     def calls():
         out = tk.ops.attention(q, k, v, is_causal=True, enable_gqa=True, key_padding_mask=pad, dropout_p=0.1,

@@ -128,9 +128,9 @@ def _tensors(*shapes: tuple, grad: bool, device: str = "cpu") -> list[torch.Tens
     return [torch.randn(s, generator=g).mul_(0.1).to(device).requires_grad_(grad) for s in shapes]
 
 
-def _row_case(name: str, backward: bool, ours: Callable, theirs: Callable, *shapes: tuple) -> HostCase:
+def _row_case(name: str, backward: bool, ours: Callable, theirs: Callable, *shapes: tuple, device: str) -> HostCase:
     def make(backend: str) -> Callable[[], object]:
-        ts = _tensors(*shapes, grad=backward)
+        ts = _tensors(*shapes, grad=backward, device=device)
         if backend == "torch":
             return _step(lambda: theirs(*ts), backward)
         return _step(lambda: ours(*ts, backend=backend), backward)
@@ -138,15 +138,15 @@ def _row_case(name: str, backward: bool, ours: Callable, theirs: Callable, *shap
     return HostCase(name, backward, make)
 
 
-def _varlen_case(backward: bool) -> HostCase:
+def _varlen_case(backward: bool, device: str) -> HostCase:
     lens, h, d = (5, 3, 8), 2, 16
 
     def make(backend: str) -> Callable[[], object]:
         if backend == "torch":  # the padded batch on SDPA, what varlen replaces
-            q, k, v = _tensors(*[(len(lens), h, max(lens), d)] * 3, grad=backward)
+            q, k, v = _tensors(*[(len(lens), h, max(lens), d)] * 3, grad=backward, device=device)
             return _step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), backward)
-        q, k, v = _tensors(*[(sum(lens), h, d)] * 3, grad=backward)
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        q, k, v = _tensors(*[(sum(lens), h, d)] * 3, grad=backward, device=device)
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
         return _step(lambda: ops.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), is_causal=True,
                                                   backend=backend), backward)
 
@@ -157,62 +157,64 @@ def _gelu_linear(x, w, b, backend=None):
     return ops.linear(x, w, b, "gelu", backend=backend) if backend else F.gelu(F.linear(x, w, b))
 
 
-def cases() -> list[HostCase]:
-    """Every op on tiny tensors (B = 2, L = 16, D = 16, hidden 32): forward, and forward + backward."""
+def cases(device: str = "cpu") -> list[HostCase]:
+    """Every op on tiny tensors (B = 2, L = 16, D = 16, hidden 32) on ``device``: forward, and forward + backward."""
     b, h, length, d, e = 2, 2, 16, 16, 32
+    dev = {"device": device}
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
     out = []
     for backward in (False, True):
         suffix = "forward + backward" if backward else "forward"
         out += [
-            _attention_case(f"attention {suffix}", (b, h, length, d), (b, h, length, d), backward),
+            _attention_case(f"attention {suffix}", (b, h, length, d), (b, h, length, d), backward, **dev),
             _attention_case(f"attention causal+bool mask {suffix}", (b, h, length, d), (b, h, length, d), backward,
-                            mask="bool", causal=True),
+                            mask="bool", causal=True, **dev),
             _attention_case(f"attention dropout {suffix}", (b, h, length, d), (b, h, length, d), backward,
-                            dropout=0.1),
-            _varlen_case(backward),
+                            dropout=0.1, **dev),
+            _varlen_case(backward, device),
             _row_case(f"masked_softmax {suffix}", backward, lambda x, backend: ops.masked_softmax(
                 x, None, 0.25, True, backend=backend), lambda x: torch.softmax(
-                (x * 0.25).masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf")), -1),
-                (b, h, length, length)),
-            _row_case(f"linear + gelu {suffix}", backward, _gelu_linear, _gelu_linear, (b * length, e), (e, e), (e,)),
+                (x * 0.25).masked_fill(causal, float("-inf")), -1), (b, h, length, length), **dev),
+            _row_case(f"linear + gelu {suffix}", backward, _gelu_linear, _gelu_linear, (b * length, e), (e, e), (e,), **dev),
             _row_case(f"gated_linear {suffix}", backward,
                       lambda x, wg, wu, backend: ops.gated_linear(x, wg, wu, backend=backend),
-                      lambda x, wg, wu: F.silu(F.linear(x, wg)) * F.linear(x, wu), (b * length, e), (2 * e, e), (2 * e, e)),
+                      lambda x, wg, wu: F.silu(F.linear(x, wg)) * F.linear(x, wu),
+                      (b * length, e), (2 * e, e), (2 * e, e), **dev),
             _row_case(f"qkv_projection {suffix}", backward,
                       lambda x, w, bias, backend: ops.qkv_projection(x, w, bias, h, backend=backend)[0],
                       lambda x, w, bias: F.linear(x, w, bias).view(b, length, 3, h, e // h).permute(2, 0, 3, 1, 4)[0],
-                      (b, length, e), (3 * e, e), (3 * e,)),
+                      (b, length, e), (3 * e, e), (3 * e,), **dev),
             _row_case(f"out_projection {suffix}", backward,
                       lambda a, w, bias, r, backend: ops.out_projection(a, w, bias, r, backend=backend),
                       lambda a, w, bias, r: F.linear(a.transpose(1, 2).reshape(b, length, e), w, bias) + r,
-                      (b, h, length, e // h), (e, e), (e,), (b, length, e)),
+                      (b, h, length, e // h), (e, e), (e,), (b, length, e), **dev),
             _row_case(f"feed_forward {suffix}", backward,
                       lambda x, w1, b1, w2, b2, backend: ops.feed_forward(x, w1, b1, w2, b2, backend=backend),
                       lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),
-                      (b * length, e), (4 * e, e), (4 * e,), (e, 4 * e), (e,)),
+                      (b * length, e), (4 * e, e), (4 * e,), (e, 4 * e), (e,), **dev),
             _row_case(f"layer_norm {suffix}", backward,
                       lambda x, w, bias, backend: ops.layer_norm(x, w, bias, backend=backend),
-                      lambda x, w, bias: F.layer_norm(x, (e,), w, bias), (b * length, e), (e,), (e,)),
+                      lambda x, w, bias: F.layer_norm(x, (e,), w, bias), (b * length, e), (e,), (e,), **dev),
             _row_case(f"rms_norm {suffix}", backward, lambda x, w, backend: ops.rms_norm(x, w, backend=backend),
-                      lambda x, w: F.rms_norm(x, (e,), w, 1e-6), (b * length, e), (e,)),
+                      lambda x, w: F.rms_norm(x, (e,), w, 1e-6), (b * length, e), (e,), **dev),
         ]
     # A decoding step: one query of 32 heads against an 8-head KV cache (its length does not change the host work).
-    out.append(_attention_case("attention decoding step", (1, 32, 1, 64), (1, 8, 64, 64), False, causal=False))
+    out.append(_attention_case("attention decoding step", (1, 32, 1, 64), (1, 8, 64, 64), False, **dev))
     return out
 
 
-def _hf_case(family: str) -> HostCase:
+def _hf_case(family: str, device: str) -> HostCase:
     from . import hf_testing
 
     def make(backend: str) -> Callable[[], object]:
         from .. import convert
 
-        model = hf_testing.tiny_model(family, layers=2).train()
+        model = hf_testing.tiny_model(family, device=device, layers=2).train()
         if backend == "torch":
             model.set_attn_implementation("sdpa")
         else:
             model = convert(model, backend=backend)
-        ids = torch.randint(3, hf_testing.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(3, hf_testing.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
 
         def step() -> None:
             model(input_ids=ids, labels=ids).loss.backward()
@@ -225,12 +227,13 @@ def _hf_case(family: str) -> HostCase:
 def run(calls: int = 200, rounds: int = 5, hf: bool = True,
         names: tuple[str, ...] | None = None) -> list[HostRow]:
     """Every case on both kernel backends (launches stubbed without a GPU) and on PyTorch's op."""
-    todo = [c for c in cases() if names is None or c.name in names]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    todo = [c for c in cases(device) if names is None or c.name in names]
     if hf and names is None:
         import importlib.util
 
         if importlib.util.find_spec("transformers") is not None:
-            todo += [_hf_case("bert"), _hf_case("gpt2")]
+            todo += [_hf_case("bert", device), _hf_case("gpt2", device)]
     rows = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
