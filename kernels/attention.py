@@ -35,6 +35,7 @@ from .common import LOG2E, cast_out, dropout_keep, mma
 from .config import (
     MASK_ADD,
     MASK_NONE,
+    PLAN_CACHES,
     TRITON_DTYPE_NAMES,
     AotVariant,
     Autotuned,
@@ -883,6 +884,37 @@ def _packed_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(0)
 
 
+# Launch plans of the forward, by everything its decisions read: shapes, strides, dtype, device, the mask's and the
+# padding's layout and dtype, causal and dropout on/off. A repeated call (every layer of a model, every step) then
+# skips ~10 µs of Python: the tile, split and 64-bit-offset decisions and the argument tuple. Runtime values (scale,
+# offset, dropout probability, the tensors) are never part of a plan. Bounded: cleared when full.
+_FWD_PLANS: dict[tuple, tuple] = {}
+_FWD_PLANS_MAX = 1024
+PLAN_CACHES.append(_FWD_PLANS)
+
+
+def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor, kind: int, ms: tuple,
+                  kps: tuple, has_kpm: bool, is_causal: bool, dropout: bool) -> tuple:
+    """(split plan or None, tile, grid, the integer arguments after the pointers, the trailing integer arguments,
+    the constexpr keywords) of a forward launch."""
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    block_d = head_dim_block(d, q.dtype)
+    wide = spans_past_int32(q, k, v, m)
+    features = feature_class(kind, has_kpm, dropout)
+    tile = split_tile(block_d, q.element_size(), features)
+    plain_block_m = tile_configs("fwd", block_d, q.element_size(), features)[0].block_m
+    plan = split_plan(b, h, lq, lk, tile.block_m, tile.block_n, plain_block_m, q.device)
+    ints = (*_strides3(q), *_strides3(k), *_strides3(v), *ms, *kps, h, h // hkv, lq, lk)
+    flags = {"D": d, "MASK_KIND": kind, "HAS_KPM": has_kpm, "IS_CAUSAL": is_causal, "DROPOUT": dropout,
+             "BLOCK_D": block_d, "INTERPRETED": is_interpreted()}
+    if plan.splits > 1 and not wide:
+        grid = (triton.cdiv(lq, tile.block_m) * b * h, plan.splits)
+        return plan, tile, grid, ints, (plan.split_len,), flags
+    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
+    return None, tile, grid, ints, (length_class(lq), length_class(lk)), {**flags, "WIDE": wide, "VARLEN": False}
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       kpm: torch.Tensor | None, scale: float, is_causal: bool, causal_offset: int,
                       dropout_p: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -892,42 +924,39 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     and, per row, the max score and reciprocal softmax sum (fp32 ``[B, H, Lq]``) that the backward pass needs."""
     # The kernels read head-dim rows with unit stride (vector loads; a runtime last-dim stride costs a 64-bit
     # address per element and spills): a view with another last-dim stride is copied once, here.
-    q, k, v = (unit_last_stride(t) for t in (q, k, v))
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     b, h, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
     out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
     row_max = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     inv_l = torch.empty_like(row_max)
     if out.numel() == 0:
         return out, row_max, inv_l
     kind, m, ms, kp, kps = _mask_args(mask, kpm, q)
-    block_d = head_dim_block(d, q.dtype)
-    wide = spans_past_int32(q, k, v, m)
-    features = feature_class(kind, kpm is not None, dropout_p > 0.0)
-    tile = split_tile(block_d, q.element_size(), features)
-    plain_block_m = tile_configs("fwd", block_d, q.element_size(), features)[0].block_m
-    plan = split_plan(b, h, lq, lk, tile.block_m, tile.block_n, plain_block_m, q.device)
-    args = (m, kp, *_strides3(q), *_strides3(k), *_strides3(v), *ms, *kps, h, h // hkv, lq, lk, scale, causal_offset,
-            dropout_p, q if seed is None else seed)
-    if plan.splits > 1 and not wide:
+    dropout = dropout_p > 0.0
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device, kind, m.dtype, ms,
+           kpm is not None, kps, bool(is_causal), dropout)
+    found = _FWD_PLANS.get(key)
+    if found is None:
+        found = _forward_plan(q, k, v, m, kind, ms, kps, kpm is not None, bool(is_causal), dropout)
+        if len(_FWD_PLANS) >= _FWD_PLANS_MAX:
+            _FWD_PLANS.clear()
+        _FWD_PLANS[key] = found
+    plan, tile, grid, ints, tail, flags = found
+    runtime = (scale, causal_offset, dropout_p, q if seed is None else seed)
+    if plan is not None:
         rows = b * h * lq
+        block_d = flags["BLOCK_D"]
         o_part = torch.empty((plan.splits, rows, block_d), dtype=torch.float32, device=q.device)
         m_part = torch.empty((plan.splits, rows), dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m_part)
-        attn_fwd_split_kernel[(triton.cdiv(lq, tile.block_m) * b * h, plan.splits)](
-            q, k, v, o_part, m_part, l_part, *args, plan.split_len, D=d, MASK_KIND=kind, HAS_KPM=kpm is not None,
-            IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-            BLOCK_D=block_d, INTERPRETED=is_interpreted(), num_warps=tile.num_warps, num_stages=tile.num_stages)
+        attn_fwd_split_kernel[grid](q, k, v, o_part, m_part, l_part, m, kp, *ints, *runtime, *tail, **flags,
+                                    BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps,
+                                    num_stages=tile.num_stages)
         attn_fwd_combine_kernel[(triton.cdiv(rows, COMBINE_BLOCK_R),)](
-            o_part, m_part, l_part, out, row_max, inv_l, rows, plan.splits, dropout_p, D=d, DROPOUT=dropout_p > 0.0,
-            BLOCK_R=COMBINE_BLOCK_R, BLOCK_D=block_d, INTERPRETED=is_interpreted())
+            o_part, m_part, l_part, out, row_max, inv_l, rows, plan.splits, dropout_p, D=d, DROPOUT=dropout,
+            BLOCK_R=COMBINE_BLOCK_R, BLOCK_D=block_d, INTERPRETED=flags["INTERPRETED"])
         return out, row_max, inv_l
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
-    _fwd[grid](
-        q, k, v, out, row_max, inv_l, m, kp, q, q, *args[2:], length_class(lq), length_class(lk), D=d, MASK_KIND=kind,
-        HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0, WIDE=wide, VARLEN=False,
-        BLOCK_D=block_d, INTERPRETED=is_interpreted(),
-    )
+    _fwd[grid](q, k, v, out, row_max, inv_l, m, kp, q, q, *ints, *runtime, *tail, **flags)
     return out, row_max, inv_l
 
 

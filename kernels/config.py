@@ -25,6 +25,16 @@ def mask_args(mask: torch.Tensor | None, placeholder: torch.Tensor) -> tuple[int
     return MASK_ADD, mask, mask.stride()
 
 
+# The launchers' per-signature plans (dicts), registered where they are made: a plan holds decisions read from this
+# module's settings (SPLIT_PROGRAMS_PER_SM, ...), so whoever changes one (tests) clears them all.
+PLAN_CACHES: list[dict] = []
+
+
+def clear_plans() -> None:
+    for plans in PLAN_CACHES:
+        plans.clear()
+
+
 @functools.cache
 def is_interpreted() -> bool:
     """True when Triton was imported with TRITON_INTERPRET=1 (kernels then run on CPU tensors). Triton reads the
@@ -52,7 +62,8 @@ def spans_past_int32(*tensors: torch.Tensor | None) -> bool:
     the kernels that keep 32-bit offsets for their registers' sake need their WIDE form."""
     for t in tensors:
         # Plain loops: the generator form cost ~5 µs a call for four tensors, on every attention launch.
-        if t is not None and t.numel() > 1:
+        # A contiguous tensor spans numel - 1 elements: only views need their strides summed.
+        if t is not None and t.numel() > 1 and not (t.numel() <= 2**31 and t.is_contiguous()):
             span = 0
             for n, st in zip(t.shape, t.stride()):  # noqa: B905 (one tensor's shape and strides)
                 span += (n - 1) * abs(st)

@@ -28,11 +28,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _fresh_backend_answers():
-    """Tests patch what backend availability answers (no driver, an old driver); resolve_for keeps its answers for
-    the process, so each test starts without them."""
+    """Tests patch what backend availability answers (no driver, an old driver) and the launchers' settings;
+    resolve_for and the launch plans keep their answers for the process, so each test starts without them."""
     from transformer_kernels import backends
+    from transformer_kernels.kernels import config
 
     backends.clear_caches()
+    config.clear_plans()  # tests also patch the settings a launch plan is made from
     yield
 
 
