@@ -107,7 +107,7 @@ def _backward(ctx, grad: Tensor, _grad_max: Tensor, _grad_inv_l: Tensor):
     # scores it is added to; otherwise the kernels store nothing more.
     mask_grad = ctx.needs_input_grad[3]
     dq, dk, dv, ds = call(_attention_backward, grad, q, k, v, out, row_max, inv_l, attn_mask, kpm, dropout_p, is_causal,
-                                         scale, causal_offset, seed, mask_grad, backend)
+                          scale, causal_offset, seed, mask_grad, backend)
     dmask = _sum_to(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
     return dq, dk, dv, dmask, None, None, None, None, None, None, None
 

@@ -57,7 +57,7 @@ def _backward(ctx, dy: Tensor, ds: Tensor | None, _dmean: Tensor, _drstd: Tensor
     x, residual, weight, mean, rstd = ctx.saved_tensors
     has_residual, has_bias, rms, backend = ctx.args
     dx, dw, db = call(_norm_backward, dy, ds if has_residual else None, x, residual, weight, mean, rstd, has_bias, rms,
-                                backend)
+                      backend)
     return dx, (dx if has_residual else None), dw, (db if has_bias else None), None, None, None
 
 

@@ -74,7 +74,7 @@ def _backward(ctx, grad: Tensor, _grad_max: Tensor, _grad_inv_l: Tensor):
     q, k, v, out, row_max, inv_l, cu_q, cu_k, seed = ctx.saved_tensors
     max_q, max_k, dropout_p, is_causal, scale, bottom_right, backend = ctx.args
     dq, dk, dv = call(_varlen_attention_backward, grad, q, k, v, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, dropout_p,
-                                            is_causal, scale, bottom_right, seed, backend)
+                      is_causal, scale, bottom_right, seed, backend)
     return dq, dk, dv, *([None] * 10)
 
 
