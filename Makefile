@@ -77,7 +77,8 @@ wheel: setup
 # 1. the wheel, non-editable; `check --quick` on every backend it carries;
 # 2. `pip install <checkout>` (build isolation, as users run it) with no CUDA toolkit visible (TK_NO_CUDA_TOOLKIT=1:
 #    the toolkit lookup answers "none", the same code path as a machine without one): both C++ modules skipped with
-#    one line each, then the Triton (interpreted) and torch backends against the reference.
+#    one line each, then the Triton (interpreted) and torch backends against the reference;
+# 3. the sdist (below).
 INSTALL_CHECK := $(CURDIR)/build/install-check
 install-check: wheel
 	rm -rf $(INSTALL_CHECK) && mkdir -p $(INSTALL_CHECK)
@@ -96,6 +97,15 @@ install-check: wheel
 	grep -q "not building _C_host" $(INSTALL_CHECK)/no-toolkit.log
 	cd $(INSTALL_CHECK) && no-toolkit/bin/python -m transformer_kernels info
 	cd $(INSTALL_CHECK) && no-toolkit/bin/python -m transformer_kernels.tools.install_smoke
+	@# 3. the sdist, built from the checkout and installed with the toolkit (every csrc header must be in it); the
+	@#    simulator only (TK_SKIP_CUDA_BUILD=1): nvcc's part of the build is the wheel's, above.
+	$(PYTHON) setup.py -q sdist -d $(INSTALL_CHECK)/sdist > $(INSTALL_CHECK)/sdist.log 2>&1
+	$(PYTHON) -m venv --system-site-packages --without-pip $(INSTALL_CHECK)/from-sdist
+	$(INSTALL_CHECK)/from-sdist/bin/python -m pip install -q --disable-pip-version-check "torch==$(TORCH_CPU_VERSION)"
+	TK_SKIP_CUDA_BUILD=1 $(INSTALL_CHECK)/from-sdist/bin/python -m pip install -q --disable-pip-version-check \
+		$(INSTALL_CHECK)/sdist/*.tar.gz
+	cd $(INSTALL_CHECK) && from-sdist/bin/python -m transformer_kernels --version
+	cd $(INSTALL_CHECK) && from-sdist/bin/python -m transformer_kernels.tools.install_smoke --with-simulator
 
 # Every Triton variant and CUDA C++ kernel compiled again for the target arches (no GPU needed): fails on a spill and
 # rewrites kernels/aot_resources.json, the committed table from which `make test` reads the variants whose kernels

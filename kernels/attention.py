@@ -11,8 +11,7 @@ the backward pass.
 
 Backward (deterministic, no atomics): a preprocess computes delta = rowsum(dO·O); one program per key tile
 accumulates dK and dV over every query tile of every query head in its GQA group; a separate pass per query
-tile accumulates dQ. Only for a float mask that requires grad (T5's position bias) a last pass writes dS, the
-mask's gradient.
+tile accumulates dQ. Only for a float mask that requires grad (T5's position bias) a last pass writes dS, the mask's gradient.
 
 Masks (read through their strides, never expanded): a bool or float `attn_mask` viewed as [B, H, Lq, Lk]
 (stride 0 on broadcast dims), a `[B, Lk]` key-padding mask (True = padding), and causal with an offset

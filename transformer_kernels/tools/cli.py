@@ -138,7 +138,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="python -m transformer_kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"transformer-kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, GPU, builds and backends")
     p.add_argument("--json", action="store_true")
