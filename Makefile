@@ -80,15 +80,17 @@ wheel: setup
 #    one line each, then the Triton (interpreted) and torch backends against the reference;
 # 3. the sdist (below).
 INSTALL_CHECK := $(CURDIR)/build/install-check
+ENV_PIP = $(INSTALL_CHECK)/$(1)/bin/python -m pip install -q --disable-pip-version-check
+# A fresh environment $(INSTALL_CHECK)/<name> holding the CPU torch wheel (never a CUDA one on this machine).
+fresh_env = $(PYTHON) -m venv --system-site-packages --without-pip $(INSTALL_CHECK)/$(1) \
+	&& $(call ENV_PIP,$(1)) "torch==$(TORCH_CPU_VERSION)"
 install-check: wheel
 	rm -rf $(INSTALL_CHECK) && mkdir -p $(INSTALL_CHECK)
-	$(PYTHON) -m venv --system-site-packages --without-pip $(INSTALL_CHECK)/wheel
-	$(INSTALL_CHECK)/wheel/bin/python -m pip install -q --disable-pip-version-check "torch==$(TORCH_CPU_VERSION)" \
-		$(CURDIR)/dist/*.whl
+	$(call fresh_env,wheel)
+	$(call ENV_PIP,wheel) $(CURDIR)/dist/*.whl
 	cd $(INSTALL_CHECK) && wheel/bin/python -m transformer_kernels info
 	cd $(INSTALL_CHECK) && wheel/bin/python -m transformer_kernels check --quick
-	$(PYTHON) -m venv --system-site-packages --without-pip $(INSTALL_CHECK)/no-toolkit
-	$(INSTALL_CHECK)/no-toolkit/bin/python -m pip install -q --disable-pip-version-check "torch==$(TORCH_CPU_VERSION)"
+	$(call fresh_env,no-toolkit)
 	@# A copy of the checkout's files as a clone has them (no build/ with earlier extensions in it); tar keeps the link.
 	mkdir -p $(INSTALL_CHECK)/clone && git ls-files -z --cached --others --exclude-standard \
 		| tar --null -T - -cf - | tar -xf - -C $(INSTALL_CHECK)/clone
@@ -100,10 +102,8 @@ install-check: wheel
 	@# 3. the sdist, built from the checkout and installed with the toolkit (every csrc header must be in it); the
 	@#    simulator only (TK_SKIP_CUDA_BUILD=1): nvcc's part of the build is the wheel's, above.
 	$(PYTHON) setup.py -q sdist -d $(INSTALL_CHECK)/sdist > $(INSTALL_CHECK)/sdist.log 2>&1
-	$(PYTHON) -m venv --system-site-packages --without-pip $(INSTALL_CHECK)/from-sdist
-	$(INSTALL_CHECK)/from-sdist/bin/python -m pip install -q --disable-pip-version-check "torch==$(TORCH_CPU_VERSION)"
-	TK_SKIP_CUDA_BUILD=1 $(INSTALL_CHECK)/from-sdist/bin/python -m pip install -q --disable-pip-version-check \
-		$(INSTALL_CHECK)/sdist/*.tar.gz
+	$(call fresh_env,from-sdist)
+	TK_SKIP_CUDA_BUILD=1 $(call ENV_PIP,from-sdist) $(INSTALL_CHECK)/sdist/*.tar.gz
 	cd $(INSTALL_CHECK) && from-sdist/bin/python -m transformer_kernels --version
 	cd $(INSTALL_CHECK) && from-sdist/bin/python -m transformer_kernels.tools.install_smoke --with-simulator
 

@@ -45,7 +45,8 @@ def register_autograd(op: Any, backward: _Backward, setup_context: _SetupContext
     op.register_autograd(backward, setup_context=setup_context)
     impl = _EAGER[op][0]
     keep = tuple(differentiable)
-    zero_fill = tuple(i for i in keep if i not in none_ok)
+    # A lone differentiable output always has its gradient when backward runs: zeros can be missing only among several.
+    zero_fill = tuple(i for i in keep if i not in none_ok) if len(keep) > 1 else ()
 
     class Function(torch.autograd.Function):
         @staticmethod
@@ -57,14 +58,17 @@ def register_autograd(op: Any, backward: _Backward, setup_context: _SetupContext
             # No zeros materialised for the statistics' gradients; a differentiable output left unused gets its zeros
             # below (the backward functions expect a tensor there, as the custom op's autograd gives them).
             ctx.set_materialize_grads(False)
-            ctx.output_meta = [(o.shape, o.dtype, o.device) if i in zero_fill else None for i, o in enumerate(outs)]
+            if zero_fill:
+                ctx.output_meta = {i: (outs[i].shape, outs[i].dtype, outs[i].device) for i in zero_fill}
             return out
 
         @staticmethod
         @once_differentiable  # the kernels' gradients have no gradient: double backward raises, as the custom op does
         def backward(ctx, *grads):
-            grads = tuple(torch.zeros(m[0], dtype=m[1], device=m[2]) if g is None and m is not None else g
-                          for g, m in zip(grads, ctx.output_meta, strict=True))
+            if zero_fill:
+                grads = tuple(torch.zeros(ctx.output_meta[i][0], dtype=ctx.output_meta[i][1],
+                                          device=ctx.output_meta[i][2]) if g is None and i in zero_fill else g
+                              for i, g in enumerate(grads))
             return backward(ctx, *grads)
 
     Function.__name__ = Function.__qualname__ = f"{impl.__name__.lstrip('_')}_eager"
@@ -75,25 +79,27 @@ def register_autograd(op: Any, backward: _Backward, setup_context: _SetupContext
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(args: tuple) -> bool:
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or _functorch_active():
-        return False
-    for a in args:  # noqa: SIM110 (a loop, not all(<generator>): this runs on every op call)
-        if isinstance(a, Tensor) and type(a) not in _PLAIN:
-            return False
-    return True
-
-
-def _functorch_active() -> bool:
-    return torch._C._are_functorch_transforms_active()
+def _plain_eager(args: tuple) -> bool | None:
+    """None where the custom op must run; else whether an argument requires grad (one pass over them: this runs on
+    every op call)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
+            torch._C._are_functorch_transforms_active():
+        return None
+    requires_grad = False
+    for a in args:
+        if isinstance(a, Tensor):
+            if type(a) not in _PLAIN:
+                return None
+            requires_grad = requires_grad or a.requires_grad
+    return requires_grad
 
 
 def call(op: Any, *args: Any) -> Any:
     """``op(*args)``, without the dispatcher in plain eager mode (see the module docstring)."""
-    if not _plain_eager(args):
+    requires_grad = _plain_eager(args)
+    if requires_grad is None:
         return op(*args)
     impl, function = _EAGER[op]
-    if function is not None and torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad
-                                                                  for a in args):
+    if function is not None and requires_grad and torch.is_grad_enabled():
         return function.apply(*args)
     return impl(*args)

@@ -98,22 +98,22 @@ def _check_cu(name: str, cu: Tensor, total: int, max_len: int, batch: int, q: Te
     # The value checks cost ~24 small device ops (or a host read); a model passes the same cu_seqlens tensor to every
     # layer of a step, so they run once per tensor, its contents (version counter) and what they were checked against.
     signature = (cu._version, name, total, max_len)
-    if signature in getattr(cu, _CHECKED_ATTR, ()):
-        return cu.to(torch.int32).contiguous()
-    lengths = cu[1:] - cu[:-1]
-    checks = (
-        (cu[0] == 0, f"{name}[0] must be 0"),
-        (cu[-1] == total, f"{name}[-1] must equal the rows of its tensor ({total})"),
-        ((lengths >= 0).all(), f"{name} must be non-decreasing"),
-        ((lengths <= max_len).all(), f"a sequence is longer than its max_seqlen ({max_len}) per {name}"),
-    )
-    for ok, why in checks:
-        if cu.is_cuda:
-            torch._assert_async(ok, why)
-        elif not bool(ok):
-            raise ValueError(f"{why}; got {cu.tolist()}")
-    if not torch.compiler.is_compiling():
-        setattr(cu, _CHECKED_ATTR, (*getattr(cu, _CHECKED_ATTR, ())[-3:], signature))
+    checked = getattr(cu, _CHECKED_ATTR, ())
+    if signature not in checked:
+        lengths = cu[1:] - cu[:-1]
+        checks = (
+            (cu[0] == 0, f"{name}[0] must be 0"),
+            (cu[-1] == total, f"{name}[-1] must equal the rows of its tensor ({total})"),
+            ((lengths >= 0).all(), f"{name} must be non-decreasing"),
+            ((lengths <= max_len).all(), f"a sequence is longer than its max_seqlen ({max_len}) per {name}"),
+        )
+        for ok, why in checks:
+            if cu.is_cuda:
+                torch._assert_async(ok, why)
+            elif not bool(ok):
+                raise ValueError(f"{why}; got {cu.tolist()}")
+        if not torch.compiler.is_compiling():
+            setattr(cu, _CHECKED_ATTR, (*checked[-3:], signature))
     return cu.to(torch.int32).contiguous()
 
 
