@@ -8,7 +8,9 @@ tests build instrumented copies in build/).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -121,6 +123,12 @@ class NinjaBuildExt(build_ext):
         cmd = [find_ninja(), "-C", str(build_dir), "-j", jobs]
         print(f"transformer-kernels: building {ext.name} with ninja", flush=True)
         subprocess.run(cmd, check=True)
+        if is_cuda:
+            # In the checkout's package folder (an editable install builds in a temporary folder, then copies the
+            # module there), naming the module by its hash: a record never vouches for another build.
+            record = {"archs": archs, "digest": toolchain.cuda_build_digest(archs),
+                      "module_sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
+            (ROOT / "transformer_kernels" / toolchain.CUDA_BUILD_RECORD).write_text(json.dumps(record) + "\n")
 
 
 def find_ninja() -> str:

@@ -66,6 +66,17 @@ def cuda_rows():
     return resources.cuda_report()
 
 
+def test_cuda_report_reads_the_built_extension_and_matches_a_fresh_compile(cuda_rows):
+    # make test's set-up builds _C and records what from: the report then reads that module (seconds) instead of
+    # compiling every file for every arch again (minutes). Its rows are the ones a fresh nvcc compile gives.
+    assert _ext.available("_C")[0], "_C is not built: run make setup"
+    assert resources._built_extension() is not None, "csrc/ changed since _C was built: run make setup"
+    fresh = resources.cuda_report(files=["softmax.cu"], archs=["80"])
+    assert len(fresh) == 30
+    built = {(r.kernel, r.variant, r.arch): r for r in cuda_rows}
+    assert all(built[(r.kernel, r.variant, r.arch)] == r for r in fresh)
+
+
 def test_every_cuda_instantiation_compiles_without_spills(cuda_rows):
     archs = {int(a) for a in toolchain.cuda_archs()}
     assert {r.arch for r in cuda_rows} == archs

@@ -7,7 +7,8 @@ compiled), two at a time. Each result is keyed by a hash of the kernel's source 
 it calls), its signature, constexprs, warps, stages, arch and the Triton version, and looked up first in the
 committed table kernels/aot_resources.json, then in the user's cache: only variants whose kernels or options
 changed are compiled (a cold `make test` would otherwise spend ~15 minutes here). `make check-resources`
-recompiles every variant and rewrites the committed table.
+recompiles every variant and rewrites the committed table. The CUDA kernels are read from the built `_C` when
+setup.py recorded that it was built from csrc/ as it is now, else compiled per file (see `cuda_report`).
 `python -m transformer_kernels.tools.resources [--json] [--recompile] [--update-table]` prints the table.
 """
 
@@ -33,7 +34,7 @@ TRITON_KERNEL_MODULES = ("softmax", "attention", "norm", "linear")  # kernels/<n
 CUDA_KERNEL_FILES = ("softmax.cu", "attention_fwd.cu", "attention_bwd.cu", "norm.cu", "epilogue.cu", "probe.cu",
                      "ptx_selftest.cu")
 # Opcodes that run on tensor cores: HMMA (sm_80+ mma.sync), HGMMA (sm_90 wgmma), IMMA (int8).
-TENSOR_CORE_OPCODES = re.compile(r"\b(HMMA|HGMMA|IMMA|IGMMA)\.")
+TENSOR_CORE_OPCODES = ("HMMA", "HGMMA", "IMMA", "IGMMA")
 CACHE_DIR = Path(os.environ.get("TK_CACHE_DIR", Path.home() / ".cache" / "transformer_kernels"))
 # Results of the shipped variants, committed: a variant is compiled only when its key is in neither this table nor
 # the user's cache. Written by `make check-resources` (--recompile --update-table).
@@ -88,21 +89,19 @@ def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
 
 
 # ldmatrix and cp.async as SASS names them (LDSM.16.M88.4, LDGSTS.E.BYPASS.128 ...).
-SASS_OPCODES = {"LDSM": re.compile(r"\bLDSM\."), "LDGSTS": re.compile(r"\bLDGSTS\.")}
+SASS_OPCODES = {"LDSM": ("LDSM",), "LDGSTS": ("LDGSTS",)}
 
 
-def count_opcodes(sass: str, opcodes: dict[str, re.Pattern] = SASS_OPCODES) -> dict[str, dict[str, int]]:
-    """cuobjdump --dump-sass → {function: {name: number of instructions matching its pattern}}."""
+def count_opcodes(sass: str, opcodes: dict[str, tuple[str, ...]] = SASS_OPCODES) -> dict[str, dict[str, int]]:
+    """cuobjdump --dump-sass → {function: {name: number of instructions whose opcode is one of its opcodes}}."""
     counts: dict[str, dict[str, int]] = {}
-    current = None
-    for line in sass.splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            current = m.group(1)
-            counts[current] = dict.fromkeys(opcodes, 0)
-        elif current:
-            for name, pattern in opcodes.items():
-                counts[current][name] += bool(pattern.search(line))
+    sections = re.split(r"^\s*Function : (\S+)", sass, flags=re.M)
+    for name, body in zip(sections[1::2], sections[2::2], strict=True):
+        # A section runs to the next function's header (the ELF headers between arches hold no instructions). An
+        # opcode follows a space (after the address or a predicate) and its modifiers follow a dot: " HMMA." is
+        # never part of another name (HFMA2.MMA is not a tensor-core instruction). str.count: a \b regex over the
+        # ~900k lines of one arch of _C took 12 s.
+        counts[name] = {key: sum(body.count(f" {op}.") for op in ops) for key, ops in opcodes.items()}
     return counts
 
 
@@ -251,7 +250,11 @@ def _cuda_file_report(nvcc: Path, csrc: Path, f: str, arch: str, tmp: str) -> li
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed on {f} for sm_{arch}:\n{proc.stderr[-4000:]}")
-    usage, tc, ops = _cuobjdump(cubin)
+    return _rows(*_cuobjdump(cubin), arch)
+
+
+def _rows(usage: dict[str, dict[str, int]], tc: dict[str, int], ops: dict[str, dict[str, int]],
+          arch: str) -> list[Resources]:
     names = _demangle(list(usage))
     rows = []
     for mangled, u in sorted(usage.items(), key=lambda kv: names[kv[0]]):
@@ -282,32 +285,64 @@ def _dynamic_shared(kernel: str, variant: str) -> int:
     return host.attention_smem(ATTENTION_SMEM_PASS[kernel], host.dtype_codes[CUDA_ELEMENT_TYPES[element]], int(d))
 
 
-# Reports already compiled in this process, by (files, archs, digest of every csrc source): the resource test and
-# the static bench report ask for the same one, and each costs a minute of nvcc on two cores.
+def _built_extension() -> tuple[Path, list[str]] | None:
+    """The built `_C` and its arches, when setup.py's record says that very module was compiled from csrc/ as it
+    is now (same flags, arches, nvcc); else None."""
+    import hashlib
+
+    from .. import _ext
+
+    package = Path(_ext.__file__).parent
+    record, built = package / toolchain.CUDA_BUILD_RECORD, sorted(package.glob("_C.*.so"))
+    if not record.exists() or not built:
+        return None
+    info = json.loads(record.read_text())
+    current = (info.get("digest") == toolchain.cuda_build_digest(info.get("archs", []))
+               and info.get("module_sha256") == hashlib.sha256(built[0].read_bytes()).hexdigest())
+    return (built[0], info["archs"]) if current else None
+
+
+def _extension_arch_report(so: Path, arch: str) -> list[Resources]:
+    """Every kernel of the built extension's sm_``arch`` code: what `_cuda_file_report` reads, for all files."""
+    tool = toolchain.triton_tool("cuobjdump")
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (ships with triton and with the CUDA toolkit)")
+    usage = parse_resource_usage(subprocess.run([tool, "-arch", f"sm_{arch}", "--dump-resource-usage", so],
+                                                capture_output=True, text=True, check=True).stdout)
+    sass = subprocess.run([tool, "-arch", f"sm_{arch}", "--dump-sass", so], capture_output=True, text=True,
+                          check=True).stdout
+    return _rows(usage, count_tensor_core(sass), count_opcodes(sass), arch)
+
+
+# Reports already made in this process, by (files, archs, build digest): the resource test and the static bench
+# report ask for the same one.
 _cuda_reports: dict[tuple, list[Resources]] = {}
 
 
-def _csrc_digest(csrc: Path) -> str:
-    h = hashlib.sha256(" ".join(toolchain.NVCC_FLAGS).encode())
-    for path in sorted(p for p in csrc.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(csrc)).encode() + path.read_bytes())
-    return h.hexdigest()
-
-
 def cuda_report(files: Iterable[str] = CUDA_KERNEL_FILES, archs: Iterable[str] | None = None,
-                jobs: int = os.cpu_count() or 1) -> list[Resources]:
-    """nvcc-compiles each kernel file to a cubin per arch (in parallel) and reads every instantiated kernel."""
-    nvcc = toolchain.nvcc()
-    if nvcc is None:
-        raise RuntimeError("nvcc not found: set CUDA_HOME to a CUDA toolkit")
-    csrc = toolchain.csrc_dir()
+                jobs: int = os.cpu_count() or 1, from_extension: bool = True) -> list[Resources]:
+    """Registers, spills, shared memory and SASS counts of every instantiated CUDA kernel, per arch. Read from the
+    built `_C` when it is current and holds what is asked for (every file, arches it was built for): it is the
+    same device code (same sources and nvcc flags, recorded by setup.py), and reading it takes seconds where
+    compiling again takes minutes on two cores. Otherwise (or ``from_extension=False``) nvcc compiles each file
+    to a cubin per arch, in parallel."""
     files, arch_list = tuple(files), tuple(archs or toolchain.cuda_archs())
-    key = (str(nvcc), files, arch_list, _csrc_digest(csrc))
+    built = _built_extension() if from_extension and set(files) == set(CUDA_KERNEL_FILES) else None
+    so = built[0] if built is not None and set(arch_list) <= set(built[1]) else None
+    key = (files, arch_list, so is not None, toolchain.cuda_build_digest(list(arch_list)))
     if key not in _cuda_reports:
-        jobs_list = [(f, arch) for f in files for arch in arch_list]
-        with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(jobs, 1)) as pool:
-            parts = pool.map(lambda fa: _cuda_file_report(nvcc, csrc, fa[0], fa[1], tmp), jobs_list)
-            _cuda_reports[key] = [r for part in parts for r in part]
+        if so is not None:
+            with ThreadPoolExecutor(max(jobs, 1)) as pool:
+                parts = list(pool.map(lambda arch: _extension_arch_report(so, arch), arch_list))
+        else:
+            nvcc = toolchain.nvcc()
+            if nvcc is None:
+                raise RuntimeError("nvcc not found: set CUDA_HOME to a CUDA toolkit")
+            csrc = toolchain.csrc_dir()
+            jobs_list = [(f, arch) for f in files for arch in arch_list]
+            with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(jobs, 1)) as pool:
+                parts = list(pool.map(lambda fa: _cuda_file_report(nvcc, csrc, fa[0], fa[1], tmp), jobs_list))
+        _cuda_reports[key] = [r for part in parts for r in part]
     return list(_cuda_reports[key])
 
 

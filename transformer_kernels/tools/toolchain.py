@@ -78,6 +78,22 @@ def csrc_dir() -> Path:
 
 # Flags every nvcc compile of csrc/ uses: the extension build and the resource report alike.
 NVCC_FLAGS = ("-std=c++17", "-O3")
+# Written into the checkout's package folder by setup.py: what the `_C` it built was compiled from
+# (`cuda_build_digest`) and the module's hash, so the resource report can read the kernels from that module instead
+# of compiling them all again (minutes of nvcc on two cores).
+CUDA_BUILD_RECORD = "_C.build.json"
+
+
+def cuda_build_digest(archs: list[str]) -> str:
+    """A digest of everything the device code of `_C` depends on: every file under csrc/, the nvcc flags, the arches
+    and the nvcc it was built with."""
+    import hashlib
+
+    h = hashlib.sha256(" ".join([*NVCC_FLAGS, *archs, str(nvcc())]).encode())
+    csrc = csrc_dir()
+    for path in sorted(p for p in csrc.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(csrc)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def instrumented_host_extension(name: str, cxxflags: str, ldflags: str | None = None) -> tuple[Path, Path]:
