@@ -402,9 +402,9 @@ def _probs(q, kt, start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, i
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_base,
                stride_mask_m, stride_mask_n, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
-               offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+               offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr,
                MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr,
-               VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRETED: tl.constexpr):
+               VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, FUSED_DQ: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(q_ptr, bq, h, stride_qb, stride_qh, stride_qm, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
     do = _load_rows(do_ptr, bq, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
@@ -424,19 +424,27 @@ def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_p
     # Hidden entries get exactly 0, even where a padded V holds NaN and made dp NaN.
     ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
     dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, INTERPRETED)
+    if FUSED_DQ:
+        # The fifth product: this tile's share of dQ = dS·K, added in fp32 (FlashAttention-2's order). A separate
+        # dQ pass would recompute QKᵀ and dO·Vᵀ (seven products); atomics make the sum order vary between runs.
+        # Keys no row of the tile may see are zeroed as the dQ pass does (a masked-out K may hold NaN: 0·NaN).
+        kq = tl.where(_seen_by_any(visible)[:, None], k, 0.0) if MASK_KIND != 0 else k
+        dq = _dot(ds.to(k.dtype), kq, tl.zeros([BLOCK_M, k.shape[1]], tl.float32), INTERPRETED)
+        tl.atomic_add(dq_acc_ptr + rows[:, None] * D + offs_d[None, :], dq * sm_scale, sem="relaxed",
+                      mask=(offs_m < seqlen_q)[:, None] & (offs_d < D)[None, :])
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
-    stride_dom,
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, dq_acc_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr, cu_q_ptr,
+    cu_k_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob,
+    stride_doh, stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
     num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    FUSED_DQ: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     n_n = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
@@ -481,14 +489,14 @@ def attn_bwd_dkdv_kernel(
                 dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr,
                                     inv_l_ptr, delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb,
                                     stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok,
-                                    D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND, True,
-                                    DROPOUT, WIDE, VARLEN, BLOCK_M, INTERPRETED)
+                                    D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr,
+                                    MASK_KIND, True, DROPOUT, WIDE, VARLEN, BLOCK_M, FUSED_DQ, INTERPRETED)
         for start_m in range(full, seqlen_q, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr,
                                 inv_l_ptr, delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb, stride_qh,
                                 stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D, seqlen_q,
-                                seqlen_k, sm_scale, causal_offset, dropout_p, seed, MASK_KIND, False, DROPOUT, WIDE,
-                                VARLEN, BLOCK_M, INTERPRETED)
+                                seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr, MASK_KIND, False,
+                                DROPOUT, WIDE, VARLEN, BLOCK_M, FUSED_DQ, INTERPRETED)
     rows = _row_index(bhk, bk, hk, hkv, seqlen_k, offs_n, VARLEN)
     out_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
     tl.store(dk_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dk * sm_scale, dk_ptr.dtype.element_ty,
@@ -812,11 +820,14 @@ def _autotuned(kernel, pass_name: str):
         return [wide_tile(*shape_class)] if kwargs["WIDE"] else tile_configs(*shape_class)
 
     key = ["seqlen_q_class", "seqlen_k_class", "group", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "DROPOUT", "WIDE",
-           "VARLEN"]
+           "VARLEN", *(["FUSED_DQ"] if pass_name == "dkdv" else [])]
     extra = [] if is_interpreted() else (
         [c for (p, _), c in (*_WIDE_TILES.items(), *_VARLEN_WIDE_TILES.items()) if p == pass_name]
         + [c for (p, _), tiles in _VARLEN_TILES.items() if p == pass_name for c in tiles])
-    return Autotuned(kernel, [c for tiles in table.values() for c in tiles] + extra, key, allowed)
+    # Timing a dK/dV tile runs the kernel: its dQ atomics must start from zero again (Triton's tuner zeroes the
+    # buffer before each timed run and after the last).
+    return Autotuned(kernel, [c for tiles in table.values() for c in tiles] + extra, key, allowed,
+                     reset_to_zero=["dq_acc_ptr"] if pass_name == "dkdv" else None)
 
 
 _fwd = _autotuned(attn_fwd_kernel, "fwd")
@@ -1002,12 +1013,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     # The dK/dV and dQ passes write every gradient element; only when there is nothing to attend are they zeros.
     nothing = b * h * d == 0 or lq == 0 or lk == 0
     alloc = torch.zeros if nothing else torch.empty
-    dq = alloc((b, h, lq, d), dtype=q.dtype, device=q.device)
     dk = alloc((b, hkv, lk, d), dtype=k.dtype, device=q.device)
     dv = alloc((b, hkv, lk, d), dtype=v.dtype, device=q.device)
     dmask = alloc((b, h, lq, lk), dtype=torch.float32, device=q.device) if mask_grad else None
     if nothing:
-        return dq, dk, dv, dmask
+        return torch.zeros((b, h, lq, d), dtype=q.dtype, device=q.device), dk, dv, dmask
     kind, m, ms, kp, kps = _mask_args(mask, kpm, q)
     block_d = head_dim_block(d, q.dtype)
     wide = spans_past_int32(q, k, v, dout, m)
@@ -1017,8 +1027,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     sizes = (h, h // hkv, lq, lk, scale, causal_offset, dropout_p, q if seed is None else seed, length_class(lq),
              length_class(lk))
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *ms, *kps)
-    _backward_passes(dout, q, k, v, out, row_max, inv_l, dq, dk, dv, delta, m, kp, q, q, strides, sizes, b, common,
-                     varlen=False)
+    dq = _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, q, q, strides, sizes, b, common,
+                          varlen=False)
     if mask_grad:
         c = dmask_tile(block_d, q.element_size(), wide)
         features = {name: value for name, value in common.items() if name != "MASK_KIND"}  # always a float mask
@@ -1041,9 +1051,9 @@ def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     # sequences; with nothing to attend the gradients are zeros.
     nothing = total_q * h * d == 0 or k.shape[0] == 0 or batch == 0
     alloc = torch.zeros if nothing else torch.empty
-    dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
     if nothing:
-        return dq, dk, dv
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk, dv
     kind, m, ms, kp, kps = _mask_args(None, None, q)
     common = dict(D=d, MASK_KIND=kind, HAS_KPM=False, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
                   WIDE=spans_past_int32(q, k, v, dout), BLOCK_D=head_dim_block(d, q.dtype),
@@ -1052,30 +1062,42 @@ def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
              length_class(max_q), length_class(max_k))
     strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *_packed_strides(dout), *ms, *kps)
     delta = torch.empty((total_q, h), dtype=torch.float32, device=q.device)
-    _backward_passes(dout, q, k, v, out, row_max, inv_l, dq, dk, dv, delta, m, kp, cu_q, cu_k, strides, sizes, batch,
-                     common, varlen=True)
+    dq = _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, cu_q, cu_k, strides, sizes, batch,
+                          common, varlen=True)
     return dq, dk, dv
 
 
-def _backward_passes(dout, q, k, v, out, row_max, inv_l, dq, dk, dv, delta, m, kp, cu_q, cu_k, strides, sizes, batch,
-                     common, varlen: bool) -> None:
-    # delta, then dK/dV per key tile and dQ per query tile; ``sizes`` starts (H, group, Lq, Lk) (the maxima when
-    # packed) and ``strides`` with dout's three at 9..11.
+def _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, cu_q, cu_k, strides, sizes, batch,
+                     common, varlen: bool) -> torch.Tensor:
+    """delta, then dK/dV per key tile, and dQ; returns dq (q's shape and dtype, contiguous). ``sizes`` starts
+    (H, group, Lq, Lk) (the maxima when packed) and ``strides`` with dout's three at 9..11."""
     h, group, lq, lk = sizes[:4]
     attn_bwd_preprocess_kernel[(triton.cdiv(lq, PREPROCESS_BLOCK_M) * batch * h,)](
         out, dout, delta, cu_q, *strides[9:12], h, lq, D=common["D"], WIDE=common["WIDE"], VARLEN=varlen,
         BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=common["BLOCK_D"])
+    # Five matrix products by default: the dK/dV pass adds dS·K into an fp32 dQ with atomics. Their order varies
+    # between runs, so under torch.use_deterministic_algorithms(True) dQ gets its own pass per query tile instead
+    # (seven products: it recomputes QKᵀ and dO·Vᵀ), summing in a fixed order.
+    fused = not torch.are_deterministic_algorithms_enabled()
+    # Unfused, the kernel's dQ pointer is an empty fp32 view that nothing reads or writes.
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else delta[:0]
     _dkdv[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * batch * (h // group),)](
-        q, k, v, dout, dk, dv, row_max, inv_l, delta, m, kp, cu_q, cu_k, *strides, *sizes, **common, VARLEN=varlen)
+        q, k, v, dout, dk, dv, dq_acc, row_max, inv_l, delta, m, kp, cu_q, cu_k, *strides, *sizes, **common,
+        VARLEN=varlen, FUSED_DQ=fused)
+    if fused:
+        return dq_acc if q.dtype == torch.float32 else dq_acc.to(q.dtype)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _dq[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * batch * h,)](
         q, k, v, dout, dq, row_max, inv_l, delta, m, kp, cu_q, cu_k, *strides, *sizes, **common, VARLEN=varlen)
+    return dq
 
 
 _AOT_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
 # Pointers and scalars that are neither q's dtype nor 32-bit ints (the rest of the AOT signature is derived from the
 # kernels); the masks' unit key strides are specialised as Triton does for a stride of 1.
 _AOT_TYPES = {"row_max_ptr": "*fp32", "inv_l_ptr": "*fp32", "delta_ptr": "*fp32", "ds_ptr": "*fp32", "kpm_ptr": "*u8",
-              "sm_scale": "fp32", "dropout_p": "fp32", "seed_ptr": "*i64", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
+              "dq_acc_ptr": "*fp32", "sm_scale": "fp32", "dropout_p": "fp32", "seed_ptr": "*i64", "cu_q_ptr": "*i32",
+              "cu_k_ptr": "*i32",
               "stride_mask_n": "constexpr", "stride_kpm_n": "constexpr"}
 # The most expensive feature set (float mask, key padding, causal, dropout), the cheapest (causal only), and the
 # packed-sequence forms (no mask or padding there), each compiled with the tiles of its class (`feature_class`).
@@ -1105,17 +1127,20 @@ def _aligned(sig: dict[str, str]) -> tuple[str, ...]:
 
 
 def aot_variant(pass_name: str, dtype: torch.dtype, block_d: int, c: TileConfig, features: str,
-                wide: bool = False) -> AotVariant:
+                wide: bool = False, fused_dq: bool = True) -> AotVariant:
     """One pass compiled as Triton specialises it for the usual call: 32-bit sizes and strides, strides divisible
-    by 16, unit stride along the mask's and padding mask's keys, D == BLOCK_D (``wide``: the WIDE form)."""
+    by 16, unit stride along the mask's and padding mask's keys, D == BLOCK_D (``wide``: the WIDE form; dK/dV with
+    the dQ product unless ``fused_dq`` is False, the deterministic form)."""
     fn = _AOT_KERNELS[pass_name]
     dt = TRITON_DTYPE_NAMES[dtype]
     sig = aot_signature(fn, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
     consts = {**AOT_FEATURES[features], "WIDE": wide, "INTERPRETED": False, "stride_mask_n": 1, "stride_kpm_n": 1,
               "D": block_d, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": block_d}
+    if pass_name == "dkdv":
+        consts["FUSED_DQ"] = fused_dq
     return AotVariant(f"attn_{pass_name}", fn, sig, consts, c.num_warps,
                       f"{dt} D={block_d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} {features}"
-                      + (" wide" if wide else ""),
+                      + (" wide" if wide else "") + (" two-pass" if pass_name == "dkdv" and not fused_dq else ""),
                       num_stages=c.num_stages, aligned=_aligned(sig))
 
 
@@ -1163,9 +1188,13 @@ def aot_variants() -> list[AotVariant]:
                 for features in AOT_FEATURES:
                     key = (_aot_class(features), max(dtype.itemsize, 2), block_d)
                     varlen = AOT_FEATURES[features]["VARLEN"]
-                    out += [aot_variant(pass_name, dtype, block_d, c, features) for c in _tiles(pass_name, key, varlen)]
-                    out.append(aot_variant(pass_name, dtype, block_d, _wide_tile(pass_name, key, varlen), features,
-                                           wide=True))
+                    tiles, wide_tile_ = _tiles(pass_name, key, varlen), _wide_tile(pass_name, key, varlen)
+                    out += [aot_variant(pass_name, dtype, block_d, c, features) for c in tiles]
+                    out.append(aot_variant(pass_name, dtype, block_d, wide_tile_, features, wide=True))
+                    if pass_name == "dkdv":  # the deterministic form launches the first tile (or the WIDE one)
+                        out += [aot_variant(pass_name, dtype, block_d, tiles[0], features, fused_dq=False),
+                                aot_variant(pass_name, dtype, block_d, wide_tile_, features, wide=True,
+                                            fused_dq=False)]
             for wide in (False, True):
                 out.append(_dmask_variant(dtype, block_d, wide))
             out += [_split_variant(dtype, block_d, features) for features in ("all", "plain")]

@@ -146,7 +146,8 @@ class Autotuned:
     of the shape class): the tile decides the summation order, and a tile picked by timing could differ between
     processes, so results would be reproducible only within one."""
 
-    def __init__(self, kernel: Any, tiles: list, key: list[str], allowed: Any) -> None:
+    def __init__(self, kernel: Any, tiles: list, key: list[str], allowed: Any,
+                 reset_to_zero: list[str] | None = None) -> None:
         import triton
 
         configs = {config_key(t.triton()): t.triton() for t in tiles}
@@ -156,7 +157,7 @@ class Autotuned:
             return [c for c in configs if config_key(c) in ok]
 
         self.kernel, self.allowed = kernel, allowed
-        self.tuner = triton.autotune(list(configs.values()), key=key,
+        self.tuner = triton.autotune(list(configs.values()), key=key, reset_to_zero=reset_to_zero,
                                      prune_configs_by={"early_config_prune": prune})(kernel)
         self._arg_names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
         # The tuner's own key, read by position: Autotuner.run rebuilds it per call from a dict of every argument (a

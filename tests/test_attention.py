@@ -511,17 +511,28 @@ def test_dropout_seeding_and_statistics(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_deterministic(backend, device):
+@pytest.mark.parametrize("mode", ["default", "deterministic"])
+def test_deterministic(backend, mode, device):
+    # The forward gives the same bits on every run; the backward does under torch.use_deterministic_algorithms(True),
+    # and by default stays within the accuracy rule (the Triton dQ is summed with atomics; DESIGN.md).
     q, k, v = make_qkv(1, 4, 2, 40, 40, 32, device=device)
     results = []
-    for _ in range(2):
-        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-        with tk.use_backend(backend):
-            out = tk.ops.attention(qq, kk, vv, is_causal=True, enable_gqa=True)
-        out.backward(torch.ones_like(out))
-        results.append([out, qq.grad, kk.grad, vv.grad])
-    for x, y in zip(*results, strict=True):
-        assert torch.equal(x, y)
+    torch.use_deterministic_algorithms(mode == "deterministic")
+    try:
+        for _ in range(2):
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            with tk.use_backend(backend):
+                out = tk.ops.attention(qq, kk, vv, is_causal=True, enable_gqa=True)
+            out.backward(torch.ones_like(out))
+            results.append([out, qq.grad, kk.grad, vv.grad])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(results[0][0], results[1][0])
+    for x, y in zip(results[0][1:], results[1][1:], strict=True):
+        if mode == "deterministic":
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y, atol=testing.FLOOR[torch.float32] * y.abs().max().item(), rtol=0)
 
 
 def test_deterministic_mode_uses_a_fixed_tile_not_autotune(device, monkeypatch):

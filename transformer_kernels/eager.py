@@ -58,9 +58,10 @@ def masked_softmax(x: Tensor, mask: Tensor | None, scale: float, is_causal: bool
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
               dropout_p: float, is_causal: bool, scale: float, causal_offset: int,
-              return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """Attention with the ops' mask contract (see ops.attention). Returns ``[B, H, Lq, Dv]`` contiguous (and the
-    pre-dropout weights ``[B, H, Lq, Lk]`` with ``return_weights``)."""
+              return_weights: bool = False, return_lse: bool = False) -> Tensor | tuple[Tensor, ...]:
+    """Attention with the ops' mask contract (see ops.attention). Returns ``[B, H, Lq, Dv]`` contiguous, then the
+    pre-dropout weights ``[B, H, Lq, Lk]`` with ``return_weights`` and the rows' log-sum-exp of their visible scores
+    ``[B, H, Lq]`` (−inf where none is visible; no gradient) with ``return_lse``."""
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     # Grouped heads: view the query heads as [B, Hkv, group, ...] so each K/V head serves its group unrepeated.
@@ -93,7 +94,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pad
     if dropout_p > 0.0:
         p = p * keep_mask((b, h, lq, lk), dropout_p, q.device).view_as(p) / (1.0 - dropout_p)
     out = (p @ vf).view(b, h, lq, v.shape[-1]).to(q.dtype)
-    return (out, weights.view(b, h, lq, lk).to(q.dtype)) if return_weights else out
+    extras = [weights.view(b, h, lq, lk).to(q.dtype)] if return_weights else []
+    if return_lse:
+        hidden = scores if visible is None else scores.masked_fill(~visible, float("-inf"))
+        extras.append(torch.logsumexp(hidden.detach(), -1).view(b, h, lq))
+    return (out, *extras) if extras else out
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, residual: Tensor | None,

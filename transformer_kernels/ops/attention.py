@@ -146,8 +146,9 @@ def attention(
     *,
     key_padding_mask: Tensor | None = None,
     causal_alignment: str = "top_left",
+    return_lse: bool = False,
     backend: str | None = None,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Scaled dot-product attention, call-compatible with ``F.scaled_dot_product_attention``.
 
     q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` with any strides (H % Hkv == 0; Hkv < H needs
@@ -158,7 +159,9 @@ def attention(
     KV-cache decoding). Rows with no visible key give zeros and zero gradients. Dropout draws its seed on q's
     device from torch's default generator (reproducible with ``torch.manual_seed``; no host sync; CUDA-graph
     safe: each replay draws anew) and backward regenerates the same mask. Returns a contiguous ``[B, H, Lq, D]``
-    tensor in q's dtype.
+    tensor in q's dtype; with ``return_lse`` also each row's log-sum-exp of its visible scaled scores, fp32
+    ``[B, H, Lq]`` (−inf for a row that sees nothing; it carries no gradient, as flash-attn's), which
+    `merge_attention` uses to combine attention over disjoint key sets.
     """
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
@@ -168,8 +171,32 @@ def attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     offset = 0 if causal_alignment == "top_left" else lk - lq
     if name == "torch":
-        return eager.attention(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, offset)
+        return eager.attention(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, offset,
+                               return_lse=return_lse)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
-    out, _, _ = call(_attention, q, k, v, attn_mask, key_padding_mask, float(dropout_p), bool(is_causal), scale,
-                     offset, seed, name)
-    return out
+    out, row_max, inv_l = call(_attention, q, k, v, attn_mask, key_padding_mask, float(dropout_p), bool(is_causal),
+                               scale, offset, seed, name)
+    return (out, row_lse(row_max, inv_l)) if return_lse else out
+
+
+def row_lse(row_max: Tensor, inv_l: Tensor) -> Tensor:
+    """The log-sum-exp of a row's visible scores from the kernels' statistics: the max m and 1/l, where
+    l = Σ exp(s − m) ≥ 1 when anything is visible and the kernels store 1/l = 0 when nothing is (then −inf)."""
+    return torch.where(inv_l > 0, row_max - inv_l.log(), float("-inf")).detach()
+
+
+def merge_attention(out1: Tensor, lse1: Tensor, out2: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention over the union of two disjoint key sets from the attention over each (``return_lse=True``): out
+    ``[..., D]`` and lse ``[...]`` (``[B, H, Lq]`` with ``[B, H, Lq, D]``, ``[total_q, H]`` with packed
+    ``[total_q, H, D]``). Each output is weighted by exp(lse_i − lse), lse = log(exp(lse1) + exp(lse2)), in fp32;
+    a row that sees nothing in one set takes the other's values, in neither gives 0 and −inf. Returns (out in
+    out1's dtype, lse fp32). Exact for attention without dropout."""
+    if out1.shape != out2.shape or lse1.shape != lse2.shape or out1.shape[:-1] != lse1.shape:
+        raise ValueError(f"merge_attention needs out1/out2 [..., D] of one shape and lse1/lse2 of their leading dims; "
+                         f"got {describe(out1)}, {describe(lse1)}, {describe(out2)}, {describe(lse2)}")
+    lse = torch.logaddexp(lse1.float(), lse2.float())
+    finite = torch.isfinite(lse)
+    safe = torch.where(finite, lse, 0.0)
+    w1 = torch.where(finite, (lse1.float() - safe).exp(), 0.0).unsqueeze(-1)
+    w2 = torch.where(finite, (lse2.float() - safe).exp(), 0.0).unsqueeze(-1)
+    return (out1.float() * w1 + out2.float() * w2).to(out1.dtype), lse

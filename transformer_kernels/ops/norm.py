@@ -85,21 +85,26 @@ def _norm_call(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
         check_float_tensor("residual", residual, allow_fp64=True)
         if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
             raise ValueError(f"residual must match x ({describe(x)}); got {describe(residual)}")
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    training = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad) or
+                                            (bias is not None and bias.requires_grad) or
+                                            (residual is not None and residual.requires_grad))
     name = backends.resolve_for(name_of_op, FAMILY, x.device, backend, x, training=training)
     if name == "torch":
         if rms:
             return eager.rms_norm(x, weight, eps, residual, return_residual)
         return eager.layer_norm(x, weight, bias, eps, residual, return_residual)
-    w = weight if weight is not None else x.new_ones(n)
-    b = bias.to(x.dtype) if bias is not None else None
-    rows = as_rows(x)
-    res_rows = as_rows(residual) if residual is not None else None
-    y, s, _, _ = call(_norm, rows, res_rows, w.to(x.dtype), b, float(eps), rms, name)
-    y = y.view(x.shape)
+    dtype = x.dtype
+    w = x.new_ones(n) if weight is None else weight if weight.dtype == dtype else weight.to(dtype)
+    b = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+    flat = x.dim() == 2  # already [rows, N]: no reshape in, no view out
+    rows = x if flat else as_rows(x)
+    res_rows = residual if residual is None or flat else as_rows(residual)
+    y, s, _, _ = call(_norm, rows, res_rows, w, b, float(eps), rms, name)
+    if not flat:
+        y = y.view(x.shape)
     if not return_residual:
         return y
-    return y, (s.view(x.shape) if residual is not None else x)
+    return y, (x if residual is None else s if flat else s.view(x.shape))
 
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,

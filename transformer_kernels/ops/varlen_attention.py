@@ -17,7 +17,7 @@ from .. import backends, eager
 from .._layout import narrow_head_dim, packed_bounds, widen_head_dim
 from ._checks import autocast_dtype, cast_all, check_attention_options, check_qkv, check_seed, describe
 from ._dispatch import call, custom_op, register_autograd
-from .attention import FAMILY, draw_seed
+from .attention import FAMILY, draw_seed, row_lse
 
 OP = "varlen_attention"
 
@@ -135,14 +135,19 @@ def _check_inputs(q, k, v, dropout_p, enable_gqa, causal_alignment, max_seqlen_q
 
 
 def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, dropout_p: float, is_causal: bool,
-                  scale: float, bottom_right: bool) -> Tensor:
-    """The torch backend: each sequence through eager.attention (reads cu_seqlens on the host)."""
-    outs = []
+                  scale: float, bottom_right: bool) -> tuple[Tensor, Tensor]:
+    """The torch backend: each sequence through eager.attention (reads cu_seqlens on the host). Returns the output
+    and the rows' log-sum-exp ``[total_q, H]``."""
+    outs, lses = [], []
     for q0, q1, k0, k1 in packed_bounds(cu_q, cu_k):
         qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
         offset = (k1 - k0) - (q1 - q0) if bottom_right else 0
-        outs.append(eager.attention(qs, ks, vs, None, None, dropout_p, is_causal, scale, offset)[0].transpose(0, 1))
-    return torch.cat(outs) if outs else q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+        out, lse = eager.attention(qs, ks, vs, None, None, dropout_p, is_causal, scale, offset, return_lse=True)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0].transpose(0, 1))
+    if not outs:
+        return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), q.new_empty(q.shape[:2], dtype=torch.float32)
+    return torch.cat(outs), torch.cat(lses)
 
 
 def varlen_attention(
@@ -159,8 +164,9 @@ def varlen_attention(
     enable_gqa: bool = False,
     causal_alignment: str = "top_left",
     *,
+    return_lse: bool = False,
     backend: str | None = None,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over packed variable-length sequences.
 
     q ``[total_q, H, D]``, k/v ``[total_k, Hkv, D]`` (any strides; H % Hkv == 0, Hkv < H needs
@@ -169,7 +175,8 @@ def varlen_attention(
     longest lengths: they size the launch, so no host sync is needed on a GPU (values are checked there by
     asynchronous device asserts, on the CPU by ValueErrors). is_causal: per sequence, query i sees keys
     ``j <= i + offset``, offset 0 ("top_left") or ``Lk - Lq`` of that sequence ("bottom_right"). Dropout, fully
-    hidden rows (zeros) and dtypes as in `attention`. Returns a contiguous ``[total_q, H, D]`` tensor in q's dtype.
+    hidden rows (zeros) and dtypes as in `attention`. Returns a contiguous ``[total_q, H, D]`` tensor in q's dtype,
+    and with ``return_lse`` each row's log-sum-exp, fp32 ``[total_q, H]`` (see `attention`).
     """
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
@@ -181,8 +188,9 @@ def varlen_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     bottom_right = causal_alignment == "bottom_right"
     if name == "torch":
-        return _torch_varlen(q, k, v, cu_q, cu_k, dropout_p, is_causal, scale, bottom_right)
+        out, lse = _torch_varlen(q, k, v, cu_q, cu_k, dropout_p, is_causal, scale, bottom_right)
+        return (out, lse) if return_lse else out
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
-    out, _, _ = call(_varlen_attention, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, float(dropout_p),
-                     bool(is_causal), scale, bottom_right, seed, name)
-    return out
+    out, row_max, inv_l = call(_varlen_attention, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, float(dropout_p),
+                               bool(is_causal), scale, bottom_right, seed, name)
+    return (out, row_lse(row_max, inv_l)) if return_lse else out

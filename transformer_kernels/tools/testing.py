@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -138,3 +139,38 @@ def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, int, int, int], drop
         grid = (triton.cdiv(lq, 32) * triton.cdiv(lk, 32) * b * h,)
         dropout_mask_kernel[grid](keep, lq, lk, dropout_p, seed, BLOCK_M=32, BLOCK_N=32)
     return keep.bool()
+
+
+@dataclass
+class InterpretedWork:
+    """What the Triton interpreter ran inside `count_interpreted_work`: matrix-product FLOPs (2·M·N·K per tl.dot)
+    and the number of elements atomically added."""
+
+    matmul_flops: int = 0
+    atomic_elements: int = 0
+
+
+@contextlib.contextmanager
+def count_interpreted_work() -> Iterator[InterpretedWork]:
+    """Counts the tensor-core work and atomics of every Triton kernel the interpreter runs in the block: exact,
+    unlike a timing, and a kernel that issues more products cannot hide them."""
+    from triton.runtime import interpreter
+
+    work = InterpretedWork()
+    builder = interpreter.InterpreterBuilder
+    dot, rmw = builder.create_dot, builder.create_atomic_rmw
+
+    def create_dot(self, a, b, *args, **kwargs):
+        (m, k), n = a.data.shape[-2:], b.data.shape[-1]
+        work.matmul_flops += 2 * m * n * k
+        return dot(self, a, b, *args, **kwargs)
+
+    def create_atomic_rmw(self, op, ptr, val, mask, *args, **kwargs):
+        work.atomic_elements += int(mask.data.sum())
+        return rmw(self, op, ptr, val, mask, *args, **kwargs)
+
+    builder.create_dot, builder.create_atomic_rmw = create_dot, create_atomic_rmw
+    try:
+        yield work
+    finally:
+        builder.create_dot, builder.create_atomic_rmw = dot, rmw
