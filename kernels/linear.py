@@ -9,10 +9,10 @@ instead be gathered from ``[B, H, L, D]`` (head merge in the prologue, for the o
 multiplies with a second B (``act(A@Bg + bg) · (A@Bu + bu)``, swiglu/geglu) sharing each A tile.
 
 Backward (the launchers at the end of this file): the pre-activation Z is saved in forward (M·N elements of the
-input dtype, only when there is an activation). dX = dZ @ W and dW = dZᵀ @ X run through the same GEMM with a
-prologue that turns each dY tile into the dZ tile in registers (dropout draw, act'(Z), the gated product rule), so
-dZ is never written; the dW GEMM also sums its A rows into dBias. `dact_kernel` forms dZ on its own only when there
-are no in-features (no dW GEMM to carry dBias).
+input dtype, only when there is an activation). `dact_kernel` forms dZ = dY·keep/(1−p)·act'(Z) (the gated unit's
+two parts from one read of dY) once per element; then dX = dZ @ W and dW = dZᵀ @ X run through the same GEMM, the
+dW GEMM summing its A rows into dBias. Forming dZ in each GEMM's prologue instead saves writing and reading it once
+but evaluates act' and the dropout hash once per output-column tile (12× per element for a BERT intermediate).
 """
 
 from __future__ import annotations
@@ -94,48 +94,20 @@ def _a_tile(a_ptr, offs_m, offs_k, m, k, stride_am, stride_ak, seqlen, stride_a_
 
 
 @triton.jit
-def _dz_tile(dy, za_ptr, z2a_ptr, offs_m, offs_k, m, k, stride_zam, stride_zak, dropout_p, seed, DACT: tl.constexpr,
-             A_ACT: tl.constexpr,
-             A_TRANS: tl.constexpr, A_DROPOUT: tl.constexpr):
-    # The backward prologue: a dY tile becomes the dZ tile in registers, so dZ is never written to memory.
-    # DACT 1: dZ = dY·keep/(1−p)·act'(Z); gated 2: dZg = dY·Zu·act'(Zg); gated 3: dZu = dY·act(Zg). With A_TRANS the
-    # tile is [n, m] of the forward's [m, n] (the dW GEMM), so the dropout draw is transposed back.
-    g = dy.to(tl.float32)
-    if A_DROPOUT:
-        if A_TRANS:
-            keep = tl.trans(dropout_keep(seed, offs_k.to(tl.int64), offs_m, dropout_p))
-        else:
-            keep = dropout_keep(seed, offs_m.to(tl.int64), offs_k, dropout_p)
-        g = tl.where(keep, g * (1.0 / (1.0 - dropout_p)), 0.0)
-    if DACT == 1 and A_ACT == 0:
-        return g
-    ok = (offs_m[:, None] < m) & (offs_k[None, :] < k)
-    z_off = offs_m.to(tl.int64)[:, None] * stride_zam + offs_k.to(tl.int64)[None, :] * stride_zak
-    z = tl.load(za_ptr + z_off, mask=ok, other=0.0).to(tl.float32)
-    if DACT == 3:
-        return g * _act(z, A_ACT)
-    g = g * _act_grad(z, A_ACT)
-    if DACT == 2:
-        g = g * tl.load(z2a_ptr + z_off, mask=ok, other=0.0).to(tl.float32)
-    return g
-
-
-@triton.jit
 def matmul_kernel(
-    a_ptr, b_ptr, b2_ptr, c_ptr, z_ptr, z2_ptr, bias_ptr, bias2_ptr, res_ptr, za_ptr, z2a_ptr, dbias_ptr,
-    m, n, k, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_rn, stride_zam, stride_zak,
+    a_ptr, b_ptr, b2_ptr, c_ptr, z_ptr, z2_ptr, bias_ptr, bias2_ptr, res_ptr, dbias_ptr,
+    m, n, k, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_rn,
     seqlen, stride_a_b, stride_a_h, stride_a_l, stride_c_b, stride_c_h, stride_c_l,
     dropout_p, seed_ptr, m_class, n_class, k_class, c2_ptr, c3_ptr, heads_q, heads_kv, stride_kv_b,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, STORE_Z: tl.constexpr,
     GATED: tl.constexpr, MERGE_HEADS: tl.constexpr, SPLIT_HEADS: tl.constexpr, SPLIT_QKV: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DACT: tl.constexpr, A_ACT: tl.constexpr, A_TRANS: tl.constexpr, A_DROPOUT: tl.constexpr,
-    HAS_DBIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_DBIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # The dropout seed is read on the device, where torch's generator drew it (graph replays draw new ones).
-    seed = tl.load(seed_ptr) if DROPOUT or A_DROPOUT else 0
+    seed = tl.load(seed_ptr) if DROPOUT else 0
     n_m = tl.cdiv(m, BLOCK_M)
     n_n = tl.cdiv(n, BLOCK_N)
     # Grouped order: GROUP_M consecutive programs walk down one column of tiles, so B's tiles are reused from L2.
@@ -154,14 +126,8 @@ def matmul_kernel(
         ks = k0 + offs_k
         a = _a_tile(a_ptr, offs_m, ks, m, k, stride_am, stride_ak, seqlen, stride_a_b, stride_a_h, stride_a_l,
                     MERGE_HEADS, HEAD_DIM)
-        if DACT != 0:
-            dz = _dz_tile(a, za_ptr, z2a_ptr, offs_m, ks, m, k, stride_zam, stride_zak, dropout_p, seed, DACT, A_ACT,
-                          A_TRANS, A_DROPOUT)
-            if HAS_DBIAS:
-                dbias += tl.sum(dz, axis=1)  # the dW GEMM's A is dZᵀ: its row sums are dBias
-            a = cast_out(dz, a_ptr.dtype.element_ty, INTERPRETED)
-        elif HAS_DBIAS:
-            dbias += tl.sum(a.to(tl.float32), axis=1)
+        if HAS_DBIAS:
+            dbias += tl.sum(a.to(tl.float32), axis=1)  # the dW GEMM's A is dZᵀ: its row sums are dBias
         b_ok = (ks[:, None] < k) & (offs_n[None, :] < n)
         b_off = ks.to(tl.int64)[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
         acc = mma(a, tl.load(b_ptr + b_off, mask=b_ok, other=0.0), acc, INTERPRETED)
@@ -264,8 +230,8 @@ GROUP_M = 8
 DACT_BLOCK = (32, 64)
 
 
-def feature_class(gated: bool, has_res: bool, dropout: bool, dact: int = 0) -> str:
-    return "all" if gated or has_res or dropout or dact else "plain"
+def feature_class(gated: bool, has_res: bool, dropout: bool) -> str:
+    return "all" if gated or has_res or dropout else "plain"
 
 
 def gemm_configs(elem_bytes: int, features: str) -> list[GemmConfig]:
@@ -275,31 +241,16 @@ def gemm_configs(elem_bytes: int, features: str) -> list[GemmConfig]:
 
 
 def _allowed(named_args, kwargs) -> list[GemmConfig]:
-    features = feature_class(kwargs["GATED"], kwargs["HAS_RES"], kwargs["DROPOUT"], kwargs["DACT"])
+    features = feature_class(kwargs["GATED"], kwargs["HAS_RES"], kwargs["DROPOUT"])
     return gemm_configs(named_args["a_ptr"].element_size(), features)
 
 
 _matmul = Autotuned(
     matmul_kernel, [INTERPRETER_CONFIG] if is_interpreted() else [c for cs in GEMM_CONFIGS.values() for c in cs],
     # Sizes by bucket (length_class): a new token count must not re-benchmark every step of a decoding loop.
-    ["m_class", "n_class", "k_class", "ACT", "HAS_RES", "DROPOUT", "GATED", "MERGE_HEADS", "SPLIT_HEADS", "SPLIT_QKV", "DACT",
-     "A_TRANS", "HAS_DBIAS"],
+    ["m_class", "n_class", "k_class", "ACT", "HAS_RES", "DROPOUT", "GATED", "MERGE_HEADS", "SPLIT_HEADS", "SPLIT_QKV",
+     "HAS_DBIAS"],
     _allowed)
-
-
-@dataclass
-class DzPrologue:
-    """The backward prologue of a GEMM whose A operand is dY (or dYᵀ for the dW GEMM): turn it into dZ in registers.
-    kind 1: dZ = dY·keep/(1−p)·act'(z); 2: the gate of a gated unit, dY·z2·act'(z); 3: its up part, dY·act(z).
-    ``z``/``z2`` are the saved forward pre-activations ``[M, N]``."""
-
-    kind: int
-    activation: str | None
-    z: torch.Tensor
-    z2: torch.Tensor | None = None
-    transposed: bool = False
-    dropout_p: float = 0.0
-    seed: torch.Tensor | None = None
 
 
 @dataclass
@@ -322,13 +273,12 @@ def matmul(a: torch.Tensor | HeadLayout, b: torch.Tensor, *, b2: torch.Tensor | 
            bias: torch.Tensor | None = None, bias2: torch.Tensor | None = None, residual: torch.Tensor | None = None,
            activation: str | None = None, dropout_p: float = 0.0, seed: torch.Tensor | None = None, store_z: bool = False,
            out: torch.Tensor | HeadLayout | None = None, out_dtype: torch.dtype | None = None,
-           dz: DzPrologue | None = None, dbias: torch.Tensor | None = None,
+           dbias: torch.Tensor | None = None,
            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``epilogue(a @ b)`` with a ``[M, K]`` (or heads ``[B, H, L, D]`` merged) and b ``[K, N]`` (any strides;
     b2 ``[K, N]`` for the gated up projection). Returns (C, Z, Z2): C ``[M, N]`` (or written into ``out``), and
-    the pre-activations when ``store_z``. Heads layouts need the last-dim stride 1. ``dz`` turns the A tiles from
-    dY into dZ on the fly; ``dbias`` (fp32 ``[M]``) then receives the row sums of the A operand (dBias when A is
-    dZᵀ)."""
+    the pre-activations when ``store_z``. Heads layouts need the last-dim stride 1. ``dbias`` (fp32 ``[M]``)
+    receives the row sums of the A operand (dBias when A is dZᵀ)."""
     merge = isinstance(a, HeadLayout)
     if merge:
         t = a.tensor
@@ -366,26 +316,17 @@ def matmul(a: torch.Tensor | HeadLayout, b: torch.Tensor, *, b2: torch.Tensor | 
         b = torch.zeros((1, n), dtype=b.dtype, device=b.device)
         b2 = None if b2 is None else torch.zeros((1, n), dtype=b.dtype, device=b.device)
         k, merge, a_strides, a_heads = 1, False, (1, 1), (l_len, 0, 0, 0)
-        dz = None  # an empty dY has nothing to turn into dZ (and its Z holds no column to read)
     res = residual
-    if dz is not None:
-        za, z2a = dz.z, (dz.z if dz.z2 is None else dz.z2)
-        z_strides = za.stride()[::-1] if dz.transposed else za.stride()
-        dropout_p, seed = dz.dropout_p, dz.seed
-    else:
-        za, z2a, z_strides = b, b, (0, 0)
     _matmul[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
         a_ptr, b, b if b2 is None else b2, c_ptr, c_ptr if z is None else z, c_ptr if z2 is None else z2,
-        b if bias is None else bias, b if bias2 is None else bias2, b if res is None else res, za, z2a,
+        b if bias is None else bias, b if bias2 is None else bias2, b if res is None else res,
         b if dbias is None else dbias,
-        m, n, k, *a_strides, *b.stride(), *c_strides, *((0, 0) if res is None else res.stride()), *z_strides,
+        m, n, k, *a_strides, *b.stride(), *c_strides, *((0, 0) if res is None else res.stride()),
         l_len if (merge or split) else 1, *a_heads[1:], *c_heads, dropout_p, b if seed is None else seed,
         length_class(m), length_class(n), length_class(k), *qkv_args,
         ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, HAS_RES=res is not None,
-        DROPOUT=dropout_p > 0.0 and dz is None, STORE_Z=store_z, GATED=b2 is not None, MERGE_HEADS=merge,
-        SPLIT_HEADS=split, SPLIT_QKV=qkv, HEAD_DIM=head_dim, DACT=0 if dz is None else dz.kind,
-        A_ACT=0 if dz is None else ACTIVATIONS[dz.activation], A_TRANS=dz is not None and dz.transposed,
-        A_DROPOUT=dz is not None and dz.dropout_p > 0.0, HAS_DBIAS=dbias is not None,
+        DROPOUT=dropout_p > 0.0, STORE_Z=store_z, GATED=b2 is not None, MERGE_HEADS=merge,
+        SPLIT_HEADS=split, SPLIT_QKV=qkv, HEAD_DIM=head_dim, HAS_DBIAS=dbias is not None,
         GROUP_M=GROUP_M, INTERPRETED=is_interpreted(),
     )
     return c_ptr, z, z2
@@ -414,15 +355,14 @@ def unsupported(x: torch.Tensor) -> str | None:
     return unsupported_dtype(x, SUPPORTED_DTYPES)
 
 
-def _weight_and_bias_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
-                           dz: DzPrologue | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """dW = dZᵀ·X, with dBias summed from the same GEMM's A rows (an empty tensor without a bias). dZ is dY, or
-    formed from it in the GEMM prologue when ``dz`` (a transposed DzPrologue) is given."""
-    if x.shape[1] == 0:  # no dW GEMM to carry the sum (callers with a prologue handle this case themselves)
-        return weight.new_zeros(weight.shape), (col_sum(dy, weight.dtype) if has_bias else weight.new_empty(0))
+def _weight_and_bias_grads(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                           has_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """dW = dZᵀ·X, with dBias summed from the same GEMM's A rows (an empty tensor without a bias)."""
+    if x.shape[1] == 0:  # no dW GEMM to carry the sum
+        return weight.new_zeros(weight.shape), (col_sum(dz, weight.dtype) if has_bias else weight.new_empty(0))
     # The GEMM's pid_n == 0 programs write every dBias row (a K = 0 product still runs its epilogue on zeros).
-    db = torch.empty(weight.shape[0] if has_bias else 0, dtype=torch.float32, device=dy.device)
-    dw, _, _ = matmul(dy.t(), x, out_dtype=weight.dtype, dz=dz, dbias=db if has_bias else None)
+    db = torch.empty(weight.shape[0] if has_bias else 0, dtype=torch.float32, device=dz.device)
+    dw, _, _ = matmul(dz.t(), x, out_dtype=weight.dtype, dbias=db if has_bias else None)
     return dw, db.to(weight.dtype)
 
 
@@ -441,20 +381,12 @@ def linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: 
                     seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias or an empty tensor)."""
     act = activation or None
-    if x.shape[1] == 0:
-        # No in-features: no dW GEMM to carry dBias, so dZ is formed on its own.
-        dz = dy
-        if act or dropout_p > 0.0:
-            dz, _ = activation_backward(dy, z if act else dy.contiguous(), None, act, dropout_p, seed)
-        return x.new_zeros(x.shape), weight.new_zeros(weight.shape), (
-            col_sum(dz, weight.dtype) if has_bias else weight.new_empty(0))
-    # dZ = dY·dropout·act'(Z) is formed tile by tile in each GEMM's prologue (never written to memory); the dW
-    # GEMM, whose A is dZᵀ, also sums dBias.
-    pro = None
+    # dZ = dY·dropout·act'(Z) in one pass, then the two GEMMs (the dW one also sums dBias).
+    dz = dy
     if act or dropout_p > 0.0:
-        pro = lambda transposed: DzPrologue(1, act, z if act else dy, None, transposed, dropout_p, seed)
-    dx, _, _ = matmul(dy, weight, dz=pro and pro(False))
-    dw, db = _weight_and_bias_grads(dy, x, weight, has_bias, pro and pro(True))
+        dz, _ = activation_backward(dy, z if act else dy.contiguous(), None, act, dropout_p, seed)
+    dw, db = _weight_and_bias_grads(dz, x, weight, has_bias)
+    dx = x.new_zeros(x.shape) if x.shape[1] == 0 else matmul(dz, weight)[0]
     return dx, dw, db
 
 
@@ -469,18 +401,15 @@ def gated_backward(dy: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up
                    zu: torch.Tensor, has_bias: bool, activation: str,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw_gate, dw_up, db_gate, db_up); the bias grads are empty without biases."""
+    # dZg = dY·Zu·act'(Zg) and dZu = dY·act(Zg) in one pass over dY, then dX = dZg·Wg + dZu·Wu (summed in the second
+    # GEMM's epilogue) and the two dW GEMMs.
+    dzg, dzu = activation_backward(dy, zg, zu, activation, 0.0, None)
+    dwg, dbg = _weight_and_bias_grads(dzg, x, w_gate, has_bias)
+    dwu, dbu = _weight_and_bias_grads(dzu, x, w_up, has_bias)
     if x.shape[1] == 0:
-        dzg, dzu = activation_backward(dy, zg, zu, activation, 0.0, None)
-        empty = w_gate.new_empty(0)
-        return (x.new_zeros(x.shape), w_gate.new_zeros(w_gate.shape), w_up.new_zeros(w_up.shape),
-                col_sum(dzg, w_gate.dtype) if has_bias else empty, col_sum(dzu, w_up.dtype) if has_bias else empty.clone())
-    # dZg = dY·Zu·act'(Zg) and dZu = dY·act(Zg) are formed in the GEMM prologues from the saved pre-activations.
-    gate = lambda t: DzPrologue(2, activation, zg, zu, t)
-    up = lambda t: DzPrologue(3, activation, zg, None, t)
-    dx_gate, _, _ = matmul(dy, w_gate, dz=gate(False))
-    dx, _, _ = matmul(dy, w_up, residual=dx_gate, dz=up(False))  # dX = dZg·Wg + dZu·Wu, summed in the epilogue
-    dwg, dbg = _weight_and_bias_grads(dy, x, w_gate, has_bias, gate(True))
-    dwu, dbu = _weight_and_bias_grads(dy, x, w_up, has_bias, up(True))
+        return x.new_zeros(x.shape), dwg, dwu, dbg, dbu
+    dx_gate, _, _ = matmul(dzg, w_gate)
+    dx, _, _ = matmul(dzu, w_up, residual=dx_gate)
     return dx, dwg, dwu, dbg, dbu
 
 
@@ -531,8 +460,8 @@ def out_backward(dy: torch.Tensor, attn: torch.Tensor, w_o: torch.Tensor,
 # derived from the kernels), and the arguments a usual call passes 16-aligned (torch allocations, their leading
 # strides and sizes that are multiples of 16).
 _AOT_TYPES = {"dbias_ptr": "*fp32", "dropout_p": "fp32", "seed_ptr": "*i64"}
-_MATMUL_ALIGNED = ("a_ptr", "b_ptr", "b2_ptr", "c_ptr", "z_ptr", "z2_ptr", "bias_ptr", "bias2_ptr", "res_ptr", "za_ptr",
-                   "z2a_ptr", "dbias_ptr", "stride_am", "stride_bn", "stride_cm", "stride_rm", "stride_a_b", "stride_a_h",
+_MATMUL_ALIGNED = ("a_ptr", "b_ptr", "b2_ptr", "c_ptr", "z_ptr", "z2_ptr", "bias_ptr", "bias2_ptr", "res_ptr",
+                   "dbias_ptr", "stride_am", "stride_bn", "stride_cm", "stride_rm", "stride_a_b", "stride_a_h",
                    "stride_a_l", "stride_c_b", "stride_c_h", "stride_c_l", "k", "n", "c2_ptr", "c3_ptr", "stride_kv_b")
 
 
@@ -544,7 +473,7 @@ def aot_variants() -> list[AotVariant]:
     for dtype in SUPPORTED_DTYPES:
         dt = TRITON_DTYPE_NAMES[dtype]
         sig = aot_signature(matmul_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}"})
-        no_dz = {"DACT": 0, "A_ACT": 0, "A_TRANS": False, "A_DROPOUT": False, "HAS_DBIAS": False, "SPLIT_QKV": False}
+        no_dz = {"HAS_DBIAS": False, "SPLIT_QKV": False}
         forms = {
             "plain": {"ACT": 0, "HAS_BIAS": True, "HAS_RES": False, "DROPOUT": False, "STORE_Z": False, "GATED": False,
                       "MERGE_HEADS": False, "SPLIT_HEADS": False, "HEAD_DIM": 1},
@@ -559,16 +488,10 @@ def aot_variants() -> list[AotVariant]:
         }
         forms = {name: {**no_dz, **consts} for name, consts in forms.items()}
         forms["split_qkv"]["SPLIT_QKV"] = True
-        # the backward GEMMs: dW = dZᵀ·X with gelu' and the dropout draw in the prologue and dBias (the heaviest),
-        # and the gated gate part (two saved pre-activations) for dX
-        bwd = {"ACT": 0, "HAS_BIAS": False, "DROPOUT": False, "STORE_Z": False, "GATED": False, "MERGE_HEADS": False,
-               "SPLIT_HEADS": False, "SPLIT_QKV": False, "HEAD_DIM": 1}
-        forms["dW_dact_dropout"] = {**bwd, "HAS_RES": False, "DACT": 1, "A_ACT": ACTIVATIONS["gelu"], "A_TRANS": True,
-                                    "A_DROPOUT": True, "HAS_DBIAS": True}
-        forms["dX_gated"] = {**bwd, "HAS_RES": True, "DACT": 2, "A_ACT": ACTIVATIONS["silu"], "A_TRANS": False,
-                             "A_DROPOUT": False, "HAS_DBIAS": False}
+        # the dW GEMM (dZᵀ·X, summing dBias from its A rows); dX = dZ·W is the plain form
+        forms["dW"] = {**forms["plain"], "HAS_BIAS": False, "HAS_DBIAS": True}
         for form, consts in forms.items():
-            features = feature_class(consts["GATED"], consts["HAS_RES"], consts["DROPOUT"], consts["DACT"])
+            features = feature_class(consts["GATED"], consts["HAS_RES"], consts["DROPOUT"])
             for c in GEMM_CONFIGS[(features, max(dtype.itemsize, 2))]:
                 out.append(AotVariant(
                     "matmul", matmul_kernel, sig,

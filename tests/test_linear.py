@@ -316,3 +316,26 @@ def test_triton_qkv_projection_is_one_gemm(device, monkeypatch):
     for ours, ref in zip((q, k, v), reference.qkv_projection(x, w, b, 4, 2), strict=True):
         assert ours.is_contiguous()
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_triton_linear_backward_evaluates_the_activation_derivative_once_per_element(dropout_p):
+    # dZ = dY·keep/(1−p)·gelu'(Z) is formed in one pass (one erf per element, counted by the interpreter over its
+    # 32 x 64 tiles), then the dX and dW GEMMs read it: forming it in each GEMM's prologue would evaluate gelu' once
+    # per output-column tile of each GEMM. Sizes are multiples of every tile, so the counts are exact.
+    from transformer_kernels.kernels import linear as triton_linear
+
+    m, n, k = 64, 128, 96
+    assert m % triton_linear.DACT_BLOCK[0] == 0 and n % triton_linear.DACT_BLOCK[1] == 0
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(s, generator=g).mul_(0.2).requires_grad_() for s in ((m, k), (n, k), (n,)))
+    with testing.count_interpreted_work() as forward:
+        y = tk.ops.linear(x, w, b, "gelu", dropout_p=dropout_p, backend="triton")
+    with testing.count_interpreted_work() as backward:
+        y.backward(torch.randn(m, n, generator=g))
+    assert forward.erf_elements == m * n and backward.erf_elements == m * n
+    # the backward's products: dX = dZ·W and dW = dZᵀ·X, 2·M·N·K FLOPs each, as the forward's one
+    assert backward.matmul_flops == 2 * forward.matmul_flops == 2 * (2 * m * n * k)
+    if dropout_p == 0.0:
+        ref = reference.linear(x.detach(), w.detach(), b.detach(), "gelu")
+        torch.testing.assert_close(y.detach(), ref, atol=1e-5, rtol=1e-5)

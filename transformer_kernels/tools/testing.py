@@ -143,11 +143,13 @@ def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, int, int, int], drop
 
 @dataclass
 class InterpretedWork:
-    """What the Triton interpreter ran inside `count_interpreted_work`: matrix-product FLOPs (2·M·N·K per tl.dot)
-    and the number of elements atomically added."""
+    """What the Triton interpreter ran inside `count_interpreted_work`: matrix-product FLOPs (2·M·N·K per tl.dot),
+    the number of elements atomically added and of erf evaluations (GELU and its derivative: one each per
+    element), over whole tiles (masked-off lanes count too)."""
 
     matmul_flops: int = 0
     atomic_elements: int = 0
+    erf_elements: int = 0
 
 
 @contextlib.contextmanager
@@ -158,7 +160,7 @@ def count_interpreted_work() -> Iterator[InterpretedWork]:
 
     work = InterpretedWork()
     builder = interpreter.InterpreterBuilder
-    dot, rmw = builder.create_dot, builder.create_atomic_rmw
+    dot, rmw, erf = builder.create_dot, builder.create_atomic_rmw, builder.create_erf
 
     def create_dot(self, a, b, *args, **kwargs):
         (m, k), n = a.data.shape[-2:], b.data.shape[-1]
@@ -169,8 +171,12 @@ def count_interpreted_work() -> Iterator[InterpretedWork]:
         work.atomic_elements += int(mask.data.sum())
         return rmw(self, op, ptr, val, mask, *args, **kwargs)
 
-    builder.create_dot, builder.create_atomic_rmw = create_dot, create_atomic_rmw
+    def create_erf(self, arg):
+        work.erf_elements += arg.data.size
+        return erf(self, arg)
+
+    builder.create_dot, builder.create_atomic_rmw, builder.create_erf = create_dot, create_atomic_rmw, create_erf
     try:
         yield work
     finally:
-        builder.create_dot, builder.create_atomic_rmw = dot, rmw
+        builder.create_dot, builder.create_atomic_rmw, builder.create_erf = dot, rmw, erf
