@@ -5,9 +5,9 @@ then statistics in fp32: mean and variance from the row held in registers (one p
 `config.ROW_SINGLE_TILE_MAX_COLS`, else in `config.ROW_LOOP_BLOCK` tiles (mean first, then the centred variance, so a large mean
 cannot cancel the variance away). The mean (LayerNorm) and 1/std are saved for backward.
 
-Backward: each program walks `ROWS_PER_PROGRAM` rows, writes dX for each and keeps its partial sums of
-dWeight (and dBias) in registers; the partials ``[programs, N]`` are summed afterwards in a fixed order, so
-results are bitwise reproducible (no atomics).
+Backward: each program walks `ROWS_PER_PROGRAM` rows, several per step (`pick_backward_config`), writes dX for
+each and keeps its partial sums of dWeight (and dBias) in registers; the partials ``[programs, N]`` are summed
+afterwards in a fixed order, so results are bitwise reproducible (no atomics).
 """
 
 from __future__ import annotations
@@ -25,14 +25,16 @@ from .config import (
     AotVariant,
     aot_signature,
     is_interpreted,
+    next_power_of_2,
     power_of_two_configs,
     row_config,
-    row_tile,
     unsupported_dtype,
 )
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ROWS_PER_PROGRAM = 32
+# Rows per backward program: 16384 rows of a 4096-wide model give 1024 programs, enough to fill every SM up to its
+# occupancy (the dW/dB partials, programs × N fp32, stay an eighth of dY's bytes).
+ROWS_PER_PROGRAM = 16
 _ROWS_PER_PROGRAM = tl.constexpr(ROWS_PER_PROGRAM)
 
 
@@ -111,35 +113,40 @@ def norm_fwd_kernel(
 def norm_bwd_kernel(
     dy_ptr, x_ptr, residual_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr, n_rows, n_cols,
     stride_dy_row, stride_x_row,
-    RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     # xhat = (s - mean)·rstd, g = w·dy:  dx = rstd·(g - mean(g) - xhat·mean(g·xhat))  (RMS: no mean(g) term),
-    # dw = Σ_rows dy·xhat, db = Σ_rows dy. The whole row sits in one tile (n_cols <= BLOCK). dX is also the
-    # residual's gradient.
+    # dw = Σ_rows dy·xhat, db = Σ_rows dy. Whole rows sit in the tile (n_cols <= BLOCK), ROWS of them per step: their
+    # loads are issued together (one row per step left the SM waiting on memory). Rows past the end load as zeros
+    # and add nothing. dX is also the residual's gradient.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < n_cols
     w = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], tl.float32)
     db = tl.zeros([BLOCK], tl.float32)
-    first = pid * _ROWS_PER_PROGRAM
-    for i in range(0, _ROWS_PER_PROGRAM):
-        row = (first + i).to(tl.int64)
-        if row < n_rows:
-            # x + residual again in fp32, exactly the sum the forward normalised (the stored sum is rounded).
-            s = _sum_row(x_ptr, residual_ptr, x_ptr, row * stride_x_row, 0, cols, n_cols, HAS_RESIDUAL, False, INTERPRETED)
-            dy = tl.load(dy_ptr + row * stride_dy_row + cols, mask=inside, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + row)
-            mean = 0.0 if RMS else tl.load(mean_ptr + row)
-            xhat = tl.where(inside, (s - mean) * rstd, 0.0)
-            g = w * dy
-            dx = g - xhat * (tl.sum(g * xhat, axis=0) / n_cols)
-            if not RMS:
-                dx -= tl.sum(g, axis=0) / n_cols
-            tl.store(dx_ptr + row * n_cols + cols, cast_out(dx * rstd, dx_ptr.dtype.element_ty, INTERPRETED), mask=inside)
-            dw += dy * xhat
-            db += dy
+    for step in range(0, _ROWS_PER_PROGRAM, ROWS):
+        rows = (pid * _ROWS_PER_PROGRAM + step + tl.arange(0, ROWS)).to(tl.int64)
+        row_ok = rows < n_rows
+        ok = row_ok[:, None] & inside[None, :]
+        # x + residual again in fp32, exactly the sum the forward normalised (the stored sum is rounded).
+        x_off = rows[:, None] * stride_x_row + cols[None, :]
+        s = tl.load(x_ptr + x_off, mask=ok, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            s += tl.load(residual_ptr + x_off, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy_row + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        mean = 0.0 if RMS else tl.load(mean_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        xhat = tl.where(ok, (s - mean) * rstd[:, None], 0.0)
+        g = w[None, :] * dy
+        dx = g - xhat * (tl.sum(g * xhat, axis=1) / n_cols)[:, None]
+        if not RMS:
+            dx -= (tl.sum(g, axis=1) / n_cols)[:, None]
+        tl.store(dx_ptr + rows[:, None] * n_cols + cols[None, :],
+                 cast_out(dx * rstd[:, None], dx_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+        dw += tl.sum(dy * xhat, axis=0)
+        db += tl.sum(dy, axis=0)
     partial = pid.to(tl.int64) * n_cols
     tl.store(dw_partial_ptr + partial + cols, dw, mask=inside)
     if HAS_BIAS:
@@ -154,10 +161,18 @@ def pick_config(n_cols: int) -> tuple[int, int, bool]:
     return row_config(n_cols, 16)
 
 
-def pick_backward_config(n_cols: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for the backward, which holds a whole row (and its dW/dB partials) in registers: at most
-    8 values per thread."""
-    return row_tile(n_cols, 8)
+# Rows × columns of one backward step: up to 8 rows, 16 fp32 values a thread at 16 warps.
+_BACKWARD_TILE_ELEMENTS = 8192
+_BACKWARD_MAX_ROWS = 8
+
+
+def pick_backward_config(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK, num_warps, ROWS) for the backward: ROWS whole rows per step, together at most
+    `_BACKWARD_TILE_ELEMENTS` values (16 a thread at 16 warps; 8 a thread was the rule for one row, and a
+    whole 16384-wide row spilled in every dtype)."""
+    block = max(ROW_MIN_BLOCK, next_power_of_2(n_cols))
+    rows = max(1, min(_BACKWARD_MAX_ROWS, _BACKWARD_TILE_ELEMENTS // block))
+    return block, min(16, max(1, block * rows // (32 * 16))), rows
 
 
 MAX_BACKWARD_COLS = 8192  # a whole row and its dW/dB partials in registers: at 16384 every dtype spilled
@@ -169,7 +184,7 @@ def all_configs() -> list[tuple[int, int, bool]]:
             pick_config(ROW_SINGLE_TILE_MAX_COLS + 1)]
 
 
-def all_backward_configs() -> list[tuple[int, int]]:
+def all_backward_configs() -> list[tuple[int, int, int]]:
     return power_of_two_configs(pick_backward_config, ROW_MIN_BLOCK, MAX_BACKWARD_COLS)
 
 
@@ -224,12 +239,12 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | No
     dw_part = alloc((programs, n), dtype=torch.float32, device=x.device)
     db_part = alloc((programs, n) if has_bias else (0,), dtype=torch.float32, device=x.device)
     if rows and n:
-        block, warps = pick_backward_config(n)
+        block, warps, step_rows = pick_backward_config(n)
         norm_bwd_kernel[(programs,)](
             dy, x, x if residual is None else residual, weight, rstd if rms else mean, rstd, dx, dw_part,
             db_part if has_bias else dw_part, rows, n, dy.stride(0), x.stride(0), RMS=rms,
-            HAS_RESIDUAL=residual is not None, HAS_BIAS=has_bias, BLOCK=block, INTERPRETED=is_interpreted(),
-            num_warps=warps)
+            HAS_RESIDUAL=residual is not None, HAS_BIAS=has_bias, BLOCK=block, ROWS=step_rows,
+            INTERPRETED=is_interpreted(), num_warps=warps)
     dw = dw_part.sum(0).to(weight.dtype)
     db = db_part.sum(0).to(weight.dtype) if has_bias else None
     return dx, dw, db
@@ -257,10 +272,11 @@ def aot_variants() -> list[AotVariant]:
                                       f"{dt} {kind} BLOCK={block} warps={warps} {'tile' if single else 'loop'}",
                                       aligned=("x_ptr", "residual_ptr", "sum_ptr", "weight_ptr", "bias_ptr", "y_ptr",
                                                "stride_x_row")))
-            for block, warps in all_backward_configs():
-                consts = {"RMS": rms, "HAS_RESIDUAL": True, "HAS_BIAS": not rms, "BLOCK": block, "INTERPRETED": False}
+            for block, warps, rows in all_backward_configs():
+                consts = {"RMS": rms, "HAS_RESIDUAL": True, "HAS_BIAS": not rms, "BLOCK": block, "ROWS": rows,
+                          "INTERPRETED": False}
                 out.append(AotVariant("norm_bwd", norm_bwd_kernel, bwd_sig, consts, warps,
-                                      f"{dt} {kind} BLOCK={block} warps={warps}",
+                                      f"{dt} {kind} BLOCK={block} warps={warps} rows={rows}",
                                       aligned=("dy_ptr", "x_ptr", "residual_ptr", "weight_ptr", "dx_ptr", "dw_partial_ptr",
                                                "db_partial_ptr", "stride_dy_row", "stride_x_row")))
     return out

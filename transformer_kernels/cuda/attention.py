@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..kernels.config import split_plan
+from ..kernels.config import PLAN_CACHES, split_plan
 from ._args import ptr, stream, unsupported_dtype
 
 
@@ -67,24 +67,51 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` any strides; mask a ``[B, H, Lq, Lk]`` view (bool or float);
     kpm bool ``[B, Lk]``. Returns out (contiguous), the fp32 row max and reciprocal row sum ``[B, H, Lq]``."""
-    mod = _ext.module_for(q.device)
     b, h, lq, d = q.shape
     out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
     row_max = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     inv_l = torch.empty_like(row_max)
-    args = _args(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, seed)
-    args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr()}
-    if out.numel():
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device,
+           None if mask is None else (mask.dtype, mask.stride()), None if kpm is None else kpm.stride(), scale,
+           is_causal, causal_offset, dropout_p)
+    found = _FWD_PLANS.get(key)
+    if found is None:
+        found = _FWD_PLANS[key] = _forward_plan(q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p)
+        if len(_FWD_PLANS) > _FWD_PLANS_MAX:
+            _FWD_PLANS.clear()
+    mod, fixed, splits = found
+    args = {**fixed, "q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "mask": ptr(mask), "kpm": ptr(kpm),
+            "seed": ptr(seed), "out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr()}
+    parts = []  # alive until the launch is queued (the caching allocator then orders reuse on the stream)
+    if splits > 1:
+        for name, extra in (("o_part", (d,)), ("m_part", ()), ("l_part", ())):
+            parts.append(torch.empty((splits, b * h * lq, *extra), dtype=torch.float32, device=q.device))
+            args[name] = parts[-1].data_ptr()
+    mod.attention_forward(args, stream(q))
+    return out, row_max, inv_l
+
+
+# Forward launches by signature (shapes, strides, dtypes, device, mask layout, scalars): the bindings' argument
+# block without its pointers, and the split-KV decision; a repeated call fills in the pointers only.
+_FWD_PLANS: dict[tuple, tuple] = {}
+_FWD_PLANS_MAX = 1024
+PLAN_CACHES.append(_FWD_PLANS)
+
+
+def _forward_plan(q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p) -> tuple:
+    """(the bindings module, the forward's arguments but the pointers, the number of KV splits)."""
+    mod = _ext.module_for(q.device)
+    b, h, lq, d = q.shape
+    args = _args(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, None)
+    splits = 1
+    if b * h * lq * d:
         # Split-KV when the plain grid would not fill the GPU (decoding): partials merged by a second kernel.
         block_m, block_n = mod.attention_forward_tile(args["dtype"], d)
         plan = split_plan(b, h, lq, k.shape[2], block_m, block_n, block_m, q.device)
         if plan.splits > 1:
-            parts = [torch.empty((plan.splits, b * h * lq, *extra), dtype=torch.float32, device=q.device)
-                     for extra in ((d,), (), ())]
-            args |= {"splits": plan.splits, "split_len": plan.split_len,
-                     **{name: t.data_ptr() for name, t in zip(("o_part", "m_part", "l_part"), parts, strict=True)}}
-    mod.attention_forward(args, stream(q))
-    return out, row_max, inv_l
+            splits = plan.splits
+            args |= {"splits": plan.splits, "split_len": plan.split_len}
+    return mod, args, splits
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
