@@ -61,6 +61,8 @@ test-floor: setup
 		tests/test_softmax.py tests/test_norm.py tests/test_linear.py tests/test_attention.py tests/test_backends.py \
 		-k "triton and not long"
 	PYTHONPATH="$(CURDIR)" $(FLOOR) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
+		tests/test_attention_backward.py tests/test_attention_lse.py -k "triton or backward"
+	PYTHONPATH="$(CURDIR)" $(FLOOR) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
 		tests/test_huggingface.py tests/test_layout.py -k "not training_curve"
 
 check: setup

@@ -161,21 +161,24 @@ def pick_config(n_cols: int) -> tuple[int, int, bool]:
     return row_config(n_cols, 16)
 
 
-# Rows × columns of one backward step: up to 8 rows, 16 fp32 values a thread at 16 warps.
-_BACKWARD_TILE_ELEMENTS = 8192
+MAX_BACKWARD_COLS = 8192  # a whole row and its dW/dB partials in registers: at 16384 every dtype spilled
+
+
+# Rows × columns of one backward step: up to 8 rows of up to 1024 columns (16 fp32 values a thread at 16 warps,
+# 112-128 registers, 0 spills on sm_80/sm_90), 4096 values above (4 rows of 2048 spilled 48-72 bytes; 8 a thread is
+# also the one-row rule that a whole 16384-wide row broke in every dtype). The register file bounds the rows in
+# flight: a row of N columns keeps ~7 fp32 values per column live.
+# up to this many columns: (values per step, fp32 values per thread)
+_BACKWARD_TILE = {1024: (8192, 16), MAX_BACKWARD_COLS: (4096, 8)}
 _BACKWARD_MAX_ROWS = 8
 
 
 def pick_backward_config(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK, num_warps, ROWS) for the backward: ROWS whole rows per step, together at most
-    `_BACKWARD_TILE_ELEMENTS` values (16 a thread at 16 warps; 8 a thread was the rule for one row, and a
-    whole 16384-wide row spilled in every dtype)."""
+    """(BLOCK, num_warps, ROWS) for the backward: ROWS whole rows per step (see `_BACKWARD_TILE`)."""
     block = max(ROW_MIN_BLOCK, next_power_of_2(n_cols))
-    rows = max(1, min(_BACKWARD_MAX_ROWS, _BACKWARD_TILE_ELEMENTS // block))
-    return block, min(16, max(1, block * rows // (32 * 16))), rows
-
-
-MAX_BACKWARD_COLS = 8192  # a whole row and its dW/dB partials in registers: at 16384 every dtype spilled
+    elements, per_thread = next(tile for cols, tile in _BACKWARD_TILE.items() if block <= cols)
+    rows = max(1, min(_BACKWARD_MAX_ROWS, elements // block))
+    return block, min(16, max(1, block * rows // (32 * per_thread))), rows
 
 
 def all_configs() -> list[tuple[int, int, bool]]:

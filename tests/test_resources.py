@@ -1,5 +1,8 @@
 """Ahead-of-time resource check: every shipped kernel variant compiles for real GPUs with no spills."""
 
+import itertools
+import math
+
 import pytest
 
 from transformer_kernels import _ext
@@ -170,6 +173,18 @@ def test_every_triton_norm_config_compiles_without_spills():
     for r in rows:
         assert r.stack_bytes == 0, f"{r.kernel} {r.variant} sm_{r.arch} spills {r.stack_bytes} bytes"
         assert r.shared_bytes <= resources.MAX_SHARED[r.arch]
+    # The backward keeps rows in flight: rows per step x programs resident per SM (registers and threads from the
+    # compiled kernel; the grid of 16384 rows over an H100's 132 SMs). One row per step and one 16-warp program per
+    # SM (1 row) was the latency-bound form. At most 1024 columns (BERT, GPT-2) 8 rows fit the register file; a
+    # wider row keeps ~7 fp32 values per column live, so fewer fit.
+    bwd = {(r.variant, r.arch): r for r in rows if r.kernel == "norm_bwd"}
+    programs_per_sm = math.ceil(16384 / triton_norm.ROWS_PER_PROGRAM / 132)
+    for n, at_least in ((768, 8), (1024, 8), (2048, 2), (4096, 1)):
+        block, warps, step = triton_norm.pick_backward_config(n)
+        for dt, kind, arch in itertools.product(("fp16", "bf16"), ("ln", "rms"), resources.TRITON_ARCHS):
+            r = bwd[(f"{dt} {kind} BLOCK={block} warps={warps} rows={step}", arch)]
+            resident = min(round(r.occupancy * resources.MAX_THREADS_PER_SM[arch] / r.threads), programs_per_sm)
+            assert step * resident >= at_least, (n, r.variant, arch, r.registers, resident)
 
 
 def test_norm_launchers_only_pick_enumerated_configs():
