@@ -45,6 +45,10 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
+// The asm below reads or writes memory the compiler cannot see through its operands (shared tiles by address,
+// copies that land later): each carries a "memory" clobber, so no ordinary load or store of those tiles is moved
+// across it (a shared-memory read hoisted above the cp.async wait would read a stale tile).
+
 // Four 8 x 8 matrices of 16-bit elements from shared memory; `row` is this lane's row address (16-byte aligned).
 template <bool TRANS>
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
@@ -52,10 +56,10 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
   if constexpr (TRANS) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
   } else {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
   }
 #else
   ::simt::ptx::ldmatrix_x4(r, row, TRANS);
@@ -68,7 +72,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
 #ifdef __CUDACC__
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(src_bytes) : "memory");
 #else
   ::simt::ptx::cp_async_16(dst, src, src_bytes);
 #endif
@@ -77,7 +81,7 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_
 // Closes the group of this thread's cp.async copies issued since the last commit.
 __device__ __forceinline__ void cp_async_commit() {
 #ifdef __CUDACC__
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 #else
   ::simt::ptx::cp_async_commit();
 #endif
@@ -87,7 +91,7 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #ifdef __CUDACC__
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #else
   ::simt::ptx::cp_async_wait(N);
 #endif

@@ -34,7 +34,7 @@ __device__ __forceinline__ void write_row(const SoftmaxFwdArgs& a, SoftmaxStat s
 }
 
 template <typename T, int MASK>
-__global__ void softmax_fwd_warp(SoftmaxFwdArgs a) {
+__global__ void __launch_bounds__(kWarpKernelThreads) softmax_fwd_warp(SoftmaxFwdArgs a) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= a.rows) return;  // a whole warp leaves together; this kernel has no block barrier
@@ -48,7 +48,7 @@ __global__ void softmax_fwd_warp(SoftmaxFwdArgs a) {
 }
 
 template <typename T, int MASK>
-__global__ void softmax_fwd_block(SoftmaxFwdArgs a) {
+__global__ void __launch_bounds__(kBlockKernelThreadsLong) softmax_fwd_block(SoftmaxFwdArgs a) {
   __shared__ float warp_m[32];
   __shared__ float warp_s[32];
   const int64_t row = blockIdx.x;
@@ -72,7 +72,7 @@ __global__ void softmax_fwd_block(SoftmaxFwdArgs a) {
 }
 
 template <typename T>
-__global__ void softmax_bwd_warp(SoftmaxBwdArgs a) {
+__global__ void __launch_bounds__(kWarpKernelThreads) softmax_bwd_warp(SoftmaxBwdArgs a) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= a.rows) return;
@@ -87,7 +87,7 @@ __global__ void softmax_bwd_warp(SoftmaxBwdArgs a) {
 }
 
 template <typename T>
-__global__ void softmax_bwd_block(SoftmaxBwdArgs a) {
+__global__ void __launch_bounds__(kBlockKernelThreadsLong) softmax_bwd_block(SoftmaxBwdArgs a) {
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const T* y = static_cast<const T*>(a.y) + row * a.cols;

@@ -72,9 +72,23 @@ def test_a_cuda_build_that_cannot_launch_is_reported_unavailable(monkeypatch):
     from transformer_kernels import _ext, backends
 
     why = "CUDA driver version is insufficient for CUDA runtime version"
+    current = {"device": 0}
+
+    class switch:  # torch.cuda.device on a machine that has none
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            self.old, current["device"] = current["device"], self.index
+
+        def __exit__(self, *exc):
+            current["device"] = self.old
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
+    monkeypatch.setattr(torch.cuda, "device", switch)
     monkeypatch.setattr(_ext, "load", lambda name: SimpleNamespace(probe=lambda: why))
-    monkeypatch.setattr(_ext, "_launch_problem", [])
+    monkeypatch.setattr(_ext, "_launch_problems", {})
     cuda = torch.device("cuda")
     ok, reason = backends.cuda_status(cuda)
     assert not ok and why in reason
@@ -82,9 +96,17 @@ def test_a_cuda_build_that_cannot_launch_is_reported_unavailable(monkeypatch):
     assert backends.resolve_for("attention", "attention", cuda, "auto", q, q, q) == "triton"
     with pytest.raises(RuntimeError, match="insufficient"), tk.use_backend("cuda"):
         backends.resolve("attention", cuda)
-    monkeypatch.setattr(_ext, "_launch_problem", [])
+    monkeypatch.setattr(_ext, "_launch_problems", {})
     monkeypatch.setattr(_ext, "load", lambda name: SimpleNamespace(probe=lambda: ""))
     assert backends.cuda_status(cuda) == (True, "")
+    # A node mixing architectures: each device is probed on itself, and one that cannot launch is not used.
+    monkeypatch.setattr(_ext, "_launch_problems", {})
+    monkeypatch.setattr(_ext, "load", lambda name: SimpleNamespace(
+        probe=lambda: "" if current["device"] == 0 else "no kernel image is available for execution on the device"))
+    assert backends.cuda_status(torch.device("cuda", 0)) == (True, "")
+    ok, reason = backends.cuda_status(torch.device("cuda", 1))
+    assert not ok and "no kernel image" in reason and "cuda:1" in reason
+    assert _ext._launch_problems.keys() == {0, 1}
 
 
 def test_the_cuda_probe_runs_in_both_builds():

@@ -94,6 +94,11 @@ def test_cuda_softmax_instantiations(cuda_rows):
     # 4 mask kinds x 3 dtypes for each forward kernel, 3 dtypes for each backward kernel
     assert len([n for n in names if n[0].startswith("softmax_fwd")]) == 2 * 4 * 3
     assert len([n for n in names if n[0].startswith("softmax_bwd")]) == 2 * 3
+    # __launch_bounds__: a block kernel launched with 1024 threads compiles to at most 64 registers a thread (more
+    # would fail the launch: 1024 x 64 fills the register file), the warp kernels' 128 threads to at most 255.
+    for r in cuda_rows:
+        if r.kernel.startswith("softmax_") and r.kernel.endswith("_block"):
+            assert r.registers * 1024 <= resources.MAX_REGISTERS, (r.kernel, r.variant, r.arch, r.registers)
 
 
 def test_cuda_attention_instantiations_use_tensor_cores(cuda_rows):

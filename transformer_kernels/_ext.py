@@ -50,21 +50,24 @@ def available(name: str) -> tuple[bool, str]:
         return False, str(e)
 
 
-_launch_problem: list[str] = []
+_launch_problems: dict[int, str] = {}
 
 
-def launch_problem() -> str:
-    """"" when a test kernel of `_C` runs on the current CUDA device, else why not (a driver older than the toolkit
-    `_C` was built with, an architecture the build lacks, no device). Probed once per process."""
-    if not _launch_problem:
-        if not torch.cuda.is_available():
-            _launch_problem.append("no CUDA device (torch.cuda.is_available() is False)")
-        else:
-            try:
-                _launch_problem.append(load("_C").probe())
-            except RuntimeError as e:
-                _launch_problem.append(str(e))
-    return _launch_problem[0]
+def launch_problem(index: int | None = None) -> str:
+    """"" when a test kernel of `_C` runs on CUDA device ``index`` (default: the current one), else why not (a driver
+    older than the toolkit `_C` was built with, an architecture the build lacks, no device). Probed once per device
+    and process: a node may mix GPUs, and a build that launches on one may lack the other's architecture."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if index is None:
+        index = torch.cuda.current_device()
+    if index not in _launch_problems:
+        try:
+            with torch.cuda.device(index):  # the probe launches on the current device
+                _launch_problems[index] = load("_C").probe()
+        except RuntimeError as e:
+            _launch_problems[index] = str(e)
+    return _launch_problems[index]
 
 
 def module_for(device: torch.device) -> ModuleType:

@@ -98,18 +98,19 @@ def cuda_status(device: torch.device) -> tuple[bool, str]:
     if device.type != "cuda":
         return _ext.available("_C_host")
     ok, why = _ext.available("_C")
-    if ok and _ext.launch_problem():
-        return False, f"transformer_kernels._C cannot launch kernels here: {_ext.launch_problem()}"
+    problem = _ext.launch_problem(device.index) if ok else ""
+    if problem:
+        return False, f"transformer_kernels._C cannot launch kernels on {device}: {problem}"
     return ok, why
 
 
 def status(name: str, device: torch.device) -> tuple[bool, str]:
     """(available, why not) for a backend on tensors of `device`."""
-    return _status(name, device.type)
+    return _status(name, device.type, device.index)
 
 
-def _status(name: str, device_type: str) -> tuple[bool, str]:
-    device = torch.device(device_type)
+def _status(name: str, device_type: str, index: int | None = None) -> tuple[bool, str]:
+    device = torch.device(device_type, index)
     if name == "triton":
         return triton_status(device)
     if name == "cuda":
