@@ -808,6 +808,42 @@ def _wide_tile(pass_name: str, key: tuple[str, int, int], varlen: bool = False) 
     return _WIDE_TILES.get((pass_name, key), PASSES[pass_name][key][-1])
 
 
+# Fused-dQ dK/dV tiles that spilled when compiled for sm_80 or sm_90 (the dS·K product and its atomics take
+# registers), by (class key, varlen, wide): the five-product form is autotuned over the class's other tiles, and a
+# class left with none runs the two-pass form. fp32 runs two passes throughout: its fused tiles spilled at every head
+# dim (16 to 7120 bytes), and fp32 is the accuracy path, not the fast one.
+_FUSED_DQ_SPILLED = {
+    (("plain", 2, 16), False, False): {TileConfig(32, 128, 8, 2)},
+    (("plain", 2, 16), True, False): {TileConfig(32, 128, 8, 2)},
+    (("plain", 2, 32), True, False): {TileConfig(64, 64, 8, 2)},
+    (("plain", 2, 64), False, False): {TileConfig(32, 32, 4, 2)},
+    (("all", 2, 32), False, False): {TileConfig(32, 32, 8, 2), TileConfig(32, 32, 4, 2)},
+    (("all", 2, 32), False, True): {TileConfig(32, 32, 4, 2)},
+    (("all", 2, 64), False, False): {TileConfig(32, 32, 4, 2)},
+    (("all", 2, 64), False, True): {TileConfig(32, 32, 4, 2)},
+    (("all", 2, 256), False, False): {TileConfig(16, 32, 8, 1)},
+    (("all", 2, 256), False, True): {TileConfig(16, 32, 8, 1)},
+    (("all", 2, 256), True, False): {TileConfig(16, 32, 8, 1)},
+    (("all", 2, 256), True, True): {TileConfig(16, 32, 8, 1)},
+}
+
+
+def fused_dq_tiles(block_d: int, elem_bytes: int, features: str, varlen: bool, wide: bool) -> tuple[TileConfig, ...]:
+    """The GPU tiles of the five-product dK/dV pass (dQ added with atomics) for this class; empty where it runs two
+    passes (fp32, and classes whose every fused tile spilled). The interpreter follows the same choice."""
+    args = (block_d, elem_bytes, features, varlen, wide)
+    found = _FUSED_DQ_TILES.get(args)
+    if found is None:
+        key = (features, elem_bytes, block_d)
+        tiles = [] if elem_bytes >= 4 else [_wide_tile("dkdv", key, varlen)] if wide else _tiles("dkdv", key, varlen)
+        spilled = _FUSED_DQ_SPILLED.get((key, varlen, wide), set())
+        found = _FUSED_DQ_TILES[args] = tuple(t for t in tiles if t not in spilled)
+    return found
+
+
+_FUSED_DQ_TILES: dict[tuple, tuple[TileConfig, ...]] = {}  # fused_dq_tiles' answers (a pure function of its args)
+
+
 def _autotuned(kernel, pass_name: str):
     """`kernel` autotuned over every tile of the pass, pruned per call to the head-dim block, element size and
     packing; the WIDE form (64-bit tile corners, for tensors past 2^31 elements) takes the pass's smallest tile, the
@@ -817,6 +853,8 @@ def _autotuned(kernel, pass_name: str):
     def allowed(named_args, kwargs):
         features = feature_class(kwargs["MASK_KIND"], kwargs["HAS_KPM"], kwargs["DROPOUT"])
         shape_class = (pass_name, kwargs["BLOCK_D"], named_args["q_ptr"].element_size(), features, kwargs["VARLEN"])
+        if kwargs.get("FUSED_DQ") and not is_interpreted():
+            return list(fused_dq_tiles(*shape_class[1:], kwargs["WIDE"]))
         return [wide_tile(*shape_class)] if kwargs["WIDE"] else tile_configs(*shape_class)
 
     key = ["seqlen_q_class", "seqlen_k_class", "group", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "DROPOUT", "WIDE",
@@ -1075,10 +1113,12 @@ def _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, c
     attn_bwd_preprocess_kernel[(triton.cdiv(lq, PREPROCESS_BLOCK_M) * batch * h,)](
         out, dout, delta, cu_q, *strides[9:12], h, lq, D=common["D"], WIDE=common["WIDE"], VARLEN=varlen,
         BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=common["BLOCK_D"])
-    # Five matrix products by default: the dK/dV pass adds dS·K into an fp32 dQ with atomics. Their order varies
-    # between runs, so under torch.use_deterministic_algorithms(True) dQ gets its own pass per query tile instead
-    # (seven products: it recomputes QKᵀ and dO·Vᵀ), summing in a fixed order.
-    fused = not torch.are_deterministic_algorithms_enabled()
+    # Five matrix products where a fused tile fits (`fused_dq_tiles`): the dK/dV pass adds dS·K into an fp32 dQ with
+    # atomics. Their order varies between runs, so under torch.use_deterministic_algorithms(True) dQ gets its own
+    # pass per query tile instead (seven products: it recomputes QKᵀ and dO·Vᵀ), summing in a fixed order.
+    fused = not torch.are_deterministic_algorithms_enabled() and bool(fused_dq_tiles(
+        common["BLOCK_D"], q.element_size(), feature_class(common["MASK_KIND"], common["HAS_KPM"], common["DROPOUT"]),
+        varlen, common["WIDE"]))
     # Unfused, the kernel's dQ pointer is an empty fp32 view that nothing reads or writes.
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else delta[:0]
     _dkdv[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * batch * (h // group),)](
@@ -1188,13 +1228,15 @@ def aot_variants() -> list[AotVariant]:
                 for features in AOT_FEATURES:
                     key = (_aot_class(features), max(dtype.itemsize, 2), block_d)
                     varlen = AOT_FEATURES[features]["VARLEN"]
-                    tiles, wide_tile_ = _tiles(pass_name, key, varlen), _wide_tile(pass_name, key, varlen)
-                    out += [aot_variant(pass_name, dtype, block_d, c, features) for c in tiles]
-                    out.append(aot_variant(pass_name, dtype, block_d, wide_tile_, features, wide=True))
-                    if pass_name == "dkdv":  # the deterministic form launches the first tile (or the WIDE one)
-                        out += [aot_variant(pass_name, dtype, block_d, tiles[0], features, fused_dq=False),
-                                aot_variant(pass_name, dtype, block_d, wide_tile_, features, wide=True,
-                                            fused_dq=False)]
+                    two_pass = {"fused_dq": False} if pass_name == "dkdv" else {}
+                    out += [aot_variant(pass_name, dtype, block_d, c, features, **two_pass)
+                            for c in _tiles(pass_name, key, varlen)]
+                    out.append(aot_variant(pass_name, dtype, block_d, _wide_tile(pass_name, key, varlen), features,
+                                           wide=True, **two_pass))
+                    if pass_name == "dkdv":  # the five-product form where its tiles fit
+                        out += [aot_variant(pass_name, dtype, block_d, c, features, wide=wide)
+                                for wide in (False, True)
+                                for c in fused_dq_tiles(block_d, key[1], key[0], varlen, wide)]
             for wide in (False, True):
                 out.append(_dmask_variant(dtype, block_d, wide))
             out += [_split_variant(dtype, block_d, features) for features in ("all", "plain")]
