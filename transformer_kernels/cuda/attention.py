@@ -71,15 +71,17 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
     row_max = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     inv_l = torch.empty_like(row_max)
-    key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device,
+    # The module is looked up per call and keys the plan: tests swap in other builds of it (sanitizers, mutants).
+    mod = _ext.module_for(q.device)
+    key = (mod, q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device,
            None if mask is None else (mask.dtype, mask.stride()), None if kpm is None else kpm.stride(), scale,
            is_causal, causal_offset, dropout_p)
     found = _FWD_PLANS.get(key)
     if found is None:
-        found = _FWD_PLANS[key] = _forward_plan(q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p)
+        found = _FWD_PLANS[key] = _forward_plan(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p)
         if len(_FWD_PLANS) > _FWD_PLANS_MAX:
             _FWD_PLANS.clear()
-    mod, fixed, splits = found
+    fixed, splits = found
     args = {**fixed, "q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "mask": ptr(mask), "kpm": ptr(kpm),
             "seed": ptr(seed), "out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr()}
     parts = []  # alive until the launch is queued (the caching allocator then orders reuse on the stream)
@@ -98,9 +100,8 @@ _FWD_PLANS_MAX = 1024
 PLAN_CACHES.append(_FWD_PLANS)
 
 
-def _forward_plan(q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p) -> tuple:
-    """(the bindings module, the forward's arguments but the pointers, the number of KV splits)."""
-    mod = _ext.module_for(q.device)
+def _forward_plan(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p) -> tuple:
+    """(the forward's arguments to ``mod`` but the pointers, the number of KV splits)."""
     b, h, lq, d = q.shape
     args = _args(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, None)
     splits = 1
@@ -111,7 +112,7 @@ def _forward_plan(q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p
         if plan.splits > 1:
             splits = plan.splits
             args |= {"splits": plan.splits, "split_len": plan.split_len}
-    return mod, args, splits
+    return args, splits
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
