@@ -288,8 +288,6 @@ def _dynamic_shared(kernel: str, variant: str) -> int:
 def _built_extension() -> tuple[Path, list[str]] | None:
     """The built `_C` and its arches, when setup.py's record says that very module was compiled from csrc/ as it
     is now (same flags, arches, nvcc); else None."""
-    import hashlib
-
     from .. import _ext
 
     package = Path(_ext.__file__).parent
