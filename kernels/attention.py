@@ -1125,7 +1125,7 @@ def _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, c
         q, k, v, dout, dk, dv, dq_acc, row_max, inv_l, delta, m, kp, cu_q, cu_k, *strides, *sizes, **common,
         VARLEN=varlen, FUSED_DQ=fused)
     if fused:
-        return dq_acc if q.dtype == torch.float32 else dq_acc.to(q.dtype)
+        return dq_acc.to(q.dtype)  # fused only for fp16/bf16 (`fused_dq_tiles`)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _dq[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * batch * h,)](
         q, k, v, dout, dq, row_max, inv_l, delta, m, kp, cu_q, cu_k, *strides, *sizes, **common, VARLEN=varlen)

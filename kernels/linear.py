@@ -192,12 +192,14 @@ def dact_kernel(dy_ptr, z_ptr, z2_ptr, dz_ptr, dz2_ptr, m, n, stride_dym, stride
         keep = dropout_keep(tl.load(seed_ptr), offs_m.to(tl.int64), offs_n, dropout_p)
         g = tl.where(keep, g * (1.0 / (1.0 - dropout_p)), 0.0)
     off = offs_m.to(tl.int64)[:, None] * n + offs_n[None, :]
-    z = tl.load(z_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    if GATED:
-        up = tl.load(z2_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        tl.store(dz2_ptr + off, cast_out(g * _act(z, ACT), dz2_ptr.dtype.element_ty, INTERPRETED), mask=ok)
-        g = g * up
-    tl.store(dz_ptr + off, cast_out(g * _act_grad(z, ACT), dz_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+    if ACT != 0:  # dropout alone has no pre-activation to read (a gated unit always has an activation)
+        z = tl.load(z_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        if GATED:
+            up = tl.load(z2_ptr + off, mask=ok, other=0.0).to(tl.float32)
+            tl.store(dz2_ptr + off, cast_out(g * _act(z, ACT), dz2_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+            g = g * up
+        g = g * _act_grad(z, ACT)
+    tl.store(dz_ptr + off, cast_out(g, dz_ptr.dtype.element_ty, INTERPRETED), mask=ok)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -333,12 +335,14 @@ def matmul(a: torch.Tensor | HeadLayout, b: torch.Tensor, *, b2: torch.Tensor | 
     return c_ptr, z, z2
 
 
-def activation_backward(dy: torch.Tensor, z: torch.Tensor, z2: torch.Tensor | None, activation: str | None,
+def activation_backward(dy: torch.Tensor, z: torch.Tensor | None, z2: torch.Tensor | None, activation: str | None,
                         dropout_p: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """dZ (and dZ_up for the gated form) from dY ``[M, N]`` (any strides) and the saved pre-activations."""
-    m, n = z.shape
-    dz = torch.empty_like(z)
-    dz2 = torch.empty_like(z) if z2 is not None else None
+    """dZ (and dZ_up for the gated form), contiguous, from dY ``[M, N]`` (any strides) and the saved
+    pre-activations (None without an activation)."""
+    m, n = dy.shape
+    dz = torch.empty((m, n), dtype=dy.dtype, device=dy.device)
+    dz2 = torch.empty_like(dz) if z2 is not None else None
+    z = dz if z is None else z  # never read without an activation
     if m and n:
         grid = (triton.cdiv(m, DACT_BLOCK[0]), triton.cdiv(n, DACT_BLOCK[1]))
         dact_kernel[grid](dy, z, z if z2 is None else z2, dz, dz if dz2 is None else dz2, m, n, *dy.stride(), dropout_p,
@@ -385,7 +389,7 @@ def linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: 
     # dZ = dY·dropout·act'(Z) in one pass, then the two GEMMs (the dW one also sums dBias).
     dz = dy
     if act or dropout_p > 0.0:
-        dz, _ = activation_backward(dy, z if act else dy.contiguous(), None, act, dropout_p, seed)
+        dz, _ = activation_backward(dy, z if act else None, None, act, dropout_p, seed)
     dw, db = _weight_and_bias_grads(dz, x, weight, has_bias)
     dx = x.new_zeros(x.shape) if x.shape[1] == 0 else matmul(dz, weight)[0]
     return dx, dw, db

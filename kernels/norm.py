@@ -167,8 +167,8 @@ MAX_BACKWARD_COLS = 8192  # a whole row and its dW/dB partials in registers: at 
 # Rows × columns of one backward step: up to 8 rows of up to 1024 columns (16 fp32 values a thread at 16 warps,
 # 112-128 registers, 0 spills on sm_80/sm_90), 4096 values above (4 rows of 2048 spilled 48-72 bytes; 8 a thread is
 # also the one-row rule that a whole 16384-wide row broke in every dtype). The register file bounds the rows in
-# flight: a row of N columns keeps ~7 fp32 values per column live.
-# up to this many columns: (values per step, fp32 values per thread)
+# flight: a row of N columns keeps ~7 fp32 values per column live. Up to this many columns: (values per step, fp32
+# values per thread).
 _BACKWARD_TILE = {1024: (8192, 16), MAX_BACKWARD_COLS: (4096, 8)}
 _BACKWARD_MAX_ROWS = 8
 
