@@ -9,10 +9,12 @@
 #include <cstdint>
 
 #include "attention.h"
+#include "cross_entropy.h"
 #include "epilogue.h"
 #include "norm.h"
 #include "probe.h"
 #include "ptx_selftest.h"
+#include "rotary.h"
 #include "softmax.h"
 
 #ifdef TK_HOST_SIM
@@ -180,6 +182,36 @@ tk::AttentionArgs attention_args(const py::dict& d) {
   return a;
 }
 
+tk::RotaryArgs rotary_args(const py::dict& d) {
+  Fields f{d};
+  tk::RotaryArgs a{};
+  a.q = f.p<const void>("q"), a.k = f.p<const void>("k"), a.q_out = f.p<void>("q_out"), a.k_out = f.p<void>("k_out");
+  a.cos = f.p<const void>("cos"), a.sin = f.p<const void>("sin"), a.pos = f.p<const int64_t>("pos");
+  a.B = f.i("B"), a.L = f.i("L"), a.Hq = f.i("Hq"), a.Hk = f.i("Hk"), a.half = f.i("half"), a.n_pass = f.i("n_pass");
+  a.n_positions = f.i("n_positions"), a.step = f.i("step"), a.pair = f.i("pair");
+  const char* names[4] = {"q_strides", "k_strides", "q_out_strides", "k_out_strides"};
+  int64_t* dst[4] = {a.q_stride, a.k_stride, a.qo_stride, a.ko_stride};
+  for (int t = 0; t < 4; ++t) {
+    auto st = d[names[t]].cast<std::vector<int64_t>>();
+    if (st.size() != 3) throw std::invalid_argument("rotary: 3 strides (b, h, l) expected per tensor");
+    for (int k = 0; k < 3; ++k) dst[t][k] = st[k];
+  }
+  a.cos_b = f.i("cos_b"), a.cos_l = f.i("cos_l"), a.pos_b = f.i("pos_b"), a.pos_l = f.i("pos_l");
+  a.backward = static_cast<int>(f.i("backward")), a.dtype = static_cast<int>(f.i("dtype"));
+  a.cos_dtype = static_cast<int>(f.i("cos_dtype"));
+  return a;
+}
+
+tk::CrossEntropyArgs cross_entropy_args(const py::dict& d) {
+  Fields f{d};
+  tk::CrossEntropyArgs a{};
+  a.logits = f.p<void>("logits"), a.target = f.p<const int64_t>("target"), a.scale = f.p<const float>("scale");
+  a.loss = f.p<float>("loss"), a.lse = f.p<float>("lse"), a.rows = f.i("rows"), a.cols = f.i("cols");
+  a.row_stride = f.i("row_stride"), a.scale_stride = f.i("scale_stride"), a.ignore_index = f.i("ignore_index");
+  a.label_smoothing = f.f("label_smoothing"), a.softcap = f.f("softcap"), a.dtype = static_cast<int>(f.i("dtype"));
+  return a;
+}
+
 // Binds `name(dict, stream)`: the dict parsed into the kernel's argument block, then its launcher.
 template <typename Args>
 void def_launcher(py::module_& m, const char* name, Args (*parse)(const py::dict&),
@@ -211,6 +243,8 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
   def_launcher(m, "activation_backward", &act_backward_args, &tk::activation_backward);
   def_launcher(m, "head_split", &head_layout_args, &tk::head_split);
   def_launcher(m, "head_merge", &head_layout_args, &tk::head_merge);
+  def_launcher(m, "rotary", &rotary_args, &tk::rotary);
+  def_launcher(m, "cross_entropy_rows", &cross_entropy_args, &tk::cross_entropy_rows);
   // The enums of types.h and softmax.h, so Python reads the codes instead of restating them.
   m.attr("dtype_codes") = py::dict(py::arg("float32") = static_cast<int>(tk::kFloat32),
                                    py::arg("float16") = static_cast<int>(tk::kFloat16),

@@ -6,7 +6,28 @@ import pytest
 import torch
 
 
-@pytest.mark.parametrize("family", ["softmax", "attention", "norm", "linear"])
+def test_the_family_table_is_the_only_list():
+    # families.FAMILIES is the one list of op families: every file, launcher module, op and check row that exists must
+    # be in it, and everything in it must exist. A forgotten entry fails here.
+    from pathlib import Path
+
+    from transformer_kernels import backends, families, ops
+    from transformer_kernels.tools import verify
+
+    root = Path(families.__file__).resolve().parent
+    assert {p.name for p in (root.parent / "csrc").glob("*.cu")} == set(families.CUDA_SOURCES)
+    kernel_files = {p.stem for p in (root / "kernels").glob("*.py") if "def aot_variants" in p.read_text()}
+    assert kernel_files == set(families.FAMILIES)
+    assert {p.stem for p in (root / "cuda").glob("*.py") if not p.stem.startswith("_")} == set(families.FAMILIES)
+    assert set(backends.GPU_PREFERENCE) == set(families.OPS)
+    assert set(families.OPS) <= set(ops.__all__)
+    for family in families.FAMILIES:
+        assert backends.launchers(family, "triton").__name__.endswith(f".kernels.{family}")
+    checked = {case.op for case in verify.cases(torch.device("cpu"), quick=True)}
+    assert set(families.OPS) <= checked, set(families.OPS) - checked
+
+
+@pytest.mark.parametrize("family", list(__import__("transformer_kernels.families").families.FAMILIES))
 def test_both_kernel_backends_have_the_same_launchers(family):
     # ops/ calls a family's launchers by name and argument order whatever the backend: every public function of the
     # CUDA launcher module exists in the Triton one with the same parameter names.

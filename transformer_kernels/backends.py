@@ -38,6 +38,10 @@ GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "gated_linear": ("torch", "triton", "cuda"),
     "qkv_projection": ("torch", "triton", "cuda"),
     "out_projection": ("torch", "triton", "cuda"),
+    # Not timed on a GPU yet: the kernels first, as for every op whose eager form is several unfused ops (rotary) or
+    # builds [tokens, vocab] logits (the loss).
+    "rotary": ("triton", "cuda", "torch"),
+    "linear_cross_entropy": ("triton", "cuda", "torch"),
 }
 # The order when the call will be differentiated (an input requires grad under grad mode), where it differs.
 TRAINING_PREFERENCE: dict[str, tuple[str, ...]] = {
@@ -155,18 +159,20 @@ _LAUNCHERS: dict[tuple[str, str], ModuleType] = {}
 
 
 def launchers(family: str, backend: str) -> ModuleType:
-    """The module holding a kernel backend's launchers of an op family ("attention", "linear", "norm", "softmax"):
-    kernels/<family>.py for "triton", transformer_kernels/cuda/<family>.py for "cuda". Both define the same
-    functions with the same signatures, and ``unsupported(...)``, which says why they cannot take some inputs."""
+    """The module holding a kernel backend's launchers of an op family (families.FAMILIES): kernels/<family>.py for
+    "triton", transformer_kernels/cuda/<family>.py for "cuda". Both define the same functions with the same
+    signatures, and ``unsupported(...)``, which says why they cannot take some inputs."""
     module = _LAUNCHERS.get((family, backend))
     if module is None:
         # Import statements rather than importlib: torch.compile traces these (modules compile with fullgraph=True),
-        # and triton is imported only once a Triton launcher is first wanted.
+        # and triton is imported only once a Triton launcher is first wanted. tests/test_backends.py checks that the
+        # names here are the families of families.py.
         if backend == "cuda":
-            from .cuda import attention, linear, norm, softmax
+            from .cuda import attention, cross_entropy, linear, norm, rotary, softmax
         else:
-            from .kernels import attention, linear, norm, softmax
-        module = {"attention": attention, "linear": linear, "norm": norm, "softmax": softmax}[family]
+            from .kernels import attention, cross_entropy, linear, norm, rotary, softmax
+        module = {"attention": attention, "cross_entropy": cross_entropy, "linear": linear, "norm": norm,
+                  "rotary": rotary, "softmax": softmax}[family]
         _LAUNCHERS[(family, backend)] = module
     return module
 

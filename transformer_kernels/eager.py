@@ -147,3 +147,34 @@ def qkv_projection(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, num_heads: in
 def out_projection(attn: Tensor, w_o: Tensor, b_o: Tensor | None, residual: Tensor | None) -> Tensor:
     b, h, length, d = attn.shape
     return linear(attn.transpose(1, 2).reshape(b, length, h * d), w_o, b_o, None, residual, 0.0)
+
+
+def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None,
+           interleaved: bool) -> tuple[Tensor, Tensor]:
+    """q ``[B, H, L, D]``, k ``[B, Hk, L, D]``; cos, sin ``[B, L, R]`` (or ``[P, R]`` read at position_ids
+    ``[B, L]``): the first R dims rotated in fp32, the rest passed through."""
+    if position_ids is not None:
+        cos, sin = cos[position_ids], sin[position_ids]
+    cos, sin = _acc(cos).unsqueeze(1), _acc(sin).unsqueeze(1)
+    r = cos.shape[-1]
+
+    def rotate(x: Tensor) -> Tensor:
+        xr = _acc(x[..., :r])
+        if interleaved:
+            turned = torch.stack((-xr[..., 1::2], xr[..., 0::2]), dim=-1).flatten(-2)
+        else:
+            turned = torch.cat((-xr[..., r // 2:], xr[..., : r // 2]), dim=-1)
+        return torch.cat(((xr * cos + turned * sin).to(x.dtype), x[..., r:]), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, ignore_index: int,
+                         label_smoothing: float, reduction: str, softcap: float | None) -> Tensor:
+    """x ``[N, H]``, weight ``[V, H]``, target ``[N]``: torch's linear and cross-entropy (the logits whole, in
+    fp32), with the optional softcap between them; the loss in x's dtype."""
+    logits = _acc(F.linear(x, weight, bias))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           reduction=reduction).to(x.dtype)

@@ -548,3 +548,45 @@ def decoder_layer(
     x = _norm(x + sa(x), state, "norm1", eps)
     x = _norm(x + ca(x), state, "norm2", eps)
     return _norm(x + _ffn(x, state, activation_name), state, "norm3", eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary position embedding and the language-model loss
+# ---------------------------------------------------------------------------------------------
+
+
+def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None = None,
+           interleaved: bool = False) -> tuple[Tensor, Tensor]:
+    """transformers' ``apply_rotary_pos_emb`` in fp32: ``x·cos + rotate(x)·sin`` on the first R = cos.shape[-1]
+    dims of q ``[B, H, L, D]`` and k ``[B, Hk, L, D]``, the rest passed through. cos, sin: ``[L, R]`` or
+    ``[B, L, R]``, or with ``position_ids`` (``[L]`` or ``[B, L]``) a ``[P, R]`` table read at those positions.
+    ``rotate`` pairs i with i + R/2 as ``(−x2, x1)`` (GPT-NeoX), or 2i with 2i + 1 when ``interleaved`` (GPT-J)."""
+    if position_ids is not None:
+        cos, sin = cos[position_ids], sin[position_ids]
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # over the heads
+    r = cos.shape[-1]
+
+    def rotate(x: Tensor) -> Tensor:
+        xr = _acc(x[..., :r])
+        if interleaved:
+            turned = torch.stack((-xr[..., 1::2], xr[..., 0::2]), dim=-1).flatten(-2)
+        else:
+            turned = torch.cat((-xr[..., r // 2:], xr[..., : r // 2]), dim=-1)
+        y = xr * _acc(cos) + turned * _acc(sin)
+        return torch.cat((y.to(x.dtype), x[..., r:]), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
+                         ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                         softcap: float | None = None) -> Tensor:
+    """``F.cross_entropy(logits, target, …)`` of ``logits = x @ weightᵀ + bias`` (``[..., V]``), capped to
+    ``c·tanh(logits / c)`` first when ``softcap`` is given, all in fp32. Returns the loss in x's dtype."""
+    logits = F.linear(_acc(x), _acc(weight), None if bias is None else _acc(bias))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, reduction=reduction)
+    return (loss if reduction != "none" else loss.view(target.shape)).to(x.dtype)

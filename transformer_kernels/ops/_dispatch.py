@@ -25,11 +25,11 @@ _SetupContext = Callable[[Any, tuple, Any], None]
 _EAGER: dict[Any, tuple[Callable, type[torch.autograd.Function] | None]] = {}
 
 
-def custom_op(name: str) -> Callable[[Callable], Any]:
-    """``torch.library.custom_op(name, mutates_args=())`` that also keeps the undecorated impl for `call`."""
+def custom_op(name: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable], Any]:
+    """``torch.library.custom_op(name, mutates_args=...)`` that also keeps the undecorated impl for `call`."""
 
     def wrap(fn: Callable) -> Any:
-        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=tuple(mutates_args))(fn)
         _EAGER[op] = (fn, None)
         return op
 

@@ -27,12 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..families import CUDA_SOURCES, FAMILIES
 from . import toolchain
 
 TRITON_ARCHS = (80, 90)
-TRITON_KERNEL_MODULES = ("softmax", "attention", "norm", "linear")  # kernels/<name>.py files that define aot_variants()
-CUDA_KERNEL_FILES = ("softmax.cu", "attention_fwd.cu", "attention_bwd.cu", "norm.cu", "epilogue.cu", "probe.cu",
-                     "ptx_selftest.cu")
+TRITON_KERNEL_MODULES = tuple(FAMILIES)  # kernels/<family>.py, each defining aot_variants()
+CUDA_KERNEL_FILES = CUDA_SOURCES
 # Opcodes that run on tensor cores: HMMA (sm_80+ mma.sync), HGMMA (sm_90 wgmma), IMMA (int8).
 TENSOR_CORE_OPCODES = ("HMMA", "HGMMA", "IMMA", "IGMMA")
 CACHE_DIR = Path(os.environ.get("TK_CACHE_DIR", Path.home() / ".cache" / "transformer_kernels"))

@@ -180,3 +180,26 @@ def count_interpreted_work() -> Iterator[InterpretedWork]:
         yield work
     finally:
         builder.create_dot, builder.create_atomic_rmw, builder.create_erf = dot, rmw, erf
+
+
+def peak_allocated_bytes(fn) -> int:
+    """The most bytes of torch CPU memory that ``fn()`` held at once beyond what was live when it started: the
+    running sum of the profiler's allocation events (sizes, frees negative) in time order. Exact for the tensors the
+    call allocates, whoever allocates them (ops inside custom ops too); the Triton interpreter's and the simulator's
+    own buffers are not torch tensors and do not count (a GPU kernel allocates nothing either)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        node = todo.pop()
+        todo.extend(node.children)
+        if node.typed[0] == _EventType.Allocation:
+            events.append((node.start_time_ns, node.typed[1].alloc_size))
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak

@@ -235,6 +235,67 @@ def _projection_cases(device: torch.device, quick: bool) -> Iterator[Case]:
                 yield Case(op, impl, dtype, op.replace("_", " "), run)
 
 
+def _rotary_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    """GQA q/k in transformers' [B, L, H, D]-seen-as-[B, H, L, D] layout: a Llama-like full rotation (per-token
+    tables), and a GPT-J interleaved partial one read from a position table."""
+    shapes = [("neox per-token", 64, 64, False, False), ("gptj positions", 80, 32, True, True)]
+    if quick:
+        shapes = shapes[1:]
+    for impl, scope in implementations("rotary", device):
+        for dtype in DTYPES:
+            for label, d, r, interleaved, by_position in shapes:
+                def run(d=d, r=r, interleaved=interleaved, by_position=by_position, dtype=dtype, scope=scope):
+                    g = torch.Generator().manual_seed(d)
+                    q = torch.randn(2, 9, 4, d, generator=g).to(dtype).to(device).transpose(1, 2)
+                    k = torch.randn(2, 2, 9, d, generator=g).to(dtype).to(device)
+                    angles = torch.randn(16, r // 2, generator=g)
+                    angles = angles.repeat_interleave(2, -1) if interleaved else torch.cat((angles, angles), -1)
+                    cos, sin = angles.cos().to(device), angles.sin().to(device)
+                    pos = torch.randint(0, 16, (2, 9), generator=g).to(device)
+                    if not by_position:
+                        cos, sin, pos = cos[pos].to(dtype), sin[pos].to(dtype), None
+
+                    def ours(q, k):
+                        with scope():
+                            return torch.cat([t.flatten() for t in ops.rotary(q, k, cos, sin, pos, interleaved)])
+
+                    def ref(q, k):
+                        return torch.cat([t.flatten() for t in reference.rotary(q, k, cos, sin, pos, interleaved)])
+
+                    return compare(ours, ref, {"q": q, "k": k}, grad_of=("q", "k"))
+                yield Case("rotary", impl, dtype, f"{label} D{d} R{r}", run)
+
+
+def _loss_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    """linear_cross_entropy over ragged chunks with ignored targets: mean with label smoothing and a bias, a softcapped
+    sum, and per-token losses."""
+    options = [("mean smooth bias", {"label_smoothing": 0.1}, True),
+               ("sum softcap", {"reduction": "sum", "softcap": 5.0}, False), ("none", {"reduction": "none"}, False)]
+    if quick:
+        options = options[:1]
+    for impl, scope in implementations("linear_cross_entropy", device):
+        for dtype in DTYPES:
+            for label, kw, has_bias in options:
+                def run(kw=kw, has_bias=has_bias, dtype=dtype, scope=scope):
+                    g = torch.Generator().manual_seed(3)
+                    inputs = {"x": torch.randn(2, 23, 32, generator=g), "w": torch.randn(1100, 32, generator=g) * 0.2}
+                    if has_bias:
+                        inputs["b"] = torch.randn(1100, generator=g)
+                    inputs = {n: t.to(dtype).to(device) for n, t in inputs.items()}
+                    target = torch.randint(0, 1100, (2, 23), generator=g).to(device)
+                    target[:, ::4] = -100
+
+                    def ours(x, w, b=None):
+                        with scope():
+                            return ops.linear_cross_entropy(x, w, target, b, **kw)
+
+                    def ref(x, w, b=None):
+                        return reference.linear_cross_entropy(x, w, target, b, **kw)
+
+                    return compare(ours, ref, inputs, grad_of=tuple(inputs))
+                yield Case("linear_cross_entropy", impl, dtype, label, run)
+
+
 def _architecture_cases(device: torch.device, quick: bool) -> Iterator[Case]:
     """Each model family on each backend against the same model built on torch.nn layers with the same
     state_dict: logits (padded positions zeroed) and every parameter's gradient, fp32."""
@@ -316,7 +377,8 @@ def _huggingface_cases(device: torch.device, quick: bool) -> Iterator[Case]:
 
 # Case generators, one per op; later ops add theirs here.
 CASE_SOURCES: tuple[Callable[[torch.device, bool], Iterator[Case]], ...] = (
-    _softmax_cases, _attention_cases, _varlen_cases, _norm_cases, _projection_cases, _architecture_cases, _huggingface_cases)
+    _softmax_cases, _attention_cases, _varlen_cases, _norm_cases, _projection_cases, _rotary_cases, _loss_cases,
+    _architecture_cases, _huggingface_cases)
 
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:

@@ -1,0 +1,125 @@
+"""linear_cross_entropy on every backend against the reference: reductions, ignored targets, label smoothing,
+softcap, ragged chunks, large logits, and the peak memory of the fused op against the unfused pair."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import transformer_kernels as tk
+from transformer_kernels import reference
+from transformer_kernels.ops.cross_entropy import chunk_rows
+from transformer_kernels.tools.testing import assert_rows, compare, peak_allocated_bytes
+
+BACKENDS = ["triton", "cuda", "torch"]
+KERNEL_BACKENDS = ["triton", "cuda"]
+
+
+def check(backend, x, w, b, target, what, **kw):
+    inputs = {"x": x, "w": w, "b": b}
+
+    def ours(x, w, b):
+        with tk.use_backend(backend):
+            return tk.ops.linear_cross_entropy(x, w, target, b, **kw)
+
+    def ref(x, w, b):
+        return reference.linear_cross_entropy(x, w, target, b, **kw)
+
+    assert_rows(compare(ours, ref, inputs, grad_of=tuple(n for n, t in inputs.items() if t is not None)), what)
+
+
+def data(rows, hidden, vocab, dtype, device, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, hidden, generator=g) * scale).to(dtype).to(device)
+    w = (torch.randn(vocab, hidden, generator=g) * hidden**-0.5).to(dtype).to(device)
+    b = torch.randn(vocab, generator=g).to(dtype).to(device)
+    target = torch.randint(0, vocab, (rows,), generator=g).to(device)
+    target[::5] = -100  # ignored rows scattered through the chunks
+    return x, w, b, target
+
+
+# 37 rows of 100 classes over 16 features: chunks of 8 rows, the last one ragged.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reductions(backend, reduction, dtype, device):
+    assert 37 % chunk_rows(37, 100, 16) != 0
+    x, w, b, target = data(37, 16, 100, dtype, device)
+    check(backend, x, w, b, target, f"{backend} {reduction} {dtype}", reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_smoothing_softcap_no_bias(backend, device):
+    x, w, _, target = data(3 * 11, 24, 1500, torch.float16, device, seed=1, scale=4.0)
+    # [3, 11, 24] tokens with a [3, 11] target, a vocabulary past one 1024-column tile, no bias.
+    check(backend, x.view(3, 11, 24), w, None, target.view(3, 11), f"{backend} smoothing+softcap", label_smoothing=0.1,
+          softcap=3.0)
+    check(backend, x.view(3, 11, 24), w, None, target.view(3, 11), f"{backend} smoothing", label_smoothing=0.25,
+          reduction="sum")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_target_ignored_one_row_and_huge_logits(backend, device):
+    x, w, b, _ = data(6, 8, 50, torch.float32, device)
+    ignored = torch.full((6,), -1, device=device)
+    for reduction in ("mean", "sum"):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = tk.ops.linear_cross_entropy(xg, wg, ignored, ignore_index=-1, reduction=reduction, backend=backend)
+        expected = F.cross_entropy(x @ w.t(), ignored, ignore_index=-1, reduction=reduction)
+        assert loss.isnan().item() == expected.isnan().item() == (reduction == "mean")
+        loss.backward()
+        assert torch.equal(xg.grad, torch.zeros_like(x)) and torch.equal(wg.grad, torch.zeros_like(w))
+    check(backend, x[:1], w, b, torch.tensor([7], device=device), f"{backend} one row")
+    # Logits near 1e4 (exp overflows past 88), bf16 as models hold them: the running max keeps them finite. (In fp32
+    # such logits carry 5e-4 of rounding each, which the reference shares: the comparison would measure the GEMMs.)
+    check(backend, (x * 300).bfloat16(), w.bfloat16(), b.bfloat16(), torch.arange(6, device=device),
+          f"{backend} huge logits", reduction="none")
+
+
+@pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13 has no F.linear_cross_entropy")
+def test_matches_torch_linear_cross_entropy(device):
+    x, w, b, target = data(37, 16, 100, torch.float32, device)
+    ours = tk.ops.linear_cross_entropy(x, w, target, b, label_smoothing=0.1, backend="triton")
+    theirs = F.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.1)
+    assert_rows([("loss", (ours - theirs).abs().item(), 1e-5)])
+
+
+def test_peak_memory_is_a_chunk_not_the_logits(device):
+    # 128 tokens, 8192 classes: the unfused pair's logits and their gradient are 4 MiB each; the fused op holds one
+    # chunk of logits (chunk_rows = 1 row here: 32 KiB), the fp32 dW accumulator and dW (256 KiB each).
+    x, w, _, target = data(128, 8, 8192, torch.float32, device)
+    x.requires_grad_(), w.requires_grad_()
+
+    def fused():
+        tk.ops.linear_cross_entropy(x, w, target, backend="triton").backward()
+
+    def pair():
+        F.cross_entropy(F.linear(x, w), target).backward()
+
+    ours, theirs = peak_allocated_bytes(fused), peak_allocated_bytes(pair)
+    assert theirs >= 2 * 128 * 8192 * 4
+    assert ours <= 0.1 * theirs, (ours, theirs)
+
+
+def test_bad_inputs(device):
+    x, w, b, target = data(4, 8, 10, torch.float32, device)
+    with pytest.raises(ValueError, match="weight must be"):
+        tk.ops.linear_cross_entropy(x, w[:, :4], target)
+    with pytest.raises(ValueError, match="target must be"):
+        tk.ops.linear_cross_entropy(x, w, target.float())
+    with pytest.raises(ValueError, match="target must be"):
+        tk.ops.linear_cross_entropy(x, w, target[:3])
+    with pytest.raises(ValueError, match="reduction"):
+        tk.ops.linear_cross_entropy(x, w, target, reduction="avg")
+    with pytest.raises(ValueError, match="softcap"):
+        tk.ops.linear_cross_entropy(x, w, target, softcap=0.0)
+    with pytest.raises(ValueError, match="bias"):
+        tk.ops.linear_cross_entropy(x, w, target, b[:3])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend, device):
+    x, w, b, target = data(9, 8, 30, torch.float32, device)
+    op = torch.ops.transformer_kernels.linear_cross_entropy.default
+    for reduction, needs in (("mean", (True, True, True)), ("none", (False, False, False))):
+        torch.library.opcheck(op, (x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(),
+                                   target, None, -100, 0.1, 2.0, reduction, *needs, backend))
