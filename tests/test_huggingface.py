@@ -93,11 +93,11 @@ def test_convert_swaps_modules_and_keeps_parameters(family, tmp_path, caplog):
     assert [(n, p.shape, p.dtype) for n, p in model.named_parameters()] == before
     assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == ids
     assert model.training
-    expected = {"bert": {"LayerNorm", "BertSelfOutput", "BertOutput", "BertIntermediate"},
-                "gpt2": {"LayerNorm", "GPT2MLP"},
+    expected = {"bert": {"LayerNorm", "BertSelfOutput", "BertOutput", "BertIntermediate", "BertForMaskedLM loss"},
+                "gpt2": {"LayerNorm", "GPT2MLP", "GPT2LMHeadModel loss"},
                 "bart": {"LayerNorm", "BartEncoderLayer.fc1", "BartDecoderLayer.fc1"},
-                "t5": {"T5LayerNorm", "T5DenseGatedActDense"},
-                "llama": {"LlamaRMSNorm", "LlamaMLP"}}[family]
+                "t5": {"T5LayerNorm", "T5DenseGatedActDense", "T5ForConditionalGeneration loss"},
+                "llama": {"LlamaRMSNorm", "LlamaMLP", "LlamaForCausalLM loss", "LlamaAttention rotary"}}[family]
     assert set(model.tk_swapped) == expected
     assert "swapped" in caplog.text
     # save_pretrained / from_pretrained round trip: the checkpoint is the unconverted model's
@@ -107,6 +107,35 @@ def test_convert_swaps_modules_and_keeps_parameters(family, tmp_path, caplog):
         torch.testing.assert_close(p, q, atol=0, rtol=0, msg=n)
     # converting twice changes nothing more
     assert not tk.convert(model, backend="triton").tk_swapped
+
+
+def test_training_loss_builds_no_logits_and_rotary_runs_only_in_converted_models(monkeypatch):
+    # With labels under grad mode the converted causal LM returns the loss of linear_cross_entropy and no logits; the
+    # loss and every gradient match the eager model's (which builds the logits); under no_grad the logits come back.
+    # The rotary hook runs our op inside the converted model only: the eager twin of the same class keeps
+    # transformers' function although the module-level name is now ours.
+    from transformer_kernels.integrations import hf_modules
+
+    calls = []
+    rotary = hf_modules.ops.rotary
+    monkeypatch.setattr(hf_modules.ops, "rotary", lambda *a, **k: calls.append(1) or rotary(*a, **k))
+    eager, ours = hft.converted_pair("llama", "torch", layers=2)
+    b = hft.batch("llama", "right")
+    labels = b.inputs["input_ids"].masked_fill(~b.real, -100)
+    results = []
+    for model in (eager, ours):
+        model.zero_grad(set_to_none=True)
+        out = model(**b.inputs, labels=labels)
+        out.loss.backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+        assert len(calls) == (0 if model is eager else 2)
+    (theirs, their_grads), (mine, my_grads) = results
+    assert mine.logits is None and theirs.logits is not None
+    torch.testing.assert_close(mine.loss, theirs.loss, rtol=1e-5, atol=1e-6)
+    for n, g in their_grads.items():
+        torch.testing.assert_close(my_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+    with torch.no_grad():
+        assert ours(**b.inputs, labels=labels).logits.shape == (2, 11, hft.VOCAB)
 
 
 def test_unknown_and_subclassed_modules_are_left_alone():
@@ -254,7 +283,7 @@ def test_sliding_window_model_matches_eager(device):
     torch.manual_seed(0)
     eager = transformers.MistralForCausalLM(cfg).to(device).eval()
     ours = tk.convert(copy.deepcopy(eager), backend="triton")
-    assert set(ours.tk_swapped) == {"MistralRMSNorm", "MistralMLP"}
+    assert set(ours.tk_swapped) == {"MistralRMSNorm", "MistralMLP", "MistralAttention rotary", "MistralForCausalLM loss"}
     ids = torch.randint(3, hft.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, eager(ids).logits, atol=1e-4, rtol=1e-4)

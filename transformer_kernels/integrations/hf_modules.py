@@ -15,7 +15,10 @@ What is swapped (matched by exact class, so a user subclass with its own forward
 - BART: the encoder and decoder layers' ``fc1`` with the activation in its epilogue (the layer's own activation
   becomes the identity);
 - T5: ``T5DenseActDense`` and ``T5DenseGatedActDense`` (gated GELU through ``gated_linear``);
-- Llama/Mistral/Qwen2 ``*MLP``: swiglu through ``gated_linear``, then ``down_proj``.
+- Llama/Mistral/Qwen2 ``*MLP``: swiglu through ``gated_linear``, then ``down_proj``;
+- Llama/Mistral/Qwen2 attention: ``apply_rotary_pos_emb`` runs ``rotary`` (q and k in one launch);
+- the causal-LM (Llama, Mistral, Qwen2, GPT-2), masked-LM (BERT) and T5 losses: with labels in training the loss is
+  ``linear_cross_entropy`` of the head's input, and the ``[tokens, vocab]`` logits are never built.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -136,6 +141,102 @@ def _gated_mlp(self: nn.Module, x: Tensor) -> Tensor:
     return ops.linear(h, d.weight, d.bias, backend=self.tk_backend)
 
 
+# ---- the language-model loss without logits, and rotary through transformers' hook point ----------------------
+
+# Model class → (the module path of its vocabulary projection, whether the labels are shifted (causal LM) as
+# transformers' ForCausalLMLoss does). BERT's masked LM and T5 take plain mean cross-entropy over unshifted labels.
+_LM_LOSSES: dict[str, tuple[str, bool]] = {
+    "LlamaForCausalLM": ("lm_head", True),
+    "MistralForCausalLM": ("lm_head", True),
+    "Qwen2ForCausalLM": ("lm_head", True),
+    "GPT2LMHeadModel": ("lm_head", True),
+    "BertForMaskedLM": ("cls.predictions.decoder", False),
+    "T5ForConditionalGeneration": ("lm_head", False),
+}
+
+
+def _lm_head(self: nn.Linear, x: Tensor) -> Tensor:
+    # While the model's fused loss runs, the head hands its input over instead of computing the [..., vocab] logits.
+    captured = self.__dict__.get("tk_captured")
+    if captured is None:
+        return super(type(self), self).forward(x)
+    captured.append(x)
+    return x.new_empty((*x.shape[:-1], 0))
+
+
+def _lm_with_loss(self: nn.Module, *args, **kwargs):
+    """The model's own forward, except that with labels under grad mode (training) the loss comes from
+    ``linear_cross_entropy`` on the head's input: no logits are built (``logits`` is None in the output). Without
+    labels, or under no_grad (evaluation, generation), the original forward runs and returns the logits."""
+    labels = kwargs.get("labels")
+    head = self.get_submodule(self.tk_head)
+    # The head stays converted unless someone swapped it since (then it would compute the logits it should hand over).
+    if labels is None or args or not torch.is_grad_enabled() or "tk_captured" not in head.__dict__:
+        return super(type(self), self).forward(*args, **kwargs)
+    want_tuple = kwargs.get("return_dict") is False
+    inner = {**kwargs, "labels": None, "return_dict": True}
+    if hasattr(self, "_shift_right") and kwargs.get("decoder_input_ids") is None and \
+            kwargs.get("decoder_inputs_embeds") is None:
+        inner["decoder_input_ids"] = self._shift_right(labels)  # T5 builds its decoder inputs from the labels
+    head.tk_captured = []
+    try:
+        out = super(type(self), self).forward(**inner)
+        hidden = head.tk_captured[-1]
+    finally:
+        head.tk_captured = None
+    ignore_index = kwargs.get("ignore_index", -100)
+    num_items = kwargs.get("num_items_in_batch") if self.tk_shift else None
+    target = labels
+    if self.tk_shift:
+        target = kwargs.get("shift_labels")
+        if target is None:  # position i predicts token i + 1; the last position predicts nothing
+            target = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    weight = head.weight
+    loss = ops.linear_cross_entropy(hidden.to(weight.dtype) if not torch.is_autocast_enabled(hidden.device.type) else
+                                    hidden, weight, target.to(hidden.device), head.bias, ignore_index=ignore_index,
+                                    reduction="mean" if num_items is None else "sum",
+                                    softcap=getattr(self.config, "final_logit_softcapping", None),
+                                    backend=self.tk_backend).float()
+    if num_items is not None:
+        loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+    out.loss, out.logits = loss, None
+    return out.to_tuple() if want_tuple else out
+
+
+# transformers.models.<name>.modeling_<name> modules whose attention calls the module-level
+# ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` (transformers' "rotary_pos_emb" kernel hook point) with
+# per-token ``[B, L, D]`` tables and GPT-NeoX pairs.
+_ROTARY_ATTENTIONS = {"LlamaAttention": "llama", "MistralAttention": "mistral", "Qwen2Attention": "qwen2"}
+# The backends of the converted attention modules running now (innermost last). A list, as backends._scoped, so that
+# torch.compile reads it; an unconverted model of the same class never pushes, so it keeps transformers' rotary.
+_rotary_scopes: list[str | None] = []
+
+
+def _rotary_attention(self: nn.Module, *args, **kwargs):
+    _rotary_scopes.append(self.tk_backend)
+    try:
+        return super(type(self), self).forward(*args, **kwargs)
+    finally:
+        _rotary_scopes.pop()
+
+
+def _install_rotary(modeling: object) -> None:
+    """Replaces ``modeling.apply_rotary_pos_emb`` (once) by a function that runs ``ops.rotary`` inside a converted
+    attention module and transformers' own function everywhere else."""
+    original = modeling.apply_rotary_pos_emb
+    if getattr(original, "tk_original", None) is not None:
+        return
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if not _rotary_scopes or args or kwargs.get("unsqueeze_dim", 1) != 1 or cos.dim() != 3 or \
+                len(kwargs) > ("unsqueeze_dim" in kwargs):
+            return original(q, k, cos, sin, *args, **kwargs)
+        return ops.rotary(q, k, cos, sin, backend=_rotary_scopes[-1])
+
+    apply_rotary_pos_emb.tk_original = original
+    modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+
 # ---- the swap table --------------------------------------------------------------------------------------------
 
 # class name → (fused forward, the attribute holding its activation module or None). Exact classes of
@@ -159,17 +260,20 @@ _SWAPS: dict[str, tuple[Callable, str | None]] = {
 # Layers whose fc1 takes the activation into its epilogue (the layer applies `activation_fn` to fc1's output).
 _FC1_LAYERS = {"BartEncoderLayer", "BartDecoderLayer"}
 
-_fused_classes: dict[type, type] = {}
+# (original class, fused forward) → the fused class: nn.Linear has two (BART's fc1, the LM heads).
+_fused_classes: dict[tuple[type, Callable], type] = {}
 
 
-def _fused_class(cls: type, forward: Callable) -> type:
-    """A subclass of ``cls`` with the fused forward, made once per class and importable by name (pickle)."""
-    if cls not in _fused_classes:
-        name = f"Fused{cls.__name__}"
+def _fused_class(cls: type, forward: Callable, suffix: str = "") -> type:
+    """A subclass of ``cls`` with the fused forward, made once per (class, forward) and importable by name (pickle):
+    ``Fused<class><suffix>``."""
+    key = (cls, forward)
+    if key not in _fused_classes:
+        name = f"Fused{cls.__name__}{suffix}"
         fused = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name})
         setattr(sys.modules[__name__], name, fused)
-        _fused_classes[cls] = fused
-    return _fused_classes[cls]
+        _fused_classes[key] = fused
+    return _fused_classes[key]
 
 
 def _is_ours_to_swap(m: nn.Module) -> bool:
@@ -177,8 +281,8 @@ def _is_ours_to_swap(m: nn.Module) -> bool:
     return module.startswith("transformers.models.") or type(m) is nn.LayerNorm
 
 
-def _swap(m: nn.Module, forward: Callable, backend: str | None, activation: str | None = None) -> None:
-    m.__class__ = _fused_class(type(m), forward)
+def _swap(m: nn.Module, forward: Callable, backend: str | None, activation: str | None = None, suffix: str = "") -> None:
+    m.__class__ = _fused_class(type(m), forward, suffix)
     m.tk_backend = backend
     m.tk_activation = activation
 
@@ -207,6 +311,21 @@ def convert_hf_model(model: nn.Module, backend: str | None = None) -> Counter:
             _swap(fc1, _linear_activation, backend, act)
             m.activation_fn = nn.Identity()
             swapped[f"{name}.fc1"] += 1
+        if name in _LM_LOSSES and _is_ours_to_swap(m):
+            path, shift = _LM_LOSSES[name]
+            head = m.get_submodule(path)
+            if type(head) is nn.Linear:
+                _swap(head, _lm_head, backend, suffix="LMHead")
+                head.tk_captured = None
+                _swap(m, _lm_with_loss, backend)
+                m.tk_head, m.tk_shift = path, shift
+                swapped[f"{name} loss"] += 1
+            continue
+        if name in _ROTARY_ATTENTIONS and _is_ours_to_swap(m):
+            _install_rotary(sys.modules[type(m).__module__])
+            _swap(m, _rotary_attention, backend)
+            swapped[f"{name} rotary"] += 1
+            continue
         if name not in _SWAPS or not _is_ours_to_swap(m):
             continue
         forward, act_attr = _SWAPS[name]
