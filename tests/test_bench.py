@@ -100,3 +100,22 @@ def test_hf_train_step_cases_run_with_a_fake_timer(monkeypatch):
     (shape, impl, tps, _), *_ = bench_hf.tokens_per_second(rows)
     assert (shape, impl) == ("tiny-llama", impls[0]) and tps == 2 * 16 / 4e-3
     assert "tokens/s" in bench_hf.format_tokens_per_second(rows)
+
+
+def test_lm_head_and_rotary_cases_run(monkeypatch):
+    # The GPU benchmark's new cases at toy sizes on the CPU: each maker builds a step that runs forward and backward
+    # on our kernels and on the torch peer; the loss of the fused op equals the unfused pair's.
+    monkeypatch.setattr(bench, "LM_HEAD_TOKENS", 6)
+    monkeypatch.setattr(bench, "LM_HEAD_HIDDEN", 8)
+    monkeypatch.setattr(bench, "LM_HEAD_VOCABS", (40,))
+    monkeypatch.setattr(bench, "ROTARY_SHAPE", (1, 3, 2, 1, 16))
+    device = torch.device("cpu")
+    ours = "triton" if INTERPRETED else "cuda"
+    cases = [c for c in bench.lm_head_cases(torch.float32) + bench.rotary_cases(torch.float32)
+             if c.impl in (ours, "torch")]
+    assert {(c.op, c.impl) for c in cases} == {(op, impl) for op in ("linear_cross_entropy", "rotary")
+                                               for impl in (ours, "torch")}
+    for c in cases:
+        bench._step(c.make(device), c.backward)()
+    losses = [c.make(device)().item() for c in cases if c.op == "linear_cross_entropy"]
+    assert abs(losses[0] - losses[1]) < 1e-5

@@ -126,7 +126,9 @@ def test_attention_matches_the_reference(backend, case, device):
 
 @st.composite
 def softmax_cases(draw):
-    lead, lq, lk = draw(st.tuples(SMALL, SMALL)), draw(LENGTHS), draw(LENGTHS)
+    # The second leading dim 1 or 2 (broadcast or not): the interpreted kernel costs per row, and 5 × 5 × 67 rows made
+    # this the suite's slowest test without covering more than 5 × 2 × 67 does.
+    lead, lq, lk = draw(st.tuples(SMALL, st.sampled_from([1, 2]))), draw(LENGTHS), draw(LENGTHS)
     shape = (*lead, lq, lk)
     mask_shape = draw(st.sampled_from([None, shape, (lq, lk), (lk,), (lead[0], 1, 1, lk), (1, lead[1], lq, 1)]))
     return dict(shape=shape, dtype=draw(DTYPES), layout=draw(LAYOUTS), mask_shape=mask_shape,

@@ -41,7 +41,7 @@ def _empty(t: Tensor) -> Tensor:
 @custom_op("transformer_kernels::linear_cross_entropy")
 def _linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, row_scale: Tensor | None,
                           ignore_index: int, label_smoothing: float, softcap: float | None, reduction: str,
-                          need_dx: bool, need_dw: bool, need_db: bool, backend: str
+                          need_dx: bool, need_dw: bool, need_db: bool, fp32_dweight: bool, backend: str
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x ``[N, H]``, weight ``[V, H]``, bias ``[V]``, target int64 ``[N]``. Returns (loss, dx, dweight, dbias): the
     loss reduced as asked, in x's dtype; each gradient asked for (else empty) scaled by ``row_scale`` (fp32 ``[N]``)
@@ -60,9 +60,13 @@ def _linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, target
             (1.0 / count.float()).reshape(1) if count is not None else loss_rows.new_ones(1)
     low_precision = x.dtype != torch.float32
     dx = torch.empty_like(x) if need_dx else _empty(x)
-    # fp32 accumulators across chunks: each chunk's product is rounded once, the sum is not (a bf16 running sum would
-    # round once per chunk).
-    dw_acc = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_dw else None
+    # dW sums every chunk's product. fp32_dweight: in an fp32 buffer (each product rounded once, the sum not: as
+    # accurate as the unfused pair's one GEMM), 4 bytes per weight more than the gradient itself; else in place in
+    # the weight's dtype (cuBLAS adds each product with beta = 1: one rounding of the running sum per chunk, what
+    # Liger-Kernel does by default).
+    acc_fp32 = low_precision and fp32_dweight
+    dw_acc = torch.zeros(weight.shape, dtype=torch.float32 if acc_fp32 else weight.dtype, device=x.device) \
+        if need_dw else None
     db_acc = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if need_db else None
     chunk = chunk_rows(n, weight.shape[0], weight.shape[1])
     w_t = weight.t()
@@ -78,7 +82,7 @@ def _linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, target
             if need_dx:
                 torch.mm(logits, weight, out=dx[rows])
             if dw_acc is not None:
-                if low_precision:
+                if acc_fp32:
                     dw_acc.add_(torch.mm(logits.t(), xc))
                 else:
                     dw_acc.addmm_(logits.t(), xc)
@@ -96,7 +100,7 @@ def _linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, target
 
 @_linear_cross_entropy.register_fake
 def _(x, weight, bias, target, row_scale, ignore_index, label_smoothing, softcap, reduction, need_dx, need_dw,
-      need_db, backend):
+      need_db, fp32_dweight, backend):
     loss = x.new_empty((x.shape[0],) if reduction == "none" else ())
     return (loss, x.new_empty(x.shape if need_dx else (0,)), x.new_empty(weight.shape if need_dw else (0,)),
             x.new_empty(weight.shape[:1] if need_db else (0,)))
@@ -104,13 +108,13 @@ def _(x, weight, bias, target, row_scale, ignore_index, label_smoothing, softcap
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, target, _, ignore_index, label_smoothing, softcap, reduction, need_dx, need_dw, need_db, \
-        backend = inputs
+        fp32_dweight, backend = inputs
     _, dx, dw, db = output
     ctx.reduction = reduction
     if reduction == "none":
         # Nothing was formed in the forward pass: the backward recomputes with each row's grad_output.
         ctx.save_for_backward(x, weight, bias, target)
-        ctx.args = (ignore_index, label_smoothing, softcap, backend)
+        ctx.args = (ignore_index, label_smoothing, softcap, fp32_dweight, backend)
     else:
         ctx.save_for_backward(dx, dw, db)
         ctx.needs = (need_dx, need_dw, need_db)
@@ -120,15 +124,15 @@ def _backward(ctx, grad: Tensor, *_):
     if ctx.reduction == "none":
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         x, weight, bias, target = ctx.saved_tensors
-        ignore_index, label_smoothing, softcap, backend = ctx.args
+        ignore_index, label_smoothing, softcap, fp32_dweight, backend = ctx.args
         _, dx, dw, db = call(_linear_cross_entropy, x, weight, bias, target, grad.float().contiguous(), ignore_index,
-                             label_smoothing, softcap, "none", need_dx, need_dw, need_db, backend)
+                             label_smoothing, softcap, "none", need_dx, need_dw, need_db, fp32_dweight, backend)
     else:
         need_dx, need_dw, need_db = ctx.needs
         # The gradients were formed for grad_output 1: a scalar loss's grad_output scales them (out of place: the saved
         # ones must survive a retain_graph backward).
         dx, dw, db = (t * grad.to(t.dtype) for t in ctx.saved_tensors)
-    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, *([None] * 10))
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, *([None] * 11))
 
 
 register_autograd(_linear_cross_entropy, _backward, _setup_context)
@@ -161,7 +165,8 @@ def _check(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, label
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
                          ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
-                         softcap: float | None = None, *, backend: str | None = None) -> Tensor:
+                         softcap: float | None = None, *, fp32_dweight: bool = True, backend: str | None = None
+                         ) -> Tensor:
     """``F.cross_entropy(F.linear(x, weight, bias), target, ignore_index=…, label_smoothing=…, reduction=…)`` without
     building the ``[tokens, vocab]`` logits on the kernel backends (see the module docstring).
 
@@ -169,7 +174,10 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor
     target ``[...]`` int64/int32 class indices (``ignore_index`` rows count for nothing: a "mean" over no rows is NaN,
     as in torch). ``softcap``: the logits are capped to ``softcap·tanh(z / softcap)`` first (Gemma 2). Softmax and the
     loss in fp32; returns the loss in x's dtype: a scalar, or ``[...]`` for ``reduction="none"``. Gradients for x,
-    weight and bias; a target outside ``[0, V)`` that is not ignored gives NaN on the kernel backends."""
+    weight and bias; a target outside ``[0, V)`` that is not ignored gives NaN on the kernel backends.
+    ``fp32_dweight``: the kernel backends sum the chunks' dW in fp32 (as accurate as one GEMM; 4 bytes per weight
+    element more memory); False sums them in the weight's dtype (Liger-Kernel's default: less memory, one rounding
+    per chunk). fp32 weights are summed in fp32 either way."""
     _check(x, weight, target, bias, label_smoothing, reduction, softcap)
     x, weight, bias = cast_all(autocast_dtype(x), x, weight, bias)
     needs = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
@@ -183,5 +191,5 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor
         forms_grads = training and reduction != "none"
         loss = call(_linear_cross_entropy, rows, weight, bias, flat_target, None, int(ignore_index),
                     float(label_smoothing), None if softcap is None else float(softcap), reduction,
-                    *(forms_grads and need for need in needs), name)[0]
+                    *(forms_grads and need for need in needs), bool(fp32_dweight), name)[0]
     return loss.view(target.shape) if reduction == "none" else loss

@@ -478,6 +478,102 @@ def quick_cases(dtype: torch.dtype = torch.float16) -> list[Case]:
     return out
 
 
+# A Llama-3-8B-like language-model head: 8192 tokens of width 4096 against a 32k (Llama 2) and a 128k (Llama 3)
+# vocabulary; its loss step's peak memory is the issue (the unfused pair's fp32 logits alone are 4 GiB at 128k).
+LM_HEAD_TOKENS, LM_HEAD_HIDDEN, LM_HEAD_VOCABS = 8192, 4096, (32768, 131072)
+
+
+def _liger_linear_cross_entropy():
+    """Liger-Kernel's fused linear cross-entropy function when it is importable, else None."""
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    except ImportError:
+        return None
+    return lambda x, w, t: LigerFusedLinearCrossEntropyFunction.apply(x, w, t)[0]
+
+
+def _lm_head_maker(impl: str, vocab: int, dtype: torch.dtype):
+    def make(device: torch.device) -> Callable[[], torch.Tensor]:
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(LM_HEAD_TOKENS, LM_HEAD_HIDDEN, device=device, dtype=dtype, generator=g).requires_grad_()
+        w = (torch.randn(vocab, LM_HEAD_HIDDEN, device=device, dtype=dtype, generator=g) * 0.02).requires_grad_()
+        target = torch.randint(0, vocab, (LM_HEAD_TOKENS,), device=device, generator=g)
+        if impl in KERNEL_IMPLS:
+            return lambda: ops.linear_cross_entropy(x, w, target, backend=impl)
+        if impl == "torch-lce":
+            return lambda: F.linear_cross_entropy(x, w, target)
+        if impl == "liger":
+            fn = _liger_linear_cross_entropy()
+            return lambda: fn(x, w, target)
+        return lambda: F.cross_entropy(F.linear(x, w).float(), target)  # the unfused pair, as transformers computes it
+    return make
+
+
+def lm_head_cases(dtype: torch.dtype = torch.bfloat16) -> list[Case]:
+    """The LM head's loss step (forward + backward; tokens/s = seq_len / time) for each vocabulary: ours against the
+    unfused pair, torch's F.linear_cross_entropy (when torch has it) and Liger-Kernel's (when importable); the
+    Timing's peak_mib is the memory figure."""
+    peers = ["torch", *(["torch-lce"] if hasattr(F, "linear_cross_entropy") else []),
+             *(["liger"] if _liger_linear_cross_entropy() else [])]
+    out = []
+    for vocab in LM_HEAD_VOCABS:
+        flops = 3 * 2 * LM_HEAD_TOKENS * LM_HEAD_HIDDEN * vocab
+        io = 2 * (LM_HEAD_TOKENS * LM_HEAD_HIDDEN + vocab * LM_HEAD_HIDDEN) * 2
+        for impl in (*KERNEL_IMPLS, *peers):
+            out.append(Case("linear_cross_entropy", impl, f"{LM_HEAD_HIDDEN}x{vocab // 1024}k", LM_HEAD_TOKENS, True,
+                            flops, io, _lm_head_maker(impl, vocab, dtype)))
+    return out
+
+
+def _rotate_half(t: torch.Tensor) -> torch.Tensor:
+    half = t.shape[-1] // 2
+    return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+
+
+# (batch, length, query heads, key heads, head dim) of the rotary benchmark: Llama-3-8B's attention, 8 × 1024 tokens.
+ROTARY_SHAPE = (8, 1024, 32, 8, 128)
+
+
+def _rotary_maker(impl: str, dtype: torch.dtype, backward: bool):
+    def make(device: torch.device) -> Callable[[], torch.Tensor]:
+        b, length, h, hkv, d = ROTARY_SHAPE
+        q = torch.randn(b, length, h, d, device=device, dtype=dtype, requires_grad=backward)
+        k = torch.randn(b, hkv, length, d, device=device, dtype=dtype, requires_grad=backward)
+        angles = torch.rand(b, length, d, device=device)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        qt = q.transpose(1, 2)  # transformers' layout: the projection seen as [B, H, L, D]
+        if impl in KERNEL_IMPLS:
+            return lambda: sum(t.sum() for t in ops.rotary(qt, k, cos, sin, backend=impl)) if backward else \
+                ops.rotary(qt, k, cos, sin, backend=impl)[0]
+        c, s_ = cos.unsqueeze(1), sin.unsqueeze(1)
+        if impl == "liger":
+            from liger_kernel.ops.rope import LigerRopeFunction
+
+            def run():
+                return LigerRopeFunction.apply(qt, k, cos, sin)
+        else:  # transformers' apply_rotary_pos_emb, eager
+
+            def run():
+                return qt * c + _rotate_half(qt) * s_, k * c + _rotate_half(k) * s_
+        return (lambda: sum(t.sum() for t in run())) if backward else (lambda: run()[0])
+    return make
+
+
+def rotary_cases(dtype: torch.dtype = torch.bfloat16) -> list[Case]:
+    """Rotary embedding of ROTARY_SHAPE: ours against transformers' eager formula and Liger-Kernel's (when
+    importable); GB/s of q and k read and written."""
+    try:
+        import liger_kernel.ops.rope  # noqa: F401
+
+        peers = ("torch", "liger")
+    except ImportError:
+        peers = ("torch",)
+    b, length, h, hkv, d = ROTARY_SHAPE
+    io = 2 * 2 * b * length * (h + hkv) * d  # q and k, read once and written once, 2 bytes each
+    return [Case("rotary", impl, f"{h}+{hkv} heads D{d}", b * length, backward, 0.0, io * (2 if backward else 1),
+                 _rotary_maker(impl, dtype, backward)) for backward in (False, True) for impl in (*KERNEL_IMPLS, *peers)]
+
+
 def compare_to_baselines(rows: list[Timing]) -> list[tuple[str, str, str, float, float, str]]:
     """Per benchmark case (op, shape, pass): our faster backend's TFLOP/s (or GB/s), the best PyTorch-side
     baseline's, and the speed ratio (> 1: ours is faster). Returns (case, ours, best baseline, our figure,
