@@ -68,7 +68,9 @@ def _linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, target
     dw_acc = torch.zeros(weight.shape, dtype=torch.float32 if acc_fp32 else weight.dtype, device=x.device) \
         if need_dw else None
     db_acc = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if need_db else None
-    chunk = chunk_rows(n, weight.shape[0], weight.shape[1])
+    vocab, hidden = weight.shape
+    chunk = chunk_rows(n, vocab, hidden)
+    slab = max(1, math.ceil(min(chunk, n) * vocab / max(hidden, 1)))  # dW rows whose product has a chunk's size
     w_t = weight.t()
     with backends.on_device(x):
         for start in range(0, n, chunk):
@@ -83,7 +85,10 @@ def _linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, target
                 torch.mm(logits, weight, out=dx[rows])
             if dw_acc is not None:
                 if acc_fp32:
-                    dw_acc.add_(torch.mm(logits.t(), xc))
+                    # In slabs of vocabulary rows: the low-precision product and its fp32 conversion inside add_ are
+                    # then slab-sized (about the chunk of logits) instead of weight-sized (6 bytes per weight).
+                    for v0 in range(0, vocab, slab):
+                        dw_acc[v0:v0 + slab].add_(torch.mm(logits[:, v0:v0 + slab].t(), xc))
                 else:
                     dw_acc.addmm_(logits.t(), xc)
             if db_acc is not None:

@@ -525,6 +525,44 @@ def lm_head_cases(dtype: torch.dtype = torch.bfloat16) -> list[Case]:
     return out
 
 
+def lm_head_memory(device: torch.device, tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
+                   ) -> list[tuple[str, float]]:
+    """(implementation, peak MiB) of one LM-head loss step (forward + backward, the gradients of x and the weight)
+    beyond its inputs: ours (fp32 and weight-dtype dW sums) and the unfused pair as transformers computes it. On a
+    GPU max_memory_allocated; on the CPU the profiler's allocation events, with our kernel launches stubbed (a kernel
+    allocates nothing; the GEMMs and every allocation around them run for real)."""
+    from . import testing
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=g).requires_grad_()
+    w = (torch.randn(vocab, hidden, device=device, dtype=dtype, generator=g) * 0.02).requires_grad_()
+    target = torch.randint(0, vocab, (tokens,), device=device, generator=g)
+    ours = "triton" if device.type == "cuda" else "cuda"
+    steps = {f"{ours} (fp32 dW sum)": lambda: ops.linear_cross_entropy(x, w, target, backend=ours),
+             f"{ours} (dW summed in {str(dtype).removeprefix('torch.')})":
+                 lambda: ops.linear_cross_entropy(x, w, target, fp32_dweight=False, backend=ours),
+             "unfused pair": lambda: F.cross_entropy(F.linear(x, w).float(), target)}
+    out = []
+    for name, loss in steps.items():
+        def step(loss=loss):
+            loss().backward()
+            x.grad = w.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) - base
+        else:
+            from .bench_host import stubbed_launches
+
+            with stubbed_launches():
+                peak = testing.peak_allocated_bytes(step)
+        out.append((name, peak / 2**20))
+    return out
+
+
 def _rotate_half(t: torch.Tensor) -> torch.Tensor:
     half = t.shape[-1] // 2
     return torch.cat((-t[..., half:], t[..., :half]), dim=-1)

@@ -117,6 +117,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         over = [r for r in rows if r.ratio > r.target]
         print(f"\n{len(rows) - len(over)}/{len(rows)} rows within their targets; appended to {path}")
         return 0
+    if args.memory:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        tokens, hidden = (bench.LM_HEAD_TOKENS, bench.LM_HEAD_HIDDEN) if device.type == "cuda" else (2048, 256)
+        print(f"LM-head loss step (forward + backward), peak memory beyond the inputs, {tokens} tokens x {hidden}, "
+              f"bf16, on {device.type}")
+        for vocab in bench.LM_HEAD_VOCABS:
+            rows = bench.lm_head_memory(device, tokens, hidden, vocab, torch.bfloat16)
+            pair = rows[-1][1]
+            for name, mib in rows:
+                print(f"  vocab {vocab:>6}  {name:28} {mib:9.1f} MiB  {mib / pair:6.1%} of the unfused pair")
+        return 0
     if torch.cuda.is_available() and not args.static:
         seq_lens = (512, 1024) if args.quick else bench.SEQ_LENS
         table, csv_path, png = bench.gpu_report(torch.device("cuda"), out_dir, seq_lens=seq_lens)
@@ -155,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--static", action="store_true", help="the static report even on a GPU machine")
     p.add_argument("--host", action="store_true",
                    help="host time per op call against PyTorch's op (kernel launches stubbed without a GPU)")
+    p.add_argument("--memory", action="store_true",
+                   help="peak memory of the fused LM-head loss against the unfused pair (CPU: launches stubbed)")
     p.add_argument("--out", default=None, help="folder for the CSV and PNG files (default: $TK_BENCH_DIR or bench_results)")
     p.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
