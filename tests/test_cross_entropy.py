@@ -116,6 +116,21 @@ def test_dweight_summed_in_the_weights_dtype(backend, device):
     assert peak_allocated_bytes(step(True)) - peak_allocated_bytes(step(False)) >= 100 * 16 * 2
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_retain_graph_and_grad_outputs(backend, device):
+    # The gradients formed in the forward pass are scaled by each backward's grad_output, never in place: a second
+    # and third backward through the same graph (retain_graph) add the right amounts.
+    x, w, _, target = data(10, 8, 30, torch.float32, device)
+    x.requires_grad_(), w.requires_grad_()
+    loss = tk.ops.linear_cross_entropy(x, w, target, backend=backend)
+    loss.backward(torch.tensor(2.0, device=device), retain_graph=True)
+    first = x.grad.clone(), w.grad.clone()
+    loss.backward(torch.tensor(5.0, device=device), retain_graph=True)
+    loss.backward(torch.tensor(-1.0, device=device))
+    torch.testing.assert_close(x.grad, first[0] * 3, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w.grad, first[1] * 3, rtol=1e-6, atol=1e-7)
+
+
 def test_bad_inputs(device):
     x, w, b, target = data(4, 8, 10, torch.float32, device)
     with pytest.raises(ValueError, match="weight must be"):
