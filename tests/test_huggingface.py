@@ -138,6 +138,28 @@ def test_training_loss_builds_no_logits_and_rotary_runs_only_in_converted_models
         assert ours(**b.inputs, labels=labels).logits.shape == (2, 11, hft.VOCAB)
 
 
+def test_gemma2_final_logit_softcap_reaches_the_fused_loss():
+    # Gemma 2 caps its logits (final_logit_softcapping) after the head: the fused loss caps them in the kernel.
+    # Its attention softcap is off here (our attention refuses one by name).
+    cfg = transformers.Gemma2Config(vocab_size=hft.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    final_logit_softcapping=3.0, attn_logit_softcapping=None,
+                                    max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    eager = transformers.Gemma2ForCausalLM(cfg)
+    ours = tk.convert(copy.deepcopy(eager), backend="triton")
+    assert {"Gemma2ForCausalLM loss", "Gemma2Attention rotary"} <= set(ours.tk_swapped)
+    ids = torch.randint(3, hft.VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for model in (eager, ours):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        losses.append((out.loss, model.lm_head.weight.grad, model.model.embed_tokens.weight.grad))
+    for mine, theirs in zip(losses[1], losses[0], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
 def test_unknown_and_subclassed_modules_are_left_alone():
     # A user's subclass, even one named like ours, may change forward: never swapped.
     user_norm = type("LayerNorm", (nn.LayerNorm,), {})

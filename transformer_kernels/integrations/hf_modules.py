@@ -16,9 +16,10 @@ What is swapped (matched by exact class, so a user subclass with its own forward
   becomes the identity);
 - T5: ``T5DenseActDense`` and ``T5DenseGatedActDense`` (gated GELU through ``gated_linear``);
 - Llama/Mistral/Qwen2 ``*MLP``: swiglu through ``gated_linear``, then ``down_proj``;
-- Llama/Mistral/Qwen2 attention: ``apply_rotary_pos_emb`` runs ``rotary`` (q and k in one launch);
-- the causal-LM (Llama, Mistral, Qwen2, GPT-2), masked-LM (BERT) and T5 losses: with labels in training the loss is
-  ``linear_cross_entropy`` of the head's input, and the ``[tokens, vocab]`` logits are never built.
+- Llama/Mistral/Qwen2/Qwen3/Gemma 1-3 attention: ``apply_rotary_pos_emb`` runs ``rotary`` (q and k in one launch);
+- the causal-LM (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, GPT-2), masked-LM (BERT) and T5 losses: with labels in
+  training the loss is ``linear_cross_entropy`` of the head's input, and the ``[tokens, vocab]`` logits are never
+  built.
 """
 
 from __future__ import annotations
@@ -68,13 +69,13 @@ def _same_dtype(x: Tensor, *params: Tensor | None) -> bool:
 
 def _layer_norm(self: nn.LayerNorm, x: Tensor) -> Tensor:
     if len(self.normalized_shape) != 1 or not _same_dtype(x, self.weight, self.bias):
-        return super(type(self), self).forward(x)
+        return self.tk_original_forward(x)
     return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self.tk_backend)
 
 
 def _rms_norm(self: nn.Module, x: Tensor) -> Tensor:
     if not _same_dtype(x, self.weight):
-        return super(type(self), self).forward(x)
+        return self.tk_original_forward(x)
     return ops.rms_norm(x, self.weight, self.variance_epsilon, backend=self.tk_backend)
 
 
@@ -82,7 +83,7 @@ def _dense_dropout_residual_norm(self: nn.Module, hidden_states: Tensor, input_t
     # BERT's LayerNorm(dropout(dense(h)) + input): dropout in the GEMM epilogue, the residual add in the norm.
     dense, norm = self.dense, self.LayerNorm
     if not _same_dtype(hidden_states, dense.weight, norm.weight) or input_tensor.dtype != hidden_states.dtype:
-        return super(type(self), self).forward(hidden_states, input_tensor)
+        return self.tk_original_forward(hidden_states, input_tensor)
     h = ops.linear(hidden_states, dense.weight, dense.bias, dropout_p=_dropout(self, self.dropout.p),
                    backend=self.tk_backend)
     return ops.layer_norm(h, norm.weight, norm.bias, norm.eps, residual=input_tensor, backend=self.tk_backend)
@@ -90,13 +91,13 @@ def _dense_dropout_residual_norm(self: nn.Module, hidden_states: Tensor, input_t
 
 def _dense_activation(self: nn.Module, hidden_states: Tensor) -> Tensor:
     if not _same_dtype(hidden_states, self.dense.weight):
-        return super(type(self), self).forward(hidden_states)
+        return self.tk_original_forward(hidden_states)
     return ops.linear(hidden_states, self.dense.weight, self.dense.bias, self.tk_activation, backend=self.tk_backend)
 
 
 def _gpt2_mlp(self: nn.Module, hidden_states: Tensor) -> Tensor:
     if not _same_dtype(hidden_states, self.c_fc.weight, self.c_proj.weight):
-        return super(type(self), self).forward(hidden_states)
+        return self.tk_original_forward(hidden_states)
     # Conv1D computes x @ W + b with W [in, out]: W.T is the [out, in] the GEMM takes, a view.
     h = ops.linear(hidden_states, self.c_fc.weight.t(), self.c_fc.bias, self.tk_activation, backend=self.tk_backend)
     return ops.linear(h, self.c_proj.weight.t(), self.c_proj.bias, dropout_p=_dropout(self, self.dropout.p),
@@ -106,7 +107,7 @@ def _gpt2_mlp(self: nn.Module, hidden_states: Tensor) -> Tensor:
 def _linear_activation(self: nn.Linear, x: Tensor) -> Tensor:
     # BART's fc1 with the layer's activation moved into its epilogue.
     if not _same_dtype(x, self.weight, self.bias):
-        return self.tk_activation_module(super(type(self), self).forward(x))
+        return self.tk_activation_module(self.tk_original_forward(x))
     return ops.linear(x, self.weight, self.bias, self.tk_activation, backend=self.tk_backend)
 
 
@@ -119,7 +120,7 @@ def _t5_output(self: nn.Module, h: Tensor) -> Tensor:
 
 def _t5_dense(self: nn.Module, hidden_states: Tensor) -> Tensor:
     if not _same_dtype(hidden_states, self.wi.weight):
-        return super(type(self), self).forward(hidden_states)
+        return self.tk_original_forward(hidden_states)
     h = ops.linear(hidden_states, self.wi.weight, self.wi.bias, self.tk_activation,
                    dropout_p=_dropout(self, self.dropout.p), backend=self.tk_backend)
     return _t5_output(self, h)
@@ -127,7 +128,7 @@ def _t5_dense(self: nn.Module, hidden_states: Tensor) -> Tensor:
 
 def _t5_gated(self: nn.Module, hidden_states: Tensor) -> Tensor:
     if not _same_dtype(hidden_states, self.wi_0.weight, self.wi_1.weight):
-        return super(type(self), self).forward(hidden_states)
+        return self.tk_original_forward(hidden_states)
     h = ops.gated_linear(hidden_states, self.wi_0.weight, self.wi_1.weight, self.wi_0.bias, self.wi_1.bias,
                          self.tk_activation, backend=self.tk_backend)
     return _t5_output(self, self.dropout(h))
@@ -136,7 +137,7 @@ def _t5_gated(self: nn.Module, hidden_states: Tensor) -> Tensor:
 def _gated_mlp(self: nn.Module, x: Tensor) -> Tensor:
     g, u, d = self.gate_proj, self.up_proj, self.down_proj
     if not _same_dtype(x, g.weight, u.weight, d.weight):
-        return super(type(self), self).forward(x)
+        return self.tk_original_forward(x)
     h = ops.gated_linear(x, g.weight, u.weight, g.bias, u.bias, self.tk_activation, backend=self.tk_backend)
     return ops.linear(h, d.weight, d.bias, backend=self.tk_backend)
 
@@ -149,6 +150,10 @@ _LM_LOSSES: dict[str, tuple[str, bool]] = {
     "LlamaForCausalLM": ("lm_head", True),
     "MistralForCausalLM": ("lm_head", True),
     "Qwen2ForCausalLM": ("lm_head", True),
+    "Qwen3ForCausalLM": ("lm_head", True),
+    "GemmaForCausalLM": ("lm_head", True),
+    "Gemma2ForCausalLM": ("lm_head", True),  # final_logit_softcapping becomes the op's softcap
+    "Gemma3ForCausalLM": ("lm_head", True),
     "GPT2LMHeadModel": ("lm_head", True),
     "BertForMaskedLM": ("cls.predictions.decoder", False),
     "T5ForConditionalGeneration": ("lm_head", False),
@@ -159,7 +164,7 @@ def _lm_head(self: nn.Linear, x: Tensor) -> Tensor:
     # While the model's fused loss runs, the head hands its input over instead of computing the [..., vocab] logits.
     captured = self.__dict__.get("tk_captured")
     if captured is None:
-        return super(type(self), self).forward(x)
+        return self.tk_original_forward(x)
     captured.append(x)
     return x.new_empty((*x.shape[:-1], 0))
 
@@ -172,7 +177,7 @@ def _lm_with_loss(self: nn.Module, *args, **kwargs):
     head = self.get_submodule(self.tk_head)
     # The head stays converted unless someone swapped it since (then it would compute the logits it should hand over).
     if labels is None or args or not torch.is_grad_enabled() or "tk_captured" not in head.__dict__:
-        return super(type(self), self).forward(*args, **kwargs)
+        return self.tk_original_forward(*args, **kwargs)
     want_tuple = kwargs.get("return_dict") is False
     inner = {**kwargs, "labels": None, "return_dict": True}
     if hasattr(self, "_shift_right") and kwargs.get("decoder_input_ids") is None and \
@@ -180,7 +185,7 @@ def _lm_with_loss(self: nn.Module, *args, **kwargs):
         inner["decoder_input_ids"] = self._shift_right(labels)  # T5 builds its decoder inputs from the labels
     head.tk_captured = []
     try:
-        out = super(type(self), self).forward(**inner)
+        out = self.tk_original_forward(**inner)
         hidden = head.tk_captured[-1]
     finally:
         head.tk_captured = None
@@ -191,9 +196,9 @@ def _lm_with_loss(self: nn.Module, *args, **kwargs):
         target = kwargs.get("shift_labels")
         if target is None:  # position i predicts token i + 1; the last position predicts nothing
             target = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    weight = head.weight
-    loss = ops.linear_cross_entropy(hidden.to(weight.dtype) if not torch.is_autocast_enabled(hidden.device.type) else
-                                    hidden, weight, target.to(hidden.device), head.bias, ignore_index=ignore_index,
+    if hidden.dtype != head.weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(head.weight.dtype)  # as the head's Linear would need (under autocast the op casts)
+    loss = ops.linear_cross_entropy(hidden, head.weight, target.to(hidden.device), head.bias, ignore_index=ignore_index,
                                     reduction="mean" if num_items is None else "sum",
                                     softcap=getattr(self.config, "final_logit_softcapping", None),
                                     backend=self.tk_backend).float()
@@ -206,7 +211,8 @@ def _lm_with_loss(self: nn.Module, *args, **kwargs):
 # transformers.models.<name>.modeling_<name> modules whose attention calls the module-level
 # ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` (transformers' "rotary_pos_emb" kernel hook point) with
 # per-token ``[B, L, D]`` tables and GPT-NeoX pairs.
-_ROTARY_ATTENTIONS = {"LlamaAttention": "llama", "MistralAttention": "mistral", "Qwen2Attention": "qwen2"}
+_ROTARY_ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention",
+                      "Gemma2Attention", "Gemma3Attention"}
 # The backends of the converted attention modules running now (innermost last). A list, as backends._scoped, so that
 # torch.compile reads it; an unconverted model of the same class never pushes, so it keeps transformers' rotary.
 _rotary_scopes: list[str | None] = []
@@ -215,7 +221,7 @@ _rotary_scopes: list[str | None] = []
 def _rotary_attention(self: nn.Module, *args, **kwargs):
     _rotary_scopes.append(self.tk_backend)
     try:
-        return super(type(self), self).forward(*args, **kwargs)
+        return self.tk_original_forward(*args, **kwargs)
     finally:
         _rotary_scopes.pop()
 
@@ -270,7 +276,10 @@ def _fused_class(cls: type, forward: Callable, suffix: str = "") -> type:
     key = (cls, forward)
     if key not in _fused_classes:
         name = f"Fused{cls.__name__}{suffix}"
-        fused = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+        # tk_original_forward: the fused forwards' way back to the original one. Not super(type(self), self): FSDP2's
+        # fully_shard subclasses the module's class again, and type(self) would then lead back to the fused forward.
+        fused = type(name, (cls,), {"forward": forward, "tk_original_forward": cls.forward, "__module__": __name__,
+                                    "__qualname__": name})
         setattr(sys.modules[__name__], name, fused)
         _fused_classes[key] = fused
     return _fused_classes[key]

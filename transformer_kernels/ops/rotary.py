@@ -131,27 +131,22 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor 
     if inplace and training:
         raise ValueError("inplace=True rotary cannot be differentiated (q or k requires grad): use inplace=False")
     name = backends.resolve_for(OP, FAMILY, q.device, backend, q, training=training)
-    if name == "torch":
-        q_rot, k_rot = eager.rotary(q, k, _per_token(cos, *q.shape[0:3:2], 3) if position_ids is None else cos,
-                                    _per_token(sin, *q.shape[0:3:2], 3) if position_ids is None else sin,
-                                    None if position_ids is None else _per_token(position_ids, *q.shape[0:3:2], 2),
-                                    interleaved)
-        if inplace:
-            return q.copy_(q_rot), k.copy_(k_rot)
-        return q_rot, k_rot
     b, seq = q.shape[0], q.shape[2]
     if position_ids is None:
         cos, sin = _per_token(cos, b, seq, 3), _per_token(sin, b, seq, 3)
     else:
         position_ids = _per_token(position_ids, b, seq, 2)
+    if name == "torch":
+        q_rot, k_rot = eager.rotary(q, k, cos, sin, position_ids, interleaved)
+        return (q.copy_(q_rot), k.copy_(k_rot)) if inplace else (q_rot, k_rot)
+    if cos.dtype == torch.float64:  # the kernels read fp32/fp16/bf16 tables
+        cos, sin = cos.float(), sin.float()
     cos, sin = unit_last_stride(cos), unit_last_stride(sin)
-    if cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    if cos.stride() != sin.stride() or cos.dtype != sin.dtype:
+        cos, sin = cos.contiguous(), sin.to(cos.dtype).contiguous()
     if inplace and q.stride(-1) == 1 and k.stride(-1) == 1:
         call(_rotary_inplace, q, k, cos, sin, position_ids, bool(interleaved), name)
         return q, k
     q_rot, k_rot = call(_rotary, unit_last_stride(q), unit_last_stride(k), cos, sin, position_ids, bool(interleaved),
                         name)
-    if inplace:
-        return q.copy_(q_rot), k.copy_(k_rot)
-    return q_rot, k_rot
+    return (q.copy_(q_rot), k.copy_(k_rot)) if inplace else (q_rot, k_rot)
