@@ -154,3 +154,26 @@ def test_opcheck(backend, device):
     for reduction, needs in (("mean", (True, True, True)), ("none", (False, False, False))):
         torch.library.opcheck(op, (x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(),
                                    target, None, -100, 0.1, 2.0, reduction, *needs, True, backend))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph_with_rotary(backend, device):
+    # A Llama-like tail in one compiled graph: rotary on q and k, then the fused loss over the rotated features;
+    # forward and backward through the custom ops (fake impls, autograd), no graph break.
+    torch._dynamo.reset()
+    x, w, _, target = data(2 * 6, 16, 40, torch.float32, device)
+    angles = torch.rand(6, 8, generator=torch.Generator().manual_seed(5)).repeat(1, 2).to(device)
+    cos, sin = angles.cos(), angles.sin()
+
+    def step(x, w):
+        q, k = tk.ops.rotary(x.view(2, 1, 6, 16), x.view(2, 1, 6, 16) * 0.5, cos, sin, backend=backend)
+        return tk.ops.linear_cross_entropy((q + k).view(12, 16), w, target, label_smoothing=0.1, backend=backend)
+
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(xg, wg)
+        loss.backward()
+        grads.append((loss.detach(), xg.grad, wg.grad))
+    for eager, compiled in zip(*grads, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
