@@ -7,11 +7,19 @@ import torch.nn.functional as F
 
 import transformer_kernels as tk
 from transformer_kernels import reference
+from transformer_kernels.ops import cross_entropy
 from transformer_kernels.ops.cross_entropy import chunk_rows
 from transformer_kernels.tools.testing import assert_rows, compare, peak_allocated_bytes
 
 BACKENDS = ["triton", "cuda", "torch"]
 KERNEL_BACKENDS = ["triton", "cuda"]
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    # The sizes here fit one chunk of MIN_CHUNK_LOGITS: chunked as a large vocabulary would be (about x's size of
+    # logits per chunk), so that ragged chunks, the dW slabs and the cross-chunk sums are what these tests check.
+    monkeypatch.setattr(cross_entropy, "MIN_CHUNK_LOGITS", 1)
 
 
 def check(backend, x, w, b, target, what, fp32_dweight=True, **kw):

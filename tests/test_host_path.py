@@ -41,6 +41,10 @@ CALL_BUDGET = {
     "layer_norm forward + backward": (121, 124),
     "rms_norm forward + backward": (120, 122),
     "attention decoding step": (57, 46),
+    "rotary forward": (38, 39),
+    "rotary forward + backward": (120, 122),
+    "linear_cross_entropy forward": (37, 39),
+    "linear_cross_entropy forward + backward": (104, 106),
 }
 CASES = {c.name: c for c in bench_host.cases()}
 # The budgets count the CPU path (Triton interpreted, CUDA C++ on _C_host) with its launches stubbed.

@@ -156,6 +156,34 @@ def _varlen_case(backward: bool, device: str) -> HostCase:
     return HostCase(f"varlen_attention {'forward + backward' if backward else 'forward'}", backward, make)
 
 
+def _rotary_case(backward: bool, shape: tuple, device: str) -> HostCase:
+    """rotary of q and k ``shape`` against transformers' eager form (q·cos + rotate_half(q)·sin, both)."""
+    def make(backend: str) -> Callable[[], object]:
+        q, k = _tensors(shape, shape, grad=backward, device=device)
+        cos, sin = _tensors(shape[2:], shape[2:], grad=False, device=device)
+        if backend == "torch":
+            def eager():
+                half = shape[-1] // 2
+                return [t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin for t in (q, k)]
+            return _step((lambda: sum(eager())) if backward else eager, backward)
+        return _step(lambda: sum(ops.rotary(q, k, cos, sin, backend=backend)) if backward else
+                     ops.rotary(q, k, cos, sin, backend=backend), backward)
+
+    return HostCase(f"rotary {'forward + backward' if backward else 'forward'}", backward, make)
+
+
+def _loss_case(backward: bool, x_shape: tuple, vocab: int, device: str) -> HostCase:
+    """linear_cross_entropy against the unfused pair (the linear and the cross-entropy) on the same tensors."""
+    def make(backend: str) -> Callable[[], object]:
+        x, w = _tensors(x_shape, (vocab, x_shape[-1]), grad=backward, device=device)
+        target = torch.randint(0, vocab, x_shape[:1], generator=torch.Generator().manual_seed(0)).to(device)
+        if backend == "torch":
+            return _step(lambda: F.cross_entropy(F.linear(x, w), target), backward)
+        return _step(lambda: ops.linear_cross_entropy(x, w, target, backend=backend), backward)
+
+    return HostCase(f"linear_cross_entropy {'forward + backward' if backward else 'forward'}", backward, make)
+
+
 def _gelu_linear(x, w, b, backend=None):
     return ops.linear(x, w, b, "gelu", backend=backend) if backend else F.gelu(F.linear(x, w, b))
 
@@ -200,6 +228,8 @@ def cases(device: str = "cpu") -> list[HostCase]:
                       lambda x, w, bias: F.layer_norm(x, (e,), w, bias), (b * length, e), (e,), (e,), **dev),
             _row_case(f"rms_norm {suffix}", backward, lambda x, w, backend: ops.rms_norm(x, w, backend=backend),
                       lambda x, w: F.rms_norm(x, (e,), w, 1e-6), (b * length, e), (e,), **dev),
+            _rotary_case(backward, (b, h, length, d), device),
+            _loss_case(backward, (b * length, e), 100, device),
         ]
     # A decoding step: one query of 32 heads against an 8-head KV cache (its length does not change the host work).
     out.append(_attention_case("attention decoding step", (1, 32, 1, 64), (1, 8, 64, 64), False, **dev))
