@@ -62,7 +62,7 @@ test-floor: setup
 		assert V(t.__version__) == V('$(TRANSFORMERS_FLOOR)'), t.__version__"
 	PYTHONPATH="$(CURDIR)" $(FLOOR) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
 		tests/test_softmax.py tests/test_norm.py tests/test_linear.py tests/test_attention.py tests/test_backends.py \
-		tests/test_rotary.py tests/test_cross_entropy.py \
+		tests/test_rotary.py tests/test_cross_entropy.py tests/test_flash_attn_interface.py \
 		-k "triton and not long"
 	PYTHONPATH="$(CURDIR)" $(FLOOR) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
 		tests/test_attention_backward.py tests/test_attention_lse.py -k "triton or backward"

@@ -1,0 +1,212 @@
+"""flash-attn's functions on our kernels: code written against flash-attn switches with one import,
+
+    from transformer_kernels.flash_attn_interface import flash_attn_func, flash_attn_with_kvcache
+
+with flash-attn's argument names, defaults, layouts (``[B, L, H, D]``; packed ``[total, H, D]``) and semantics:
+``causal`` aligned bottom-right, grouped-query attention when k/v have fewer heads, ``softmax_scale`` default
+1/sqrt(D), rows that see no key give 0, the log-sum-exp ``[B, H, Lq]`` fp32. ``[B, L, H, D]`` tensors are read through
+``transpose(1, 2)`` views (no layout copies); outputs are contiguous ``[B, Lq, H, D]`` as flash-attn's.
+
+How each feature runs here: ``window_size`` as a bool mask built on the device from the shapes (the kernels read it
+per tile; they do not skip the tiles outside the window yet); ``flash_attn_with_kvcache`` appends k/v into the cache
+in place with index writes at each sequence's ``cache_seqlens`` (device tensors: no host sync), applies rotary with
+`ops.rotary`, and attends over each sequence's valid prefix through a ``[B, 1, Lq, Lk]`` mask; a paged cache
+(``block_table``) is gathered into one ``[B, blocks · block_size]`` copy first. Refused by name (``NotImplementedError``)
+rather than ignored: ``softcap`` ≠ 0, ``alibi_slopes``, ``return_attn_probs``, ``deterministic=True`` (our attention
+backward is deterministic under ``torch.use_deterministic_algorithms(True)``), ``cache_batch_idx``, ``cache_leftpad``,
+a window or ``block_table`` on the varlen functions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+
+def _refuse(softcap: float = 0.0, alibi_slopes: Tensor | None = None, deterministic: bool = False,
+            return_attn_probs: bool = False, **others: object) -> None:
+    refused = {"softcap": softcap != 0.0, "alibi_slopes": alibi_slopes is not None, "deterministic": deterministic,
+               "return_attn_probs": return_attn_probs, **{name: value is not None for name, value in others.items()}}
+    for name, given in refused.items():
+        if given:
+            hint = (" (use torch.use_deterministic_algorithms(True): our backward is deterministic under it)"
+                    if name == "deterministic" else "")
+            raise NotImplementedError(f"transformer_kernels.flash_attn_interface does not support `{name}`{hint}")
+
+
+def _check_window(window_size: tuple[int, int]) -> tuple[int, int]:
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= 0 or -1 (unbounded); got {tuple(window_size)}")
+    return left, right
+
+
+def _visible(lq: int, lk: int, seqlen_k: Tensor | int, causal: bool, window: tuple[int, int],
+             device: torch.device) -> Tensor:
+    """Bool ``[B or 1, 1, Lq, Lk]``, True where query i sees key j: ``j < seqlen_k``, and with offset
+    ``seqlen_k − Lq`` (bottom-right) ``j <= i + offset`` when causal, ``i + offset − left <= j <= i + offset + right``
+    for a window (−1: unbounded)."""
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    lens = torch.as_tensor(seqlen_k, device=device).reshape(-1, 1, 1, 1)
+    i = torch.arange(lq, device=device).view(1, 1, lq, 1)
+    j = torch.arange(lk, device=device).view(1, 1, 1, lk)
+    diagonal = i + lens - lq
+    keep = j < lens
+    if right >= 0:
+        keep = keep & (j <= diagonal + right)
+    if left >= 0:
+        keep = keep & (j >= diagonal - left)
+    return keep
+
+
+def _heads_first(t: Tensor) -> Tensor:
+    return t.transpose(1, 2)  # [B, L, H, D] seen as [B, H, L, D]
+
+
+def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                    causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Tensor | None = None, deterministic: bool = False, return_attn_probs: bool = False,
+                    *, backend: str | None = None) -> Tensor:
+    """q ``[B, Lq, H, D]``, k/v ``[B, Lk, Hkv, D]`` → ``[B, Lq, H, D]`` (flash-attn's ``flash_attn_func``)."""
+    _refuse(softcap, alibi_slopes, deterministic, return_attn_probs)
+    window = _check_window(window_size)
+    lq, lk = q.shape[1], k.shape[1]
+    mask = None
+    if window != (-1, -1):
+        mask = _visible(lq, lk, lk, causal, window, q.device)
+    out = ops.attention(_heads_first(q), _heads_first(k), _heads_first(v), attn_mask=mask, dropout_p=dropout_p,
+                        is_causal=causal and mask is None, scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2],
+                        causal_alignment="bottom_right", backend=backend)
+    return out.transpose(1, 2).contiguous()
+
+
+def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                              causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                              alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                              return_attn_probs: bool = False, *, backend: str | None = None) -> Tensor:
+    """qkv ``[B, L, 3, H, D]`` (views of it are read; the gradient lands in one ``[B, L, 3, H, D]`` tensor)."""
+    q, k, v = qkv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, backend=backend)
+
+
+def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                             causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                             return_attn_probs: bool = False, *, backend: str | None = None) -> Tensor:
+    """q ``[B, Lq, H, D]``, kv ``[B, Lk, 2, Hkv, D]``."""
+    k, v = kv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, backend=backend)
+
+
+def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: float | None = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table: Tensor | None = None, *,
+                           backend: str | None = None) -> Tensor:
+    """q ``[total_q, H, D]``, k/v ``[total_k, Hkv, D]``, cu_seqlens int32 ``[B + 1]`` → ``[total_q, H, D]``."""
+    _refuse(softcap, alibi_slopes, deterministic, return_attn_probs, block_table=block_table)
+    if _check_window(window_size) != (-1, -1):
+        raise NotImplementedError("transformer_kernels.flash_attn_interface does not support `window_size` on packed "
+                                  "sequences")
+    return ops.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
+                                is_causal=causal, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1],
+                                causal_alignment="bottom_right", backend=backend)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+                                     softmax_scale: float | None = None, causal: bool = False,
+                                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                                     alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                                     return_attn_probs: bool = False, *, backend: str | None = None) -> Tensor:
+    """qkv ``[total, 3, H, D]``."""
+    q, k, v = qkv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  backend=backend)
+
+
+def _full_table(half: Tensor, interleaved: bool) -> Tensor:
+    """flash-attn's ``[positions, R/2]`` cos/sin as the ``[positions, R]`` table `ops.rotary` reads (the value of
+    each pair at both of its elements)."""
+    return half.repeat_interleave(2, dim=-1) if interleaved else torch.cat((half, half), dim=-1)
+
+
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None = None,
+                            v: Tensor | None = None, rotary_cos: Tensor | None = None, rotary_sin: Tensor | None = None,
+                            cache_seqlens: int | Tensor | None = None, cache_batch_idx: Tensor | None = None,
+                            cache_leftpad: Tensor | None = None, block_table: Tensor | None = None,
+                            softmax_scale: float | None = None, causal: bool = False,
+                            window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True, alibi_slopes: Tensor | None = None, num_splits: int = 0,
+                            return_softmax_lse: bool = False, *, backend: str | None = None
+                            ) -> Tensor | tuple[Tensor, Tensor]:
+    """flash-attn's decoding call: q ``[B, Lq, H, D]``; k_cache/v_cache ``[B, L_cache, Hkv, D]``, or paged
+    ``[num_blocks, block_size, Hkv, D]`` with ``block_table`` int32 ``[B, max_blocks]``; optional new k/v
+    ``[B, L_new, Hkv, D]`` written into the cache in place at positions ``cache_seqlens[b] + i`` (the cache must have
+    room); ``cache_seqlens`` an int or int32 ``[B]`` (None: the whole cache). With ``rotary_cos/sin``
+    (``[positions, R/2]``) k is rotated at those positions, and q at the same ones when causal or windowed, else all at
+    ``cache_seqlens``. ``num_splits`` is a scheduling hint (ours plans its own split-KV). Returns ``[B, Lq, H, D]``
+    (and the fp32 ``[B, H, Lq]`` log-sum-exp with ``return_softmax_lse``). Inference only, as flash-attn's."""
+    _refuse(softcap, alibi_slopes, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
+    window = _check_window(window_size)
+    if (k is None) != (v is None):
+        raise ValueError("flash_attn_with_kvcache: pass both k and v, or neither")
+    if rotary_cos is not None and k is None:
+        raise ValueError("flash_attn_with_kvcache: rotary_cos/sin apply to the new k and v: pass them too")
+    b, lq = q.shape[:2]
+    device = q.device
+    if block_table is not None:
+        block = k_cache.shape[1]
+        capacity = block_table.shape[1] * block
+    else:
+        capacity = k_cache.shape[1]
+    if cache_seqlens is None:
+        lens = torch.full((b,), capacity, dtype=torch.int32, device=device)
+    elif isinstance(cache_seqlens, int):
+        lens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=device)
+    else:
+        lens = cache_seqlens.to(device=device, dtype=torch.int32).reshape(b)
+    new = 0 if k is None else k.shape[1]
+    if k is not None:
+        positions = lens[:, None].long() + torch.arange(new, device=device)  # [B, L_new]
+        if rotary_cos is not None:
+            cos, sin = (_full_table(t, rotary_interleaved) for t in (rotary_cos, rotary_sin))
+            none = k.new_empty((b, new, 0, k.shape[-1]))
+            k = ops.rotary(_heads_first(k), _heads_first(none), cos, sin, positions, rotary_interleaved,
+                           backend=backend)[0].transpose(1, 2)
+            q_positions = lens[:, None].long() + (torch.arange(lq, device=device) if causal or window != (-1, -1)
+                                                   else torch.zeros(lq, dtype=torch.long, device=device))
+            none = q.new_empty((b, lq, 0, q.shape[-1]))
+            q = ops.rotary(_heads_first(q), _heads_first(none), cos, sin, q_positions, rotary_interleaved,
+                           backend=backend)[0].transpose(1, 2)
+        with torch.no_grad():
+            rows = torch.arange(b, device=device)[:, None]
+            if block_table is not None:
+                slot = (block_table[rows, positions // block].long(), positions % block)
+            else:
+                slot = (rows, positions)
+            k_cache[slot] = k.to(k_cache.dtype)
+            v_cache[slot] = v.to(v_cache.dtype)
+    if block_table is not None:
+        keys, values = (c[block_table.long()].flatten(1, 2) for c in (k_cache, v_cache))  # [B, blocks · block, Hkv, D]
+    else:
+        keys, values = k_cache[:b], v_cache[:b]
+    mask = _visible(lq, keys.shape[1], lens + new, causal, window, device)
+    out = ops.attention(_heads_first(q), _heads_first(keys), _heads_first(values), attn_mask=mask,
+                        scale=softmax_scale, enable_gqa=q.shape[2] != keys.shape[2], return_lse=return_softmax_lse,
+                        backend=backend)
+    if return_softmax_lse:
+        return out[0].transpose(1, 2).contiguous(), out[1]
+    return out.transpose(1, 2).contiguous()
+
+
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]
