@@ -208,7 +208,8 @@ tk::CrossEntropyArgs cross_entropy_args(const py::dict& d) {
   a.logits = f.p<void>("logits"), a.target = f.p<const int64_t>("target"), a.scale = f.p<const float>("scale");
   a.loss = f.p<float>("loss"), a.lse = f.p<float>("lse"), a.rows = f.i("rows"), a.cols = f.i("cols");
   a.row_stride = f.i("row_stride"), a.scale_stride = f.i("scale_stride"), a.ignore_index = f.i("ignore_index");
-  a.label_smoothing = f.f("label_smoothing"), a.softcap = f.f("softcap"), a.dtype = static_cast<int>(f.i("dtype"));
+  a.label_smoothing = f.f("label_smoothing"), a.softcap = f.f("softcap"), a.z_loss = f.f("z_loss");
+  a.dtype = static_cast<int>(f.i("dtype"));
   return a;
 }
 

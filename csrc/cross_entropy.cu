@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kCrossEntropyThreads) cross_entropy_kernel(Cro
   const bool ignored = target == a.ignore_index, in_range = target >= 0 && target < a.cols;
   if (threadIdx.x == 0) {
     const float eps = a.label_smoothing;
-    const float loss = lse - (1.0f - eps) * z_target - eps * (z_sum / static_cast<float>(a.cols));
+    const float loss = lse - (1.0f - eps) * z_target - eps * (z_sum / static_cast<float>(a.cols)) + a.z_loss * lse * lse;
     a.loss[row] = ignored ? 0.0f : in_range ? loss : NAN;
     a.lse[row] = lse;
   }
@@ -48,9 +48,10 @@ __global__ void __launch_bounds__(kCrossEntropyThreads) cross_entropy_kernel(Cro
   // A selection, not a product: a mean over no rows scales by 1/0 = inf, and an ignored row's gradient is 0.
   const float scale = ignored ? 0.0f : a.scale[row * a.scale_stride];
   const float uniform = a.label_smoothing / static_cast<float>(a.cols), hit = 1.0f - a.label_smoothing;
+  const float p_weight = 1.0f + 2.0f * a.z_loss * lse;  // d(z_loss·lse²)/dz = 2·z_loss·lse·softmax(z)
   for (int64_t j = threadIdx.x; j < a.cols; j += blockDim.x) {
     const float z = capped(to_float(z_row[j]), a.softcap);
-    float dz = expf(z - lse) - uniform - (j == target ? hit : 0.0f);
+    float dz = p_weight * expf(z - lse) - uniform - (j == target ? hit : 0.0f);
     if (a.softcap > 0.0f) {
       const float t = z / a.softcap;
       dz *= 1.0f - t * t;

@@ -11,7 +11,8 @@ constexpr int kCrossEntropyThreads = 256;
 
 // logits: [rows, cols] with unit column stride and row stride `row_stride`; target: int64 [rows]; loss, lse: fp32
 // [rows]. With `scale` (fp32, [rows] or one value when scale_stride is 0) the logits are overwritten with the
-// loss's gradient times the row's scale. softcap > 0 caps the logits to softcap·tanh(z / softcap) first.
+// loss's gradient times the row's scale. softcap > 0 caps the logits to softcap·tanh(z / softcap) first; z_loss
+// adds z_loss·lse² to each row's loss.
 struct CrossEntropyArgs {
   void* logits;
   const int64_t* target;
@@ -19,7 +20,7 @@ struct CrossEntropyArgs {
   float* loss;
   float* lse;
   int64_t rows, cols, row_stride, scale_stride, ignore_index;
-  float label_smoothing, softcap;
+  float label_smoothing, softcap, z_loss;
   int dtype;
 };
 

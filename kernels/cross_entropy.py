@@ -4,8 +4,8 @@ The fused linear + cross-entropy (ops/cross_entropy.py) hands this kernel one ch
 full ``[tokens, vocab]`` logits never exist. One program per row, two passes over it in BLOCK columns:
 1. online max and sum of exp (the running-max softmax, exact for any vocabulary), the sum of the logits (label
    smoothing's uniform term) and the target's logit; then ``lse = m + log(s)`` and
-   ``loss = lse − (1 − ε)·z_t − ε·mean(z)``;
-2. (with the gradient) ``dz = (softmax(z) − (1 − ε)·onehot(t) − ε / V) · scale`` written over the logits, times
+   ``loss = lse − (1 − ε)·z_t − ε·mean(z) + λ·lse²`` (λ: the z-loss, PaLM's penalty on the log-partition);
+2. (with the gradient) ``dz = ((1 + 2λ·lse)·softmax(z) − (1 − ε)·onehot(t) − ε / V) · scale`` written over the logits, times
    ``1 − tanh²`` of the softcap when there is one (``z = c·tanh(raw / c)``, Gemma 2's final logit softcap).
 An ignored row (target == ignore_index) has loss 0 and gradient 0 whatever its scale (a mean over no rows scales by
 1/0). A target outside [0, V) that is not ignored gives a NaN loss instead of reading out of bounds.
@@ -38,7 +38,7 @@ def _capped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def cross_entropy_rows_kernel(
     logits_ptr, target_ptr, scale_ptr, loss_ptr, lse_ptr, n_cols, stride_row, stride_scale, ignore_index,
-    label_smoothing, softcap, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    label_smoothing, softcap, z_loss, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -63,7 +63,7 @@ def cross_entropy_rows_kernel(
     lse = m + tl.log(s)
     ignored = target == ignore_index
     in_range = (target >= 0) & (target < n_cols)
-    loss = lse - (1.0 - label_smoothing) * z_target - label_smoothing * (z_sum / n_cols)
+    loss = lse - (1.0 - label_smoothing) * z_target - label_smoothing * (z_sum / n_cols) + z_loss * lse * lse
     loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
@@ -71,11 +71,12 @@ def cross_entropy_rows_kernel(
         # where, not a product: the scale of a mean over no rows is inf and an ignored row's gradient is 0.
         scale = tl.where(ignored, 0.0, tl.load(scale_ptr + row * stride_scale))
         uniform = label_smoothing / n_cols
+        p_weight = 1.0 + 2.0 * z_loss * lse
         for start in range(0, n_cols, BLOCK):
             inside = start + cols < n_cols
             raw = tl.load(base + start + cols, mask=inside, other=0.0).to(tl.float32)
             z = _capped(raw, softcap, HAS_SOFTCAP)
-            dz = tl.exp(z - lse) - uniform - tl.where(start + cols == target, 1.0 - label_smoothing, 0.0)
+            dz = p_weight * tl.exp(z - lse) - uniform - tl.where(start + cols == target, 1.0 - label_smoothing, 0.0)
             if HAS_SOFTCAP:
                 t = z / softcap
                 dz = dz * (1.0 - t * t)
@@ -91,7 +92,8 @@ def unsupported(x: torch.Tensor) -> str | None:
 
 
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None, loss: torch.Tensor,
-                       lse: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float | None) -> None:
+                       lse: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float | None,
+                       z_loss: float) -> None:
     """logits ``[C, V]`` (unit last stride), target int64 ``[C]``; writes loss and lse (fp32 ``[C]``). With
     ``scale`` (fp32, ``[C]`` or ``[1]`` for one scale for every row) the logits are overwritten with the loss's
     gradient times the row's scale."""
@@ -100,7 +102,7 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, scale: torch.
         return
     cross_entropy_rows_kernel[(rows,)](
         logits, target, loss if scale is None else scale, loss, lse, n, logits.stride(0),
-        0 if scale is None or scale.numel() == 1 else 1, ignore_index, label_smoothing, softcap or 1.0,
+        0 if scale is None or scale.numel() == 1 else 1, ignore_index, label_smoothing, softcap or 1.0, z_loss,
         HAS_SOFTCAP=softcap is not None, WRITE_GRAD=scale is not None, BLOCK=BLOCKS[0] if n <= BLOCKS[0] else BLOCKS[1],
         INTERPRETED=is_interpreted(), num_warps=_WARPS)
 
@@ -112,7 +114,8 @@ def aot_variants() -> list[AotVariant]:
         dt = TRITON_DTYPE_NAMES[dtype]
         sig = aot_signature(cross_entropy_rows_kernel, {"*_ptr": "*fp32", "logits_ptr": f"*{dt}", "target_ptr": "*i64",
                                                         "stride_row": "i64", "ignore_index": "i64",
-                                                        "label_smoothing": "fp32", "softcap": "fp32"})
+                                                        "label_smoothing": "fp32", "softcap": "fp32",
+                                                        "z_loss": "fp32"})
         for block in BLOCKS:
             for grad in (False, True):
                 for cap in (False, True):

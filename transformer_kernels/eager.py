@@ -170,11 +170,17 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor 
 
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, ignore_index: int,
-                         label_smoothing: float, reduction: str, softcap: float | None) -> Tensor:
+                         label_smoothing: float, reduction: str, softcap: float | None, z_loss: float) -> Tensor:
     """x ``[N, H]``, weight ``[V, H]``, target ``[N]``: torch's linear and cross-entropy (the logits whole, in
-    fp32), with the optional softcap between them; the loss in x's dtype."""
+    fp32), with the optional softcap between them and z-loss beside; the loss in x's dtype."""
     logits = _acc(F.linear(x, weight, bias))
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                           reduction=reduction).to(x.dtype)
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           reduction=reduction)
+    if z_loss:
+        counted = target != ignore_index
+        rows = torch.logsumexp(logits, -1).square() * counted
+        rows = rows if reduction == "none" else rows.sum() / (counted.sum() if reduction == "mean" else 1)
+        loss = loss + z_loss * rows
+    return loss.to(x.dtype)

@@ -581,12 +581,19 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor 
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
                          ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
-                         softcap: float | None = None) -> Tensor:
+                         softcap: float | None = None, z_loss: float = 0.0) -> Tensor:
     """``F.cross_entropy(logits, target, …)`` of ``logits = x @ weightᵀ + bias`` (``[..., V]``), capped to
-    ``c·tanh(logits / c)`` first when ``softcap`` is given, all in fp32. Returns the loss in x's dtype."""
+    ``c·tanh(logits / c)`` first when ``softcap`` is given, all in fp32, plus ``z_loss · logsumexp(logits)²`` per
+    row that is not ignored (reduced as the loss). Returns the loss in x's dtype."""
     logits = F.linear(_acc(x), _acc(weight), None if bias is None else _acc(bias))
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index,
-                           label_smoothing=label_smoothing, reduction=reduction)
-    return (loss if reduction != "none" else loss.view(target.shape)).to(x.dtype)
+    logits, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    per_row = F.cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                              reduction="none")
+    counted = target != ignore_index
+    per_row = per_row + z_loss * torch.logsumexp(logits, dim=-1).square() * counted
+    if reduction == "none":
+        return per_row.view(x.shape[:-1]).to(x.dtype)
+    total = per_row.sum()
+    return (total / counted.sum() if reduction == "mean" else total).to(x.dtype)

@@ -11,7 +11,8 @@ unsupported = unsupported_dtype
 
 
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None, loss: torch.Tensor,
-                       lse: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float | None) -> None:
+                       lse: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float | None,
+                       z_loss: float) -> None:
     """The contract of kernels/cross_entropy.py's `cross_entropy_rows`."""
     mod = _ext.module_for(logits.device)
     rows, n = logits.shape
@@ -20,5 +21,6 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, scale: torch.
                             "row_stride": logits.stride(0),
                             "scale_stride": 0 if scale is None or scale.numel() == 1 else 1,
                             "ignore_index": ignore_index, "label_smoothing": float(label_smoothing),
-                            "softcap": float(softcap or 0.0), "dtype": _ext.dtype_code(mod, logits.dtype)},
+                            "softcap": float(softcap or 0.0), "z_loss": float(z_loss),
+                            "dtype": _ext.dtype_code(mod, logits.dtype)},
                            stream(logits))

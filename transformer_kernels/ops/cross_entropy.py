@@ -46,9 +46,9 @@ def _empty(t: Tensor) -> Tensor:
 
 @custom_op("transformer_kernels::linear_cross_entropy")
 def _linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, row_scale: Tensor | None,
-                          ignore_index: int, label_smoothing: float, softcap: float | None, reduction: str,
-                          need_dx: bool, need_dw: bool, need_db: bool, fp32_dweight: bool, backend: str
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                          ignore_index: int, label_smoothing: float, softcap: float | None, z_loss: float,
+                          reduction: str, need_dx: bool, need_dw: bool, need_db: bool, fp32_dweight: bool,
+                          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x ``[N, H]``, weight ``[V, H]``, bias ``[V]``, target int64 ``[N]``. Returns (loss, dx, dweight, dbias): the
     loss reduced as asked, in x's dtype; each gradient asked for (else empty) scaled by ``row_scale`` (fp32 ``[N]``)
     when given, else by the reduction's 1/count or 1."""
@@ -86,7 +86,7 @@ def _linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, target
                                                                                 lse[rows])
             logits = torch.mm(xc, w_t) if bias is None else torch.addmm(bias, xc, w_t)
             scale_c = scale if scale is None or scale.numel() == 1 or whole else scale[rows]
-            launch(logits, tc, scale_c, loss_c, lse_c, ignore_index, label_smoothing, softcap)
+            launch(logits, tc, scale_c, loss_c, lse_c, ignore_index, label_smoothing, softcap, z_loss)
             if not grads:
                 continue
             if need_dx:
@@ -112,7 +112,7 @@ def _linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, target
 
 
 @_linear_cross_entropy.register_fake
-def _(x, weight, bias, target, row_scale, ignore_index, label_smoothing, softcap, reduction, need_dx, need_dw,
+def _(x, weight, bias, target, row_scale, ignore_index, label_smoothing, softcap, z_loss, reduction, need_dx, need_dw,
       need_db, fp32_dweight, backend):
     loss = x.new_empty((x.shape[0],) if reduction == "none" else ())
     return (loss, x.new_empty(x.shape if need_dx else (0,)), x.new_empty(weight.shape if need_dw else (0,)),
@@ -120,14 +120,14 @@ def _(x, weight, bias, target, row_scale, ignore_index, label_smoothing, softcap
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, target, _, ignore_index, label_smoothing, softcap, reduction, need_dx, need_dw, need_db, \
+    x, weight, bias, target, _, ignore_index, label_smoothing, softcap, z_loss, reduction, need_dx, need_dw, need_db, \
         fp32_dweight, backend = inputs
     _, dx, dw, db = output
     ctx.reduction = reduction
     if reduction == "none":
         # Nothing was formed in the forward pass: the backward recomputes with each row's grad_output.
         ctx.save_for_backward(x, weight, bias, target)
-        ctx.args = (ignore_index, label_smoothing, softcap, fp32_dweight, backend)
+        ctx.args = (ignore_index, label_smoothing, softcap, z_loss, fp32_dweight, backend)
     else:
         ctx.save_for_backward(dx, dw, db)
         ctx.needs = (need_dx, need_dw, need_db)
@@ -137,22 +137,22 @@ def _backward(ctx, grad: Tensor, *_):
     if ctx.reduction == "none":
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         x, weight, bias, target = ctx.saved_tensors
-        ignore_index, label_smoothing, softcap, fp32_dweight, backend = ctx.args
+        ignore_index, label_smoothing, softcap, z_loss, fp32_dweight, backend = ctx.args
         _, dx, dw, db = call(_linear_cross_entropy, x, weight, bias, target, grad.float().contiguous(), ignore_index,
-                             label_smoothing, softcap, "none", need_dx, need_dw, need_db, fp32_dweight, backend)
+                             label_smoothing, softcap, z_loss, "none", need_dx, need_dw, need_db, fp32_dweight, backend)
     else:
         need_dx, need_dw, need_db = ctx.needs
         # The gradients were formed for grad_output 1: a scalar loss's grad_output scales them (out of place: the saved
         # ones must survive a retain_graph backward).
         dx, dw, db = (t * grad.to(t.dtype) for t in ctx.saved_tensors)
-    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, *([None] * 11))
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, *([None] * 12))
 
 
 register_autograd(_linear_cross_entropy, _backward, _setup_context)
 
 
 def _check(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, label_smoothing: float, reduction: str,
-           softcap: float | None) -> None:
+           softcap: float | None, z_loss: float) -> None:
     check_float_tensor("x", x, allow_fp64=True)
     check_float_tensor("weight", weight, allow_fp64=True)
     if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.shape[0] == 0:
@@ -174,24 +174,27 @@ def _check(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, label
         raise ValueError(f"label_smoothing must be in [0, 1]; got {label_smoothing}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be None or > 0; got {softcap}")
+    if not z_loss >= 0:
+        raise ValueError(f"z_loss must be >= 0; got {z_loss}")
 
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
                          ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
-                         softcap: float | None = None, *, fp32_dweight: bool = True, backend: str | None = None
-                         ) -> Tensor:
+                         softcap: float | None = None, z_loss: float = 0.0, *, fp32_dweight: bool = True,
+                         backend: str | None = None) -> Tensor:
     """``F.cross_entropy(F.linear(x, weight, bias), target, ignore_index=…, label_smoothing=…, reduction=…)`` without
     building the ``[tokens, vocab]`` logits on the kernel backends (see the module docstring).
 
     x ``[..., H]`` fp32/fp16/bf16 (fp64 on the torch backend); weight ``[V, H]`` and bias ``[V]`` in x's dtype;
     target ``[...]`` int64/int32 class indices (``ignore_index`` rows count for nothing: a "mean" over no rows is NaN,
-    as in torch). ``softcap``: the logits are capped to ``softcap·tanh(z / softcap)`` first (Gemma 2). Softmax and the
+    as in torch). ``softcap``: the logits are capped to ``softcap·tanh(z / softcap)`` first (Gemma 2). ``z_loss``: adds
+    ``z_loss · logsumexp(logits)²`` to each counted row's loss (PaLM's z-loss, 1e-4 there). Softmax and the
     loss in fp32; returns the loss in x's dtype: a scalar, or ``[...]`` for ``reduction="none"``. Gradients for x,
     weight and bias; a target outside ``[0, V)`` that is not ignored gives NaN on the kernel backends.
     ``fp32_dweight``: the kernel backends sum the chunks' dW in fp32 (as accurate as one GEMM; 4 bytes per weight
     element more memory); False sums them in the weight's dtype (Liger-Kernel's default: less memory, one rounding
     per chunk). fp32 weights are summed in fp32 either way."""
-    _check(x, weight, target, bias, label_smoothing, reduction, softcap)
+    _check(x, weight, target, bias, label_smoothing, reduction, softcap, z_loss)
     x, weight, bias = cast_all(autocast_dtype(x), x, weight, bias)
     needs = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     training = torch.is_grad_enabled() and any(needs)
@@ -199,10 +202,10 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor
     rows, flat_target = as_rows(x), target.reshape(-1).long()
     if name == "torch":
         loss = eager.linear_cross_entropy(rows, weight, flat_target, bias, ignore_index, float(label_smoothing),
-                                          reduction, softcap)
+                                          reduction, softcap, float(z_loss))
     else:
         forms_grads = training and reduction != "none"
         loss = call(_linear_cross_entropy, rows, weight, bias, flat_target, None, int(ignore_index),
-                    float(label_smoothing), None if softcap is None else float(softcap), reduction,
+                    float(label_smoothing), None if softcap is None else float(softcap), float(z_loss), reduction,
                     *(forms_grads and need for need in needs), bool(fp32_dweight), name)[0]
     return loss.view(target.shape) if reduction == "none" else loss

@@ -65,7 +65,8 @@ def run(device: torch.device) -> list[str]:
     x, w = randn(2, 7, 48), randn(300, 48)
     target = torch.randint(0, 300, (2, 7), device=device, generator=g)
     target[0, :2] = -100
-    ops.linear_cross_entropy(x, w, target, randn(300), label_smoothing=0.1, softcap=4.0, backend="cuda").backward()
+    ops.linear_cross_entropy(x, w, target, randn(300), label_smoothing=0.1, softcap=4.0, z_loss=1e-3,
+                             backend="cuda").backward()
     ops.linear_cross_entropy(x, w, target, reduction="none", backend="cuda").sum().backward()
     ran.append("linear_cross_entropy (cross-entropy rows, with and without the gradient)")
     if device.type == "cuda":

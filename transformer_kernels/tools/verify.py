@@ -270,7 +270,8 @@ def _loss_cases(device: torch.device, quick: bool) -> Iterator[Case]:
     """linear_cross_entropy over ragged chunks with ignored targets: mean with label smoothing and a bias, a softcapped
     sum, and per-token losses."""
     options = [("mean smooth bias", {"label_smoothing": 0.1}, True),
-               ("sum softcap", {"reduction": "sum", "softcap": 5.0}, False), ("none", {"reduction": "none"}, False)]
+               ("sum softcap z-loss", {"reduction": "sum", "softcap": 5.0, "z_loss": 1e-3}, False),
+               ("none", {"reduction": "none"}, False)]
     if quick:
         options = options[:1]
     for impl, scope in implementations("linear_cross_entropy", device):
