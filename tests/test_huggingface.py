@@ -136,6 +136,14 @@ def test_training_loss_builds_no_logits_and_rotary_runs_only_in_converted_models
         torch.testing.assert_close(my_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
     with torch.no_grad():
         assert ours(**b.inputs, labels=labels).logits.shape == (2, 11, hft.VOCAB)
+    # The Trainer's gradient accumulation passes num_items_in_batch (a sum divided by it); shift_labels replaces the
+    # shift; a tuple when return_dict=False.
+    extra = {"num_items_in_batch": torch.tensor(7), "shift_labels": labels.roll(-2, 1)}
+    torch.testing.assert_close(ours(**b.inputs, labels=labels, **extra).loss,
+                               eager(**b.inputs, labels=labels, **extra).loss, rtol=1e-5, atol=1e-6)
+    assert ours(**b.inputs, labels=labels, return_dict=False)[0].shape == ()
+    out = ours(**b.inputs, labels=labels)
+    assert out["loss"] is out.loss and "logits" not in out  # the dict view the Trainer reads
 
 
 def test_gemma2_final_logit_softcap_reaches_the_fused_loss():

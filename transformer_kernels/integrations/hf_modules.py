@@ -204,7 +204,10 @@ def _lm_with_loss(self: nn.Module, *args, **kwargs):
                                     backend=self.tk_backend).float()
     if num_items is not None:
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
-    out.loss, out.logits = loss, None
+    # A new output rather than attributes set on this one: a ModelOutput's dict view (out["loss"], what the Trainer
+    # reads, and to_tuple) takes no key that was None at construction, and keeps a key when it is set to None.
+    fields = {name: value for name, value in out.items() if name != "logits"}
+    out = type(out)(**fields, loss=loss)
     return out.to_tuple() if want_tuple else out
 
 
