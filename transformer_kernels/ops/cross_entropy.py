@@ -133,6 +133,25 @@ def _setup_context(ctx, inputs, output) -> None:
         ctx.needs = (need_dx, need_dw, need_db)
 
 
+def _keep_graph() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True); True where torch cannot say (a private
+    binding) or when torch is tracing."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep is None or torch.compiler.is_compiling() or bool(keep())
+
+
+def _scaled(saved: tuple[Tensor, ...], grad: Tensor) -> tuple[Tensor, ...]:
+    """The gradients formed in the forward pass (for grad_output 1) times the scalar loss's grad_output.
+
+    In place when this backward frees the graph: the saved tensors are released as it returns, and autograd takes the
+    returned dW as the weight's .grad without a copy — one weight-sized buffer where a scaled copy needs two (2 bytes
+    per weight element in bf16). Out of place when the graph is kept (retain_graph): autograd may hand a returned
+    tensor on as .grad as it is even then, so a later backward scaling the saved one in place would change .grad."""
+    if _keep_graph() or any(type(t) is not Tensor for t in saved):
+        return tuple(t * grad.to(t.dtype) for t in saved)
+    return tuple(t.mul_(grad.to(t.dtype)) for t in saved)
+
+
 def _backward(ctx, grad: Tensor, *_):
     if ctx.reduction == "none":
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
@@ -142,9 +161,7 @@ def _backward(ctx, grad: Tensor, *_):
                              label_smoothing, softcap, z_loss, "none", need_dx, need_dw, need_db, fp32_dweight, backend)
     else:
         need_dx, need_dw, need_db = ctx.needs
-        # The gradients were formed for grad_output 1: a scalar loss's grad_output scales them (out of place: the saved
-        # ones must survive a retain_graph backward).
-        dx, dw, db = (t * grad.to(t.dtype) for t in ctx.saved_tensors)
+        dx, dw, db = _scaled(ctx.saved_tensors, grad)
     return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, *([None] * 12))
 
 
