@@ -95,7 +95,7 @@ def test_convert_swaps_modules_and_keeps_parameters(family, tmp_path, caplog):
     assert model.training
     expected = {"bert": {"LayerNorm", "BertSelfOutput", "BertOutput", "BertIntermediate", "BertForMaskedLM loss"},
                 "gpt2": {"LayerNorm", "GPT2MLP", "GPT2LMHeadModel loss"},
-                "bart": {"LayerNorm", "BartEncoderLayer.fc1", "BartDecoderLayer.fc1"},
+                "bart": {"LayerNorm", "BartEncoderLayer.fc1", "BartDecoderLayer.fc1", "BartForConditionalGeneration loss"},
                 "t5": {"T5LayerNorm", "T5DenseGatedActDense", "T5ForConditionalGeneration loss"},
                 "llama": {"LlamaRMSNorm", "LlamaMLP", "LlamaForCausalLM loss", "LlamaAttention rotary"}}[family]
     assert set(model.tk_swapped) == expected
@@ -144,6 +144,28 @@ def test_training_loss_builds_no_logits_and_rotary_runs_only_in_converted_models
     assert ours(**b.inputs, labels=labels, return_dict=False)[0].shape == ()
     out = ours(**b.inputs, labels=labels)
     assert out["loss"] is out.loss and "logits" not in out  # the dict view the Trainer reads
+
+
+def test_bart_loss_takes_final_logits_bias_and_builds_decoder_inputs():
+    # BART adds final_logits_bias after its head and builds decoder inputs from the labels: the fused loss takes the
+    # buffer as its bias (an empty one stands in while the head's input is captured, then the buffer is back).
+    eager, ours = hft.converted_pair("bart", "triton", layers=1)
+    bias = torch.randn(1, hft.VOCAB, generator=torch.Generator().manual_seed(3))
+    for model in (eager, ours):
+        model.final_logits_bias.copy_(bias)
+    b = hft.batch("bart", "right")
+    labels = b.inputs["decoder_input_ids"]
+    inputs = {n: t for n, t in b.inputs.items() if n != "decoder_input_ids"}
+    results = []
+    for model in (eager, ours):
+        out = model(**inputs, labels=labels)
+        out.loss.backward()
+        results.append((out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert torch.equal(ours.final_logits_bias, bias) and "final_logits_bias" in dict(ours.named_buffers())
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    assert results[1][1].keys() == results[0][1].keys()
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_gemma2_final_logit_softcap_reaches_the_fused_loss():

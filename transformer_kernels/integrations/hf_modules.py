@@ -17,7 +17,7 @@ What is swapped (matched by exact class, so a user subclass with its own forward
 - T5: ``T5DenseActDense`` and ``T5DenseGatedActDense`` (gated GELU through ``gated_linear``);
 - Llama/Mistral/Qwen2 ``*MLP``: swiglu through ``gated_linear``, then ``down_proj``;
 - Llama/Mistral/Qwen2/Qwen3/Gemma 1-3 attention: ``apply_rotary_pos_emb`` runs ``rotary`` (q and k in one launch);
-- the causal-LM (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, GPT-2), masked-LM (BERT) and T5 losses: with labels in
+- the causal-LM (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, GPT-2), masked-LM (BERT), T5 and BART losses: with labels in
   training the loss is ``linear_cross_entropy`` of the head's input, and the ``[tokens, vocab]`` logits are never
   built.
 """
@@ -145,7 +145,8 @@ def _gated_mlp(self: nn.Module, x: Tensor) -> Tensor:
 # ---- the language-model loss without logits, and rotary through transformers' hook point ----------------------
 
 # Model class → (the module path of its vocabulary projection, whether the labels are shifted (causal LM) as
-# transformers' ForCausalLMLoss does). BERT's masked LM and T5 take plain mean cross-entropy over unshifted labels.
+# transformers' ForCausalLMLoss does). BERT's masked LM, T5 and BART take plain mean cross-entropy over unshifted
+# labels.
 _LM_LOSSES: dict[str, tuple[str, bool]] = {
     "LlamaForCausalLM": ("lm_head", True),
     "MistralForCausalLM": ("lm_head", True),
@@ -157,7 +158,11 @@ _LM_LOSSES: dict[str, tuple[str, bool]] = {
     "GPT2LMHeadModel": ("lm_head", True),
     "BertForMaskedLM": ("cls.predictions.decoder", False),
     "T5ForConditionalGeneration": ("lm_head", False),
+    "BartForConditionalGeneration": ("lm_head", False),
 }
+# A [1, V] buffer such a model adds to the head's output (BART's final_logits_bias): the loss takes it as its bias, and
+# while the head's input is captured the model adds an empty one to the empty placeholder logits.
+_LOGITS_BIAS = "final_logits_bias"
 
 
 def _lm_head(self: nn.Linear, x: Tensor) -> Tensor:
@@ -180,15 +185,25 @@ def _lm_with_loss(self: nn.Module, *args, **kwargs):
         return self.tk_original_forward(*args, **kwargs)
     want_tuple = kwargs.get("return_dict") is False
     inner = {**kwargs, "labels": None, "return_dict": True}
-    if hasattr(self, "_shift_right") and kwargs.get("decoder_input_ids") is None and \
-            kwargs.get("decoder_inputs_embeds") is None:
-        inner["decoder_input_ids"] = self._shift_right(labels)  # T5 builds its decoder inputs from the labels
+    if self.config.is_encoder_decoder:
+        inner["use_cache"] = False  # as T5 and BART do whenever labels are given
+        if kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None:
+            # The decoder inputs the model would build from the labels: T5's method, BART's module function.
+            shift = getattr(self, "_shift_right", None)
+            modeling = sys.modules[self.tk_original_forward.__module__]  # the model's own modeling module
+            inner["decoder_input_ids"] = shift(labels) if shift is not None else modeling.shift_tokens_right(
+                labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+    logits_bias = self._buffers.get(_LOGITS_BIAS)
     head.tk_captured = []
     try:
+        if logits_bias is not None:
+            self._buffers[_LOGITS_BIAS] = logits_bias[:, :0]
         out = self.tk_original_forward(**inner)
         hidden = head.tk_captured[-1]
     finally:
         head.tk_captured = None
+        if logits_bias is not None:
+            self._buffers[_LOGITS_BIAS] = logits_bias
     ignore_index = kwargs.get("ignore_index", -100)
     num_items = kwargs.get("num_items_in_batch") if self.tk_shift else None
     target = labels
@@ -198,7 +213,10 @@ def _lm_with_loss(self: nn.Module, *args, **kwargs):
             target = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     if hidden.dtype != head.weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(head.weight.dtype)  # as the head's Linear would need (under autocast the op casts)
-    loss = ops.linear_cross_entropy(hidden, head.weight, target.to(hidden.device), head.bias, ignore_index=ignore_index,
+    bias = head.bias
+    if logits_bias is not None:
+        bias = logits_bias[0].to(hidden.dtype) if bias is None else bias + logits_bias[0].to(bias.dtype)
+    loss = ops.linear_cross_entropy(hidden, head.weight, target.to(hidden.device), bias, ignore_index=ignore_index,
                                     reduction="mean" if num_items is None else "sum",
                                     softcap=getattr(self.config, "final_logit_softcapping", None),
                                     backend=self.tk_backend).float()
