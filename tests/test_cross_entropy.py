@@ -139,6 +139,21 @@ def test_retain_graph_and_grad_outputs(backend, device):
     torch.testing.assert_close(w.grad, first[1] * 3, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_with_fp32_weights(backend, device):
+    # Mixed-precision training: bf16 activations, fp32 weights. The GEMMs run in bf16 and the loss comes back in fp32,
+    # as torch's linear then cross_entropy give it under autocast; the gradients in the parameters' dtypes.
+    x, w, _, target = data(12, 16, 50, torch.float32, device)
+    xb, w = x.bfloat16().requires_grad_(), w.requires_grad_()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = tk.ops.linear_cross_entropy(xb, w, target, backend=backend)
+        expected = F.cross_entropy(F.linear(x.bfloat16(), w.detach()), target)
+    loss.backward()
+    assert loss.dtype == expected.dtype == torch.float32
+    assert xb.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    assert_rows([("loss", (loss - expected).abs().item(), 2e-2)])
+
+
 def test_bad_inputs(device):
     x, w, b, target = data(4, 8, 10, torch.float32, device)
     with pytest.raises(ValueError, match="weight must be"):

@@ -78,9 +78,9 @@ def _linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, target
     chunk = chunk_rows(n, vocab, hidden)
     slab = max(1, math.ceil(min(chunk, n) * vocab / max(hidden, 1)))  # dW rows whose product has a chunk's size
     w_t = weight.t()
+    whole = chunk >= n  # one chunk: the tensors themselves, no slicing (four ops less on the host)
     with backends.on_device(x):
         for start in range(0, n, chunk):
-            whole = chunk >= n  # one chunk: the tensors themselves, no slicing (four ops less on the host)
             rows = slice(start, min(start + chunk, n))
             xc, tc, loss_c, lse_c = (x, target, loss_rows, lse) if whole else (x[rows], target[rows], loss_rows[rows],
                                                                                 lse[rows])
@@ -170,15 +170,13 @@ register_autograd(_linear_cross_entropy, _backward, _setup_context)
 
 def _check(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, label_smoothing: float, reduction: str,
            softcap: float | None, z_loss: float) -> None:
-    check_float_tensor("x", x, allow_fp64=True)
-    check_float_tensor("weight", weight, allow_fp64=True)
+    """The checks after autocast's cast (x, weight and bias are floating tensors by then)."""
     if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"weight must be [vocab >= 1, {x.shape[-1] if x.dim() else '?'}] for x [..., hidden]; got "
                          f"x {describe(x)}, weight {describe(weight)}")
     if weight.dtype != x.dtype or weight.device != x.device:
         raise TypeError(f"weight must match x's dtype and device; got x {describe(x)}, weight {describe(weight)}")
     if bias is not None:
-        check_float_tensor("bias", bias, allow_fp64=True)
         if bias.shape != weight.shape[:1] or bias.dtype != x.dtype or bias.device != x.device:
             raise ValueError(f"bias must be [{weight.shape[0]}] in x's dtype and device; got {describe(bias)}")
     if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32) or \
@@ -210,9 +208,16 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor
     weight and bias; a target outside ``[0, V)`` that is not ignored gives NaN on the kernel backends.
     ``fp32_dweight``: the kernel backends sum the chunks' dW in fp32 (as accurate as one GEMM; 4 bytes per weight
     element more memory); False sums them in the weight's dtype (Liger-Kernel's default: less memory, one rounding
-    per chunk). fp32 weights are summed in fp32 either way."""
+    per chunk). fp32 weights are summed in fp32 either way. Under autocast the GEMMs run in its dtype and the loss
+    comes back in fp32, as torch's linear then cross_entropy give it."""
+    check_float_tensor("x", x, allow_fp64=True)
+    check_float_tensor("weight", weight, allow_fp64=True)
+    if bias is not None:
+        check_float_tensor("bias", bias, allow_fp64=True)
+    autocast = autocast_dtype(x)
+    # Cast before the dtype checks: under autocast fp32 weights meet bf16 activations (mixed-precision training).
+    x, weight, bias = cast_all(autocast, x, weight, bias)
     _check(x, weight, target, bias, label_smoothing, reduction, softcap, z_loss)
-    x, weight, bias = cast_all(autocast_dtype(x), x, weight, bias)
     needs = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     training = torch.is_grad_enabled() and any(needs)
     name = backends.resolve_for(OP, FAMILY, x.device, backend, x, training=training)
@@ -225,4 +230,6 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor
         loss = call(_linear_cross_entropy, rows, weight, bias, flat_target, None, int(ignore_index),
                     float(label_smoothing), None if softcap is None else float(softcap), float(z_loss), reduction,
                     *(forms_grads and need for need in needs), bool(fp32_dweight), name)[0]
+    if autocast is not None:
+        loss = loss.float()  # torch's autocast runs cross_entropy in fp32
     return loss.view(target.shape) if reduction == "none" else loss
