@@ -176,9 +176,8 @@ def _check(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, label
                          f"x {describe(x)}, weight {describe(weight)}")
     if weight.dtype != x.dtype or weight.device != x.device:
         raise TypeError(f"weight must match x's dtype and device; got x {describe(x)}, weight {describe(weight)}")
-    if bias is not None:
-        if bias.shape != weight.shape[:1] or bias.dtype != x.dtype or bias.device != x.device:
-            raise ValueError(f"bias must be [{weight.shape[0]}] in x's dtype and device; got {describe(bias)}")
+    if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"bias must be [{weight.shape[0]}] in x's dtype and device; got {describe(bias)}")
     if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32) or \
             target.shape != x.shape[:-1] or target.device != x.device:
         raise ValueError(f"target must be int64/int32 of shape {tuple(x.shape[:-1])} (x's without the last dim) on "
