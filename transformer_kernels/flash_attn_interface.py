@@ -139,6 +139,28 @@ def _full_table(half: Tensor, interleaved: bool) -> Tensor:
     return half.repeat_interleave(2, dim=-1) if interleaved else torch.cat((half, half), dim=-1)
 
 
+def _rotate_new(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, start: Tensor, along: bool,
+                backend: str | None) -> tuple[Tensor, Tensor]:
+    """q ``[B, Lq, H, D]`` and the new keys ``[B, L_new, Hkv, D]`` rotated as flash-attn does: k at ``start + i``
+    (``start``: ``cache_seqlens`` as ``[B, 1]``); q at the same positions when ``along`` (causal or windowed), else
+    every query at ``start``. One launch for both where their positions coincide (a decoding step: one query, one
+    key), else one each (the other operand an empty tensor of no heads)."""
+    cos, sin = (_full_table(t, interleaved) for t in (cos, sin))
+    lq, new = q.shape[1], k.shape[1]
+    k_positions = start + torch.arange(new, device=q.device)
+    if lq == new and (along or lq == 1):
+        q, k = ops.rotary(_heads_first(q), _heads_first(k), cos, sin, k_positions, interleaved, backend=backend)
+        return q.transpose(1, 2), k.transpose(1, 2)
+    q_positions = start + (torch.arange(lq, device=q.device) if along else torch.zeros(lq, dtype=start.dtype,
+                                                                                      device=q.device))
+    rotated = []
+    for t, positions in ((q, q_positions), (k, k_positions)):
+        none = t.new_empty((t.shape[0], t.shape[1], 0, t.shape[-1]))
+        rotated.append(ops.rotary(_heads_first(t), _heads_first(none), cos, sin, positions, interleaved,
+                                  backend=backend)[0].transpose(1, 2))
+    return rotated[0], rotated[1]
+
+
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None = None,
                             v: Tensor | None = None, rotary_cos: Tensor | None = None, rotary_sin: Tensor | None = None,
                             cache_seqlens: int | Tensor | None = None, cache_batch_idx: Tensor | None = None,
@@ -178,15 +200,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
     if k is not None:
         positions = lens[:, None].long() + torch.arange(new, device=device)  # [B, L_new]
         if rotary_cos is not None:
-            cos, sin = (_full_table(t, rotary_interleaved) for t in (rotary_cos, rotary_sin))
-            none = k.new_empty((b, new, 0, k.shape[-1]))
-            k = ops.rotary(_heads_first(k), _heads_first(none), cos, sin, positions, rotary_interleaved,
-                           backend=backend)[0].transpose(1, 2)
-            q_positions = lens[:, None].long() + (torch.arange(lq, device=device) if causal or window != (-1, -1)
-                                                   else torch.zeros(lq, dtype=torch.long, device=device))
-            none = q.new_empty((b, lq, 0, q.shape[-1]))
-            q = ops.rotary(_heads_first(q), _heads_first(none), cos, sin, q_positions, rotary_interleaved,
-                           backend=backend)[0].transpose(1, 2)
+            q, k = _rotate_new(q, k, rotary_cos, rotary_sin, rotary_interleaved, lens[:, None].long(),
+                               along=causal or window != (-1, -1), backend=backend)
         with torch.no_grad():
             rows = torch.arange(b, device=device)[:, None]
             if block_table is not None:

@@ -255,8 +255,10 @@ def _install_rotary(modeling: object) -> None:
         return
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if not _rotary_scopes or args or kwargs.get("unsqueeze_dim", 1) != 1 or cos.dim() != 3 or \
-                len(kwargs) > ("unsqueeze_dim" in kwargs):
+        # Ours: inside a converted attention, per-token [B, L, R] tables broadcast over dim 1 (the heads), no other
+        # argument; anything else is transformers' own call.
+        if not _rotary_scopes or args or set(kwargs) - {"unsqueeze_dim"} or kwargs.get("unsqueeze_dim", 1) != 1 or \
+                cos.dim() != 3:
             return original(q, k, cos, sin, *args, **kwargs)
         return ops.rotary(q, k, cos, sin, backend=_rotary_scopes[-1])
 

@@ -481,6 +481,8 @@ def quick_cases(dtype: torch.dtype = torch.float16) -> list[Case]:
 # A Llama-3-8B-like language-model head: 8192 tokens of width 4096 against a 32k (Llama 2) and a 128k (Llama 3)
 # vocabulary; its loss step's peak memory is the issue (the unfused pair's fp32 logits alone are 4 GiB at 128k).
 LM_HEAD_TOKENS, LM_HEAD_HIDDEN, LM_HEAD_VOCABS = 8192, 4096, (32768, 131072)
+# (tokens, hidden) of `bench --memory` without a GPU: the CPU runs the GEMMs for real, so a smaller head.
+LM_HEAD_CPU_SHAPE = (2048, 256)
 
 
 def _liger_linear_cross_entropy():
@@ -563,9 +565,14 @@ def lm_head_memory(device: torch.device, tokens: int, hidden: int, vocab: int, d
     return out
 
 
-def _rotate_half(t: torch.Tensor) -> torch.Tensor:
-    half = t.shape[-1] // 2
-    return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+def transformers_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """transformers' eager ``apply_rotary_pos_emb`` (cos/sin already broadcastable to q and k): the peer the rotary
+    benchmarks time ours against."""
+    def rotate_half(t: torch.Tensor) -> torch.Tensor:
+        half = t.shape[-1] // 2
+        return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 # (batch, length, query heads, key heads, head dim) of the rotary benchmark: Llama-3-8B's attention, 8 × 1024 tokens.
@@ -592,7 +599,7 @@ def _rotary_maker(impl: str, dtype: torch.dtype, backward: bool):
         else:  # transformers' apply_rotary_pos_emb, eager
 
             def run():
-                return qt * c + _rotate_half(qt) * s_, k * c + _rotate_half(k) * s_
+                return transformers_rotary(qt, k, c, s_)
         return (lambda: sum(t.sum() for t in run())) if backward else (lambda: run()[0])
     return make
 

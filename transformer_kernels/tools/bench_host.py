@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, ops
-from .bench import KERNEL_IMPLS, _step
+from .bench import KERNEL_IMPLS, _step, transformers_rotary
 
 # Budgets as ratios to PyTorch's op in the same run (issue 24's targets): forward calls, forward + backward.
 FORWARD_TARGET = {"triton": 3.0, "cuda": 2.0}
@@ -163,8 +163,7 @@ def _rotary_case(backward: bool, shape: tuple, device: str) -> HostCase:
         cos, sin = _tensors(shape[2:], shape[2:], grad=False, device=device)
         if backend == "torch":
             def eager():
-                half = shape[-1] // 2
-                return [t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin for t in (q, k)]
+                return transformers_rotary(q, k, cos, sin)
             return _step((lambda: sum(eager())) if backward else eager, backward)
         return _step(lambda: sum(ops.rotary(q, k, cos, sin, backend=backend)) if backward else
                      ops.rotary(q, k, cos, sin, backend=backend), backward)

@@ -119,7 +119,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.memory:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        tokens, hidden = (bench.LM_HEAD_TOKENS, bench.LM_HEAD_HIDDEN) if device.type == "cuda" else (2048, 256)
+        tokens, hidden = (bench.LM_HEAD_TOKENS, bench.LM_HEAD_HIDDEN) if device.type == "cuda" else \
+            bench.LM_HEAD_CPU_SHAPE
         print(f"LM-head loss step (forward + backward), peak memory beyond the inputs, {tokens} tokens x {hidden}, "
               f"bf16, on {device.type}")
         for vocab in bench.LM_HEAD_VOCABS:
