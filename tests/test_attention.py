@@ -582,15 +582,17 @@ def test_opcheck(backend, device):
     mask = torch.rand(5, 7, device=device) > 0.2
     kpm = torch.zeros(1, 7, dtype=torch.bool, device=device)
     scale = 1 / math.sqrt(16)
+    sinks = torch.randn(2, device=device)
     for args in [
-        (q, k, v, None, None, 0.0, False, scale, 0, None, backend),
-        (q, k, v, mask, kpm, 0.0, True, scale, 2, None, backend),
-        (q, k, v, mask.float(), None, 0.2, False, scale, 0, torch.tensor([11], device=device), backend),
-        (q, k, v, torch.randn(2, 1, 7, device=device), kpm, 0.0, True, scale, 0, None, backend),
-        (q, k, torch.randn(1, 1, 7, 24, device=device), None, kpm, 0.0, True, scale, 0, None, backend),  # Dv != D
+        (q, k, v, None, None, None, 0.0, False, scale, 0, None, backend),
+        (q, k, v, mask, kpm, None, 0.0, True, scale, 2, None, backend),
+        (q, k, v, mask.float(), None, None, 0.2, False, scale, 0, torch.tensor([11], device=device), backend),
+        (q, k, v, torch.randn(2, 1, 7, device=device), kpm, None, 0.0, True, scale, 0, None, backend),
+        (q, k, torch.randn(1, 1, 7, 24, device=device), None, kpm, None, 0.0, True, scale, 0, None, backend),  # Dv != D
+        (q, k, v, mask, kpm, sinks, 0.0, True, scale, 0, None, backend),
     ]:
-        # The float masks require grad: the op's dMask path is checked too.
-        args = tuple(a.clone().requires_grad_() if i < 3 or (i == 3 and a is not None and a.is_floating_point())
+        # The float masks and the sinks require grad: the op's dMask and dSinks paths are checked too.
+        args = tuple(a.clone().requires_grad_() if i < 3 or (i in (3, 5) and a is not None and a.is_floating_point())
                      else a for i, a in enumerate(args))
         torch.library.opcheck(torch.ops.transformer_kernels.attention.default, args)
 

@@ -190,6 +190,35 @@ def test_gemma2_final_logit_softcap_reaches_the_fused_loss():
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpt_oss_sinks_and_sliding_window_match_eager(backend):
+    # gpt-oss passes its per-head sinks as `s_aux`; its layers alternate a 4-token sliding window (through the mask)
+    # with full attention. The sinks are drawn large so each takes a real share of its rows.
+    cfg = transformers.GptOssConfig(vocab_size=hft.VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                    num_experts_per_tok=2, sliding_window=4, max_position_embeddings=64,
+                                    layer_types=["sliding_attention", "full_attention"])
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    eager = transformers.GptOssForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in eager.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)
+    ours = tk.convert(copy.deepcopy(eager), backend=backend)
+    assert ours.config._attn_implementation == huggingface.NAME and ours.tk_swapped["GptOssRMSNorm"] == 5
+    ids = torch.randint(3, hft.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (eager, ours):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    assert results[1][1].keys() == results[0][1].keys()
+    assert results[0][1]["model.layers.0.self_attn.sinks"].abs().max() > 1e-4  # the sinks' gradient is compared
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_unknown_and_subclassed_modules_are_left_alone():
     # A user's subclass, even one named like ours, may change forward: never swapped.
     user_norm = type("LayerNorm", (nn.LayerNorm,), {})
@@ -230,7 +259,7 @@ def test_registration_is_idempotent_and_named():
     assert model.config._attn_implementation == huggingface.NAME
 
 
-@pytest.mark.parametrize("kwarg,value", [("softcap", 30.0), ("s_aux", torch.zeros(2)), ("output_attentions", True)])
+@pytest.mark.parametrize("kwarg,value", [("softcap", 30.0), ("output_attentions", True)])
 def test_unsupported_kwargs_are_refused_by_name(kwarg, value):
     q = torch.randn(1, 2, 3, 16)
     module = nn.Module()

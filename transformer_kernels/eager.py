@@ -58,10 +58,12 @@ def masked_softmax(x: Tensor, mask: Tensor | None, scale: float, is_causal: bool
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
               dropout_p: float, is_causal: bool, scale: float, causal_offset: int,
-              return_weights: bool = False, return_lse: bool = False) -> Tensor | tuple[Tensor, ...]:
+              return_weights: bool = False, return_lse: bool = False,
+              sinks: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
     """Attention with the ops' mask contract (see ops.attention). Returns ``[B, H, Lq, Dv]`` contiguous, then the
     pre-dropout weights ``[B, H, Lq, Lk]`` with ``return_weights`` and the rows' log-sum-exp of their visible scores
-    ``[B, H, Lq]`` (−inf where none is visible; no gradient) with ``return_lse``."""
+    (and the sink) ``[B, H, Lq]`` (−inf where no key is visible; no gradient) with ``return_lse``. sinks ``[H]``: a
+    logit per head in every row's softmax denominator that contributes no value."""
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     # Grouped heads: view the query heads as [B, Hkv, group, ...] so each K/V head serves its group unrepeated.
@@ -89,7 +91,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pad
     scores = (qg @ kf.transpose(-2, -1)) * scale
     if bias is not None:
         scores = scores + bias.reshape(b, hkv, h // hkv, lq, lk)
-    p = _hidden_rows_softmax(scores, visible)
+    if sinks is None:
+        p = _hidden_rows_softmax(scores, visible)
+    else:
+        hidden = scores if visible is None else scores.masked_fill(~visible, float("-inf"))
+        sink = _acc(sinks).view(1, hkv, h // hkv, 1, 1).expand(b, hkv, h // hkv, lq, 1)
+        p = torch.softmax(torch.cat([hidden, sink], -1), dim=-1)[..., :lk]
     weights = p
     if dropout_p > 0.0:
         p = p * keep_mask((b, h, lq, lk), dropout_p, q.device).view_as(p) / (1.0 - dropout_p)
@@ -97,7 +104,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pad
     extras = [weights.view(b, h, lq, lk).to(q.dtype)] if return_weights else []
     if return_lse:
         hidden = scores if visible is None else scores.masked_fill(~visible, float("-inf"))
-        extras.append(torch.logsumexp(hidden.detach(), -1).view(b, h, lq))
+        lse = torch.logsumexp(hidden.detach(), -1).view(b, h, lq)
+        if sinks is not None:
+            lse = torch.where(torch.isneginf(lse), lse, torch.logaddexp(lse, _acc(sinks).detach().view(1, h, 1)))
+        extras.append(lse)
     return (out, *extras) if extras else out
 
 

@@ -156,6 +156,7 @@ def scaled_dot_product_attention(
     dropout_mask: Tensor | None = None,
     return_weights: bool = False,
     low_precision: bool = False,
+    sinks: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention as in ``F.scaled_dot_product_attention`` plus the package's extras (docs/ARCHITECTURE.md).
 
@@ -164,7 +165,9 @@ def scaled_dot_product_attention(
     ``[B, H, Lq, Lk]``; without it, dropout draws one from torch's generator. A key that no query may see
     contributes nothing, even when its K/V hold NaN or Inf (padded positions). ``low_precision``: round the
     scores and the probabilities to q's dtype before each matmul, as a fused fp16/bf16 kernel does (the
-    "reference in low precision" of the accuracy rule). Returns ``[B, H, Lq, D]`` in q's dtype (and the
+    "reference in low precision" of the accuracy rule). ``sinks`` ``[H]``: gpt-oss's attention sinks, one more
+    logit per head in every row's softmax that carries no value (a row with no visible key still gives zeros).
+    Returns ``[B, H, Lq, D]`` in q's dtype (and the
     ``[B, H, Lq, Lk]`` weights when ``return_weights``).
     """
     h, hkv = q.shape[-3], k.shape[-3]
@@ -196,7 +199,12 @@ def scaled_dot_product_attention(
     scores = rnd(torch.matmul(_acc(q), k.transpose(-2, -1)) * scale)
     if bias is not None:
         scores = scores + _acc(bias).to(scores.dtype)
-    p = _softmax_keep(scores, keep)
+    if sinks is None:
+        p = _softmax_keep(scores, keep)
+    else:
+        hidden = scores if keep is None else scores.masked_fill(~keep, float("-inf"))
+        sink = _acc(sinks).to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        p = torch.softmax(torch.cat([hidden, sink], -1), dim=-1)[..., :lk]
     weights = p
     if dropout_p > 0.0:
         if dropout_mask is None:

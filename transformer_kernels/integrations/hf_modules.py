@@ -276,6 +276,7 @@ _SWAPS: dict[str, tuple[Callable, str | None]] = {
     "MistralRMSNorm": (_rms_norm, None),
     "Qwen2RMSNorm": (_rms_norm, None),
     "T5LayerNorm": (_rms_norm, None),
+    "GptOssRMSNorm": (_rms_norm, None),
     "BertSelfOutput": (_dense_dropout_residual_norm, None),
     "BertOutput": (_dense_dropout_residual_norm, None),
     "BertIntermediate": (_dense_activation, "intermediate_act_fn"),

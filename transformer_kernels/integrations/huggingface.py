@@ -45,7 +45,6 @@ NAME = "transformer_kernels"
 # Keyword arguments the models may pass that these kernels cannot honour: refused by name, never ignored.
 _REFUSED = {
     "softcap": "logit soft-capping (Gemma 2)",
-    "s_aux": "attention sinks (gpt-oss)",
 }
 
 
@@ -80,12 +79,14 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     one query; a decoding step (Lq = 1) sees every cached key, and a chunked prefill (Lq < Lk) gets its causal
     pattern from the mask. Bool masks (True = attend) and float (additive) masks pass to the kernels through their
     strides; T5's ``position_bias`` is added to the scores and gets its gradient. Packed sequences
-    (``cu_seq_lens_q/k`` kwargs) run `ops.varlen_attention`. The backend is the module's ``tk_backend`` (set by
+    (``cu_seq_lens_q/k`` kwargs) run `ops.varlen_attention`. gpt-oss's attention sinks (``s_aux``, one logit per
+    head) join each row's softmax denominator in the op, with their gradient. The backend is the module's ``tk_backend`` (set by
     `tk.convert`), else the one in force.
     """
     _refuse_unsupported(kwargs)
     if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None and position_bias is None:
         return _packed_forward(module, query, key, value, dropout, scaling, is_causal, kwargs), None
+    sinks = kwargs.get("s_aux")
     if cache is not None and hasattr(cache, "update") and getattr(module, "layer_idx", None) is not None:
         # transformers' continuous batching hands its paged cache to the attention function to update.
         key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)
@@ -98,7 +99,8 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         position_bias = None if position_bias is None else position_bias[..., :lq]
     mask = attention_mask if position_bias is None else _with_bias(position_bias, attention_mask)
     out = ops.attention(query, key, value, attn_mask=mask, dropout_p=float(dropout), is_causal=causal, scale=scaling,
-                        enable_gqa=query.shape[1] != key.shape[1], backend=getattr(module, "tk_backend", None))
+                        enable_gqa=query.shape[1] != key.shape[1], sinks=sinks,
+                        backend=getattr(module, "tk_backend", None))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -117,7 +119,7 @@ def _packed_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
     out = ops.varlen_attention(q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], max_q, max_k,
                                dropout_p=float(dropout), is_causal=bool(causal), scale=scaling,
                                enable_gqa=q.shape[1] != k.shape[1], causal_alignment="bottom_right",
-                               backend=getattr(module, "tk_backend", None))
+                               sinks=kwargs.get("s_aux"), backend=getattr(module, "tk_backend", None))
     return out.unsqueeze(0)
 
 

@@ -16,6 +16,7 @@ from .. import backends, eager
 from .._layout import narrow_head_dim, widen_head_dim
 from ._checks import autocast_dtype, cast_all, check_attention_options, check_mask, check_qkv, check_seed, describe
 from ._dispatch import call, custom_op, register_autograd
+from ._sinks import apply_sinks, check_sinks, sinks_grad
 
 OP = "attention"
 FAMILY = "attention"
@@ -41,19 +42,22 @@ def _kernel_mask(attn_mask: Tensor | None, q: Tensor, lk: int) -> Tensor | None:
 
 @custom_op("transformer_kernels::attention")
 def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
-               dropout_p: float, is_causal: bool, scale: float, causal_offset: int, seed: Tensor | None,
-               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+               sinks: Tensor | None, dropout_p: float, is_causal: bool, scale: float, causal_offset: int,
+               seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     check_seed(seed, q.device)
     width, dv = max(q.shape[-1], v.shape[-1]), v.shape[-1]
     with backends.on_device(q):
         out, row_max, inv_l = backends.launchers(FAMILY, backend).attention_forward(
             *(widen_head_dim(t, width) for t in (q, k, v)), _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask,
             scale, is_causal, causal_offset, dropout_p, seed)
-    return narrow_head_dim(out, dv), row_max, inv_l
+    out = narrow_head_dim(out, dv)
+    if sinks is not None:
+        out, inv_l = apply_sinks(out, row_max, inv_l, sinks)
+    return out, row_max, inv_l
 
 
 @_attention.register_fake
-def _(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, causal_offset, seed, backend):
+def _(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, is_causal, scale, causal_offset, seed, backend):
     stats = q.shape[:-1]
     return (q.new_empty((*stats, v.shape[-1])), q.new_empty(stats, dtype=torch.float32),
             q.new_empty(stats, dtype=torch.float32))
@@ -61,33 +65,36 @@ def _(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, causal_
 
 @custom_op("transformer_kernels::attention_backward")
 def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, row_max: Tensor, inv_l: Tensor,
-                        attn_mask: Tensor | None, key_padding_mask: Tensor | None, dropout_p: float, is_causal: bool,
-                        scale: float, causal_offset: int, seed: Tensor | None, mask_grad: bool, backend: str,
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk, dv and, with ``mask_grad``, dS as fp32 ``[B, H, Lq, Lk]`` (the float mask's gradient before its
-    broadcast dims are summed; an empty tensor without)."""
+                        attn_mask: Tensor | None, key_padding_mask: Tensor | None, sinks: Tensor | None,
+                        dropout_p: float, is_causal: bool, scale: float, causal_offset: int, seed: Tensor | None,
+                        mask_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv, with ``mask_grad`` dS as fp32 ``[B, H, Lq, Lk]`` (the float mask's gradient before its broadcast
+    dims are summed; an empty tensor without), and with sinks their fp32 gradient ``[H]`` (else empty)."""
     check_seed(seed, q.device)
     d, width = q.shape[-1], max(q.shape[-1], v.shape[-1])
+    dsinks = q.new_empty(0, dtype=torch.float32) if sinks is None else sinks_grad(grad, out, row_max, inv_l, sinks)
     grad, q_, k_, v_, out = (widen_head_dim(t, width) for t in (grad, q, k, v, out))
     with backends.on_device(q):
         dq, dk, dv, dmask = backends.launchers(FAMILY, backend).attention_backward(
             grad, q_, k_, v_, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
             is_causal, causal_offset, dropout_p, seed, mask_grad)
     return (narrow_head_dim(dq, d), narrow_head_dim(dk, d), narrow_head_dim(dv, v.shape[-1]),
-            q.new_empty(0, dtype=torch.float32) if dmask is None else dmask)
+            q.new_empty(0, dtype=torch.float32) if dmask is None else dmask, dsinks)
 
 
 @_attention_backward.register_fake
-def _(grad, q, k, v, out, row_max, inv_l, attn_mask, key_padding_mask, dropout_p, is_causal, scale, causal_offset,
-      seed, mask_grad, backend):
+def _(grad, q, k, v, out, row_max, inv_l, attn_mask, key_padding_mask, sinks, dropout_p, is_causal, scale,
+      causal_offset, seed, mask_grad, backend):
     dmask_shape = (*q.shape[:-1], k.shape[-2]) if mask_grad else (0,)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(dmask_shape, dtype=torch.float32)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(dmask_shape, dtype=torch.float32), q.new_empty(0 if sinks is None else sinks.shape,
+                                                                        dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, attn_mask, kpm, dropout_p, is_causal, scale, causal_offset, seed, backend = inputs
+    q, k, v, attn_mask, kpm, sinks, dropout_p, is_causal, scale, causal_offset, seed, backend = inputs
     out, row_max, inv_l = output
-    ctx.save_for_backward(q, k, v, out, row_max, inv_l, attn_mask, kpm, seed)
+    ctx.save_for_backward(q, k, v, out, row_max, inv_l, attn_mask, kpm, sinks, seed)
     ctx.args = (dropout_p, is_causal, scale, causal_offset, backend)
 
 
@@ -101,21 +108,22 @@ def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _backward(ctx, grad: Tensor, _grad_max: Tensor, _grad_inv_l: Tensor):
-    q, k, v, out, row_max, inv_l, attn_mask, kpm, seed = ctx.saved_tensors
+    q, k, v, out, row_max, inv_l, attn_mask, kpm, sinks, seed = ctx.saved_tensors
     dropout_p, is_causal, scale, causal_offset, backend = ctx.args
     # A float mask that requires grad (T5's position bias, a learned ALiBi slope) gets dS, the gradient of the
     # scores it is added to; otherwise the kernels store nothing more.
     mask_grad = ctx.needs_input_grad[3]
-    dq, dk, dv, ds = call(_attention_backward, grad, q, k, v, out, row_max, inv_l, attn_mask, kpm, dropout_p, is_causal,
-                          scale, causal_offset, seed, mask_grad, backend)
+    dq, dk, dv, ds, dsinks = call(_attention_backward, grad, q, k, v, out, row_max, inv_l, attn_mask, kpm, sinks,
+                                  dropout_p, is_causal, scale, causal_offset, seed, mask_grad, backend)
     dmask = _sum_to(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
-    return dq, dk, dv, dmask, None, None, None, None, None, None, None
+    dsinks = dsinks.to(sinks.dtype) if ctx.needs_input_grad[5] else None
+    return dq, dk, dv, dmask, None, dsinks, None, None, None, None, None, None
 
 
 register_autograd(_attention, _backward, _setup_context)
 
 
-def _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, enable_gqa, causal_alignment) -> None:
+def _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, enable_gqa, causal_alignment) -> None:
     check_qkv(q, k, v, 4, "[B, heads, L, D]")
     (b, h, lq, d), (bk, hkv, lk, dk) = q.shape, k.shape
     if bk != b or v.shape[0] != b or v.shape[1] != hkv or v.shape[2] != lk or dk != d:
@@ -132,6 +140,7 @@ def _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, enable_gqa, c
             raise ValueError(f"key_padding_mask must have shape [B, Lk] = {(b, lk)}; got {describe(key_padding_mask)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    check_sinks(sinks, h, q.device)
 
 
 def attention(
@@ -146,6 +155,7 @@ def attention(
     *,
     key_padding_mask: Tensor | None = None,
     causal_alignment: str = "top_left",
+    sinks: Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -161,21 +171,23 @@ def attention(
     safe: each replay draws anew) and backward regenerates the same mask. Returns a contiguous ``[B, H, Lq, D]``
     tensor in q's dtype; with ``return_lse`` also each row's log-sum-exp of its visible scaled scores, fp32
     ``[B, H, Lq]`` (−inf for a row that sees nothing; it carries no gradient, as flash-attn's), which
-    `merge_attention` uses to combine attention over disjoint key sets.
+    `merge_attention` uses to combine attention over disjoint key sets. sinks: ``[H]`` float, gpt-oss's attention
+    sinks — a learnable logit per query head added to each row's softmax denominator (a row may attend "nowhere"),
+    with its gradient; the lse then includes it.
     """
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
-    _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p, enable_gqa, causal_alignment)
+    _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, enable_gqa, causal_alignment)
     name = backends.resolve_for(OP, FAMILY, q.device, backend, q, k, v)
     lq, lk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     offset = 0 if causal_alignment == "top_left" else lk - lq
     if name == "torch":
         return eager.attention(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, offset,
-                               return_lse=return_lse)
+                               return_lse=return_lse, sinks=sinks)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
-    out, row_max, inv_l = call(_attention, q, k, v, attn_mask, key_padding_mask, float(dropout_p), bool(is_causal),
-                               scale, offset, seed, name)
+    out, row_max, inv_l = call(_attention, q, k, v, attn_mask, key_padding_mask, sinks, float(dropout_p),
+                               bool(is_causal), scale, offset, seed, name)
     return (out, row_lse(row_max, inv_l)) if return_lse else out
 
 
