@@ -110,6 +110,8 @@ def _attention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
          lambda b, h, lq, lk, g: {"is_causal": True, "enable_gqa": True}),
         ("wide head padded", 1, 2, 2, 20, 36, 128,
          lambda b, h, lq, lk, g: {"key_padding_mask": torch.rand(b, lk, generator=g) < 0.3}),
+        ("gqa causal sinks", 1, 4, 2, 25, 25, 64,
+         lambda b, h, lq, lk, g: {"is_causal": True, "enable_gqa": True, "sinks": torch.randn(h, generator=g) * 2}),
     ]
     if quick:
         shapes = shapes[1:3]
