@@ -59,11 +59,12 @@ def masked_softmax(x: Tensor, mask: Tensor | None, scale: float, is_causal: bool
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
               dropout_p: float, is_causal: bool, scale: float, causal_offset: int,
               return_weights: bool = False, return_lse: bool = False,
-              sinks: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
+              sinks: Tensor | None = None, softcap: float | None = None) -> Tensor | tuple[Tensor, ...]:
     """Attention with the ops' mask contract (see ops.attention). Returns ``[B, H, Lq, Dv]`` contiguous, then the
     pre-dropout weights ``[B, H, Lq, Lk]`` with ``return_weights`` and the rows' log-sum-exp of their visible scores
     (and the sink) ``[B, H, Lq]`` (−inf where no key is visible; no gradient) with ``return_lse``. sinks ``[H]``: a
-    logit per head in every row's softmax denominator that contributes no value."""
+    logit per head in every row's softmax denominator that contributes no value. softcap: scaled scores s become
+    softcap·tanh(s / softcap) before the masks."""
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     # Grouped heads: view the query heads as [B, Hkv, group, ...] so each K/V head serves its group unrepeated.
@@ -89,6 +90,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pad
         seen = visible.any(dim=3).any(dim=2)[:, :, None, :, None]  # [B, Hkv, 1, Lk, 1]
         kf, vf = kf.where(seen, 0.0), vf.where(seen, 0.0)
     scores = (qg @ kf.transpose(-2, -1)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias.reshape(b, hkv, h // hkv, lq, lk)
     if sinks is None:

@@ -157,6 +157,7 @@ def scaled_dot_product_attention(
     return_weights: bool = False,
     low_precision: bool = False,
     sinks: Tensor | None = None,
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention as in ``F.scaled_dot_product_attention`` plus the package's extras (docs/ARCHITECTURE.md).
 
@@ -167,6 +168,7 @@ def scaled_dot_product_attention(
     scores and the probabilities to q's dtype before each matmul, as a fused fp16/bf16 kernel does (the
     "reference in low precision" of the accuracy rule). ``sinks`` ``[H]``: gpt-oss's attention sinks, one more
     logit per head in every row's softmax that carries no value (a row with no visible key still gives zeros).
+    ``softcap``: Gemma 2's soft-capping, scaled scores s → softcap·tanh(s / softcap), before any mask.
     Returns ``[B, H, Lq, D]`` in q's dtype (and the
     ``[B, H, Lq, Lk]`` weights when ``return_weights``).
     """
@@ -196,7 +198,10 @@ def scaled_dot_product_attention(
     if keep is not None:
         seen = keep.expand(*q.shape[:-1], lk).any(dim=-2).unsqueeze(-1)  # [B, H, Lk, 1]
         k, v = k.where(seen, 0.0), v.where(seen, 0.0)
-    scores = rnd(torch.matmul(_acc(q), k.transpose(-2, -1)) * scale)
+    scores = torch.matmul(_acc(q), k.transpose(-2, -1)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = rnd(scores)
     if bias is not None:
         scores = scores + _acc(bias).to(scores.dtype)
     if sinks is None:

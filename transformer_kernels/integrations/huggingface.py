@@ -42,17 +42,8 @@ except ImportError as e:
 
 NAME = "transformer_kernels"
 
-# Keyword arguments the models may pass that these kernels cannot honour: refused by name, never ignored.
-_REFUSED = {
-    "softcap": "logit soft-capping (Gemma 2)",
-}
-
-
 def _refuse_unsupported(kwargs: dict) -> None:
-    for key, what in _REFUSED.items():
-        if kwargs.get(key) is not None:
-            raise ValueError(f"transformer_kernels attention does not support `{key}` ({what}); use "
-                             f"attn_implementation='eager' for this model")
+    # Keyword arguments the models may pass that we cannot honour are refused by name, never ignored.
     if kwargs.get("output_attentions"):
         raise ValueError("transformer_kernels attention never materialises the attention weights: "
                          "`output_attentions=True` needs attn_implementation='eager'")
@@ -80,13 +71,15 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     pattern from the mask. Bool masks (True = attend) and float (additive) masks pass to the kernels through their
     strides; T5's ``position_bias`` is added to the scores and gets its gradient. Packed sequences
     (``cu_seq_lens_q/k`` kwargs) run `ops.varlen_attention`. gpt-oss's attention sinks (``s_aux``, one logit per
-    head) join each row's softmax denominator in the op, with their gradient. The backend is the module's ``tk_backend`` (set by
-    `tk.convert`), else the one in force.
+    head) join each row's softmax denominator in the op, with their gradient. Gemma 2's ``softcap`` runs on the torch
+    backend's composition (the kernels do not cap scores yet); the rest of a converted Gemma 2 stays fused. The
+    backend is the module's ``tk_backend`` (set by `tk.convert`), else the one in force.
     """
     _refuse_unsupported(kwargs)
     if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None and position_bias is None:
         return _packed_forward(module, query, key, value, dropout, scaling, is_causal, kwargs), None
     sinks = kwargs.get("s_aux")
+    softcap = kwargs.get("softcap")
     if cache is not None and hasattr(cache, "update") and getattr(module, "layer_idx", None) is not None:
         # transformers' continuous batching hands its paged cache to the attention function to update.
         key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)
@@ -99,9 +92,15 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         position_bias = None if position_bias is None else position_bias[..., :lq]
     mask = attention_mask if position_bias is None else _with_bias(position_bias, attention_mask)
     out = ops.attention(query, key, value, attn_mask=mask, dropout_p=float(dropout), is_causal=causal, scale=scaling,
-                        enable_gqa=query.shape[1] != key.shape[1], sinks=sinks,
-                        backend=getattr(module, "tk_backend", None))
+                        enable_gqa=query.shape[1] != key.shape[1], sinks=sinks, softcap=softcap,
+                        backend=_backend(module, softcap))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _backend(module: nn.Module, softcap: float | None) -> str | None:
+    """The module's backend (set by `tk.convert`), or the torch backend for a soft-capped model (the kernels do not
+    cap scores yet, and a kernel backend named explicitly would refuse)."""
+    return "torch" if softcap else getattr(module, "tk_backend", None)
 
 
 def _packed_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, dropout: float,
@@ -119,7 +118,8 @@ def _packed_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
     out = ops.varlen_attention(q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], max_q, max_k,
                                dropout_p=float(dropout), is_causal=bool(causal), scale=scaling,
                                enable_gqa=q.shape[1] != k.shape[1], causal_alignment="bottom_right",
-                               sinks=kwargs.get("s_aux"), backend=getattr(module, "tk_backend", None))
+                               sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),
+                               backend=_backend(module, kwargs.get("softcap")))
     return out.unsqueeze(0)
 
 

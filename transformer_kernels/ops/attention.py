@@ -14,7 +14,16 @@ from torch import Tensor
 
 from .. import backends, eager
 from .._layout import narrow_head_dim, widen_head_dim
-from ._checks import autocast_dtype, cast_all, check_attention_options, check_mask, check_qkv, check_seed, describe
+from ._checks import (
+    autocast_dtype,
+    cast_all,
+    check_attention_options,
+    check_mask,
+    check_qkv,
+    check_seed,
+    describe,
+    softcap_backend,
+)
 from ._dispatch import call, custom_op, register_autograd
 from ._sinks import apply_sinks, check_sinks, sinks_grad
 
@@ -156,6 +165,7 @@ def attention(
     key_padding_mask: Tensor | None = None,
     causal_alignment: str = "top_left",
     sinks: Tensor | None = None,
+    softcap: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -173,18 +183,22 @@ def attention(
     ``[B, H, Lq]`` (−inf for a row that sees nothing; it carries no gradient, as flash-attn's), which
     `merge_attention` uses to combine attention over disjoint key sets. sinks: ``[H]`` float, gpt-oss's attention
     sinks — a learnable logit per query head added to each row's softmax denominator (a row may attend "nowhere"),
-    with its gradient; the lse then includes it.
+    with its gradient; the lse then includes it. softcap: Gemma 2's logit soft-capping, each scaled score s becomes
+    softcap·tanh(s / softcap) before masks are applied; runs on the torch backend for now (`auto` picks it; a kernel
+    backend named explicitly raises NotImplementedError).
     """
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
     _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, enable_gqa, causal_alignment)
     name = backends.resolve_for(OP, FAMILY, q.device, backend, q, k, v)
+    if softcap:
+        name = softcap_backend(softcap, name, backend if backend is not None else backends.get_backend(), OP)
     lq, lk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     offset = 0 if causal_alignment == "top_left" else lk - lq
     if name == "torch":
         return eager.attention(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, offset,
-                               return_lse=return_lse, sinks=sinks)
+                               return_lse=return_lse, sinks=sinks, softcap=softcap)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
     out, row_max, inv_l = call(_attention, q, k, v, attn_mask, key_padding_mask, sinks, float(dropout_p),
                                bool(is_causal), scale, offset, seed, name)

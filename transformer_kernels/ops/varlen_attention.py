@@ -15,7 +15,15 @@ from torch import Tensor
 
 from .. import backends, eager
 from .._layout import narrow_head_dim, packed_bounds, widen_head_dim
-from ._checks import autocast_dtype, cast_all, check_attention_options, check_qkv, check_seed, describe
+from ._checks import (
+    autocast_dtype,
+    cast_all,
+    check_attention_options,
+    check_qkv,
+    check_seed,
+    describe,
+    softcap_backend,
+)
 from ._dispatch import call, custom_op, register_autograd
 from ._sinks import apply_sinks, check_sinks, sinks_grad
 from .attention import FAMILY, draw_seed, row_lse
@@ -145,7 +153,8 @@ def _check_inputs(q, k, v, sinks, dropout_p, enable_gqa, causal_alignment, max_s
 
 
 def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, dropout_p: float, is_causal: bool,
-                  scale: float, bottom_right: bool, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
+                  scale: float, bottom_right: bool, sinks: Tensor | None, softcap: float | None,
+                  ) -> tuple[Tensor, Tensor]:
     """The torch backend: each sequence through eager.attention (reads cu_seqlens on the host). Returns the output
     and the rows' log-sum-exp ``[total_q, H]``."""
     outs, lses = [], []
@@ -153,7 +162,7 @@ def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, d
         qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
         offset = (k1 - k0) - (q1 - q0) if bottom_right else 0
         out, lse = eager.attention(qs, ks, vs, None, None, dropout_p, is_causal, scale, offset, return_lse=True,
-                                   sinks=sinks)
+                                   sinks=sinks, softcap=softcap)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0].transpose(0, 1))
     if not outs:
@@ -176,6 +185,7 @@ def varlen_attention(
     causal_alignment: str = "top_left",
     *,
     sinks: Tensor | None = None,
+    softcap: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -188,7 +198,7 @@ def varlen_attention(
     asynchronous device asserts, on the CPU by ValueErrors). is_causal: per sequence, query i sees keys
     ``j <= i + offset``, offset 0 ("top_left") or ``Lk - Lq`` of that sequence ("bottom_right"). Dropout, fully
     hidden rows (zeros) and dtypes as in `attention`. Returns a contiguous ``[total_q, H, D]`` tensor in q's dtype,
-    and with ``return_lse`` each row's log-sum-exp, fp32 ``[total_q, H]``; sinks ``[H]`` as in `attention`.
+    and with ``return_lse`` each row's log-sum-exp, fp32 ``[total_q, H]``; sinks ``[H]`` and softcap as in `attention`.
     """
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
@@ -197,10 +207,12 @@ def varlen_attention(
     cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, batch, q)
     cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, batch, q)
     name = backends.resolve_for(OP, FAMILY, q.device, backend, q, k, v)
+    if softcap:
+        name = softcap_backend(softcap, name, backend if backend is not None else backends.get_backend(), OP)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     bottom_right = causal_alignment == "bottom_right"
     if name == "torch":
-        out, lse = _torch_varlen(q, k, v, cu_q, cu_k, dropout_p, is_causal, scale, bottom_right, sinks)
+        out, lse = _torch_varlen(q, k, v, cu_q, cu_k, dropout_p, is_causal, scale, bottom_right, sinks, softcap)
         return (out, lse) if return_lse else out
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
     out, row_max, inv_l = call(_varlen_attention, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, sinks,

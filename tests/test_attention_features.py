@@ -1,6 +1,8 @@
-"""Attention sinks (gpt-oss): a learnable logit per head in every row's softmax denominator. Output and the gradients
-of q, k, v and the sinks against the reference on every backend, dense, packed and on the split-KV decoding path;
-rows that see nothing; the lse with the sink; bad sinks refused."""
+"""Attention features of today's models. Sinks (gpt-oss): a learnable logit per head in every row's softmax
+denominator — output and the gradients of q, k, v and the sinks against the reference on every backend, dense, packed
+and on the split-KV decoding path; rows that see nothing; the lse with the sink; bad sinks refused. Soft-capping
+(Gemma 2): against the reference on the torch backend, which `auto` picks for it; a kernel backend named explicitly
+refuses it."""
 
 import pytest
 import torch
@@ -113,3 +115,53 @@ def test_bad_sinks_raise():
         with pytest.raises(exc, match=match):
             tk.ops.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
                                     cu_seqlens([5], "cpu"), cu_seqlens([6], "cpu"), 5, 6, backend="triton", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["none", "float+padding+causal_br"])
+def test_softcap_matches_the_reference(dtype, kind):
+    b, h, hkv, lq, lk, d = 2, 4, 2, 19, 37, 16
+    q, k, v = make_qkv(b, h, hkv, lq, lk, d, dtype)
+    kw = masks_for(kind, b, h, lq, lk)
+
+    def ours(q, k, v):
+        return tk.ops.attention(q, k, v, enable_gqa=True, softcap=0.5, **kw)
+
+    def ref(q, k, v):
+        return reference.scaled_dot_product_attention(q, k, v, enable_gqa=True, softcap=0.5,
+                                                      low_precision=q.dtype != torch.float32, **kw)
+
+    assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")), f"{dtype}, {kind}:")
+    # The cap bends these scores (|s| reaches ~2 against a cap of 0.5): without it the output differs.
+    assert (tk.ops.attention(q, k, v, enable_gqa=True, **kw) - ours(q, k, v)).abs().max() > 0.05
+
+
+def test_softcap_packed_sequences_and_with_sinks():
+    h, hkv, d = 4, 2, 16
+    q, k, v = packed(LENS_Q, LENS_K, h, hkv, d)
+    cu_q, cu_k = cu_seqlens(LENS_Q, "cpu"), cu_seqlens(LENS_K, "cpu")
+
+    def ours(q, k, v, sinks):
+        return tk.ops.varlen_attention(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), is_causal=True,
+                                       enable_gqa=True, sinks=sinks, softcap=0.7)
+
+    def ref(q, k, v, sinks):
+        return reference_varlen(q, k, v, LENS_Q, LENS_K, is_causal=True, sinks=sinks, softcap=0.7)
+
+    assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v, "sinks": _sinks(h)}, grad_of=("q", "k", "v", "sinks")))
+
+
+def test_softcap_on_a_named_kernel_backend_raises_and_auto_runs_it():
+    q, k, v = make_qkv(1, 2, 2, 5, 6, 16)
+    expected = tk.ops.attention(q, k, v, softcap=1.0, backend="torch")
+    with tk.use_backend("auto"):
+        torch.testing.assert_close(tk.ops.attention(q, k, v, softcap=1.0), expected, atol=0, rtol=0)
+    for backend in ["triton", "cuda"]:
+        with pytest.raises(NotImplementedError, match=f"backend '{backend}' cannot run attention with softcap"):
+            tk.ops.attention(q, k, v, softcap=1.0, backend=backend)
+        # 0 and None mean no cap (flash-attn's 0.0 default), on any backend
+        torch.testing.assert_close(tk.ops.attention(q, k, v, softcap=0.0, backend=backend),
+                                   tk.ops.attention(q, k, v, backend=backend), atol=0, rtol=0)
+    for bad in (-1.0, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="softcap must be a positive float"):
+            tk.ops.attention(q, k, v, softcap=bad, backend="torch")
