@@ -65,7 +65,8 @@ test-floor: setup
 		tests/test_rotary.py tests/test_cross_entropy.py tests/test_flash_attn_interface.py \
 		-k "triton and not long"
 	PYTHONPATH="$(CURDIR)" $(FLOOR) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
-		tests/test_attention_backward.py tests/test_attention_lse.py -k "triton or backward"
+		tests/test_attention_backward.py tests/test_attention_lse.py tests/test_attention_features.py \
+		-k "triton or backward"
 	PYTHONPATH="$(CURDIR)" $(FLOOR) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
 		tests/test_huggingface.py tests/test_layout.py -k "not training_curve"
 

@@ -89,8 +89,13 @@ def test_rows_that_see_nothing_stay_zero_with_sinks(backend):
                                atol=1e-5, rtol=1e-5)
     grad = torch.zeros_like(out)
     grad[..., 2, :] = 1.0
-    dq, dsinks = torch.autograd.grad(out, (q, sinks), grad)
+    dq, dsinks = torch.autograd.grad(out, (q, sinks), grad, retain_graph=True)
     assert (dq == 0).all() and (dsinks == 0).all()
+    # With every row's gradient, the sink's comes from the rows that see keys, as the reference's.
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    expected = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask, sinks=sinks.double())
+    torch.testing.assert_close(torch.autograd.grad(out, sinks, grad)[0].double(),
+                               torch.autograd.grad(expected, sinks, grad.double())[0].double(), atol=1e-5, rtol=1e-5)
 
 
 def test_a_very_negative_sink_changes_nothing():
@@ -134,6 +139,25 @@ def test_softcap_matches_the_reference(dtype, kind):
     assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")), f"{dtype}, {kind}:")
     # The cap bends these scores (|s| reaches ~2 against a cap of 0.5): without it the output differs.
     assert (tk.ops.attention(q, k, v, enable_gqa=True, **kw) - ours(q, k, v)).abs().max() > 0.05
+
+
+def test_softcap_leaves_minus_infinity_masked_scores_hidden():
+    # The cap applies to the scaled scores before the mask: −inf entries of a float mask still hide their keys, a row
+    # of them gives zeros, and nothing turns NaN.
+    q, k, v = make_qkv(1, 2, 2, 6, 9, 16)
+    mask = torch.randn(1, 1, 6, 9)
+    mask[..., ::2] = float("-inf")
+    mask[..., 4, :] = float("-inf")
+
+    def ours(q, k, v):
+        return tk.ops.attention(q, k, v, mask, softcap=0.5)
+
+    def ref(q, k, v):
+        return reference.scaled_dot_product_attention(q, k, v, mask, softcap=0.5)
+
+    assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")))
+    out = ours(q, k, v)
+    assert torch.isfinite(out).all() and (out[..., 4, :] == 0).all()
 
 
 def test_softcap_packed_sequences_and_with_sinks():
