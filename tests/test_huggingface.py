@@ -206,17 +206,23 @@ def test_gpt_oss_sinks_and_sliding_window_match_eager(backend):
             layer.self_attn.sinks.normal_(0.0, 2.0)
     ours = tk.convert(copy.deepcopy(eager), backend=backend)
     assert ours.config._attn_implementation == huggingface.NAME and ours.tk_swapped["GptOssRMSNorm"] == 5
+    grads = _loss_and_grads_match(eager, ours)
+    assert grads["model.layers.0.self_attn.sinks"].abs().max() > 1e-4  # the sinks' gradient is compared
+
+
+def _loss_and_grads_match(eager: nn.Module, ours: nn.Module) -> dict:
+    """One training step's loss and every parameter's gradient of a causal LM, ours against eager; eager's grads."""
     ids = torch.randint(3, hft.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     results = []
     for model in (eager, ours):
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
-        results.append((out.logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+        results.append((out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     assert results[1][1].keys() == results[0][1].keys()
-    assert results[0][1]["model.layers.0.self_attn.sinks"].abs().max() > 1e-4  # the sinks' gradient is compared
     for n, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    return results[0][1]
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -233,16 +239,7 @@ def test_gemma2_attention_softcap_matches_eager(backend):
     eager = transformers.Gemma2ForCausalLM(cfg)
     ours = tk.convert(copy.deepcopy(eager), backend=backend)
     assert ours.config._attn_implementation == huggingface.NAME and ours.tk_swapped["Gemma2ForCausalLM loss"] == 1
-    ids = torch.randint(3, hft.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-    results = []
-    for model in (eager, ours):
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        results.append((out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
-    assert results[1][1].keys() == results[0][1].keys()
-    for n, g in results[0][1].items():
-        torch.testing.assert_close(results[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    _loss_and_grads_match(eager, ours)
 
 
 def test_unknown_and_subclassed_modules_are_left_alone():
