@@ -38,22 +38,23 @@ def _rows(sinks: Tensor, stats: Tensor) -> Tensor:
     return sinks.float().view(1, -1, *([1] * (stats.dim() - 2)))
 
 
-def _lse(row_max: Tensor, inv_l: Tensor) -> Tensor:
-    # −inf for a row that sees nothing (the kernels store 1/l = 0 there).
+def lse_of(row_max: Tensor, inv_l: Tensor) -> Tensor:
+    """The log-sum-exp of a row's visible scores from the kernels' statistics: the max m and 1/l, where
+    l = Σ exp(s − m) ≥ 1 when anything is visible and the kernels store 1/l = 0 when nothing is (then −inf)."""
     return torch.where(inv_l > 0, row_max - inv_l.log(), float("-inf"))
 
 
 def apply_sinks(out: Tensor, row_max: Tensor, inv_l: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
     """(out', 1/l') from the kernels' output ``[..., D]`` and statistics ``[...]`` (``[B, H, Lq]`` or
     ``[total_q, H]``) and the sinks ``[H]``. A row that sees nothing keeps zeros."""
-    w = torch.sigmoid(_lse(row_max, inv_l) - _rows(sinks, row_max))
+    w = torch.sigmoid(lse_of(row_max, inv_l) - _rows(sinks, row_max))
     return (out.float() * w.unsqueeze(-1)).to(out.dtype), inv_l * w
 
 
 def sinks_grad(grad: Tensor, out: Tensor, row_max: Tensor, inv_l: Tensor, sinks: Tensor) -> Tensor:
     """dsink ``[H]`` (fp32) from dO and O' ``[..., D]`` and the statistics after `apply_sinks`: −Σ P_sink · delta over
     every row of each head (a row that sees nothing has O' = 0, so delta = 0 there)."""
-    lse = _lse(row_max, inv_l)
+    lse = lse_of(row_max, inv_l)
     p_sink = torch.where(torch.isfinite(lse), (_rows(sinks, lse) - lse).exp(), 0.0)
     delta = (grad.float() * out.float()).sum(-1)
     return -(p_sink * delta).sum([i for i in range(delta.dim()) if i != 1])

@@ -25,7 +25,7 @@ from ._checks import (
     softcap_backend,
 )
 from ._dispatch import call, custom_op, register_autograd
-from ._sinks import apply_sinks, check_sinks, sinks_grad
+from ._sinks import apply_sinks, check_sinks, lse_of, sinks_grad
 
 OP = "attention"
 FAMILY = "attention"
@@ -206,9 +206,8 @@ def attention(
 
 
 def row_lse(row_max: Tensor, inv_l: Tensor) -> Tensor:
-    """The log-sum-exp of a row's visible scores from the kernels' statistics: the max m and 1/l, where
-    l = Σ exp(s − m) ≥ 1 when anything is visible and the kernels store 1/l = 0 when nothing is (then −inf)."""
-    return torch.where(inv_l > 0, row_max - inv_l.log(), float("-inf")).detach()
+    """`lse_of` the kernels' statistics, returned without a gradient (as flash-attn's)."""
+    return lse_of(row_max, inv_l).detach()
 
 
 def merge_attention(out1: Tensor, lse1: Tensor, out2: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor]:
