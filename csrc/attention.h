@@ -63,6 +63,9 @@ struct AttentionArgs {
   const int32_t* cu_k;
   int64_t total_q, total_k;
   int64_t q0, k0;
+  // Gemma 2's logit soft cap: each scaled score s becomes softcap·tanh(s / softcap) before any mask is added;
+  // 0 = none.
+  float softcap = 0.0f;
 };
 
 // Fills out, row_max (max score of the row, 0 when none is visible) and inv_l (1 / softmax sum, 0 when

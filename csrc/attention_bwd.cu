@@ -95,12 +95,13 @@ __device__ __forceinline__ void probabilities_and_score_grads(const AttentionArg
   const int64_t row0 = query_row<PACKED>(a, b * a.H + h, h, m0), step = row_step<PACKED>(a.H);
   for (int e = threadIdx.x; e < BM * BN; e += blockDim.x) {
     const int r = e / BN, c = e % BN;
-    const float s = masked_score<T>(a, b, h, m0 + r, n0 + c, t.s[r * L::LDS + c]);
+    const float dot = t.s[r * L::LDS + c];
+    const float s = masked_score<T>(a, b, h, m0 + r, n0 + c, dot);
     t.s[r * L::LDS + c] = s;
     const float kept = drop.scale(drop.row_hash(row0 + r * step), n0 + c);
     const ProbGrad pg = prob_and_grad(s, t.m[r], t.inv_l[r], t.dp[r * L::LDS + c], t.delta[r], kept);
     t.p[r * L::LDP + c] = from_float<T>(pg.p);
-    t.ds[r * L::LDP + c] = from_float<T>(pg.ds);
+    t.ds[r * L::LDP + c] = from_float<T>(pg.ds * softcap_slope(a, dot));
     if (ds_out != nullptr && m0 + r < a.Lq && n0 + c < a.Lk) ds_out[r * a.Lk + c] = pg.ds;
   }
 }
@@ -260,8 +261,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_mma_kernel(Att
             const float sc = masked_score<T>(a, b, h, m0 + c, keys[e >> 1], s[j][e]);
             const ProbGrad pg = prob_and_grad(sc, st[c], st[BM + c], dp[j][e], st[2 * BM + c],
                                               drop.scale(hs[c], keys[e >> 1]));
+            dp[j][e] = pg.ds * softcap_slope(a, s[j][e]);
             s[j][e] = pg.p;
-            dp[j][e] = pg.ds;
           }
         warp_mma_pb<T, DP, NT, DC>(dv, s, dotile, lane, c0);   // dV += Pᵀ·dO
         warp_mma_pb<T, DP, NT, DC>(dk, dp, qtile, lane, c0);  // dK += dSᵀ·Q
@@ -360,9 +361,12 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1;
           const int64_t col = n0 + 8 * j + 2 * t + (e & 1);
-          s[j][e] = masked_score<T>(a, b, h, rows[r], col, s[j][e]);
-          dp[j][e] = prob_and_grad(s[j][e], row_max[r], inv_l[r], dp[j][e], delta[r], drop.scale(row_hash[r], col)).ds;
-          if (dmask_head != nullptr && rows[r] < a.Lq && col < a.Lk) dmask_head[rows[r] * a.Lk + col] = dp[j][e];
+          const float dot = s[j][e];
+          s[j][e] = masked_score<T>(a, b, h, rows[r], col, dot);
+          const float ds = prob_and_grad(s[j][e], row_max[r], inv_l[r], dp[j][e], delta[r],
+                                         drop.scale(row_hash[r], col)).ds;
+          if (dmask_head != nullptr && rows[r] < a.Lq && col < a.Lk) dmask_head[rows[r] * a.Lk + col] = ds;
+          dp[j][e] = ds * softcap_slope(a, dot);
         }
       // Keys no query of the block sees: zero K rows (their dS is 0, their K may be NaN).
       if (a.mask_kind != kNoMask) zero_unseen_key_rows<T, DP, NT, L::kWarps>(s, seen, kt, lane, warp);

@@ -287,6 +287,7 @@ __device__ __forceinline__ float masked_score(const AttentionArgs& a, int64_t b,
   if (i >= a.Lq || !key_visible(a, b, j)) return -INFINITY;
   if (a.causal && j > i + a.causal_offset) return -INFINITY;
   float s = dot * a.scale;
+  if (a.softcap > 0.0f) s = a.softcap * tanhf(s / a.softcap);
   if (a.mask_kind != kNoMask) {
     const int64_t off = b * a.mask_stride[0] + h * a.mask_stride[1] + i * a.mask_stride[2] + j * a.mask_stride[3];
     if (a.mask_kind == kBoolMask) {
@@ -299,6 +300,14 @@ __device__ __forceinline__ float masked_score(const AttentionArgs& a, int64_t b,
     }
   }
   return s;
+}
+
+// The soft cap's slope at a raw product `dot`: d(c·tanh(s/c))/ds = 1 − tanh²(s/c) for s = scale·dot, 1 without a cap.
+// dS reaches dQ and dK through it; a float mask's gradient (added after the cap) is dS before it.
+__device__ __forceinline__ float softcap_slope(const AttentionArgs& a, float dot) {
+  if (a.softcap <= 0.0f) return 1.0f;
+  const float t = tanhf(dot * a.scale / a.softcap);
+  return 1.0f - t * t;
 }
 
 // A recomputed probability and its score gradient (the backward passes): P = exp(s - max) · (1 / sum), dropped by

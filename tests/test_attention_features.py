@@ -1,8 +1,8 @@
 """Attention features of today's models. Sinks (gpt-oss): a learnable logit per head in every row's softmax
 denominator — output and the gradients of q, k, v and the sinks against the reference on every backend, dense, packed
 and on the split-KV decoding path; rows that see nothing; the lse with the sink; bad sinks refused. Soft-capping
-(Gemma 2): against the reference on the torch backend, which `auto` picks for it; a kernel backend named explicitly
-refuses it."""
+(Gemma 2): against the reference on every backend, dense (the plain and the split-KV forward, every backward pass),
+packed, with −inf masked scores and a float mask's gradient."""
 
 import pytest
 import torch
@@ -122,15 +122,16 @@ def test_bad_sinks_raise():
                                     cu_seqlens([5], "cpu"), cu_seqlens([6], "cpu"), 5, 6, backend="triton", **kw)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["none", "float+padding+causal_br"])
-def test_softcap_matches_the_reference(dtype, kind):
+def test_softcap_matches_the_reference(backend, dtype, kind):
     b, h, hkv, lq, lk, d = 2, 4, 2, 19, 37, 16
     q, k, v = make_qkv(b, h, hkv, lq, lk, d, dtype)
     kw = masks_for(kind, b, h, lq, lk)
 
     def ours(q, k, v):
-        return tk.ops.attention(q, k, v, enable_gqa=True, softcap=0.5, **kw)
+        return tk.ops.attention(q, k, v, enable_gqa=True, softcap=0.5, backend=backend, **kw)
 
     def ref(q, k, v):
         return reference.scaled_dot_product_attention(q, k, v, enable_gqa=True, softcap=0.5,
@@ -138,36 +139,62 @@ def test_softcap_matches_the_reference(dtype, kind):
 
     assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")), f"{dtype}, {kind}:")
     # The cap bends these scores (|s| reaches ~2 against a cap of 0.5): without it the output differs.
-    assert (tk.ops.attention(q, k, v, enable_gqa=True, **kw) - ours(q, k, v)).abs().max() > 0.05
+    assert (tk.ops.attention(q, k, v, enable_gqa=True, backend=backend, **kw) - ours(q, k, v)).abs().max() > 0.05
 
 
-def test_softcap_leaves_minus_infinity_masked_scores_hidden():
+def test_softcap_on_the_split_kv_decoding_path_and_with_the_deterministic_backward():
+    # One query over 512 keys: both kernel backends split the keys; the Triton backward's two-pass (dQ pass) form
+    # runs under torch.use_deterministic_algorithms.
+    q, k, v = make_qkv(1, 2, 1, 1, 512, 32)
+    expected = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True, softcap=0.3)
+    for backend in ["triton", "cuda"]:
+        out = tk.ops.attention(q, k, v, enable_gqa=True, softcap=0.3, backend=backend)
+        torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
+    q, k, v = make_qkv(1, 2, 2, 19, 23, 16, torch.bfloat16)
+
+    def ours(q, k, v):
+        return tk.ops.attention(q, k, v, is_causal=True, softcap=0.5, backend="triton")
+
+    def ref(q, k, v):
+        return reference.scaled_dot_product_attention(q, k, v, is_causal=True, softcap=0.5,
+                                                      low_precision=q.dtype != torch.float32)
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")))
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_leaves_minus_infinity_masked_scores_hidden(backend):
     # The cap applies to the scaled scores before the mask: −inf entries of a float mask still hide their keys, a row
-    # of them gives zeros, and nothing turns NaN.
+    # of them gives zeros, and nothing turns NaN. A float mask that requires grad gets dS before the cap's factor.
     q, k, v = make_qkv(1, 2, 2, 6, 9, 16)
     mask = torch.randn(1, 1, 6, 9)
     mask[..., ::2] = float("-inf")
     mask[..., 4, :] = float("-inf")
 
-    def ours(q, k, v):
-        return tk.ops.attention(q, k, v, mask, softcap=0.5)
+    def ours(q, k, v, mask):
+        return tk.ops.attention(q, k, v, mask, softcap=0.5, backend=backend)
 
-    def ref(q, k, v):
+    def ref(q, k, v, mask):
         return reference.scaled_dot_product_attention(q, k, v, mask, softcap=0.5)
 
-    assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")))
-    out = ours(q, k, v)
+    assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v, "mask": mask}, grad_of=("q", "k", "v", "mask")))
+    out = ours(q, k, v, mask)
     assert torch.isfinite(out).all() and (out[..., 4, :] == 0).all()
 
 
-def test_softcap_packed_sequences_and_with_sinks():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_packed_sequences_and_with_sinks(backend):
     h, hkv, d = 4, 2, 16
     q, k, v = packed(LENS_Q, LENS_K, h, hkv, d)
     cu_q, cu_k = cu_seqlens(LENS_Q, "cpu"), cu_seqlens(LENS_K, "cpu")
 
     def ours(q, k, v, sinks):
         return tk.ops.varlen_attention(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), is_causal=True,
-                                       enable_gqa=True, sinks=sinks, softcap=0.7)
+                                       enable_gqa=True, sinks=sinks, softcap=0.7, backend=backend)
 
     def ref(q, k, v, sinks):
         return reference_varlen(q, k, v, LENS_Q, LENS_K, is_causal=True, sinks=sinks, softcap=0.7)
@@ -175,14 +202,9 @@ def test_softcap_packed_sequences_and_with_sinks():
     assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v, "sinks": _sinks(h)}, grad_of=("q", "k", "v", "sinks")))
 
 
-def test_softcap_on_a_named_kernel_backend_raises_and_auto_runs_it():
+def test_softcap_zero_means_none_and_bad_values_raise():
     q, k, v = make_qkv(1, 2, 2, 5, 6, 16)
-    expected = tk.ops.attention(q, k, v, softcap=1.0, backend="torch")
-    with tk.use_backend("auto"):
-        torch.testing.assert_close(tk.ops.attention(q, k, v, softcap=1.0), expected, atol=0, rtol=0)
     for backend in ["triton", "cuda"]:
-        with pytest.raises(NotImplementedError, match=f"backend '{backend}' cannot run attention with softcap"):
-            tk.ops.attention(q, k, v, softcap=1.0, backend=backend)
         # 0 and None mean no cap (flash-attn's 0.0 default), on any backend
         torch.testing.assert_close(tk.ops.attention(q, k, v, softcap=0.0, backend=backend),
                                    tk.ops.attention(q, k, v, backend=backend), atol=0, rtol=0)

@@ -11,9 +11,10 @@ How each feature runs here: ``window_size`` as a bool mask built on the device f
 per tile; they do not skip the tiles outside the window yet); ``flash_attn_with_kvcache`` appends k/v into the cache
 in place with index writes at each sequence's ``cache_seqlens`` (device tensors: no host sync), applies rotary with
 `ops.rotary`, and attends over each sequence's valid prefix through a ``[B, 1, Lq, Lk]`` mask; a paged cache
-(``block_table``) is gathered into one ``[B, blocks · block_size]`` copy first. Refused by name (``NotImplementedError``)
-rather than ignored: ``softcap`` ≠ 0, ``alibi_slopes``, ``return_attn_probs``, ``deterministic=True`` (our attention
-backward is deterministic under ``torch.use_deterministic_algorithms(True)``), ``cache_batch_idx``, ``cache_leftpad``,
+(``block_table``) is gathered into one ``[B, blocks · block_size]`` copy first; ``softcap`` caps the scores in the
+kernels. Refused by name (``NotImplementedError``) rather than ignored: ``alibi_slopes``, ``return_attn_probs``,
+``deterministic=True`` (our attention backward is deterministic under ``torch.use_deterministic_algorithms(True)``),
+``cache_batch_idx``, ``cache_leftpad``,
 a window or ``block_table`` on the varlen functions.
 """
 
@@ -25,9 +26,9 @@ from torch import Tensor
 from . import ops
 
 
-def _refuse(softcap: float = 0.0, alibi_slopes: Tensor | None = None, deterministic: bool = False,
-            return_attn_probs: bool = False, **others: object) -> None:
-    refused = {"softcap": softcap != 0.0, "alibi_slopes": alibi_slopes is not None, "deterministic": deterministic,
+def _refuse(alibi_slopes: Tensor | None = None, deterministic: bool = False, return_attn_probs: bool = False,
+            **others: object) -> None:
+    refused = {"alibi_slopes": alibi_slopes is not None, "deterministic": deterministic,
                "return_attn_probs": return_attn_probs, **{name: value is not None for name, value in others.items()}}
     for name, given in refused.items():
         if given:
@@ -72,7 +73,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
                     alibi_slopes: Tensor | None = None, deterministic: bool = False, return_attn_probs: bool = False,
                     *, backend: str | None = None) -> Tensor:
     """q ``[B, Lq, H, D]``, k/v ``[B, Lk, Hkv, D]`` → ``[B, Lq, H, D]`` (flash-attn's ``flash_attn_func``)."""
-    _refuse(softcap, alibi_slopes, deterministic, return_attn_probs)
+    _refuse(alibi_slopes, deterministic, return_attn_probs)
     window = _check_window(window_size)
     lq, lk = q.shape[1], k.shape[1]
     mask = None
@@ -80,7 +81,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
         mask = _visible(lq, lk, lk, causal, window, q.device)
     out = ops.attention(_heads_first(q), _heads_first(k), _heads_first(v), attn_mask=mask, dropout_p=dropout_p,
                         is_causal=causal and mask is None, scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2],
-                        causal_alignment="bottom_right", backend=backend)
+                        causal_alignment="bottom_right", softcap=softcap, backend=backend)
     return out.transpose(1, 2).contiguous()
 
 
@@ -112,13 +113,13 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            return_attn_probs: bool = False, block_table: Tensor | None = None, *,
                            backend: str | None = None) -> Tensor:
     """q ``[total_q, H, D]``, k/v ``[total_k, Hkv, D]``, cu_seqlens int32 ``[B + 1]`` → ``[total_q, H, D]``."""
-    _refuse(softcap, alibi_slopes, deterministic, return_attn_probs, block_table=block_table)
+    _refuse(alibi_slopes, deterministic, return_attn_probs, block_table=block_table)
     if _check_window(window_size) != (-1, -1):
         raise NotImplementedError("transformer_kernels.flash_attn_interface does not support `window_size` on packed "
                                   "sequences")
     return ops.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
                                 is_causal=causal, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1],
-                                causal_alignment="bottom_right", backend=backend)
+                                causal_alignment="bottom_right", softcap=softcap, backend=backend)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
@@ -177,7 +178,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
     (``[positions, R/2]``) k is rotated at those positions, and q at the same ones when causal or windowed, else all at
     ``cache_seqlens``. ``num_splits`` is a scheduling hint (ours plans its own split-KV). Returns ``[B, Lq, H, D]``
     (and the fp32 ``[B, H, Lq]`` log-sum-exp with ``return_softmax_lse``). Inference only, as flash-attn's."""
-    _refuse(softcap, alibi_slopes, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
+    _refuse(alibi_slopes, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
     window = _check_window(window_size)
     if (k is None) != (v is None):
         raise ValueError("flash_attn_with_kvcache: pass both k and v, or neither")
@@ -217,7 +218,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
     mask = _visible(lq, keys.shape[1], lens + new, causal, window, device)
     out = ops.attention(_heads_first(q), _heads_first(keys), _heads_first(values), attn_mask=mask,
                         scale=softmax_scale, enable_gqa=q.shape[2] != keys.shape[2], return_lse=return_softmax_lse,
-                        backend=backend)
+                        softcap=softcap, backend=backend)
     if return_softmax_lse:
         return out[0].transpose(1, 2).contiguous(), out[1]
     return out.transpose(1, 2).contiguous()

@@ -71,15 +71,14 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     pattern from the mask. Bool masks (True = attend) and float (additive) masks pass to the kernels through their
     strides; T5's ``position_bias`` is added to the scores and gets its gradient. Packed sequences
     (``cu_seq_lens_q/k`` kwargs) run `ops.varlen_attention`. gpt-oss's attention sinks (``s_aux``, one logit per
-    head) join each row's softmax denominator in the op, with their gradient. Gemma 2's ``softcap`` runs on the torch
-    backend's composition (the kernels do not cap scores yet); the rest of a converted Gemma 2 stays fused. The
+    head) join each row's softmax denominator in the op, with their gradient; Gemma 2's ``softcap`` caps the scores in
+    the kernels. The
     backend is the module's ``tk_backend`` (set by `tk.convert`), else the one in force.
     """
     _refuse_unsupported(kwargs)
     if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None and position_bias is None:
         return _packed_forward(module, query, key, value, dropout, scaling, is_causal, kwargs), None
     sinks = kwargs.get("s_aux")
-    softcap = kwargs.get("softcap")
     if cache is not None and hasattr(cache, "update") and getattr(module, "layer_idx", None) is not None:
         # transformers' continuous batching hands its paged cache to the attention function to update.
         key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)
@@ -92,15 +91,9 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         position_bias = None if position_bias is None else position_bias[..., :lq]
     mask = attention_mask if position_bias is None else _with_bias(position_bias, attention_mask)
     out = ops.attention(query, key, value, attn_mask=mask, dropout_p=float(dropout), is_causal=causal, scale=scaling,
-                        enable_gqa=query.shape[1] != key.shape[1], sinks=sinks, softcap=softcap,
-                        backend=_backend(module, softcap))
+                        enable_gqa=query.shape[1] != key.shape[1], sinks=sinks, softcap=kwargs.get("softcap"),
+                        backend=getattr(module, "tk_backend", None))
     return out.transpose(1, 2).contiguous(), None
-
-
-def _backend(module: nn.Module, softcap: float | None) -> str | None:
-    """The module's backend (set by `tk.convert`), or the torch backend for a soft-capped model (the kernels do not
-    cap scores yet, and a kernel backend named explicitly would refuse)."""
-    return "torch" if softcap else getattr(module, "tk_backend", None)
 
 
 def _packed_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, dropout: float,
@@ -119,7 +112,7 @@ def _packed_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
                                dropout_p=float(dropout), is_causal=bool(causal), scale=scaling,
                                enable_gqa=q.shape[1] != k.shape[1], causal_alignment="bottom_right",
                                sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),
-                               backend=_backend(module, kwargs.get("softcap")))
+                               backend=getattr(module, "tk_backend", None))
     return out.unsqueeze(0)
 
 

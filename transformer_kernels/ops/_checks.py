@@ -55,18 +55,12 @@ def check_attention_options(h: int, hkv: int, enable_gqa: bool, dropout_p: float
         raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}; got {causal_alignment!r}")
 
 
-def softcap_backend(softcap: float | None, name: str, requested: str | None, op: str) -> str:
-    """The backend that runs attention with logit soft-capping: the torch backend's composition until the kernels
-    take it — what `auto` resolves to, while a kernel backend asked for by name raises (never silently ignored).
-    ``softcap``: None or 0 (off), else > 0."""
-    if softcap is None or softcap == 0.0:
-        return name
+def check_softcap(softcap: object) -> None:
+    """``softcap``: None or 0 (off), else a positive float."""
+    if softcap is None or (not isinstance(softcap, bool) and softcap == 0.0):
+        return
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0.0:
         raise ValueError(f"softcap must be a positive float (or None / 0 for none); got {softcap!r}")
-    if name != "torch" and requested not in (None, "auto"):
-        raise NotImplementedError(f"backend {name!r} cannot run {op} with softcap yet (the kernels do not cap the "
-                                  f"scores): backend='torch' or 'auto' runs it")
-    return "torch"
 
 
 def check_mask(name: str, mask: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:

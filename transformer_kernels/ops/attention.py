@@ -21,8 +21,8 @@ from ._checks import (
     check_mask,
     check_qkv,
     check_seed,
+    check_softcap,
     describe,
-    softcap_backend,
 )
 from ._dispatch import call, custom_op, register_autograd
 from ._sinks import apply_sinks, check_sinks, lse_of, sinks_grad
@@ -51,14 +51,14 @@ def _kernel_mask(attn_mask: Tensor | None, q: Tensor, lk: int) -> Tensor | None:
 
 @custom_op("transformer_kernels::attention")
 def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
-               sinks: Tensor | None, dropout_p: float, is_causal: bool, scale: float, causal_offset: int,
-               seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+               sinks: Tensor | None, dropout_p: float, is_causal: bool, scale: float, softcap: float,
+               causal_offset: int, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     check_seed(seed, q.device)
     width, dv = max(q.shape[-1], v.shape[-1]), v.shape[-1]
     with backends.on_device(q):
         out, row_max, inv_l = backends.launchers(FAMILY, backend).attention_forward(
             *(widen_head_dim(t, width) for t in (q, k, v)), _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask,
-            scale, is_causal, causal_offset, dropout_p, seed)
+            scale, is_causal, causal_offset, dropout_p, seed, softcap=softcap)
     out = narrow_head_dim(out, dv)
     if sinks is not None:
         out, inv_l = apply_sinks(out, row_max, inv_l, sinks)
@@ -66,7 +66,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pa
 
 
 @_attention.register_fake
-def _(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, is_causal, scale, causal_offset, seed, backend):
+def _(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, is_causal, scale, softcap, causal_offset, seed, backend):
     stats = q.shape[:-1]
     return (q.new_empty((*stats, v.shape[-1])), q.new_empty(stats, dtype=torch.float32),
             q.new_empty(stats, dtype=torch.float32))
@@ -75,8 +75,9 @@ def _(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, is_causal, scale, 
 @custom_op("transformer_kernels::attention_backward")
 def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, row_max: Tensor, inv_l: Tensor,
                         attn_mask: Tensor | None, key_padding_mask: Tensor | None, sinks: Tensor | None,
-                        dropout_p: float, is_causal: bool, scale: float, causal_offset: int, seed: Tensor | None,
-                        mask_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        dropout_p: float, is_causal: bool, scale: float, softcap: float, causal_offset: int,
+                        seed: Tensor | None, mask_grad: bool, backend: str,
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv, with ``mask_grad`` dS as fp32 ``[B, H, Lq, Lk]`` (the float mask's gradient before its broadcast
     dims are summed; an empty tensor without), and with sinks their fp32 gradient ``[H]`` (else empty)."""
     check_seed(seed, q.device)
@@ -86,13 +87,13 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     with backends.on_device(q):
         dq, dk, dv, dmask = backends.launchers(FAMILY, backend).attention_backward(
             grad, q_, k_, v_, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
-            is_causal, causal_offset, dropout_p, seed, mask_grad)
+            is_causal, causal_offset, dropout_p, seed, mask_grad, softcap=softcap)
     return (narrow_head_dim(dq, d), narrow_head_dim(dk, d), narrow_head_dim(dv, v.shape[-1]),
             q.new_empty(0, dtype=torch.float32) if dmask is None else dmask, dsinks)
 
 
 @_attention_backward.register_fake
-def _(grad, q, k, v, out, row_max, inv_l, attn_mask, key_padding_mask, sinks, dropout_p, is_causal, scale,
+def _(grad, q, k, v, out, row_max, inv_l, attn_mask, key_padding_mask, sinks, dropout_p, is_causal, scale, softcap,
       causal_offset, seed, mask_grad, backend):
     dmask_shape = (*q.shape[:-1], k.shape[-2]) if mask_grad else (0,)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
@@ -101,10 +102,10 @@ def _(grad, q, k, v, out, row_max, inv_l, attn_mask, key_padding_mask, sinks, dr
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, attn_mask, kpm, sinks, dropout_p, is_causal, scale, causal_offset, seed, backend = inputs
+    q, k, v, attn_mask, kpm, sinks, dropout_p, is_causal, scale, softcap, causal_offset, seed, backend = inputs
     out, row_max, inv_l = output
     ctx.save_for_backward(q, k, v, out, row_max, inv_l, attn_mask, kpm, sinks, seed)
-    ctx.args = (dropout_p, is_causal, scale, causal_offset, backend)
+    ctx.args = (dropout_p, is_causal, scale, softcap, causal_offset, backend)
 
 
 def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -118,21 +119,22 @@ def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
 
 def _backward(ctx, grad: Tensor, _grad_max: Tensor, _grad_inv_l: Tensor):
     q, k, v, out, row_max, inv_l, attn_mask, kpm, sinks, seed = ctx.saved_tensors
-    dropout_p, is_causal, scale, causal_offset, backend = ctx.args
+    dropout_p, is_causal, scale, softcap, causal_offset, backend = ctx.args
     # A float mask that requires grad (T5's position bias, a learned ALiBi slope) gets dS, the gradient of the
     # scores it is added to; otherwise the kernels store nothing more.
     mask_grad = ctx.needs_input_grad[3]
     dq, dk, dv, ds, dsinks = call(_attention_backward, grad, q, k, v, out, row_max, inv_l, attn_mask, kpm, sinks,
-                                  dropout_p, is_causal, scale, causal_offset, seed, mask_grad, backend)
+                                  dropout_p, is_causal, scale, softcap, causal_offset, seed, mask_grad, backend)
     dmask = _sum_to(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
     dsinks = dsinks.to(sinks.dtype) if ctx.needs_input_grad[5] else None
-    return dq, dk, dv, dmask, None, dsinks, None, None, None, None, None, None
+    return dq, dk, dv, dmask, None, dsinks, None, None, None, None, None, None, None
 
 
 register_autograd(_attention, _backward, _setup_context)
 
 
-def _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, enable_gqa, causal_alignment) -> None:
+def _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, softcap, dropout_p, enable_gqa, causal_alignment,
+                  ) -> None:
     check_qkv(q, k, v, 4, "[B, heads, L, D]")
     (b, h, lq, d), (bk, hkv, lk, dk) = q.shape, k.shape
     if bk != b or v.shape[0] != b or v.shape[1] != hkv or v.shape[2] != lk or dk != d:
@@ -150,6 +152,7 @@ def _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, enable
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     check_sinks(sinks, h, q.device)
+    check_softcap(softcap)
 
 
 def attention(
@@ -184,15 +187,12 @@ def attention(
     `merge_attention` uses to combine attention over disjoint key sets. sinks: ``[H]`` float, gpt-oss's attention
     sinks — a learnable logit per query head added to each row's softmax denominator (a row may attend "nowhere"),
     with its gradient; the lse then includes it. softcap: Gemma 2's logit soft-capping, each scaled score s becomes
-    softcap·tanh(s / softcap) before masks are applied; runs on the torch backend for now (`auto` picks it; a kernel
-    backend named explicitly raises NotImplementedError).
+    softcap·tanh(s / softcap) before masks are applied (None or 0: none), with its gradient, on every backend.
     """
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
-    _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, enable_gqa, causal_alignment)
+    _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, softcap, dropout_p, enable_gqa, causal_alignment)
     name = backends.resolve_for(OP, FAMILY, q.device, backend, q, k, v)
-    if softcap:
-        name = softcap_backend(softcap, name, backend if backend is not None else backends.get_backend(), OP)
     lq, lk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     offset = 0 if causal_alignment == "top_left" else lk - lq
@@ -201,7 +201,7 @@ def attention(
                                return_lse=return_lse, sinks=sinks, softcap=softcap)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
     out, row_max, inv_l = call(_attention, q, k, v, attn_mask, key_padding_mask, sinks, float(dropout_p),
-                               bool(is_causal), scale, offset, seed, name)
+                               bool(is_causal), scale, float(softcap or 0.0), offset, seed, name)
     return (out, row_lse(row_max, inv_l)) if return_lse else out
 
 

@@ -21,8 +21,8 @@ from ._checks import (
     check_attention_options,
     check_qkv,
     check_seed,
+    check_softcap,
     describe,
-    softcap_backend,
 )
 from ._dispatch import call, custom_op, register_autograd
 from ._sinks import apply_sinks, check_sinks, sinks_grad
@@ -33,14 +33,14 @@ OP = "varlen_attention"
 
 @custom_op("transformer_kernels::varlen_attention")
 def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-                      sinks: Tensor | None, dropout_p: float, is_causal: bool, scale: float, bottom_right: bool,
-                      seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                      sinks: Tensor | None, dropout_p: float, is_causal: bool, scale: float, softcap: float,
+                      bottom_right: bool, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     check_seed(seed, q.device)
     width = max(q.shape[-1], v.shape[-1])
     with backends.on_device(q):
         out, row_max, inv_l = backends.launchers(FAMILY, backend).varlen_forward(
             *(widen_head_dim(t, width) for t in (q, k, v)), cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right,
-            dropout_p, seed)
+            dropout_p, seed, softcap=softcap)
     out = narrow_head_dim(out, v.shape[-1])
     if sinks is not None:
         out, inv_l = apply_sinks(out, row_max, inv_l, sinks)
@@ -48,7 +48,7 @@ def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tenso
 
 
 @_varlen_attention.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, sinks, dropout_p, is_causal, scale, bottom_right, seed, backend):
+def _(q, k, v, cu_q, cu_k, max_q, max_k, sinks, dropout_p, is_causal, scale, softcap, bottom_right, seed, backend):
     stats = q.shape[:-1]
     return (q.new_empty((*stats, v.shape[-1])), q.new_empty(stats, dtype=torch.float32),
             q.new_empty(stats, dtype=torch.float32))
@@ -57,7 +57,7 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, sinks, dropout_p, is_causal, scale, bot
 @custom_op("transformer_kernels::varlen_attention_backward")
 def _varlen_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, row_max: Tensor,
                                inv_l: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-                               sinks: Tensor | None, dropout_p: float, is_causal: bool, scale: float,
+                               sinks: Tensor | None, dropout_p: float, is_causal: bool, scale: float, softcap: float,
                                bottom_right: bool, seed: Tensor | None,
                                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv and, with sinks, their fp32 gradient ``[H]`` (else an empty tensor)."""
@@ -68,31 +68,31 @@ def _varlen_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
     with backends.on_device(q):
         dq, dk, dv = backends.launchers(FAMILY, backend).varlen_backward(
             grad, q_, k_, v_, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p,
-            seed)
+            seed, softcap=softcap)
     return narrow_head_dim(dq, d), narrow_head_dim(dk, d), narrow_head_dim(dv, v.shape[-1]), dsinks
 
 
 @_varlen_attention_backward.register_fake
-def _(grad, q, k, v, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, sinks, dropout_p, is_causal, scale, bottom_right,
-      seed, backend):
+def _(grad, q, k, v, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, sinks, dropout_p, is_causal, scale, softcap,
+      bottom_right, seed, backend):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty(0 if sinks is None else sinks.shape, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_q, cu_k, max_q, max_k, sinks, dropout_p, is_causal, scale, bottom_right, seed, backend = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, sinks, dropout_p, is_causal, scale, softcap, bottom_right, seed, backend = inputs
     out, row_max, inv_l = output
     ctx.save_for_backward(q, k, v, out, row_max, inv_l, cu_q, cu_k, sinks, seed)
-    ctx.args = (max_q, max_k, dropout_p, is_causal, scale, bottom_right, backend)
+    ctx.args = (max_q, max_k, dropout_p, is_causal, scale, softcap, bottom_right, backend)
 
 
 def _backward(ctx, grad: Tensor, _grad_max: Tensor, _grad_inv_l: Tensor):
     q, k, v, out, row_max, inv_l, cu_q, cu_k, sinks, seed = ctx.saved_tensors
-    max_q, max_k, dropout_p, is_causal, scale, bottom_right, backend = ctx.args
+    max_q, max_k, dropout_p, is_causal, scale, softcap, bottom_right, backend = ctx.args
     dq, dk, dv, dsinks = call(_varlen_attention_backward, grad, q, k, v, out, row_max, inv_l, cu_q, cu_k, max_q, max_k,
-                              sinks, dropout_p, is_causal, scale, bottom_right, seed, backend)
+                              sinks, dropout_p, is_causal, scale, softcap, bottom_right, seed, backend)
     dsinks = dsinks.to(sinks.dtype) if ctx.needs_input_grad[7] else None
-    return dq, dk, dv, None, None, None, None, dsinks, *([None] * 6)
+    return dq, dk, dv, None, None, None, None, dsinks, *([None] * 7)
 
 
 register_autograd(_varlen_attention, _backward, _setup_context)
@@ -139,7 +139,8 @@ def _check_cu(name: str, cu: Tensor, total: int, max_len: int, batch: int, q: Te
 _CHECKED_ATTR = "_transformer_kernels_cu_checked"
 
 
-def _check_inputs(q, k, v, sinks, dropout_p, enable_gqa, causal_alignment, max_seqlen_q, max_seqlen_k) -> None:
+def _check_inputs(q, k, v, sinks, softcap, dropout_p, enable_gqa, causal_alignment, max_seqlen_q, max_seqlen_k,
+                  ) -> None:
     check_qkv(q, k, v, 3, "[total, heads, D] (packed sequences)")
     (_, h, d), (total_k, hkv, dk) = q.shape, k.shape
     if v.shape[0] != total_k or v.shape[1] != hkv or dk != d:
@@ -147,6 +148,7 @@ def _check_inputs(q, k, v, sinks, dropout_p, enable_gqa, causal_alignment, max_s
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     check_attention_options(h, hkv, enable_gqa, dropout_p, causal_alignment)
     check_sinks(sinks, h, q.device)
+    check_softcap(softcap)
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise TypeError(f"{name} must be a non-negative Python int (it sizes the launch grid); got {n!r}")
@@ -202,13 +204,11 @@ def varlen_attention(
     """
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
-    _check_inputs(q, k, v, sinks, dropout_p, enable_gqa, causal_alignment, max_seqlen_q, max_seqlen_k)
+    _check_inputs(q, k, v, sinks, softcap, dropout_p, enable_gqa, causal_alignment, max_seqlen_q, max_seqlen_k)
     batch = cu_seqlens_q.numel() - 1 if isinstance(cu_seqlens_q, Tensor) else -1
     cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, batch, q)
     cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, batch, q)
     name = backends.resolve_for(OP, FAMILY, q.device, backend, q, k, v)
-    if softcap:
-        name = softcap_backend(softcap, name, backend if backend is not None else backends.get_backend(), OP)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     bottom_right = causal_alignment == "bottom_right"
     if name == "torch":
@@ -216,5 +216,5 @@ def varlen_attention(
         return (out, lse) if return_lse else out
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
     out, row_max, inv_l = call(_varlen_attention, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, sinks,
-                               float(dropout_p), bool(is_causal), scale, bottom_right, seed, name)
+                               float(dropout_p), bool(is_causal), scale, float(softcap or 0.0), bottom_right, seed, name)
     return (out, row_lse(row_max, inv_l)) if return_lse else out

@@ -112,6 +112,9 @@ def _attention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
          lambda b, h, lq, lk, g: {"key_padding_mask": torch.rand(b, lk, generator=g) < 0.3}),
         ("gqa causal sinks", 1, 4, 2, 25, 25, 64,
          lambda b, h, lq, lk, g: {"is_causal": True, "enable_gqa": True, "sinks": torch.randn(h, generator=g) * 2}),
+        ("causal softcap padded", 2, 2, 2, 31, 31, 64,
+         lambda b, h, lq, lk, g: {"is_causal": True, "softcap": 0.5,
+                                  "key_padding_mask": torch.rand(b, lk, generator=g) < 0.3}),
     ]
     if quick:
         shapes = shapes[1:3]
