@@ -95,7 +95,7 @@ __device__ __forceinline__ void probabilities_and_score_grads(const AttentionArg
   const int64_t row0 = query_row<PACKED>(a, b * a.H + h, h, m0), step = row_step<PACKED>(a.H);
   for (int e = threadIdx.x; e < BM * BN; e += blockDim.x) {
     const int r = e / BN, c = e % BN;
-    const float dot = t.s[r * L::LDS + c];
+    const float dot = softcap_product(a, t.s[r * L::LDS + c]);
     const float s = masked_score<T>(a, b, h, m0 + r, n0 + c, dot);
     t.s[r * L::LDS + c] = s;
     const float kept = drop.scale(drop.row_hash(row0 + r * step), n0 + c);
@@ -252,6 +252,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_mma_kernel(Att
         float s[NT][4] = {}, dp[NT][4] = {};
         warp_mma_rows_abt<T, DP, NT>(s, ks, 16 * warp, qtile, lane);
         warp_mma_rows_abt<T, DP, NT>(dp, vs, 16 * warp, dotile, lane);
+        softcap_products(a, s);
         // Element (key r, query c): Pᵀ (dropped) into s, dSᵀ = P·(dP·kept - delta) into dp.
 #pragma unroll
         for (int j = 0; j < NT; ++j)
@@ -355,6 +356,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
       float s[NT][4] = {}, dp[NT][4] = {};
       warp_mma_rows_abt<T, DP, NT>(s, qs, 16 * warp, kt, lane);
       warp_mma_rows_abt<T, DP, NT>(dp, dos, 16 * warp, vt, lane);
+      softcap_products(a, s);
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll

@@ -278,6 +278,29 @@ struct DropoutDraw {
   __device__ float scale(uint32_t row_hash, int64_t col) const { return keeps(row_hash, col) ? keep_scale : 0.0f; }
 };
 
+// tanh(x) = sign(x)·(1 − e^(−2|x|)) / (1 + e^(−2|x|)): one exponential and a division, finite for every x. tanhf's
+// polynomial and branches cost the registers the D = 64 mma forward does not have on sm_86 (it spilled 16 bytes).
+__device__ __forceinline__ float softcap_tanh(float x) {
+  const float e = __expf(-2.0f * fabsf(x));
+  return copysignf(__fdividef(1.0f - e, 1.0f + e), x);
+}
+
+// Gemma 2's soft cap applied to a tile's raw products in place, before `masked_score` scales and masks them:
+// dot becomes c·tanh(scale·dot / c) / scale. A pass of its own under one uniform branch, reading c and scale from
+// the kernel parameters per score: inside masked_score's per-score logic, or with the two ratios held in registers
+// across the pass, the D = 64 packed mma forward spilled 16 bytes on sm_86.
+__device__ __forceinline__ float softcap_product(const AttentionArgs& a, float dot) {
+  return a.softcap > 0.0f ? a.softcap / a.scale * softcap_tanh(dot * (a.scale / a.softcap)) : dot;
+}
+template <int N, int M>
+__device__ __forceinline__ void softcap_products(const AttentionArgs& a, float (&dot)[N][M]) {
+  if (a.softcap <= 0.0f) return;
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int e = 0; e < M; ++e) dot[j][e] = a.softcap * softcap_tanh(dot[j][e] * a.scale / a.softcap) / a.scale;
+}
+
 // The score of query i and key j in natural units (scale * q.k + float mask), -inf where hidden: a key the
 // padding mask drops, causal order, a bool mask False or a float mask -inf. Natural units until the row max is
 // subtracted keep rows whose scores are all near -6e4 exact.
@@ -287,7 +310,6 @@ __device__ __forceinline__ float masked_score(const AttentionArgs& a, int64_t b,
   if (i >= a.Lq || !key_visible(a, b, j)) return -INFINITY;
   if (a.causal && j > i + a.causal_offset) return -INFINITY;
   float s = dot * a.scale;
-  if (a.softcap > 0.0f) s = a.softcap * tanhf(s / a.softcap);
   if (a.mask_kind != kNoMask) {
     const int64_t off = b * a.mask_stride[0] + h * a.mask_stride[1] + i * a.mask_stride[2] + j * a.mask_stride[3];
     if (a.mask_kind == kBoolMask) {
@@ -302,11 +324,12 @@ __device__ __forceinline__ float masked_score(const AttentionArgs& a, int64_t b,
   return s;
 }
 
-// The soft cap's slope at a raw product `dot`: d(c·tanh(s/c))/ds = 1 − tanh²(s/c) for s = scale·dot, 1 without a cap.
-// dS reaches dQ and dK through it; a float mask's gradient (added after the cap) is dS before it.
-__device__ __forceinline__ float softcap_slope(const AttentionArgs& a, float dot) {
+// The soft cap's slope from a capped product (`softcap_products`): d(c·tanh(s/c))/ds = 1 − tanh², where
+// tanh = scale·capped / c; 1 without a cap. dS reaches dQ and dK through it; a float mask's gradient (the mask is
+// added after the cap) is dS before it.
+__device__ __forceinline__ float softcap_slope(const AttentionArgs& a, float capped) {
   if (a.softcap <= 0.0f) return 1.0f;
-  const float t = tanhf(dot * a.scale / a.softcap);
+  const float t = capped * (a.scale / a.softcap);
   return 1.0f - t * t;
 }
 

@@ -85,6 +85,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
           ldmatrix_a<T, DP>(af, qs, 16 * warp, 16 * kk, lane);
         }
       }, kt, lane);
+      softcap_products(a, s);
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -217,7 +218,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_fwd_fma_kernel(Atte
       __syncthreads();  // raw scores complete
       for (int e = threadIdx.x; e < BM * BN; e += blockDim.x) {
         const int r = e / BN, c = e % BN;
-        ss[r * L::LDS + c] = masked_score<T>(a, b, h, m0 + r, n0 + c, ss[r * L::LDS + c]);
+        ss[r * L::LDS + c] = masked_score<T>(a, b, h, m0 + r, n0 + c, softcap_product(a, ss[r * L::LDS + c]));
       }
       __syncthreads();  // masked scores complete
       if (a.mask_kind != kNoMask) zero_unseen_keys<T, BM, BN, DP>(ss, L::LDS, vs, L::LDT);

@@ -11,9 +11,7 @@ the backward pass.
 
 Backward (deterministic, no atomics): a preprocess computes delta = rowsum(dO·O); one program per key tile
 accumulates dK and dV over every query tile of every query head in its GQA group; a separate pass per query
-tile accumulates dQ. Only for a float mask that requires grad (T5's position bias) a last pass writes dS,
-the mask's gradient. With a soft cap (SOFTCAP, Gemma 2) each scaled score s becomes c·tanh(s/c) before any mask
-is added, and dS takes the factor 1 − tanh² on its way to dQ and dK (`_softcap`).
+tile accumulates dQ. Only for a float mask that requires grad (T5's position bias) a last pass writes dS, the mask's gradient.
 
 Masks (read through their strides, never expanded): a bool or float `attn_mask` viewed as [B, H, Lq, Lk]
 (stride 0 on broadcast dims), a `[B, Lk]` key-padding mask (True = padding), and causal with an offset
@@ -111,31 +109,15 @@ def _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM: tl.cons
 
 
 @triton.jit
-def _softcap(s, softcap):
-    # (c·tanh(s/c), tanh(s/c)) with tanh(x) = sign(x)·(1 − e^(−2|x|)) / (1 + e^(−2|x|)): one exp2 per score, no
-    # overflow for any x, in every Triton (the interpreter included). The backward's dS takes the factor 1 − tanh².
-    x = s / softcap
-    e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
-    t = (1.0 - e) / (1.0 + e)
-    t = tl.where(x < 0, -t, t)
-    return softcap * t, t
-
-
-@triton.jit
-def _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n,
-                sm_scale, softcap, causal_offset, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                SOFTCAP: tl.constexpr, WIDE: tl.constexpr):
-    # Scores in natural units with -inf where hidden, the visibility, and (SOFTCAP) each score's tanh(s/c). Natural
-    # units until after the max is subtracted: multiplying a score near -6e4 by log2(e) first would round it to 2^-7
-    # and the probabilities of such a row off by ~0.5%. A float mask entry of -inf hides its key like a bool False;
-    # the soft cap (Gemma 2) bends the scaled scores before any mask is added, as flash-attn's.
+def _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale,
+                causal_offset, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WIDE: tl.constexpr):
+    # Scores in natural units with -inf where hidden, and the visibility. Natural units until after the max is
+    # subtracted: multiplying a score near -6e4 by log2(e) first would round it to 2^-7 and the probabilities
+    # of such a row off by ~0.5%. A float mask entry of -inf hides its key like a bool False.
     visible = col_ok[None, :] & (offs_m[:, None] < seqlen_q)
     if IS_CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
     s = qk * sm_scale
-    t = s
-    if SOFTCAP:
-        s, t = _softcap(s, softcap)
     if WIDE:
         mask_ptrs = _corner(mask_base, start_m, stride_mask_m, start_n, stride_mask_n) + \
             (offs_m - start_m)[:, None] * stride_mask_m + (offs_n - start_n)[None, :] * stride_mask_n
@@ -149,7 +131,7 @@ def _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_bas
         bias = bias.to(tl.float32)
         visible = visible & (bias != float("-inf"))
         s = s + bias
-    return tl.where(visible, s, float("-inf")), visible, t
+    return tl.where(visible, s, float("-inf")), visible
 
 
 @triton.jit
@@ -161,9 +143,8 @@ def _seen_by_any(visible):
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, first, h, num_heads, k_base, v_base, kpm_ptr, kpm_row,
               stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
-              seqlen_k, sm_scale, softcap, causal_offset, dropout_p, seed,
-              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-              DROPOUT: tl.constexpr,
+              seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
@@ -171,8 +152,8 @@ def _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, first, h, num_heads, k_bas
     k_base, v_base, rel_n = _key_tile(k_base, v_base, start_n, offs_n, stride_kn, stride_vn, WIDE)
     kt = tl.load(k_base + rel_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
     qk = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
-    s, visible, _ = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
-                                stride_mask_n, sm_scale, softcap, causal_offset, MASK_KIND, IS_CAUSAL, SOFTCAP, WIDE)
+    s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
+                             stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row with nothing visible yet has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -239,8 +220,7 @@ def _load_rows(base_ptr, b, h, stride_b, stride_h, stride_m, start_m, offs_m, of
 
 
 @triton.jit
-def _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-IS_CAUSAL: tl.constexpr):
+def _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
     # (hi, full) for the query tile at start_m: keys below hi are visited; tiles below full are visible to every
     # row of the tile (no causal compare). Causal: up to the last valid row's limit, so a key no query sees is
     # never loaded.
@@ -258,10 +238,8 @@ def attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, row_max_ptr, inv_l_ptr, mask_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, softcap, causal_offset, dropout_p, seed_ptr, seqlen_q_class,
-    seqlen_k_class,
-    D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
+    D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
@@ -290,16 +268,14 @@ def attn_fwd_kernel(
     for start_n in range(0, full, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, bq, h, num_heads, k_base, v_base, kpm_ptr,
                                   kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn,
-                                  offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, softcap, causal_offset, dropout_p,
-                                  seed,
-                                  MASK_KIND, HAS_KPM, False, SOFTCAP, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
+                                  offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+                                  MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(full, hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, bq, h, num_heads, k_base, v_base,
                                       kpm_ptr, kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
-                                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, softcap,
-                                      causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, SOFTCAP, DROPOUT, WIDE,
-                                      VARLEN,
+                                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
+                                      causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, VARLEN,
                                       BLOCK_N, INTERPRETED)
     # A row with no visible key has l = 0: its output and (through inv_l = 0) its gradients are zeros.
     inv_l = tl.where(l_i == 0.0, 0.0, 1.0 / tl.where(l_i == 0.0, 1.0, l_i))
@@ -319,9 +295,8 @@ def attn_fwd_split_kernel(
     q_ptr, k_ptr, v_ptr, o_part_ptr, m_part_ptr, l_part_ptr, mask_ptr, kpm_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, softcap, causal_offset, dropout_p, seed_ptr, split_len,
-    D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, split_len,
+    D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     # Split-KV forward (decoding: few queries, many keys): grid axis 1 splits the key range into chunks of
@@ -346,16 +321,14 @@ def attn_fwd_split_kernel(
     for start_n in range(lo_n, tl.minimum(hi_n, full), BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, 0, h, num_heads, k_base, v_base, kpm_ptr,
                                   b * stride_kpm_b, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn,
-                                  stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, softcap, causal_offset,
-                                  dropout_p,
-                                  seed, MASK_KIND, HAS_KPM, False, SOFTCAP, DROPOUT, False, False, BLOCK_N, INTERPRETED)
+                                  stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p,
+                                  seed, MASK_KIND, HAS_KPM, False, DROPOUT, False, False, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(tl.maximum(lo_n, full), hi_n, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, 0, h, num_heads, k_base, v_base,
                                       kpm_ptr, b * stride_kpm_b, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
-                                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, softcap,
-                                      causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, SOFTCAP, DROPOUT,
-                                      False, False,
+                                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
+                                      causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, False, False,
                                       BLOCK_N, INTERPRETED)
     total_rows = (tl.num_programs(0) // tl.cdiv(seqlen_q, BLOCK_M)).to(tl.int64) * seqlen_q  # B·H·Lq
     rows = split * total_rows + bh.to(tl.int64) * seqlen_q + offs_m
@@ -414,36 +387,31 @@ def attn_bwd_preprocess_kernel(out_ptr, do_ptr, delta_ptr, cu_q_ptr, stride_dob,
 
 @triton.jit
 def _probs(q, kt, start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base,
-           stride_mask_m, stride_mask_n, sm_scale, softcap, causal_offset,
-           MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, WIDE: tl.constexpr,
-           INTERPRETED: tl.constexpr):
-    # Recomputes the forward probabilities of one tile from the saved row max and reciprocal sum (and, SOFTCAP,
-    # each score's tanh for the cap's derivative).
+           stride_mask_m, stride_mask_n, sm_scale, causal_offset,
+           MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WIDE: tl.constexpr, INTERPRETED: tl.constexpr):
+    # Recomputes the forward probabilities of one tile from the saved row max and reciprocal sum.
     qk = _dot(q, kt, tl.zeros([q.shape[0], kt.shape[1]], tl.float32), INTERPRETED)
-    s, visible, t = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
-                                stride_mask_n, sm_scale, softcap, causal_offset, MASK_KIND, IS_CAUSAL, SOFTCAP, WIDE)
+    s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
+                             stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
     row_ok = offs_m < seqlen_q
     m = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
     inv_l = tl.load(inv_l_ptr + rows, mask=row_ok, other=0.0)
-    return tl.exp2((s - m[:, None]) * LOG2E) * inv_l[:, None], visible, t
+    return tl.exp2((s - m[:, None]) * LOG2E) * inv_l[:, None], visible
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr,
-mask_base,
+def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_base,
                stride_mask_m, stride_mask_n, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
-               offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k, sm_scale, softcap, causal_offset, dropout_p, seed,
-               dq_acc_ptr,
-               MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-               WIDE: tl.constexpr,
+               offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr,
+               MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr,
                VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, FUSED_DQ: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(q_ptr, bq, h, stride_qb, stride_qh, stride_qm, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
     do = _load_rows(do_ptr, bq, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
     rows = _row_index(bh, bq, h, num_heads, seqlen_q, offs_m, VARLEN)
-    p, visible, t = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
-                           seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, softcap, causal_offset,
-                           MASK_KIND, IS_CAUSAL, SOFTCAP, WIDE, INTERPRETED)
+    p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
+                        seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
+                        IS_CAUSAL, WIDE, INTERPRETED)
     dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, k.shape[0]], tl.float32), INTERPRETED)
     if DROPOUT:
         keep = _keep(seed, bh, bq, h, num_heads, seqlen_q, offs_m, start_n, dropout_p, k.shape[0], VARLEN)
@@ -455,8 +423,6 @@ mask_base,
     delta = tl.load(delta_ptr + rows, mask=offs_m < seqlen_q, other=0.0)
     # Hidden entries get exactly 0, even where a padded V holds NaN and made dp NaN.
     ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
-    if SOFTCAP:
-        ds = ds * (1.0 - t * t)  # through the cap: d(c·tanh(s/c))/ds
     dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, INTERPRETED)
     if FUSED_DQ:
         # The fifth product: this tile's share of dQ = dS·K, added in fp32 (FlashAttention-2's order). A separate
@@ -471,16 +437,12 @@ mask_base,
 
 @triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, dq_acc_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
-    cu_q_ptr,
-    cu_k_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob,
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, dq_acc_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr, cu_q_ptr,
+    cu_k_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob,
     stride_doh, stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, softcap, causal_offset, dropout_p, seed_ptr, seqlen_q_class,
-    seqlen_k_class,
-    D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
+    D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FUSED_DQ: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -527,31 +489,26 @@ def attn_bwd_dkdv_kernel(
                 dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr,
                                     inv_l_ptr, delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb,
                                     stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok,
-                                    D, seqlen_q, seqlen_k, sm_scale, softcap, causal_offset, dropout_p, seed,
-                                    dq_acc_ptr,
-                                    MASK_KIND, True, SOFTCAP, DROPOUT, WIDE, VARLEN, BLOCK_M, FUSED_DQ, INTERPRETED)
+                                    D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr,
+                                    MASK_KIND, True, DROPOUT, WIDE, VARLEN, BLOCK_M, FUSED_DQ, INTERPRETED)
         for start_m in range(full, seqlen_q, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr,
                                 inv_l_ptr, delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb, stride_qh,
                                 stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D, seqlen_q,
-                                seqlen_k, sm_scale, softcap, causal_offset, dropout_p, seed, dq_acc_ptr, MASK_KIND,
-                                False, SOFTCAP,
+                                seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr, MASK_KIND, False,
                                 DROPOUT, WIDE, VARLEN, BLOCK_M, FUSED_DQ, INTERPRETED)
     rows = _row_index(bhk, bk, hk, hkv, seqlen_k, offs_n, VARLEN)
     out_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
     tl.store(dk_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dk * sm_scale, dk_ptr.dtype.element_ty,
                                                                     INTERPRETED), mask=out_ok)
-    tl.store(dv_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dv, dv_ptr.dtype.element_ty, INTERPRETED),
-    mask=out_ok)
+    tl.store(dv_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dv, dv_ptr.dtype.element_ty, INTERPRETED), mask=out_ok)
 
 
 @triton.jit
 def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, k_base, v_base, kpm_ptr, kpm_row,
-             stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn,
-             offs_m,
-             offs_d, D, seqlen_q, seqlen_k, sm_scale, softcap, causal_offset, dropout_p, seed,
-             MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-             DROPOUT: tl.constexpr,
+             stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m,
+             offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+             MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
              WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
@@ -559,16 +516,14 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, 
     k_base, v_base, rel_n = _key_tile(k_base, v_base, start_n, offs_n, stride_kn, stride_vn, WIDE)
     k = tl.load(k_base + rel_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-    p, visible, t = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
-                           seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, softcap, causal_offset,
-                           MASK_KIND, IS_CAUSAL, SOFTCAP, WIDE, INTERPRETED)
+    p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
+                        seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
+                        IS_CAUSAL, WIDE, INTERPRETED)
     dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
         dp = tl.where(_keep(seed, bh, first, h, num_heads, seqlen_q, offs_m, start_n, dropout_p, BLOCK_N, VARLEN),
                       dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
-    if SOFTCAP:
-        ds = ds * (1.0 - t * t)
     if MASK_KIND != 0:
         k = tl.where(_seen_by_any(visible)[:, None], k, 0.0)
     return _dot(ds.to(k.dtype), k, dq, INTERPRETED)
@@ -577,14 +532,11 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, 
 @triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob,
-    stride_doh,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
     stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, softcap, causal_offset, dropout_p, seed_ptr, seqlen_q_class,
-    seqlen_k_class,
-    D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
+    D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
@@ -611,16 +563,14 @@ def attn_bwd_dq_kernel(
     for start_n in range(0, full, BLOCK_N):
         dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, bq, h, num_heads, rows, k_base, v_base, kpm_ptr,
                       b * stride_kpm_b, stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n,
-                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, softcap, causal_offset,
-                      dropout_p,
-                      seed, MASK_KIND, HAS_KPM, False, SOFTCAP, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
+                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p,
+                      seed, MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(full, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, bq, h, num_heads, rows, k_base, v_base, kpm_ptr,
                           b * stride_kpm_b, stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m,
-                          stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, softcap,
-                          causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, SOFTCAP, DROPOUT, WIDE, VARLEN,
-                          BLOCK_N,
+                          stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
+                          causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, VARLEN, BLOCK_N,
                           INTERPRETED)
     tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dq * sm_scale, dq_ptr.dtype.element_ty,
                                                                     INTERPRETED), mask=ok)
@@ -629,13 +579,11 @@ def attn_bwd_dq_kernel(
 @triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dmask_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, ds_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob,
-    stride_doh,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
     stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, softcap, causal_offset, dropout_p, seed_ptr,
-    D: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-    WIDE: tl.constexpr,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr,
+    D: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     # The gradient of a float mask, dS = P * (dP - delta) (the mask enters the scores unscaled), into a contiguous
@@ -664,10 +612,9 @@ def attn_bwd_dmask_kernel(
     k = tl.load(k_base + rel_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     rows = bh.to(tl.int64) * seqlen_q + offs_m
-    # The mask is added after the cap: its gradient is dS before the cap's factor.
-    p, visible, _ = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
-                           seqlen_q, mask_ptr + b * stride_mask_b + h * stride_mask_h, stride_mask_m, stride_mask_n,
-                           sm_scale, softcap, causal_offset, FLOAT_MASK, IS_CAUSAL, SOFTCAP, WIDE, INTERPRETED)
+    p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
+                        seqlen_q, mask_ptr + b * stride_mask_b + h * stride_mask_h, stride_mask_m, stride_mask_n,
+                        sm_scale, causal_offset, FLOAT_MASK, IS_CAUSAL, WIDE, INTERPRETED)
     dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
         dp = tl.where(_keep(seed, bh, 0, h, num_heads, seqlen_q, offs_m, start_n, dropout_p, BLOCK_N, False),
@@ -681,8 +628,7 @@ def attn_bwd_dmask_kernel(
 
 
 @triton.jit
-def dropout_mask_kernel(keep_ptr, seqlen_q, seqlen_k, dropout_p, seed_ptr, BLOCK_M: tl.constexpr,
-BLOCK_N: tl.constexpr):
+def dropout_mask_kernel(keep_ptr, seqlen_q, seqlen_k, dropout_p, seed_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # The keep-mask the attention kernels draw, materialised (tests and the reference comparison only).
     n_m = tl.cdiv(seqlen_q, BLOCK_M)
     n_n = tl.cdiv(seqlen_k, BLOCK_N)
@@ -822,10 +768,9 @@ INTERPRETER_CONFIG = TileConfig(32, 32, 1, 1)
 PREPROCESS_BLOCK_M = 64
 
 
-def feature_class(mask_kind: int, has_kpm: bool, dropout: bool, softcap: bool = False) -> str:
-    """"all" when a mask tile, padding, dropout or the soft cap (a tanh per score, and the backward keeps it) adds
-    per-element registers, else "plain" (causal is cheap)."""
-    return "all" if mask_kind != MASK_NONE or has_kpm or dropout or softcap else "plain"
+def feature_class(mask_kind: int, has_kpm: bool, dropout: bool) -> str:
+    """"all" when a mask tile, padding or dropout adds per-element registers, else "plain" (causal is cheap)."""
+    return "all" if mask_kind != MASK_NONE or has_kpm or dropout else "plain"
 
 
 def tile_configs(pass_name: str, block_d: int, elem_bytes: int, features: str, varlen: bool = False,
@@ -906,14 +851,14 @@ def _autotuned(kernel, pass_name: str):
     table = {"": [INTERPRETER_CONFIG]} if is_interpreted() else PASSES[pass_name]
 
     def allowed(named_args, kwargs):
-        features = feature_class(kwargs["MASK_KIND"], kwargs["HAS_KPM"], kwargs["DROPOUT"], kwargs["SOFTCAP"])
+        features = feature_class(kwargs["MASK_KIND"], kwargs["HAS_KPM"], kwargs["DROPOUT"])
         shape_class = (pass_name, kwargs["BLOCK_D"], named_args["q_ptr"].element_size(), features, kwargs["VARLEN"])
         if kwargs.get("FUSED_DQ") and not is_interpreted():
             return list(fused_dq_tiles(*shape_class[1:], kwargs["WIDE"]))
         return [wide_tile(*shape_class)] if kwargs["WIDE"] else tile_configs(*shape_class)
 
-    key = ["seqlen_q_class", "seqlen_k_class", "group", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "SOFTCAP", "DROPOUT",
-           "WIDE", "VARLEN", *(["FUSED_DQ"] if pass_name == "dkdv" else [])]
+    key = ["seqlen_q_class", "seqlen_k_class", "group", "D", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "DROPOUT", "WIDE",
+           "VARLEN", *(["FUSED_DQ"] if pass_name == "dkdv" else [])]
     extra = [] if is_interpreted() else (
         [c for (p, _), c in (*_WIDE_TILES.items(), *_VARLEN_WIDE_TILES.items()) if p == pass_name]
         + [c for (p, _), tiles in _VARLEN_TILES.items() if p == pass_name for c in tiles])
@@ -945,6 +890,17 @@ def split_tile(block_d: int, elem_bytes: int, features: str, interpreted: bool |
         return _SPLIT_TILES[key]
     smallest = _FWD[key][-1]
     return TileConfig(16, smallest.block_n, smallest.num_warps, smallest.num_stages)
+
+
+# Gemma 2's soft cap is not in these kernels: `ops.attention.softcap_backend` reads this and routes soft-capped calls
+# to a backend that caps. Compiled into every pass, the tanh and its backward factor spilled 18 of the AOT variants
+# (fp32 dK/dV and dQ tiles, 2-byte D = 128 dK/dV and D = 64 dQ tiles; measured 2026-12-07), which want their own tiles.
+SOFTCAP = False
+
+
+def _no_softcap(softcap: float) -> None:
+    if softcap:
+        raise NotImplementedError("the Triton attention kernels do not take softcap")
 
 
 def max_head_dim(dtype: torch.dtype, device: torch.device) -> int:
@@ -997,20 +953,20 @@ PLAN_CACHES.append(_FWD_PLANS)
 
 
 def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor, kind: int, ms: tuple,
-                  kps: tuple, has_kpm: bool, is_causal: bool, dropout: bool, softcap: bool) -> tuple:
+                  kps: tuple, has_kpm: bool, is_causal: bool, dropout: bool) -> tuple:
     """(split plan or None, tile, grid, the integer arguments after the pointers, the trailing integer arguments,
     the constexpr keywords) of a forward launch."""
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     block_d = head_dim_block(d, q.dtype)
     wide = spans_past_int32(q, k, v, m)
-    features = feature_class(kind, has_kpm, dropout, softcap)
+    features = feature_class(kind, has_kpm, dropout)
     tile = split_tile(block_d, q.element_size(), features)
     plain_block_m = tile_configs("fwd", block_d, q.element_size(), features)[0].block_m
     plan = split_plan(b, h, lq, lk, tile.block_m, tile.block_n, plain_block_m, q.device)
     ints = (*_strides3(q), *_strides3(k), *_strides3(v), *ms, *kps, h, h // hkv, lq, lk)
-    flags = {"D": d, "MASK_KIND": kind, "HAS_KPM": has_kpm, "IS_CAUSAL": is_causal, "SOFTCAP": softcap,
-             "DROPOUT": dropout, "BLOCK_D": block_d, "INTERPRETED": is_interpreted()}
+    flags = {"D": d, "MASK_KIND": kind, "HAS_KPM": has_kpm, "IS_CAUSAL": is_causal, "DROPOUT": dropout,
+             "BLOCK_D": block_d, "INTERPRETED": is_interpreted()}
     if plan.splits > 1 and not wide:
         grid = (triton.cdiv(lq, tile.block_m) * b * h, plan.splits)
         return plan, tile, grid, ints, (plan.split_len,), flags
@@ -1024,9 +980,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (any strides, H % Hkv == 0); mask None or bool (True = keep)
     / float (added) viewed as ``[B, H, Lq, Lk]``; kpm None or bool ``[B, Lk]`` (True = padding); seed the int64
-    ``[1]`` dropout seed on q's device (None without dropout); softcap > 0 caps the scaled scores (0: none).
-    Returns the contiguous output ``[B, H, Lq, D]`` and, per row, the max score and reciprocal softmax sum (fp32
-    ``[B, H, Lq]``) that the backward pass needs."""
+    ``[1]`` dropout seed on q's device (None without dropout); softcap 0 (see `SOFTCAP`). Returns the contiguous
+    output ``[B, H, Lq, D]`` and, per row, the max score and reciprocal softmax sum (fp32 ``[B, H, Lq]``) that the
+    backward pass needs."""
+    _no_softcap(softcap)
     # The kernels read head-dim rows with unit stride (vector loads; a runtime last-dim stride costs a 64-bit
     # address per element and spills): a view with another last-dim stride is copied once, here.
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
@@ -1039,15 +996,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     kind, m, ms, kp, kps = _mask_args(mask, kpm, q)
     dropout = dropout_p > 0.0
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device, kind, m.dtype, ms,
-           kpm is not None, kps, bool(is_causal), dropout, softcap > 0.0)
+           kpm is not None, kps, bool(is_causal), dropout)
     found = _FWD_PLANS.get(key)
     if found is None:
-        found = _forward_plan(q, k, v, m, kind, ms, kps, kpm is not None, bool(is_causal), dropout, softcap > 0.0)
+        found = _forward_plan(q, k, v, m, kind, ms, kps, kpm is not None, bool(is_causal), dropout)
         if len(_FWD_PLANS) >= _FWD_PLANS_MAX:
             _FWD_PLANS.clear()
         _FWD_PLANS[key] = found
     plan, tile, grid, ints, tail, flags = found
-    runtime = (scale, softcap, causal_offset, dropout_p, q if seed is None else seed)
+    runtime = (scale, causal_offset, dropout_p, q if seed is None else seed)
     if plan is not None:
         rows = b * h * lq
         block_d = flags["BLOCK_D"]
@@ -1073,6 +1030,7 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
     and ending at the totals), max_q/max_k at least the longest lengths (they size the grid: no host sync);
     causal per sequence, aligned bottom-right (offset Lk - Lq) or top-left. Returns the contiguous output
     ``[total_q, H, D]`` and the fp32 row max and reciprocal sum ``[total_q, H]``."""
+    _no_softcap(softcap)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     total_q, h, d = q.shape
     batch, hkv = cu_q.numel() - 1, k.shape[1]
@@ -1086,9 +1044,9 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * h,)
     _fwd[grid](
         q, k, v, out, row_max, inv_l, m, kp, cu_q, cu_k, *_packed_strides(q), *_packed_strides(k),
-        *_packed_strides(v), *ms, *kps, h, h // hkv, max_q, max_k, scale, softcap, int(bottom_right), dropout_p,
+        *_packed_strides(v), *ms, *kps, h, h // hkv, max_q, max_k, scale, int(bottom_right), dropout_p,
         q if seed is None else seed, length_class(max_q), length_class(max_k), D=d, MASK_KIND=kind, HAS_KPM=False,
-        IS_CAUSAL=bool(is_causal), SOFTCAP=softcap > 0.0, DROPOUT=dropout_p > 0.0, WIDE=spans_past_int32(q, k, v), VARLEN=True,
+        IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0, WIDE=spans_past_int32(q, k, v), VARLEN=True,
         BLOCK_D=block_d, INTERPRETED=is_interpreted(),
     )
     return out, row_max, inv_l
@@ -1102,6 +1060,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     """Gradients of `attention_forward` for grad_output ``dout`` (any strides, e.g. expanded); returns contiguous
     dq, dk, dv (dK/dV of a GQA group summed over its query heads) and, with ``mask_grad`` (a float mask), the
     mask's gradient dS as a contiguous fp32 ``[B, H, Lq, Lk]`` (None without)."""
+    _no_softcap(softcap)
     q, k, v, dout = (unit_last_stride(t) for t in (q, k, v, dout))
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -1117,10 +1076,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     block_d = head_dim_block(d, q.dtype)
     wide = spans_past_int32(q, k, v, dout, m)
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
-    common = dict(D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), SOFTCAP=softcap > 0.0,
-                  DROPOUT=dropout_p > 0.0, WIDE=wide, BLOCK_D=block_d, INTERPRETED=is_interpreted())
-    sizes = (h, h // hkv, lq, lk, scale, softcap, causal_offset, dropout_p, q if seed is None else seed,
-             length_class(lq), length_class(lk))
+    common = dict(D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
+                  WIDE=wide, BLOCK_D=block_d, INTERPRETED=is_interpreted())
+    sizes = (h, h // hkv, lq, lk, scale, causal_offset, dropout_p, q if seed is None else seed, length_class(lq),
+             length_class(lk))
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *ms, *kps)
     dq = _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, q, q, strides, sizes, b, common,
                           varlen=False)
@@ -1128,7 +1087,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         c = dmask_tile(block_d, q.element_size(), wide)
         features = {name: value for name, value in common.items() if name != "MASK_KIND"}  # always a float mask
         attn_bwd_dmask_kernel[(triton.cdiv(lq, c.block_m) * triton.cdiv(lk, c.block_n) * b * h,)](
-            q, k, v, dout, dmask, row_max, inv_l, delta, m, kp, *strides, *sizes[:9], **features, BLOCK_M=c.block_m,
+            q, k, v, dout, dmask, row_max, inv_l, delta, m, kp, *strides, *sizes[:8], **features, BLOCK_M=c.block_m,
             BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
     return dq, dk, dv, dmask
 
@@ -1139,6 +1098,7 @@ def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     seed: torch.Tensor | None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `varlen_forward` for ``dout`` ``[total_q, H, D]`` (any strides): contiguous dq, dk, dv in the
     packed layouts (dK/dV of a GQA group summed over its query heads)."""
+    _no_softcap(softcap)
     q, k, v, dout = (unit_last_stride(t) for t in (q, k, v, dout))
     total_q, h, d = q.shape
     batch, hkv = cu_q.numel() - 1, k.shape[1]
@@ -1150,10 +1110,10 @@ def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     if nothing:
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk, dv
     kind, m, ms, kp, kps = _mask_args(None, None, q)
-    common = dict(D=d, MASK_KIND=kind, HAS_KPM=False, IS_CAUSAL=bool(is_causal), SOFTCAP=softcap > 0.0,
-                  DROPOUT=dropout_p > 0.0, WIDE=spans_past_int32(q, k, v, dout), BLOCK_D=head_dim_block(d, q.dtype),
+    common = dict(D=d, MASK_KIND=kind, HAS_KPM=False, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
+                  WIDE=spans_past_int32(q, k, v, dout), BLOCK_D=head_dim_block(d, q.dtype),
                   INTERPRETED=is_interpreted())
-    sizes = (h, h // hkv, max_q, max_k, scale, softcap, int(bottom_right), dropout_p, q if seed is None else seed,
+    sizes = (h, h // hkv, max_q, max_k, scale, int(bottom_right), dropout_p, q if seed is None else seed,
              length_class(max_q), length_class(max_k))
     strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *_packed_strides(dout), *ms, *kps)
     delta = torch.empty((total_q, h), dtype=torch.float32, device=q.device)
@@ -1174,9 +1134,8 @@ def _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, c
     # atomics. Their order varies between runs, so under torch.use_deterministic_algorithms(True) dQ gets its own
     # pass per query tile instead (seven products: it recomputes QKᵀ and dO·Vᵀ), summing in a fixed order.
     fused = not torch.are_deterministic_algorithms_enabled() and bool(fused_dq_tiles(
-        common["BLOCK_D"], q.element_size(),
-        feature_class(common["MASK_KIND"], common["HAS_KPM"], common["DROPOUT"], common["SOFTCAP"]), varlen,
-        common["WIDE"]))
+        common["BLOCK_D"], q.element_size(), feature_class(common["MASK_KIND"], common["HAS_KPM"], common["DROPOUT"]),
+        varlen, common["WIDE"]))
     # Unfused, the kernel's dQ pointer is an empty fp32 view that nothing reads or writes.
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else delta[:0]
     _dkdv[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * batch * (h // group),)](
@@ -1194,29 +1153,22 @@ _AOT_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn
 # Pointers and scalars that are neither q's dtype nor 32-bit ints (the rest of the AOT signature is derived from the
 # kernels); the masks' unit key strides are specialised as Triton does for a stride of 1.
 _AOT_TYPES = {"row_max_ptr": "*fp32", "inv_l_ptr": "*fp32", "delta_ptr": "*fp32", "ds_ptr": "*fp32", "kpm_ptr": "*u8",
-              "dq_acc_ptr": "*fp32", "sm_scale": "fp32", "softcap": "fp32", "dropout_p": "fp32", "seed_ptr": "*i64",
-              "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
+              "dq_acc_ptr": "*fp32", "sm_scale": "fp32", "dropout_p": "fp32", "seed_ptr": "*i64", "cu_q_ptr": "*i32",
+              "cu_k_ptr": "*i32",
               "stride_mask_n": "constexpr", "stride_kpm_n": "constexpr"}
-# The most expensive feature set (float mask, key padding, causal, dropout), the cheapest (causal only), the
-# packed-sequence forms (no mask or padding there), and the soft cap (Gemma 2: causal, a tanh per score) on the
-# "all" tiles, each compiled with the tiles of its class (`feature_class`).
+# The most expensive feature set (float mask, key padding, causal, dropout), the cheapest (causal only), and the
+# packed-sequence forms (no mask or padding there), each compiled with the tiles of its class (`feature_class`).
 AOT_FEATURES = {
-    "all": {"MASK_KIND": MASK_ADD, "HAS_KPM": True, "IS_CAUSAL": True, "SOFTCAP": False, "DROPOUT": True,
-            "VARLEN": False},
-    "plain": {"MASK_KIND": MASK_NONE, "HAS_KPM": False, "IS_CAUSAL": True, "SOFTCAP": False, "DROPOUT": False,
-              "VARLEN": False},
-    "varlen": {"MASK_KIND": MASK_NONE, "HAS_KPM": False, "IS_CAUSAL": True, "SOFTCAP": False, "DROPOUT": True,
-               "VARLEN": True},
-    "varlen plain": {"MASK_KIND": MASK_NONE, "HAS_KPM": False, "IS_CAUSAL": True, "SOFTCAP": False, "DROPOUT": False,
-                     "VARLEN": True},
-    "softcap": {"MASK_KIND": MASK_NONE, "HAS_KPM": False, "IS_CAUSAL": True, "SOFTCAP": True, "DROPOUT": False,
-                "VARLEN": False},
+    "all": {"MASK_KIND": MASK_ADD, "HAS_KPM": True, "IS_CAUSAL": True, "DROPOUT": True, "VARLEN": False},
+    "plain": {"MASK_KIND": MASK_NONE, "HAS_KPM": False, "IS_CAUSAL": True, "DROPOUT": False, "VARLEN": False},
+    "varlen": {"MASK_KIND": MASK_NONE, "HAS_KPM": False, "IS_CAUSAL": True, "DROPOUT": True, "VARLEN": True},
+    "varlen plain": {"MASK_KIND": MASK_NONE, "HAS_KPM": False, "IS_CAUSAL": True, "DROPOUT": False, "VARLEN": True},
 }
 
 
 def _aot_class(features: str) -> str:
     f = AOT_FEATURES[features]
-    return feature_class(f["MASK_KIND"], f["HAS_KPM"], f["DROPOUT"], f["SOFTCAP"])
+    return feature_class(f["MASK_KIND"], f["HAS_KPM"], f["DROPOUT"])
 
 
 def _dense(features: str) -> dict:

@@ -227,8 +227,9 @@ def _loss_and_grads_match(eager: nn.Module, ours: nn.Module) -> dict:
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gemma2_attention_softcap_matches_eager(backend):
-    # Gemma 2 soft-caps its attention scores (attn_logit_softcapping) in the kernels. A small cap (2) so the tanh
-    # bends the scores; a sliding window on the first layer (through the mask).
+    # Gemma 2 soft-caps its attention scores (attn_logit_softcapping): in the CUDA kernels (a triton-converted model's
+    # attention goes where `auto` sends it: cuda on a GPU, the torch backend here). A small cap (2) so the tanh bends
+    # the scores; a sliding window on the first layer (through the mask).
     cfg = transformers.Gemma2Config(vocab_size=hft.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
                                     attn_logit_softcapping=2.0, final_logit_softcapping=None,

@@ -11,11 +11,11 @@ How each feature runs here: ``window_size`` as a bool mask built on the device f
 per tile; they do not skip the tiles outside the window yet); ``flash_attn_with_kvcache`` appends k/v into the cache
 in place with index writes at each sequence's ``cache_seqlens`` (device tensors: no host sync), applies rotary with
 `ops.rotary`, and attends over each sequence's valid prefix through a ``[B, 1, Lq, Lk]`` mask; a paged cache
-(``block_table``) is gathered into one ``[B, blocks · block_size]`` copy first; ``softcap`` caps the scores in the
-kernels. Refused by name (``NotImplementedError``) rather than ignored: ``alibi_slopes``, ``return_attn_probs``,
-``deterministic=True`` (our attention backward is deterministic under ``torch.use_deterministic_algorithms(True)``),
-``cache_batch_idx``, ``cache_leftpad``,
-a window or ``block_table`` on the varlen functions.
+(``block_table``) is gathered into one ``[B, blocks · block_size]`` copy first; ``softcap`` caps the scores in the CUDA
+kernels (`attention`'s rule: `auto` picks cuda). Refused by name (``NotImplementedError``) rather than ignored:
+``alibi_slopes``, ``return_attn_probs``, ``deterministic=True`` (our attention backward is deterministic under
+``torch.use_deterministic_algorithms(True)``), ``cache_batch_idx``, ``cache_leftpad``, a window or ``block_table`` on
+the varlen functions.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
     return None
 
 
+# These kernels cap scores (Gemma 2's softcap, `AttentionArgs::softcap`); `ops.attention.softcap_backend` reads this.
+SOFTCAP = True
+
+
 def _args(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, seed, softcap: float = 0.0) -> dict:
     b, h, lq, d = q.shape
     return {

@@ -72,7 +72,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     strides; T5's ``position_bias`` is added to the scores and gets its gradient. Packed sequences
     (``cu_seq_lens_q/k`` kwargs) run `ops.varlen_attention`. gpt-oss's attention sinks (``s_aux``, one logit per
     head) join each row's softmax denominator in the op, with their gradient; Gemma 2's ``softcap`` caps the scores in
-    the kernels. The
+    the CUDA kernels (a triton-converted model's soft-capped attention goes where `auto` sends it). The
     backend is the module's ``tk_backend`` (set by `tk.convert`), else the one in force.
     """
     _refuse_unsupported(kwargs)
@@ -92,8 +92,15 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     mask = attention_mask if position_bias is None else _with_bias(position_bias, attention_mask)
     out = ops.attention(query, key, value, attn_mask=mask, dropout_p=float(dropout), is_causal=causal, scale=scaling,
                         enable_gqa=query.shape[1] != key.shape[1], sinks=sinks, softcap=kwargs.get("softcap"),
-                        backend=getattr(module, "tk_backend", None))
+                        backend=_backend(module, kwargs.get("softcap")))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _backend(module: nn.Module, softcap: float | None) -> str | None:
+    """The module's backend (set by `tk.convert`); for a soft-capped model converted onto triton, whose kernels do not
+    cap scores yet, `auto`'s choice among the backends that do (the CUDA kernels on a GPU, else the torch backend)."""
+    backend = getattr(module, "tk_backend", None)
+    return "auto" if softcap and backend == "triton" else backend
 
 
 def _packed_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, dropout: float,
@@ -112,7 +119,7 @@ def _packed_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
                                dropout_p=float(dropout), is_causal=bool(causal), scale=scaling,
                                enable_gqa=q.shape[1] != k.shape[1], causal_alignment="bottom_right",
                                sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),
-                               backend=getattr(module, "tk_backend", None))
+                               backend=_backend(module, kwargs.get("softcap")))
     return out.unsqueeze(0)
 
 

@@ -187,12 +187,15 @@ def attention(
     `merge_attention` uses to combine attention over disjoint key sets. sinks: ``[H]`` float, gpt-oss's attention
     sinks — a learnable logit per query head added to each row's softmax denominator (a row may attend "nowhere"),
     with its gradient; the lse then includes it. softcap: Gemma 2's logit soft-capping, each scaled score s becomes
-    softcap·tanh(s / softcap) before masks are applied (None or 0: none), with its gradient, on every backend.
+    softcap·tanh(s / softcap) before masks are applied (None or 0: none), with its gradient, on the cuda and torch
+    backends (`auto` picks cuda where it would run triton; triton named explicitly raises NotImplementedError).
     """
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
     _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, softcap, dropout_p, enable_gqa, causal_alignment)
     name = backends.resolve_for(OP, FAMILY, q.device, backend, q, k, v)
+    if softcap:
+        name = softcap_backend(name, backend, OP, q, k, v)
     lq, lk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     offset = 0 if causal_alignment == "top_left" else lk - lq
@@ -203,6 +206,19 @@ def attention(
     out, row_max, inv_l = call(_attention, q, k, v, attn_mask, key_padding_mask, sinks, float(dropout_p),
                                bool(is_causal), scale, float(softcap or 0.0), offset, seed, name)
     return (out, row_lse(row_max, inv_l)) if return_lse else out
+
+
+def softcap_backend(name: str, requested: str | None, op: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+    """The backend that runs a soft-capped call: ``name`` when it caps scores (torch, cuda), else under `auto` the CUDA
+    kernels where they can take the inputs (the torch backend where not); a backend named explicitly that cannot cap
+    raises (never silently uncapped)."""
+    if name == "torch" or backends.launchers(FAMILY, name).SOFTCAP:
+        return name
+    if (requested if requested is not None else backends.get_backend()) != "auto":
+        raise NotImplementedError(f"backend {name!r} cannot run {op} with softcap yet (its kernels do not cap the "
+                                  f"scores): backend='cuda', 'torch' or 'auto' runs it")
+    cuda_ok = backends.status("cuda", q.device)[0] and not backends.launchers(FAMILY, "cuda").unsupported(q, k, v)
+    return "cuda" if cuda_ok else "torch"
 
 
 def row_lse(row_max: Tensor, inv_l: Tensor) -> Tensor:
