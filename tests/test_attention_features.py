@@ -43,21 +43,23 @@ def test_sinks_match_the_reference(backend, dtype, kind):
     assert_rows(compare(ours, ref, inputs, grad_of=("q", "k", "v", "sinks")), f"{dtype}, {backend}, {kind}:")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sinks_packed_sequences(backend):
+@pytest.mark.parametrize("backend,softcap", [*((b, None) for b in BACKENDS), *((b, 0.7) for b in SOFTCAP_BACKENDS)])
+def test_sinks_packed_sequences(backend, softcap):
     h, hkv, d = 4, 2, 16
     q, k, v = packed(LENS_Q, LENS_K, h, hkv, d)
     cu_q, cu_k = cu_seqlens(LENS_Q, "cpu"), cu_seqlens(LENS_K, "cpu")
 
     def ours(q, k, v, sinks):
         return tk.ops.varlen_attention(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), is_causal=True,
-                                       causal_alignment="bottom_right", enable_gqa=True, sinks=sinks, backend=backend)
+                                       causal_alignment="bottom_right", enable_gqa=True, sinks=sinks, softcap=softcap,
+                                       backend=backend)
 
     def ref(q, k, v, sinks):
-        return reference_varlen(q, k, v, LENS_Q, LENS_K, is_causal=True, causal_alignment="bottom_right", sinks=sinks)
+        return reference_varlen(q, k, v, LENS_Q, LENS_K, is_causal=True, causal_alignment="bottom_right", sinks=sinks,
+                                softcap=softcap)
 
     rows = compare(ours, ref, {"q": q, "k": k, "v": v, "sinks": _sinks(h)}, grad_of=("q", "k", "v", "sinks"))
-    assert_rows(rows, f"{backend}:")
+    assert_rows(rows, f"{backend}, softcap {softcap}:")
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -170,22 +172,6 @@ def test_softcap_leaves_minus_infinity_masked_scores_hidden(backend):
     assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v, "mask": mask}, grad_of=("q", "k", "v", "mask")))
     out = ours(q, k, v, mask)
     assert torch.isfinite(out).all() and (out[..., 4, :] == 0).all()
-
-
-@pytest.mark.parametrize("backend", SOFTCAP_BACKENDS)
-def test_softcap_packed_sequences_and_with_sinks(backend):
-    h, hkv, d = 4, 2, 16
-    q, k, v = packed(LENS_Q, LENS_K, h, hkv, d)
-    cu_q, cu_k = cu_seqlens(LENS_Q, "cpu"), cu_seqlens(LENS_K, "cpu")
-
-    def ours(q, k, v, sinks):
-        return tk.ops.varlen_attention(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), is_causal=True,
-                                       enable_gqa=True, sinks=sinks, softcap=0.7, backend=backend)
-
-    def ref(q, k, v, sinks):
-        return reference_varlen(q, k, v, LENS_Q, LENS_K, is_causal=True, sinks=sinks, softcap=0.7)
-
-    assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v, "sinks": _sinks(h)}, grad_of=("q", "k", "v", "sinks")))
 
 
 def test_softcap_on_triton_named_raises_and_auto_runs_it():
