@@ -359,9 +359,9 @@ def test_mask_gradient_only_when_asked(backend, device, monkeypatch):
     asked = []
     real = launcher.attention_backward
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         asked.append(args[-1])
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(launcher, "attention_backward", spy)
     mask = torch.randn(5, 7, device=device)

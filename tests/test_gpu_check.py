@@ -58,7 +58,7 @@ def test_the_sanitizer_driver_runs_every_cuda_kernel_on_the_simulator(monkeypatc
     monkeypatch.setattr(cuda_attention, "split_plan", lambda *a: plans.append(config.split_plan(*a)) or plans[-1])
     backward = cuda_attention.attention_backward
     monkeypatch.setattr(cuda_attention, "attention_backward",
-                        lambda *a: mask_grads.append(a[-1]) or backward(*a))
+                        lambda *a, **kw: mask_grads.append(a[-1]) or backward(*a, **kw))
     ran = cuda_driver.run(torch.device("cpu"))
     assert len(ran) == 12 and any("warp" in r for r in ran) and any("block" in r for r in ran)
     assert any(p.splits > 1 for p in plans)  # the split-KV forward and its combine kernel ran
