@@ -94,10 +94,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pad
         scores = torch.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias.reshape(b, hkv, h // hkv, lq, lk)
+    # Hidden scores at -inf: the sinks' softmax and the lse read them (one masked copy for both).
+    hidden = None
+    if sinks is not None or return_lse:
+        hidden = scores if visible is None else scores.masked_fill(~visible, float("-inf"))
     if sinks is None:
         p = _hidden_rows_softmax(scores, visible)
     else:
-        hidden = scores if visible is None else scores.masked_fill(~visible, float("-inf"))
         sink = _acc(sinks).view(1, hkv, h // hkv, 1, 1).expand(b, hkv, h // hkv, lq, 1)
         p = torch.softmax(torch.cat([hidden, sink], -1), dim=-1)[..., :lk]
     weights = p
@@ -106,7 +109,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pad
     out = (p @ vf).view(b, h, lq, v.shape[-1]).to(q.dtype)
     extras = [weights.view(b, h, lq, lk).to(q.dtype)] if return_weights else []
     if return_lse:
-        hidden = scores if visible is None else scores.masked_fill(~visible, float("-inf"))
         lse = torch.logsumexp(hidden.detach(), -1).view(b, h, lq)
         if sinks is not None:
             lse = torch.where(torch.isneginf(lse), lse, torch.logaddexp(lse, _acc(sinks).detach().view(1, h, 1)))
