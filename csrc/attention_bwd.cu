@@ -124,12 +124,11 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_fma_kernel(Att
     load_tile<T, BN, DP, true>(t.v, L::LDT, static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1] + n0 * a.v_stride[2],
                                a.v_stride, a.Lk - n0, a, b, n0);
     for (int e = threadIdx.x; e < BN * L::LDO; e += blockDim.x) t.acc0[e] = 0.0f, t.acc1[e] = 0.0f;
-    // Causal: the first query that sees key n0 is n0 - causal_offset; earlier query tiles are skipped.
-    int64_t m_lo = 0;
-    if (a.causal) m_lo = n0 - a.causal_offset > 0 ? (n0 - a.causal_offset) / BM * BM : 0;
+    // Banded: query tiles outside the rows that see these keys are skipped.
+    const QueryRange rows = query_range(a, n0, BN, BM);
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = hk * group + g;
-      for (int64_t m0 = m_lo; m0 < a.Lq; m0 += BM) {
+      for (int64_t m0 = rows.first; m0 < rows.end; m0 += BM) {
         __syncthreads();  // the previous products are done with the query-side tiles, P and dS
         load_query_side<T, DP, PACKED>(a, t, b, h, m0);
         __syncthreads();  // q, dO and the row statistics complete
@@ -228,9 +227,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_mma_kernel(Att
     load_tile_swizzled<T, BN, DP, true>(vs, static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1] +
                                         n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0,
                                         copies_by_16_bytes<T>(a.v, a.v_stride));
-    // Causal: the first query that sees key n0 is n0 - causal_offset; earlier query tiles are skipped.
-    const int64_t m_lo = a.causal && n0 - a.causal_offset > 0 ? (n0 - a.causal_offset) / BM * BM : 0;
-    const int per_head = m_lo < a.Lq ? static_cast<int>((a.Lq - m_lo + BM - 1) / BM) : 0;
+    // Banded: query tiles outside the rows that see these keys are skipped.
+    const QueryRange rows = query_range(a, n0, BN, BM);
+    const int64_t m_lo = rows.first;
+    const int per_head = m_lo < rows.end ? static_cast<int>((rows.end - m_lo + BM - 1) / BM) : 0;
     const QueryTiles<T, BM, DP, PACKED> qt{{}, reinterpret_cast<T*>(smem + L::q), reinterpret_cast<T*>(smem + L::dout),
                                            reinterpret_cast<float*>(smem + L::stats),
                                            reinterpret_cast<uint32_t*>(smem + L::hash),
@@ -281,14 +281,19 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_mma_kernel(Att
   });
 }
 
-// The mask gradient of query rows [m0, m0 + bm) at keys [n_end, Lk), which no key tile of the dQ pass visits (past
-// the causal range): zeros, written so the caller needs no zero fill. `head` is row 0 of this head's [Lq, Lk].
-__device__ __forceinline__ void zero_mask_grad_tail(const AttentionArgs& a, float* head, int64_t m0, int bm,
-                                                    int64_t n_end) {
-  if (head == nullptr || n_end >= a.Lk) return;
-  const int64_t n_rows = a.Lq - m0 < bm ? a.Lq - m0 : bm, width = a.Lk - n_end;
-  for (int64_t e = threadIdx.x; e < n_rows * width; e += blockDim.x)
-    head[(m0 + e / width) * a.Lk + n_end + e % width] = 0.0f;
+// The mask gradient of query rows [m0, m0 + bm) at keys [0, n_begin) and [n_end, Lk), which no key tile of the dQ
+// pass visits (outside the band): zeros, written so the caller needs no zero fill. `head` is row 0 of this head's
+// [Lq, Lk].
+__device__ __forceinline__ void zero_mask_grad_outside(const AttentionArgs& a, float* head, int64_t m0, int bm,
+                                                       int64_t n_begin, int64_t n_end) {
+  if (head == nullptr) return;
+  if (n_end > a.Lk) n_end = a.Lk;
+  if (n_begin > n_end) n_begin = n_end;  // a tile whose band holds no key: [0, Lk) once
+  const int64_t n_rows = a.Lq - m0 < bm ? a.Lq - m0 : bm, width = a.Lk - n_end + n_begin;
+  for (int64_t e = threadIdx.x; e < n_rows * width; e += blockDim.x) {
+    const int64_t c = e % width;
+    head[(m0 + e / width) * a.Lk + (c < n_begin ? c : n_end + c - n_begin)] = 0.0f;
+  }
 }
 
 // fp16/bf16 dQ in the forward's register-resident form (attention_fwd.cu): 4 warps of 16 query rows, S = Q·Kᵀ and
@@ -335,8 +340,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
       delta[r] = ok ? a.delta[qr] : 0.0f;
       row_hash[r] = drop.row_hash(qr);
     }
-    const int64_t hi = key_end(a, m0, BM);
-    const auto kv = kv_tiles<T, BN, DP>(a, ks, vs, b, hk, 0, hi);
+    const int64_t lo = key_begin(a, m0, BN), hi = key_end(a, m0, BM);
+    const auto kv = kv_tiles<T, BN, DP>(a, ks, vs, b, hk, lo, hi);
     float* dmask_head = a.dmask == nullptr ? nullptr : a.dmask + bh * a.Lq * a.Lk;
     load_tile_swizzled<T, BM, DP, false>(qs, static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] +
                                          m0 * a.q_stride[2], a.q_stride, a.Lq - m0, a, b, 0,
@@ -376,7 +381,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
       __syncthreads();  // every warp is done with this stage before the next iteration refills it
     }
     cp_async_wait<0>();  // no tile at all: Q's and dO's copies retire here
-    zero_mask_grad_tail(a, dmask_head, m0, BM, static_cast<int64_t>(kv.n_tiles) * BN);
+    zero_mask_grad_outside(a, dmask_head, m0, BM, lo, lo + static_cast<int64_t>(kv.n_tiles) * BN);
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       if (rows[r] < a.Lq) store_acc_row(static_cast<T*>(a.dq) + query_row<PACKED>(a, bh, h, rows[r]) * a.D, dq, r, lane,
@@ -399,9 +404,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_fma_kernel(Atten
     for (int e = threadIdx.x; e < BM * L::LDO; e += blockDim.x) t.acc0[e] = 0.0f;
     const T* k_base = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1];
     const T* v_base = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
-    const int64_t hi = key_end(a, m0, BM);
+    const int64_t lo = key_begin(a, m0, BN), hi = key_end(a, m0, BM);
     float* dmask_rows = a.dmask == nullptr ? nullptr : a.dmask + (bh * a.Lq + m0) * a.Lk;
-    for (int64_t n0 = 0; n0 < hi; n0 += BN) {
+    for (int64_t n0 = lo; n0 < hi; n0 += BN) {
       __syncthreads();  // the previous dQ product is done with k and dS (first pass: query side loaded)
       load_tile<T, BN, DP, true>(t.k, L::LDT, k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0);
       load_tile<T, BN, DP, true>(t.v, L::LDT, v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0);
@@ -414,7 +419,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_fma_kernel(Atten
       }
       block_gemm<BM, DP, BN, false, false>(t.ds, L::LDP, t.k, L::LDT, t.acc0, L::LDO, true);  // dQ += dS K
     }
-    zero_mask_grad_tail(a, a.dmask == nullptr ? nullptr : a.dmask + bh * a.Lq * a.Lk, m0, BM, (hi + BN - 1) / BN * BN);
+    zero_mask_grad_outside(a, a.dmask == nullptr ? nullptr : a.dmask + bh * a.Lq * a.Lk, m0, BM, lo,
+                           (hi + BN - 1) / BN * BN);
     __syncthreads();  // accumulator final
     const int64_t step = row_step<PACKED>(a.H);
     T* dq = static_cast<T*>(a.dq) + query_row<PACKED>(a, bh, h, m0) * a.D;

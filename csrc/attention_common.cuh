@@ -308,7 +308,10 @@ template <typename T>
 __device__ __forceinline__ float masked_score(const AttentionArgs& a, int64_t b, int64_t h, int64_t i, int64_t j,
                                               float dot) {
   if (i >= a.Lq || !key_visible(a, b, j)) return -INFINITY;
-  if (a.causal && j > i + a.causal_offset) return -INFINITY;
+  if (a.causal) {
+    const int64_t rel = j - i - a.causal_offset;  // the key band (AttentionArgs::window_left/right)
+    if (rel > a.window_right || rel < -a.window_left) return -INFINITY;
+  }
   float s = dot * a.scale;
   if (a.mask_kind != kNoMask) {
     const int64_t off = b * a.mask_stride[0] + h * a.mask_stride[1] + i * a.mask_stride[2] + j * a.mask_stride[3];
@@ -420,11 +423,32 @@ __device__ __forceinline__ TileIndex tile_index(int64_t length, int tile) {
   return TileIndex{blockIdx.x / n, (blockIdx.x % n) * tile};
 }
 
-// Last key (exclusive) a query tile [m0, m0 + BM) visits: causal rows stop at their diagonal.
+// Last key (exclusive) a query tile [m0, m0 + BM) visits: banded rows stop at their diagonal (+ window_right).
 __device__ __forceinline__ int64_t key_end(const AttentionArgs& a, int64_t m0, int64_t bm) {
   if (!a.causal) return a.Lk;
-  const int64_t last = (m0 + bm < a.Lq ? m0 + bm : a.Lq) + a.causal_offset;
+  const int64_t last = (m0 + bm < a.Lq ? m0 + bm : a.Lq) + a.causal_offset + a.window_right;
   return last < 0 ? 0 : (last > a.Lk ? a.Lk : last);
+}
+
+// First key a query tile starting at m0 visits, rounded down to a key tile (bn): a sliding window's left edge for
+// its first row; 0 without a band.
+__device__ __forceinline__ int64_t key_begin(const AttentionArgs& a, int64_t m0, int64_t bn) {
+  if (!a.causal) return 0;
+  const int64_t first = m0 + a.causal_offset - a.window_left;
+  return first <= 0 ? 0 : first / bn * bn;
+}
+
+// The query rows [first, end) that see some key of the key tile [n0, n0 + bn) (the dK/dV passes), the first rounded
+// down to a query tile (bm): j - window_right <= i + causal_offset <= j + window_left.
+struct QueryRange {
+  int64_t first, end;
+};
+__device__ __forceinline__ QueryRange query_range(const AttentionArgs& a, int64_t n0, int64_t bn, int64_t bm) {
+  if (!a.causal) return QueryRange{0, a.Lq};
+  const int64_t first = n0 - a.causal_offset - a.window_right;
+  const int64_t last_key = (n0 + bn < a.Lk ? n0 + bn : a.Lk) - 1;
+  const int64_t end = last_key - a.causal_offset + a.window_left + 1;
+  return QueryRange{first <= 0 ? 0 : first / bm * bm, end < 0 ? 0 : (end > a.Lq ? a.Lq : end)};
 }
 
 // Calls f(std::integral_constant<int, DP>) with the smallest instantiated head dim >= D.

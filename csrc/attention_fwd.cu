@@ -49,8 +49,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
     const uint32_t row_hash[2] = {drop.row_hash(query_row<PACKED>(a, bh, h, rows[0])),
                                   drop.row_hash(query_row<PACKED>(a, bh, h, rows[1]))};
     const int64_t hi = key_end(a, m0, BM);
-    // Split-KV: this block's chunk of the keys (blockIdx.y; split_len is a multiple of BN).
-    const int64_t n_lo = a.splits > 1 ? blockIdx.y * a.split_len : 0;
+    // Split-KV: this block's chunk of its tile's keys (blockIdx.y; split_len is a multiple of BN, the launcher sizes
+    // the splits to the widest band).
+    const int64_t n_lo = key_begin(a, m0, BN) + (a.splits > 1 ? blockIdx.y * a.split_len : 0);
     const int64_t n_hi = a.splits > 1 && n_lo + a.split_len < hi ? n_lo + a.split_len : hi;
     const auto kv = kv_tiles<T, BN, DP>(a, ks, vs, b, hk, n_lo, n_hi);
     load_tile_swizzled<T, BM, DP, false>(qs, q_base, a.q_stride, a.Lq - m0, a, b, 0,
@@ -205,8 +206,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_fwd_fma_kernel(Atte
     const T* v_base = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
     const DropoutDraw drop(a);
     const int64_t hi = key_end(a, m0, BM);
-    // Split-KV: this block's chunk of the keys (blockIdx.y; split_len is a multiple of BN).
-    const int64_t n_lo = a.splits > 1 ? blockIdx.y * a.split_len : 0;
+    // Split-KV: this block's chunk of its tile's keys (as the mma forward).
+    const int64_t n_lo = key_begin(a, m0, BN) + (a.splits > 1 ? blockIdx.y * a.split_len : 0);
     const int64_t n_hi = a.splits > 1 && n_lo + a.split_len < hi ? n_lo + a.split_len : hi;
 
     for (int64_t n0 = n_lo; n0 < n_hi; n0 += BN) {

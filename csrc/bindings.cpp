@@ -169,6 +169,8 @@ tk::AttentionArgs attention_args(const py::dict& d) {
   a.scale = d["scale"].cast<float>();
   a.causal = d["causal"].cast<bool>();
   a.causal_offset = i64("causal_offset");
+  a.window_left = d.contains("window_left") ? i64("window_left") : 0;
+  a.window_right = d.contains("window_right") ? i64("window_right") : 0;
   a.dropout_p = d["dropout_p"].cast<float>();
   a.seed = ptr<const uint64_t>(d["seed"].cast<uintptr_t>());
   a.dtype = d["dtype"].cast<int>();

@@ -39,7 +39,9 @@ from .config import (
     AotVariant,
     Autotuned,
     aot_signature,
+    band_span,
     is_interpreted,
+    key_band,
     length_class,
     mask_args,
     next_power_of_2,
@@ -110,13 +112,15 @@ def _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM: tl.cons
 
 @triton.jit
 def _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale,
-                causal_offset, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WIDE: tl.constexpr):
+                band_hi, band_lo, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WIDE: tl.constexpr):
     # Scores in natural units with -inf where hidden, and the visibility. Natural units until after the max is
     # subtracted: multiplying a score near -6e4 by log2(e) first would round it to 2^-7 and the probabilities
     # of such a row off by ~0.5%. A float mask entry of -inf hides its key like a bool False.
     visible = col_ok[None, :] & (offs_m[:, None] < seqlen_q)
     if IS_CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+        # The key band (`_band`): band_lo <= j - i <= band_hi.
+        rel = offs_n[None, :] - offs_m[:, None]
+        visible = visible & (rel <= band_hi) & (rel >= band_lo)
     s = qk * sm_scale
     if WIDE:
         mask_ptrs = _corner(mask_base, start_m, stride_mask_m, start_n, stride_mask_n) + \
@@ -143,7 +147,7 @@ def _seen_by_any(visible):
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, first, h, num_heads, k_base, v_base, kpm_ptr, kpm_row,
               stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
-              seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+              seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed,
               MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -153,7 +157,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, first, h, num_heads, k_bas
     kt = tl.load(k_base + rel_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
     qk = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
-                             stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
+                             stride_mask_n, sm_scale, band_hi, band_lo, MASK_KIND, IS_CAUSAL, WIDE)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row with nothing visible yet has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -220,25 +224,48 @@ def _load_rows(base_ptr, b, h, stride_b, stride_h, stride_m, start_m, offs_m, of
 
 
 @triton.jit
-def _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    # (hi, full) for the query tile at start_m: keys below hi are visited; tiles below full are visible to every
-    # row of the tile (no causal compare). Causal: up to the last valid row's limit, so a key no query sees is
-    # never loaded.
+def _band(causal_offset, window_right, window_left):
+    # (band_hi, band_lo): with IS_CAUSAL, query i sees keys i + band_lo <= j <= i + band_hi. causal_offset is the
+    # diagonal (each sequence's own when packed); the launcher's window widths (`config.key_band`) widen it: right
+    # 0 and left "unbounded" (wider than any sequence) for plain causal.
+    return causal_offset + window_right, causal_offset - window_left
+
+
+@triton.jit
+def _key_range(start_m, seqlen_q, seqlen_k, band_hi, band_lo, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr):
+    # (lo, u0, u1, hi) for the query tile at start_m: keys in [lo, hi) are visited, those in [u0, u1) in whole tiles
+    # every row of the tile sees (no band compare), the rest ([lo, u0) at a window's left edge, [u1, hi) on the
+    # diagonal) with it. Keys outside the band of every row of the tile are never loaded.
     if IS_CAUSAL:
-        hi = tl.minimum(tl.maximum(tl.minimum(start_m + BLOCK_M, seqlen_q) + causal_offset, 0), seqlen_k)
-        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
+        last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+        hi = tl.minimum(tl.maximum(last + band_hi + 1, 0), seqlen_k)
+        lo = tl.minimum(tl.maximum(start_m + band_lo, 0) // BLOCK_N * BLOCK_N, hi)
+        full = tl.minimum(tl.maximum(start_m + band_hi + 1, 0) // BLOCK_N * BLOCK_N, hi)
+        u0 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last + band_lo, 0), BLOCK_N) * BLOCK_N, lo), hi)
+        u1 = tl.maximum(full, u0)
     else:
+        lo = 0
+        u0 = 0
+        u1 = seqlen_k
         hi = seqlen_k
-        full = seqlen_k
-    return hi, full
+    return lo, u0, u1, hi
 
 
-@triton.jit(do_not_specialize=["causal_offset"])
+@triton.jit
+def _banded_start(t, lo, u0, u1, BLOCK: tl.constexpr):
+    # The t-th tile of the two banded stretches [lo, u0) and [u1, hi): one loop, one inlined tile body.
+    n_a = tl.cdiv(u0 - lo, BLOCK)
+    return tl.where(t < n_a, lo + t * BLOCK, u1 + (t - n_a) * BLOCK)
+
+
+@triton.jit(do_not_specialize=["causal_offset", "window_right", "window_left"])
 def attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, row_max_ptr, inv_l_ptr, mask_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, window_right, window_left, dropout_p, seed_ptr,
+    seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -264,19 +291,20 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    for start_n in range(0, full, BLOCK_N):
+    band_hi, band_lo = _band(causal_offset, window_right, window_left)
+    lo, u0, u1, hi = _key_range(start_m, seqlen_q, seqlen_k, band_hi, band_lo, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    for start_n in range(u0, u1, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, bq, h, num_heads, k_base, v_base, kpm_ptr,
                                   kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn,
-                                  offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+                                  offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed,
                                   MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
-        for start_n in range(full, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, bq, h, num_heads, k_base, v_base,
-                                      kpm_ptr, kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
-                                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
-                                      causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, VARLEN,
-                                      BLOCK_N, INTERPRETED)
+        for t in range(0, tl.cdiv(u0 - lo, BLOCK_N) + tl.cdiv(hi - u1, BLOCK_N)):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, _banded_start(t, lo, u0, u1, BLOCK_N), bh, bq, h,
+                                      num_heads, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, mask_base,
+                                      stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
+                                      seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed, MASK_KIND, HAS_KPM, True,
+                                      DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
     # A row with no visible key has l = 0: its output and (through inv_l = 0) its gradients are zeros.
     inv_l = tl.where(l_i == 0.0, 0.0, 1.0 / tl.where(l_i == 0.0, 1.0, l_i))
     out = acc * inv_l[:, None]
@@ -290,12 +318,13 @@ def attn_fwd_kernel(
     tl.store(inv_l_ptr + rows, inv_l, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["causal_offset"])
+@triton.jit(do_not_specialize=["causal_offset", "window_right", "window_left"])
 def attn_fwd_split_kernel(
     q_ptr, k_ptr, v_ptr, o_part_ptr, m_part_ptr, l_part_ptr, mask_ptr, kpm_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, split_len,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, window_right, window_left, dropout_p, seed_ptr,
+    split_len,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -315,21 +344,27 @@ def attn_fwd_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    lo_n = split * split_len
+    band_hi, band_lo = _band(causal_offset, window_right, window_left)
+    lo, u0, u1, hi = _key_range(start_m, seqlen_q, seqlen_k, band_hi, band_lo, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    # This program's chunk of its tile's key range (the launcher sizes the splits to cover the widest range).
+    lo_n = lo + split * split_len
     hi_n = tl.minimum(lo_n + split_len, hi)
-    for start_n in range(lo_n, tl.minimum(hi_n, full), BLOCK_N):
+    for start_n in range(tl.maximum(lo_n, u0), tl.minimum(hi_n, u1), BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, 0, h, num_heads, k_base, v_base, kpm_ptr,
                                   b * stride_kpm_b, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn,
-                                  stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p,
-                                  seed, MASK_KIND, HAS_KPM, False, DROPOUT, False, False, BLOCK_N, INTERPRETED)
+                                  stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, band_hi, band_lo,
+                                  dropout_p, seed, MASK_KIND, HAS_KPM, False, DROPOUT, False, False, BLOCK_N,
+                                  INTERPRETED)
     if IS_CAUSAL:
-        for start_n in range(tl.maximum(lo_n, full), hi_n, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, 0, h, num_heads, k_base, v_base,
-                                      kpm_ptr, b * stride_kpm_b, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
-                                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
-                                      causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, False, False,
-                                      BLOCK_N, INTERPRETED)
+        a0 = tl.minimum(lo_n, u0)
+        a1 = tl.minimum(hi_n, u0)
+        b0 = tl.maximum(lo_n, u1)
+        for t in range(0, tl.cdiv(a1 - a0, BLOCK_N) + tl.cdiv(tl.maximum(hi_n - b0, 0), BLOCK_N)):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, _banded_start(t, a0, a1, b0, BLOCK_N), bh, 0, h,
+                                      num_heads, k_base, v_base, kpm_ptr, b * stride_kpm_b, stride_kpm_n, mask_base,
+                                      stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
+                                      seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed, MASK_KIND, HAS_KPM, True,
+                                      DROPOUT, False, False, BLOCK_N, INTERPRETED)
     total_rows = (tl.num_programs(0) // tl.cdiv(seqlen_q, BLOCK_M)).to(tl.int64) * seqlen_q  # B·H·Lq
     rows = split * total_rows + bh.to(tl.int64) * seqlen_q + offs_m
     row_ok = offs_m < seqlen_q
@@ -387,12 +422,12 @@ def attn_bwd_preprocess_kernel(out_ptr, do_ptr, delta_ptr, cu_q_ptr, stride_dob,
 
 @triton.jit
 def _probs(q, kt, start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base,
-           stride_mask_m, stride_mask_n, sm_scale, causal_offset,
+           stride_mask_m, stride_mask_n, sm_scale, band_hi, band_lo,
            MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WIDE: tl.constexpr, INTERPRETED: tl.constexpr):
     # Recomputes the forward probabilities of one tile from the saved row max and reciprocal sum.
     qk = _dot(q, kt, tl.zeros([q.shape[0], kt.shape[1]], tl.float32), INTERPRETED)
     s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
-                             stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
+                             stride_mask_n, sm_scale, band_hi, band_lo, MASK_KIND, IS_CAUSAL, WIDE)
     row_ok = offs_m < seqlen_q
     m = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
     inv_l = tl.load(inv_l_ptr + rows, mask=row_ok, other=0.0)
@@ -402,7 +437,7 @@ def _probs(q, kt, start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, i
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_base,
                stride_mask_m, stride_mask_n, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
-               offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr,
+               offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed, dq_acc_ptr,
                MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr,
                VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, FUSED_DQ: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -410,7 +445,7 @@ def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_p
     do = _load_rows(do_ptr, bq, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
     rows = _row_index(bh, bq, h, num_heads, seqlen_q, offs_m, VARLEN)
     p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
-                        seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
+                        seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, band_hi, band_lo, MASK_KIND,
                         IS_CAUSAL, WIDE, INTERPRETED)
     dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, k.shape[0]], tl.float32), INTERPRETED)
     if DROPOUT:
@@ -435,13 +470,14 @@ def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_p
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["causal_offset"])
+@triton.jit(do_not_specialize=["causal_offset", "window_right", "window_left"])
 def attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, dq_acc_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr, cu_q_ptr,
     cu_k_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob,
     stride_doh, stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, window_right, window_left, dropout_p, seed_ptr,
+    seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FUSED_DQ: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -471,31 +507,39 @@ def attn_bwd_dkdv_kernel(
     v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    band_hi, band_lo = _band(causal_offset, window_right, window_left)
     if IS_CAUSAL:
-        # Query tiles before `lo` see none of these keys; from `full` on they see all of them.
-        lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
-        full = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M, seqlen_q)
-        full = tl.maximum(full, lo)
+        # Query rows [lo, hi) see some of these keys (query i sees key j iff j - band_hi <= i <= j - band_lo); the
+        # tiles in [u0, u1) see all of them (no band compare), the rest ([lo, u0) on the diagonal, [u1, hi) at a
+        # window's left edge) through it. Query tiles outside [lo, hi) are never visited.
+        last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+        hi = tl.minimum(tl.maximum(last - band_lo + 1, 0), seqlen_q)
+        lo = tl.minimum(tl.maximum(start_n - band_hi, 0) // BLOCK_M * BLOCK_M, hi)
+        u0 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last - band_hi, 0), BLOCK_M) * BLOCK_M, lo), hi)
+        u1 = tl.maximum(tl.minimum(tl.maximum(start_n - band_lo + 1, 0) // BLOCK_M * BLOCK_M, hi), u0)
     else:
         lo = 0
-        full = 0
+        u0 = 0
+        u1 = seqlen_q
+        hi = seqlen_q
     # Every query head of the GQA group adds into the same dK/dV: summed here, in a fixed order.
     for g in range(0, group):
         h = hk * group + g
         bh = b * num_heads + h
         mask_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
         if IS_CAUSAL:
-            for start_m in range(lo, full, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr,
-                                    inv_l_ptr, delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb,
-                                    stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok,
-                                    D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr,
-                                    MASK_KIND, True, DROPOUT, WIDE, VARLEN, BLOCK_M, FUSED_DQ, INTERPRETED)
-        for start_m in range(full, seqlen_q, BLOCK_M):
+            for t in range(0, tl.cdiv(u0 - lo, BLOCK_M) + tl.cdiv(hi - u1, BLOCK_M)):
+                dk, dv = _dkdv_tile(dk, dv, k, v, _banded_start(t, lo, u0, u1, BLOCK_M), start_n, bh, bq, h, num_heads,
+                                    q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_base, stride_mask_m,
+                                    stride_mask_n, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+                                    offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k, sm_scale, band_hi, band_lo,
+                                    dropout_p, seed, dq_acc_ptr, MASK_KIND, True, DROPOUT, WIDE, VARLEN, BLOCK_M,
+                                    FUSED_DQ, INTERPRETED)
+        for start_m in range(u0, u1, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr,
                                 inv_l_ptr, delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb, stride_qh,
                                 stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D, seqlen_q,
-                                seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr, MASK_KIND, False,
+                                seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed, dq_acc_ptr, MASK_KIND, False,
                                 DROPOUT, WIDE, VARLEN, BLOCK_M, FUSED_DQ, INTERPRETED)
     rows = _row_index(bhk, bk, hk, hkv, seqlen_k, offs_n, VARLEN)
     out_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
@@ -507,7 +551,7 @@ def attn_bwd_dkdv_kernel(
 @triton.jit
 def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, k_base, v_base, kpm_ptr, kpm_row,
              stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m,
-             offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+             offs_d, D, seqlen_q, seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed,
              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
              WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -517,7 +561,7 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, 
     k = tl.load(k_base + rel_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
-                        seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
+                        seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, band_hi, band_lo, MASK_KIND,
                         IS_CAUSAL, WIDE, INTERPRETED)
     dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
@@ -529,13 +573,14 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, 
     return _dot(ds.to(k.dtype), k, dq, INTERPRETED)
 
 
-@triton.jit(do_not_specialize=["causal_offset"])
+@triton.jit(do_not_specialize=["causal_offset", "window_right", "window_left"])
 def attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
     stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, window_right, window_left, dropout_p, seed_ptr,
+    seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -559,30 +604,31 @@ def attn_bwd_dq_kernel(
     v_base = v_ptr + bk * stride_vb + hk * stride_vh
     mask_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    for start_n in range(0, full, BLOCK_N):
+    band_hi, band_lo = _band(causal_offset, window_right, window_left)
+    lo, u0, u1, hi = _key_range(start_m, seqlen_q, seqlen_k, band_hi, band_lo, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    for start_n in range(u0, u1, BLOCK_N):
         dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, bq, h, num_heads, rows, k_base, v_base, kpm_ptr,
                       b * stride_kpm_b, stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n,
-                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p,
-                      seed, MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
+                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, band_hi, band_lo,
+                      dropout_p, seed, MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
-        for start_n in range(full, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, bq, h, num_heads, rows, k_base, v_base, kpm_ptr,
-                          b * stride_kpm_b, stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m,
-                          stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
-                          causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, VARLEN, BLOCK_N,
-                          INTERPRETED)
+        for t in range(0, tl.cdiv(u0 - lo, BLOCK_N) + tl.cdiv(hi - u1, BLOCK_N)):
+            dq = _dq_tile(dq, q, do, delta, start_m, _banded_start(t, lo, u0, u1, BLOCK_N), bh, bq, h, num_heads,
+                          rows, k_base, v_base, kpm_ptr, b * stride_kpm_b, stride_kpm_n, row_max_ptr, inv_l_ptr,
+                          mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
+                          seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT,
+                          WIDE, VARLEN, BLOCK_N, INTERPRETED)
     tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dq * sm_scale, dq_ptr.dtype.element_ty,
                                                                     INTERPRETED), mask=ok)
 
 
-@triton.jit(do_not_specialize=["causal_offset"])
+@triton.jit(do_not_specialize=["causal_offset", "window_right", "window_left"])
 def attn_bwd_dmask_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, ds_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
     stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, window_right, window_left, dropout_p, seed_ptr,
     D: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -614,7 +660,8 @@ def attn_bwd_dmask_kernel(
     rows = bh.to(tl.int64) * seqlen_q + offs_m
     p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
                         seqlen_q, mask_ptr + b * stride_mask_b + h * stride_mask_h, stride_mask_m, stride_mask_n,
-                        sm_scale, causal_offset, FLOAT_MASK, IS_CAUSAL, WIDE, INTERPRETED)
+                        sm_scale, causal_offset + window_right, causal_offset - window_left, FLOAT_MASK, IS_CAUSAL, WIDE,
+                        INTERPRETED)
     dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
         dp = tl.where(_keep(seed, bh, 0, h, num_heads, seqlen_q, offs_m, start_n, dropout_p, BLOCK_N, False),
@@ -953,7 +1000,7 @@ PLAN_CACHES.append(_FWD_PLANS)
 
 
 def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor, kind: int, ms: tuple,
-                  kps: tuple, has_kpm: bool, is_causal: bool, dropout: bool) -> tuple:
+                  kps: tuple, has_kpm: bool, band: tuple[bool, int, int], dropout: bool) -> tuple:
     """(split plan or None, tile, grid, the integer arguments after the pointers, the trailing integer arguments,
     the constexpr keywords) of a forward launch."""
     b, h, lq, d = q.shape
@@ -963,9 +1010,10 @@ def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Te
     features = feature_class(kind, has_kpm, dropout)
     tile = split_tile(block_d, q.element_size(), features)
     plain_block_m = tile_configs("fwd", block_d, q.element_size(), features)[0].block_m
-    plan = split_plan(b, h, lq, lk, tile.block_m, tile.block_n, plain_block_m, q.device)
+    plan = split_plan(b, h, lq, band_span(band, tile.block_m, tile.block_n, lk), tile.block_m, tile.block_n,
+                      plain_block_m, q.device)
     ints = (*_strides3(q), *_strides3(k), *_strides3(v), *ms, *kps, h, h // hkv, lq, lk)
-    flags = {"D": d, "MASK_KIND": kind, "HAS_KPM": has_kpm, "IS_CAUSAL": is_causal, "DROPOUT": dropout,
+    flags = {"D": d, "MASK_KIND": kind, "HAS_KPM": has_kpm, "IS_CAUSAL": band[0], "DROPOUT": dropout,
              "BLOCK_D": block_d, "INTERPRETED": is_interpreted()}
     if plan.splits > 1 and not wide:
         grid = (triton.cdiv(lq, tile.block_m) * b * h, plan.splits)
@@ -977,10 +1025,11 @@ def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Te
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       kpm: torch.Tensor | None, scale: float, is_causal: bool, causal_offset: int,
                       dropout_p: float, seed: torch.Tensor | None, softcap: float = 0.0,
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      window: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (any strides, H % Hkv == 0); mask None or bool (True = keep)
     / float (added) viewed as ``[B, H, Lq, Lk]``; kpm None or bool ``[B, Lk]`` (True = padding); seed the int64
-    ``[1]`` dropout seed on q's device (None without dropout); softcap 0 (see `SOFTCAP`). Returns the contiguous
+    ``[1]`` dropout seed on q's device (None without dropout); softcap 0 (see `SOFTCAP`); window ``(left, right)``
+    around the diagonal (`config.key_band`; keys outside it never loaded). Returns the contiguous
     output ``[B, H, Lq, D]`` and, per row, the max score and reciprocal softmax sum (fp32 ``[B, H, Lq]``) that the
     backward pass needs."""
     _no_softcap(softcap)
@@ -995,16 +1044,17 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         return out, row_max, inv_l
     kind, m, ms, kp, kps = _mask_args(mask, kpm, q)
     dropout = dropout_p > 0.0
+    band = key_band(is_causal, window, lq, k.shape[2])
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device, kind, m.dtype, ms,
-           kpm is not None, kps, bool(is_causal), dropout)
+           kpm is not None, kps, band, dropout)
     found = _FWD_PLANS.get(key)
     if found is None:
-        found = _forward_plan(q, k, v, m, kind, ms, kps, kpm is not None, bool(is_causal), dropout)
+        found = _forward_plan(q, k, v, m, kind, ms, kps, kpm is not None, band, dropout)
         if len(_FWD_PLANS) >= _FWD_PLANS_MAX:
             _FWD_PLANS.clear()
         _FWD_PLANS[key] = found
     plan, tile, grid, ints, tail, flags = found
-    runtime = (scale, causal_offset, dropout_p, q if seed is None else seed)
+    runtime = (scale, causal_offset, band[1], band[2], dropout_p, q if seed is None else seed)
     if plan is not None:
         rows = b * h * lq
         block_d = flags["BLOCK_D"]
@@ -1024,12 +1074,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                    max_q: int, max_k: int, scale: float, is_causal: bool, bottom_right: bool, dropout_p: float,
-                   seed: torch.Tensor | None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   seed: torch.Tensor | None, softcap: float = 0.0, window: tuple[int, int] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed sequences: q ``[total_q, H, D]``, k/v ``[total_k, Hkv, D]`` (any strides), sequence b holding rows
     ``cu_q[b]:cu_q[b+1]`` of q and ``cu_k[b]:cu_k[b+1]`` of k/v (cu int32 ``[B + 1]`` on q's device, starting at 0
     and ending at the totals), max_q/max_k at least the longest lengths (they size the grid: no host sync);
-    causal per sequence, aligned bottom-right (offset Lk - Lq) or top-left. Returns the contiguous output
-    ``[total_q, H, D]`` and the fp32 row max and reciprocal sum ``[total_q, H]``."""
+    causal and the window per sequence, aligned bottom-right (offset Lk - Lq) or top-left. Returns the contiguous
+    output ``[total_q, H, D]`` and the fp32 row max and reciprocal sum ``[total_q, H]``."""
     _no_softcap(softcap)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     total_q, h, d = q.shape
@@ -1041,12 +1092,13 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
         return out, row_max, inv_l
     kind, m, ms, kp, kps = _mask_args(None, None, q)
     block_d = head_dim_block(d, q.dtype)
+    band = key_band(is_causal, window, max_q, max_k)
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * h,)
     _fwd[grid](
         q, k, v, out, row_max, inv_l, m, kp, cu_q, cu_k, *_packed_strides(q), *_packed_strides(k),
-        *_packed_strides(v), *ms, *kps, h, h // hkv, max_q, max_k, scale, int(bottom_right), dropout_p,
-        q if seed is None else seed, length_class(max_q), length_class(max_k), D=d, MASK_KIND=kind, HAS_KPM=False,
-        IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0, WIDE=spans_past_int32(q, k, v), VARLEN=True,
+        *_packed_strides(v), *ms, *kps, h, h // hkv, max_q, max_k, scale, int(bottom_right), band[1], band[2],
+        dropout_p, q if seed is None else seed, length_class(max_q), length_class(max_k), D=d, MASK_KIND=kind,
+        HAS_KPM=False, IS_CAUSAL=band[0], DROPOUT=dropout_p > 0.0, WIDE=spans_past_int32(q, k, v), VARLEN=True,
         BLOCK_D=block_d, INTERPRETED=is_interpreted(),
     )
     return out, row_max, inv_l
@@ -1056,6 +1108,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        row_max: torch.Tensor, inv_l: torch.Tensor, mask: torch.Tensor | None, kpm: torch.Tensor | None,
                        scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
                        seed: torch.Tensor | None, mask_grad: bool = False, softcap: float = 0.0,
+                       window: tuple[int, int] | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `attention_forward` for grad_output ``dout`` (any strides, e.g. expanded); returns contiguous
     dq, dk, dv (dK/dV of a GQA group summed over its query heads) and, with ``mask_grad`` (a float mask), the
@@ -1076,10 +1129,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     block_d = head_dim_block(d, q.dtype)
     wide = spans_past_int32(q, k, v, dout, m)
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
-    common = dict(D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
+    band = key_band(is_causal, window, lq, lk)
+    common = dict(D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=band[0], DROPOUT=dropout_p > 0.0,
                   WIDE=wide, BLOCK_D=block_d, INTERPRETED=is_interpreted())
-    sizes = (h, h // hkv, lq, lk, scale, causal_offset, dropout_p, q if seed is None else seed, length_class(lq),
-             length_class(lk))
+    sizes = (h, h // hkv, lq, lk, scale, causal_offset, band[1], band[2], dropout_p, q if seed is None else seed,
+             length_class(lq), length_class(lk))
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *ms, *kps)
     dq = _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, q, q, strides, sizes, b, common,
                           varlen=False)
@@ -1087,7 +1141,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         c = dmask_tile(block_d, q.element_size(), wide)
         features = {name: value for name, value in common.items() if name != "MASK_KIND"}  # always a float mask
         attn_bwd_dmask_kernel[(triton.cdiv(lq, c.block_m) * triton.cdiv(lk, c.block_n) * b * h,)](
-            q, k, v, dout, dmask, row_max, inv_l, delta, m, kp, *strides, *sizes[:8], **features, BLOCK_M=c.block_m,
+            q, k, v, dout, dmask, row_max, inv_l, delta, m, kp, *strides, *sizes[:10], **features, BLOCK_M=c.block_m,
             BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
     return dq, dk, dv, dmask
 
@@ -1095,7 +1149,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     row_max: torch.Tensor, inv_l: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
                     max_k: int, scale: float, is_causal: bool, bottom_right: bool, dropout_p: float,
-                    seed: torch.Tensor | None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    seed: torch.Tensor | None, softcap: float = 0.0, window: tuple[int, int] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `varlen_forward` for ``dout`` ``[total_q, H, D]`` (any strides): contiguous dq, dk, dv in the
     packed layouts (dK/dV of a GQA group summed over its query heads)."""
     _no_softcap(softcap)
@@ -1110,11 +1165,12 @@ def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     if nothing:
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk, dv
     kind, m, ms, kp, kps = _mask_args(None, None, q)
-    common = dict(D=d, MASK_KIND=kind, HAS_KPM=False, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
+    band = key_band(is_causal, window, max_q, max_k)
+    common = dict(D=d, MASK_KIND=kind, HAS_KPM=False, IS_CAUSAL=band[0], DROPOUT=dropout_p > 0.0,
                   WIDE=spans_past_int32(q, k, v, dout), BLOCK_D=head_dim_block(d, q.dtype),
                   INTERPRETED=is_interpreted())
-    sizes = (h, h // hkv, max_q, max_k, scale, int(bottom_right), dropout_p, q if seed is None else seed,
-             length_class(max_q), length_class(max_k))
+    sizes = (h, h // hkv, max_q, max_k, scale, int(bottom_right), band[1], band[2], dropout_p,
+             q if seed is None else seed, length_class(max_q), length_class(max_k))
     strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *_packed_strides(dout), *ms, *kps)
     delta = torch.empty((total_q, h), dtype=torch.float32, device=q.device)
     dq = _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, cu_q, cu_k, strides, sizes, batch,

@@ -584,15 +584,19 @@ def test_opcheck(backend, device):
     scale = 1 / math.sqrt(16)
     sinks = torch.randn(2, device=device)
     for args in [
-        (q, k, v, None, None, None, 0.0, False, scale, 0.0, 0, None, backend),
-        (q, k, v, mask, kpm, None, 0.0, True, scale, 0.0, 2, None, backend),
-        (q, k, v, mask.float(), None, None, 0.2, False, scale, 0.0, 0, torch.tensor([11], device=device), backend),
-        (q, k, v, torch.randn(2, 1, 7, device=device), kpm, None, 0.0, True, scale, 0.0, 0, None, backend),
-        (q, k, torch.randn(1, 1, 7, 24, device=device), None, kpm, None, 0.0, True, scale, 0.0, 0, None, backend),  # Dv != D
-        (q, k, v, mask, kpm, sinks, 0.0, True, scale, 0.0, 0, None, backend),
+        (q, k, v, None, None, None, 0.0, False, scale, 0.0, -1, -1, 0, None, backend),
+        (q, k, v, mask, kpm, None, 0.0, True, scale, 0.0, -1, -1, 2, None, backend),
+        (q, k, v, mask.float(), None, None, 0.2, False, scale, 0.0, -1, -1, 0, torch.tensor([11], device=device),
+         backend),
+        (q, k, v, torch.randn(2, 1, 7, device=device), kpm, None, 0.0, True, scale, 0.0, -1, -1, 0, None, backend),
+        (q, k, torch.randn(1, 1, 7, 24, device=device), None, kpm, None, 0.0, True, scale, 0.0, -1, -1, 0, None,
+         backend),  # Dv != D
+        (q, k, v, mask, kpm, sinks, 0.0, True, scale, 0.0, -1, -1, 0, None, backend),
+        # a sliding window (2 keys left, 1 right) around the bottom-right diagonal, with a float mask's gradient
+        (q, k, v, mask.float(), None, None, 0.0, False, scale, 0.0, 2, 1, 2, None, backend),
         # the soft cap on the kernels that take it, with a float mask's gradient through it
-        # the soft cap on the kernels that take it, with a float mask's gradient through it
-        *([(q, k, v, mask.float(), kpm, sinks, 0.0, True, scale, 0.5, 0, None, backend)] if backend == "cuda" else []),
+        *([(q, k, v, mask.float(), kpm, sinks, 0.0, True, scale, 0.5, -1, -1, 0, None, backend)]
+          if backend == "cuda" else []),
     ]:
         # The float masks and the sinks require grad: the op's dMask and dSinks paths are checked too.
         args = tuple(a.clone().requires_grad_() if i < 3 or (i in (3, 5) and a is not None and a.is_floating_point())

@@ -59,12 +59,14 @@ def masked_softmax(x: Tensor, mask: Tensor | None, scale: float, is_causal: bool
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
               dropout_p: float, is_causal: bool, scale: float, causal_offset: int,
               return_weights: bool = False, return_lse: bool = False,
-              sinks: Tensor | None = None, softcap: float | None = None) -> Tensor | tuple[Tensor, ...]:
+              sinks: Tensor | None = None, softcap: float | None = None,
+              window: tuple[int, int] | None = None) -> Tensor | tuple[Tensor, ...]:
     """Attention with the ops' mask contract (see ops.attention). Returns ``[B, H, Lq, Dv]`` contiguous, then the
     pre-dropout weights ``[B, H, Lq, Lk]`` with ``return_weights`` and the rows' log-sum-exp of their visible scores
     (and the sink) ``[B, H, Lq]`` (−inf where no key is visible; no gradient) with ``return_lse``. sinks ``[H]``: a
     logit per head in every row's softmax denominator that contributes no value. softcap: scaled scores s become
-    softcap·tanh(s / softcap) before the masks."""
+    softcap·tanh(s / softcap) before the masks. window: ``(left, right)`` around the diagonal i + causal_offset
+    (−1 unbounded)."""
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     # Grouped heads: view the query heads as [B, Hkv, group, ...] so each K/V head serves its group unrepeated.
@@ -80,10 +82,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pad
     if key_padding_mask is not None:
         pad = ~key_padding_mask[:, None, None, :]
         visible = pad if visible is None else visible & pad
-    if is_causal:
-        rows = torch.arange(lq, device=q.device)[:, None]
-        causal = torch.arange(lk, device=q.device)[None, :] <= rows + causal_offset
-        visible = causal if visible is None else visible & causal
+    if is_causal or window is not None:
+        rel = torch.arange(lk, device=q.device)[None, :] - torch.arange(lq, device=q.device)[:, None] - causal_offset
+        left, right = (-1, -1) if window is None else window
+        right = 0 if is_causal else right
+        band = (rel <= right) if right >= 0 else torch.ones_like(rel, dtype=torch.bool)
+        if left >= 0:
+            band = band & (rel >= -left)
+        visible = band if visible is None else visible & band
     if visible is not None:
         # A key no query sees must not reach a product: 0 · NaN would poison the row.
         visible = visible.expand(b, h, lq, lk).reshape(b, hkv, h // hkv, lq, lk)

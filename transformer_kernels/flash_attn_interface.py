@@ -7,15 +7,16 @@ with flash-attn's argument names, defaults, layouts (``[B, L, H, D]``; packed ``
 1/sqrt(D), rows that see no key give 0, the log-sum-exp ``[B, H, Lq]`` fp32. ``[B, L, H, D]`` tensors are read through
 ``transpose(1, 2)`` views (no layout copies); outputs are contiguous ``[B, Lq, H, D]`` as flash-attn's.
 
-How each feature runs here: ``window_size`` as a bool mask built on the device from the shapes (the kernels read it
-per tile; they do not skip the tiles outside the window yet); ``flash_attn_with_kvcache`` appends k/v into the cache
+How each feature runs here: ``window_size`` in the kernels (`ops.attention`'s ``window``: key tiles outside every
+row's window are never loaded), dense and packed; ``flash_attn_with_kvcache`` appends k/v into the cache
 in place with index writes at each sequence's ``cache_seqlens`` (device tensors: no host sync), applies rotary with
-`ops.rotary`, and attends over each sequence's valid prefix through a ``[B, 1, Lq, Lk]`` mask; a paged cache
+`ops.rotary`, and attends over each sequence's valid prefix through a ``[B, 1, Lq, Lk]`` mask (its window too: the diagonal moves
+with each sequence's length); a paged cache
 (``block_table``) is gathered into one ``[B, blocks · block_size]`` copy first; ``softcap`` caps the scores in the CUDA
 kernels (`attention`'s rule: `auto` picks cuda). Refused by name (``NotImplementedError``) rather than ignored:
 ``alibi_slopes``, ``return_attn_probs``, ``deterministic=True`` (our attention backward is deterministic under
-``torch.use_deterministic_algorithms(True)``), ``cache_batch_idx``, ``cache_leftpad``, a window or ``block_table`` on
-the varlen functions.
+``torch.use_deterministic_algorithms(True)``), ``cache_batch_idx``, ``cache_leftpad``, ``block_table`` on the varlen
+functions.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .ops._checks import check_window
 
 
 def _refuse(alibi_slopes: Tensor | None = None, deterministic: bool = False, return_attn_probs: bool = False,
@@ -35,13 +37,6 @@ def _refuse(alibi_slopes: Tensor | None = None, deterministic: bool = False, ret
             hint = (" (use torch.use_deterministic_algorithms(True): our backward is deterministic under it)"
                     if name == "deterministic" else "")
             raise NotImplementedError(f"transformer_kernels.flash_attn_interface does not support `{name}`{hint}")
-
-
-def _check_window(window_size: tuple[int, int]) -> tuple[int, int]:
-    left, right = (int(w) for w in window_size)
-    if left < -1 or right < -1:
-        raise ValueError(f"window_size entries must be >= 0 or -1 (unbounded); got {tuple(window_size)}")
-    return left, right
 
 
 def _visible(lq: int, lk: int, seqlen_k: Tensor | int, causal: bool, window: tuple[int, int],
@@ -74,14 +69,9 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
                     *, backend: str | None = None) -> Tensor:
     """q ``[B, Lq, H, D]``, k/v ``[B, Lk, Hkv, D]`` → ``[B, Lq, H, D]`` (flash-attn's ``flash_attn_func``)."""
     _refuse(alibi_slopes, deterministic, return_attn_probs)
-    window = _check_window(window_size)
-    lq, lk = q.shape[1], k.shape[1]
-    mask = None
-    if window != (-1, -1):
-        mask = _visible(lq, lk, lk, causal, window, q.device)
-    out = ops.attention(_heads_first(q), _heads_first(k), _heads_first(v), attn_mask=mask, dropout_p=dropout_p,
-                        is_causal=causal and mask is None, scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2],
-                        causal_alignment="bottom_right", softcap=softcap, backend=backend)
+    out = ops.attention(_heads_first(q), _heads_first(k), _heads_first(v), dropout_p=dropout_p, is_causal=causal,
+                        scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2], causal_alignment="bottom_right",
+                        softcap=softcap, window=check_window(window_size, "window_size"), backend=backend)
     return out.transpose(1, 2).contiguous()
 
 
@@ -114,12 +104,10 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            backend: str | None = None) -> Tensor:
     """q ``[total_q, H, D]``, k/v ``[total_k, Hkv, D]``, cu_seqlens int32 ``[B + 1]`` → ``[total_q, H, D]``."""
     _refuse(alibi_slopes, deterministic, return_attn_probs, block_table=block_table)
-    if _check_window(window_size) != (-1, -1):
-        raise NotImplementedError("transformer_kernels.flash_attn_interface does not support `window_size` on packed "
-                                  "sequences")
     return ops.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
                                 is_causal=causal, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1],
-                                causal_alignment="bottom_right", softcap=softcap, backend=backend)
+                                causal_alignment="bottom_right", softcap=softcap, window=check_window(window_size, "window_size"),
+                                backend=backend)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
@@ -179,7 +167,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
     ``cache_seqlens``. ``num_splits`` is a scheduling hint (ours plans its own split-KV). Returns ``[B, Lq, H, D]``
     (and the fp32 ``[B, H, Lq]`` log-sum-exp with ``return_softmax_lse``). Inference only, as flash-attn's."""
     _refuse(alibi_slopes, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
-    window = _check_window(window_size)
+    window = check_window(window_size, "window_size")
     if (k is None) != (v is None):
         raise ValueError("flash_attn_with_kvcache: pass both k and v, or neither")
     if rotary_cos is not None and k is None:

@@ -46,6 +46,23 @@ def causal_mask(lq: int, lk: int, alignment: str = "top_left", device: torch.dev
     return j <= i + offset
 
 
+def window_mask(lq: int, lk: int, window: tuple[int, int], alignment: str = "top_left",
+                device: torch.device | None = None) -> Tensor:
+    """``[lq, lk]`` bool, True where query ``i`` may see key ``j`` under a sliding window ``(left, right)``
+    (−1 = unbounded on that side) around its diagonal ``i + offset`` (offset as `causal_mask`):
+    ``i + offset − left <= j <= i + offset + right``."""
+    left, right = window
+    offset = 0 if alignment == "top_left" else lk - lq
+    diagonal = torch.arange(lq, device=device).unsqueeze(-1) + offset
+    j = torch.arange(lk, device=device)
+    keep = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if left >= 0:
+        keep = keep & (j >= diagonal - left)
+    if right >= 0:
+        keep = keep & (j <= diagonal + right)
+    return keep
+
+
 def _softmax_keep(scores: Tensor, keep: Tensor | None) -> Tensor:
     """Softmax over the last dim of fp32/fp64 ``scores`` where ``keep`` (broadcastable bool) says which
     entries count. A row with nothing to keep, or whose kept scores are all -inf, gives zeros."""
@@ -121,11 +138,12 @@ def attention_bias(
     key_padding_mask: Tensor | None = None,
     is_causal: bool = False,
     causal_alignment: str = "top_left",
+    window: tuple[int, int] | None = None,
     device: torch.device | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Folds every mask kind into (keep: bool broadcastable to [B, H, lq, lk] or None,
     bias: float to add or None). ``attn_mask`` uses SDPA polarity, ``key_padding_mask`` [B, lk] the
-    torch.nn one (True = padding)."""
+    torch.nn one (True = padding), ``window`` as `window_mask`."""
     keep, bias = None, None
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -138,6 +156,9 @@ def attention_bias(
     if is_causal:
         c = causal_mask(lq, lk, causal_alignment, device)
         keep = c if keep is None else keep & c
+    if window is not None:
+        w = window_mask(lq, lk, window, causal_alignment, device)
+        keep = w if keep is None else keep & w
     return keep, bias
 
 
@@ -158,6 +179,7 @@ def scaled_dot_product_attention(
     low_precision: bool = False,
     sinks: Tensor | None = None,
     softcap: float | None = None,
+    window: tuple[int, int] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention as in ``F.scaled_dot_product_attention`` plus the package's extras (docs/ARCHITECTURE.md).
 
@@ -169,6 +191,7 @@ def scaled_dot_product_attention(
     "reference in low precision" of the accuracy rule). ``sinks`` ``[H]``: gpt-oss's attention sinks, one more
     logit per head in every row's softmax that carries no value (a row with no visible key still gives zeros).
     ``softcap``: Gemma 2's soft-capping, scaled scores s → softcap·tanh(s / softcap), before any mask.
+    ``window``: ``(left, right)`` sliding window around each query's diagonal (`window_mask`).
     Returns ``[B, H, Lq, D]`` in q's dtype (and the
     ``[B, H, Lq, Lk]`` weights when ``return_weights``).
     """
@@ -188,6 +211,7 @@ def scaled_dot_product_attention(
         key_padding_mask=key_padding_mask,
         is_causal=is_causal,
         causal_alignment=causal_alignment,
+        window=window,
         device=q.device,
     )
     if bias is not None and bias.dtype != torch.bool:

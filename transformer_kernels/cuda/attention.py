@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..kernels.config import PLAN_CACHES, split_plan
+from ..kernels.config import PLAN_CACHES, band_span, key_band, split_plan
 from ._args import ptr, stream, unsupported_dtype
 
 
@@ -34,7 +34,9 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
 SOFTCAP = True
 
 
-def _args(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, seed, softcap: float = 0.0) -> dict:
+def _args(mod, q, k, v, mask, kpm, scale, band: tuple[bool, int, int], causal_offset, dropout_p, seed,
+          softcap: float = 0.0) -> dict:
+    """The bindings' argument block; ``band`` is `config.key_band`'s (causal and window)."""
     b, h, lq, d = q.shape
     return {
         "q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "q_stride": list(q.stride()),
@@ -43,7 +45,8 @@ def _args(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, s
         "mask_kind": _ext.mask_kind(mod, mask, q.dtype),
         "kpm": ptr(kpm), "kpm_stride": [0, 0] if kpm is None else list(kpm.stride()),
         "B": b, "H": h, "Hkv": k.shape[1], "Lq": lq, "Lk": k.shape[2], "D": d, "scale": float(scale),
-        "causal": bool(is_causal), "causal_offset": int(causal_offset), "dropout_p": float(dropout_p),
+        "causal": band[0], "causal_offset": int(causal_offset), "window_right": band[1], "window_left": band[2],
+        "dropout_p": float(dropout_p),
         "softcap": float(softcap),
         "seed": ptr(seed), "dtype": _ext.dtype_code(mod, q.dtype),
         "out": 0, "row_max": 0, "inv_l": 0, "dout": 0, "do_stride": [0] * 4, "delta": 0, "dq": 0, "dk": 0, "dv": 0,
@@ -58,10 +61,10 @@ def _as_dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def _packed_args(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p, seed,
-                 softcap: float) -> dict:
+                 softcap: float, window: tuple[int, int] | None) -> dict:
     # csrc/attention.h's packed form: B sequences, the longest lengths, batch strides 0, causal_offset a flag.
-    args = _args(mod, _as_dense(q), _as_dense(k), _as_dense(v), None, None, scale, is_causal, int(bottom_right),
-                 dropout_p, seed, softcap)
+    args = _args(mod, _as_dense(q), _as_dense(k), _as_dense(v), None, None, scale,
+                 key_band(is_causal, window, max_q, max_k), int(bottom_right), dropout_p, seed, softcap)
     for name in ("q_stride", "k_stride", "v_stride"):
         args[name][0] = 0
     return args | {"B": cu_q.numel() - 1, "Lq": max_q, "Lk": max_k, "cu_q": cu_q.data_ptr(), "cu_k": cu_k.data_ptr(),
@@ -70,10 +73,11 @@ def _packed_args(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, botto
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       kpm: torch.Tensor | None, scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
-                      seed: torch.Tensor | None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      seed: torch.Tensor | None, softcap: float = 0.0, window: tuple[int, int] | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` any strides; mask a ``[B, H, Lq, Lk]`` view (bool or float);
-    kpm bool ``[B, Lk]``; softcap > 0 caps the scaled scores. Returns out (contiguous), the fp32 row max and reciprocal
-    row sum ``[B, H, Lq]``."""
+    kpm bool ``[B, Lk]``; softcap > 0 caps the scaled scores; window as `config.key_band`. Returns out (contiguous),
+    the fp32 row max and reciprocal row sum ``[B, H, Lq]``."""
     b, h, lq, d = q.shape
     out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
     row_max = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
@@ -82,11 +86,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     mod = _ext.module_for(q.device)
     key = (mod, q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device,
            None if mask is None else (mask.dtype, mask.stride()), None if kpm is None else kpm.stride(), scale,
-           is_causal, causal_offset, dropout_p, softcap)
+           is_causal, causal_offset, dropout_p, softcap, window)
     found = _FWD_PLANS.get(key)
     if found is None:
-        found = _FWD_PLANS[key] = _forward_plan(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p,
-                                                softcap)
+        band = key_band(is_causal, window, lq, k.shape[2])
+        found = _FWD_PLANS[key] = _forward_plan(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p, softcap)
         if len(_FWD_PLANS) > _FWD_PLANS_MAX:
             _FWD_PLANS.clear()
     fixed, splits = found
@@ -108,15 +112,15 @@ _FWD_PLANS_MAX = 1024
 PLAN_CACHES.append(_FWD_PLANS)
 
 
-def _forward_plan(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, softcap) -> tuple:
+def _forward_plan(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p, softcap) -> tuple:
     """(the forward's arguments to ``mod`` but the pointers, the number of KV splits)."""
     b, h, lq, d = q.shape
-    args = _args(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, None, softcap)
+    args = _args(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p, None, softcap)
     splits = 1
     if b * h * lq * d:
         # Split-KV when the plain grid would not fill the GPU (decoding): partials merged by a second kernel.
         block_m, block_n = mod.attention_forward_tile(args["dtype"], d)
-        plan = split_plan(b, h, lq, k.shape[2], block_m, block_n, block_m, q.device)
+        plan = split_plan(b, h, lq, band_span(band, block_m, block_n, k.shape[2]), block_m, block_n, block_m, q.device)
         if plan.splits > 1:
             splits = plan.splits
             args |= {"splits": plan.splits, "split_len": plan.split_len}
@@ -126,7 +130,7 @@ def _forward_plan(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, drop
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        row_max: torch.Tensor, inv_l: torch.Tensor, mask: torch.Tensor | None, kpm: torch.Tensor | None,
                        scale: float, is_causal: bool, causal_offset: int, dropout_p: float, seed: torch.Tensor | None,
-                       mask_grad: bool = False, softcap: float = 0.0,
+                       mask_grad: bool = False, softcap: float = 0.0, window: tuple[int, int] | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `attention_forward` for ``dout`` (any strides, e.g. expanded); contiguous dq, dk, dv and, with
     ``mask_grad``, the float mask's gradient dS as fp32 ``[B, H, Lq, Lk]`` (None without)."""
@@ -139,7 +143,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dmask = alloc((b, h, lq, k.shape[2]), dtype=torch.float32, device=q.device) if mask_grad else None
     delta = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     out = out.contiguous()
-    args = _args(mod, q, k, v, mask, kpm, scale, is_causal, causal_offset, dropout_p, seed, softcap)
+    args = _args(mod, q, k, v, mask, kpm, scale, key_band(is_causal, window, lq, k.shape[2]), causal_offset, dropout_p,
+                 seed, softcap)
     args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr(),
              "dout": dout.data_ptr(), "do_stride": list(dout.stride()), "delta": delta.data_ptr(),
              "dq": dq.data_ptr(), "dk": dk.data_ptr(), "dv": dv.data_ptr(), "dmask": ptr(dmask)}
@@ -149,7 +154,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
 def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                    max_q: int, max_k: int, scale: float, is_causal: bool, bottom_right: bool, dropout_p: float,
-                   seed: torch.Tensor | None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   seed: torch.Tensor | None, softcap: float = 0.0, window: tuple[int, int] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed sequences; the contract of kernels/attention.py:varlen_forward."""
     mod = _ext.module_for(q.device)
     total_q, h, d = q.shape
@@ -158,7 +164,7 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
     inv_l = torch.empty_like(row_max)
     if out.numel() and cu_q.numel() > 1:
         args = _packed_args(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p, seed,
-                            softcap)
+                            softcap, window)
         args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr()}
         mod.attention_forward(args, stream(q))
     return out, row_max, inv_l
@@ -167,7 +173,8 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
 def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     row_max: torch.Tensor, inv_l: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
                     max_k: int, scale: float, is_causal: bool, bottom_right: bool, dropout_p: float,
-                    seed: torch.Tensor | None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    seed: torch.Tensor | None, softcap: float = 0.0, window: tuple[int, int] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `varlen_forward`; the contract of kernels/attention.py:varlen_backward."""
     mod = _ext.module_for(q.device)
     # Every row belongs to one sequence and the passes write each row of theirs; with nothing to attend the
@@ -180,7 +187,7 @@ def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     delta = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     out = out.contiguous()
     args = _packed_args(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p, seed,
-                        softcap)
+                        softcap, window)
     do_stride = list(_as_dense(dout).stride())
     do_stride[0] = 0
     args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr(),

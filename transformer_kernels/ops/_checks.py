@@ -63,6 +63,22 @@ def check_softcap(softcap: object) -> None:
         raise ValueError(f"softcap must be a positive float (or None / 0 for none); got {softcap!r}")
 
 
+def check_window(window: object, name: str = "window") -> tuple[int, int]:
+    """``window``: None (none) or ``(left, right)`` ints, each >= 0 or −1 (unbounded on that side); returned as two
+    ints, ``(-1, -1)`` for none."""
+    if window is None:
+        return -1, -1
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window)):
+        raise ValueError(f"{name} must be (left, right) with ints >= 0 or -1 (unbounded); got {window!r}")
+    return int(window[0]), int(window[1])
+
+
+def kernel_window(left: int, right: int) -> tuple[int, int] | None:
+    """The launchers' ``window`` argument: None when neither side is bounded."""
+    return None if left < 0 and right < 0 else (left, right)
+
+
 def check_mask(name: str, mask: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
     """A bool or floating mask on ``device`` that broadcasts to ``shape`` (the input's)."""
     if mask is None:

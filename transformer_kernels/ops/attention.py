@@ -22,7 +22,9 @@ from ._checks import (
     check_qkv,
     check_seed,
     check_softcap,
+    check_window,
     describe,
+    kernel_window,
 )
 from ._dispatch import call, custom_op, register_autograd
 from ._sinks import apply_sinks, check_sinks, lse_of, sinks_grad
@@ -52,13 +54,15 @@ def _kernel_mask(attn_mask: Tensor | None, q: Tensor, lk: int) -> Tensor | None:
 @custom_op("transformer_kernels::attention")
 def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
                sinks: Tensor | None, dropout_p: float, is_causal: bool, scale: float, softcap: float,
-               causal_offset: int, seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+               window_left: int, window_right: int, causal_offset: int, seed: Tensor | None,
+               backend: str) -> tuple[Tensor, Tensor, Tensor]:
     check_seed(seed, q.device)
     width, dv = max(q.shape[-1], v.shape[-1]), v.shape[-1]
     with backends.on_device(q):
         out, row_max, inv_l = backends.launchers(FAMILY, backend).attention_forward(
             *(widen_head_dim(t, width) for t in (q, k, v)), _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask,
-            scale, is_causal, causal_offset, dropout_p, seed, softcap=softcap)
+            scale, is_causal, causal_offset, dropout_p, seed, softcap=softcap,
+            window=kernel_window(window_left, window_right))
     out = narrow_head_dim(out, dv)
     if sinks is not None:
         out, inv_l = apply_sinks(out, row_max, inv_l, sinks)
@@ -66,7 +70,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pa
 
 
 @_attention.register_fake
-def _(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, is_causal, scale, softcap, causal_offset, seed, backend):
+def _(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, is_causal, scale, softcap, window_left, window_right,
+      causal_offset, seed, backend):
     stats = q.shape[:-1]
     return (q.new_empty((*stats, v.shape[-1])), q.new_empty(stats, dtype=torch.float32),
             q.new_empty(stats, dtype=torch.float32))
@@ -75,8 +80,8 @@ def _(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, is_causal, scale, 
 @custom_op("transformer_kernels::attention_backward")
 def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, row_max: Tensor, inv_l: Tensor,
                         attn_mask: Tensor | None, key_padding_mask: Tensor | None, sinks: Tensor | None,
-                        dropout_p: float, is_causal: bool, scale: float, softcap: float, causal_offset: int,
-                        seed: Tensor | None, mask_grad: bool, backend: str,
+                        dropout_p: float, is_causal: bool, scale: float, softcap: float, window_left: int,
+                        window_right: int, causal_offset: int, seed: Tensor | None, mask_grad: bool, backend: str,
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv, with ``mask_grad`` dS as fp32 ``[B, H, Lq, Lk]`` (the float mask's gradient before its broadcast
     dims are summed; an empty tensor without), and with sinks their fp32 gradient ``[H]`` (else empty)."""
@@ -87,14 +92,15 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     with backends.on_device(q):
         dq, dk, dv, dmask = backends.launchers(FAMILY, backend).attention_backward(
             grad, q_, k_, v_, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
-            is_causal, causal_offset, dropout_p, seed, mask_grad, softcap=softcap)
+            is_causal, causal_offset, dropout_p, seed, mask_grad, softcap=softcap,
+            window=kernel_window(window_left, window_right))
     return (narrow_head_dim(dq, d), narrow_head_dim(dk, d), narrow_head_dim(dv, v.shape[-1]),
             q.new_empty(0, dtype=torch.float32) if dmask is None else dmask, dsinks)
 
 
 @_attention_backward.register_fake
 def _(grad, q, k, v, out, row_max, inv_l, attn_mask, key_padding_mask, sinks, dropout_p, is_causal, scale, softcap,
-      causal_offset, seed, mask_grad, backend):
+      window_left, window_right, causal_offset, seed, mask_grad, backend):
     dmask_shape = (*q.shape[:-1], k.shape[-2]) if mask_grad else (0,)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty(dmask_shape, dtype=torch.float32), q.new_empty(0 if sinks is None else sinks.shape,
@@ -102,10 +108,11 @@ def _(grad, q, k, v, out, row_max, inv_l, attn_mask, key_padding_mask, sinks, dr
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, attn_mask, kpm, sinks, dropout_p, is_causal, scale, softcap, causal_offset, seed, backend = inputs
+    (q, k, v, attn_mask, kpm, sinks, dropout_p, is_causal, scale, softcap, window_left, window_right, causal_offset,
+     seed, backend) = inputs
     out, row_max, inv_l = output
     ctx.save_for_backward(q, k, v, out, row_max, inv_l, attn_mask, kpm, sinks, seed)
-    ctx.args = (dropout_p, is_causal, scale, softcap, causal_offset, backend)
+    ctx.args = (dropout_p, is_causal, scale, softcap, window_left, window_right, causal_offset, backend)
 
 
 def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -119,15 +126,16 @@ def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
 
 def _backward(ctx, grad: Tensor, _grad_max: Tensor, _grad_inv_l: Tensor):
     q, k, v, out, row_max, inv_l, attn_mask, kpm, sinks, seed = ctx.saved_tensors
-    dropout_p, is_causal, scale, softcap, causal_offset, backend = ctx.args
+    dropout_p, is_causal, scale, softcap, window_left, window_right, causal_offset, backend = ctx.args
     # A float mask that requires grad (T5's position bias, a learned ALiBi slope) gets dS, the gradient of the
     # scores it is added to; otherwise the kernels store nothing more.
     mask_grad = ctx.needs_input_grad[3]
     dq, dk, dv, ds, dsinks = call(_attention_backward, grad, q, k, v, out, row_max, inv_l, attn_mask, kpm, sinks,
-                                  dropout_p, is_causal, scale, softcap, causal_offset, seed, mask_grad, backend)
+                                  dropout_p, is_causal, scale, softcap, window_left, window_right, causal_offset,
+                                  seed, mask_grad, backend)
     dmask = _sum_to(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
     dsinks = dsinks.to(sinks.dtype) if ctx.needs_input_grad[5] else None
-    return dq, dk, dv, dmask, None, dsinks, None, None, None, None, None, None, None
+    return dq, dk, dv, dmask, None, dsinks, None, None, None, None, None, None, None, None, None
 
 
 register_autograd(_attention, _backward, _setup_context)
@@ -169,6 +177,7 @@ def attention(
     causal_alignment: str = "top_left",
     sinks: Tensor | None = None,
     softcap: float | None = None,
+    window: tuple[int, int] | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -189,10 +198,15 @@ def attention(
     with its gradient; the lse then includes it. softcap: Gemma 2's logit soft-capping, each scaled score s becomes
     softcap·tanh(s / softcap) before masks are applied (None or 0: none), with its gradient, on the cuda and torch
     backends (`auto` picks cuda where it would run triton; triton named explicitly raises NotImplementedError).
+    window: ``(left, right)`` sliding window (−1 = unbounded on that side): query i sees keys
+    ``i + offset − left <= j <= i + offset + right`` only (offset as for causal: ``causal_alignment``'s diagonal;
+    with ``is_causal`` too, ``right`` is 0), in the kernels without a mask tensor: key tiles outside every row's
+    window are never loaded (Mistral's and Gemma's sliding windows; flash-attn's ``window_size``).
     """
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
     _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, softcap, dropout_p, enable_gqa, causal_alignment)
+    window_left, window_right = check_window(window)
     name = backends.resolve_for(OP, FAMILY, q.device, backend, q, k, v)
     if softcap:
         name = softcap_backend(name, backend, OP, q, k, v)
@@ -201,10 +215,12 @@ def attention(
     offset = 0 if causal_alignment == "top_left" else lk - lq
     if name == "torch":
         return eager.attention(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, offset,
-                               return_lse=return_lse, sinks=sinks, softcap=softcap)
+                               return_lse=return_lse, sinks=sinks, softcap=softcap,
+                               window=kernel_window(window_left, window_right))
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
     out, row_max, inv_l = call(_attention, q, k, v, attn_mask, key_padding_mask, sinks, float(dropout_p),
-                               bool(is_causal), scale, float(softcap or 0.0), offset, seed, name)
+                               bool(is_causal), scale, float(softcap or 0.0), window_left, window_right, offset, seed,
+                               name)
     return (out, row_lse(row_max, inv_l)) if return_lse else out
 
 
