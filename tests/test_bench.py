@@ -119,3 +119,20 @@ def test_lm_head_and_rotary_cases_run(monkeypatch):
         bench._step(c.make(device), c.backward)()
     losses = [c.make(device)().item() for c in cases if c.op == "linear_cross_entropy"]
     assert abs(losses[0] - losses[1]) < 1e-5
+
+
+def test_window_cases_run(monkeypatch):
+    # The sliding-window benchmark at a toy size on the CPU: every form (the window in the kernels, as a mask on our
+    # kernels, as a mask to SDPA) gives the same output.
+    monkeypatch.setattr(bench, "WINDOW_SHAPE", (1, 2, 40, 16))
+    monkeypatch.setattr(bench, "WINDOW_LEFT", 6)
+    device = torch.device("cpu")
+    ours = "triton" if INTERPRETED else "cuda"
+    cases = [c for c in bench.window_cases(torch.float32) if not c.backward and c.impl in (ours, "sdpa", "triton+mask")]
+    outs = []
+    for c in cases:
+        torch.manual_seed(0)  # the same q, k, v for every form
+        outs.append(c.make(device)())
+    assert len(outs) == (3 if INTERPRETED else 2)
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)

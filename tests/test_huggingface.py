@@ -378,19 +378,39 @@ def test_packed_sequences_run_varlen_and_match_each_sequence_alone(backend, devi
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
-def test_sliding_window_model_matches_eager(device):
-    """Mistral's sliding window reaches the kernels through the mask (sdpa_mask builds it)."""
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_sliding_window_reaches_the_kernels_and_matches_eager(backend, device, monkeypatch):
+    """Mistral's 4-token sliding window reaches the kernels as ``window=(3, 0)`` (beside transformers' mask, dense) and
+    on packed sequences, where no mask exists: logits and every gradient equal eager's, each sequence on its own."""
     cfg = transformers.MistralConfig(vocab_size=hft.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=1, sliding_window=4,
                                      max_position_embeddings=64)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    eager = transformers.MistralForCausalLM(cfg).to(device).eval()
-    ours = tk.convert(copy.deepcopy(eager), backend="triton")
+    eager = transformers.MistralForCausalLM(cfg).to(device)
+    ours = tk.convert(copy.deepcopy(eager), backend=backend)
     assert set(ours.tk_swapped) == {"MistralRMSNorm", "MistralMLP", "MistralAttention rotary", "MistralForCausalLM loss"}
+    windows = []
+    for name in ("attention", "varlen_attention"):
+        op = getattr(tk.ops, name)
+        monkeypatch.setattr(huggingface.ops, name,
+                            lambda *a, op=op, **kw: windows.append(kw.get("window")) or op(*a, **kw))
     ids = torch.randint(3, hft.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, eager(ids).logits, atol=1e-4, rtol=1e-4)
+    lens = [9, 6, 3]
+    seqs = [ids[0, :9], ids[0, 3:9], ids[0, 9:]]
+    cu = torch.tensor([0, 9, 15, 18], dtype=torch.int32, device=device)
+    packed = dict(input_ids=torch.cat(seqs)[None], position_ids=torch.cat([torch.arange(n) for n in lens])[None].to(device),
+                  cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+    got = ours(**packed).logits[0]
+    got.sum().backward()
+    expected = torch.cat([eager(input_ids=t[None]).logits[0] for t in seqs])
+    expected.sum().backward()
+    assert windows == [(3, 0), (3, -1)]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for (name, p), (_, q) in zip(ours.named_parameters(), eager.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_torch_compile_of_a_converted_model(device):

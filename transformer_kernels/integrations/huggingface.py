@@ -72,8 +72,12 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     strides; T5's ``position_bias`` is added to the scores and gets its gradient. Packed sequences
     (``cu_seq_lens_q/k`` kwargs) run `ops.varlen_attention`. gpt-oss's attention sinks (``s_aux``, one logit per
     head) join each row's softmax denominator in the op, with their gradient; Gemma 2's ``softcap`` caps the scores in
-    the CUDA kernels (a triton-converted model's soft-capped attention goes where `auto` sends it). The
-    backend is the module's ``tk_backend`` (set by `tk.convert`), else the one in force.
+    the CUDA kernels (a triton-converted model's soft-capped attention goes where `auto` sends it). A sliding window
+    (``sliding_window``: Mistral, Gemma 2/3, gpt-oss) reaches the kernels as `ops.attention`'s ``window``, so the key
+    tiles outside it are never loaded: packed, instead of any mask; dense without a cache (Lq = Lk: training, a
+    prefill) beside transformers' mask, which holds the same window (a cache's rows sit at its positions, which only
+    the mask knows, so there the mask alone applies). The backend is the module's ``tk_backend`` (set by
+    `tk.convert`), else the one in force.
     """
     _refuse_unsupported(kwargs)
     if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None and position_bias is None:
@@ -90,9 +94,12 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         key, value = key[:, :, :lq], value[:, :, :lq]
         position_bias = None if position_bias is None else position_bias[..., :lq]
     mask = attention_mask if position_bias is None else _with_bias(position_bias, attention_mask)
+    window = None
+    if kwargs.get("sliding_window") and lq == key.shape[2] and getattr(module, "is_causal", True):
+        window = (int(kwargs["sliding_window"]) - 1, 0)  # transformers' sliding_window_overlay: i - j < window
     out = ops.attention(query, key, value, attn_mask=mask, dropout_p=float(dropout), is_causal=causal, scale=scaling,
                         enable_gqa=query.shape[1] != key.shape[1], sinks=sinks, softcap=kwargs.get("softcap"),
-                        backend=_backend(module, kwargs.get("softcap")))
+                        window=window, backend=_backend(module, kwargs.get("softcap")))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -108,17 +115,19 @@ def _packed_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
     """Packed sequences (transformers passes ``cu_seq_lens_q/k`` and ``max_length_q/k`` when a batch of one row holds
     several sequences, e.g. from ``DataCollatorWithFlattening``): `ops.varlen_attention` on the rows, so no query
     attends across a sequence boundary and no padding is computed; the block-diagonal mask transformers built
-    alongside is not needed. Causal alignment bottom-right, as flash-attn's varlen function."""
+    alongside is not needed, and a sliding window (``sliding_window``) is the op's ``window``. Causal alignment
+    bottom-right, as flash-attn's varlen function."""
     if query.shape[0] != 1:
         raise ValueError(f"cu_seq_lens_q/k describe packed sequences in one batch row; got a batch of {query.shape[0]}")
     # max_length_* are Python ints from transformers' collators; a tensor costs one host sync here.
     max_q, max_k = (int(kwargs[name]) for name in ("max_length_q", "max_length_k"))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    window = (int(kwargs["sliding_window"]) - 1, -1) if kwargs.get("sliding_window") else None
     out = ops.varlen_attention(q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], max_q, max_k,
                                dropout_p=float(dropout), is_causal=bool(causal), scale=scaling,
                                enable_gqa=q.shape[1] != k.shape[1], causal_alignment="bottom_right",
-                               sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),
+                               sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"), window=window,
                                backend=_backend(module, kwargs.get("softcap")))
     return out.unsqueeze(0)
 

@@ -393,6 +393,39 @@ def varlen_cases(dtype: torch.dtype = torch.float16, padded_lens: tuple[int, ...
     return out
 
 
+# A sliding window (Mistral's 4k) over a long causal sequence: ours with the window in the kernels against ours and
+# SDPA given the same window as a dense bool mask (every tile read there).
+WINDOW_SHAPE = (1, 16, 16384, 128)  # B, H, L, D
+WINDOW_LEFT = 4095
+MASK_FORM = "+mask"  # our kernels given the window as a mask: a diagnostic, not a baseline
+
+
+def _window_maker(impl: str, dtype: torch.dtype, backward: bool):
+    def make(device: torch.device) -> Callable[[], torch.Tensor]:
+        q, k, v = (torch.randn(WINDOW_SHAPE, device=device, dtype=dtype, requires_grad=backward) for _ in range(3))
+        if impl in KERNEL_IMPLS:
+            return lambda: ops.attention(q, k, v, is_causal=True, window=(WINDOW_LEFT, -1), backend=impl)
+        length = WINDOW_SHAPE[2]
+        mask = reference.window_mask(length, length, (WINDOW_LEFT, 0), device=device)
+        if impl.endswith(MASK_FORM):
+            return lambda: ops.attention(q, k, v, attn_mask=mask, backend=impl.removesuffix(MASK_FORM))
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return make
+
+
+def window_cases(dtype: torch.dtype = torch.float16) -> list[Case]:
+    """Causal attention with a WINDOW_LEFT + 1 key window over WINDOW_SHAPE, forward and forward+backward: ours with
+    ``window`` ("triton", "cuda"), ours with the window as a dense mask ("triton+mask"), SDPA with that mask. FLOPs
+    count the visible scores only, so TFLOP/s compares useful work."""
+    b, h, length, d = WINDOW_SHAPE
+    visible = sum(min(i + 1, WINDOW_LEFT + 1) for i in range(length))
+    flops = 4 * b * h * visible * d
+    io = 4 * 2 * b * h * length * d
+    return [Case("attention_window", impl, f"B{b} H{h} D{d} window {WINDOW_LEFT + 1}", length, backward,
+                 flops * (3.5 if backward else 1.0), io, _window_maker(impl, dtype, backward))
+            for backward in (False, True) for impl in (*KERNEL_IMPLS, "triton" + MASK_FORM, "sdpa")]
+
+
 def decode_tokens_per_second(rows: list[Timing]) -> list[tuple[str, int, float]]:
     """(impl, KV length, tokens/s) of the decoding rows."""
     return [(r.impl, r.seq_len, DECODE_BATCH / (r.median_ms / 1e3)) for r in rows if r.op == "attention_decode"]
@@ -628,7 +661,8 @@ def compare_to_baselines(rows: list[Timing]) -> list[tuple[str, str, str, float,
         groups.setdefault((r.op, r.model, r.seq_len, r.pass_), []).append(r)
     out = []
     for (op, model, length, pass_), rs in groups.items():
-        rs = [r for r in rs if not r.impl.endswith(GRAPHED)]  # a diagnostic: SDPA is not graphed here
+        # diagnostics: SDPA is not graphed here, and our mask form is ours
+        rs = [r for r in rs if not r.impl.endswith((GRAPHED, MASK_FORM))]
         ours = [r for r in rs if r.impl in KERNEL_IMPLS]
         theirs = [r for r in rs if r.impl not in KERNEL_IMPLS]
         if not ours or not theirs:

@@ -115,6 +115,11 @@ def _attention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
         ("causal softcap padded", 2, 2, 2, 31, 31, 64,
          lambda b, h, lq, lk, g: {"is_causal": True, "softcap": 0.5,
                                   "key_padding_mask": torch.rand(b, lk, generator=g) < 0.3}),
+        ("gqa causal window padded", 1, 4, 2, 90, 90, 64,
+         lambda b, h, lq, lk, g: {"is_causal": True, "enable_gqa": True, "window": (20, -1),
+                                  "key_padding_mask": torch.rand(b, lk, generator=g) < 0.2}),
+        ("cross window_br", 2, 2, 2, 24, 100, 32,
+         lambda b, h, lq, lk, g: {"window": (9, 5), "causal_alignment": "bottom_right"}),
     ]
     if quick:
         shapes = shapes[1:3]
@@ -149,6 +154,8 @@ def _varlen_cases(device: torch.device, quick: bool) -> Iterator[Case]:
         ("causal_br gqa", (5, 0, 17, 40), (7, 4, 0, 33), 4, 2, 64,
          {"is_causal": True, "causal_alignment": "bottom_right", "enable_gqa": True}),
         ("self", (13, 1, 30), (13, 1, 30), 2, 2, 40, {}),
+        ("causal window", (13, 1, 60), (13, 1, 60), 2, 1, 64,
+         {"is_causal": True, "window": (8, -1), "enable_gqa": True}),
     ]
     for impl, scope in implementations("varlen_attention", device):
         for dtype in DTYPES:
