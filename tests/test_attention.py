@@ -765,3 +765,55 @@ def test_split_kv_dropout_and_results_equal_the_plain_forward(backend, device, m
     assert [p.splits > 1 for p in plans] == [True, True, False, False]
     for split, plain in zip(outs[0], outs[1], strict=True):
         torch.testing.assert_close(split, plain, atol=2e-6, rtol=2e-6)
+
+
+GQA_DECODE_MASKS = {"none": {}, "padding": {"padding": True}, "bool [B,1,1,Lk]": {"bool": (2, 1, 1)},
+                    "float [1,1,1,Lk]": {"float": (1, 1, 1)}, "causal_br window": {"is_causal": True,
+                                                                                  "causal_alignment": "bottom_right",
+                                                                                  "window": (70, -1)}}
+
+
+@pytest.mark.parametrize("kind", list(GQA_DECODE_MASKS))
+@pytest.mark.parametrize("group", [4, 40], ids=lambda g: f"group{g}")
+def test_gqa_decoding_reads_each_kv_tile_once_per_group(kind, group):
+    """A decoding step (Lq = 1) with grouped heads runs `attn_decode_gqa_kernel`: the group's query heads are rows of
+    one program, so the products (2·32·32·D per key tile and product in the interpreter) are counted once per KV head
+    and head chunk, not once per query head; outputs and lse equal the reference."""
+    from test_attention_lse import reference_lse
+
+    from transformer_kernels.tools.testing import count_interpreted_work
+
+    b, hkv, lk, d = 2, 2, 256, 32
+    h = hkv * group
+    q, k, v = make_qkv(b, h, hkv, 1, lk, d, dtype=torch.float16)
+    g = torch.Generator().manual_seed(5)
+    kw = dict(GQA_DECODE_MASKS[kind])
+    if kw.pop("padding", False):
+        kw["key_padding_mask"] = torch.rand(b, lk, generator=g) < 0.3
+    if "bool" in kw:
+        kw["attn_mask"] = torch.rand(*kw.pop("bool"), lk, generator=g) > 0.3
+    if "float" in kw:
+        kw["attn_mask"] = torch.randn(*kw.pop("float"), lk, generator=g).half()
+    with count_interpreted_work() as work:
+        out, lse = tk.ops.attention(q, k, v, enable_gqa=True, return_lse=True, backend="triton", **kw)
+    tile = triton_attention.INTERPRETER_CONFIG
+    visited = lk // tile.block_n if "window" not in kw else 3  # keys 185..255: tiles 160.., 192.., 224..
+    chunks = -(-group // tile.block_m)
+    assert work.matmul_flops == 2 * 2 * tile.block_m * tile.block_n * d * visited * b * hkv * chunks
+    expected = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True, **kw)
+    torch.testing.assert_close(out.double(), expected, atol=1e-3, rtol=1e-3)
+    expected_lse = reference_lse(q, k, d**-0.5, **kw)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=1e-3, rtol=1e-3)
+
+
+def test_gqa_decoding_with_a_per_head_mask_runs_per_head():
+    # A mask that differs between the heads of a group cannot share the group's rows: the split-KV kernel per head.
+    from transformer_kernels.tools.testing import count_interpreted_work
+
+    q, k, v = make_qkv(1, 4, 1, 1, 128, 32)
+    mask = torch.rand(1, 4, 1, 128, generator=torch.Generator().manual_seed(1)) > 0.5
+    with count_interpreted_work() as work:
+        out = tk.ops.attention(q, k, v, mask, enable_gqa=True, backend="triton")
+    assert work.matmul_flops == 2 * 2 * 32 * 32 * 32 * 4 * 4  # 4 key tiles, 4 query heads
+    torch.testing.assert_close(out, reference.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True),
+                               atol=1e-5, rtol=1e-5)

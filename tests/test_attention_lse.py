@@ -7,11 +7,13 @@ from test_attention import make_qkv, masks_for
 from test_varlen_attention import LENS_K, LENS_Q, cu_seqlens, packed
 
 import transformer_kernels as tk
+from transformer_kernels import reference
 
 BACKENDS = ["triton", "cuda", "torch"]
 
 
-def reference_lse(q, k, scale, attn_mask=None, key_padding_mask=None, is_causal=False, causal_alignment="top_left"):
+def reference_lse(q, k, scale, attn_mask=None, key_padding_mask=None, is_causal=False, causal_alignment="top_left",
+                  window=None):
     """log Σ exp(s) over the visible keys, in fp64 from the reference's scores."""
     b, h, lq, _ = q.shape
     kk = k.double().repeat_interleave(h // k.shape[1], dim=1)
@@ -26,6 +28,8 @@ def reference_lse(q, k, scale, attn_mask=None, key_padding_mask=None, is_causal=
     if is_causal:
         offset = k.shape[2] - lq if causal_alignment == "bottom_right" else 0
         visible = visible & (torch.arange(k.shape[2])[None, :] <= torch.arange(lq)[:, None] + offset)
+    if window is not None:
+        visible = visible & reference.window_mask(lq, k.shape[2], window, causal_alignment)
     return torch.logsumexp(s.masked_fill(~visible, float("-inf")), -1)
 
 

@@ -1,5 +1,5 @@
 """Property-based tests: hypothesis draws shapes (0, 1, primes, more than one tile), memory layouts (transposed,
-expanded, sliced views), mask kinds and broadcast shapes, dtypes and GQA groups, and every op of the kernel
+expanded, sliced views), mask kinds and broadcast shapes, sliding windows, dtypes and GQA groups, and every op of the kernel
 backends must match reference.py under the accuracy rule, forward and backward.
 
 Derandomized with a fixed example budget (TK_PROPERTY_EXAMPLES, default below) so `make test` is reproducible and
@@ -92,7 +92,9 @@ def attention_cases(draw):
     mask_shape = draw(st.sampled_from([None, (lq, lk), (1, 1, lq, lk), (b, 1, 1, lk), (b, h, lq, lk), (lk,)]))
     return dict(b=b, h=h, hkv=hkv, lq=lq, lk=lk, d=d, dtype=draw(DTYPES), layouts=draw(st.tuples(LAYOUTS, LAYOUTS)),
                 mask_shape=mask_shape, mask_bool=draw(st.booleans()), padding=draw(st.booleans()),
-                causal=draw(st.booleans()), alignment=draw(st.sampled_from(["top_left", "bottom_right"])))
+                causal=draw(st.booleans()), alignment=draw(st.sampled_from(["top_left", "bottom_right"])),
+                # drawn last, so the earlier draws (and the examples they made) stay as they were
+                window=draw(st.sampled_from([None, None, (3, -1), (-1, 2), (0, 5), (20, 20), (40, 0)])))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -105,7 +107,8 @@ def test_attention_matches_the_reference(backend, case, device):
     tensors = {"q": _laid_out((c["b"], c["h"], c["lq"], c["d"]), q_layout, gen),
                "k": _laid_out((c["b"], c["hkv"], c["lk"], c["d"]), kv_layout, gen),
                "v": _laid_out((c["b"], c["hkv"], c["lk"], c["d"]), kv_layout, gen)}
-    kw = {"is_causal": c["causal"], "causal_alignment": c["alignment"], "enable_gqa": c["h"] != c["hkv"]}
+    kw = {"is_causal": c["causal"], "causal_alignment": c["alignment"], "enable_gqa": c["h"] != c["hkv"],
+          "window": c["window"]}
     if c["mask_shape"] is not None:
         m = torch.randn(c["mask_shape"], generator=gen)
         tensors["attn_mask"] = ((m > -0.8) if c["mask_bool"] else m, _identity)

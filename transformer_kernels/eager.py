@@ -82,7 +82,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pad
     if key_padding_mask is not None:
         pad = ~key_padding_mask[:, None, None, :]
         visible = pad if visible is None else visible & pad
-    if is_causal or window is not None:
+    if is_causal or (window is not None and max(window) >= 0):
         rel = torch.arange(lk, device=q.device)[None, :] - torch.arange(lq, device=q.device)[:, None] - causal_offset
         left, right = (-1, -1) if window is None else window
         right = 0 if is_causal else right

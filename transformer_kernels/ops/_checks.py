@@ -74,11 +74,6 @@ def check_window(window: object, name: str = "window") -> tuple[int, int]:
     return int(window[0]), int(window[1])
 
 
-def kernel_window(left: int, right: int) -> tuple[int, int] | None:
-    """The launchers' ``window`` argument: None when neither side is bounded."""
-    return None if left < 0 and right < 0 else (left, right)
-
-
 def check_mask(name: str, mask: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
     """A bool or floating mask on ``device`` that broadcasts to ``shape`` (the input's)."""
     if mask is None:

@@ -24,7 +24,6 @@ from ._checks import (
     check_softcap,
     check_window,
     describe,
-    kernel_window,
 )
 from ._dispatch import call, custom_op, register_autograd
 from ._sinks import apply_sinks, check_sinks, lse_of, sinks_grad
@@ -62,7 +61,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pa
         out, row_max, inv_l = backends.launchers(FAMILY, backend).attention_forward(
             *(widen_head_dim(t, width) for t in (q, k, v)), _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask,
             scale, is_causal, causal_offset, dropout_p, seed, softcap=softcap,
-            window=kernel_window(window_left, window_right))
+            window=(window_left, window_right))
     out = narrow_head_dim(out, dv)
     if sinks is not None:
         out, inv_l = apply_sinks(out, row_max, inv_l, sinks)
@@ -93,7 +92,7 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         dq, dk, dv, dmask = backends.launchers(FAMILY, backend).attention_backward(
             grad, q_, k_, v_, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
             is_causal, causal_offset, dropout_p, seed, mask_grad, softcap=softcap,
-            window=kernel_window(window_left, window_right))
+            window=(window_left, window_right))
     return (narrow_head_dim(dq, d), narrow_head_dim(dk, d), narrow_head_dim(dv, v.shape[-1]),
             q.new_empty(0, dtype=torch.float32) if dmask is None else dmask, dsinks)
 
@@ -206,7 +205,7 @@ def attention(
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
     _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, softcap, dropout_p, enable_gqa, causal_alignment)
-    window_left, window_right = check_window(window)
+    window_left, window_right = (-1, -1) if window is None else check_window(window)
     name = backends.resolve_for(OP, FAMILY, q.device, backend, q, k, v)
     if softcap:
         name = softcap_backend(name, backend, OP, q, k, v)
@@ -215,8 +214,7 @@ def attention(
     offset = 0 if causal_alignment == "top_left" else lk - lq
     if name == "torch":
         return eager.attention(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, offset,
-                               return_lse=return_lse, sinks=sinks, softcap=softcap,
-                               window=kernel_window(window_left, window_right))
+                               return_lse=return_lse, sinks=sinks, softcap=softcap, window=window)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
     out, row_max, inv_l = call(_attention, q, k, v, attn_mask, key_padding_mask, sinks, float(dropout_p),
                                bool(is_causal), scale, float(softcap or 0.0), window_left, window_right, offset, seed,

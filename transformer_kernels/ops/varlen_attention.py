@@ -24,7 +24,6 @@ from ._checks import (
     check_softcap,
     check_window,
     describe,
-    kernel_window,
 )
 from ._dispatch import call, custom_op, register_autograd
 from ._sinks import apply_sinks, check_sinks, sinks_grad
@@ -43,7 +42,7 @@ def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tenso
     with backends.on_device(q):
         out, row_max, inv_l = backends.launchers(FAMILY, backend).varlen_forward(
             *(widen_head_dim(t, width) for t in (q, k, v)), cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right,
-            dropout_p, seed, softcap=softcap, window=kernel_window(window_left, window_right))
+            dropout_p, seed, softcap=softcap, window=(window_left, window_right))
     out = narrow_head_dim(out, v.shape[-1])
     if sinks is not None:
         out, inv_l = apply_sinks(out, row_max, inv_l, sinks)
@@ -72,7 +71,7 @@ def _varlen_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
     with backends.on_device(q):
         dq, dk, dv = backends.launchers(FAMILY, backend).varlen_backward(
             grad, q_, k_, v_, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p,
-            seed, softcap=softcap, window=kernel_window(window_left, window_right))
+            seed, softcap=softcap, window=(window_left, window_right))
     return narrow_head_dim(dq, d), narrow_head_dim(dk, d), narrow_head_dim(dv, v.shape[-1]), dsinks
 
 
@@ -213,7 +212,7 @@ def varlen_attention(
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
     _check_inputs(q, k, v, sinks, softcap, dropout_p, enable_gqa, causal_alignment, max_seqlen_q, max_seqlen_k)
-    window_left, window_right = check_window(window)
+    window_left, window_right = (-1, -1) if window is None else check_window(window)
     batch = cu_seqlens_q.numel() - 1 if isinstance(cu_seqlens_q, Tensor) else -1
     cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, batch, q)
     cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, batch, q)
@@ -224,7 +223,7 @@ def varlen_attention(
     bottom_right = causal_alignment == "bottom_right"
     if name == "torch":
         out, lse = _torch_varlen(q, k, v, cu_q, cu_k, dropout_p, is_causal, scale, bottom_right, sinks, softcap,
-                                 kernel_window(window_left, window_right))
+                                 window)
         return (out, lse) if return_lse else out
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
     out, row_max, inv_l = call(_varlen_attention, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, sinks,
