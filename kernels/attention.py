@@ -748,6 +748,62 @@ def attn_decode_gqa_kernel(
     tl.store(l_part_ptr + rows, l_i, mask=row_ok)
 
 
+@triton.jit(do_not_specialize=["window_left"])
+def attn_decode_paged_kernel(
+    q_ptr, k_ptr, v_ptr, o_part_ptr, m_part_ptr, l_part_ptr, table_ptr, seqlens_ptr,
+    stride_qb, stride_qh, stride_kblock, stride_krow, stride_kh, stride_vblock, stride_vrow, stride_vh, stride_table_b,
+    num_heads, group, block_size, sm_scale, window_left, split_len,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    # A decoding step over a paged KV cache read in place (vLLM's and flash-attn's layout): key j of sequence b is
+    # row j % block_size of cache block table[b, j // block_size]; the sequence holds seqlens[b] keys and its query
+    # sits at the last of them. The GQA packing, grid and partials of attn_decode_gqa_kernel; only the blocks of a
+    # sequence's keys inside its window are read (a split past them does nothing).
+    hkv = num_heads // group
+    chunks = tl.cdiv(group, BLOCK_M)
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid // (hkv * chunks)).to(tl.int64)
+    hk = (pid // chunks % hkv).to(tl.int64)
+    g = pid % chunks * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = g < group
+    heads = hk * group + g
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    seqlen = tl.load(seqlens_ptr + b)
+    first = seqlen - 1 - window_left  # the window's first key (window_left past the capacity: none)
+    start = tl.maximum(first, 0) // BLOCK_N * BLOCK_N + split * split_len
+    end = tl.minimum(start + split_len, seqlen)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = (offs_n < seqlen) & (offs_n >= first)
+        page = tl.load(table_ptr + b * stride_table_b + offs_n // block_size, mask=col_ok, other=0).to(tl.int64)
+        slot = offs_n % block_size
+        kt = tl.load(k_ptr + (page * stride_kblock + slot * stride_krow + hk * stride_kh)[None, :] + offs_d[:, None],
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.where(col_ok[None, :], _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERPRETED) * sm_scale,
+                     float("-inf"))
+        # The online softmax of `_fwd_tile`, on whole visible columns (no masks: the cache's length is the mask).
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2((m_i - m_safe) * LOG2E)
+        p = tl.exp2((s - m_safe[:, None]) * LOG2E)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + (page * stride_vblock + slot * stride_vrow + hk * stride_vh)[:, None] + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], INTERPRETED)
+        m_i = m_new
+    rows = split * (tl.num_programs(0) // chunks * group).to(tl.int64) + b * num_heads + heads
+    tl.store(o_part_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
+    tl.store(m_part_ptr + rows, m_i, mask=row_ok)
+    tl.store(l_part_ptr + rows, l_i, mask=row_ok)
+
+
 # ---- launchers -------------------------------------------------------------------------------
 
 
@@ -1141,6 +1197,46 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return out, row_max, inv_l
 
 
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                 seqlens: torch.Tensor, scale: float, window_left: int = -1,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoding step over a paged cache, read in place: q ``[B, H, 1, D]``, k_cache/v_cache ``[num_blocks,
+    block_size, Hkv, D]`` (H % Hkv == 0; any strides but a unit last one), block_table int32 ``[B, max_blocks]``,
+    seqlens int32 ``[B]`` (keys per sequence, the query at the last; 0 gives zeros), window_left the keys before the
+    query's that it sees (−1: all). Returns out ``[B, H, 1, D]`` (contiguous), the fp32 row max and reciprocal sum
+    ``[B, H, 1]``."""
+    q, k_cache, v_cache = (unit_last_stride(t) for t in (q, k_cache, v_cache))
+    b, h, _, d = q.shape
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty((b, h, 1, d), dtype=q.dtype, device=q.device)
+    row_max = torch.empty((b, h, 1), dtype=torch.float32, device=q.device)
+    inv_l = torch.empty_like(row_max)
+    capacity = block_table.shape[1] * block_size
+    if out.numel() == 0:
+        return out, row_max, inv_l
+    block_d = head_dim_block(d, q.dtype)
+    tile = split_tile(block_d, q.element_size(), "plain")
+    group = h // hkv
+    chunks = triton.cdiv(group, tile.block_m)
+    window_left = capacity if window_left < 0 else min(window_left, capacity)
+    span = min(capacity, window_left + 1 + tile.block_n)
+    plan = split_plan(b * chunks, hkv, 1, span, 1, tile.block_n, 1, q.device)
+    rows = b * h
+    o_part = torch.empty((plan.splits, rows, block_d), dtype=torch.float32, device=q.device)
+    m_part = torch.empty((plan.splits, rows), dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    interpreted = is_interpreted()
+    attn_decode_paged_kernel[(b * hkv * chunks, plan.splits)](
+        q, k_cache, v_cache, o_part, m_part, l_part, block_table, seqlens, q.stride(0), q.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0), h, group, block_size, scale, window_left,
+        plan.split_len, D=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_D=block_d, INTERPRETED=interpreted,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    attn_fwd_combine_kernel[(triton.cdiv(rows, COMBINE_BLOCK_R),)](
+        o_part, m_part, l_part, out, row_max, inv_l, rows, plan.splits, 0.0, D=d, DROPOUT=False,
+        BLOCK_R=COMBINE_BLOCK_R, BLOCK_D=block_d, INTERPRETED=interpreted)
+    return out, row_max, inv_l
+
+
 def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                    max_q: int, max_k: int, scale: float, is_causal: bool, bottom_right: bool, dropout_p: float,
                    seed: torch.Tensor | None, softcap: float = 0.0, window: tuple[int, int] | None = None,
@@ -1364,6 +1460,18 @@ def _gqa_decode_variant(dtype: torch.dtype, block_d: int, features: str) -> AotV
                       num_stages=c.num_stages, aligned=_aligned(sig))
 
 
+def _paged_decode_variant(dtype: torch.dtype, block_d: int) -> AotVariant:
+    dt = TRITON_DTYPE_NAMES[dtype]
+    c = split_tile(block_d, dtype.itemsize, "plain", interpreted=False)
+    sig = aot_signature(attn_decode_paged_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}", "o_part_ptr": "*fp32",
+                                                   "m_part_ptr": "*fp32", "l_part_ptr": "*fp32", "table_ptr": "*i32",
+                                                   "seqlens_ptr": "*i32"})
+    consts = {"INTERPRETED": False, "D": block_d, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": block_d}
+    return AotVariant("attn_decode_paged", attn_decode_paged_kernel, sig, consts, c.num_warps,
+                      f"{dt} D={block_d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages}",
+                      num_stages=c.num_stages, aligned=_aligned(sig))
+
+
 def _combine_variant(dtype: torch.dtype, block_d: int) -> AotVariant:
     dt = TRITON_DTYPE_NAMES[dtype]
     sig = aot_signature(attn_fwd_combine_kernel, {**_AOT_TYPES, "*_ptr": "*fp32", "out_ptr": f"*{dt}"})
@@ -1375,8 +1483,8 @@ def _combine_variant(dtype: torch.dtype, block_d: int) -> AotVariant:
 def aot_variants() -> list[AotVariant]:
     """Every tile configuration autotune can pick, for each dtype, head-dim block and feature class (see
     `tile_configs`), forward and both backward passes, the WIDE form of each with its one tile, the mask-gradient
-    pass (its one tile, plain and WIDE), the split-KV forward, its GQA-packed decoding form and their combine, plus
-    the preprocess (dense and packed)."""
+    pass (its one tile, plain and WIDE), the split-KV forward, its GQA-packed and paged-cache decoding forms and their
+    combine, plus the preprocess (dense and packed)."""
     out = []
     for dtype in SUPPORTED_DTYPES:
         for block_d in (b for b in HEAD_DIM_BLOCKS if b <= next_power_of_2(MAX_HEAD_DIM[dtype])):
@@ -1397,6 +1505,7 @@ def aot_variants() -> list[AotVariant]:
                 out.append(_dmask_variant(dtype, block_d, wide))
             out += [_split_variant(dtype, block_d, features) for features in ("all", "plain")]
             out += [_gqa_decode_variant(dtype, block_d, features) for features in ("all", "plain")]
+            out.append(_paged_decode_variant(dtype, block_d))
             out.append(_combine_variant(dtype, block_d))
         dt = TRITON_DTYPE_NAMES[dtype]
         sig = aot_signature(attn_bwd_preprocess_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}"})

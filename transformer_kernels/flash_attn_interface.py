@@ -8,12 +8,12 @@ with flash-attn's argument names, defaults, layouts (``[B, L, H, D]``; packed ``
 ``transpose(1, 2)`` views (no layout copies); outputs are contiguous ``[B, Lq, H, D]`` as flash-attn's.
 
 How each feature runs here: ``window_size`` in the kernels (`ops.attention`'s ``window``: key tiles outside every
-row's window are never loaded), dense and packed; ``flash_attn_with_kvcache`` appends k/v into the cache
-in place with index writes at each sequence's ``cache_seqlens`` (device tensors: no host sync), applies rotary with
-`ops.rotary`, and attends over each sequence's valid prefix through a ``[B, 1, Lq, Lk]`` mask (its window too: the diagonal moves
-with each sequence's length); a paged cache
-(``block_table``) is gathered into one ``[B, blocks · block_size]`` copy first; ``softcap`` caps the scores in the CUDA
-kernels (`attention`'s rule: `auto` picks cuda). Refused by name (``NotImplementedError``) rather than ignored:
+row's window are never loaded), dense and packed; ``flash_attn_with_kvcache`` applies rotary with `ops.rotary` and
+is `ops.attention_with_kvcache`: k/v appended into the cache in place (index writes at each sequence's
+``cache_seqlens``, device tensors: no host sync), a decoding step on triton reading the cache, paged or dense, in
+place through the block table, anything else through a gathered copy and a mask of each sequence's valid keys;
+``softcap`` caps the scores in the CUDA kernels (`attention`'s rule: `auto` picks cuda). Refused by name
+(``NotImplementedError``) rather than ignored:
 ``alibi_slopes``, ``return_attn_probs``, ``deterministic=True`` (our attention backward is deterministic under
 ``torch.use_deterministic_algorithms(True)``), ``cache_batch_idx``, ``cache_leftpad``, ``block_table`` on the varlen
 functions.
@@ -37,26 +37,6 @@ def _refuse(alibi_slopes: Tensor | None = None, deterministic: bool = False, ret
             hint = (" (use torch.use_deterministic_algorithms(True): our backward is deterministic under it)"
                     if name == "deterministic" else "")
             raise NotImplementedError(f"transformer_kernels.flash_attn_interface does not support `{name}`{hint}")
-
-
-def _visible(lq: int, lk: int, seqlen_k: Tensor | int, causal: bool, window: tuple[int, int],
-             device: torch.device) -> Tensor:
-    """Bool ``[B or 1, 1, Lq, Lk]``, True where query i sees key j: ``j < seqlen_k``, and with offset
-    ``seqlen_k − Lq`` (bottom-right) ``j <= i + offset`` when causal, ``i + offset − left <= j <= i + offset + right``
-    for a window (−1: unbounded)."""
-    left, right = window
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    lens = torch.as_tensor(seqlen_k, device=device).reshape(-1, 1, 1, 1)
-    i = torch.arange(lq, device=device).view(1, 1, lq, 1)
-    j = torch.arange(lk, device=device).view(1, 1, 1, lk)
-    diagonal = i + lens - lq
-    keep = j < lens
-    if right >= 0:
-        keep = keep & (j <= diagonal + right)
-    if left >= 0:
-        keep = keep & (j >= diagonal - left)
-    return keep
 
 
 def _heads_first(t: Tensor) -> Tensor:
@@ -172,44 +152,20 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
         raise ValueError("flash_attn_with_kvcache: pass both k and v, or neither")
     if rotary_cos is not None and k is None:
         raise ValueError("flash_attn_with_kvcache: rotary_cos/sin apply to the new k and v: pass them too")
-    b, lq = q.shape[:2]
-    device = q.device
-    if block_table is not None:
-        block = k_cache.shape[1]
-        capacity = block_table.shape[1] * block
-    else:
-        capacity = k_cache.shape[1]
-    if cache_seqlens is None:
-        lens = torch.full((b,), capacity, dtype=torch.int32, device=device)
-    elif isinstance(cache_seqlens, int):
-        lens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=device)
-    else:
-        lens = cache_seqlens.to(device=device, dtype=torch.int32).reshape(b)
-    new = 0 if k is None else k.shape[1]
-    if k is not None:
-        positions = lens[:, None].long() + torch.arange(new, device=device)  # [B, L_new]
-        if rotary_cos is not None:
-            q, k = _rotate_new(q, k, rotary_cos, rotary_sin, rotary_interleaved, lens[:, None].long(),
-                               along=causal or window != (-1, -1), backend=backend)
-        with torch.no_grad():
-            rows = torch.arange(b, device=device)[:, None]
-            if block_table is not None:
-                slot = (block_table[rows, positions // block].long(), positions % block)
-            else:
-                slot = (rows, positions)
-            k_cache[slot] = k.to(k_cache.dtype)
-            v_cache[slot] = v.to(v_cache.dtype)
-    if block_table is not None:
-        keys, values = (c[block_table.long()].flatten(1, 2) for c in (k_cache, v_cache))  # [B, blocks · block, Hkv, D]
-    else:
-        keys, values = k_cache[:b], v_cache[:b]
-    mask = _visible(lq, keys.shape[1], lens + new, causal, window, device)
-    out = ops.attention(_heads_first(q), _heads_first(keys), _heads_first(values), attn_mask=mask,
-                        scale=softmax_scale, enable_gqa=q.shape[2] != keys.shape[2], return_lse=return_softmax_lse,
-                        softcap=softcap, backend=backend)
-    if return_softmax_lse:
-        return out[0].transpose(1, 2).contiguous(), out[1]
-    return out.transpose(1, 2).contiguous()
+    if rotary_cos is not None:
+        b = q.shape[0]
+        if cache_seqlens is None:
+            capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+            start = torch.full((b, 1), capacity, dtype=torch.long, device=q.device)
+        elif isinstance(cache_seqlens, int):
+            start = torch.full((b, 1), cache_seqlens, dtype=torch.long, device=q.device)
+        else:
+            start = cache_seqlens.to(device=q.device, dtype=torch.long).reshape(b, 1)
+        q, k = _rotate_new(q, k, rotary_cos, rotary_sin, rotary_interleaved, start, along=causal or window != (-1, -1),
+                           backend=backend)
+    return ops.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale=softmax_scale,
+                                      is_causal=causal, window=window, softcap=softcap,
+                                      return_lse=return_softmax_lse, backend=backend)
 
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
