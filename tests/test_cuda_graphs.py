@@ -46,20 +46,27 @@ def test_a_repeated_call_reads_no_value_on_the_host(backend, device):
     q, k, v, pad = (t.to(device) for t in _decoding_inputs())
     packed = torch.randn(9, 2, 16, device=device)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    k_cache, v_cache = (torch.randn(6, 16, 2, 32, device=device) for _ in range(2))
+    k_new, v_new = k[:, :, :1].transpose(1, 2), v[:, :, :1].transpose(1, 2)
+    lens = torch.tensor([3, 40], dtype=torch.int32, device=device)
+    table = torch.tensor([[5, 0, 1], [2, 3, 4]], dtype=torch.int32, device=device)
 
     def calls():
         out = tk.ops.attention(q, k, v, is_causal=True, enable_gqa=True, key_padding_mask=pad, dropout_p=0.1,
                                causal_alignment="bottom_right", backend=backend)
         packed_out = tk.ops.varlen_attention(packed, packed, packed, cu, cu, 5, 5, is_causal=True, backend=backend)
-        return out, packed_out
+        # a decoding step against a paged cache: the new keys appended in place, the lengths read on the device
+        cached = tk.ops.attention_with_kvcache(q.transpose(1, 2), k_cache, v_cache, k_new, v_new, lens, table,
+                                               window=(20, -1), backend=backend)
+        return out, packed_out, cached
 
     expected = calls()  # the first varlen call checks the CPU tensor's cu_seqlens on the host, once
     with no_host_reads():
         got = calls()
     with pytest.raises(AssertionError, match="read a value"), no_host_reads():  # the guard itself works
         bool(cu[0] == 0)
-    assert got[0].shape == expected[0].shape and got[1].shape == expected[1].shape
-    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    assert all(a.shape == b.shape for a, b in zip(got, expected, strict=True))
+    assert all(torch.isfinite(t).all() for t in got)
 
 
 @pytest.mark.gpu
