@@ -59,6 +59,7 @@ def test_dense_cache_decoding_in_low_precision(dtype):
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
     torch_out, torch_lse = tk.ops.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, return_lse=True,
                                                          backend="torch")
+    torch.testing.assert_close(out, torch_out, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, torch_lse, atol=2e-2, rtol=1e-3)
 
 
