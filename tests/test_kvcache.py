@@ -101,5 +101,7 @@ def test_bad_caches_raise():
         tk.ops.attention_with_kvcache(q, k_cache, v_cache, block_table=table.long())
     with pytest.raises(ValueError, match="k_new and v_new"):
         tk.ops.attention_with_kvcache(q, k_cache, v_cache, k_new=q, block_table=table)
+    with pytest.raises(ValueError, match="one dtype"):
+        tk.ops.attention_with_kvcache(q.half(), k_cache, v_cache, block_table=table)
     with pytest.raises(ValueError, match="window"):
         tk.ops.attention_with_kvcache(q, k_cache, v_cache, block_table=table, window=(-3, 0))

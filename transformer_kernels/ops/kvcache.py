@@ -62,6 +62,9 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor | None, v_
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor; got {describe(t) if isinstance(t, Tensor) else t!r}")
+    if not q.dtype == k_cache.dtype == v_cache.dtype or not q.device == k_cache.device == v_cache.device:
+        raise ValueError(f"q and the caches need one dtype and device; got {describe(q)}, {describe(k_cache)}, "
+                         f"{describe(v_cache)}")
     if k_cache.shape[:3] != v_cache.shape[:3]:
         raise ValueError(f"k_cache and v_cache must match but in the head dim; got {describe(k_cache)}, "
                          f"{describe(v_cache)}")
