@@ -136,3 +136,16 @@ def test_window_cases_run(monkeypatch):
     assert len(outs) == (3 if INTERPRETED else 2)
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_paged_cases_run(monkeypatch):
+    # The paged-cache decoding benchmark at a toy size on the CPU: ours in place equals SDPA on the gathered keys.
+    monkeypatch.setattr(bench, "PAGED_BATCH", 2)
+    monkeypatch.setattr(bench, "PAGED_KEYS", (64,))
+    monkeypatch.setattr(bench, "DECODE_HEADS", 4)
+    monkeypatch.setattr(bench, "DECODE_KV_HEADS", 2)
+    monkeypatch.setattr(bench, "DECODE_HEAD_DIM", 16)
+    ours = "triton" if INTERPRETED else "cuda"
+    cases = [c for c in bench.paged_cases(torch.float32) if c.impl in (ours, "sdpa")]
+    outs = [c.make(torch.device("cpu"))() for c in cases]
+    torch.testing.assert_close(outs[0], outs[1].transpose(1, 2), atol=1e-5, rtol=1e-5)

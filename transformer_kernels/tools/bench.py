@@ -344,6 +344,41 @@ def decode_cases(dtype: torch.dtype = torch.float16, keys: tuple[int, ...] | Non
     return out
 
 
+# A decoding step over a paged cache (vLLM's / flash-attn's layout, 16-token blocks shuffled across the pool):
+# ours reading it in place against SDPA on the same keys gathered contiguous beforehand (its best case).
+PAGED_BATCH, PAGED_BLOCK, PAGED_KEYS = 8, 16, (4096, 16384)
+
+
+def _paged_maker(impl: str, lk: int, dtype: torch.dtype):
+    def make(device: torch.device) -> Callable[[], torch.Tensor]:
+        g = torch.Generator(device=device).manual_seed(0)
+        blocks = lk // PAGED_BLOCK
+        shape = (PAGED_BATCH * blocks, PAGED_BLOCK, DECODE_KV_HEADS, DECODE_HEAD_DIM)
+        k_cache, v_cache = (torch.randn(shape, device=device, dtype=dtype, generator=g) for _ in range(2))
+        table = torch.randperm(PAGED_BATCH * blocks, device=device, generator=g).view(PAGED_BATCH, blocks).int()
+        q = torch.randn(PAGED_BATCH, 1, DECODE_HEADS, DECODE_HEAD_DIM, device=device, dtype=dtype, generator=g)
+        lens = torch.full((PAGED_BATCH,), lk, dtype=torch.int32, device=device)
+        if impl in KERNEL_IMPLS:
+            return lambda: ops.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, block_table=table,
+                                                      backend=impl)
+        keys, values = (c[table.long()].flatten(1, 2).transpose(1, 2) for c in (k_cache, v_cache))
+        return lambda: F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, enable_gqa=True)
+    return make
+
+
+def paged_cases(dtype: torch.dtype = torch.float16) -> list[Case]:
+    """One decoding step of PAGED_BATCH sequences over a paged cache at each length: ours in place (triton; cuda
+    gathers) against SDPA on pre-gathered keys; GB/s counts the K/V cache read once."""
+    out = []
+    for lk in PAGED_KEYS:
+        flops = attention_flops(PAGED_BATCH, DECODE_HEADS, 1, lk, DECODE_HEAD_DIM, False, False)
+        io = 2 * 2 * PAGED_BATCH * DECODE_KV_HEADS * lk * DECODE_HEAD_DIM
+        for impl in (*KERNEL_IMPLS, "sdpa"):
+            out.append(Case("attention_paged", impl, f"B{PAGED_BATCH} H{DECODE_HEADS}/{DECODE_KV_HEADS} "
+                            f"D{DECODE_HEAD_DIM} block {PAGED_BLOCK}", lk, False, flops, io, _paged_maker(impl, lk, dtype)))
+    return out
+
+
 # Packed vs padded (BERT-style batches): VARLEN_BATCH sequences, lengths spread evenly up to the padded length so
 # half of the padded batch is padding; the varlen kernels compute only the real tokens.
 VARLEN_BATCH, VARLEN_HEADS, VARLEN_HEAD_DIM = 16, 12, 64

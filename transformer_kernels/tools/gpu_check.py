@@ -150,7 +150,8 @@ def bench(out: Path, resume: Path | None = None) -> None:
 
     device = torch.device("cuda")
     cases = (bench_mod.quick_cases() + bench_mod.decode_cases() + bench_mod.varlen_cases(padded_lens=(1024,)) +
-             bench_mod.lm_head_cases() + bench_mod.rotary_cases() + bench_mod.window_cases())
+             bench_mod.lm_head_cases() + bench_mod.rotary_cases() + bench_mod.window_cases() +
+             bench_mod.paged_cases())
     if importlib.util.find_spec("transformers") is not None:
         from . import bench_hf
 
