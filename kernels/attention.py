@@ -39,9 +39,7 @@ from .config import (
     AotVariant,
     Autotuned,
     aot_signature,
-    band_span,
     is_interpreted,
-    key_band,
     length_class,
     mask_args,
     next_power_of_2,
@@ -112,15 +110,13 @@ def _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM: tl.cons
 
 @triton.jit
 def _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale,
-                band_hi, band_lo, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WIDE: tl.constexpr):
+                causal_offset, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WIDE: tl.constexpr):
     # Scores in natural units with -inf where hidden, and the visibility. Natural units until after the max is
     # subtracted: multiplying a score near -6e4 by log2(e) first would round it to 2^-7 and the probabilities
     # of such a row off by ~0.5%. A float mask entry of -inf hides its key like a bool False.
     visible = col_ok[None, :] & (offs_m[:, None] < seqlen_q)
     if IS_CAUSAL:
-        # The key band (`_band`): band_lo <= j - i <= band_hi.
-        rel = offs_n[None, :] - offs_m[:, None]
-        visible = visible & (rel <= band_hi) & (rel >= band_lo)
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
     s = qk * sm_scale
     if WIDE:
         mask_ptrs = _corner(mask_base, start_m, stride_mask_m, start_n, stride_mask_n) + \
@@ -147,7 +143,7 @@ def _seen_by_any(visible):
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, first, h, num_heads, k_base, v_base, kpm_ptr, kpm_row,
               stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
-              seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed,
+              seqlen_k, sm_scale, causal_offset, dropout_p, seed,
               MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -157,7 +153,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, first, h, num_heads, k_bas
     kt = tl.load(k_base + rel_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
     qk = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
-                             stride_mask_n, sm_scale, band_hi, band_lo, MASK_KIND, IS_CAUSAL, WIDE)
+                             stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row with nothing visible yet has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -224,48 +220,25 @@ def _load_rows(base_ptr, b, h, stride_b, stride_h, stride_m, start_m, offs_m, of
 
 
 @triton.jit
-def _band(causal_offset, window_right, window_left):
-    # (band_hi, band_lo): with IS_CAUSAL, query i sees keys i + band_lo <= j <= i + band_hi. causal_offset is the
-    # diagonal (each sequence's own when packed); the launcher's window widths (`config.key_band`) widen it: right
-    # 0 and left "unbounded" (wider than any sequence) for plain causal.
-    return causal_offset + window_right, causal_offset - window_left
-
-
-@triton.jit
-def _key_range(start_m, seqlen_q, seqlen_k, band_hi, band_lo, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               IS_CAUSAL: tl.constexpr):
-    # (lo, u0, u1, hi) for the query tile at start_m: keys in [lo, hi) are visited, those in [u0, u1) in whole tiles
-    # every row of the tile sees (no band compare), the rest ([lo, u0) at a window's left edge, [u1, hi) on the
-    # diagonal) with it. Keys outside the band of every row of the tile are never loaded.
+def _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    # (hi, full) for the query tile at start_m: keys below hi are visited; tiles below full are visible to every
+    # row of the tile (no causal compare). Causal: up to the last valid row's limit, so a key no query sees is
+    # never loaded.
     if IS_CAUSAL:
-        last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
-        hi = tl.minimum(tl.maximum(last + band_hi + 1, 0), seqlen_k)
-        lo = tl.minimum(tl.maximum(start_m + band_lo, 0) // BLOCK_N * BLOCK_N, hi)
-        full = tl.minimum(tl.maximum(start_m + band_hi + 1, 0) // BLOCK_N * BLOCK_N, hi)
-        u0 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last + band_lo, 0), BLOCK_N) * BLOCK_N, lo), hi)
-        u1 = tl.maximum(full, u0)
+        hi = tl.minimum(tl.maximum(tl.minimum(start_m + BLOCK_M, seqlen_q) + causal_offset, 0), seqlen_k)
+        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, hi)
     else:
-        lo = 0
-        u0 = 0
-        u1 = seqlen_k
         hi = seqlen_k
-    return lo, u0, u1, hi
+        full = seqlen_k
+    return hi, full
 
 
-@triton.jit
-def _banded_start(t, lo, u0, u1, BLOCK: tl.constexpr):
-    # The t-th tile of the two banded stretches [lo, u0) and [u1, hi): one loop, one inlined tile body.
-    n_a = tl.cdiv(u0 - lo, BLOCK)
-    return tl.where(t < n_a, lo + t * BLOCK, u1 + (t - n_a) * BLOCK)
-
-
-@triton.jit(do_not_specialize=["causal_offset", "window_right", "window_left"])
+@triton.jit(do_not_specialize=["causal_offset"])
 def attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, row_max_ptr, inv_l_ptr, mask_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, window_right, window_left, dropout_p, seed_ptr,
-    seqlen_q_class, seqlen_k_class,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -291,20 +264,19 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    band_hi, band_lo = _band(causal_offset, window_right, window_left)
-    lo, u0, u1, hi = _key_range(start_m, seqlen_q, seqlen_k, band_hi, band_lo, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    for start_n in range(u0, u1, BLOCK_N):
+    hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    for start_n in range(0, full, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, bq, h, num_heads, k_base, v_base, kpm_ptr,
                                   kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn,
-                                  offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed,
+                                  offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
                                   MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
-        for t in range(0, tl.cdiv(u0 - lo, BLOCK_N) + tl.cdiv(hi - u1, BLOCK_N)):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, _banded_start(t, lo, u0, u1, BLOCK_N), bh, bq, h,
-                                      num_heads, k_base, v_base, kpm_ptr, kpm_row, stride_kpm_n, mask_base,
-                                      stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
-                                      seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed, MASK_KIND, HAS_KPM, True,
-                                      DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
+        for start_n in range(full, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, bq, h, num_heads, k_base, v_base,
+                                      kpm_ptr, kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
+                                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
+                                      causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, VARLEN,
+                                      BLOCK_N, INTERPRETED)
     # A row with no visible key has l = 0: its output and (through inv_l = 0) its gradients are zeros.
     inv_l = tl.where(l_i == 0.0, 0.0, 1.0 / tl.where(l_i == 0.0, 1.0, l_i))
     out = acc * inv_l[:, None]
@@ -318,13 +290,12 @@ def attn_fwd_kernel(
     tl.store(inv_l_ptr + rows, inv_l, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["causal_offset", "window_right", "window_left"])
+@triton.jit(do_not_specialize=["causal_offset"])
 def attn_fwd_split_kernel(
     q_ptr, k_ptr, v_ptr, o_part_ptr, m_part_ptr, l_part_ptr, mask_ptr, kpm_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, window_right, window_left, dropout_p, seed_ptr,
-    split_len,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, split_len,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -344,27 +315,21 @@ def attn_fwd_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    band_hi, band_lo = _band(causal_offset, window_right, window_left)
-    lo, u0, u1, hi = _key_range(start_m, seqlen_q, seqlen_k, band_hi, band_lo, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    # This program's chunk of its tile's key range (the launcher sizes the splits to cover the widest range).
-    lo_n = lo + split * split_len
+    hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    lo_n = split * split_len
     hi_n = tl.minimum(lo_n + split_len, hi)
-    for start_n in range(tl.maximum(lo_n, u0), tl.minimum(hi_n, u1), BLOCK_N):
+    for start_n in range(lo_n, tl.minimum(hi_n, full), BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, 0, h, num_heads, k_base, v_base, kpm_ptr,
                                   b * stride_kpm_b, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn,
-                                  stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, band_hi, band_lo,
-                                  dropout_p, seed, MASK_KIND, HAS_KPM, False, DROPOUT, False, False, BLOCK_N,
-                                  INTERPRETED)
+                                  stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p,
+                                  seed, MASK_KIND, HAS_KPM, False, DROPOUT, False, False, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
-        a0 = tl.minimum(lo_n, u0)
-        a1 = tl.minimum(hi_n, u0)
-        b0 = tl.maximum(lo_n, u1)
-        for t in range(0, tl.cdiv(a1 - a0, BLOCK_N) + tl.cdiv(tl.maximum(hi_n - b0, 0), BLOCK_N)):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, _banded_start(t, a0, a1, b0, BLOCK_N), bh, 0, h,
-                                      num_heads, k_base, v_base, kpm_ptr, b * stride_kpm_b, stride_kpm_n, mask_base,
-                                      stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
-                                      seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed, MASK_KIND, HAS_KPM, True,
-                                      DROPOUT, False, False, BLOCK_N, INTERPRETED)
+        for start_n in range(tl.maximum(lo_n, full), hi_n, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, 0, h, num_heads, k_base, v_base,
+                                      kpm_ptr, b * stride_kpm_b, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
+                                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
+                                      causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, False, False,
+                                      BLOCK_N, INTERPRETED)
     total_rows = (tl.num_programs(0) // tl.cdiv(seqlen_q, BLOCK_M)).to(tl.int64) * seqlen_q  # B·H·Lq
     rows = split * total_rows + bh.to(tl.int64) * seqlen_q + offs_m
     row_ok = offs_m < seqlen_q
@@ -422,12 +387,12 @@ def attn_bwd_preprocess_kernel(out_ptr, do_ptr, delta_ptr, cu_q_ptr, stride_dob,
 
 @triton.jit
 def _probs(q, kt, start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base,
-           stride_mask_m, stride_mask_n, sm_scale, band_hi, band_lo,
+           stride_mask_m, stride_mask_n, sm_scale, causal_offset,
            MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WIDE: tl.constexpr, INTERPRETED: tl.constexpr):
     # Recomputes the forward probabilities of one tile from the saved row max and reciprocal sum.
     qk = _dot(q, kt, tl.zeros([q.shape[0], kt.shape[1]], tl.float32), INTERPRETED)
     s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
-                             stride_mask_n, sm_scale, band_hi, band_lo, MASK_KIND, IS_CAUSAL, WIDE)
+                             stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
     row_ok = offs_m < seqlen_q
     m = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
     inv_l = tl.load(inv_l_ptr + rows, mask=row_ok, other=0.0)
@@ -437,7 +402,7 @@ def _probs(q, kt, start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, i
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_base,
                stride_mask_m, stride_mask_n, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
-               offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed, dq_acc_ptr,
+               offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr,
                MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr,
                VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, FUSED_DQ: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -445,7 +410,7 @@ def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_p
     do = _load_rows(do_ptr, bq, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
     rows = _row_index(bh, bq, h, num_heads, seqlen_q, offs_m, VARLEN)
     p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
-                        seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, band_hi, band_lo, MASK_KIND,
+                        seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
                         IS_CAUSAL, WIDE, INTERPRETED)
     dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, k.shape[0]], tl.float32), INTERPRETED)
     if DROPOUT:
@@ -470,14 +435,13 @@ def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_p
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["causal_offset", "window_right", "window_left"])
+@triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, dq_acc_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr, cu_q_ptr,
     cu_k_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob,
     stride_doh, stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, window_right, window_left, dropout_p, seed_ptr,
-    seqlen_q_class, seqlen_k_class,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FUSED_DQ: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -507,39 +471,31 @@ def attn_bwd_dkdv_kernel(
     v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    band_hi, band_lo = _band(causal_offset, window_right, window_left)
     if IS_CAUSAL:
-        # Query rows [lo, hi) see some of these keys (query i sees key j iff j - band_hi <= i <= j - band_lo); the
-        # tiles in [u0, u1) see all of them (no band compare), the rest ([lo, u0) on the diagonal, [u1, hi) at a
-        # window's left edge) through it. Query tiles outside [lo, hi) are never visited.
-        last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
-        hi = tl.minimum(tl.maximum(last - band_lo + 1, 0), seqlen_q)
-        lo = tl.minimum(tl.maximum(start_n - band_hi, 0) // BLOCK_M * BLOCK_M, hi)
-        u0 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last - band_hi, 0), BLOCK_M) * BLOCK_M, lo), hi)
-        u1 = tl.maximum(tl.minimum(tl.maximum(start_n - band_lo + 1, 0) // BLOCK_M * BLOCK_M, hi), u0)
+        # Query tiles before `lo` see none of these keys; from `full` on they see all of them.
+        lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+        full = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M, seqlen_q)
+        full = tl.maximum(full, lo)
     else:
         lo = 0
-        u0 = 0
-        u1 = seqlen_q
-        hi = seqlen_q
+        full = 0
     # Every query head of the GQA group adds into the same dK/dV: summed here, in a fixed order.
     for g in range(0, group):
         h = hk * group + g
         bh = b * num_heads + h
         mask_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
         if IS_CAUSAL:
-            for t in range(0, tl.cdiv(u0 - lo, BLOCK_M) + tl.cdiv(hi - u1, BLOCK_M)):
-                dk, dv = _dkdv_tile(dk, dv, k, v, _banded_start(t, lo, u0, u1, BLOCK_M), start_n, bh, bq, h, num_heads,
-                                    q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_base, stride_mask_m,
-                                    stride_mask_n, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
-                                    offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k, sm_scale, band_hi, band_lo,
-                                    dropout_p, seed, dq_acc_ptr, MASK_KIND, True, DROPOUT, WIDE, VARLEN, BLOCK_M,
-                                    FUSED_DQ, INTERPRETED)
-        for start_m in range(u0, u1, BLOCK_M):
+            for start_m in range(lo, full, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr,
+                                    inv_l_ptr, delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb,
+                                    stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok,
+                                    D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr,
+                                    MASK_KIND, True, DROPOUT, WIDE, VARLEN, BLOCK_M, FUSED_DQ, INTERPRETED)
+        for start_m in range(full, seqlen_q, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr,
                                 inv_l_ptr, delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb, stride_qh,
                                 stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D, seqlen_q,
-                                seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed, dq_acc_ptr, MASK_KIND, False,
+                                seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr, MASK_KIND, False,
                                 DROPOUT, WIDE, VARLEN, BLOCK_M, FUSED_DQ, INTERPRETED)
     rows = _row_index(bhk, bk, hk, hkv, seqlen_k, offs_n, VARLEN)
     out_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
@@ -551,7 +507,7 @@ def attn_bwd_dkdv_kernel(
 @triton.jit
 def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, k_base, v_base, kpm_ptr, kpm_row,
              stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m,
-             offs_d, D, seqlen_q, seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed,
+             offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
              WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -561,7 +517,7 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, 
     k = tl.load(k_base + rel_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
-                        seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, band_hi, band_lo, MASK_KIND,
+                        seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
                         IS_CAUSAL, WIDE, INTERPRETED)
     dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
@@ -573,14 +529,13 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, 
     return _dot(ds.to(k.dtype), k, dq, INTERPRETED)
 
 
-@triton.jit(do_not_specialize=["causal_offset", "window_right", "window_left"])
+@triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
     stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, window_right, window_left, dropout_p, seed_ptr,
-    seqlen_q_class, seqlen_k_class,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -604,31 +559,30 @@ def attn_bwd_dq_kernel(
     v_base = v_ptr + bk * stride_vb + hk * stride_vh
     mask_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    band_hi, band_lo = _band(causal_offset, window_right, window_left)
-    lo, u0, u1, hi = _key_range(start_m, seqlen_q, seqlen_k, band_hi, band_lo, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    for start_n in range(u0, u1, BLOCK_N):
+    hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    for start_n in range(0, full, BLOCK_N):
         dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, bq, h, num_heads, rows, k_base, v_base, kpm_ptr,
                       b * stride_kpm_b, stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n,
-                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, band_hi, band_lo,
-                      dropout_p, seed, MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
+                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p,
+                      seed, MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
-        for t in range(0, tl.cdiv(u0 - lo, BLOCK_N) + tl.cdiv(hi - u1, BLOCK_N)):
-            dq = _dq_tile(dq, q, do, delta, start_m, _banded_start(t, lo, u0, u1, BLOCK_N), bh, bq, h, num_heads,
-                          rows, k_base, v_base, kpm_ptr, b * stride_kpm_b, stride_kpm_n, row_max_ptr, inv_l_ptr,
-                          mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
-                          seqlen_k, sm_scale, band_hi, band_lo, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT,
-                          WIDE, VARLEN, BLOCK_N, INTERPRETED)
+        for start_n in range(full, hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, bq, h, num_heads, rows, k_base, v_base, kpm_ptr,
+                          b * stride_kpm_b, stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m,
+                          stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
+                          causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, VARLEN, BLOCK_N,
+                          INTERPRETED)
     tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], cast_out(dq * sm_scale, dq_ptr.dtype.element_ty,
                                                                     INTERPRETED), mask=ok)
 
 
-@triton.jit(do_not_specialize=["causal_offset", "window_right", "window_left"])
+@triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dmask_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, ds_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
     stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, window_right, window_left, dropout_p, seed_ptr,
+    num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr,
     D: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -660,8 +614,7 @@ def attn_bwd_dmask_kernel(
     rows = bh.to(tl.int64) * seqlen_q + offs_m
     p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
                         seqlen_q, mask_ptr + b * stride_mask_b + h * stride_mask_h, stride_mask_m, stride_mask_n,
-                        sm_scale, causal_offset + window_right, causal_offset - window_left, FLOAT_MASK, IS_CAUSAL, WIDE,
-                        INTERPRETED)
+                        sm_scale, causal_offset, FLOAT_MASK, IS_CAUSAL, WIDE, INTERPRETED)
     dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
         dp = tl.where(_keep(seed, bh, 0, h, num_heads, seqlen_q, offs_m, start_n, dropout_p, BLOCK_N, False),
@@ -689,12 +642,12 @@ def dropout_mask_kernel(keep_ptr, seqlen_q, seqlen_k, dropout_p, seed_ptr, BLOCK
     tl.store(ptr, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 
 
-@triton.jit(do_not_specialize=["causal_offset", "window_right", "window_left"])
+@triton.jit(do_not_specialize=["causal_offset"])
 def attn_decode_gqa_kernel(
     q_ptr, k_ptr, v_ptr, o_part_ptr, m_part_ptr, l_part_ptr, mask_ptr, kpm_ptr,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mask_b, stride_mask_n, stride_kpm_b, stride_kpm_n,
-    num_heads, group, seqlen_k, sm_scale, causal_offset, window_right, window_left, split_len,
+    num_heads, group, seqlen_k, sm_scale, causal_offset, split_len,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -703,7 +656,8 @@ def attn_decode_gqa_kernel(
     # traffic at 32/8 heads), and the products fill BLOCK_M rows with queries instead of one. Grid: (batch x KV head
     # x chunk of BLOCK_M heads of its group, key splits); each program writes the split partials of its rows in the
     # split-KV forward's layout, so attn_fwd_combine_kernel merges them. No dropout (inference), masks broadcast
-    # over heads (the launcher checks both).
+    # over heads (the launcher checks both). Added after the other kernels: their line numbers, and so the keys of
+    # their committed resource-table entries, stay as they were.
     hkv = num_heads // group
     chunks = tl.cdiv(group, BLOCK_M)
     pid = tl.program_id(0)
@@ -722,25 +676,20 @@ def attn_decode_gqa_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    band_hi, band_lo = _band(causal_offset, window_right, window_left)
-    lo, u0, u1, hi = _key_range(0, 1, seqlen_k, band_hi, band_lo, 1, BLOCK_N, IS_CAUSAL)
-    lo_n = lo + split * split_len
+    hi, full = _key_range(0, 1, seqlen_k, causal_offset, 1, BLOCK_N, IS_CAUSAL)
+    lo_n = split * split_len
     hi_n = tl.minimum(lo_n + split_len, hi)
-    for start_n in range(tl.maximum(lo_n, u0), tl.minimum(hi_n, u1), BLOCK_N):
+    for start_n in range(lo_n, tl.minimum(hi_n, full), BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, 0, start_n, 0, 0, 0, num_heads, k_base, v_base, kpm_ptr,
                                   b * stride_kpm_b, stride_kpm_n, mask_ptr + b * stride_mask_b, 0, stride_mask_n,
-                                  stride_kn, stride_vn, offs_m, offs_d, D, 1, seqlen_k, sm_scale, band_hi, band_lo, 0.0,
-                                  0, MASK_KIND, HAS_KPM, False, False, False, False, BLOCK_N, INTERPRETED)
+                                  stride_kn, stride_vn, offs_m, offs_d, D, 1, seqlen_k, sm_scale, causal_offset, 0.0, 0,
+                                  MASK_KIND, HAS_KPM, False, False, False, False, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
-        a0 = tl.minimum(lo_n, u0)
-        a1 = tl.minimum(hi_n, u0)
-        b0 = tl.maximum(lo_n, u1)
-        for t in range(0, tl.cdiv(a1 - a0, BLOCK_N) + tl.cdiv(tl.maximum(hi_n - b0, 0), BLOCK_N)):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, 0, _banded_start(t, a0, a1, b0, BLOCK_N), 0, 0, 0, num_heads,
-                                      k_base, v_base, kpm_ptr, b * stride_kpm_b, stride_kpm_n,
-                                      mask_ptr + b * stride_mask_b, 0, stride_mask_n, stride_kn, stride_vn, offs_m,
-                                      offs_d, D, 1, seqlen_k, sm_scale, band_hi, band_lo, 0.0, 0, MASK_KIND, HAS_KPM,
-                                      True, False, False, False, BLOCK_N, INTERPRETED)
+        for start_n in range(tl.maximum(lo_n, full), hi_n, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, 0, start_n, 0, 0, 0, num_heads, k_base, v_base, kpm_ptr,
+                                      b * stride_kpm_b, stride_kpm_n, mask_ptr + b * stride_mask_b, 0, stride_mask_n,
+                                      stride_kn, stride_vn, offs_m, offs_d, D, 1, seqlen_k, sm_scale, causal_offset,
+                                      0.0, 0, MASK_KIND, HAS_KPM, True, False, False, False, BLOCK_N, INTERPRETED)
     # Rows in the [B·H·Lq] order of the split-KV partials (Lq = 1).
     rows = split * (tl.num_programs(0) // chunks * group).to(tl.int64) + b * num_heads + heads
     tl.store(o_part_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
@@ -1054,15 +1003,36 @@ def split_tile(block_d: int, elem_bytes: int, features: str, interpreted: bool |
     return TileConfig(16, smallest.block_n, smallest.num_warps, smallest.num_stages)
 
 
-# Gemma 2's soft cap is not in these kernels: `ops.attention.softcap_backend` reads this and routes soft-capped calls
+def gqa_decode_tile(block_d: int, interpreted: bool | None = None) -> TileConfig:
+    """The one tile of `attn_decode_gqa_kernel`: 16 rows (query heads), 4 warps, 1 stage, 32 keys (16 at D = 256). The
+    split-KV forward's tiles (8 warps, 2 stages) spilled 11 of its variants (8-32 bytes; measured 2026-12-07)."""
+    if is_interpreted() if interpreted is None else interpreted:
+        return INTERPRETER_CONFIG
+    return TileConfig(16, 16 if block_d > 128 else 32, 4, 1)
+
+
+def gqa_decode_fits(dtype: torch.dtype, block_d: int) -> bool:
+    """Where `gqa_decode_tile` compiles without spills: all but fp32 at D = 256 (8 bytes on sm_80 on 4 or 8 warps),
+    which decodes through the split-KV forward instead."""
+    return not (dtype == torch.float32 and block_d > 128)
+
+
+# Gemma 2's soft cap is not in these kernels: `ops.attention.capable_backend` reads this and routes soft-capped calls
 # to a backend that caps. Compiled into every pass, the tanh and its backward factor spilled 18 of the AOT variants
 # (fp32 dK/dV and dQ tiles, 2-byte D = 128 dK/dV and D = 64 dQ tiles; measured 2026-12-07), which want their own tiles.
 SOFTCAP = False
+# Nor are sliding windows (`ops.attention` applies a window here as a mask, every tile read; packed sequences go to a
+# backend that takes one). Built with tile skipping in every pass (the CUDA kernels' form), the left edge's band
+# compare and loop bounds spilled 90 of the AOT variants; aligned tile-index loops brought that to 8 (fp32 dK/dV and
+# dQ tiles, the fp32 D = 256 split tile, 2-byte packed D = 64 fused dK/dV; measured 2026-12-07), still not 0.
+WINDOW = False
 
 
-def _no_softcap(softcap: float) -> None:
+def _unsupported_features(softcap: float, window: tuple[int, int] | None) -> None:
     if softcap:
         raise NotImplementedError("the Triton attention kernels do not take softcap")
+    if window is not None and max(window) >= 0:
+        raise NotImplementedError("the Triton attention kernels do not take a window (ops.attention masks it)")
 
 
 def max_head_dim(dtype: torch.dtype, device: torch.device) -> int:
@@ -1115,7 +1085,7 @@ PLAN_CACHES.append(_FWD_PLANS)
 
 
 def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor, kind: int, ms: tuple,
-                  kps: tuple, has_kpm: bool, band: tuple[bool, int, int], dropout: bool) -> tuple:
+                  kps: tuple, has_kpm: bool, is_causal: bool, dropout: bool) -> tuple:
     """(the kernel: "fwd", "split" or "gqa", split plan or None, tile, grid, the integer arguments after the pointers,
     the trailing integer arguments, the constexpr keywords) of a forward launch."""
     b, h, lq, d = q.shape
@@ -1123,21 +1093,21 @@ def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Te
     block_d = head_dim_block(d, q.dtype)
     wide = spans_past_int32(q, k, v, m)
     features = feature_class(kind, has_kpm, dropout)
-    tile = split_tile(block_d, q.element_size(), features)
-    if lq == 1 and h > hkv and not dropout and not wide and ms[1] == 0:
+    if lq == 1 and h > hkv and not dropout and not wide and ms[1] == 0 and gqa_decode_fits(q.dtype, block_d):
+        tile = gqa_decode_tile(block_d)
         # A GQA decoding step: the group's query heads share each K/V tile (`attn_decode_gqa_kernel`), split over
         # the keys while batch x KV heads x head chunks would not fill the GPU.
         chunks = triton.cdiv(h // hkv, tile.block_m)
-        plan = split_plan(b * chunks, hkv, 1, band_span(band, 1, tile.block_n, lk), 1, tile.block_n, 1, q.device)
+        plan = split_plan(b * chunks, hkv, 1, lk, 1, tile.block_n, 1, q.device)
         ints = (q.stride(0), q.stride(1), *_strides3(k), *_strides3(v), ms[0], ms[3], *kps, h, h // hkv, lk)
-        flags = {"D": d, "MASK_KIND": kind, "HAS_KPM": has_kpm, "IS_CAUSAL": band[0], "BLOCK_D": block_d,
+        flags = {"D": d, "MASK_KIND": kind, "HAS_KPM": has_kpm, "IS_CAUSAL": is_causal, "BLOCK_D": block_d,
                  "INTERPRETED": is_interpreted()}
         return "gqa", plan, tile, (b * hkv * chunks, plan.splits), ints, (plan.split_len,), flags
+    tile = split_tile(block_d, q.element_size(), features)
     plain_block_m = tile_configs("fwd", block_d, q.element_size(), features)[0].block_m
-    plan = split_plan(b, h, lq, band_span(band, tile.block_m, tile.block_n, lk), tile.block_m, tile.block_n,
-                      plain_block_m, q.device)
+    plan = split_plan(b, h, lq, lk, tile.block_m, tile.block_n, plain_block_m, q.device)
     ints = (*_strides3(q), *_strides3(k), *_strides3(v), *ms, *kps, h, h // hkv, lq, lk)
-    flags = {"D": d, "MASK_KIND": kind, "HAS_KPM": has_kpm, "IS_CAUSAL": band[0], "DROPOUT": dropout,
+    flags = {"D": d, "MASK_KIND": kind, "HAS_KPM": has_kpm, "IS_CAUSAL": is_causal, "DROPOUT": dropout,
              "BLOCK_D": block_d, "INTERPRETED": is_interpreted()}
     if plan.splits > 1 and not wide:
         grid = (triton.cdiv(lq, tile.block_m) * b * h, plan.splits)
@@ -1152,11 +1122,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       window: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (any strides, H % Hkv == 0); mask None or bool (True = keep)
     / float (added) viewed as ``[B, H, Lq, Lk]``; kpm None or bool ``[B, Lk]`` (True = padding); seed the int64
-    ``[1]`` dropout seed on q's device (None without dropout); softcap 0 (see `SOFTCAP`); window ``(left, right)``
-    around the diagonal (`config.key_band`; keys outside it never loaded). Returns the contiguous
+    ``[1]`` dropout seed on q's device (None without dropout); softcap 0 and no window (see `SOFTCAP`, `WINDOW`).
+    Returns the contiguous
     output ``[B, H, Lq, D]`` and, per row, the max score and reciprocal softmax sum (fp32 ``[B, H, Lq]``) that the
     backward pass needs."""
-    _no_softcap(softcap)
+    _unsupported_features(softcap, window)
     # The kernels read head-dim rows with unit stride (vector loads; a runtime last-dim stride costs a 64-bit
     # address per element and spills): a view with another last-dim stride is copied once, here.
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
@@ -1169,16 +1139,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     kind, m, ms, kp, kps = _mask_args(mask, kpm, q)
     dropout = dropout_p > 0.0
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device, kind, m.dtype, ms,
-           kpm is not None, kps, bool(is_causal), window, dropout)
+           kpm is not None, kps, bool(is_causal), dropout)
     found = _FWD_PLANS.get(key)
     if found is None:
-        band = key_band(is_causal, window, lq, k.shape[2])
-        found = (band, *_forward_plan(q, k, v, m, kind, ms, kps, kpm is not None, band, dropout))
+        found = _forward_plan(q, k, v, m, kind, ms, kps, kpm is not None, bool(is_causal), dropout)
         if len(_FWD_PLANS) >= _FWD_PLANS_MAX:
             _FWD_PLANS.clear()
         _FWD_PLANS[key] = found
-    band, kernel, plan, tile, grid, ints, tail, flags = found
-    runtime = (scale, causal_offset, band[1], band[2], dropout_p, q if seed is None else seed)
+    kernel, plan, tile, grid, ints, tail, flags = found
+    runtime = (scale, causal_offset, dropout_p, q if seed is None else seed)
     if plan is not None:
         rows = b * h * lq
         block_d = flags["BLOCK_D"]
@@ -1187,7 +1156,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         l_part = torch.empty_like(m_part)
         split_kernel = attn_decode_gqa_kernel if kernel == "gqa" else attn_fwd_split_kernel
         split_kernel[grid](q, k, v, o_part, m_part, l_part, m, kp, *ints,
-                           *(runtime[:4] if kernel == "gqa" else runtime), *tail, **flags, BLOCK_M=tile.block_m,
+                           *(runtime[:2] if kernel == "gqa" else runtime), *tail, **flags, BLOCK_M=tile.block_m,
                            BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages)
         attn_fwd_combine_kernel[(triton.cdiv(rows, COMBINE_BLOCK_R),)](
             o_part, m_part, l_part, out, row_max, inv_l, rows, plan.splits, dropout_p, D=d, DROPOUT=dropout,
@@ -1244,9 +1213,9 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
     """Packed sequences: q ``[total_q, H, D]``, k/v ``[total_k, Hkv, D]`` (any strides), sequence b holding rows
     ``cu_q[b]:cu_q[b+1]`` of q and ``cu_k[b]:cu_k[b+1]`` of k/v (cu int32 ``[B + 1]`` on q's device, starting at 0
     and ending at the totals), max_q/max_k at least the longest lengths (they size the grid: no host sync);
-    causal and the window per sequence, aligned bottom-right (offset Lk - Lq) or top-left. Returns the contiguous
+    causal per sequence, aligned bottom-right (offset Lk - Lq) or top-left. Returns the contiguous
     output ``[total_q, H, D]`` and the fp32 row max and reciprocal sum ``[total_q, H]``."""
-    _no_softcap(softcap)
+    _unsupported_features(softcap, window)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     total_q, h, d = q.shape
     batch, hkv = cu_q.numel() - 1, k.shape[1]
@@ -1257,13 +1226,12 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
         return out, row_max, inv_l
     kind, m, ms, kp, kps = _mask_args(None, None, q)
     block_d = head_dim_block(d, q.dtype)
-    band = key_band(is_causal, window, max_q, max_k)
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * h,)
     _fwd[grid](
         q, k, v, out, row_max, inv_l, m, kp, cu_q, cu_k, *_packed_strides(q), *_packed_strides(k),
-        *_packed_strides(v), *ms, *kps, h, h // hkv, max_q, max_k, scale, int(bottom_right), band[1], band[2],
-        dropout_p, q if seed is None else seed, length_class(max_q), length_class(max_k), D=d, MASK_KIND=kind,
-        HAS_KPM=False, IS_CAUSAL=band[0], DROPOUT=dropout_p > 0.0, WIDE=spans_past_int32(q, k, v), VARLEN=True,
+        *_packed_strides(v), *ms, *kps, h, h // hkv, max_q, max_k, scale, int(bottom_right), dropout_p,
+        q if seed is None else seed, length_class(max_q), length_class(max_k), D=d, MASK_KIND=kind, HAS_KPM=False,
+        IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0, WIDE=spans_past_int32(q, k, v), VARLEN=True,
         BLOCK_D=block_d, INTERPRETED=is_interpreted(),
     )
     return out, row_max, inv_l
@@ -1278,7 +1246,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     """Gradients of `attention_forward` for grad_output ``dout`` (any strides, e.g. expanded); returns contiguous
     dq, dk, dv (dK/dV of a GQA group summed over its query heads) and, with ``mask_grad`` (a float mask), the
     mask's gradient dS as a contiguous fp32 ``[B, H, Lq, Lk]`` (None without)."""
-    _no_softcap(softcap)
+    _unsupported_features(softcap, window)
     q, k, v, dout = (unit_last_stride(t) for t in (q, k, v, dout))
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -1294,11 +1262,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     block_d = head_dim_block(d, q.dtype)
     wide = spans_past_int32(q, k, v, dout, m)
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
-    band = key_band(is_causal, window, lq, lk)
-    common = dict(D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=band[0], DROPOUT=dropout_p > 0.0,
+    common = dict(D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
                   WIDE=wide, BLOCK_D=block_d, INTERPRETED=is_interpreted())
-    sizes = (h, h // hkv, lq, lk, scale, causal_offset, band[1], band[2], dropout_p, q if seed is None else seed,
-             length_class(lq), length_class(lk))
+    sizes = (h, h // hkv, lq, lk, scale, causal_offset, dropout_p, q if seed is None else seed, length_class(lq),
+             length_class(lk))
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *ms, *kps)
     dq = _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, q, q, strides, sizes, b, common,
                           varlen=False)
@@ -1306,7 +1273,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         c = dmask_tile(block_d, q.element_size(), wide)
         features = {name: value for name, value in common.items() if name != "MASK_KIND"}  # always a float mask
         attn_bwd_dmask_kernel[(triton.cdiv(lq, c.block_m) * triton.cdiv(lk, c.block_n) * b * h,)](
-            q, k, v, dout, dmask, row_max, inv_l, delta, m, kp, *strides, *sizes[:10], **features, BLOCK_M=c.block_m,
+            q, k, v, dout, dmask, row_max, inv_l, delta, m, kp, *strides, *sizes[:8], **features, BLOCK_M=c.block_m,
             BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
     return dq, dk, dv, dmask
 
@@ -1318,7 +1285,7 @@ def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `varlen_forward` for ``dout`` ``[total_q, H, D]`` (any strides): contiguous dq, dk, dv in the
     packed layouts (dK/dV of a GQA group summed over its query heads)."""
-    _no_softcap(softcap)
+    _unsupported_features(softcap, window)
     q, k, v, dout = (unit_last_stride(t) for t in (q, k, v, dout))
     total_q, h, d = q.shape
     batch, hkv = cu_q.numel() - 1, k.shape[1]
@@ -1330,12 +1297,11 @@ def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     if nothing:
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk, dv
     kind, m, ms, kp, kps = _mask_args(None, None, q)
-    band = key_band(is_causal, window, max_q, max_k)
-    common = dict(D=d, MASK_KIND=kind, HAS_KPM=False, IS_CAUSAL=band[0], DROPOUT=dropout_p > 0.0,
+    common = dict(D=d, MASK_KIND=kind, HAS_KPM=False, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
                   WIDE=spans_past_int32(q, k, v, dout), BLOCK_D=head_dim_block(d, q.dtype),
                   INTERPRETED=is_interpreted())
-    sizes = (h, h // hkv, max_q, max_k, scale, int(bottom_right), band[1], band[2], dropout_p,
-             q if seed is None else seed, length_class(max_q), length_class(max_k))
+    sizes = (h, h // hkv, max_q, max_k, scale, int(bottom_right), dropout_p, q if seed is None else seed,
+             length_class(max_q), length_class(max_k))
     strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *_packed_strides(dout), *ms, *kps)
     delta = torch.empty((total_q, h), dtype=torch.float32, device=q.device)
     dq = _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, cu_q, cu_k, strides, sizes, batch,
@@ -1447,9 +1413,9 @@ def _split_variant(dtype: torch.dtype, block_d: int, features: str) -> AotVarian
 
 
 def _gqa_decode_variant(dtype: torch.dtype, block_d: int, features: str) -> AotVariant:
-    # The split-KV forward's tile and feature class; no dropout or packed form in this kernel.
+    # Its one tile, both feature classes; no dropout or packed form in this kernel.
     dt = TRITON_DTYPE_NAMES[dtype]
-    c = split_tile(block_d, dtype.itemsize, features, interpreted=False)
+    c = gqa_decode_tile(block_d, interpreted=False)
     sig = aot_signature(attn_decode_gqa_kernel, {**_AOT_TYPES, "*_ptr": f"*{dt}", "o_part_ptr": "*fp32",
                                                  "m_part_ptr": "*fp32", "l_part_ptr": "*fp32"})
     consts = {**{k: v for k, v in _dense(features).items() if k != "DROPOUT"}, "INTERPRETED": False,
@@ -1504,7 +1470,8 @@ def aot_variants() -> list[AotVariant]:
             for wide in (False, True):
                 out.append(_dmask_variant(dtype, block_d, wide))
             out += [_split_variant(dtype, block_d, features) for features in ("all", "plain")]
-            out += [_gqa_decode_variant(dtype, block_d, features) for features in ("all", "plain")]
+            if gqa_decode_fits(dtype, block_d):
+                out += [_gqa_decode_variant(dtype, block_d, features) for features in ("all", "plain")]
             out.append(_paged_decode_variant(dtype, block_d))
             out.append(_combine_variant(dtype, block_d))
         dt = TRITON_DTYPE_NAMES[dtype]

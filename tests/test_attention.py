@@ -592,10 +592,10 @@ def test_opcheck(backend, device):
         (q, k, torch.randn(1, 1, 7, 24, device=device), None, kpm, None, 0.0, True, scale, 0.0, -1, -1, 0, None,
          backend),  # Dv != D
         (q, k, v, mask, kpm, sinks, 0.0, True, scale, 0.0, -1, -1, 0, None, backend),
-        # a sliding window (2 keys left, 1 right) around the bottom-right diagonal, with a float mask's gradient
-        (q, k, v, mask.float(), None, None, 0.0, False, scale, 0.0, 2, 1, 2, None, backend),
-        # the soft cap on the kernels that take it, with a float mask's gradient through it
-        *([(q, k, v, mask.float(), kpm, sinks, 0.0, True, scale, 0.5, -1, -1, 0, None, backend)]
+        # on the kernels that take them: a sliding window (2 keys left, 1 right) around the bottom-right diagonal,
+        # and the soft cap, each with a float mask's gradient through it
+        *([(q, k, v, mask.float(), None, None, 0.0, False, scale, 0.0, 2, 1, 2, None, backend),
+           (q, k, v, mask.float(), kpm, sinks, 0.0, True, scale, 0.5, -1, -1, 0, None, backend)]
           if backend == "cuda" else []),
     ]:
         # The float masks and the sinks require grad: the op's dMask and dSinks paths are checked too.
@@ -797,7 +797,7 @@ def test_gqa_decoding_reads_each_kv_tile_once_per_group(kind, group):
     with count_interpreted_work() as work:
         out, lse = tk.ops.attention(q, k, v, enable_gqa=True, return_lse=True, backend="triton", **kw)
     tile = triton_attention.INTERPRETER_CONFIG
-    visited = lk // tile.block_n if "window" not in kw else 3  # keys 185..255: tiles 160.., 192.., 224..
+    visited = lk // tile.block_n  # a window reaches these kernels as a mask (`WINDOW`): every tile
     chunks = -(-group // tile.block_m)
     assert work.matmul_flops == 2 * 2 * tile.block_m * tile.block_n * d * visited * b * hkv * chunks
     expected = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True, **kw)

@@ -128,12 +128,12 @@ def test_window_cases_run(monkeypatch):
     monkeypatch.setattr(bench, "WINDOW_LEFT", 6)
     device = torch.device("cpu")
     ours = "triton" if INTERPRETED else "cuda"
-    cases = [c for c in bench.window_cases(torch.float32) if not c.backward and c.impl in (ours, "sdpa", "triton+mask")]
+    cases = [c for c in bench.window_cases(torch.float32) if not c.backward and c.impl in (ours, "sdpa", "cuda+mask")]
     outs = []
     for c in cases:
         torch.manual_seed(0)  # the same q, k, v for every form
         outs.append(c.make(device)())
-    assert len(outs) == (3 if INTERPRETED else 2)
+    assert len(outs) == 3
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
 

@@ -379,8 +379,8 @@ def test_packed_sequences_run_varlen_and_match_each_sequence_alone(backend, devi
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_sliding_window_reaches_the_kernels_and_matches_eager(backend, device, monkeypatch):
-    """Mistral's 4-token sliding window reaches the kernels as ``window=(3, 0)`` (beside transformers' mask, dense) and
+def test_sliding_window_reaches_the_op_as_a_window_and_matches_eager(backend, device, monkeypatch):
+    """Mistral's 4-token sliding window reaches the op as ``window=(3, 0)`` (beside transformers' mask, dense) and
     on packed sequences, where no mask exists: logits and every gradient equal eager's, each sequence on its own."""
     cfg = transformers.MistralConfig(vocab_size=hft.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=1, sliding_window=4,

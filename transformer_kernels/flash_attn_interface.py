@@ -7,8 +7,9 @@ with flash-attn's argument names, defaults, layouts (``[B, L, H, D]``; packed ``
 1/sqrt(D), rows that see no key give 0, the log-sum-exp ``[B, H, Lq]`` fp32. ``[B, L, H, D]`` tensors are read through
 ``transpose(1, 2)`` views (no layout copies); outputs are contiguous ``[B, Lq, H, D]`` as flash-attn's.
 
-How each feature runs here: ``window_size`` in the kernels (`ops.attention`'s ``window``: key tiles outside every
-row's window are never loaded), dense and packed; ``flash_attn_with_kvcache`` applies rotary with `ops.rotary` and
+How each feature runs here: ``window_size`` is `ops.attention`'s ``window`` (in the CUDA kernels key tiles
+outside every row's window are never loaded; the Triton kernels get it folded into the mask, dense, or packed where
+`auto` sends it); ``flash_attn_with_kvcache`` applies rotary with `ops.rotary` and
 is `ops.attention_with_kvcache`: k/v appended into the cache in place (index writes at each sequence's
 ``cache_seqlens``, device tensors: no host sync), a decoding step on triton reading the cache, paged or dense, in
 place through the block table, anything else through a gathered copy and a mask of each sequence's valid keys;

@@ -30,8 +30,10 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
     return None
 
 
-# These kernels cap scores (Gemma 2's softcap, `AttentionArgs::softcap`); `ops.attention.softcap_backend` reads this.
+# These kernels cap scores (Gemma 2's softcap, `AttentionArgs::softcap`); `ops.attention.capable_backend` reads this.
 SOFTCAP = True
+# and skip the key tiles outside a sliding window (`config.key_band`); `ops.attention` reads this.
+WINDOW = True
 
 
 def _args(mod, q, k, v, mask, kpm, scale, band: tuple[bool, int, int], causal_offset, dropout_p, seed,

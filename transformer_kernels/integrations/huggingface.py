@@ -73,10 +73,11 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     (``cu_seq_lens_q/k`` kwargs) run `ops.varlen_attention`. gpt-oss's attention sinks (``s_aux``, one logit per
     head) join each row's softmax denominator in the op, with their gradient; Gemma 2's ``softcap`` caps the scores in
     the CUDA kernels (a triton-converted model's soft-capped attention goes where `auto` sends it). A sliding window
-    (``sliding_window``: Mistral, Gemma 2/3, gpt-oss) reaches the kernels as `ops.attention`'s ``window``, so the key
-    tiles outside it are never loaded: packed, instead of any mask; dense without a cache (Lq = Lk: training, a
-    prefill) beside transformers' mask, which holds the same window (a cache's rows sit at its positions, which only
-    the mask knows, so there the mask alone applies). The backend is the module's ``tk_backend`` (set by
+    (``sliding_window``: Mistral, Gemma 2/3, gpt-oss) reaches the op as its ``window`` (the CUDA kernels then never
+    load the key tiles outside it): packed, instead of any mask (a triton-converted model's packed windowed
+    attention goes where `auto` sends it); dense without a cache (Lq = Lk: training, a prefill) beside transformers'
+    mask, which holds the same window (a cache's rows sit at its positions, which only the mask knows, so there the
+    mask alone applies). The backend is the module's ``tk_backend`` (set by
     `tk.convert`), else the one in force.
     """
     _refuse_unsupported(kwargs)
@@ -103,11 +104,12 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     return out.transpose(1, 2).contiguous(), None
 
 
-def _backend(module: nn.Module, softcap: float | None) -> str | None:
-    """The module's backend (set by `tk.convert`); for a soft-capped model converted onto triton, whose kernels do not
-    cap scores yet, `auto`'s choice among the backends that do (the CUDA kernels on a GPU, else the torch backend)."""
+def _backend(module: nn.Module, softcap: float | None, packed_window: bool = False) -> str | None:
+    """The module's backend (set by `tk.convert`); for a soft-capped model, or a sliding window on packed sequences,
+    converted onto triton, whose kernels take neither yet, `auto`'s choice among the backends that do (the CUDA
+    kernels on a GPU, else the torch backend)."""
     backend = getattr(module, "tk_backend", None)
-    return "auto" if softcap and backend == "triton" else backend
+    return "auto" if (softcap or packed_window) and backend == "triton" else backend
 
 
 def _packed_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, dropout: float,
@@ -128,7 +130,7 @@ def _packed_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
                                dropout_p=float(dropout), is_causal=bool(causal), scale=scaling,
                                enable_gqa=q.shape[1] != k.shape[1], causal_alignment="bottom_right",
                                sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"), window=window,
-                               backend=_backend(module, kwargs.get("softcap")))
+                               backend=_backend(module, kwargs.get("softcap"), window is not None))
     return out.unsqueeze(0)
 
 

@@ -199,8 +199,9 @@ def attention(
     backends (`auto` picks cuda where it would run triton; triton named explicitly raises NotImplementedError).
     window: ``(left, right)`` sliding window (−1 = unbounded on that side): query i sees keys
     ``i + offset − left <= j <= i + offset + right`` only (offset as for causal: ``causal_alignment``'s diagonal;
-    with ``is_causal`` too, ``right`` is 0), in the kernels without a mask tensor: key tiles outside every row's
-    window are never loaded (Mistral's and Gemma's sliding windows; flash-attn's ``window_size``).
+    with ``is_causal`` too, ``right`` is 0) — Mistral's and Gemma's sliding windows, flash-attn's ``window_size``. The
+    CUDA kernels take it without a mask tensor (key tiles outside every row's window are never loaded); the Triton
+    kernels get it folded into the mask (`WINDOW`).
     """
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
@@ -208,10 +209,13 @@ def attention(
     window_left, window_right = (-1, -1) if window is None else check_window(window)
     name = backends.resolve_for(OP, FAMILY, q.device, backend, q, k, v)
     if softcap:
-        name = softcap_backend(name, backend, OP, q, k, v)
+        name = capable_backend(name, backend, OP, q, k, v, softcap=True)
     lq, lk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     offset = 0 if causal_alignment == "top_left" else lk - lq
+    if max(window_left, window_right) >= 0 and name != "torch" and not backends.launchers(FAMILY, name).WINDOW:
+        attn_mask = _window_into_mask(attn_mask, lq, lk, (window_left, window_right), offset, q.device)
+        window_left = window_right = -1
     if name == "torch":
         return eager.attention(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, offset,
                                return_lse=return_lse, sinks=sinks, softcap=softcap, window=window)
@@ -222,15 +226,38 @@ def attention(
     return (out, row_lse(row_max, inv_l)) if return_lse else out
 
 
-def softcap_backend(name: str, requested: str | None, op: str, q: Tensor, k: Tensor, v: Tensor) -> str:
-    """The backend that runs a soft-capped call: ``name`` when it caps scores (torch, cuda), else under `auto` the CUDA
-    kernels where they can take the inputs (the torch backend where not); a backend named explicitly that cannot cap
-    raises (never silently uncapped)."""
-    if name == "torch" or backends.launchers(FAMILY, name).SOFTCAP:
+def _window_into_mask(attn_mask: Tensor | None, lq: int, lk: int, window: tuple[int, int], offset: int,
+                      device: torch.device) -> Tensor:
+    """``attn_mask`` with a sliding window folded in, for kernels that take no window (built on the device from the
+    shapes: no host sync): a bool mask AND the window, a float one −inf outside it (its gradient flows through)."""
+    rel = torch.arange(lk, device=device)[None, :] - torch.arange(lq, device=device)[:, None] - offset
+    left, right = window
+    inside = (rel >= -left) if left >= 0 else torch.ones_like(rel, dtype=torch.bool)
+    if right >= 0:
+        inside = inside & (rel <= right)
+    if attn_mask is None:
+        return inside
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & inside
+    return torch.where(inside, attn_mask, float("-inf"))
+
+
+def capable_backend(name: str, requested: str | None, op: str, q: Tensor, k: Tensor, v: Tensor, *,
+                    softcap: bool = False, window: bool = False) -> str:
+    """The backend that runs a call whose soft cap (``softcap``) or packed sliding window (``window``) must be in the
+    kernels: ``name`` when they take it (torch always; cuda both), else under `auto` the CUDA kernels where they can
+    take the inputs (the torch backend where not); a backend named explicitly that cannot raises (never silently
+    uncapped or unwindowed)."""
+    if name == "torch":
+        return name
+    kernels = backends.launchers(FAMILY, name)
+    missing = [f for f, needed, has in (("softcap", softcap, kernels.SOFTCAP), ("window", window, kernels.WINDOW))
+               if needed and not has]
+    if not missing:
         return name
     if (requested if requested is not None else backends.get_backend()) != "auto":
-        raise NotImplementedError(f"backend {name!r} cannot run {op} with softcap yet (its kernels do not cap the "
-                                  f"scores): backend='cuda', 'torch' or 'auto' runs it")
+        raise NotImplementedError(f"backend {name!r} cannot run {op} with {missing[0]} yet (its kernels do not take "
+                                  f"it): backend='cuda', 'torch' or 'auto' runs it")
     cuda_ok = backends.status("cuda", q.device)[0] and not backends.launchers(FAMILY, "cuda").unsupported(q, k, v)
     return "cuda" if cuda_ok else "torch"
 

@@ -27,7 +27,7 @@ from ._checks import (
 )
 from ._dispatch import call, custom_op, register_autograd
 from ._sinks import apply_sinks, check_sinks, sinks_grad
-from .attention import FAMILY, draw_seed, row_lse, softcap_backend
+from .attention import FAMILY, capable_backend, draw_seed, row_lse
 
 OP = "varlen_attention"
 
@@ -217,8 +217,10 @@ def varlen_attention(
     cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, batch, q)
     cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, batch, q)
     name = backends.resolve_for(OP, FAMILY, q.device, backend, q, k, v)
-    if softcap:
-        name = softcap_backend(name, backend, OP, q, k, v)
+    windowed = max(window_left, window_right) >= 0
+    if softcap or windowed:
+        # A packed call has no dense mask to fold a window into: the kernels must take it.
+        name = capable_backend(name, backend, OP, q, k, v, softcap=bool(softcap), window=windowed)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     bottom_right = causal_alignment == "bottom_right"
     if name == "torch":
