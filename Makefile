@@ -63,10 +63,10 @@ test-floor: setup
 	PYTHONPATH="$(CURDIR)" $(FLOOR) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
 		tests/test_softmax.py tests/test_norm.py tests/test_linear.py tests/test_attention.py tests/test_backends.py \
 		tests/test_rotary.py tests/test_cross_entropy.py tests/test_flash_attn_interface.py \
-		-k "triton and not long"
+		-k "(triton and not long) or gqa_decoding"
 	PYTHONPATH="$(CURDIR)" $(FLOOR) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
 		tests/test_attention_backward.py tests/test_attention_lse.py tests/test_attention_features.py \
-		-k "triton or backward"
+		tests/test_attention_window.py tests/test_kvcache.py -k "triton or backward or kvcache"
 	PYTHONPATH="$(CURDIR)" $(FLOOR) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
 		tests/test_huggingface.py tests/test_layout.py -k "not training_curve"
 
