@@ -642,6 +642,29 @@ def dropout_mask_kernel(keep_ptr, seqlen_q, seqlen_k, dropout_p, seed_ptr, BLOCK
     tl.store(ptr, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 
 
+@triton.jit
+def _gqa_program(num_heads, group, BLOCK_M: tl.constexpr):
+    # A GQA-packed decoding program (grid: batch x KV head x chunk of BLOCK_M heads of its group, key splits): its batch
+    # index, KV head, query heads (the rows), which rows are heads of the group, and its key split.
+    hkv = num_heads // group
+    chunks = tl.cdiv(group, BLOCK_M)
+    pid = tl.program_id(0)
+    g = pid % chunks * BLOCK_M + tl.arange(0, BLOCK_M)
+    hk = (pid // chunks % hkv).to(tl.int64)
+    return (pid // (hkv * chunks)).to(tl.int64), hk, hk * group + g, g < group, tl.program_id(1)
+
+
+@triton.jit
+def _store_gqa_partials(o_part_ptr, m_part_ptr, l_part_ptr, acc, m_i, l_i, b, heads, row_ok, split, num_heads, group,
+                        offs_d, BLOCK_M: tl.constexpr):
+    # The rows' split partials in the [splits, B·H·Lq] order of the split-KV forward (Lq = 1), for its combine kernel.
+    programs = tl.num_programs(0) // tl.cdiv(group, BLOCK_M)  # batch x KV heads
+    rows = split * (programs * group).to(tl.int64) + b * num_heads + heads
+    tl.store(o_part_ptr + rows[:, None] * acc.shape[1] + offs_d[None, :], acc, mask=row_ok[:, None])
+    tl.store(m_part_ptr + rows, m_i, mask=row_ok)
+    tl.store(l_part_ptr + rows, l_i, mask=row_ok)
+
+
 @triton.jit(do_not_specialize=["causal_offset"])
 def attn_decode_gqa_kernel(
     q_ptr, k_ptr, v_ptr, o_part_ptr, m_part_ptr, l_part_ptr, mask_ptr, kpm_ptr,
@@ -658,15 +681,7 @@ def attn_decode_gqa_kernel(
     # split-KV forward's layout, so attn_fwd_combine_kernel merges them. No dropout (inference), masks broadcast
     # over heads (the launcher checks both). Added after the other kernels: their line numbers, and so the keys of
     # their committed resource-table entries, stay as they were.
-    hkv = num_heads // group
-    chunks = tl.cdiv(group, BLOCK_M)
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = (pid // (hkv * chunks)).to(tl.int64)
-    hk = (pid // chunks % hkv).to(tl.int64)
-    g = pid % chunks * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = g < group
-    heads = hk * group + g
+    b, hk, heads, row_ok, split = _gqa_program(num_heads, group, BLOCK_M)
     offs_m = tl.zeros([BLOCK_M], tl.int32)  # every row is query 0 of its head
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -690,11 +705,8 @@ def attn_decode_gqa_kernel(
                                       b * stride_kpm_b, stride_kpm_n, mask_ptr + b * stride_mask_b, 0, stride_mask_n,
                                       stride_kn, stride_vn, offs_m, offs_d, D, 1, seqlen_k, sm_scale, causal_offset,
                                       0.0, 0, MASK_KIND, HAS_KPM, True, False, False, False, BLOCK_N, INTERPRETED)
-    # Rows in the [B·H·Lq] order of the split-KV partials (Lq = 1).
-    rows = split * (tl.num_programs(0) // chunks * group).to(tl.int64) + b * num_heads + heads
-    tl.store(o_part_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
-    tl.store(m_part_ptr + rows, m_i, mask=row_ok)
-    tl.store(l_part_ptr + rows, l_i, mask=row_ok)
+    _store_gqa_partials(o_part_ptr, m_part_ptr, l_part_ptr, acc, m_i, l_i, b, heads, row_ok, split, num_heads, group,
+                        offs_d, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["window_left"])
@@ -708,15 +720,7 @@ def attn_decode_paged_kernel(
     # row j % block_size of cache block table[b, j // block_size]; the sequence holds seqlens[b] keys and its query
     # sits at the last of them. The GQA packing, grid and partials of attn_decode_gqa_kernel; only the blocks of a
     # sequence's keys inside its window are read (a split past them does nothing).
-    hkv = num_heads // group
-    chunks = tl.cdiv(group, BLOCK_M)
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = (pid // (hkv * chunks)).to(tl.int64)
-    hk = (pid // chunks % hkv).to(tl.int64)
-    g = pid % chunks * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = g < group
-    heads = hk * group + g
+    b, hk, heads, row_ok, split = _gqa_program(num_heads, group, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -747,10 +751,8 @@ def attn_decode_paged_kernel(
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], INTERPRETED)
         m_i = m_new
-    rows = split * (tl.num_programs(0) // chunks * group).to(tl.int64) + b * num_heads + heads
-    tl.store(o_part_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
-    tl.store(m_part_ptr + rows, m_i, mask=row_ok)
-    tl.store(l_part_ptr + rows, l_i, mask=row_ok)
+    _store_gqa_partials(o_part_ptr, m_part_ptr, l_part_ptr, acc, m_i, l_i, b, heads, row_ok, split, num_heads, group,
+                        offs_d, BLOCK_M)
 
 
 # ---- launchers -------------------------------------------------------------------------------
