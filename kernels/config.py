@@ -229,7 +229,7 @@ class SplitPlan:
 
 
 def key_band(is_causal: bool, window: tuple[int, int] | None, lq: int, lk: int) -> tuple[bool, int, int]:
-    """How both kernel backends take causal masking and a sliding window ``(left, right)`` (−1 = unbounded):
+    """How the CUDA kernels take causal masking and a sliding window ``(left, right)`` (−1 = unbounded):
     ``(band, right, left)``; with ``band`` query i (diagonal i + offset) sees keys
     ``i + offset − left <= j <= i + offset + right`` only, and tiles outside that band are never visited. Causal caps
     ``right`` at 0 (flash-attn's rule); an unbounded side becomes ``lq + lk + 1`` (past every key, and the kernels'
