@@ -228,28 +228,6 @@ class SplitPlan:
     programs: int  # the launch's programs
 
 
-def key_band(is_causal: bool, window: tuple[int, int] | None, lq: int, lk: int) -> tuple[bool, int, int]:
-    """How the CUDA kernels take causal masking and a sliding window ``(left, right)`` (−1 = unbounded):
-    ``(band, right, left)``; with ``band`` query i (diagonal i + offset) sees keys
-    ``i + offset − left <= j <= i + offset + right`` only, and tiles outside that band are never visited. Causal caps
-    ``right`` at 0 (flash-attn's rule); an unbounded side becomes ``lq + lk + 1`` (past every key, and the kernels'
-    int32 index arithmetic stays in range). ``lq``/``lk`` are the lengths (the maxima when packed)."""
-    left, right = (-1, -1) if window is None else window
-    if is_causal:
-        right = 0
-    if left < 0 and right < 0:
-        return False, 0, 0
-    unbounded = lq + lk + 1
-    return True, unbounded if right < 0 else min(right, unbounded), unbounded if left < 0 else min(left, unbounded)
-
-
-def band_span(band: tuple[bool, int, int], block_m: int, block_n: int, lk: int) -> int:
-    """The most keys one ``block_m``-row query tile visits under a `key_band` (all ``lk`` without a band): what the
-    split-KV forward splits, each program's chunks starting at its own tile's first visited key."""
-    on, right, left = band
-    return min(lk, left + right + block_m + block_n) if on else lk
-
-
 def split_plan(b: int, h: int, lq: int, lk: int, block_m: int, block_n: int, plain_block_m: int,
                device: torch.device) -> SplitPlan:
     """How an attention forward with ``block_m`` x ``block_n`` tiles splits its keys: not while the plain grid

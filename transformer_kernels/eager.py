@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .masks import band_mask
+
 _ACTIVATION_FNS = {
     "relu": F.relu,
     "gelu": F.gelu,
@@ -83,12 +85,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pad
         pad = ~key_padding_mask[:, None, None, :]
         visible = pad if visible is None else visible & pad
     if is_causal or (window is not None and max(window) >= 0):
-        rel = torch.arange(lk, device=q.device)[None, :] - torch.arange(lq, device=q.device)[:, None] - causal_offset
         left, right = (-1, -1) if window is None else window
-        right = 0 if is_causal else right
-        band = (rel <= right) if right >= 0 else torch.ones_like(rel, dtype=torch.bool)
-        if left >= 0:
-            band = band & (rel >= -left)
+        band = band_mask(lq, lk, causal_offset, left, 0 if is_causal else right, q.device)
         visible = band if visible is None else visible & band
     if visible is not None:
         # A key no query sees must not reach a product: 0 · NaN would poison the row.

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import ops
 from .ops._checks import check_window
+from .ops.kvcache import cache_lengths
 
 
 def _refuse(alibi_slopes: Tensor | None = None, deterministic: bool = False, return_attn_probs: bool = False,
@@ -154,14 +155,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
     if rotary_cos is not None and k is None:
         raise ValueError("flash_attn_with_kvcache: rotary_cos/sin apply to the new k and v: pass them too")
     if rotary_cos is not None:
-        b = q.shape[0]
-        if cache_seqlens is None:
-            capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
-            start = torch.full((b, 1), capacity, dtype=torch.long, device=q.device)
-        elif isinstance(cache_seqlens, int):
-            start = torch.full((b, 1), cache_seqlens, dtype=torch.long, device=q.device)
-        else:
-            start = cache_seqlens.to(device=q.device, dtype=torch.long).reshape(b, 1)
+        start = cache_lengths(cache_seqlens, k_cache, block_table, q.shape[0])[:, None].long()
         q, k = _rotate_new(q, k, rotary_cos, rotary_sin, rotary_interleaved, start, along=causal or window != (-1, -1),
                            backend=backend)
     return ops.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale=softmax_scale,

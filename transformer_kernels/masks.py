@@ -1,4 +1,6 @@
-"""torch.nn's mask conventions turned into the functional ops' contract (used by the drop-in layers)."""
+"""Masks built for the functional ops: torch.nn's conventions turned into the ops' contract (used by the drop-in
+layers), and the key band of causal masking and sliding windows as a bool mask (the torch backend, and the kernels
+that take no window)."""
 
 from __future__ import annotations
 
@@ -28,3 +30,12 @@ def nn_masks_to_sdpa(attn_mask: Tensor | None, key_padding_mask: Tensor | None, 
             else:
                 mask = mask + add
     return mask, kpm
+
+
+def band_mask(lq: int, lk: int, offset: int | Tensor, left: int, right: int, device: torch.device) -> Tensor:
+    """Bool ``[Lq, Lk]`` (or ``offset``'s batch dims in front), True where query i sees key j in the band
+    ``i + offset − left <= j <= i + offset + right`` (−1: that side unbounded; causal is right 0). ``offset``: the
+    diagonal, an int or a tensor ``[..., 1, 1]`` (a diagonal per sequence); built on the device, no host sync."""
+    rel = torch.arange(lk, device=device) - torch.arange(lq, device=device)[:, None] - offset
+    keep = rel >= -left if left >= 0 else torch.ones_like(rel, dtype=torch.bool)
+    return keep & (rel <= right) if right >= 0 else keep

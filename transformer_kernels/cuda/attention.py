@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..kernels.config import PLAN_CACHES, band_span, key_band, split_plan
+from ..kernels.config import PLAN_CACHES, split_plan
 from ._args import ptr, stream, unsupported_dtype
 
 
@@ -32,13 +32,35 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
 
 # These kernels cap scores (Gemma 2's softcap, `AttentionArgs::softcap`); `ops.attention.capable_backend` reads this.
 SOFTCAP = True
-# and skip the key tiles outside a sliding window (`config.key_band`); `ops.attention` reads this.
+# and skip the key tiles outside a sliding window (`key_band`); `ops.attention` reads this.
 WINDOW = True
+
+
+def key_band(is_causal: bool, window: tuple[int, int] | None, lq: int, lk: int) -> tuple[bool, int, int]:
+    """How these kernels take causal masking and a sliding window ``(left, right)`` (−1 = unbounded):
+    ``(band, right, left)``; with ``band`` query i (diagonal i + offset) sees keys
+    ``i + offset − left <= j <= i + offset + right`` only, and tiles outside that band are never visited. Causal caps
+    ``right`` at 0 (flash-attn's rule); an unbounded side becomes ``lq + lk + 1`` (past every key, and the kernels'
+    int32 index arithmetic stays in range). ``lq``/``lk`` are the lengths (the maxima when packed)."""
+    left, right = (-1, -1) if window is None else window
+    if is_causal:
+        right = 0
+    if left < 0 and right < 0:
+        return False, 0, 0
+    unbounded = lq + lk + 1
+    return True, unbounded if right < 0 else min(right, unbounded), unbounded if left < 0 else min(left, unbounded)
+
+
+def band_span(band: tuple[bool, int, int], block_m: int, block_n: int, lk: int) -> int:
+    """The most keys one ``block_m``-row query tile visits under a `key_band` (all ``lk`` without a band): what the
+    split-KV forward splits, each program's chunks starting at its own tile's first visited key."""
+    on, right, left = band
+    return min(lk, left + right + block_m + block_n) if on else lk
 
 
 def _args(mod, q, k, v, mask, kpm, scale, band: tuple[bool, int, int], causal_offset, dropout_p, seed,
           softcap: float = 0.0) -> dict:
-    """The bindings' argument block; ``band`` is `config.key_band`'s (causal and window)."""
+    """The bindings' argument block; ``band`` is `key_band`'s (causal and window)."""
     b, h, lq, d = q.shape
     return {
         "q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "q_stride": list(q.stride()),
@@ -78,7 +100,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       seed: torch.Tensor | None, softcap: float = 0.0, window: tuple[int, int] | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` any strides; mask a ``[B, H, Lq, Lk]`` view (bool or float);
-    kpm bool ``[B, Lk]``; softcap > 0 caps the scaled scores; window as `config.key_band`. Returns out (contiguous),
+    kpm bool ``[B, Lk]``; softcap > 0 caps the scaled scores; window as `key_band`. Returns out (contiguous),
     the fp32 row max and reciprocal row sum ``[B, H, Lq]``."""
     b, h, lq, d = q.shape
     out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import backends, eager
 from .._layout import narrow_head_dim, widen_head_dim
+from ..masks import band_mask
 from ._checks import (
     autocast_dtype,
     cast_all,
@@ -230,11 +231,7 @@ def _window_into_mask(attn_mask: Tensor | None, lq: int, lk: int, window: tuple[
                       device: torch.device) -> Tensor:
     """``attn_mask`` with a sliding window folded in, for kernels that take no window (built on the device from the
     shapes: no host sync): a bool mask AND the window, a float one −inf outside it (its gradient flows through)."""
-    rel = torch.arange(lk, device=device)[None, :] - torch.arange(lq, device=device)[:, None] - offset
-    left, right = window
-    inside = (rel >= -left) if left >= 0 else torch.ones_like(rel, dtype=torch.bool)
-    if right >= 0:
-        inside = inside & (rel <= right)
+    inside = band_mask(lq, lk, offset, *window, device)
     if attn_mask is None:
         return inside
     if attn_mask.dtype == torch.bool:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..masks import band_mask
 from ._checks import check_softcap, check_window, describe
 from ._dispatch import call, custom_op
 from ._sinks import lse_of
@@ -40,21 +41,23 @@ def _(q, k_cache, v_cache, block_table, seqlens, scale, window_left, backend):
 
 
 def _visible(lq: int, lk: int, seqlen_k: Tensor, causal: bool, window: tuple[int, int]) -> Tensor:
-    """Bool ``[B, 1, Lq, Lk]``, True where query i sees key j: ``j < seqlen_k`` and, with the diagonal
-    ``d = i + seqlen_k − Lq`` (bottom-right), ``j <= d`` when causal, ``d − left <= j <= d + right`` in a window."""
-    left, right = window
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
+    """Bool ``[B, 1, Lq, Lk]``, True where query i sees key j: ``j < seqlen_k`` and the band around the bottom-right
+    diagonal ``i + seqlen_k − Lq`` of each sequence (causal: right 0)."""
     lens = seqlen_k.reshape(-1, 1, 1, 1)
-    i = torch.arange(lq, device=seqlen_k.device).view(1, 1, lq, 1)
-    j = torch.arange(lk, device=seqlen_k.device).view(1, 1, 1, lk)
-    diagonal = i + lens - lq
-    keep = j < lens
-    if right >= 0:
-        keep = keep & (j <= diagonal + right)
-    if left >= 0:
-        keep = keep & (j >= diagonal - left)
-    return keep
+    band = band_mask(lq, lk, lens - lq, window[0], 0 if causal else window[1], seqlen_k.device)
+    return band & (torch.arange(lk, device=seqlen_k.device) < lens)
+
+
+def cache_lengths(cache_seqlens: int | Tensor | None, k_cache: Tensor, block_table: Tensor | None,
+                  b: int) -> Tensor:
+    """Each sequence's keys already in the cache, int32 ``[B]`` on the cache's device: ``cache_seqlens`` (an int or a
+    tensor), or the whole cache (its capacity) when None."""
+    if cache_seqlens is None:
+        capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+        return torch.full((b,), capacity, dtype=torch.int32, device=k_cache.device)
+    if isinstance(cache_seqlens, int):
+        return torch.full((b,), cache_seqlens, dtype=torch.int32, device=k_cache.device)
+    return cache_seqlens.to(device=k_cache.device, dtype=torch.int32).reshape(b)
 
 
 def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor | None, v_new: Tensor | None,
@@ -99,13 +102,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: T
     device = q.device
     paged = block_table is not None
     block = k_cache.shape[1]
-    capacity = block_table.shape[1] * block if paged else k_cache.shape[1]
-    if cache_seqlens is None:
-        lens = torch.full((b,), capacity, dtype=torch.int32, device=device)
-    elif isinstance(cache_seqlens, int):
-        lens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=device)
-    else:
-        lens = cache_seqlens.to(device=device, dtype=torch.int32).reshape(b)
+    lens = cache_lengths(cache_seqlens, k_cache, block_table, b)
     new = 0
     if k_new is not None:
         new = k_new.shape[1]
