@@ -45,7 +45,7 @@ struct AttentionArgs {
   int64_t q_stride[4], k_stride[4], v_stride[4], do_stride[4], mask_stride[4], kpm_stride[2];
   int64_t B, H, Hkv, Lq, Lk, D;
   float scale;
-  // The key band (causal masking and sliding windows, `cuda/attention.py: key_band`): with causal set, query i sees keys
+  // The key band (causal masking and sliding windows, `cuda/attention.py: _key_band`): with causal set, query i sees keys
   // i + causal_offset - window_left <= j <= i + causal_offset + window_right only (plain causal: right 0, left
   // wider than any sequence); key tiles outside every row's band are never visited.
   int causal;

@@ -32,11 +32,11 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
 
 # These kernels cap scores (Gemma 2's softcap, `AttentionArgs::softcap`); `ops.attention.capable_backend` reads this.
 SOFTCAP = True
-# and skip the key tiles outside a sliding window (`key_band`); `ops.attention` reads this.
+# and skip the key tiles outside a sliding window (`_key_band`); `ops.attention` reads this.
 WINDOW = True
 
 
-def key_band(is_causal: bool, window: tuple[int, int] | None, lq: int, lk: int) -> tuple[bool, int, int]:
+def _key_band(is_causal: bool, window: tuple[int, int] | None, lq: int, lk: int) -> tuple[bool, int, int]:
     """How these kernels take causal masking and a sliding window ``(left, right)`` (−1 = unbounded):
     ``(band, right, left)``; with ``band`` query i (diagonal i + offset) sees keys
     ``i + offset − left <= j <= i + offset + right`` only, and tiles outside that band are never visited. Causal caps
@@ -51,8 +51,8 @@ def key_band(is_causal: bool, window: tuple[int, int] | None, lq: int, lk: int) 
     return True, unbounded if right < 0 else min(right, unbounded), unbounded if left < 0 else min(left, unbounded)
 
 
-def band_span(band: tuple[bool, int, int], block_m: int, block_n: int, lk: int) -> int:
-    """The most keys one ``block_m``-row query tile visits under a `key_band` (all ``lk`` without a band): what the
+def _band_span(band: tuple[bool, int, int], block_m: int, block_n: int, lk: int) -> int:
+    """The most keys one ``block_m``-row query tile visits under a `_key_band` (all ``lk`` without a band): what the
     split-KV forward splits, each program's chunks starting at its own tile's first visited key."""
     on, right, left = band
     return min(lk, left + right + block_m + block_n) if on else lk
@@ -60,7 +60,7 @@ def band_span(band: tuple[bool, int, int], block_m: int, block_n: int, lk: int) 
 
 def _args(mod, q, k, v, mask, kpm, scale, band: tuple[bool, int, int], causal_offset, dropout_p, seed,
           softcap: float = 0.0) -> dict:
-    """The bindings' argument block; ``band`` is `key_band`'s (causal and window)."""
+    """The bindings' argument block; ``band`` is `_key_band`'s (causal and window)."""
     b, h, lq, d = q.shape
     return {
         "q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "q_stride": list(q.stride()),
@@ -88,7 +88,7 @@ def _packed_args(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, botto
                  softcap: float, window: tuple[int, int] | None) -> dict:
     # csrc/attention.h's packed form: B sequences, the longest lengths, batch strides 0, causal_offset a flag.
     args = _args(mod, _as_dense(q), _as_dense(k), _as_dense(v), None, None, scale,
-                 key_band(is_causal, window, max_q, max_k), int(bottom_right), dropout_p, seed, softcap)
+                 _key_band(is_causal, window, max_q, max_k), int(bottom_right), dropout_p, seed, softcap)
     for name in ("q_stride", "k_stride", "v_stride"):
         args[name][0] = 0
     return args | {"B": cu_q.numel() - 1, "Lq": max_q, "Lk": max_k, "cu_q": cu_q.data_ptr(), "cu_k": cu_k.data_ptr(),
@@ -100,7 +100,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       seed: torch.Tensor | None, softcap: float = 0.0, window: tuple[int, int] | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` any strides; mask a ``[B, H, Lq, Lk]`` view (bool or float);
-    kpm bool ``[B, Lk]``; softcap > 0 caps the scaled scores; window as `key_band`. Returns out (contiguous),
+    kpm bool ``[B, Lk]``; softcap > 0 caps the scaled scores; window as `_key_band`. Returns out (contiguous),
     the fp32 row max and reciprocal row sum ``[B, H, Lq]``."""
     b, h, lq, d = q.shape
     out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
@@ -113,7 +113,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
            is_causal, causal_offset, dropout_p, softcap, window)
     found = _FWD_PLANS.get(key)
     if found is None:
-        band = key_band(is_causal, window, lq, k.shape[2])
+        band = _key_band(is_causal, window, lq, k.shape[2])
         found = _FWD_PLANS[key] = _forward_plan(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p, softcap)
         if len(_FWD_PLANS) > _FWD_PLANS_MAX:
             _FWD_PLANS.clear()
@@ -144,7 +144,7 @@ def _forward_plan(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p
     if b * h * lq * d:
         # Split-KV when the plain grid would not fill the GPU (decoding): partials merged by a second kernel.
         block_m, block_n = mod.attention_forward_tile(args["dtype"], d)
-        plan = split_plan(b, h, lq, band_span(band, block_m, block_n, k.shape[2]), block_m, block_n, block_m, q.device)
+        plan = split_plan(b, h, lq, _band_span(band, block_m, block_n, k.shape[2]), block_m, block_n, block_m, q.device)
         if plan.splits > 1:
             splits = plan.splits
             args |= {"splits": plan.splits, "split_len": plan.split_len}
@@ -167,7 +167,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dmask = alloc((b, h, lq, k.shape[2]), dtype=torch.float32, device=q.device) if mask_grad else None
     delta = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     out = out.contiguous()
-    args = _args(mod, q, k, v, mask, kpm, scale, key_band(is_causal, window, lq, k.shape[2]), causal_offset, dropout_p,
+    args = _args(mod, q, k, v, mask, kpm, scale, _key_band(is_causal, window, lq, k.shape[2]), causal_offset, dropout_p,
                  seed, softcap)
     args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr(),
              "dout": dout.data_ptr(), "do_stride": list(dout.stride()), "delta": delta.data_ptr(),
