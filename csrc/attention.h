@@ -77,6 +77,9 @@ struct AttentionArgs {
 void attention_forward(const AttentionArgs& args, tk_stream_t stream);
 // The forward's query and key tile (BM, BN) for a dtype code and head dim: the split-KV plan needs them.
 void attention_forward_tile(int dtype, int64_t d, int* bm, int* bn);
+// Whether `attention_forward` runs the PLAIN form of the fp16/bf16 forward for these arguments (csrc/attention_fwd.cu:
+// no mask tensor, padding mask, soft cap or dropout, a positive scale, K and V copied by 16 bytes).
+bool attention_forward_plain(const AttentionArgs& args);
 // Fills delta, dq, dk, dv (and dmask when not null) from dout, out, row_max, inv_l.
 void attention_backward(const AttentionArgs& args, tk_stream_t stream);
 // Dynamic shared memory each kernel launches with, for a dtype code and head dim (the resource report adds it to

@@ -170,9 +170,10 @@ struct MmaDkdvLayout {
 };
 
 // The query side of the dK/dV loop: tile `it` is rows m_lo + (it % per_head)·BM.. of head hk·group + it / per_head,
-// its Q and dO tiles (swizzled) and, per row, the saved max, 1/sum, delta and dropout row hash.
-template <typename T, int BM, int DP, bool PACKED>
-struct QueryTiles : TwoStages<QueryTiles<T, BM, DP, PACKED>> {
+// its Q and dO tiles (swizzled) and, per row, the saved max, 1/sum, delta and dropout row hash. PLAIN: Q and dO
+// by `copy_rows_by_16_bytes`, the max in log2 units, no hash.
+template <typename T, int BM, int DP, bool PACKED, bool PLAIN>
+struct QueryTiles : TwoStages<QueryTiles<T, BM, DP, PACKED, PLAIN>> {
   T* q_smem;
   T* do_smem;
   float* stat_smem;
@@ -189,6 +190,24 @@ struct QueryTiles : TwoStages<QueryTiles<T, BM, DP, PACKED>> {
   __device__ int64_t first_query(int it) const { return m_lo + static_cast<int64_t>(it % per_head) * BM; }
   __device__ void load(const AttentionArgs& a, int64_t b, int it) const {
     const int64_t h = head(it), m0 = first_query(it);
+    if constexpr (PLAIN) {
+      static_assert(BM <= kAttnThreads, "a thread per query row");
+      copy_rows_by_16_bytes<T, BM, DP>(
+          q(it), static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + m0 * a.q_stride[2],
+          a.q_stride[2], dout(it),
+          static_cast<const T*>(a.dout) + b * a.do_stride[0] + h * a.do_stride[1] + m0 * a.do_stride[2],
+          a.do_stride[2], a.Lq - m0, a.D);
+      const int r = static_cast<int>(threadIdx.x);
+      if (r < BM) {
+        const bool ok = m0 + r < a.Lq;
+        const int64_t row = query_row<PACKED>(a, b * a.H + h, h, m0 + r);
+        float* st = stats(it);
+        st[r] = ok ? a.row_max[row] * kLog2e : 0.0f;
+        st[BM + r] = ok ? a.inv_l[row] : 0.0f;  // 0: a query past Lq adds nothing
+        st[2 * BM + r] = ok ? a.delta[row] : 0.0f;
+      }
+      return;
+    }
     load_tile_swizzled<T, BM, DP, false>(q(it), static_cast<const T*>(a.q) + b * a.q_stride[0] +
                                          h * a.q_stride[1] + m0 * a.q_stride[2], a.q_stride, a.Lq - m0, a, b, 0, q_async);
     load_tile_swizzled<T, BM, DP, false>(dout(it), static_cast<const T*>(a.dout) + b * a.do_stride[0] +
@@ -207,7 +226,9 @@ struct QueryTiles : TwoStages<QueryTiles<T, BM, DP, PACKED>> {
   }
 };
 
-template <typename T, int DP, bool PACKED>
+// PLAIN (`plain_scores`, with Q and dO copied by 16 bytes): raw products, position tests only on query tiles the
+// band crosses (a key past Lk needs none: its row is never written), P = 2^(s·c − max·log2 e)·(1/sum).
+template <typename T, int DP, bool PACKED, bool PLAIN>
 __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_mma_kernel(AttentionArgs args) {
   using L = MmaDkdvLayout<T, DP>;
   constexpr int BM = L::BM, BN = L::BN, NT = BM / 8, DC = L::DC;
@@ -231,7 +252,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_mma_kernel(Att
     const QueryRange rows = query_range(a, n0, BN, BM);
     const int64_t m_lo = rows.first;
     const int per_head = m_lo < rows.end ? static_cast<int>((rows.end - m_lo + BM - 1) / BM) : 0;
-    const QueryTiles<T, BM, DP, PACKED> qt{{}, reinterpret_cast<T*>(smem + L::q), reinterpret_cast<T*>(smem + L::dout),
+    const float to_log2 = a.scale * kLog2e;
+    const QueryTiles<T, BM, DP, PACKED, PLAIN> qt{{}, reinterpret_cast<T*>(smem + L::q), reinterpret_cast<T*>(smem + L::dout),
                                            reinterpret_cast<float*>(smem + L::stats),
                                            reinterpret_cast<uint32_t*>(smem + L::hash),
                                            copies_by_16_bytes<T>(a.q, a.q_stride),
@@ -252,19 +274,33 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_mma_kernel(Att
         float s[NT][4] = {}, dp[NT][4] = {};
         warp_mma_rows_abt<T, DP, NT>(s, ks, 16 * warp, qtile, lane);
         warp_mma_rows_abt<T, DP, NT>(dp, vs, 16 * warp, dotile, lane);
-        softcap_products(a, s);
-        // Element (key r, query c): Pᵀ (dropped) into s, dSᵀ = P·(dP·kept - delta) into dp.
+        if constexpr (PLAIN) {
+          if (!band_holds(a, m0, BM, n0 + 16 * warp, 16)) hide_outside_band_by_key(a, s, n0 + 16 * warp, m0, lane);
+          // Element (key r, query c): Pᵀ into s, dSᵀ = P·(dP − delta) into dp.
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
+          for (int j = 0; j < NT; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int c = 8 * j + 2 * t + (e & 1);
-            const float sc = masked_score<T>(a, b, h, m0 + c, keys[e >> 1], s[j][e]);
-            const ProbGrad pg = prob_and_grad(sc, st[c], st[BM + c], dp[j][e], st[2 * BM + c],
-                                              drop.scale(hs[c], keys[e >> 1]));
-            dp[j][e] = pg.ds * softcap_slope(a, s[j][e]);
-            s[j][e] = pg.p;
-          }
+            for (int e = 0; e < 4; ++e) {
+              const int c = 8 * j + 2 * t + (e & 1);
+              const float p = exp2_approx(fmaf(s[j][e], to_log2, -st[c])) * st[BM + c];
+              dp[j][e] = p * (dp[j][e] - st[2 * BM + c]);
+              s[j][e] = p;
+            }
+        } else {
+          softcap_products(a, s);
+          // Element (key r, query c): Pᵀ (dropped) into s, dSᵀ = P·(dP·kept - delta) into dp.
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int c = 8 * j + 2 * t + (e & 1);
+              const float sc = masked_score<T>(a, b, h, m0 + c, keys[e >> 1], s[j][e]);
+              const ProbGrad pg = prob_and_grad<true>(sc, st[c], st[BM + c], dp[j][e], st[2 * BM + c],
+                                                      drop.scale(hs[c], keys[e >> 1]));
+              dp[j][e] = pg.ds * softcap_slope(a, s[j][e]);
+              s[j][e] = pg.p;
+            }
+        }
         warp_mma_pb<T, DP, NT, DC>(dv, s, dotile, lane, c0);   // dV += Pᵀ·dO
         warp_mma_pb<T, DP, NT, DC>(dk, dp, qtile, lane, c0);  // dK += dSᵀ·Q
         __syncthreads();  // every warp is done with this stage before the next iteration refills it
@@ -311,7 +347,9 @@ struct MmaDqLayout {
 };
 
 // (kAttnThreads, 1): without the minimum, ptxas aimed at three blocks per SM (168 registers) and spilled 8 bytes.
-template <typename T, int DP, bool PACKED>
+// PLAIN (`plain_scores`): the forward's PLAIN form — raw products, interior key tiles first with no position test
+// (up to D = 128), K/V copies by position, P = 2^(s·c − max·log2 e)·(1/sum) with c = scale·log2 e.
+template <typename T, int DP, bool PACKED, bool PLAIN>
 __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(AttentionArgs args) {
   using L = MmaDqLayout<T, DP>;
   constexpr int BM = L::BM, BN = L::BN, NT = BN / 8, DT = DP / 8;
@@ -335,13 +373,16 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
     for (int r = 0; r < 2; ++r) {
       const bool ok = rows[r] < a.Lq;
       const int64_t qr = query_row<PACKED>(a, bh, h, rows[r]);
-      row_max[r] = ok ? a.row_max[qr] : 0.0f;
+      row_max[r] = ok ? a.row_max[qr] * (PLAIN ? kLog2e : 1.0f) : 0.0f;  // PLAIN: log2 units
       inv_l[r] = ok ? a.inv_l[qr] : 0.0f;
       delta[r] = ok ? a.delta[qr] : 0.0f;
-      row_hash[r] = drop.row_hash(qr);
+      row_hash[r] = PLAIN ? 0u : drop.row_hash(qr);
     }
+    const float to_log2 = a.scale * kLog2e;
     const int64_t lo = key_begin(a, m0, BN), hi = key_end(a, m0, BM);
-    const auto kv = kv_tiles<T, BN, DP>(a, ks, vs, b, hk, lo, hi);
+    auto kv = kv_tiles<T, BN, DP, PLAIN>(a, ks, vs, b, hk, lo, hi);
+    if constexpr (PLAIN && DP <= 128)
+      kv.interior_first(interior_tiles(a, m0, a.Lq - m0 < BM ? a.Lq - m0 : BM, lo, kv.n_tiles, BN));
     float* dmask_head = a.dmask == nullptr ? nullptr : a.dmask + bh * a.Lq * a.Lk;
     load_tile_swizzled<T, BM, DP, false>(qs, static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] +
                                          m0 * a.q_stride[2], a.q_stride, a.Lq - m0, a, b, 0,
@@ -352,7 +393,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
     kv.start(a, b);
 
     float dq[DT][4] = {};
-    for (int it = 0; it < kv.n_tiles; ++it) {
+    // One key tile; EDGE: it may hold scores that position hides (as in the forward).
+    const auto step = [&](int it, auto edge) {
+      [[maybe_unused]] constexpr bool EDGE = decltype(edge)::value;
       const int64_t n0 = kv.first_key(it);
       kv.advance(a, b, it);
       __syncthreads();  // tile it (and, first, Q and dO) landed from every thread's copies
@@ -361,25 +404,42 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
       float s[NT][4] = {}, dp[NT][4] = {};
       warp_mma_rows_abt<T, DP, NT>(s, qs, 16 * warp, kt, lane);
       warp_mma_rows_abt<T, DP, NT>(dp, dos, 16 * warp, vt, lane);
-      softcap_products(a, s);
+      if constexpr (PLAIN) {
+        // Keys past the end read as zeros (dP = 0 there): hiding their scores makes their dS exactly 0.
+        if (EDGE && !tile_in_band(a, m0 + 16 * warp, 16, n0, BN)) hide_outside_band(a, s, m0 + 16 * warp, n0, lane);
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+        for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1;
-          const int64_t col = n0 + 8 * j + 2 * t + (e & 1);
-          const float dot = s[j][e];
-          s[j][e] = masked_score<T>(a, b, h, rows[r], col, dot);
-          const float ds = prob_and_grad(s[j][e], row_max[r], inv_l[r], dp[j][e], delta[r],
-                                         drop.scale(row_hash[r], col)).ds;
-          if (dmask_head != nullptr && rows[r] < a.Lq && col < a.Lk) dmask_head[rows[r] * a.Lk + col] = ds;
-          dp[j][e] = ds * softcap_slope(a, dot);
-        }
-      // Keys no query of the block sees: zero K rows (their dS is 0, their K may be NaN).
-      if (a.mask_kind != kNoMask) zero_unseen_key_rows<T, DP, NT, L::kWarps>(s, seen, kt, lane, warp);
+          for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            const float p = exp2_approx(fmaf(s[j][e], to_log2, -row_max[r])) * inv_l[r];
+            dp[j][e] = p * (dp[j][e] - delta[r]);
+          }
+      } else {
+        softcap_products(a, s);
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            const int64_t col = n0 + 8 * j + 2 * t + (e & 1);
+            const float dot = s[j][e];
+            s[j][e] = masked_score<T>(a, b, h, rows[r], col, dot);
+            const float ds = prob_and_grad<true>(s[j][e], row_max[r], inv_l[r], dp[j][e], delta[r],
+                                                 drop.scale(row_hash[r], col)).ds;
+            if (dmask_head != nullptr && rows[r] < a.Lq && col < a.Lk) dmask_head[rows[r] * a.Lk + col] = ds;
+            dp[j][e] = ds * softcap_slope(a, dot);
+          }
+        // Keys no query of the block sees: zero K rows (their dS is 0, their K may be NaN).
+        if (a.mask_kind != kNoMask) zero_unseen_key_rows<T, DP, NT, L::kWarps>(s, seen, kt, lane, warp);
+      }
       warp_mma_pb<T, DP, NT>(dq, dp, kt, lane);  // dQ += dS·K
       __syncthreads();  // every warp is done with this stage before the next iteration refills it
-    }
+    };
+    int it = 0;
+    if constexpr (PLAIN && DP <= 128)
+      for (; it < kv.n_interior; ++it) step(it, std::false_type{});
+    for (; it < kv.n_tiles; ++it) step(it, std::true_type{});
     cp_async_wait<0>();  // no tile at all: Q's and dO's copies retire here
     zero_mask_grad_outside(a, dmask_head, m0, BM, lo, lo + static_cast<int64_t>(kv.n_tiles) * BN);
 #pragma unroll
@@ -432,6 +492,17 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_fma_kernel(Atten
   });
 }
 
+// The dK/dV mma kernel for a call. At D = 256 there is no PLAIN form: its 2 x 128-column accumulators take 128
+// registers and the PLAIN instantiation spilled 24 bytes at 255 on sm_90.
+template <typename T, int D>
+auto dkdv_mma_kernel(bool packed, bool plain) {
+  if constexpr (D <= 128) {
+    if (plain)
+      return packed ? attention_dkdv_mma_kernel<T, D, true, true> : attention_dkdv_mma_kernel<T, D, false, true>;
+  }
+  return packed ? attention_dkdv_mma_kernel<T, D, true, false> : attention_dkdv_mma_kernel<T, D, false, false>;
+}
+
 }  // namespace
 
 // The layouts (BM, BN, bytes) of the dK/dV and dQ passes: mma.sync for fp16/bf16, the shared-memory tiles for fp32.
@@ -470,10 +541,17 @@ void attention_backward(const AttentionArgs& a, tk_stream_t stream) {
         throw std::invalid_argument("attention: more than 2^31-1 tiles");
       const dim3 key_grid(static_cast<unsigned>(key_blocks)), query_grid(static_cast<unsigned>(query_blocks));
       if constexpr (sizeof(T) == 2) {
-        launch(a.cu_q ? attention_dkdv_mma_kernel<T, D, true> : attention_dkdv_mma_kernel<T, D, false>, key_grid,
-               dim3(kAttnThreads), K::bytes, stream, a);
-        launch(a.cu_q ? attention_dq_mma_kernel<T, D, true> : attention_dq_mma_kernel<T, D, false>, query_grid,
-               dim3(kAttnThreads), Q::bytes, stream, a);
+        // dK/dV streams Q and dO tiles: its PLAIN form copies those by 16 bytes too.
+        const bool plain = plain_scores<T>(a);
+        const bool plain_keys = plain && copies_by_16_bytes<T>(a.q, a.q_stride) &&
+                                copies_by_16_bytes<T>(a.dout, a.do_stride);
+        launch(dkdv_mma_kernel<T, D>(a.cu_q != nullptr, plain_keys), key_grid, dim3(kAttnThreads), K::bytes, stream,
+               a);
+        const auto dq_kernel = a.cu_q ? (plain ? attention_dq_mma_kernel<T, D, true, true>
+                                               : attention_dq_mma_kernel<T, D, true, false>)
+                                      : (plain ? attention_dq_mma_kernel<T, D, false, true>
+                                               : attention_dq_mma_kernel<T, D, false, false>);
+        launch(dq_kernel, query_grid, dim3(kAttnThreads), Q::bytes, stream, a);
       } else {
         launch(a.cu_q ? attention_dkdv_fma_kernel<T, D, true> : attention_dkdv_fma_kernel<T, D, false>, key_grid,
                dim3(kAttnThreads), K::bytes, stream, a);

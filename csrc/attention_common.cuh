@@ -2,6 +2,8 @@
 // query sees, and the masked score.
 #pragma once
 
+#include <cmath>
+
 #include "attention.h"
 #include "block_gemm.cuh"
 #include "ptx.cuh"
@@ -26,6 +28,8 @@ struct BwdTile {
   static constexpr int BM = DP > 128 ? 8 : BN;
 };
 constexpr size_t kMaxBlockSmem = 99 * 1024;
+// The mma kernels exponentiate in log2 units (`exp2_approx`: one MUFU.EX2).
+constexpr float kLog2e = 1.4426950408889634f;
 
 // Padding keys (key_padding_mask True) and keys past Lk are never seen by any query.
 __device__ __forceinline__ bool key_visible(const AttentionArgs& a, int64_t b, int64_t j) {
@@ -53,7 +57,7 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* base, const i
 // in 8 different 16-byte bank groups of the 128 bytes the banks span. Rows narrower than 128 bytes (DP < 64) XOR
 // with the row's position among the rows sharing 128 bytes.
 template <int DP>
-__device__ __forceinline__ int swizzled(int row, int col) {
+__host__ __device__ __forceinline__ constexpr int swizzled(int row, int col) {
   constexpr int chunks = DP / 8;
   constexpr int span = chunks >= 8 ? 8 : chunks;
   constexpr int shift = chunks >= 8 ? 0 : (chunks == 4 ? 1 : 2);
@@ -61,10 +65,32 @@ __device__ __forceinline__ int swizzled(int row, int col) {
   return row * DP + ((((col >> 3) ^ (row >> shift)) & (span - 1)) | ((col >> 3) & ~(span - 1))) * 8 + (col & 7);
 }
 
+// swizzled<DP>(row + 16·i, col + 16·k) == (swizzled<DP>(row, col) ^ 16·k) + 16·i·DP for col < 16: the XOR only
+// permutes a row's 16-byte chunks (offset bits below log2(DP), which 16·i·DP leaves clear, and chunk + 2k =
+// chunk ^ 2k there), and 16-row steps keep each row's pattern. So a fragment loop swizzles a lane's offset once and
+// each fragment adds an XOR with a constant and an immediate (the whole swizzle per ldmatrix cost ~2.5 integer
+// instructions each in the forward's key loop). `swizzle_steps_hold` checks the identity at compile time.
+template <int DP>
+__host__ __device__ __forceinline__ constexpr int swizzled_step(int lane_offset, int i, int k) {
+  return (lane_offset ^ (16 * k)) + 16 * i * DP;
+}
+template <int DP>
+constexpr bool swizzle_steps_hold() {
+  for (int row = 0; row < 64; ++row)
+    for (int col = 0; col < 16; col += 8)
+      for (int i = 0; i < 4; ++i)
+        for (int k = 0; 16 * k < DP; ++k)
+          if (swizzled<DP>(row + 16 * i, col + 16 * k) != swizzled_step<DP>(swizzled<DP>(row, col), i, k)) return false;
+  return true;
+}
+static_assert(swizzle_steps_hold<16>() && swizzle_steps_hold<32>() && swizzle_steps_hold<64>() &&
+                  swizzle_steps_hold<128>() && swizzle_steps_hold<256>(),
+              "swizzled_step");
+
 // Whether a [B, heads, L, D] tensor can be copied in 16-byte pieces (cp.async): 16-byte aligned base, unit
 // stride along D and every other stride a multiple of 8 elements (a row always starts 16-byte aligned).
 template <typename T>
-__device__ __forceinline__ bool copies_by_16_bytes(const void* base, const int64_t* stride) {
+__host__ __device__ __forceinline__ bool copies_by_16_bytes(const void* base, const int64_t* stride) {
   constexpr int64_t per16 = 16 / sizeof(T);
   return reinterpret_cast<uintptr_t>(base) % 16 == 0 && stride[3] == 1 && stride[2] % per16 == 0 &&
          stride[1] % per16 == 0 && stride[0] % per16 == 0;
@@ -92,6 +118,31 @@ __device__ __forceinline__ void load_tile_swizzled(T* dst, const T* base, const 
   }
 }
 
+// Two ROWS x DP tiles of the same rows (K and V, or Q and dO; bases at their first row, row strides s0 and s1) into
+// swizzled shared memory by cp.async, for tensors `copies_by_16_bytes` accepts: each thread copies the 16-byte
+// chunks at one column c0 of rows r0 + i·kRowStep of both, an unrolled loop with one row test per row (rows past
+// valid_rows and head-dim padding read as zeros). The PLAIN passes' tile loads: `load_tile_swizzled`'s
+// runtime-bounded loop and per-element fallback made their key loops ~2x the instructions of the products.
+template <typename T, int ROWS, int DP>
+__device__ __forceinline__ void copy_rows_by_16_bytes(T* dst0, const T* base0, int64_t s0, T* dst1, const T* base1,
+                                                      int64_t s1, int64_t valid_rows, int64_t d) {
+  constexpr int kChunks = DP / 8, kRowStep = kAttnThreads / kChunks, kPerThread = ROWS * kChunks / kAttnThreads;
+  static_assert(kAttnThreads % kChunks == 0 && (ROWS * kChunks) % kAttnThreads == 0, "chunks divide among threads");
+  const int r0 = static_cast<int>(threadIdx.x) / kChunks, c0 = (static_cast<int>(threadIdx.x) % kChunks) * 8;
+  const int64_t left = d - c0;
+  const int col_bytes = left >= 8 ? 16 : (left > 0 ? static_cast<int>(left) * 2 : 0);
+  const T* src0 = base0 + r0 * s0 + c0;
+  const T* src1 = base1 + r0 * s1 + c0;
+  const int64_t valid = valid_rows - r0;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int r = i * kRowStep;
+    const int bytes = r < valid ? col_bytes : 0;
+    cp_async_16(dst0 + swizzled<DP>(r0 + r, c0), bytes ? src0 + r * s0 : base0, bytes);
+    cp_async_16(dst1 + swizzled<DP>(r0 + r, c0), bytes ? src1 + r * s1 : base1, bytes);
+  }
+}
+
 // Tiles of a loop streamed through two shared-memory stages by cp.async: tile `it` sits in stage it % 2. `start`
 // issues tile 0 and commits it with the copies the caller issued before; `advance(it)` issues tile it + 1 into the
 // other stage (which the caller's end-of-iteration barrier has released) and waits for this thread's copies of tile
@@ -116,9 +167,16 @@ struct TwoStages {
   }
 };
 
-// The K and V tiles of a key loop: keys n_lo + it·BN.. of one batch and KV head.
-template <typename T, int BN, int DP>
-struct KvTiles : TwoStages<KvTiles<T, BN, DP>> {
+// Key tiles [first, end) of a key loop.
+struct TileRange {
+  int first, end;
+};
+
+// The K and V tiles of a key loop: keys n_lo + it·BN.. of one batch and KV head. BY_POSITION (the PLAIN passes'
+// tiles: no padding mask, both tensors copied by 16 bytes) by `copy_rows_by_16_bytes`; otherwise
+// `load_tile_swizzled` per tile.
+template <typename T, int BN, int DP, bool BY_POSITION = false>
+struct KvTiles : TwoStages<KvTiles<T, BN, DP, BY_POSITION>> {
   T* k_smem;
   T* v_smem;
   const T* k_base;
@@ -126,26 +184,39 @@ struct KvTiles : TwoStages<KvTiles<T, BN, DP>> {
   bool k_async, v_async;
   int64_t n_lo;
   int n_tiles;
+  // Visit order (`interior_first`): visits [0, n_interior) are tiles it_lo.., then the tiles before it_lo, then
+  // those after; 0 / 0 = key order.
+  int it_lo = 0, n_interior = 0;
 
   __device__ T* k(int it) const { return k_smem + (it & 1) * BN * DP; }
   __device__ T* v(int it) const { return v_smem + (it & 1) * BN * DP; }
-  __device__ int64_t first_key(int it) const { return n_lo + static_cast<int64_t>(it) * BN; }
+  __device__ int64_t first_key(int it) const {
+    const int tile = it < n_interior ? it_lo + it : (it < n_interior + it_lo ? it - n_interior : it);
+    return n_lo + static_cast<int64_t>(tile) * BN;
+  }
+  // Visits the tiles [range.first, range.end) first.
+  __device__ void interior_first(TileRange range) { it_lo = range.first, n_interior = range.end - range.first; }
   __device__ void load(const AttentionArgs& a, int64_t b, int it) const {
     const int64_t n0 = first_key(it);
-    load_tile_swizzled<T, BN, DP, true>(k(it), k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0, k_async);
-    load_tile_swizzled<T, BN, DP, true>(v(it), v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0, v_async);
+    if constexpr (BY_POSITION) {
+      copy_rows_by_16_bytes<T, BN, DP>(k(it), k_base + n0 * a.k_stride[2], a.k_stride[2], v(it),
+                                       v_base + n0 * a.v_stride[2], a.v_stride[2], a.Lk - n0, a.D);
+    } else {
+      load_tile_swizzled<T, BN, DP, true>(k(it), k_base + n0 * a.k_stride[2], a.k_stride, a.Lk - n0, a, b, n0, k_async);
+      load_tile_swizzled<T, BN, DP, true>(v(it), v_base + n0 * a.v_stride[2], a.v_stride, a.Lk - n0, a, b, n0, v_async);
+    }
   }
 };
 
 // The key loop's tiles of (batch b, KV head hk) over keys [n_lo, n_hi), in k_smem / v_smem (2 stages each).
-template <typename T, int BN, int DP>
-__device__ __forceinline__ KvTiles<T, BN, DP> kv_tiles(const AttentionArgs& a, T* k_smem, T* v_smem, int64_t b,
-                                                       int64_t hk, int64_t n_lo, int64_t n_hi) {
-  return KvTiles<T, BN, DP>{{}, k_smem, v_smem,
-                            static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1],
-                            static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1],
-                            copies_by_16_bytes<T>(a.k, a.k_stride), copies_by_16_bytes<T>(a.v, a.v_stride), n_lo,
-                            n_hi > n_lo ? static_cast<int>((n_hi - n_lo + BN - 1) / BN) : 0};
+template <typename T, int BN, int DP, bool BY_POSITION = false>
+__device__ __forceinline__ KvTiles<T, BN, DP, BY_POSITION> kv_tiles(const AttentionArgs& a, T* k_smem, T* v_smem,
+                                                                    int64_t b, int64_t hk, int64_t n_lo, int64_t n_hi) {
+  return KvTiles<T, BN, DP, BY_POSITION>{{}, k_smem, v_smem,
+                                         static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1],
+                                         static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1],
+                                         copies_by_16_bytes<T>(a.k, a.k_stride), copies_by_16_bytes<T>(a.v, a.v_stride),
+                                         n_lo, n_hi > n_lo ? static_cast<int>((n_hi - n_lo + BN - 1) / BN) : 0};
 }
 
 // ---- warp products on mma.sync: a warp owns 16 rows; a lane holds rows g, g + 8 (g = lane / 4) and columns
@@ -155,7 +226,8 @@ __device__ __forceinline__ KvTiles<T, BN, DP> kv_tiles(const AttentionArgs& a, T
 // k0, lanes 16-31 the same rows at k0 + 8 (the matrices: rows 0-7, rows 8-15, then the same 8 columns on).
 template <typename T, int DP>
 __device__ __forceinline__ void ldmatrix_a(uint32_t (&f)[4], const T* tile, int row0, int k0, int lane) {
-  ldmatrix_x4<false>(f, tile + swizzled<DP>(row0 + (lane & 15), k0 + 8 * (lane >> 4)));
+  // row0 and k0 are multiples of 16 at every call
+  ldmatrix_x4<false>(f, tile + swizzled_step<DP>(swizzled<DP>(lane & 15, 8 * (lane >> 4)), row0 / 16, k0 / 16));
 }
 
 // acc [16 x 8·NT] += A · Bᵀ over DP: B a swizzled [8·NT][DP] tile (key-major K, V), whose non-transposed rows are
@@ -163,6 +235,7 @@ __device__ __forceinline__ void ldmatrix_a(uint32_t (&f)[4], const T* tile, int 
 template <typename T, int DP, int NT, typename AFrag>
 __device__ __forceinline__ void warp_mma_abt(float (&acc)[NT][4], AFrag&& a_frag, const T* b_tile, int lane) {
   static_assert(NT % 2 == 0, "key tiles are multiples of 16");
+  const int b_lane = swizzled<DP>((lane & 7) + 8 * (lane >> 4), 8 * ((lane >> 3) & 1));
 #pragma unroll
   for (int kk = 0; kk < DP / 16; ++kk) {
     uint32_t af[4];
@@ -170,7 +243,7 @@ __device__ __forceinline__ void warp_mma_abt(float (&acc)[NT][4], AFrag&& a_frag
 #pragma unroll
     for (int j = 0; j < NT / 2; ++j) {
       uint32_t bf[4];
-      ldmatrix_x4<false>(bf, b_tile + swizzled<DP>(16 * j + (lane & 7) + 8 * (lane >> 4), 16 * kk + 8 * ((lane >> 3) & 1)));
+      ldmatrix_x4<false>(bf, b_tile + swizzled_step<DP>(b_lane, j, kk));
       const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
       mma_16816<T>(acc[2 * j], af, b0, acc[2 * j]);
       mma_16816<T>(acc[2 * j + 1], af, b1, acc[2 * j + 1]);
@@ -193,6 +266,8 @@ __device__ __forceinline__ void warp_mma_rows_abt(float (&acc)[NT][4], const T* 
 template <typename T, int DP, int NT, int DC = DP>
 __device__ __forceinline__ void warp_mma_pb(float (&acc)[DC / 8][4], const float (&p)[NT][4], const T* b_tile, int lane,
                                             int col0 = 0) {
+  // col0 is a multiple of 16 at every call
+  const int b_lane = swizzled<DP>((lane & 7) + 8 * ((lane >> 3) & 1), 8 * (lane >> 4));
 #pragma unroll
   for (int kk = 0; kk < NT / 2; ++kk) {
     const uint32_t pf[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
@@ -200,8 +275,7 @@ __device__ __forceinline__ void warp_mma_pb(float (&acc)[DC / 8][4], const float
 #pragma unroll
     for (int jd = 0; jd < DC / 16; ++jd) {
       uint32_t bf[4];
-      ldmatrix_x4<true>(bf, b_tile + swizzled<DP>(16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1),
-                                                  col0 + 16 * jd + 8 * (lane >> 4)));
+      ldmatrix_x4<true>(bf, b_tile + swizzled_step<DP>(b_lane, kk, col0 / 16 + jd));
       const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
       mma_16816<T>(acc[2 * jd], pf, b0, acc[2 * jd]);
       mma_16816<T>(acc[2 * jd + 1], pf, b1, acc[2 * jd + 1]);
@@ -342,10 +416,12 @@ __device__ __forceinline__ float softcap_slope(const AttentionArgs& a, float cap
 struct ProbGrad {
   float p, ds;
 };
+// FAST_EXP (the fp16/bf16 mma passes): 2^((s − max)·log2 e) by one MUFU.EX2; fp32 keeps expf's accuracy.
+template <bool FAST_EXP = false>
 __device__ __forceinline__ ProbGrad prob_and_grad(float s, float row_max, float inv_l, float dp, float delta,
                                                   float kept) {
   if (s == -INFINITY) return ProbGrad{0.0f, 0.0f};
-  const float p = expf(s - row_max) * inv_l;
+  const float p = (FAST_EXP ? exp2_approx((s - row_max) * kLog2e) : expf(s - row_max)) * inv_l;
   return ProbGrad{p * kept, p * (dp * kept - delta)};
 }
 
@@ -449,6 +525,92 @@ __device__ __forceinline__ QueryRange query_range(const AttentionArgs& a, int64_
   const int64_t last_key = (n0 + bn < a.Lk ? n0 + bn : a.Lk) - 1;
   const int64_t end = last_key - a.causal_offset + a.window_left + 1;
   return QueryRange{first <= 0 ? 0 : first / bm * bm, end < 0 ? 0 : (end > a.Lq ? a.Lq : end)};
+}
+
+// Hides (−inf) this lane's scores of an mma score tile (a warp's 16 query rows from row0, 8·NT keys from n0) that
+// position hides — a key past Lk, or, banded, outside its row's band — in 32-bit tile coordinates: key column c of
+// row r is seen iff c < end and lo <= c − r <= hi. Bounds are moved to this lane's (row g, column 2t) so each score
+// compares constants.
+template <int NT>
+__device__ __forceinline__ void hide_outside_band(const AttentionArgs& a, float (&s)[NT][4], int64_t row0,
+                                                  int64_t n0, int lane) {
+  constexpr int64_t kFar = 1 << 20;  // beyond any tile offset: an unbounded side
+  const auto narrow = [](int64_t x) { return static_cast<int>(x < -kFar ? -kFar : (x > kFar ? kFar : x)); };
+  const int g = lane >> 2, t2 = 2 * (lane & 3);
+  const int end = narrow(a.Lk - n0) - t2;
+  int lo = -kFar, hi = kFar;
+  if (a.causal) {  // j − i − causal_offset = (c − r) + (n0 − row0 − causal_offset)
+    const int64_t base = n0 - row0 - a.causal_offset;
+    lo = narrow(-a.window_left - base) - (t2 - g), hi = narrow(a.window_right - base) - (t2 - g);
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int c = 8 * j + (e & 1), d = c - 8 * (e >> 1);
+      if (c >= end || d < lo || d > hi) s[j][e] = -INFINITY;
+    }
+}
+
+// The dK/dV form of `hide_outside_band`: a warp's 16 key rows from key0, 8·NT query columns from m0. Only the band
+// hides here: a key past Lk (its K row reads as zeros) has no dK/dV row written and a query past Lq has 1/sum = 0.
+template <int NT>
+__device__ __forceinline__ void hide_outside_band_by_key(const AttentionArgs& a, float (&s)[NT][4], int64_t key0,
+                                                         int64_t m0, int lane) {
+  constexpr int64_t kFar = 1 << 20;
+  const auto narrow = [](int64_t x) { return static_cast<int>(x < -kFar ? -kFar : (x > kFar ? kFar : x)); };
+  const int g = lane >> 2, t2 = 2 * (lane & 3);
+  // j − i − causal_offset = (r − c) + (key0 − m0 − causal_offset) for key row r, query column c
+  const int64_t base = key0 - m0 - a.causal_offset;
+  const int lo = narrow(-a.window_left - base) - (g - t2), hi = narrow(a.window_right - base) - (g - t2);
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int d = 8 * (e >> 1) - (8 * j + (e & 1));
+      if (d < lo || d > hi) s[j][e] = -INFINITY;
+    }
+}
+
+// Whether every (query, key) pair of [m0, m0 + bm) x [n0, n0 + bn) lies inside the key band (always without one):
+// the band's nearest and farthest pairs are the tiles' corners.
+__device__ __forceinline__ bool band_holds(const AttentionArgs& a, int64_t m0, int bm, int64_t n0, int bn) {
+  if (!a.causal) return true;
+  return n0 - (m0 + bm - 1) - a.causal_offset >= -a.window_left && n0 + bn - 1 - m0 - a.causal_offset <= a.window_right;
+}
+
+// Whether every query of [m0, m0 + bm) sees every key of [n0, n0 + bn) by position (no key past Lk, every pair
+// inside the band): such an interior tile needs no per-score test.
+__device__ __forceinline__ bool tile_in_band(const AttentionArgs& a, int64_t m0, int bm, int64_t n0, int bn) {
+  return n0 + bn <= a.Lk && band_holds(a, m0, bm, n0, bn);
+}
+
+// The tiles of a key loop over [n_lo, n_lo + n·bn) in which every query of [m0, m0 + rows) sees every key by
+// position (`tile_in_band` holds): wholly inside Lk and, banded, n0 >= m0 + rows − 1 + offset − left and
+// n0 + bn − 1 <= m0 + offset + right. The band's tiles form one run (empty: first = end).
+__device__ __forceinline__ TileRange interior_tiles(const AttentionArgs& a, int64_t m0, int64_t rows, int64_t n_lo,
+                                                    int n, int bn) {
+  const auto floor_div = [](int64_t x, int64_t y) { return x >= 0 ? x / y : -((-x + y - 1) / y); };
+  int64_t first = 0, end = floor_div(a.Lk - n_lo, bn);
+  if (a.causal) {
+    const int64_t lo = -floor_div(-(m0 + rows - 1 + a.causal_offset - a.window_left - n_lo), bn);  // ceiling
+    const int64_t hi = floor_div(m0 + a.causal_offset + a.window_right - bn + 1 - n_lo, bn) + 1;
+    first = lo > first ? lo : first;
+    end = hi < end ? hi : end;
+  }
+  first = first < 0 ? 0 : (first > n ? n : first);
+  end = end < first ? first : (end > n ? n : end);
+  return TileRange{static_cast<int>(first), static_cast<int>(end)};
+}
+
+// Whether the fp16/bf16 passes run their PLAIN form (attention_fwd.cu, attention_bwd.cu): nothing hides a score but
+// position (keys' end, causal band, window), nothing changes one but the scale, whose sign lets a row max be taken
+// over raw products, and K and V are copied by 16 bytes (`KvTiles` BY_POSITION).
+template <typename T>
+inline bool plain_scores(const AttentionArgs& a) {
+  return sizeof(T) == 2 && a.mask_kind == kNoMask && a.kpm == nullptr && a.softcap == 0.0f && a.dropout_p == 0.0f &&
+         a.scale > 0.0f && std::isfinite(a.scale) && copies_by_16_bytes<T>(a.k, a.k_stride) &&
+         copies_by_16_bytes<T>(a.v, a.v_stride);
 }
 
 // Calls f(std::integral_constant<int, DP>) with the smallest instantiated head dim >= D.

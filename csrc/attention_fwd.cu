@@ -24,12 +24,26 @@ struct MmaFwdLayout {
   static_assert(bytes <= kMaxBlockSmem, "forward tile exceeds the shared memory of sm_86/sm_89");
 };
 
+// A row max in natural units (the backward, the lse and the split-KV merge read it so) from the key loop's: raw
+// products in the PLAIN instantiation.
+template <bool PLAIN>
+__device__ __forceinline__ float natural_max(const AttentionArgs& a, float m) {
+  return PLAIN ? m * a.scale : m;
+}
+
 // S = Q·Kᵀ, P = softmax, O += P·V per warp on mma.sync m16n8k16 (ptx.cuh has the fragment layouts): a lane holds
 // rows g and g + 8 (g = lane / 4) of its warp's 16, columns 2t, 2t + 1 (t = lane % 4) of every 8-wide tile, so a
 // row's max and sum reduce over the 4 lanes of a quad, and S's accumulators are, repacked to 16 bits, P's
 // A-fragments. K(j+1) and V(j+1) are copied (cp.async) while tile j is computed.
-template <typename T, int DP, bool PACKED>
-__global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(AttentionArgs args) {
+//
+// PLAIN (`plain_scores`: no mask tensor, key padding, soft cap or dropout, a positive scale; causal and windows
+// allowed) is the instantiation whose per-score cost is FlashAttention-2's: scores stay raw products, a warp tests
+// positions only on a tile that crosses the keys' end or its rows' band (`tile_in_band`; interior tiles take no
+// test), and a probability is 2^(s·c − m·c) with c = scale·log2(e) — one FFMA and one MUFU.EX2. The general
+// instantiation scores through `masked_score` in natural units (a float mask's −6e4 stays exact until the row max
+// is subtracted) and takes 2^((s − m)·log2(e)).
+template <typename T, int DP, bool PACKED, bool PLAIN>
+__global__ void __launch_bounds__(kAttnThreads, 1) attention_fwd_mma_kernel(AttentionArgs args) {
   using L = MmaFwdLayout<T, DP>;
   constexpr int BM = L::BM, BN = L::BN, NT = BN / 8, DT = DP / 8;
   TK_EXTERN_SHARED(unsigned char, smem);
@@ -46,33 +60,43 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
     const T* q_base = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + m0 * a.q_stride[2];
     const DropoutDraw drop(a);
     const int64_t rows[2] = {m0 + 16 * warp + g, m0 + 16 * warp + g + 8};
-    const uint32_t row_hash[2] = {drop.row_hash(query_row<PACKED>(a, bh, h, rows[0])),
-                                  drop.row_hash(query_row<PACKED>(a, bh, h, rows[1]))};
+    uint32_t row_hash[2] = {0u, 0u};
+    if constexpr (!PLAIN)
+      row_hash[0] = drop.row_hash(query_row<PACKED>(a, bh, h, rows[0])),
+      row_hash[1] = drop.row_hash(query_row<PACKED>(a, bh, h, rows[1]));
+    // Scores to log2 units: raw products (PLAIN) or natural-unit scores.
+    const float to_log2 = PLAIN ? a.scale * kLog2e : kLog2e;
     const int64_t hi = key_end(a, m0, BM);
     // Split-KV: this block's chunk of its tile's keys (blockIdx.y; split_len is a multiple of BN, the launcher sizes
     // the splits to the widest band).
     const int64_t n_lo = key_begin(a, m0, BN) + (a.splits > 1 ? blockIdx.y * a.split_len : 0);
     const int64_t n_hi = a.splits > 1 && n_lo + a.split_len < hi ? n_lo + a.split_len : hi;
-    const auto kv = kv_tiles<T, BN, DP>(a, ks, vs, b, hk, n_lo, n_hi);
+    auto kv = kv_tiles<T, BN, DP, PLAIN>(a, ks, vs, b, hk, n_lo, n_hi);
+    if constexpr (PLAIN && DP <= 128)
+      kv.interior_first(interior_tiles(a, m0, a.Lq - m0 < BM ? a.Lq - m0 : BM, n_lo, kv.n_tiles, BN));
     load_tile_swizzled<T, BM, DP, false>(qs, q_base, a.q_stride, a.Lq - m0, a, b, 0,
                                          copies_by_16_bytes<T>(a.q, a.q_stride));
+    cp_async_commit();  // Q's copies: their own group, waited for before tile 0's
     kv.start(a, b);
 
     uint32_t qf[L::kQInRegs ? DP / 16 : 1][4];
+    if constexpr (L::kQInRegs) {
+      cp_async_wait<1>();
+      __syncthreads();  // Q landed from every thread's copies
+#pragma unroll
+      for (int kk = 0; kk < DP / 16; ++kk) ldmatrix_a<T, DP>(qf[kk], qs, 16 * warp, 16 * kk, lane);
+      __syncthreads();  // every warp holds Q: its space becomes the seen-key words
+    }
     float o[DT][4] = {};
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};  // l: this lane's share of the row sum
 
-    for (int it = 0; it < kv.n_tiles; ++it) {
+    // One key tile; EDGE: the tile may hold scores that position hides (PLAIN tests them; the general form tests
+    // every score).
+    const auto step = [&](int it, auto edge) {
+      [[maybe_unused]] constexpr bool EDGE = decltype(edge)::value;
       const int64_t n0 = kv.first_key(it);
       kv.advance(a, b, it);
-      __syncthreads();  // tile it (and, first, Q) landed from every thread's copies
-      if constexpr (L::kQInRegs) {
-        if (it == 0) {
-#pragma unroll
-          for (int kk = 0; kk < DP / 16; ++kk) ldmatrix_a<T, DP>(qf[kk], qs, 16 * warp, 16 * kk, lane);
-          __syncthreads();  // every warp holds Q: its space becomes the seen-key words
-        }
-      }
+      __syncthreads();  // tile it (and, at D = 256, Q) landed from every thread's copies
       const T* kt = kv.k(it);
       T* vt = kv.v(it);
 
@@ -86,14 +110,20 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
           ldmatrix_a<T, DP>(af, qs, 16 * warp, 16 * kk, lane);
         }
       }, kt, lane);
-      softcap_products(a, s);
+      if constexpr (PLAIN) {
+        // Keys past the end read as zeros and carry no mask: hiding their scores is all a value needs.
+        if (EDGE && (DP > 128 || !tile_in_band(a, m0 + 16 * warp, 16, n0, BN)))
+          hide_outside_band(a, s, m0 + 16 * warp, n0, lane);
+      } else {
+        softcap_products(a, s);
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+        for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          s[j][e] = masked_score<T>(a, b, h, rows[e >> 1], n0 + 8 * j + 2 * t + (e & 1), s[j][e]);
-      // Keys no query of the block sees: zero value rows (hidden scores already give p = 0).
-      if (a.mask_kind != kNoMask) zero_unseen_key_rows<T, DP, NT, L::kWarps>(s, seen, vt, lane, warp);
+          for (int e = 0; e < 4; ++e)
+            s[j][e] = masked_score<T>(a, b, h, rows[e >> 1], n0 + 8 * j + 2 * t + (e & 1), s[j][e]);
+        // Keys no query of the block sees: zero value rows (hidden scores already give p = 0).
+        if (a.mask_kind != kNoMask) zero_unseen_key_rows<T, DP, NT, L::kWarps>(s, seen, vt, lane, warp);
+      }
 
       // Online softmax on the quad's rows: new max, rescale what was accumulated, probabilities.
 #pragma unroll
@@ -104,9 +134,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m_run[r], mx);
-        // A row with nothing visible yet subtracts 0, so exp(-inf) = 0 instead of NaN.
+        // A row with nothing visible yet subtracts 0, so 2^-inf = 0 instead of NaN.
         const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
-        const float alpha = expf(m_run[r] - m_safe);
+        const float alpha = exp2_approx((m_run[r] - m_safe) * to_log2);
         m_run[r] = m_new;
         l_run[r] *= alpha;
 #pragma unroll
@@ -115,10 +145,15 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
         for (int j = 0; j < NT; ++j)
 #pragma unroll
           for (int e = 2 * r; e < 2 * r + 2; ++e) {
-            float p = expf(s[j][e] - m_safe);
+            float p;
+            if constexpr (PLAIN) {
+              p = exp2_approx(fmaf(s[j][e], to_log2, -m_safe * to_log2));
+            } else {
+              p = exp2_approx((s[j][e] - m_safe) * kLog2e);
+            }
             l_run[r] += p;
             // The sum keeps the undropped probabilities: dropout applies after normalisation.
-            if (!drop.keeps(row_hash[r], n0 + 8 * j + 2 * t + (e & 1))) p = 0.0f;
+            if (!PLAIN && !drop.keeps(row_hash[r], n0 + 8 * j + 2 * t + (e & 1))) p = 0.0f;
             s[j][e] = p;
           }
       }
@@ -126,7 +161,15 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
       // O += P·V (S's accumulators, now probabilities, are P's A-fragments).
       warp_mma_pb<T, DP, NT>(o, s, vt, lane);
       __syncthreads();  // every warp is done with this stage before the next iteration refills it
-    }
+    };
+    // The PLAIN form visits the interior tiles first (no position test: FlashAttention-2's loop), then the tiles at
+    // the band's edges and the keys' end. At D = 256 one loop tests every tile's positions, without the per-warp
+    // interior test: two loop bodies, or that test, made ptxas spill 20-24 bytes at 255 registers (the output
+    // accumulators alone hold 128).
+    int it = 0;
+    if constexpr (PLAIN && DP <= 128)
+      for (; it < kv.n_interior; ++it) step(it, std::false_type{});
+    for (; it < kv.n_tiles; ++it) step(it, std::true_type{});
     cp_async_wait<0>();  // no tile at all: Q's copies retire here
 
     float l_full[2];
@@ -142,13 +185,13 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
       for (int r = 0; r < 2; ++r) {
         if (rows[r] >= a.Lq) continue;
         store_acc_row(a.o_part + (row0 + rows[r]) * a.D, o, r, lane, a.D, 1.0f);
-        if (t == 0) a.m_part[row0 + rows[r]] = m_run[r], a.l_part[row0 + rows[r]] = l_full[r];
+        if (t == 0) a.m_part[row0 + rows[r]] = natural_max<PLAIN>(a, m_run[r]), a.l_part[row0 + rows[r]] = l_full[r];
       }
       return;
     }
     // Read here rather than kept from the draw above: a value live across the key loop cost the D = 64 packed
     // instantiation its last registers (ptxas spilled 16 bytes at its 128-register choice).
-    const float keep_scale = DropoutDraw(a).keep_scale;
+    const float keep_scale = PLAIN ? 1.0f : DropoutDraw(a).keep_scale;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (rows[r] >= a.Lq) continue;
@@ -157,7 +200,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_mma_kernel(Attenti
       const float inv = l_full[r] == 0.0f ? 0.0f : 1.0f / l_full[r];
       store_acc_row(static_cast<T*>(a.out) + row * a.D, o, r, lane, a.D, inv * keep_scale);
       if (t == 0) {
-        a.row_max[row] = m_run[r] == -INFINITY ? 0.0f : m_run[r];
+        a.row_max[row] = m_run[r] == -INFINITY ? 0.0f : natural_max<PLAIN>(a, m_run[r]);
         a.inv_l[row] = inv;
       }
     }
@@ -331,6 +374,15 @@ void attention_forward_tile(int dtype, int64_t d, int* bm, int* bn) {
   });
 }
 
+bool attention_forward_plain(const AttentionArgs& a) {
+  bool plain = false;
+  dispatch_dtype(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    plain = plain_scores<T>(a);
+  });
+  return plain;
+}
+
 size_t attention_forward_smem(int dtype, int64_t d) {
   size_t bytes = 0;
   dispatch_dtype(dtype, [&](auto tag) {
@@ -350,8 +402,12 @@ void attention_forward(const AttentionArgs& a, tk_stream_t stream) {
       if (blocks > 0x7fffffffLL) throw std::invalid_argument("attention: more than 2^31-1 query tiles");
       const dim3 grid(static_cast<unsigned>(blocks), a.splits > 1 ? static_cast<unsigned>(a.splits) : 1u);
       if constexpr (sizeof(T) == 2) {
-        launch(a.cu_q ? attention_fwd_mma_kernel<T, D, true> : attention_fwd_mma_kernel<T, D, false>, grid,
-               dim3(kAttnThreads), L::bytes, stream, a);
+        const bool plain = plain_scores<T>(a);
+        const auto kernel = a.cu_q ? (plain ? attention_fwd_mma_kernel<T, D, true, true>
+                                            : attention_fwd_mma_kernel<T, D, true, false>)
+                                   : (plain ? attention_fwd_mma_kernel<T, D, false, true>
+                                            : attention_fwd_mma_kernel<T, D, false, false>);
+        launch(kernel, grid, dim3(kAttnThreads), L::bytes, stream, a);
       } else {
         launch(a.cu_q ? attention_fwd_fma_kernel<T, D, true> : attention_fwd_fma_kernel<T, D, false>, grid,
                dim3(kAttnThreads), L::bytes, stream, a);

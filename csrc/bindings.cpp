@@ -270,6 +270,8 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
     tk::attention_forward_tile(dtype, d, &bm, &bn);
     return py::make_tuple(bm, bn);
   }, "the attention forward's (BM, BN) for a dtype code and head dim");
+  m.def("attention_forward_plain", [](const py::dict& d) { return tk::attention_forward_plain(attention_args(d)); },
+        "whether the attention forward runs its PLAIN form for an argument block (csrc/attention_fwd.cu)");
   m.def("attention_smem", [](const std::string& pass, int dtype, int64_t d) {
     return pass == "fwd" ? tk::attention_forward_smem(dtype, d) : tk::attention_backward_smem(dtype, d, pass == "dq");
   }, "dynamic shared memory (bytes) of the attention kernel of a pass (fwd | dkdv | dq) for a dtype code and head dim");

@@ -1,12 +1,15 @@
 """Every instantiation of the CUDA C++ kernel templates runs at least once against the reference, forward and
 backward: each element type with each mask kind in both softmax kernels, each element type with each padded head
-dim in attention. `make coverage` found instantiations no other test reached (their lines showed uncovered)."""
+dim in attention — for fp16/bf16 both forms of the forward (PLAIN: no mask tensor, padding, soft cap or dropout;
+the general form), dense and packed. `make coverage` found instantiations no other test reached (their lines showed
+uncovered)."""
 
 import pytest
 import torch
+from test_varlen_attention import check_varlen
 
 import transformer_kernels as tk
-from transformer_kernels import reference
+from transformer_kernels import _ext, reference
 from transformer_kernels.cuda import attention as cuda_attention
 from transformer_kernels.tools import testing
 from transformer_kernels.tools.testing import assert_rows, compare
@@ -55,3 +58,62 @@ def test_every_attention_instantiation(dtype, head_dim, device):
                                                       low_precision=q.dtype != torch.float32)
 
     assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")))
+
+
+# The PLAIN forward (csrc/attention_fwd.cu) visits the key tiles every query of a block sees by position first, with
+# no test, then the edge tiles: 150 keys with a window of 80 make left-edge, interior and diagonal tiles for a
+# 19-row block at 64-key tiles (D <= 128; 32 at D = 256), and 150 is no multiple of a tile (a partial last tile).
+PLAIN_CASES = [(dtype, d) for dtype, d in ATTENTION_CASES if dtype != torch.float32]
+
+
+@pytest.mark.parametrize(("dtype", "head_dim"), PLAIN_CASES, ids=str)
+def test_every_plain_forward_instantiation(dtype, head_dim, device):
+    g = torch.Generator().manual_seed(head_dim)
+    q = torch.randn(1, 2, 19, head_dim, generator=g).to(dtype).to(device)
+    k, v = (torch.randn(1, 1, 150, head_dim, generator=g).to(dtype).to(device) for _ in range(2))
+    kw = {"is_causal": True, "causal_alignment": "bottom_right", "window": (80, -1), "enable_gqa": True}
+
+    def ours(q, k, v):
+        return tk.ops.attention(q, k, v, **kw, backend="cuda")
+
+    def ref(q, k, v):
+        return reference.scaled_dot_product_attention(q, k, v, **kw, low_precision=True)
+
+    assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")))
+
+
+@pytest.mark.parametrize("window", [None, (70, -1)], ids=str)
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
+def test_plain_forward_packed(causal, window, device):
+    # sequences of 0, 1, a partial tile and several tiles (the packed PLAIN instantiation's interior and edges)
+    kw = {} if causal is None else {"is_causal": True, "causal_alignment": causal}
+    if window is not None:
+        kw["window"] = window
+    check_varlen("cuda", [130, 0, 1, 70], [200, 3, 0, 140], 2, 1, 64, torch.float16, device, **kw)
+
+
+def _forward_form(q, k, v, mask=None, kpm=None, scale=0.125, dropout_p=0.0, softcap=0.0, window=None):
+    host = _ext.load("_C_host")
+    band = cuda_attention._key_band(window is not None, window, q.shape[2], k.shape[2])
+    seed = torch.zeros(1, dtype=torch.int64) if dropout_p else None
+    args = cuda_attention._args(host, q, k, v, mask, kpm, scale, band, 0, dropout_p, seed, softcap)
+    return "plain" if host.attention_forward_plain(args) else "general"
+
+
+def test_the_plain_forward_takes_every_call_position_alone_decides():
+    # Unmasked fp16/bf16 calls, causal or windowed, run the PLAIN form; anything else the general one — so the
+    # SASS budget (tests/test_resources.py) is the cost of the calls it names.
+    q = torch.randn(1, 2, 8, 64, dtype=torch.float16)
+    k = v = torch.randn(1, 2, 24, 64, dtype=torch.float16)
+    assert _forward_form(q, k, v) == "plain"
+    assert _forward_form(q, k, v, window=(4, 0)) == "plain"
+    assert _forward_form(q.bfloat16(), k.bfloat16(), v.bfloat16()) == "plain"
+    assert _forward_form(q.float(), k.float(), v.float()) == "general"  # fp32: the FMA kernels
+    assert _forward_form(q, k, v, mask=torch.zeros(1, 2, 8, 24, dtype=torch.float16)) == "general"
+    assert _forward_form(q, k, v, kpm=torch.zeros(1, 24, dtype=torch.bool)) == "general"
+    assert _forward_form(q, k, v, dropout_p=0.1) == "general"
+    assert _forward_form(q, k, v, softcap=30.0) == "general"
+    assert _forward_form(q, k, v, scale=-0.125) == "general"  # the row max over raw products needs scale > 0
+    # K/V rows whose stride is no multiple of 16 bytes cannot be copied by cp.async chunks
+    wide = torch.randn(1, 2, 24, 68, dtype=torch.float16)[..., :64]
+    assert _forward_form(q, wide, v) == "general"

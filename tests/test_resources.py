@@ -110,8 +110,9 @@ def test_cuda_attention_instantiations_use_tensor_cores(cuda_rows):
     expected |= {("float", d) for d in c.attention_head_dims if d <= c.attention_max_head_dim["float"]}
     for kernel in ("attention_fwd", "attention_dkdv", "attention_dq"):
         rows = [r for r in cuda_rows if r.kernel.startswith(kernel)]
-        assert {tuple(r.variant.split(", ")) for r in rows} == {(t, str(d), p) for t, d in expected
-                                                                for p in ("false", "true")}
+        # (element type, head dim, packed[, PLAIN]): the fp16/bf16 forward comes in both forms (csrc/attention_fwd.cu)
+        assert {tuple(r.variant.split(", ")[:3]) for r in rows} == {(t, str(d), p) for t, d in expected
+                                                                    for p in ("false", "true")}
         for r in rows:
             assert (r.tensor_core_instrs > 0) == (not r.variant.startswith("float")), (kernel, r.variant, r.arch)
     # every pass: mma.sync for fp16/bf16, the FMA kernels for fp32
@@ -140,6 +141,38 @@ def test_cuda_attention_passes_are_register_resident_and_pipelined(cuda_rows):
             element, d = r.variant.split(", ")[:2]
             code = c.dtype_codes[resources.CUDA_ELEMENT_TYPES[element]]
             assert r.shared_bytes >= c.attention_smem(resources.ATTENTION_SMEM_PASS[r.kernel], code, int(d)) > 0
+
+
+# The key loops of the PLAIN forms (csrc/attention_fwd.cu, attention_bwd.cu: no mask tensor, padding mask, soft cap
+# or dropout; causal and windows allowed): SASS instructions per HMMA, dense, by head dim, on sm_80 and sm_90
+# (`resources.KeyLoop`). Issue 27's budgets are 6 for the forward at D = 128 and 8 for each backward kernel
+# (FlashAttention-2 spends ~3.5); smaller head dims do the same per-score work over fewer products. dK/dV has no PLAIN
+# form at D = 256. Measured with nvcc 13.0, sm_80 / sm_90, D = 16 / 32 / 64 / 128 / 256:
+#   forward 16.9 / 16.9, 10.5 / 10.5, 7.6 / 7.4, 5.9 / 5.9, 7.2 / 7.3
+#   dK/dV   17.9 / 18.2, 10.3 / 10.5, 6.6 / 6.6, 5.8 / 5.9
+#   dQ      11.8 / 11.8, 7.4 / 7.4, 5.1 / 5.2, 5.0 / 4.6, 6.2 / 6.3
+# (the general forms: 24-47 at D >= 128, with runtime-bounded load loops nested in them).
+PLAIN_LOOP_BUDGET = {
+    "attention_fwd_mma_kernel": {16: 17.5, 32: 11.5, 64: 8.0, 128: 6.0, 256: 7.5},
+    "attention_dkdv_mma_kernel": {16: 18.5, 32: 11.0, 64: 7.0, 128: 6.5},
+    "attention_dq_mma_kernel": {16: 12.5, 32: 8.0, 64: 6.0, 128: 6.0, 256: 7.0},
+}
+
+
+def test_cuda_plain_key_loops_are_within_budget(cuda_rows):
+    for kernel, budget in PLAIN_LOOP_BUDGET.items():
+        rows = [r for r in cuda_rows if r.kernel == kernel]
+        plain = [r for r in rows if r.variant.endswith(", true")]
+        assert {int(r.variant.split(", ")[1]) for r in plain} == set(budget), kernel
+        for r in plain:
+            _, d, packed, _ = r.variant.split(", ")
+            where, loop = f"{kernel}<{r.variant}> sm_{r.arch}", r.key_loop
+            # the whole key loop, straight-line: every product of the kernel sits in it (or in its two copies, the
+            # interior and edge loops), and no loop is nested in it
+            assert loop is not None and not loop.nested, (where, loop)
+            assert r.tensor_core_instrs in (loop.tensor_core, 2 * loop.tensor_core), (where, loop)
+            if packed == "false" and r.arch in (80, 90):
+                assert loop.per_tensor_core <= budget[int(d)], (where, loop)
 
 
 @pytest.fixture(scope="module")

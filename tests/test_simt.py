@@ -319,9 +319,9 @@ def attention_error(module, direction, monkeypatch, dtype=torch.float16, lq=40):
 MUTANTS = [
     ("softmax.cu", 0, "softmax", "forward"),        # softmax_fwd_block: warp partials visible
     ("common.cuh", 0, "softmax", "backward"),       # block_allreduce (softmax_bwd_block): warp partials visible
-    ("attention_fwd.cu", 0, "attention", "forward"),  # mma: other threads' cp.async copies of the tile landed
-    ("attention_fwd.cu", 2, "attention", "forward"),  # mma: a stage drained by every warp before it is refilled
-    ("attention_fwd.cu", 7, "attention_fp32", "forward"),  # fma: probabilities and rescaled accumulators complete
+    ("attention_fwd.cu", 2, "attention", "forward"),  # mma: other threads' cp.async copies of the tile landed
+    ("attention_fwd.cu", 3, "attention", "forward"),  # mma: a stage drained by every warp before it is refilled
+    ("attention_fwd.cu", 8, "attention_fp32", "forward"),  # fma: probabilities and rescaled accumulators complete
     ("attention_bwd.cu", 3, "attention_fp32", "dv"),  # dkdv (fma): P and dS complete before dV += P^T dO
     ("attention_bwd.cu", 5, "attention", "dk"),     # dkdv (mma): other threads' copies of K, V, Q and dO landed
     ("attention_bwd.cu", 6, "attention_tiles", "dv"),  # dkdv (mma): a stage drained by every warp before refill

@@ -46,6 +46,23 @@ MAX_REGISTERS = 65536  # per SM, all arches here
 MAX_THREADS_PER_SM = {80: 2048, 86: 1536, 89: 1536, 90: 2048}
 
 
+@dataclass(frozen=True)
+class KeyLoop:
+    """A kernel's key loop read from its SASS: the loop (a backward branch and the code from its target to it) with
+    the most tensor-core instructions, the shorter of equals (a peeled loop's interior body, whose tiles need no
+    position test); ``nested``: another loop inside it (then ``instructions`` counts that body once, not per trip)."""
+
+    instructions: int
+    tensor_core: int
+    nested: bool
+
+    @property
+    def per_tensor_core(self) -> float:
+        """SASS instructions issued per tensor-core instruction in one pass over the loop (straight-line code; both
+        sides of a branch count, so it bounds the hot path from above)."""
+        return self.instructions / self.tensor_core
+
+
 @dataclass
 class Resources:
     backend: str  # "triton" | "cuda"
@@ -59,6 +76,8 @@ class Resources:
     tensor_core_instrs: int
     # CUDA rows: counts of the SASS opcodes of `SASS_OPCODES` (ldmatrix, cp.async) in the kernel
     sass_ops: dict[str, int] | None = None
+    # CUDA rows of `KEY_LOOP_KERNELS`: the key loop's SASS (`key_loop`)
+    key_loop: KeyLoop | None = None
 
     @property
     def occupancy(self) -> float | None:
@@ -105,19 +124,54 @@ def count_opcodes(sass: str, opcodes: dict[str, tuple[str, ...]] = SASS_OPCODES)
     return counts
 
 
+# The kernels whose key loop the report reads (issue budgets: SASS instructions per tensor-core instruction).
+KEY_LOOP_KERNELS = ("attention_fwd_mma_kernel", "attention_dkdv_mma_kernel", "attention_dq_mma_kernel")
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def key_loop(body: str) -> KeyLoop | None:
+    """The key loop (`KeyLoop`) of one function's SASS (a `cuobjdump --dump-sass` section); None without a loop that
+    holds a tensor-core instruction."""
+    code = [(int(a, 16), op.split(".")[0], rest) for a, op, rest in _SASS_LINE.findall(body)]
+    loops = []
+    for addr, op, rest in code:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) <= addr:
+            loops.append((int(target.group(1), 16), addr))
+    best = None
+    for start, end in loops:
+        ops = [op for a, op, _ in code if start <= a <= end]
+        tc = sum(op in TENSOR_CORE_OPCODES for op in ops)
+        nested = any(start <= s2 and e2 <= end and (s2, e2) != (start, end) for s2, e2 in loops)
+        if tc and (best is None or (tc, -len(ops)) > (best.tensor_core, -best.instructions)):
+            best = KeyLoop(len(ops), tc, nested)
+    return best
+
+
+def key_loops(sass: str) -> dict[str, KeyLoop]:
+    """cuobjdump --dump-sass → {function: its key loop} for the functions of `KEY_LOOP_KERNELS`."""
+    sections = re.split(r"^\s*Function : (\S+)", sass, flags=re.M)
+    out = {}
+    for name, body in zip(sections[1::2], sections[2::2], strict=True):
+        if any(k in name for k in KEY_LOOP_KERNELS) and (loop := key_loop(body)) is not None:
+            out[name] = loop
+    return out
+
+
 def count_tensor_core(sass: str) -> dict[str, int]:
     """cuobjdump --dump-sass → {function: number of tensor-core instructions}."""
     return {f: c["tc"] for f, c in count_opcodes(sass, {"tc": TENSOR_CORE_OPCODES}).items()}
 
 
-def _cuobjdump(cubin: Path) -> tuple[dict[str, dict[str, int]], dict[str, int], dict[str, dict[str, int]]]:
-    """Per function of a cubin: resource usage, tensor-core instructions, and the `SASS_OPCODES` counts."""
+def _cuobjdump(cubin: Path) -> tuple[dict[str, dict[str, int]], dict[str, int], dict[str, dict[str, int]],
+                                     dict[str, KeyLoop]]:
+    """Per function of a cubin: resource usage, tensor-core instructions, the `SASS_OPCODES` counts, key loops."""
     tool = toolchain.triton_tool("cuobjdump")
     if tool is None:
         raise RuntimeError("cuobjdump not found (ships with triton and with the CUDA toolkit)")
     usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
     sass = subprocess.run([tool, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
-    return parse_resource_usage(usage), count_tensor_core(sass), count_opcodes(sass)
+    return parse_resource_usage(usage), count_tensor_core(sass), count_opcodes(sass), key_loops(sass)
 
 
 # ---- Triton ----------------------------------------------------------------------------------
@@ -153,12 +207,12 @@ def compile_variant(v, arch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        usage, tc, _ = _cuobjdump(cubin)
+        usage, tc, _, _ = _cuobjdump(cubin)
     name = compiled.metadata.name
     u = usage[name]
     row = asdict(Resources("triton", v.kernel_name, v.label, arch, v.num_warps * 32, u["REG"],
                            max(u["STACK"], u["LOCAL"]), max(u["SHARED"], compiled.metadata.shared), tc.get(name, 0)))
-    del row["sass_ops"]  # counted for CUDA kernels only; the committed table keeps its fields
+    del row["sass_ops"], row["key_loop"]  # counted for CUDA kernels only; the committed table keeps its fields
     return row
 
 
@@ -254,7 +308,7 @@ def _cuda_file_report(nvcc: Path, csrc: Path, f: str, arch: str, tmp: str) -> li
 
 
 def _rows(usage: dict[str, dict[str, int]], tc: dict[str, int], ops: dict[str, dict[str, int]],
-          arch: str) -> list[Resources]:
+          loops: dict[str, KeyLoop], arch: str) -> list[Resources]:
     names = _demangle(list(usage))
     rows = []
     for mangled, u in sorted(usage.items(), key=lambda kv: names[kv[0]]):
@@ -262,7 +316,7 @@ def _rows(usage: dict[str, dict[str, int]], tc: dict[str, int], ops: dict[str, d
         # SHARED is the static shared memory; the attention kernels add the dynamic tiles they launch with.
         rows.append(Resources("cuda", kernel, variant, int(arch), 0, u["REG"], max(u["STACK"], u["LOCAL"]),
                               u["SHARED"] + _dynamic_shared(kernel, variant), tc.get(mangled, 0),
-                              ops.get(mangled)))
+                              ops.get(mangled), loops.get(mangled)))
     return rows
 
 
@@ -309,7 +363,7 @@ def _extension_arch_report(so: Path, arch: str) -> list[Resources]:
                                                 capture_output=True, text=True, check=True).stdout)
     sass = subprocess.run([tool, "-arch", f"sm_{arch}", "--dump-sass", so], capture_output=True, text=True,
                           check=True).stdout
-    return _rows(usage, count_tensor_core(sass), count_opcodes(sass), arch)
+    return _rows(usage, count_tensor_core(sass), count_opcodes(sass), key_loops(sass), arch)
 
 
 # Reports already made in this process, by (files, archs, build digest): the resource test and the static bench
@@ -345,12 +399,15 @@ def cuda_report(files: Iterable[str] = CUDA_KERNEL_FILES, archs: Iterable[str] |
 
 
 def format_table(rows: list[Resources]) -> str:
-    head = f"{'backend':7} {'kernel':26} {'arch':5} {'regs':>4} {'spill':>5} {'smem':>6} {'TC':>4} {'occ':>5}  variant"
+    """One line per row; ``loop/TC``: the key loop's SASS instructions per tensor-core instruction (`KeyLoop`)."""
+    head = (f"{'backend':7} {'kernel':26} {'arch':5} {'regs':>4} {'spill':>5} {'smem':>6} {'TC':>4} {'occ':>5} "
+            f"{'loop/TC':>7}  variant")
     lines = [head, "-" * len(head)]
     for r in rows:
         occ = "-" if r.occupancy is None else f"{r.occupancy:.2f}"
+        loop = "-" if r.key_loop is None else f"{r.key_loop.per_tensor_core:.1f}"
         lines.append(f"{r.backend:7} {r.kernel:26} sm_{r.arch:<2} {r.registers:4d} {r.stack_bytes:5d} "
-                     f"{r.shared_bytes:6d} {r.tensor_core_instrs:4d} {occ:>5}  {r.variant}")
+                     f"{r.shared_bytes:6d} {r.tensor_core_instrs:4d} {occ:>5} {loop:>7}  {r.variant}")
     return "\n".join(lines)
 
 
@@ -378,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows))
     else:
-        print(format_table([Resources(**r) for r in rows]))
+        print(format_table([Resources(**{**r, "key_loop": KeyLoop(**r["key_loop"]) if r.get("key_loop") else None})
+                            for r in rows]))
     spills = sum(1 for r in rows if r["stack_bytes"])
     if args.check:
         print(f"{len(rows)} kernel variants, {spills} with spills", file=sys.stderr)
