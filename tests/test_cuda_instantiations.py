@@ -60,18 +60,20 @@ def test_every_attention_instantiation(dtype, head_dim, device):
     assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")))
 
 
-# The PLAIN forward (csrc/attention_fwd.cu) visits the key tiles every query of a block sees by position first, with
-# no test, then the edge tiles: 150 keys with a window of 80 make left-edge, interior and diagonal tiles for a
-# 19-row block at 64-key tiles (D <= 128; 32 at D = 256), and 150 is no multiple of a tile (a partial last tile).
+# The PLAIN forms (csrc/attention_fwd.cu, attention_bwd.cu) visit the key tiles every query of a block sees by
+# position first, with no test, then the edge tiles. 64 queries over 320 keys, bottom-right, window 200: at 64-key
+# tiles (D <= 128) the block sees tiles 0 and 64 cut by the window's left edge, tile 128 whole (visited first), 192
+# and 256 cut by the diagonal — so a visit order or a position test gone wrong shows (320 is a whole number of
+# tiles; the packed case below has partial ones).
 PLAIN_CASES = [(dtype, d) for dtype, d in ATTENTION_CASES if dtype != torch.float32]
 
 
 @pytest.mark.parametrize(("dtype", "head_dim"), PLAIN_CASES, ids=str)
 def test_every_plain_forward_instantiation(dtype, head_dim, device):
     g = torch.Generator().manual_seed(head_dim)
-    q = torch.randn(1, 2, 19, head_dim, generator=g).to(dtype).to(device)
-    k, v = (torch.randn(1, 1, 150, head_dim, generator=g).to(dtype).to(device) for _ in range(2))
-    kw = {"is_causal": True, "causal_alignment": "bottom_right", "window": (80, -1), "enable_gqa": True}
+    q = torch.randn(1, 2, 64, head_dim, generator=g).to(dtype).to(device)
+    k, v = (torch.randn(1, 1, 320, head_dim, generator=g).to(dtype).to(device) for _ in range(2))
+    kw = {"is_causal": True, "causal_alignment": "bottom_right", "window": (200, -1), "enable_gqa": True}
 
     def ours(q, k, v):
         return tk.ops.attention(q, k, v, **kw, backend="cuda")
@@ -82,10 +84,11 @@ def test_every_plain_forward_instantiation(dtype, head_dim, device):
     assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")))
 
 
-@pytest.mark.parametrize("window", [None, (70, -1)], ids=str)
+@pytest.mark.parametrize("window", [None, (150, -1)], ids=str)
 @pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
 def test_plain_forward_packed(causal, window, device):
-    # sequences of 0, 1, a partial tile and several tiles (the packed PLAIN instantiation's interior and edges)
+    # sequences of 0, 1, a partial tile and several tiles (the packed PLAIN instantiations' interior and edges; the
+    # first sequence's second query block, bottom-right with the window, sees key tile 64 whole between two cut ones)
     kw = {} if causal is None else {"is_causal": True, "causal_alignment": causal}
     if window is not None:
         kw["window"] = window
