@@ -282,9 +282,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_mma_kernel(Att
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int c = 8 * j + 2 * t + (e & 1);
-              const float p = exp2_approx(fmaf(s[j][e], to_log2, -st[c])) * st[BM + c];
-              dp[j][e] = p * (dp[j][e] - st[2 * BM + c]);
-              s[j][e] = p;
+              const ProbGrad pg = plain_prob_and_grad(s[j][e], to_log2, st[c], st[BM + c], dp[j][e], st[2 * BM + c]);
+              dp[j][e] = pg.ds;
+              s[j][e] = pg.p;
             }
         } else {
           softcap_products(a, s);
@@ -412,8 +412,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(Atten
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int r = e >> 1;
-            const float p = exp2_approx(fmaf(s[j][e], to_log2, -row_max[r])) * inv_l[r];
-            dp[j][e] = p * (dp[j][e] - delta[r]);
+            dp[j][e] = plain_prob_and_grad(s[j][e], to_log2, row_max[r], inv_l[r], dp[j][e], delta[r]).ds;
           }
       } else {
         softcap_products(a, s);

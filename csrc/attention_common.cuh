@@ -425,6 +425,14 @@ __device__ __forceinline__ ProbGrad prob_and_grad(float s, float row_max, float 
   return ProbGrad{p * kept, p * (dp * kept - delta)};
 }
 
+// The PLAIN backward passes' form of `prob_and_grad`: P = 2^(dot·c − m2)·(1/sum) from a raw product (c =
+// scale·log2 e, m2 the row max in log2 units; a hidden product is −inf, so P = dS = 0) and dS = P·(dP − delta).
+__device__ __forceinline__ ProbGrad plain_prob_and_grad(float dot, float to_log2, float m2, float inv_l, float dp,
+                                                        float delta) {
+  const float p = exp2_approx(fmaf(dot, to_log2, -m2)) * inv_l;
+  return ProbGrad{p, p * (dp - delta)};
+}
+
 // Zeroes row c of `rows` (pitch ld) for every key column c of the score tile that no query of the tile sees,
 // so a NaN/Inf value or key hidden by the mask cannot turn a zero probability into NaN in a product.
 template <typename T, int BM, int BN, int DP>
