@@ -339,9 +339,9 @@ def _dynamic_shared(kernel: str, variant: str) -> int:
     return host.attention_smem(ATTENTION_SMEM_PASS[kernel], host.dtype_codes[CUDA_ELEMENT_TYPES[element]], int(d))
 
 
-def _built_extension() -> tuple[Path, list[str]] | None:
-    """The built `_C` and its arches, when setup.py's record says that very module was compiled from csrc/ as it
-    is now (same flags, arches, nvcc); else None."""
+def _built_extension() -> tuple[Path, list[str], str] | None:
+    """The built `_C`, its arches and its sha256, when setup.py's record says that very module was compiled from
+    csrc/ as it is now (same flags, arches, nvcc); else None."""
     from .. import _ext
 
     package = Path(_ext.__file__).parent
@@ -351,7 +351,7 @@ def _built_extension() -> tuple[Path, list[str]] | None:
     info = json.loads(record.read_text())
     current = (info.get("digest") == toolchain.cuda_build_digest(info.get("archs", []))
                and info.get("module_sha256") == hashlib.sha256(built[0].read_bytes()).hexdigest())
-    return (built[0], info["archs"]) if current else None
+    return (built[0], info["archs"], info["module_sha256"]) if current else None
 
 
 def _extension_arch_report(so: Path, arch: str) -> list[Resources]:
@@ -369,6 +369,24 @@ def _extension_arch_report(so: Path, arch: str) -> list[Resources]:
 # Reports already made in this process, by (files, archs, build digest): the resource test and the static bench
 # report ask for the same one.
 _cuda_reports: dict[tuple, list[Resources]] = {}
+CUDA_CACHE_FILE = CACHE_DIR / "cuda_resources.json"
+
+
+def _row_from_dict(d: dict) -> Resources:
+    return Resources(**{**d, "key_loop": KeyLoop(**d["key_loop"]) if d.get("key_loop") else None})
+
+
+def _cached_cuda_rows(module_sha256: str, archs: tuple[str, ...]) -> list[Resources] | None:
+    rows = _read_json(CUDA_CACHE_FILE).get(f"{module_sha256}:{','.join(archs)}")
+    return None if rows is None else [_row_from_dict(r) for r in rows]
+
+
+def _cache_cuda_rows(module_sha256: str, archs: tuple[str, ...], rows: list[Resources]) -> None:
+    # One module's rows (a rebuilt _C replaces them), written whole and renamed into place: two processes may race.
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = CUDA_CACHE_FILE.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({f"{module_sha256}:{','.join(archs)}": [asdict(r) for r in rows]}))
+    os.replace(tmp, CUDA_CACHE_FILE)
 
 
 def cuda_report(files: Iterable[str] = CUDA_KERNEL_FILES, archs: Iterable[str] | None = None,
@@ -384,8 +402,16 @@ def cuda_report(files: Iterable[str] = CUDA_KERNEL_FILES, archs: Iterable[str] |
     key = (files, arch_list, so is not None, toolchain.cuda_build_digest(list(arch_list)))
     if key not in _cuda_reports:
         if so is not None:
-            with ThreadPoolExecutor(max(jobs, 1)) as pool:
-                parts = list(pool.map(lambda arch: _extension_arch_report(so, arch), arch_list))
+            # Disassembling _C takes ~15 s per arch (~180 MB of SASS each): the rows of that very module (its
+            # sha256) are kept on disk for the next process that asks (the resource test and the static bench
+            # report run in different test workers).
+            cached = _cached_cuda_rows(built[2], arch_list)
+            if cached is None:
+                with ThreadPoolExecutor(max(jobs, 1)) as pool:
+                    cached = [r for part in pool.map(lambda arch: _extension_arch_report(so, arch), arch_list)
+                              for r in part]
+                _cache_cuda_rows(built[2], arch_list, cached)
+            parts = [cached]
         else:
             nvcc = toolchain.nvcc()
             if nvcc is None:
@@ -435,8 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows))
     else:
-        print(format_table([Resources(**{**r, "key_loop": KeyLoop(**r["key_loop"]) if r.get("key_loop") else None})
-                            for r in rows]))
+        print(format_table([_row_from_dict(r) for r in rows]))
     spills = sum(1 for r in rows if r["stack_bytes"])
     if args.check:
         print(f"{len(rows)} kernel variants, {spills} with spills", file=sys.stderr)
