@@ -15,6 +15,7 @@ setup.py recorded that it was built from csrc/ as it is now, else compiled per f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -372,6 +373,23 @@ _cuda_reports: dict[tuple, list[Resources]] = {}
 CUDA_CACHE_FILE = CACHE_DIR / "cuda_resources.json"
 
 
+@contextlib.contextmanager
+def _cuda_cache_lock():
+    """An exclusive lock on the CUDA report cache across processes (where fcntl exists; else none)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CUDA_CACHE_FILE.with_suffix(".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _row_from_dict(d: dict) -> Resources:
     return Resources(**{**d, "key_loop": KeyLoop(**d["key_loop"]) if d.get("key_loop") else None})
 
@@ -405,12 +423,13 @@ def cuda_report(files: Iterable[str] = CUDA_KERNEL_FILES, archs: Iterable[str] |
             # Disassembling _C takes ~15 s per arch (~180 MB of SASS each): the rows of that very module (its
             # sha256) are kept on disk for the next process that asks (the resource test and the static bench
             # report run in different test workers).
-            cached = _cached_cuda_rows(built[2], arch_list)
-            if cached is None:
-                with ThreadPoolExecutor(max(jobs, 1)) as pool:
-                    cached = [r for part in pool.map(lambda arch: _extension_arch_report(so, arch), arch_list)
-                              for r in part]
-                _cache_cuda_rows(built[2], arch_list, cached)
+            with _cuda_cache_lock():  # a second process waits for the first's rows instead of sharing its cores
+                cached = _cached_cuda_rows(built[2], arch_list)
+                if cached is None:
+                    with ThreadPoolExecutor(max(jobs, 1)) as pool:
+                        cached = [r for part in pool.map(lambda arch: _extension_arch_report(so, arch), arch_list)
+                                  for r in part]
+                    _cache_cuda_rows(built[2], arch_list, cached)
             parts = [cached]
         else:
             nvcc = toolchain.nvcc()
