@@ -535,6 +535,12 @@ __device__ __forceinline__ QueryRange query_range(const AttentionArgs& a, int64_
   return QueryRange{first <= 0 ? 0 : first / bm * bm, end < 0 ? 0 : (end > a.Lq ? a.Lq : end)};
 }
 
+// An int64 offset between positions as a 32-bit tile offset, clamped past any tile (±2^20: an unbounded side).
+__device__ __forceinline__ int tile_offset(int64_t x) {
+  constexpr int64_t kFar = 1 << 20;
+  return static_cast<int>(x < -kFar ? -kFar : (x > kFar ? kFar : x));
+}
+
 // Hides (−inf) this lane's scores of an mma score tile (a warp's 16 query rows from row0, 8·NT keys from n0) that
 // position hides — a key past Lk, or, banded, outside its row's band — in 32-bit tile coordinates: key column c of
 // row r is seen iff c < end and lo <= c − r <= hi. Bounds are moved to this lane's (row g, column 2t) so each score
@@ -542,14 +548,12 @@ __device__ __forceinline__ QueryRange query_range(const AttentionArgs& a, int64_
 template <int NT>
 __device__ __forceinline__ void hide_outside_band(const AttentionArgs& a, float (&s)[NT][4], int64_t row0,
                                                   int64_t n0, int lane) {
-  constexpr int64_t kFar = 1 << 20;  // beyond any tile offset: an unbounded side
-  const auto narrow = [](int64_t x) { return static_cast<int>(x < -kFar ? -kFar : (x > kFar ? kFar : x)); };
   const int g = lane >> 2, t2 = 2 * (lane & 3);
-  const int end = narrow(a.Lk - n0) - t2;
-  int lo = -kFar, hi = kFar;
+  const int end = tile_offset(a.Lk - n0) - t2;
+  int lo = tile_offset(INT64_MIN / 2), hi = tile_offset(INT64_MAX / 2);
   if (a.causal) {  // j − i − causal_offset = (c − r) + (n0 − row0 − causal_offset)
     const int64_t base = n0 - row0 - a.causal_offset;
-    lo = narrow(-a.window_left - base) - (t2 - g), hi = narrow(a.window_right - base) - (t2 - g);
+    lo = tile_offset(-a.window_left - base) - (t2 - g), hi = tile_offset(a.window_right - base) - (t2 - g);
   }
 #pragma unroll
   for (int j = 0; j < NT; ++j)
@@ -565,12 +569,10 @@ __device__ __forceinline__ void hide_outside_band(const AttentionArgs& a, float 
 template <int NT>
 __device__ __forceinline__ void hide_outside_band_by_key(const AttentionArgs& a, float (&s)[NT][4], int64_t key0,
                                                          int64_t m0, int lane) {
-  constexpr int64_t kFar = 1 << 20;
-  const auto narrow = [](int64_t x) { return static_cast<int>(x < -kFar ? -kFar : (x > kFar ? kFar : x)); };
   const int g = lane >> 2, t2 = 2 * (lane & 3);
   // j − i − causal_offset = (r − c) + (key0 − m0 − causal_offset) for key row r, query column c
   const int64_t base = key0 - m0 - a.causal_offset;
-  const int lo = narrow(-a.window_left - base) - (g - t2), hi = narrow(a.window_right - base) - (g - t2);
+  const int lo = tile_offset(-a.window_left - base) - (g - t2), hi = tile_offset(a.window_right - base) - (g - t2);
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
