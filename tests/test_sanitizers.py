@@ -55,7 +55,7 @@ def tsan_extension():
 @pytest.fixture(scope="module")
 def initcheck_extension():
     # TSan's instrumentation without its runtime: initcheck.cu defines the __tsan_* entry points.
-    so, _ = toolchain.instrumented_host_extension("initcheck", "-O1 -g -fsanitize=thread -DSIMT_INITCHECK", "")
+    so, _ = toolchain.instrumented_host_extension("initcheck", "-O1 -fsanitize=thread -DSIMT_INITCHECK", "")
     return so
 
 

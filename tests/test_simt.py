@@ -202,7 +202,9 @@ def test_cuda_build_without_a_device_raises_cleanly():
 # ---- mutation: a copy of a kernel source with one barrier removed must fail the comparison ----
 
 PY_INCLUDES = [sysconfig.get_paths()["include"], pybind11.get_include()]
-HOST_SOURCES = ["bindings.cpp", *sorted(p.name for p in toolchain.csrc_dir().glob("*.cu")), "host/selftest.cu"]
+# What setup.py compiles into _C_host: the bindings, every kernel file and the simulator's own sources.
+HOST_SOURCES = ["bindings.cpp", *sorted(p.name for p in toolchain.csrc_dir().glob("*.cu")),
+                *sorted(f"host/{p.name}" for p in (toolchain.csrc_dir() / "host").glob("*.cu"))]
 
 
 def compile_host(src_dir, source, out):

@@ -1,7 +1,7 @@
 // simt.h: runs unmodified CUDA kernel sources on the CPU, for verification without a GPU.
 //
 // Compiled by the host C++ compiler (never by nvcc), force-included before every .cu file of the
-// _C_host build. Each block's threads run as cooperative fibers (ucontext) on one OS thread:
+// _C_host build. Each block's threads run as cooperative fibers (`FiberContext`) on one OS thread:
 //  - a fiber runs until it reaches a barrier (__syncthreads, a warp collective) or returns;
 //  - between barriers the runnable fibers resume in a seeded random order, so code that reads
 //    another thread's shared-memory write without a barrier in between sees stale or poisoned data;
@@ -24,6 +24,7 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 // SIMT_RACECHECK: built with ThreadSanitizer and its runtime. SIMT_INITCHECK (also -fsanitize=thread, for its
@@ -67,6 +68,51 @@
 
 namespace simt {
 
+// The simulator's own bookkeeping (scheduler state, fiber states, the thread and block indices) is shared by every
+// simulated thread by construction: ThreadSanitizer does not instrument it, only the kernels' memory accesses.
+#if defined(__SANITIZE_THREAD__)
+#define SIMT_RUNTIME __attribute__((no_sanitize_thread))
+#else
+#define SIMT_RUNTIME
+#endif
+
+// A fiber's saved state. On x86-64 the switch is csrc/host/fiber_switch.cu (no system call); elsewhere ucontext,
+// whose swapcontext also saves and restores the signal mask (two system calls per switch).
+#if defined(__x86_64__)
+extern "C" void simt_fiber_switch(void** save_sp, void* load_sp);
+extern "C" void simt_fiber_start();
+struct FiberContext {
+  void* sp = nullptr;
+  // The first switch to this context calls entry() on [stack, stack + bytes); entry must never return.
+  SIMT_RUNTIME void start(unsigned char* stack, size_t bytes, void (*entry)()) {
+    auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15});
+    uint64_t* frame = top - 8;  // what simt_fiber_switch pops: control words, r15..r12, rbx, rbp, return address
+    uint32_t mxcsr;
+    uint16_t fpu_cw;
+    asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(mxcsr), "=m"(fpu_cw));  // the fiber inherits the FP modes
+    frame[0] = mxcsr | static_cast<uint64_t>(fpu_cw) << 32;
+    frame[1] = frame[2] = frame[3] = 0;            // r15, r14, r13
+    frame[4] = reinterpret_cast<uint64_t>(entry);  // r12: what simt_fiber_start calls
+    frame[5] = frame[6] = 0;                       // rbx; rbp = 0 ends frame-pointer unwinding here
+    frame[7] = reinterpret_cast<uint64_t>(&simt_fiber_start);
+    sp = frame;
+  }
+};
+SIMT_RUNTIME inline void switch_fiber(FiberContext& from, FiberContext& to) { simt_fiber_switch(&from.sp, to.sp); }
+#else
+struct FiberContext {
+  ucontext_t uc;
+  SIMT_RUNTIME void start(unsigned char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&uc);
+    uc.uc_stack.ss_sp = stack;
+    uc.uc_stack.ss_size = bytes;
+    uc.uc_link = nullptr;
+    makecontext(&uc, entry, 0);
+  }
+};
+SIMT_RUNTIME inline void switch_fiber(FiberContext& from, FiberContext& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
 // Race checking (tests/test_sanitizers.py builds _C_host with ThreadSanitizer): each simulated thread is a TSan
 // fiber, switches never synchronise, and only what orders threads on a GPU does: __syncthreads() (every thread
 // releases before waiting and acquires after), warp collectives (per warp), atomics (per address), and the launch
@@ -76,39 +122,27 @@ namespace simt {
 namespace race {
 #if defined(SIMT_RACECHECK)
 inline void* current() { return __tsan_get_current_fiber(); }
-inline void* create(const std::string& name) {
-  void* fiber = __tsan_create_fiber(0);
-  __tsan_set_fiber_name(fiber, name.c_str());  // reports then name the simulated block and thread
-  return fiber;
-}
-inline void destroy(void* fiber) { __tsan_destroy_fiber(fiber); }
+inline void* create() { return __tsan_create_fiber(0); }
+inline void name(void* fiber, const std::string& name) { __tsan_set_fiber_name(fiber, name.c_str()); }
 inline void switch_to(void* fiber) { __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync); }
 inline void release(const void* sync) { __tsan_release(const_cast<void*>(sync)); }
 inline void acquire(const void* sync) { __tsan_acquire(const_cast<void*>(sync)); }
 #else
 inline void* current() { return nullptr; }
-inline void* create(const std::string&) { return nullptr; }
-inline void destroy(void*) {}
+inline void* create() { return nullptr; }
+inline void name(void*, const std::string&) {}
 inline void switch_to(void*) {}
 inline void release(const void*) {}
 inline void acquire(const void*) {}
 #endif
 }  // namespace race
 
-// The simulator's own bookkeeping (scheduler state, fiber states, the thread and block indices) is shared by every
-// simulated thread by construction: ThreadSanitizer does not instrument it, only the kernels' memory accesses.
-#if defined(__SANITIZE_THREAD__)
-#define SIMT_RUNTIME __attribute__((no_sanitize_thread))
-#else
-#define SIMT_RUNTIME
-#endif
-
 enum class State { Runnable, AtBarrier, AtWarpSync, Done };
 
 struct Fiber {
   uint3 tid;
   unsigned linear = 0;
-  ucontext_t ctx;
+  FiberContext ctx;
   State state = State::Done;
   const char* bar_file = nullptr;  // where a fiber waits, for barrier-divergence messages
   int bar_line = 0;
@@ -133,7 +167,7 @@ struct Runtime {
   std::vector<Fiber> fibers;
   unsigned n_threads = 0;
   Fiber* cur = nullptr;
-  ucontext_t sched;
+  FiberContext sched;
   std::string error;               // set by a fiber; the scheduler rethrows it on the main stack
   const std::function<void()>* body = nullptr;
   // per-warp exchange slots for shuffles/ballots: [warp][lane] of 16 bytes
@@ -149,6 +183,11 @@ struct Runtime {
   unsigned last_warp = ~0u;
   // Race checking: the scheduler's own fiber and the addresses the synchronisation points release and acquire.
   void* race_scheduler = nullptr;
+  // One TSan fiber per thread slot, kept for the process: creating and destroying one per simulated thread and
+  // block cost ~55,000 mmap/munmap pairs and their page faults in the racecheck driver (over half its time). Reuse
+  // hides no race: the launch orders every block after the one before it (block_start, block_end), so thread i of
+  // one block was never concurrent with thread i of another here.
+  std::vector<void*> race_fibers;
   char block_start = 0, block_end = 0, barrier = 0;
   std::vector<char> warp_collective;
   std::vector<float> mma_scratch;   // per warp: the A and B tiles of an mma.sync (512 floats)
@@ -207,7 +246,7 @@ SIMT_RUNTIME inline void yield_to_scheduler() {
   auto& r = rt();
   Fiber* self = r.cur;
   race::switch_to(r.race_scheduler);
-  swapcontext(&self->ctx, &r.sched);
+  switch_fiber(self->ctx, r.sched);
 }
 
 SIMT_RUNTIME inline void fiber_entry() {
@@ -223,7 +262,7 @@ SIMT_RUNTIME inline void fiber_entry() {
   r.cur->state = State::Done;
   race::release(&r.block_end);
   race::switch_to(r.race_scheduler);
-  setcontext(&r.sched);
+  switch_fiber(r.cur->ctx, r.sched);  // never resumed: the next block starts its fibers afresh
 }
 
 SIMT_RUNTIME inline void syncthreads(const char* file, int line) {
@@ -313,8 +352,9 @@ SIMT_RUNTIME inline bool run_runnable(std::vector<unsigned>& order, unsigned onl
   std::shuffle(order.begin(), order.end(), r.rng);
   for (unsigned i : order) {
     r.cur = &r.fibers[i];
-    race::switch_to(r.fibers[i].race_fiber);
-    swapcontext(&r.sched, &r.fibers[i].ctx);
+    // Nothing of the runtime's after the TSan switch: the fiber has not yet acquired the launch's writes to it.
+    race::switch_to(r.cur->race_fiber);
+    switch_fiber(r.sched, r.cur->ctx);
     r.cur = nullptr;
     if (!r.error.empty()) fail(r.error + " [" + block_name() + "]");
   }
@@ -407,13 +447,6 @@ SIMT_RUNTIME inline void ensure_stacks(unsigned n_threads) {
   r.stack_bytes = fiber_stack_bytes();
 }
 
-SIMT_RUNTIME inline void destroy_race_fibers() {
-  for (auto& f : rt().fibers) {
-    if (f.race_fiber) race::destroy(f.race_fiber);
-    f.race_fiber = nullptr;
-  }
-}
-
 // Runs `body` once per thread of every block of the grid. Blocks run one by one in a random order.
 SIMT_RUNTIME inline void launch(dim3 grid, dim3 block, size_t dyn_smem_bytes, const std::function<void()>& body) {
   auto& r = rt();
@@ -457,22 +490,23 @@ SIMT_RUNTIME inline void launch(dim3 grid, dim3 block, size_t dyn_smem_bytes, co
         f.state = State::Runnable;
         f.async_copies.clear();
         f.async_groups = 0;
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = r.stacks + static_cast<size_t>(i) * r.stack_bytes;
-        f.ctx.uc_stack.ss_size = r.stack_bytes;
-        f.ctx.uc_link = &r.sched;
-        makecontext(&f.ctx, fiber_entry, 0);
+        f.ctx.start(r.stacks + static_cast<size_t>(i) * r.stack_bytes, r.stack_bytes, fiber_entry);
 #if defined(SIMT_RACECHECK)
-        f.race_fiber = race::create(block_name() + " " + where(f));
+        if (i == r.race_fibers.size()) r.race_fibers.push_back(race::create());
+        f.race_fiber = r.race_fibers[i];
+        race::name(f.race_fiber, block_name() + " " + where(f));  // reports name the simulated block and thread
 #endif
       }
       race::release(&r.block_start);
       run_block();
       race::acquire(&r.block_end);
-      destroy_race_fibers();
     }
   } catch (...) {
-    destroy_race_fibers();
+#if defined(__SANITIZE_ADDRESS__)
+    // An error thrown in a fiber, and the fibers left suspended, leave their frames' redzones poisoned (ASan cannot
+    // clean a stack it does not know): the next launch starts on clean stacks.
+    __asan_unpoison_memory_region(r.stacks, r.stacks_len);
+#endif
     r.body = nullptr;
     r.cur = nullptr;
     throw;
