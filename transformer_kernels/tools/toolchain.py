@@ -85,13 +85,13 @@ CUDA_BUILD_RECORD = "_C.build.json"
 
 
 def cuda_build_digest(archs: list[str]) -> str:
-    """A digest of everything the device code of `_C` depends on: every file under csrc/, the nvcc flags, the arches
-    and the nvcc it was built with."""
+    """A digest of everything the device code of `_C` depends on: every file under csrc/ but the simulator's
+    (csrc/host/, which only `_C_host` compiles), the nvcc flags, the arches and the nvcc it was built with."""
     import hashlib
 
     h = hashlib.sha256(" ".join([*NVCC_FLAGS, *archs, str(nvcc())]).encode())
     csrc = csrc_dir()
-    for path in sorted(p for p in csrc.rglob("*") if p.is_file()):
+    for path in sorted(p for p in csrc.rglob("*") if p.is_file() and p.relative_to(csrc).parts[0] != "host"):
         h.update(str(path.relative_to(csrc)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
