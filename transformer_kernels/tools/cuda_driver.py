@@ -36,6 +36,12 @@ def run(device: torch.device) -> list[str]:
                             causal_alignment="bottom_right", backend="cuda")
         out.sum().backward()
         ran.append(f"attention forward/backward D={d} {dtype} (with the mask's gradient)")
+    # No mask tensor, padding or dropout: the PLAIN forms (csrc/attention_common.cuh, plain_scores), whose interior
+    # key tiles run with no per-score test; a window cuts tiles on both sides of the band.
+    q, k, v = randn(1, 4, 70, 64), randn(1, 2, 150, 64), randn(1, 2, 150, 64)
+    ops.attention(q, k, v, is_causal=True, enable_gqa=True, causal_alignment="bottom_right", window=(90, 0),
+                  backend="cuda").sum().backward()
+    ran.append("attention forward/backward PLAIN D=64 (causal, window)")
     q, k, v = randn(1, 4, 1, 64), randn(1, 2, 300, 64), randn(1, 2, 300, 64)
     ops.attention(q, k, v, enable_gqa=True, backend="cuda").sum().backward()
     ran.append("attention decoding step (split-KV forward and its combine kernel)")
@@ -45,6 +51,11 @@ def run(device: torch.device) -> list[str]:
     ops.varlen_attention(q, k, v, cu, cu, 33, 33, dropout_p=0.1, is_causal=True, enable_gqa=True,
                          backend="cuda").sum().backward()
     ran.append("varlen attention forward/backward (packed sequences)")
+    cu = torch.tensor([0, 3, 40, 110], dtype=torch.int32, device=device)
+    q, k, v = randn(110, 2, 32, dtype=torch.bfloat16), randn(110, 2, 32, dtype=torch.bfloat16), \
+        randn(110, 2, 32, dtype=torch.bfloat16)
+    ops.varlen_attention(q, k, v, cu, cu, 70, 70, is_causal=True, backend="cuda").sum().backward()
+    ran.append("varlen attention forward/backward PLAIN (packed sequences)")
     x, w, b = randn(37, 64), randn(96, 64), randn(96)
     ops.linear(x, w, b, "gelu", residual=randn(37, 96), dropout_p=0.1, backend="cuda").sum().backward()
     ops.gated_linear(x, w, randn(96, 64), b, randn(96), "silu", backend="cuda").sum().backward()
