@@ -13,11 +13,11 @@ outside every row's window are never loaded; the Triton kernels get it folded in
 is `ops.attention_with_kvcache`: k/v appended into the cache in place (index writes at each sequence's
 ``cache_seqlens``, device tensors: no host sync), a decoding step on triton reading the cache, paged or dense, in
 place through the block table, anything else through a gathered copy and a mask of each sequence's valid keys;
-``softcap`` caps the scores in the CUDA kernels (`attention`'s rule: `auto` picks cuda). Refused by name
-(``NotImplementedError``) rather than ignored:
-``alibi_slopes``, ``return_attn_probs``, ``deterministic=True`` (our attention backward is deterministic under
-``torch.use_deterministic_algorithms(True)``), ``cache_batch_idx``, ``cache_leftpad``, ``block_table`` on the varlen
-functions.
+``softcap`` caps the scores in the CUDA kernels (`attention`'s rule: `auto` picks cuda); ``alibi_slopes`` is
+`attention`'s (the dense functions only). Refused by name (``NotImplementedError``) rather than ignored:
+``alibi_slopes`` on the varlen and KV-cache functions, ``return_attn_probs``, ``deterministic=True`` (our
+attention backward is deterministic under ``torch.use_deterministic_algorithms(True)``), ``cache_batch_idx``,
+``cache_leftpad``, ``block_table`` on the varlen functions.
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
                     alibi_slopes: Tensor | None = None, deterministic: bool = False, return_attn_probs: bool = False,
                     *, backend: str | None = None) -> Tensor:
     """q ``[B, Lq, H, D]``, k/v ``[B, Lk, Hkv, D]`` → ``[B, Lq, H, D]`` (flash-attn's ``flash_attn_func``)."""
-    _refuse(alibi_slopes, deterministic, return_attn_probs)
+    _refuse(None, deterministic, return_attn_probs)
     out = ops.attention(_heads_first(q), _heads_first(k), _heads_first(v), dropout_p=dropout_p, is_causal=causal,
                         scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2], causal_alignment="bottom_right",
-                        softcap=softcap, window=check_window(window_size, "window_size"), backend=backend)
+                        softcap=softcap, window=check_window(window_size, "window_size"), alibi_slopes=alibi_slopes,
+                        backend=backend)
     return out.transpose(1, 2).contiguous()
 
 

@@ -180,6 +180,7 @@ def scaled_dot_product_attention(
     sinks: Tensor | None = None,
     softcap: float | None = None,
     window: tuple[int, int] | None = None,
+    alibi_slopes: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention as in ``F.scaled_dot_product_attention`` plus the package's extras (docs/ARCHITECTURE.md).
 
@@ -192,6 +193,8 @@ def scaled_dot_product_attention(
     logit per head in every row's softmax that carries no value (a row with no visible key still gives zeros).
     ``softcap``: Gemma 2's soft-capping, scaled scores s → softcap·tanh(s / softcap), before any mask.
     ``window``: ``(left, right)`` sliding window around each query's diagonal (`window_mask`).
+    ``alibi_slopes`` ``[H]`` or ``[B, H]``: ALiBi, −slope·|i + offset − j| added to each scaled score (offset the
+    diagonal of ``causal_alignment``).
     Returns ``[B, H, Lq, D]`` in q's dtype (and the
     ``[B, H, Lq, Lk]`` weights when ``return_weights``).
     """
@@ -228,6 +231,12 @@ def scaled_dot_product_attention(
     scores = rnd(scores)
     if bias is not None:
         scores = scores + _acc(bias).to(scores.dtype)
+    if alibi_slopes is not None:
+        offset = 0 if causal_alignment == "top_left" else lk - lq
+        i = torch.arange(lq, device=q.device, dtype=torch.float64).view(-1, 1)
+        j = torch.arange(lk, device=q.device, dtype=torch.float64).view(1, -1)
+        slopes = alibi_slopes.double().view(*alibi_slopes.shape, 1, 1)
+        scores = scores - (slopes * (i + offset - j).abs()).to(scores.dtype)
     if sinks is None:
         p = _softmax_keep(scores, keep)
     else:

@@ -63,6 +63,20 @@ def check_softcap(softcap: object) -> None:
         raise ValueError(f"softcap must be a positive float (or None / 0 for none); got {softcap!r}")
 
 
+def check_alibi_slopes(slopes: object, b: int, h: int, device: torch.device) -> None:
+    """``alibi_slopes``: None, or a floating ``[H]`` or ``[B, H]`` tensor on ``device`` that does not require grad
+    (constants, as flash-attn's; a learned bias goes in as a float ``attn_mask``, which gets its gradient)."""
+    if slopes is None:
+        return
+    check_float_tensor("alibi_slopes", slopes, allow_fp64=True)
+    if tuple(slopes.shape) not in ((h,), (b, h)):
+        raise ValueError(f"alibi_slopes must have shape [H] = ({h},) or [B, H] = ({b}, {h}); got {describe(slopes)}")
+    if slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {slopes.device} but q is on {device}")
+    if slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alibi_slopes get no gradient: detach them, or pass a learned bias as a float attn_mask")
+
+
 def check_window(window: object, name: str = "window") -> tuple[int, int]:
     """``window``: None (none) or ``(left, right)`` ints, each >= 0 or −1 (unbounded on that side); returned as two
     ints, ``(-1, -1)`` for none."""

@@ -14,10 +14,11 @@ from torch import Tensor
 
 from .. import backends, eager
 from .._layout import narrow_head_dim, widen_head_dim
-from ..masks import band_mask
+from ..masks import alibi_bias, band_mask
 from ._checks import (
     autocast_dtype,
     cast_all,
+    check_alibi_slopes,
     check_attention_options,
     check_mask,
     check_qkv,
@@ -142,7 +143,7 @@ register_autograd(_attention, _backward, _setup_context)
 
 
 def _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, softcap, dropout_p, enable_gqa, causal_alignment,
-                  ) -> None:
+                  alibi_slopes=None) -> None:
     check_qkv(q, k, v, 4, "[B, heads, L, D]")
     (b, h, lq, d), (bk, hkv, lk, dk) = q.shape, k.shape
     if bk != b or v.shape[0] != b or v.shape[1] != hkv or v.shape[2] != lk or dk != d:
@@ -161,6 +162,7 @@ def _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, softcap, dropout_
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     check_sinks(sinks, h, q.device)
     check_softcap(softcap)
+    check_alibi_slopes(alibi_slopes, b, h, q.device)
 
 
 def attention(
@@ -178,6 +180,7 @@ def attention(
     sinks: Tensor | None = None,
     softcap: float | None = None,
     window: tuple[int, int] | None = None,
+    alibi_slopes: Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -203,10 +206,15 @@ def attention(
     with ``is_causal`` too, ``right`` is 0) — Mistral's and Gemma's sliding windows, flash-attn's ``window_size``. The
     CUDA kernels take it without a mask tensor (key tiles outside every row's window are never loaded); the Triton
     kernels get it folded into the mask (`WINDOW`).
+    alibi_slopes: ``[H]`` or ``[B, H]`` float, ALiBi (BLOOM, MPT): −slope·|i + offset − j| is added to the scaled
+    score of query i and key j (offset as for causal; flash-attn's ``alibi_slopes``), no gradient. Every backend
+    takes it today as an fp32 bias ``[1 or B, H, Lq, Lk]`` added to the mask (`masks.alibi_bias`), built on the
+    device per call: generating it inside the kernels, with no bias tensor read, is not done yet.
     """
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
-    _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, softcap, dropout_p, enable_gqa, causal_alignment)
+    _check_inputs(q, k, v, attn_mask, key_padding_mask, sinks, softcap, dropout_p, enable_gqa, causal_alignment,
+                  alibi_slopes)
     window_left, window_right = (-1, -1) if window is None else check_window(window)
     name = backends.resolve_for(OP, FAMILY, q.device, backend, q, k, v)
     if softcap:
@@ -214,6 +222,8 @@ def attention(
     lq, lk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     offset = 0 if causal_alignment == "top_left" else lk - lq
+    if alibi_slopes is not None:
+        attn_mask = _alibi_into_mask(attn_mask, alibi_slopes, lq, lk, offset)
     if max(window_left, window_right) >= 0 and name != "torch" and not backends.launchers(FAMILY, name).WINDOW:
         attn_mask = _window_into_mask(attn_mask, lq, lk, (window_left, window_right), offset, q.device)
         window_left = window_right = -1
@@ -225,6 +235,18 @@ def attention(
                                bool(is_causal), scale, float(softcap or 0.0), window_left, window_right, offset, seed,
                                name)
     return (out, row_lse(row_max, inv_l)) if return_lse else out
+
+
+def _alibi_into_mask(attn_mask: Tensor | None, slopes: Tensor, lq: int, lk: int, offset: int) -> Tensor:
+    """``attn_mask`` with ALiBi's bias added (`masks.alibi_bias`): fp32 ``[1 or B, H, Lq, Lk]``, −inf where a bool
+    mask hides a key; a float mask's gradient flows through the sum."""
+    bias = alibi_bias(slopes, lq, lk, offset)
+    bias = bias.unsqueeze(0) if bias.dim() == 3 else bias
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == torch.bool:
+        return torch.where(attn_mask, bias, float("-inf"))
+    return attn_mask + bias
 
 
 def _window_into_mask(attn_mask: Tensor | None, lq: int, lk: int, window: tuple[int, int], offset: int,

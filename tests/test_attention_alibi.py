@@ -1,0 +1,92 @@
+"""ALiBi (BLOOM, MPT; flash-attn's ``alibi_slopes``): −slope·|i + offset − j| added to every scaled score. Output and
+gradients against the reference on every backend — slopes per head and per batch and head, with masks, padding, GQA,
+either alignment and low precision, the split-KV decoding path, a float mask's gradient through the sum,
+flash-attn's function — and bad slopes refused by name."""
+
+import pytest
+import torch
+from test_attention import check_against_reference, make_qkv, masks_for
+
+import transformer_kernels as tk
+from transformer_kernels import flash_attn_interface as fa
+from transformer_kernels import reference
+from transformer_kernels.tools.testing import assert_rows, compare
+
+BACKENDS = ["triton", "cuda", "torch"]
+
+
+def _slopes(*shape):
+    # BLOOM's geometric slopes 2^(-8k/H) reach ~0.004: these span that range, so near and far keys both count.
+    return torch.rand(shape, generator=torch.Generator().manual_seed(3)) * 0.5 + 0.01
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_batch", [False, True], ids=["[H]", "[B,H]"])
+@pytest.mark.parametrize("kind", ["none", "bool+padding+causal", "float+padding+causal_br"])
+def test_alibi_matches_the_reference(backend, per_batch, kind):
+    b, h, hkv, lq, lk, d = 2, 4, 2, 19, 37, 16
+    q, k, v = make_qkv(b, h, hkv, lq, lk, d)
+    slopes = _slopes(b, h) if per_batch else _slopes(h)
+    kw = masks_for(kind, b, h, lq, lk)
+    check_against_reference(backend, q, k, v, enable_gqa=True, alibi_slopes=slopes, **kw)
+    # The bias moves the output: a kernel that dropped it would fail the comparison above.
+    with tk.use_backend(backend):
+        plain = tk.ops.attention(q, k, v, enable_gqa=True, **kw)
+        biased = tk.ops.attention(q, k, v, enable_gqa=True, alibi_slopes=slopes, **kw)
+    assert (plain - biased).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_alibi_low_precision_causal(backend, dtype):
+    q, k, v = make_qkv(1, 4, 4, 70, 70, 64, dtype=dtype)
+    check_against_reference(backend, q, k, v, is_causal=True, alibi_slopes=_slopes(4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alibi_on_the_decoding_path(backend):
+    # One query against 512 cached keys, bottom-right: the query sits at the last key, far keys get the most bias.
+    q, k, v = make_qkv(1, 4, 2, 1, 512, 32)
+    slopes = _slopes(4) * 0.05
+    expected = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True,
+                                                      causal_alignment="bottom_right", alibi_slopes=slopes)
+    out = tk.ops.attention(q, k, v, enable_gqa=True, causal_alignment="bottom_right", alibi_slopes=slopes,
+                           backend=backend)
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_alibi_with_a_learned_float_mask_passes_its_gradient(backend):
+    b, h, lq, lk = 1, 2, 9, 13
+    q, k, v = make_qkv(b, h, h, lq, lk, 16)
+    bias = torch.randn(1, h, lq, lk, generator=torch.Generator().manual_seed(5))
+    slopes = _slopes(h)
+
+    def ours(q, k, v, bias):
+        return tk.ops.attention(q, k, v, bias, alibi_slopes=slopes, backend=backend)
+
+    def ref(q, k, v, bias):
+        return reference.scaled_dot_product_attention(q, k, v, bias, alibi_slopes=slopes)
+
+    assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v, "bias": bias}, grad_of=("q", "k", "v", "bias")), backend)
+
+
+def test_flash_attn_func_takes_alibi_slopes():
+    b, lq, lk, h, d = 2, 5, 11, 4, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, n, h, d, generator=g) for n in (lq, lk, lk))
+    slopes = _slopes(b, h)
+    out = fa.flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes)
+    expected = reference.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True,
+                                                      causal_alignment="bottom_right", alibi_slopes=slopes)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_slopes_are_refused():
+    q, k, v = make_qkv(2, 4, 4, 3, 5, 8)
+    for slopes, match in ((torch.ones(3), r"alibi_slopes must have shape \[H\]"),
+                          (torch.ones(4, 2), r"alibi_slopes must have shape"),
+                          (torch.ones(4, dtype=torch.int32), "alibi_slopes must have dtype"),
+                          (torch.ones(4, requires_grad=True), "get no gradient")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            tk.ops.attention(q, k, v, alibi_slopes=slopes)
