@@ -70,6 +70,10 @@ struct AttentionArgs {
   // Gemma 2's logit soft cap: each scaled score s becomes softcap·tanh(s / softcap) before any mask is added;
   // 0 = none.
   float softcap = 0.0f;
+  // ALiBi (BLOOM, MPT): −slope·|i + causal_offset − j| added to each scaled score, the slope of (b, h) at
+  // alibi[b·alibi_stride[0] + h·alibi_stride[1]] (fp32; null = none). Generated per score: no bias tensor is read.
+  const float* alibi = nullptr;
+  int64_t alibi_stride[2] = {0, 0};
 };
 
 // Fills out, row_max (max score of the row, 0 when none is visible) and inv_l (1 / softmax sum, 0 when
@@ -78,7 +82,7 @@ void attention_forward(const AttentionArgs& args, tk_stream_t stream);
 // The forward's query and key tile (BM, BN) for a dtype code and head dim: the split-KV plan needs them.
 void attention_forward_tile(int dtype, int64_t d, int* bm, int* bn);
 // Whether `attention_forward` runs the PLAIN form of the fp16/bf16 forward for these arguments (csrc/attention_fwd.cu:
-// no mask tensor, padding mask, soft cap or dropout, a positive scale, K and V copied by 16 bytes).
+// no mask tensor, padding mask, soft cap, ALiBi or dropout, a positive scale, K and V copied by 16 bytes).
 bool attention_forward_plain(const AttentionArgs& args);
 // Fills delta, dq, dk, dv (and dmask when not null) from dout, out, row_max, inv_l.
 void attention_backward(const AttentionArgs& args, tk_stream_t stream);

@@ -375,7 +375,7 @@ __device__ __forceinline__ void softcap_products(const AttentionArgs& a, float (
     for (int e = 0; e < M; ++e) dot[j][e] = a.softcap * softcap_tanh(dot[j][e] * a.scale / a.softcap) / a.scale;
 }
 
-// The score of query i and key j in natural units (scale * q.k + float mask), -inf where hidden: a key the
+// The score of query i and key j in natural units (scale * q.k + ALiBi's bias + float mask), -inf where hidden: a key the
 // padding mask drops, causal order, a bool mask False or a float mask -inf. Natural units until the row max is
 // subtracted keep rows whose scores are all near -6e4 exact.
 template <typename T>
@@ -387,6 +387,8 @@ __device__ __forceinline__ float masked_score(const AttentionArgs& a, int64_t b,
     if (rel > a.window_right || rel < -a.window_left) return -INFINITY;
   }
   float s = dot * a.scale;
+  if (a.alibi != nullptr)
+    s -= a.alibi[b * a.alibi_stride[0] + h * a.alibi_stride[1]] * fabsf(static_cast<float>(i + a.causal_offset - j));
   if (a.mask_kind != kNoMask) {
     const int64_t off = b * a.mask_stride[0] + h * a.mask_stride[1] + i * a.mask_stride[2] + j * a.mask_stride[3];
     if (a.mask_kind == kBoolMask) {
@@ -619,6 +621,7 @@ __device__ __forceinline__ TileRange interior_tiles(const AttentionArgs& a, int6
 template <typename T>
 inline bool plain_scores(const AttentionArgs& a) {
   return sizeof(T) == 2 && a.mask_kind == kNoMask && a.kpm == nullptr && a.softcap == 0.0f && a.dropout_p == 0.0f &&
+         a.alibi == nullptr &&
          a.scale > 0.0f && std::isfinite(a.scale) && copies_by_16_bytes<T>(a.k, a.k_stride) &&
          copies_by_16_bytes<T>(a.v, a.v_stride);
 }

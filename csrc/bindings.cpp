@@ -179,6 +179,8 @@ tk::AttentionArgs attention_args(const py::dict& d) {
   a.cu_k = ptr<const int32_t>(d["cu_k"].cast<uintptr_t>());
   a.total_q = i64("total_q"), a.total_k = i64("total_k");
   a.softcap = d.contains("softcap") ? d["softcap"].cast<float>() : 0.0f;
+  a.alibi = ptr<const float>(d["alibi"].cast<uintptr_t>());
+  strides("alibi_stride", a.alibi_stride, 2);
   if ((a.cu_q == nullptr) != (a.cu_k == nullptr)) throw std::invalid_argument("attention: cu_q and cu_k go together");
   if (a.Hkv <= 0 || a.H % a.Hkv != 0) throw std::invalid_argument("attention: H must be a multiple of Hkv >= 1");
   require_seed(a.dropout_p, a.seed);

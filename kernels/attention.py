@@ -1028,6 +1028,8 @@ SOFTCAP = False
 # compare and loop bounds spilled 90 of the AOT variants; aligned tile-index loops brought that to 8 (fp32 dK/dV and
 # dQ tiles, the fp32 D = 256 split tile, 2-byte packed D = 64 fused dK/dV; measured 2026-12-07), still not 0.
 WINDOW = False
+# Nor is ALiBi: `ops.attention` adds it to the mask as an fp32 bias (`masks.alibi_bias`), read per tile.
+ALIBI = False
 
 
 def _unsupported_features(softcap: float, window: tuple[int, int] | None) -> None:

@@ -584,18 +584,20 @@ def test_opcheck(backend, device):
     scale = 1 / math.sqrt(16)
     sinks = torch.randn(2, device=device)
     for args in [
-        (q, k, v, None, None, None, 0.0, False, scale, 0.0, -1, -1, 0, None, backend),
-        (q, k, v, mask, kpm, None, 0.0, True, scale, 0.0, -1, -1, 2, None, backend),
-        (q, k, v, mask.float(), None, None, 0.2, False, scale, 0.0, -1, -1, 0, torch.tensor([11], device=device),
+        (q, k, v, None, None, None, None, 0.0, False, scale, 0.0, -1, -1, 0, None, backend),
+        (q, k, v, mask, kpm, None, None, 0.0, True, scale, 0.0, -1, -1, 2, None, backend),
+        (q, k, v, mask.float(), None, None, None, 0.2, False, scale, 0.0, -1, -1, 0, torch.tensor([11], device=device),
          backend),
-        (q, k, v, torch.randn(2, 1, 7, device=device), kpm, None, 0.0, True, scale, 0.0, -1, -1, 0, None, backend),
-        (q, k, torch.randn(1, 1, 7, 24, device=device), None, kpm, None, 0.0, True, scale, 0.0, -1, -1, 0, None,
+        (q, k, v, torch.randn(2, 1, 7, device=device), kpm, None, None, 0.0, True, scale, 0.0, -1, -1, 0, None, backend),
+        (q, k, torch.randn(1, 1, 7, 24, device=device), None, kpm, None, None, 0.0, True, scale, 0.0, -1, -1, 0, None,
          backend),  # Dv != D
-        (q, k, v, mask, kpm, sinks, 0.0, True, scale, 0.0, -1, -1, 0, None, backend),
+        (q, k, v, mask, kpm, sinks, None, 0.0, True, scale, 0.0, -1, -1, 0, None, backend),
         # on the kernels that take them: a sliding window (2 keys left, 1 right) around the bottom-right diagonal,
-        # and the soft cap, each with a float mask's gradient through it
-        *([(q, k, v, mask.float(), None, None, 0.0, False, scale, 0.0, 2, 1, 2, None, backend),
-           (q, k, v, mask.float(), kpm, sinks, 0.0, True, scale, 0.5, -1, -1, 0, None, backend)]
+        # the soft cap, and ALiBi's slopes [B, H], each with a float mask's gradient through it
+        *([(q, k, v, mask.float(), None, None, None, 0.0, False, scale, 0.0, 2, 1, 2, None, backend),
+           (q, k, v, mask.float(), kpm, sinks, None, 0.0, True, scale, 0.5, -1, -1, 0, None, backend),
+           (q, k, v, mask.float(), None, None, torch.rand(q.shape[:2], device=device), 0.0, True, scale, 0.0, -1, -1,
+            2, None, backend)]
           if backend == "cuda" else []),
     ]:
         # The float masks and the sinks require grad: the op's dMask and dSinks paths are checked too.

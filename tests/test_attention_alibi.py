@@ -1,7 +1,8 @@
 """ALiBi (BLOOM, MPT; flash-attn's ``alibi_slopes``): −slope·|i + offset − j| added to every scaled score. Output and
 gradients against the reference on every backend — slopes per head and per batch and head, with masks, padding, GQA,
 either alignment and low precision, the split-KV decoding path, a float mask's gradient through the sum,
-flash-attn's function — and bad slopes refused by name."""
+flash-attn's function — and bad slopes refused by name. The CUDA kernels generate the bias per score (the general
+form: `plain_scores` excludes ALiBi); the Triton kernels read it as a float mask."""
 
 import pytest
 import torch
@@ -34,6 +35,25 @@ def test_alibi_matches_the_reference(backend, per_batch, kind):
         plain = tk.ops.attention(q, k, v, enable_gqa=True, **kw)
         biased = tk.ops.attention(q, k, v, enable_gqa=True, alibi_slopes=slopes, **kw)
     assert (plain - biased).abs().max() > 0.05
+
+
+def test_the_cuda_kernels_generate_the_bias_and_the_triton_kernels_read_it(monkeypatch):
+    # cuda: the slopes reach the kernels and no mask tensor does; triton: a [1, H, Lq, Lk] fp32 bias.
+    from transformer_kernels.cuda import attention as cuda_attention
+    from transformer_kernels.kernels import attention as triton_attention
+
+    seen = {}
+    for name, module in (("cuda", cuda_attention), ("triton", triton_attention)):
+        forward = module.attention_forward
+        monkeypatch.setattr(module, "attention_forward",
+                            lambda *a, _name=name, _f=forward, **kw: seen.setdefault(_name, (a[3], kw)) and _f(*a, **kw))
+    q, k, v = make_qkv(2, 4, 4, 6, 9, 16)
+    for backend in ("cuda", "triton"):
+        tk.ops.attention(q, k, v, alibi_slopes=_slopes(4), backend=backend)
+    mask, kw = seen["cuda"]
+    assert mask is None and kw["alibi"].shape == (2, 4) and kw["alibi"].stride() == (0, 1)
+    mask, kw = seen["triton"]
+    assert "alibi" not in kw and mask.dtype == torch.float32 and mask.shape == (2, 4, 6, 9)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

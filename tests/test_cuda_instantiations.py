@@ -94,11 +94,11 @@ def test_plain_forward_packed(causal, window, device):
     check_varlen("cuda", [130, 0, 1, 70], [200, 3, 0, 140], 2, 1, 64, torch.float16, device, **kw)
 
 
-def _forward_form(q, k, v, mask=None, kpm=None, scale=0.125, dropout_p=0.0, softcap=0.0, window=None):
+def _forward_form(q, k, v, mask=None, kpm=None, scale=0.125, dropout_p=0.0, softcap=0.0, window=None, alibi=None):
     host = _ext.load("_C_host")
     band = cuda_attention._key_band(window is not None, window, q.shape[2], k.shape[2])
     seed = torch.zeros(1, dtype=torch.int64) if dropout_p else None
-    args = cuda_attention._args(host, q, k, v, mask, kpm, scale, band, 0, dropout_p, seed, softcap)
+    args = cuda_attention._args(host, q, k, v, mask, kpm, scale, band, 0, dropout_p, seed, softcap, alibi)
     return "plain" if host.attention_forward_plain(args) else "general"
 
 
@@ -115,6 +115,7 @@ def test_the_plain_forward_takes_every_call_position_alone_decides():
     assert _forward_form(q, k, v, kpm=torch.zeros(1, 24, dtype=torch.bool)) == "general"
     assert _forward_form(q, k, v, dropout_p=0.1) == "general"
     assert _forward_form(q, k, v, softcap=30.0) == "general"
+    assert _forward_form(q, k, v, alibi=torch.ones(1, 2)) == "general"
     assert _forward_form(q, k, v, scale=-0.125) == "general"  # the row max over raw products needs scale > 0
     # K/V rows whose stride is no multiple of 16 bytes cannot be copied by cp.async chunks
     wide = torch.randn(1, 2, 24, 68, dtype=torch.float16)[..., :64]

@@ -34,6 +34,8 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
 SOFTCAP = True
 # and skip the key tiles outside a sliding window (`_key_band`); `ops.attention` reads this.
 WINDOW = True
+# and add ALiBi's bias per score from the slopes (`AttentionArgs::alibi`), no bias tensor; `ops.attention` reads this.
+ALIBI = True
 
 
 def _key_band(is_causal: bool, window: tuple[int, int] | None, lq: int, lk: int) -> tuple[bool, int, int]:
@@ -59,8 +61,9 @@ def _band_span(band: tuple[bool, int, int], block_m: int, block_n: int, lk: int)
 
 
 def _args(mod, q, k, v, mask, kpm, scale, band: tuple[bool, int, int], causal_offset, dropout_p, seed,
-          softcap: float = 0.0) -> dict:
-    """The bindings' argument block; ``band`` is `_key_band`'s (causal and window)."""
+          softcap: float = 0.0, alibi: torch.Tensor | None = None) -> dict:
+    """The bindings' argument block; ``band`` is `_key_band`'s (causal and window); ``alibi`` fp32 slopes ``[B, H]``
+    (any strides, a broadcast batch dim stride 0)."""
     b, h, lq, d = q.shape
     return {
         "q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "q_stride": list(q.stride()),
@@ -72,6 +75,7 @@ def _args(mod, q, k, v, mask, kpm, scale, band: tuple[bool, int, int], causal_of
         "causal": band[0], "causal_offset": int(causal_offset), "window_right": band[1], "window_left": band[2],
         "dropout_p": float(dropout_p),
         "softcap": float(softcap),
+        "alibi": ptr(alibi), "alibi_stride": [0, 0] if alibi is None else list(alibi.stride()),
         "seed": ptr(seed), "dtype": _ext.dtype_code(mod, q.dtype),
         "out": 0, "row_max": 0, "inv_l": 0, "dout": 0, "do_stride": [0] * 4, "delta": 0, "dq": 0, "dk": 0, "dv": 0,
         "dmask": 0, "splits": 1, "split_len": 0, "o_part": 0, "m_part": 0, "l_part": 0,
@@ -98,10 +102,11 @@ def _packed_args(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, botto
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       kpm: torch.Tensor | None, scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
                       seed: torch.Tensor | None, softcap: float = 0.0, window: tuple[int, int] | None = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      alibi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` any strides; mask a ``[B, H, Lq, Lk]`` view (bool or float);
-    kpm bool ``[B, Lk]``; softcap > 0 caps the scaled scores; window as `_key_band`. Returns out (contiguous),
-    the fp32 row max and reciprocal row sum ``[B, H, Lq]``."""
+    kpm bool ``[B, Lk]``; softcap > 0 caps the scaled scores; window as `_key_band`; alibi fp32 slopes ``[B, H]``
+    (ALiBi's bias −slope·|i + causal_offset − j|). Returns out (contiguous), the fp32 row max and reciprocal row sum
+    ``[B, H, Lq]``."""
     b, h, lq, d = q.shape
     out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
     row_max = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
@@ -110,16 +115,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     mod = _ext.module_for(q.device)
     key = (mod, q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device,
            None if mask is None else (mask.dtype, mask.stride()), None if kpm is None else kpm.stride(), scale,
-           is_causal, causal_offset, dropout_p, softcap, window)
+           is_causal, causal_offset, dropout_p, softcap, window, None if alibi is None else alibi.stride())
     found = _FWD_PLANS.get(key)
     if found is None:
         band = _key_band(is_causal, window, lq, k.shape[2])
-        found = _FWD_PLANS[key] = _forward_plan(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p, softcap)
+        found = _FWD_PLANS[key] = _forward_plan(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p, softcap,
+                                                alibi)
         if len(_FWD_PLANS) > _FWD_PLANS_MAX:
             _FWD_PLANS.clear()
     fixed, splits = found
     args = {**fixed, "q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "mask": ptr(mask), "kpm": ptr(kpm),
-            "seed": ptr(seed), "out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr()}
+            "seed": ptr(seed), "alibi": ptr(alibi), "out": out.data_ptr(), "row_max": row_max.data_ptr(),
+            "inv_l": inv_l.data_ptr()}
     parts = []  # alive until the launch is queued (the caching allocator then orders reuse on the stream)
     if splits > 1:
         for name, extra in (("o_part", (d,)), ("m_part", ()), ("l_part", ())):
@@ -136,10 +143,10 @@ _FWD_PLANS_MAX = 1024
 PLAN_CACHES.append(_FWD_PLANS)
 
 
-def _forward_plan(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p, softcap) -> tuple:
+def _forward_plan(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p, softcap, alibi) -> tuple:
     """(the forward's arguments to ``mod`` but the pointers, the number of KV splits)."""
     b, h, lq, d = q.shape
-    args = _args(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p, None, softcap)
+    args = _args(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p, None, softcap, alibi)
     splits = 1
     if b * h * lq * d:
         # Split-KV when the plain grid would not fill the GPU (decoding): partials merged by a second kernel.
@@ -155,6 +162,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        row_max: torch.Tensor, inv_l: torch.Tensor, mask: torch.Tensor | None, kpm: torch.Tensor | None,
                        scale: float, is_causal: bool, causal_offset: int, dropout_p: float, seed: torch.Tensor | None,
                        mask_grad: bool = False, softcap: float = 0.0, window: tuple[int, int] | None = None,
+                       alibi: torch.Tensor | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `attention_forward` for ``dout`` (any strides, e.g. expanded); contiguous dq, dk, dv and, with
     ``mask_grad``, the float mask's gradient dS as fp32 ``[B, H, Lq, Lk]`` (None without)."""
@@ -168,7 +176,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     delta = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     out = out.contiguous()
     args = _args(mod, q, k, v, mask, kpm, scale, _key_band(is_causal, window, lq, k.shape[2]), causal_offset, dropout_p,
-                 seed, softcap)
+                 seed, softcap, alibi)
     args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr(),
              "dout": dout.data_ptr(), "do_stride": list(dout.stride()), "delta": delta.data_ptr(),
              "dq": dq.data_ptr(), "dk": dk.data_ptr(), "dv": dv.data_ptr(), "dmask": ptr(dmask)}

@@ -54,8 +54,8 @@ def _kernel_mask(attn_mask: Tensor | None, q: Tensor, lk: int) -> Tensor | None:
 
 @custom_op("transformer_kernels::attention")
 def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
-               sinks: Tensor | None, dropout_p: float, is_causal: bool, scale: float, softcap: float,
-               window_left: int, window_right: int, causal_offset: int, seed: Tensor | None,
+               sinks: Tensor | None, alibi: Tensor | None, dropout_p: float, is_causal: bool, scale: float,
+               softcap: float, window_left: int, window_right: int, causal_offset: int, seed: Tensor | None,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     check_seed(seed, q.device)
     width, dv = max(q.shape[-1], v.shape[-1]), v.shape[-1]
@@ -63,7 +63,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pa
         out, row_max, inv_l = backends.launchers(FAMILY, backend).attention_forward(
             *(widen_head_dim(t, width) for t in (q, k, v)), _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask,
             scale, is_causal, causal_offset, dropout_p, seed, softcap=softcap,
-            window=(window_left, window_right))
+            window=(window_left, window_right), **_alibi_kwarg(alibi))
     out = narrow_head_dim(out, dv)
     if sinks is not None:
         out, inv_l = apply_sinks(out, row_max, inv_l, sinks)
@@ -71,8 +71,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pa
 
 
 @_attention.register_fake
-def _(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, is_causal, scale, softcap, window_left, window_right,
-      causal_offset, seed, backend):
+def _(q, k, v, attn_mask, key_padding_mask, sinks, alibi, dropout_p, is_causal, scale, softcap, window_left,
+      window_right, causal_offset, seed, backend):
     stats = q.shape[:-1]
     return (q.new_empty((*stats, v.shape[-1])), q.new_empty(stats, dtype=torch.float32),
             q.new_empty(stats, dtype=torch.float32))
@@ -81,7 +81,7 @@ def _(q, k, v, attn_mask, key_padding_mask, sinks, dropout_p, is_causal, scale, 
 @custom_op("transformer_kernels::attention_backward")
 def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, row_max: Tensor, inv_l: Tensor,
                         attn_mask: Tensor | None, key_padding_mask: Tensor | None, sinks: Tensor | None,
-                        dropout_p: float, is_causal: bool, scale: float, softcap: float, window_left: int,
+                        alibi: Tensor | None, dropout_p: float, is_causal: bool, scale: float, softcap: float, window_left: int,
                         window_right: int, causal_offset: int, seed: Tensor | None, mask_grad: bool, backend: str,
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv, with ``mask_grad`` dS as fp32 ``[B, H, Lq, Lk]`` (the float mask's gradient before its broadcast
@@ -94,14 +94,14 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         dq, dk, dv, dmask = backends.launchers(FAMILY, backend).attention_backward(
             grad, q_, k_, v_, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
             is_causal, causal_offset, dropout_p, seed, mask_grad, softcap=softcap,
-            window=(window_left, window_right))
+            window=(window_left, window_right), **_alibi_kwarg(alibi))
     return (narrow_head_dim(dq, d), narrow_head_dim(dk, d), narrow_head_dim(dv, v.shape[-1]),
             q.new_empty(0, dtype=torch.float32) if dmask is None else dmask, dsinks)
 
 
 @_attention_backward.register_fake
-def _(grad, q, k, v, out, row_max, inv_l, attn_mask, key_padding_mask, sinks, dropout_p, is_causal, scale, softcap,
-      window_left, window_right, causal_offset, seed, mask_grad, backend):
+def _(grad, q, k, v, out, row_max, inv_l, attn_mask, key_padding_mask, sinks, alibi, dropout_p, is_causal, scale,
+      softcap, window_left, window_right, causal_offset, seed, mask_grad, backend):
     dmask_shape = (*q.shape[:-1], k.shape[-2]) if mask_grad else (0,)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty(dmask_shape, dtype=torch.float32), q.new_empty(0 if sinks is None else sinks.shape,
@@ -109,10 +109,10 @@ def _(grad, q, k, v, out, row_max, inv_l, attn_mask, key_padding_mask, sinks, dr
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    (q, k, v, attn_mask, kpm, sinks, dropout_p, is_causal, scale, softcap, window_left, window_right, causal_offset,
-     seed, backend) = inputs
+    (q, k, v, attn_mask, kpm, sinks, alibi, dropout_p, is_causal, scale, softcap, window_left, window_right,
+     causal_offset, seed, backend) = inputs
     out, row_max, inv_l = output
-    ctx.save_for_backward(q, k, v, out, row_max, inv_l, attn_mask, kpm, sinks, seed)
+    ctx.save_for_backward(q, k, v, out, row_max, inv_l, attn_mask, kpm, sinks, alibi, seed)
     ctx.args = (dropout_p, is_causal, scale, softcap, window_left, window_right, causal_offset, backend)
 
 
@@ -126,17 +126,17 @@ def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _backward(ctx, grad: Tensor, _grad_max: Tensor, _grad_inv_l: Tensor):
-    q, k, v, out, row_max, inv_l, attn_mask, kpm, sinks, seed = ctx.saved_tensors
+    q, k, v, out, row_max, inv_l, attn_mask, kpm, sinks, alibi, seed = ctx.saved_tensors
     dropout_p, is_causal, scale, softcap, window_left, window_right, causal_offset, backend = ctx.args
     # A float mask that requires grad (T5's position bias, a learned ALiBi slope) gets dS, the gradient of the
     # scores it is added to; otherwise the kernels store nothing more.
     mask_grad = ctx.needs_input_grad[3]
     dq, dk, dv, ds, dsinks = call(_attention_backward, grad, q, k, v, out, row_max, inv_l, attn_mask, kpm, sinks,
-                                  dropout_p, is_causal, scale, softcap, window_left, window_right, causal_offset,
+                                  alibi, dropout_p, is_causal, scale, softcap, window_left, window_right, causal_offset,
                                   seed, mask_grad, backend)
     dmask = _sum_to(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
     dsinks = dsinks.to(sinks.dtype) if ctx.needs_input_grad[5] else None
-    return dq, dk, dv, dmask, None, dsinks, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, dmask, None, dsinks, None, None, None, None, None, None, None, None, None, None
 
 
 register_autograd(_attention, _backward, _setup_context)
@@ -207,9 +207,9 @@ def attention(
     CUDA kernels take it without a mask tensor (key tiles outside every row's window are never loaded); the Triton
     kernels get it folded into the mask (`WINDOW`).
     alibi_slopes: ``[H]`` or ``[B, H]`` float, ALiBi (BLOOM, MPT): −slope·|i + offset − j| is added to the scaled
-    score of query i and key j (offset as for causal; flash-attn's ``alibi_slopes``), no gradient. Every backend
-    takes it today as an fp32 bias ``[1 or B, H, Lq, Lk]`` added to the mask (`masks.alibi_bias`), built on the
-    device per call: generating it inside the kernels, with no bias tensor read, is not done yet.
+    score of query i and key j (offset as for causal; flash-attn's ``alibi_slopes``), no gradient. The CUDA kernels
+    generate it per score from the slopes (`ALIBI`: no bias tensor); the Triton kernels and the torch backend get it
+    as an fp32 bias ``[1 or B, H, Lq, Lk]`` added to the mask (`masks.alibi_bias`), built on the device per call.
     """
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
@@ -222,7 +222,10 @@ def attention(
     lq, lk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     offset = 0 if causal_alignment == "top_left" else lk - lq
-    if alibi_slopes is not None:
+    alibi = None
+    if alibi_slopes is not None and name != "torch" and backends.launchers(FAMILY, name).ALIBI:
+        alibi = alibi_slopes.float().expand(q.shape[0], q.shape[1])  # [B, H]; a per-head [H] broadcast, stride 0
+    elif alibi_slopes is not None:
         attn_mask = _alibi_into_mask(attn_mask, alibi_slopes, lq, lk, offset)
     if max(window_left, window_right) >= 0 and name != "torch" and not backends.launchers(FAMILY, name).WINDOW:
         attn_mask = _window_into_mask(attn_mask, lq, lk, (window_left, window_right), offset, q.device)
@@ -231,10 +234,15 @@ def attention(
         return eager.attention(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, offset,
                                return_lse=return_lse, sinks=sinks, softcap=softcap, window=window)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
-    out, row_max, inv_l = call(_attention, q, k, v, attn_mask, key_padding_mask, sinks, float(dropout_p),
+    out, row_max, inv_l = call(_attention, q, k, v, attn_mask, key_padding_mask, sinks, alibi, float(dropout_p),
                                bool(is_causal), scale, float(softcap or 0.0), window_left, window_right, offset, seed,
                                name)
     return (out, row_lse(row_max, inv_l)) if return_lse else out
+
+
+def _alibi_kwarg(alibi: Tensor | None) -> dict:
+    # Only the launchers that take ALiBi (`ALIBI`) see the argument; the others got it folded into the mask.
+    return {} if alibi is None else {"alibi": alibi}
 
 
 def _alibi_into_mask(attn_mask: Tensor | None, slopes: Tensor, lq: int, lk: int, offset: int) -> Tensor:

@@ -32,10 +32,11 @@ def run(device: torch.device) -> list[str]:
         pad = torch.zeros(2, 45, dtype=torch.bool, device=device)
         pad[1, -7:] = True
         bias = randn(33, 45, dtype=torch.float32)  # requires grad: the dQ kernel also writes the mask's gradient
+        slopes = torch.rand(2, 4, device=device, generator=g)  # ALiBi per batch and head, generated per score
         out = ops.attention(q, k, v, bias, dropout_p=0.1, is_causal=True, enable_gqa=True, key_padding_mask=pad,
-                            causal_alignment="bottom_right", backend="cuda")
+                            causal_alignment="bottom_right", alibi_slopes=slopes, backend="cuda")
         out.sum().backward()
-        ran.append(f"attention forward/backward D={d} {dtype} (with the mask's gradient)")
+        ran.append(f"attention forward/backward D={d} {dtype} (ALiBi, with the mask's gradient)")
     # No mask tensor, padding or dropout: the PLAIN forms (csrc/attention_common.cuh, plain_scores), whose interior
     # key tiles run with no per-score test; a window cuts tiles on both sides of the band.
     q, k, v = randn(1, 4, 70, 64), randn(1, 2, 150, 64), randn(1, 2, 150, 64)
