@@ -7,6 +7,7 @@ form: `plain_scores` excludes ALiBi); the Triton kernels read it as a float mask
 import pytest
 import torch
 from test_attention import check_against_reference, make_qkv, masks_for
+from test_varlen_attention import cu_seqlens, packed
 
 import transformer_kernels as tk
 from transformer_kernels import flash_attn_interface as fa
@@ -89,6 +90,48 @@ def test_alibi_with_a_learned_float_mask_passes_its_gradient(backend):
         return reference.scaled_dot_product_attention(q, k, v, bias, alibi_slopes=slopes)
 
     assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v, "bias": bias}, grad_of=("q", "k", "v", "bias")), backend)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "torch"])
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+def test_alibi_packed_sequences(backend, alignment):
+    # Each sequence's own diagonal and slopes (batch index = sequence), an empty sequence among them.
+    lens_q, lens_k = [5, 0, 9, 3], [7, 4, 9, 40]
+    q, k, v = (t.requires_grad_() for t in packed(lens_q, lens_k, 4, 2, 16))
+    slopes = _slopes(4, 4)
+    kw = {"is_causal": True, "causal_alignment": alignment, "enable_gqa": True}
+
+    def ours(q, k, v):
+        return tk.ops.varlen_attention(q, k, v, cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu"), max(lens_q),
+                                       max(lens_k), alibi_slopes=slopes, backend=backend, **kw)
+
+    def ref(q, k, v):
+        rows = []
+        for b, ((q0, q1), (k0, k1)) in enumerate(zip(_bounds(lens_q), _bounds(lens_k), strict=True)):
+            qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+            if q1 > q0:
+                rows.append(reference.scaled_dot_product_attention(qs, ks, vs, alibi_slopes=slopes[b], **kw)[0]
+                            .transpose(0, 1))
+        return torch.cat(rows)
+
+    assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")), f"{backend}, {alignment}:")
+
+
+def _bounds(lens):
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    return [(s, s + n) for s, n in zip(starts, lens, strict=True)]
+
+
+def test_packed_alibi_on_triton_named_raises_and_auto_runs_it():
+    lens = [3, 4]
+    q, k, v = packed(lens, lens, 2, 2, 16)
+    cu = cu_seqlens(lens, "cpu")
+    with pytest.raises(NotImplementedError, match="alibi_slopes"):
+        tk.ops.varlen_attention(q, k, v, cu, cu, 4, 4, alibi_slopes=_slopes(2), backend="triton")
+    with tk.use_backend("auto"):
+        out = tk.ops.varlen_attention(q, k, v, cu, cu, 4, 4, alibi_slopes=_slopes(2))
+    expected = tk.ops.varlen_attention(q, k, v, cu, cu, 4, 4, alibi_slopes=_slopes(2), backend="torch")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_flash_attn_func_takes_alibi_slopes():

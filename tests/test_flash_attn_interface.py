@@ -168,9 +168,8 @@ def test_refused_by_name_and_bad_windows(device):
                      ({"return_attn_probs": True}, "return_attn_probs"), ({"deterministic": True}, "deterministic")):
         with pytest.raises(NotImplementedError, match=name):
             fa.flash_attn_func(q, q, q, **kw)
-    cu = torch.tensor([0, 4], dtype=torch.int32, device=device)
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):  # the dense functions take them
-        fa.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 4, 4, alibi_slopes=torch.ones(2, device=device))
+    with pytest.raises(NotImplementedError, match="alibi_slopes"):  # the dense and varlen functions take them
+        fa.flash_attn_with_kvcache(q, q, q, alibi_slopes=torch.ones(2, device=device))
     with pytest.raises(ValueError, match="window_size"):
         fa.flash_attn_func(q, q, q, window_size=(-2, 0))
     with pytest.raises(NotImplementedError, match="cache_batch_idx"):

@@ -118,13 +118,15 @@ def test_varlen_opcheck(backend, device):
     cu_q, cu_k = cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
     scale = 1 / math.sqrt(16)
     for args in [
-        (q, k, v, cu_q, cu_k, 5, 6, None, 0.0, False, scale, 0.0, -1, -1, False, None, backend),
-        (q, k, v, cu_q, cu_k, 5, 6, None, 0.2, True, scale, 0.0, -1, -1, True, torch.tensor([3], device=device),
+        (q, k, v, cu_q, cu_k, 5, 6, None, None, 0.0, False, scale, 0.0, -1, -1, False, None, backend),
+        (q, k, v, cu_q, cu_k, 5, 6, None, None, 0.2, True, scale, 0.0, -1, -1, True, torch.tensor([3], device=device),
          backend),
-        (q, k, v, cu_q, cu_k, 5, 6, torch.randn(2, device=device, requires_grad=True), 0.0, True, scale,
+        (q, k, v, cu_q, cu_k, 5, 6, torch.randn(2, device=device, requires_grad=True), None, 0.0, True, scale,
          0.5 if backend == "cuda" else 0.0, -1, -1, True, None, backend),
-        *([(q, k, v, cu_q, cu_k, 5, 6, None, 0.0, False, scale, 0.0, 1, 2, True, None, backend)]  # a sliding window
-          if backend == "cuda" else []),
+        # a sliding window, and ALiBi's slopes [B, H] of the three sequences
+        *([(q, k, v, cu_q, cu_k, 5, 6, None, None, 0.0, False, scale, 0.0, 1, 2, True, None, backend),
+           (q, k, v, cu_q, cu_k, 5, 6, None, torch.rand(3, 2, device=device), 0.0, True, scale, 0.0, -1, -1, True, None,
+            backend)] if backend == "cuda" else []),
     ]:
         torch.library.opcheck(torch.ops.transformer_kernels.varlen_attention.default, args)
 

@@ -14,8 +14,8 @@ is `ops.attention_with_kvcache`: k/v appended into the cache in place (index wri
 ``cache_seqlens``, device tensors: no host sync), a decoding step on triton reading the cache, paged or dense, in
 place through the block table, anything else through a gathered copy and a mask of each sequence's valid keys;
 ``softcap`` caps the scores in the CUDA kernels (`attention`'s rule: `auto` picks cuda); ``alibi_slopes`` is
-`attention`'s (the dense functions only). Refused by name (``NotImplementedError``) rather than ignored:
-``alibi_slopes`` on the varlen and KV-cache functions, ``return_attn_probs``, ``deterministic=True`` (our
+`attention`'s and `varlen_attention`'s. Refused by name (``NotImplementedError``) rather than ignored:
+``alibi_slopes`` on the KV-cache function, ``return_attn_probs``, ``deterministic=True`` (our
 attention backward is deterministic under ``torch.use_deterministic_algorithms(True)``), ``cache_batch_idx``,
 ``cache_leftpad``, ``block_table`` on the varlen functions.
 """
@@ -86,10 +86,11 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            return_attn_probs: bool = False, block_table: Tensor | None = None, *,
                            backend: str | None = None) -> Tensor:
     """q ``[total_q, H, D]``, k/v ``[total_k, Hkv, D]``, cu_seqlens int32 ``[B + 1]`` → ``[total_q, H, D]``."""
-    _refuse(alibi_slopes, deterministic, return_attn_probs, block_table=block_table)
+    _refuse(None, deterministic, return_attn_probs, block_table=block_table)
     return ops.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
                                 is_causal=causal, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1],
-                                causal_alignment="bottom_right", softcap=softcap, window=check_window(window_size, "window_size"),
+                                causal_alignment="bottom_right", softcap=softcap,
+                                window=check_window(window_size, "window_size"), alibi_slopes=alibi_slopes,
                                 backend=backend)
 
 

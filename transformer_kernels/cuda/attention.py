@@ -89,10 +89,11 @@ def _as_dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def _packed_args(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p, seed,
-                 softcap: float, window: tuple[int, int] | None) -> dict:
-    # csrc/attention.h's packed form: B sequences, the longest lengths, batch strides 0, causal_offset a flag.
+                 softcap: float, window: tuple[int, int] | None, alibi: torch.Tensor | None = None) -> dict:
+    # csrc/attention.h's packed form: B sequences, the longest lengths, batch strides 0, causal_offset a flag (ALiBi's
+    # diagonal too: each sequence's own); alibi's batch index is the sequence's.
     args = _args(mod, _as_dense(q), _as_dense(k), _as_dense(v), None, None, scale,
-                 _key_band(is_causal, window, max_q, max_k), int(bottom_right), dropout_p, seed, softcap)
+                 _key_band(is_causal, window, max_q, max_k), int(bottom_right), dropout_p, seed, softcap, alibi)
     for name in ("q_stride", "k_stride", "v_stride"):
         args[name][0] = 0
     return args | {"B": cu_q.numel() - 1, "Lq": max_q, "Lk": max_k, "cu_q": cu_q.data_ptr(), "cu_k": cu_k.data_ptr(),
@@ -187,8 +188,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                    max_q: int, max_k: int, scale: float, is_causal: bool, bottom_right: bool, dropout_p: float,
                    seed: torch.Tensor | None, softcap: float = 0.0, window: tuple[int, int] | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Packed sequences; the contract of kernels/attention.py:varlen_forward."""
+                   alibi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed sequences; the contract of kernels/attention.py:varlen_forward, and alibi fp32 ``[B, H]``."""
     mod = _ext.module_for(q.device)
     total_q, h, d = q.shape
     out = torch.empty((total_q, h, d), dtype=q.dtype, device=q.device)
@@ -196,7 +197,7 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
     inv_l = torch.empty_like(row_max)
     if out.numel() and cu_q.numel() > 1:
         args = _packed_args(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p, seed,
-                            softcap, window)
+                            softcap, window, alibi)
         args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr()}
         mod.attention_forward(args, stream(q))
     return out, row_max, inv_l
@@ -206,7 +207,7 @@ def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     row_max: torch.Tensor, inv_l: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
                     max_k: int, scale: float, is_causal: bool, bottom_right: bool, dropout_p: float,
                     seed: torch.Tensor | None, softcap: float = 0.0, window: tuple[int, int] | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    alibi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `varlen_forward`; the contract of kernels/attention.py:varlen_backward."""
     mod = _ext.module_for(q.device)
     # Every row belongs to one sequence and the passes write each row of theirs; with nothing to attend the
@@ -219,7 +220,7 @@ def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     delta = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     out = out.contiguous()
     args = _packed_args(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p, seed,
-                        softcap, window)
+                        softcap, window, alibi)
     do_stride = list(_as_dense(dout).stride())
     do_stride[0] = 0
     args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr(),

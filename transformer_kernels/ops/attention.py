@@ -63,7 +63,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pa
         out, row_max, inv_l = backends.launchers(FAMILY, backend).attention_forward(
             *(widen_head_dim(t, width) for t in (q, k, v)), _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask,
             scale, is_causal, causal_offset, dropout_p, seed, softcap=softcap,
-            window=(window_left, window_right), **_alibi_kwarg(alibi))
+            window=(window_left, window_right), **alibi_kwarg(alibi))
     out = narrow_head_dim(out, dv)
     if sinks is not None:
         out, inv_l = apply_sinks(out, row_max, inv_l, sinks)
@@ -94,7 +94,7 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         dq, dk, dv, dmask = backends.launchers(FAMILY, backend).attention_backward(
             grad, q_, k_, v_, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
             is_causal, causal_offset, dropout_p, seed, mask_grad, softcap=softcap,
-            window=(window_left, window_right), **_alibi_kwarg(alibi))
+            window=(window_left, window_right), **alibi_kwarg(alibi))
     return (narrow_head_dim(dq, d), narrow_head_dim(dk, d), narrow_head_dim(dv, v.shape[-1]),
             q.new_empty(0, dtype=torch.float32) if dmask is None else dmask, dsinks)
 
@@ -240,7 +240,7 @@ def attention(
     return (out, row_lse(row_max, inv_l)) if return_lse else out
 
 
-def _alibi_kwarg(alibi: Tensor | None) -> dict:
+def alibi_kwarg(alibi: Tensor | None) -> dict:
     # Only the launchers that take ALiBi (`ALIBI`) see the argument; the others got it folded into the mask.
     return {} if alibi is None else {"alibi": alibi}
 
@@ -270,16 +270,16 @@ def _window_into_mask(attn_mask: Tensor | None, lq: int, lk: int, window: tuple[
 
 
 def capable_backend(name: str, requested: str | None, op: str, q: Tensor, k: Tensor, v: Tensor, *,
-                    softcap: bool = False, window: bool = False) -> str:
-    """The backend that runs a call whose soft cap (``softcap``) or packed sliding window (``window``) must be in the
-    kernels: ``name`` when they take it (torch always; cuda both), else under `auto` the CUDA kernels where they can
-    take the inputs (the torch backend where not); a backend named explicitly that cannot raises (never silently
-    uncapped or unwindowed)."""
+                    softcap: bool = False, window: bool = False, alibi: bool = False) -> str:
+    """The backend that runs a call whose soft cap (``softcap``), packed sliding window (``window``) or packed ALiBi
+    (``alibi``) must be in the kernels: ``name`` when they take it (torch always; cuda all three), else under `auto`
+    the CUDA kernels where they can take the inputs (the torch backend where not); a backend named explicitly that
+    cannot raises (never silently uncapped, unwindowed or unbiased)."""
     if name == "torch":
         return name
     kernels = backends.launchers(FAMILY, name)
-    missing = [f for f, needed, has in (("softcap", softcap, kernels.SOFTCAP), ("window", window, kernels.WINDOW))
-               if needed and not has]
+    missing = [f for f, needed, has in (("softcap", softcap, kernels.SOFTCAP), ("window", window, kernels.WINDOW),
+                                        ("alibi_slopes", alibi, kernels.ALIBI)) if needed and not has]
     if not missing:
         return name
     if (requested if requested is not None else backends.get_backend()) != "auto":

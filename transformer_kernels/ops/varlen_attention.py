@@ -15,9 +15,11 @@ from torch import Tensor
 
 from .. import backends, eager
 from .._layout import narrow_head_dim, packed_bounds, widen_head_dim
+from ..masks import alibi_bias
 from ._checks import (
     autocast_dtype,
     cast_all,
+    check_alibi_slopes,
     check_attention_options,
     check_qkv,
     check_seed,
@@ -27,22 +29,22 @@ from ._checks import (
 )
 from ._dispatch import call, custom_op, register_autograd
 from ._sinks import apply_sinks, check_sinks, sinks_grad
-from .attention import FAMILY, capable_backend, draw_seed, row_lse
+from .attention import FAMILY, alibi_kwarg, capable_backend, draw_seed, row_lse
 
 OP = "varlen_attention"
 
 
 @custom_op("transformer_kernels::varlen_attention")
 def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-                      sinks: Tensor | None, dropout_p: float, is_causal: bool, scale: float, softcap: float,
-                      window_left: int, window_right: int, bottom_right: bool, seed: Tensor | None,
+                      sinks: Tensor | None, alibi: Tensor | None, dropout_p: float, is_causal: bool, scale: float,
+                      softcap: float, window_left: int, window_right: int, bottom_right: bool, seed: Tensor | None,
                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
     check_seed(seed, q.device)
     width = max(q.shape[-1], v.shape[-1])
     with backends.on_device(q):
         out, row_max, inv_l = backends.launchers(FAMILY, backend).varlen_forward(
             *(widen_head_dim(t, width) for t in (q, k, v)), cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right,
-            dropout_p, seed, softcap=softcap, window=(window_left, window_right))
+            dropout_p, seed, softcap=softcap, window=(window_left, window_right), **alibi_kwarg(alibi))
     out = narrow_head_dim(out, v.shape[-1])
     if sinks is not None:
         out, inv_l = apply_sinks(out, row_max, inv_l, sinks)
@@ -50,8 +52,8 @@ def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tenso
 
 
 @_varlen_attention.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, sinks, dropout_p, is_causal, scale, softcap, window_left, window_right,
-      bottom_right, seed, backend):
+def _(q, k, v, cu_q, cu_k, max_q, max_k, sinks, alibi, dropout_p, is_causal, scale, softcap, window_left,
+      window_right, bottom_right, seed, backend):
     stats = q.shape[:-1]
     return (q.new_empty((*stats, v.shape[-1])), q.new_empty(stats, dtype=torch.float32),
             q.new_empty(stats, dtype=torch.float32))
@@ -60,9 +62,9 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, sinks, dropout_p, is_causal, scale, sof
 @custom_op("transformer_kernels::varlen_attention_backward")
 def _varlen_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, row_max: Tensor,
                                inv_l: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-                               sinks: Tensor | None, dropout_p: float, is_causal: bool, scale: float, softcap: float,
-                               window_left: int, window_right: int, bottom_right: bool, seed: Tensor | None,
-                               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                               sinks: Tensor | None, alibi: Tensor | None, dropout_p: float, is_causal: bool,
+                               scale: float, softcap: float, window_left: int, window_right: int, bottom_right: bool,
+                               seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv and, with sinks, their fp32 gradient ``[H]`` (else an empty tensor)."""
     check_seed(seed, q.device)
     dsinks = q.new_empty(0, dtype=torch.float32) if sinks is None else sinks_grad(grad, out, row_max, inv_l, sinks)
@@ -71,33 +73,33 @@ def _varlen_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
     with backends.on_device(q):
         dq, dk, dv = backends.launchers(FAMILY, backend).varlen_backward(
             grad, q_, k_, v_, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p,
-            seed, softcap=softcap, window=(window_left, window_right))
+            seed, softcap=softcap, window=(window_left, window_right), **alibi_kwarg(alibi))
     return narrow_head_dim(dq, d), narrow_head_dim(dk, d), narrow_head_dim(dv, v.shape[-1]), dsinks
 
 
 @_varlen_attention_backward.register_fake
-def _(grad, q, k, v, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, sinks, dropout_p, is_causal, scale, softcap,
-      window_left, window_right, bottom_right, seed, backend):
+def _(grad, q, k, v, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, sinks, alibi, dropout_p, is_causal, scale,
+      softcap, window_left, window_right, bottom_right, seed, backend):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty(0 if sinks is None else sinks.shape, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    (q, k, v, cu_q, cu_k, max_q, max_k, sinks, dropout_p, is_causal, scale, softcap, window_left, window_right,
-     bottom_right, seed, backend) = inputs
+    (q, k, v, cu_q, cu_k, max_q, max_k, sinks, alibi, dropout_p, is_causal, scale, softcap, window_left,
+     window_right, bottom_right, seed, backend) = inputs
     out, row_max, inv_l = output
-    ctx.save_for_backward(q, k, v, out, row_max, inv_l, cu_q, cu_k, sinks, seed)
+    ctx.save_for_backward(q, k, v, out, row_max, inv_l, cu_q, cu_k, sinks, alibi, seed)
     ctx.args = (max_q, max_k, dropout_p, is_causal, scale, softcap, window_left, window_right, bottom_right, backend)
 
 
 def _backward(ctx, grad: Tensor, _grad_max: Tensor, _grad_inv_l: Tensor):
-    q, k, v, out, row_max, inv_l, cu_q, cu_k, sinks, seed = ctx.saved_tensors
+    q, k, v, out, row_max, inv_l, cu_q, cu_k, sinks, alibi, seed = ctx.saved_tensors
     max_q, max_k, dropout_p, is_causal, scale, softcap, window_left, window_right, bottom_right, backend = ctx.args
     dq, dk, dv, dsinks = call(_varlen_attention_backward, grad, q, k, v, out, row_max, inv_l, cu_q, cu_k, max_q, max_k,
-                              sinks, dropout_p, is_causal, scale, softcap, window_left, window_right, bottom_right,
-                              seed, backend)
+                              sinks, alibi, dropout_p, is_causal, scale, softcap, window_left, window_right,
+                              bottom_right, seed, backend)
     dsinks = dsinks.to(sinks.dtype) if ctx.needs_input_grad[7] else None
-    return dq, dk, dv, None, None, None, None, dsinks, *([None] * 9)
+    return dq, dk, dv, None, None, None, None, dsinks, *([None] * 10)
 
 
 register_autograd(_varlen_attention, _backward, _setup_context)
@@ -161,14 +163,15 @@ def _check_inputs(q, k, v, sinks, softcap, dropout_p, enable_gqa, causal_alignme
 
 def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, dropout_p: float, is_causal: bool,
                   scale: float, bottom_right: bool, sinks: Tensor | None, softcap: float | None,
-                  window: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
-    """The torch backend: each sequence through eager.attention (reads cu_seqlens on the host). Returns the output
-    and the rows' log-sum-exp ``[total_q, H]``."""
+                  window: tuple[int, int] | None, alibi: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The torch backend: each sequence through eager.attention (reads cu_seqlens on the host), ALiBi (slopes
+    ``[B, H]``) as its bias. Returns the output and the rows' log-sum-exp ``[total_q, H]``."""
     outs, lses = [], []
-    for q0, q1, k0, k1 in packed_bounds(cu_q, cu_k):
+    for b, (q0, q1, k0, k1) in enumerate(packed_bounds(cu_q, cu_k)):
         qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
         offset = (k1 - k0) - (q1 - q0) if bottom_right else 0
-        out, lse = eager.attention(qs, ks, vs, None, None, dropout_p, is_causal, scale, offset, return_lse=True,
+        bias = None if alibi is None else alibi_bias(alibi[b], q1 - q0, k1 - k0, offset).unsqueeze(0)
+        out, lse = eager.attention(qs, ks, vs, bias, None, dropout_p, is_causal, scale, offset, return_lse=True,
                                    sinks=sinks, softcap=softcap, window=window)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0].transpose(0, 1))
@@ -194,6 +197,7 @@ def varlen_attention(
     sinks: Tensor | None = None,
     softcap: float | None = None,
     window: tuple[int, int] | None = None,
+    alibi_slopes: Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -206,8 +210,9 @@ def varlen_attention(
     asynchronous device asserts, on the CPU by ValueErrors). is_causal: per sequence, query i sees keys
     ``j <= i + offset``, offset 0 ("top_left") or ``Lk - Lq`` of that sequence ("bottom_right"). Dropout, fully
     hidden rows (zeros) and dtypes as in `attention`. Returns a contiguous ``[total_q, H, D]`` tensor in q's dtype,
-    and with ``return_lse`` each row's log-sum-exp, fp32 ``[total_q, H]``; sinks ``[H]``, softcap and window (around
-    each sequence's own diagonal) as in `attention`.
+    and with ``return_lse`` each row's log-sum-exp, fp32 ``[total_q, H]``; sinks ``[H]``, softcap, window and
+    alibi_slopes (``[H]`` or ``[B, H]``, B the sequences; window and ALiBi around each sequence's own diagonal) as in
+    `attention` (the Triton kernels take no ALiBi: `auto` sends it to cuda, as the soft cap).
     """
     if isinstance(q, Tensor):
         q, k, v = cast_all(autocast_dtype(q), q, k, v)
@@ -216,19 +221,22 @@ def varlen_attention(
     batch = cu_seqlens_q.numel() - 1 if isinstance(cu_seqlens_q, Tensor) else -1
     cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, batch, q)
     cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, batch, q)
+    check_alibi_slopes(alibi_slopes, batch, q.shape[1], q.device)
+    alibi = None if alibi_slopes is None else alibi_slopes.float().expand(batch, q.shape[1])  # [B, H]
     name = backends.resolve_for(OP, FAMILY, q.device, backend, q, k, v)
     windowed = max(window_left, window_right) >= 0
-    if softcap or windowed:
-        # A packed call has no dense mask to fold a window into: the kernels must take it.
-        name = capable_backend(name, backend, OP, q, k, v, softcap=bool(softcap), window=windowed)
+    if softcap or windowed or alibi is not None:
+        # A packed call has no dense mask to fold a window or ALiBi into: the kernels must take them.
+        name = capable_backend(name, backend, OP, q, k, v, softcap=bool(softcap), window=windowed,
+                               alibi=alibi is not None)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     bottom_right = causal_alignment == "bottom_right"
     if name == "torch":
         out, lse = _torch_varlen(q, k, v, cu_q, cu_k, dropout_p, is_causal, scale, bottom_right, sinks, softcap,
-                                 window)
+                                 window, alibi)
         return (out, lse) if return_lse else out
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
-    out, row_max, inv_l = call(_varlen_attention, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, sinks,
+    out, row_max, inv_l = call(_varlen_attention, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, sinks, alibi,
                                float(dropout_p), bool(is_causal), scale, float(softcap or 0.0), window_left,
                                window_right, bottom_right, seed, name)
     return (out, row_lse(row_max, inv_l)) if return_lse else out
