@@ -107,6 +107,6 @@ def test_a_seed_off_the_inputs_device_or_of_another_dtype_is_refused(backend, de
         seeds.append(torch.tensor([3]))
     for seed in seeds:
         with pytest.raises(ValueError, match=f"seed must be an int64 tensor of 1 element on {device}"):
-            ops.attention(q, q, q, None, None, None, 0.2, False, 1.0, 0.0, -1, -1, 0, seed, backend)
+            ops.attention(q, q, q, None, None, None, None, 0.2, False, 1.0, 0.0, -1, -1, 0, seed, backend)
         with pytest.raises(ValueError, match="seed must be"):
             ops.linear(q[0, 0], q[0, 0], None, None, "", 0.2, seed, backend)
