@@ -1032,7 +1032,10 @@ WINDOW = False
 ALIBI = False
 
 
-def _unsupported_features(softcap: float, window: tuple[int, int] | None) -> None:
+def _unsupported_features(softcap: float, window: tuple[int, int] | None, alibi: torch.Tensor | None) -> None:
+    if alibi is not None:
+        raise NotImplementedError("the Triton attention kernels do not take ALiBi slopes (ops.attention adds the bias "
+                                  "to the mask)")
     if softcap:
         raise NotImplementedError("the Triton attention kernels do not take softcap")
     if window is not None and max(window) >= 0:
@@ -1123,14 +1126,15 @@ def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Te
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       kpm: torch.Tensor | None, scale: float, is_causal: bool, causal_offset: int,
                       dropout_p: float, seed: torch.Tensor | None, softcap: float = 0.0,
-                      window: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      window: tuple[int, int] | None = None, alibi: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (any strides, H % Hkv == 0); mask None or bool (True = keep)
     / float (added) viewed as ``[B, H, Lq, Lk]``; kpm None or bool ``[B, Lk]`` (True = padding); seed the int64
     ``[1]`` dropout seed on q's device (None without dropout); softcap 0 and no window (see `SOFTCAP`, `WINDOW`).
     Returns the contiguous
     output ``[B, H, Lq, D]`` and, per row, the max score and reciprocal softmax sum (fp32 ``[B, H, Lq]``) that the
     backward pass needs."""
-    _unsupported_features(softcap, window)
+    _unsupported_features(softcap, window, alibi)
     # The kernels read head-dim rows with unit stride (vector loads; a runtime last-dim stride costs a 64-bit
     # address per element and spills): a view with another last-dim stride is copied once, here.
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
@@ -1213,13 +1217,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                    max_q: int, max_k: int, scale: float, is_causal: bool, bottom_right: bool, dropout_p: float,
                    seed: torch.Tensor | None, softcap: float = 0.0, window: tuple[int, int] | None = None,
+                   alibi: torch.Tensor | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed sequences: q ``[total_q, H, D]``, k/v ``[total_k, Hkv, D]`` (any strides), sequence b holding rows
     ``cu_q[b]:cu_q[b+1]`` of q and ``cu_k[b]:cu_k[b+1]`` of k/v (cu int32 ``[B + 1]`` on q's device, starting at 0
     and ending at the totals), max_q/max_k at least the longest lengths (they size the grid: no host sync);
     causal per sequence, aligned bottom-right (offset Lk - Lq) or top-left. Returns the contiguous
     output ``[total_q, H, D]`` and the fp32 row max and reciprocal sum ``[total_q, H]``."""
-    _unsupported_features(softcap, window)
+    _unsupported_features(softcap, window, alibi)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     total_q, h, d = q.shape
     batch, hkv = cu_q.numel() - 1, k.shape[1]
@@ -1245,12 +1250,12 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        row_max: torch.Tensor, inv_l: torch.Tensor, mask: torch.Tensor | None, kpm: torch.Tensor | None,
                        scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
                        seed: torch.Tensor | None, mask_grad: bool = False, softcap: float = 0.0,
-                       window: tuple[int, int] | None = None,
+                       window: tuple[int, int] | None = None, alibi: torch.Tensor | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `attention_forward` for grad_output ``dout`` (any strides, e.g. expanded); returns contiguous
     dq, dk, dv (dK/dV of a GQA group summed over its query heads) and, with ``mask_grad`` (a float mask), the
     mask's gradient dS as a contiguous fp32 ``[B, H, Lq, Lk]`` (None without)."""
-    _unsupported_features(softcap, window)
+    _unsupported_features(softcap, window, alibi)
     q, k, v, dout = (unit_last_stride(t) for t in (q, k, v, dout))
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -1286,10 +1291,11 @@ def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     row_max: torch.Tensor, inv_l: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
                     max_k: int, scale: float, is_causal: bool, bottom_right: bool, dropout_p: float,
                     seed: torch.Tensor | None, softcap: float = 0.0, window: tuple[int, int] | None = None,
+                   alibi: torch.Tensor | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `varlen_forward` for ``dout`` ``[total_q, H, D]`` (any strides): contiguous dq, dk, dv in the
     packed layouts (dK/dV of a GQA group summed over its query heads)."""
-    _unsupported_features(softcap, window)
+    _unsupported_features(softcap, window, alibi)
     q, k, v, dout = (unit_last_stride(t) for t in (q, k, v, dout))
     total_q, h, d = q.shape
     batch, hkv = cu_q.numel() - 1, k.shape[1]

@@ -59,12 +59,11 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_pa
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     check_seed(seed, q.device)
     width, dv = max(q.shape[-1], v.shape[-1]), v.shape[-1]
-    # alibi reaches only the launchers that take it (`ALIBI`); the others got it folded into the mask.
     with backends.on_device(q):
         out, row_max, inv_l = backends.launchers(FAMILY, backend).attention_forward(
             *(widen_head_dim(t, width) for t in (q, k, v)), _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask,
             scale, is_causal, causal_offset, dropout_p, seed, softcap=softcap,
-            window=(window_left, window_right), **({} if alibi is None else {"alibi": alibi}))
+            window=(window_left, window_right), alibi=alibi)
     out = narrow_head_dim(out, dv)
     if sinks is not None:
         out, inv_l = apply_sinks(out, row_max, inv_l, sinks)
@@ -95,7 +94,7 @@ def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         dq, dk, dv, dmask = backends.launchers(FAMILY, backend).attention_backward(
             grad, q_, k_, v_, out, row_max, inv_l, _kernel_mask(attn_mask, q, k.shape[-2]), key_padding_mask, scale,
             is_causal, causal_offset, dropout_p, seed, mask_grad, softcap=softcap,
-            window=(window_left, window_right), **({} if alibi is None else {"alibi": alibi}))
+            window=(window_left, window_right), alibi=alibi)
     return (narrow_head_dim(dq, d), narrow_head_dim(dk, d), narrow_head_dim(dv, v.shape[-1]),
             q.new_empty(0, dtype=torch.float32) if dmask is None else dmask, dsinks)
 

@@ -44,7 +44,7 @@ def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tenso
     with backends.on_device(q):
         out, row_max, inv_l = backends.launchers(FAMILY, backend).varlen_forward(
             *(widen_head_dim(t, width) for t in (q, k, v)), cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right,
-            dropout_p, seed, softcap=softcap, window=(window_left, window_right), **({} if alibi is None else {"alibi": alibi}))
+            dropout_p, seed, softcap=softcap, window=(window_left, window_right), alibi=alibi)
     out = narrow_head_dim(out, v.shape[-1])
     if sinks is not None:
         out, inv_l = apply_sinks(out, row_max, inv_l, sinks)
@@ -73,7 +73,7 @@ def _varlen_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
     with backends.on_device(q):
         dq, dk, dv = backends.launchers(FAMILY, backend).varlen_backward(
             grad, q_, k_, v_, out, row_max, inv_l, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p,
-            seed, softcap=softcap, window=(window_left, window_right), **({} if alibi is None else {"alibi": alibi}))
+            seed, softcap=softcap, window=(window_left, window_right), alibi=alibi)
     return narrow_head_dim(dq, d), narrow_head_dim(dk, d), narrow_head_dim(dv, v.shape[-1]), dsinks
 
 
