@@ -66,7 +66,7 @@ test-floor: setup
 		-k "(triton and not long) or gqa_decoding"
 	PYTHONPATH="$(CURDIR)" $(FLOOR) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
 		tests/test_attention_backward.py tests/test_attention_lse.py tests/test_attention_features.py \
-		tests/test_attention_window.py tests/test_kvcache.py -k "triton or backward or kvcache"
+		tests/test_attention_window.py tests/test_attention_alibi.py tests/test_kvcache.py -k "triton or backward or kvcache"
 	PYTHONPATH="$(CURDIR)" $(FLOOR) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
 		tests/test_huggingface.py tests/test_layout.py -k "not training_curve"
 
