@@ -120,6 +120,10 @@ def _attention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
                                   "key_padding_mask": torch.rand(b, lk, generator=g) < 0.2}),
         ("cross window_br", 2, 2, 2, 24, 100, 32,
          lambda b, h, lq, lk, g: {"window": (9, 5), "causal_alignment": "bottom_right"}),
+        ("gqa causal_br alibi padded", 2, 4, 2, 40, 56, 64,
+         lambda b, h, lq, lk, g: {"is_causal": True, "causal_alignment": "bottom_right", "enable_gqa": True,
+                                  "alibi_slopes": torch.rand(b, h, generator=g) * 0.5,
+                                  "key_padding_mask": torch.rand(b, lk, generator=g) < 0.2}),
     ]
     if quick:
         shapes = shapes[1:3]
@@ -156,13 +160,16 @@ def _varlen_cases(device: torch.device, quick: bool) -> Iterator[Case]:
         ("self", (13, 1, 30), (13, 1, 30), 2, 2, 40, {}),
         ("causal window", (13, 1, 60), (13, 1, 60), 2, 1, 64,
          {"is_causal": True, "window": (8, -1), "enable_gqa": True}),
+        ("causal_br alibi", (9, 0, 30), (20, 3, 30), 2, 2, 32,
+         {"is_causal": True, "causal_alignment": "bottom_right", "alibi_slopes": torch.tensor([0.3, 0.05])}),
     ]
     for impl, scope in implementations("varlen_attention", device):
         for dtype in DTYPES:
             for label, lens_q, lens_k, h, hkv, d, kw in shapes[:1] if quick else shapes:
-                if "window" in kw and impl == "triton":
-                    continue  # no packed window in the Triton kernels (the op refuses it on backend="triton")
+                if ("window" in kw or "alibi_slopes" in kw) and impl == "triton":
+                    continue  # no packed window or ALiBi in the Triton kernels (refused on backend="triton")
                 def run(lens_q=lens_q, lens_k=lens_k, h=h, hkv=hkv, d=d, kw=kw, dtype=dtype, scope=scope):
+                    kw = {n: x.to(device) if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
                     g = torch.Generator().manual_seed(sum(lens_q))
                     q, k, v = (torch.randn(s, generator=g).to(dtype).to(device)
                                for s in ((sum(lens_q), h, d), (sum(lens_k), hkv, d), (sum(lens_k), hkv, d)))
