@@ -352,7 +352,7 @@ SIMT_RUNTIME inline bool run_runnable(std::vector<unsigned>& order, unsigned onl
   std::shuffle(order.begin(), order.end(), r.rng);
   for (unsigned i : order) {
     r.cur = &r.fibers[i];
-    // Nothing of the runtime's after the TSan switch: the fiber has not yet acquired the launch's writes to it.
+    // Touch no runtime state after the TSan switch: a reused fiber has not yet acquired the launch's writes to it.
     race::switch_to(r.cur->race_fiber);
     switch_fiber(r.sched, r.cur->ctx);
     r.cur = nullptr;
