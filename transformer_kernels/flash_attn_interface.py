@@ -50,7 +50,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
                     alibi_slopes: Tensor | None = None, deterministic: bool = False, return_attn_probs: bool = False,
                     *, backend: str | None = None) -> Tensor:
     """q ``[B, Lq, H, D]``, k/v ``[B, Lk, Hkv, D]`` → ``[B, Lq, H, D]`` (flash-attn's ``flash_attn_func``)."""
-    _refuse(None, deterministic, return_attn_probs)
+    _refuse(deterministic=deterministic, return_attn_probs=return_attn_probs)
     out = ops.attention(_heads_first(q), _heads_first(k), _heads_first(v), dropout_p=dropout_p, is_causal=causal,
                         scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2], causal_alignment="bottom_right",
                         softcap=softcap, window=check_window(window_size, "window_size"), alibi_slopes=alibi_slopes,
@@ -86,7 +86,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            return_attn_probs: bool = False, block_table: Tensor | None = None, *,
                            backend: str | None = None) -> Tensor:
     """q ``[total_q, H, D]``, k/v ``[total_k, Hkv, D]``, cu_seqlens int32 ``[B + 1]`` → ``[total_q, H, D]``."""
-    _refuse(None, deterministic, return_attn_probs, block_table=block_table)
+    _refuse(deterministic=deterministic, return_attn_probs=return_attn_probs, block_table=block_table)
     return ops.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
                                 is_causal=causal, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1],
                                 causal_alignment="bottom_right", softcap=softcap,

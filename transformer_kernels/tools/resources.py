@@ -394,8 +394,12 @@ def _row_from_dict(d: dict) -> Resources:
     return Resources(**{**d, "key_loop": KeyLoop(**d["key_loop"]) if d.get("key_loop") else None})
 
 
+def _cuda_cache_key(module_sha256: str, archs: tuple[str, ...]) -> str:
+    return f"{module_sha256}:{','.join(archs)}"
+
+
 def _cached_cuda_rows(module_sha256: str, archs: tuple[str, ...]) -> list[Resources] | None:
-    rows = _read_json(CUDA_CACHE_FILE).get(f"{module_sha256}:{','.join(archs)}")
+    rows = _read_json(CUDA_CACHE_FILE).get(_cuda_cache_key(module_sha256, archs))
     return None if rows is None else [_row_from_dict(r) for r in rows]
 
 
@@ -403,7 +407,7 @@ def _cache_cuda_rows(module_sha256: str, archs: tuple[str, ...], rows: list[Reso
     # One module's rows (a rebuilt _C replaces them), written whole and renamed into place: two processes may race.
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = CUDA_CACHE_FILE.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({f"{module_sha256}:{','.join(archs)}": [asdict(r) for r in rows]}))
+    tmp.write_text(json.dumps({_cuda_cache_key(module_sha256, archs): [asdict(r) for r in rows]}))
     os.replace(tmp, CUDA_CACHE_FILE)
 
 
