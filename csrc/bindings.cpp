@@ -249,6 +249,14 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
   def_launcher(m, "activation_backward", &act_backward_args, &tk::activation_backward);
   def_launcher(m, "head_split", &head_layout_args, &tk::head_split);
   def_launcher(m, "head_merge", &head_layout_args, &tk::head_merge);
+  // Elements per global access a launcher would use for these arguments (tests ask which kernel form a call takes).
+  m.def("epilogue_pack_width", [](const py::dict& d) { return tk::pack_width(epilogue_args(d)); });
+  m.def("activation_backward_pack_width", [](const py::dict& d) { return tk::pack_width(act_backward_args(d)); });
+  m.def("head_layout_pack_width", [](const py::dict& d, bool merge) { return tk::pack_width(head_layout_args(d), merge); });
+  m.def("norm_plan", [](const py::dict& d, bool backward) {
+    const tk::NormPlan p = tk::norm_plan(norm_args(d), backward);
+    return py::make_tuple(p.packs_per_thread, p.threads, p.row_chunks);
+  }, "(16-byte packs a thread (0: the general kernel), threads a block, backward row chunks)");
   def_launcher(m, "rotary", &rotary_args, &tk::rotary);
   def_launcher(m, "cross_entropy_rows", &cross_entropy_args, &tk::cross_entropy_rows);
   // The enums of types.h and softmax.h, so Python reads the codes instead of restating them.

@@ -4,7 +4,10 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -104,6 +107,87 @@ inline void dispatch_dtype(int dtype, F&& f) {
     case kBFloat16: f(__nv_bfloat16{}); break;
     default: throw std::invalid_argument("unsupported dtype code " + std::to_string(dtype));
   }
+}
+
+// V consecutive elements of T moved by one global access: with V = Vec16<T> that is 16 bytes, one LDG.128 /
+// STG.128, the widest access (a 2-byte access per element keeps ~1/8 of the bytes in flight per instruction, which
+// is what held the element-wise kernels to ~0.9 TB/s on an H200). The address must be aligned to the pack's size.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+template <typename T> constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
+
+// Loads go through a plain integer vector of the pack's size; stores assemble 32-bit words of element bits.
+template <int Bytes> struct BitsOf;
+template <> struct BitsOf<16> { using type = uint4; };
+template <> struct BitsOf<8> { using type = uint2; };
+template <> struct BitsOf<4> { using type = uint32_t; };
+template <> struct BitsOf<2> { using type = uint16_t; };
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const void* base, int64_t offset) {
+  using Bits = typename BitsOf<sizeof(Pack<T, V>)>::type;
+  const Bits bits = *reinterpret_cast<const Bits*>(static_cast<const T*>(base) + offset);
+  Pack<T, V> p;
+  memcpy(&p, &bits, sizeof(p));
+  return p;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t element_bits(T v) {
+  if constexpr (sizeof(T) == 4) {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    return b;
+  } else {
+    uint16_t b;
+    memcpy(&b, &v, 2);
+    return b;
+  }
+}
+
+// One 16-byte global store of four words. Written as the instruction: NVVM turned the same store through a uint4
+// into four 4-byte ones wherever it lost the pointer's alignment (every store of the head merge, the later packs of
+// a norm row). The "memory" clobber keeps the in-place epilogue's earlier load of the same address before it.
+__device__ __forceinline__ void store_16_bytes(void* dst, const uint32_t (&w)[4]) {
+#ifdef __CUDACC__
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+               : "memory");
+#else
+  memcpy(dst, w, 16);
+#endif
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(void* base, int64_t offset, const Pack<T, V>& p) {
+  T* dst = static_cast<T*>(base) + offset;
+  if constexpr (sizeof(Pack<T, V>) < 4) {
+    *dst = p.v[0];
+  } else {
+    constexpr int kWords = sizeof(Pack<T, V>) / 4, kPerWord = 4 / sizeof(T);
+    uint32_t w[kWords];
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) {
+      w[i] = 0;
+#pragma unroll
+      for (int j = 0; j < kPerWord; ++j) w[i] |= element_bits(p.v[i * kPerWord + j]) << (32 / kPerWord * j);
+    }
+    if constexpr (kWords == 4) store_16_bytes(dst, w);
+    else if constexpr (kWords == 2) *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+    else *reinterpret_cast<uint32_t*>(dst) = w[0];
+  }
+}
+
+// Host side of the same contract: every pointer aligned to `bytes` (null pointers are) and every element
+// stride/extent a multiple of `elements`, so each pack of a row starts aligned.
+inline bool packs_fit(std::initializer_list<const void*> ptrs, std::initializer_list<int64_t> extents, int bytes,
+                      int64_t elements) {
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) != 0) return false;
+  for (int64_t e : extents)
+    if (e % elements != 0) return false;
+  return true;
 }
 
 // Splits a flat row index into the (i0, i1, i2) of a [d0, d1, d2, cols] view and returns the

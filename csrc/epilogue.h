@@ -57,6 +57,13 @@ struct HeadLayoutArgs {
   int dtype;
 };
 
+// Elements per global access each launcher will use for these arguments: 16 bytes' worth when every pointer is
+// 16-byte aligned and every row stride and extent a multiple of the pack (and dy / the merge source have unit
+// column stride), else 1.
+int pack_width(const EpilogueArgs& args);
+int pack_width(const ActBackwardArgs& args);
+int pack_width(const HeadLayoutArgs& args, bool merge);
+
 void epilogue_forward(const EpilogueArgs& args, tk_stream_t stream);
 void activation_backward(const ActBackwardArgs& args, tk_stream_t stream);
 void head_split(const HeadLayoutArgs& args, tk_stream_t stream);

@@ -339,3 +339,60 @@ def test_triton_linear_backward_evaluates_the_activation_derivative_once_per_ele
     if dropout_p == 0.0:
         ref = reference.linear(x.detach(), w.detach(), b.detach(), "gelu")
         torch.testing.assert_close(y.detach(), ref, atol=1e-5, rtol=1e-5)
+
+
+class _PackWidths:
+    """Stands in for the CUDA module: records the elements per global access (csrc/epilogue.cu: `pack_width`) each
+    element-wise launch takes, then launches it."""
+
+    PROBES = {"epilogue_forward": lambda m, d: m.epilogue_pack_width(d),
+              "activation_backward": lambda m, d: m.activation_backward_pack_width(d),
+              "head_split": lambda m, d: m.head_layout_pack_width(d, False),
+              "head_merge": lambda m, d: m.head_layout_pack_width(d, True)}
+
+    def __init__(self, module):
+        self.module, self.widths = module, set()
+
+    def __getattr__(self, name):
+        launcher = getattr(self.module, name)
+        if name not in self.PROBES:
+            return launcher
+
+        def launch(d, stream):
+            self.widths.add((name, self.PROBES[name](self.module, d)))
+            return launcher(d, stream)
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_elementwise_kernels_take_16_byte_packs_where_rows_allow(dtype, device, monkeypatch):
+    # Widths a multiple of 16 bytes take the packed kernels (8 fp16/bf16 or 4 fp32 elements an access), others one
+    # element an access; both against the reference, forward and every gradient, with an odd row count (the kernels'
+    # two-row step has a tail) and dropout (its draw per column inside a pack).
+    from transformer_kernels import _ext
+    from transformer_kernels.cuda import linear as cuda_linear
+    recorder = _PackWidths(_ext.module_for(torch.device(device)))
+    monkeypatch.setattr(cuda_linear._ext, "module_for", lambda _: recorder)
+    pack = 16 // dtype.itemsize
+    torch.manual_seed(3)
+    for n in (64, 70 if dtype.itemsize == 2 else 66):
+        check_linear("cuda", 33, n, 24, dtype, device, "gelu_tanh")
+        inputs = {"x": rand(2, 5, 32, dtype=dtype, device=device),
+                  "w": rand(3 * n, 32, dtype=dtype, device=device, scale=0.15),
+                  "wo": rand(n, n, dtype=dtype, device=device, scale=0.15, seed=1)}
+
+        h = 4 if n % 16 == 0 else 1  # head dim 16 (packs never straddle heads) or the whole odd width
+
+        def heads(x, w, wo, h=h):
+            with tk.use_backend("cuda"):
+                q, k, v = tk.ops.qkv_projection(x, w, None, h, h)
+                return tk.ops.out_projection(q + k * v, wo, None)
+
+        def ref(x, w, wo, h=h):
+            q, k, v = reference.qkv_projection(x, w, None, h, h)
+            return reference.out_projection(q + k * v, wo, None)
+
+        assert_rows(compare(heads, ref, inputs, tuple(inputs)), f"qkv/out {dtype} n={n}")
+    seen = {(name, width) for name, width in recorder.widths}
+    for name in _PackWidths.PROBES:
+        assert {(name, pack), (name, 1)} <= seen, (name, sorted(seen))

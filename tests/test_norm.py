@@ -151,3 +151,41 @@ def test_bad_inputs_and_unsupported_sizes(device):
     y.backward(torch.ones_like(y))
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(big, big.shape[-1:]), atol=1e-5, rtol=0)
     assert big.grad.abs().max() < 1e-3  # d(sum of a layer norm)/dx = 0
+
+
+def test_cuda_norm_plans_hold_rows_in_registers_at_model_widths():
+    # csrc/norm.cu: which kernel a shape takes — (16-byte packs a thread, threads a block, backward row chunks); 0
+    # packs = the general kernel. The hidden sizes of BERT/GPT-2 (768, 1024), Llama-7B (4096) and Llama-70B (8192)
+    # in fp16/bf16 read the row once with 16-byte accesses forward; backward up to 4096. Unaligned rows and widths
+    # that are not whole packs take the general kernels.
+    from transformer_kernels import _ext
+    c = _ext.load("_C_host")
+
+    def plan(cols, dtype="bfloat16", backward=False, x_row_stride=None, rows=16384):
+        args = {"x": 0, "residual": 0, "weight": 0, "bias": 0, "rows": rows, "cols": cols,
+                "x_row_stride": cols if x_row_stride is None else x_row_stride, "res_row_stride": cols, "eps": 1e-5,
+                "rms": 0, "dtype": c.dtype_codes[dtype], "y": 0, "sum": 0, "mean": 0, "rstd": 0, "dy": 0,
+                "dy_row_stride": cols, "dx": 0, "dw": 0, "db": 0, "dw_partial": 0, "db_partial": 0}
+        return tuple(c.norm_plan(args, backward))
+
+    assert plan(768) == (1, 96, 682) and plan(768, backward=True) == (1, 96, 682)
+    assert plan(1024)[:2] == (1, 128) and plan(4096)[:2] == (2, 256) and plan(4096, backward=True)[:2] == (2, 256)
+    assert plan(8192)[:2] == (4, 256) and plan(8192, backward=True)[0] == 0
+    assert plan(4096, "float32")[:2] == (4, 256) and plan(4096, "float32", backward=True)[0] == 0
+    assert plan(1000)[:2] == (1, 128)  # 125 packs
+    assert plan(4100) == plan(37) == (0, 256, 256)
+    # the chunk count (the partial buffers' rows) is the shape's alone: the same whether or not the rows align
+    assert plan(768, backward=True, x_row_stride=772) == (0, 256, 682)
+    assert c.norm_backward_chunks(16384, 768, c.dtype_codes["bfloat16"]) == 682
+    assert plan(768, backward=True, rows=100)[2] == 100
+
+
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+@pytest.mark.parametrize("dtype,n", [(torch.bfloat16, 4096), (torch.float32, 1024)], ids=str)
+def test_cuda_packed_backward_over_row_chunks(kind, dtype, n, device):
+    # 300 rows over 256 row chunks: two rows a chunk (the next row loaded while this one reduces), chunks past the
+    # last row (their dW/dB partials stay zero); bf16 4096 holds two packs a thread, fp32 1024 one.
+    g = torch.Generator().manual_seed(1)
+    x, r = ((torch.randn(300, n, generator=g) * 2 + 1).to(dtype).to(device) for _ in range(2))
+    w, b = (torch.randn(n, generator=g).to(dtype).to(device) for _ in range(2))
+    check(kind, "cuda", x, w, b if kind == "ln" else None, r)

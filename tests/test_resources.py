@@ -28,6 +28,10 @@ SAMPLE_SASS = """
         /*0050*/                   LDSM.16.MT88.4 R16, [R3+0x800] ;
         /*0060*/                   LDGSTS.E.BYPASS.LTC128B.128 [R5+0x4000], desc[UR6][R8.64] ;
         /*0070*/                   LDGSTS.E.BYPASS.LTC128B.128.ZFILL [R5+0x4800], desc[UR6][R10.64], P0 ;
+        /*0080*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0090*/                   STG.E.128 desc[UR4][R6.64], R8 ;
+        /*00a0*/                   LDG.E.U16 R9, desc[UR4][R2.64] ;
+        /*00b0*/                   STG.E desc[UR4][R6.64], R9 ;
 """
 
 
@@ -37,7 +41,8 @@ def test_parsers_read_cuobjdump_output():
     }
     # HFMA2.MMA is a plain FMA, not a tensor-core instruction
     assert resources.count_tensor_core(SAMPLE_SASS) == {"k": 2}
-    assert resources.count_opcodes(SAMPLE_SASS) == {"k": {"LDSM": 1, "LDGSTS": 2}}
+    assert resources.count_opcodes(SAMPLE_SASS) == {"k": {"LDSM": 1, "LDGSTS": 2, "LDG.128": 1, "STG.128": 1,
+                                                          "GLOBAL.16": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +146,36 @@ def test_cuda_attention_passes_are_register_resident_and_pipelined(cuda_rows):
             element, d = r.variant.split(", ")[:2]
             code = c.dtype_codes[resources.CUDA_ELEMENT_TYPES[element]]
             assert r.shared_bytes >= c.attention_smem(resources.ATTENTION_SMEM_PASS[r.kernel], code, int(d)) > 0
+
+
+# The element-wise kernels (csrc/epilogue.cu) and the norms' packed kernels (csrc/norm.cu) where rows allow 16-byte
+# packs: every access to a stream is 16 bytes (no 2-byte access is left), and the norm kernels read a row once — the
+# forward 4 loads a pack it holds (x, residual, weight, bias; the general kernel reads x and the residual three
+# times), the backward 7 (the weight once; x, residual and dy of this row and of the next) and 1 + 2·(pack / 4)
+# stores (dx, and the dW/dB partials in fp32 16-byte pieces).
+PACKED_STREAM_KERNELS = ("epilogue_kernel", "activation_backward_kernel", "head_split_kernel", "head_merge_kernel")
+
+
+def test_cuda_elementwise_and_norm_kernels_move_16_bytes_an_access(cuda_rows):
+    seen = set()
+    for r in cuda_rows:
+        element, *rest = r.variant.split(", ")
+        pack = 16 // (4 if element == "float" else 2)
+        where, ops = f"{r.kernel}<{r.variant}> sm_{r.arch}", r.sass_ops
+        if r.kernel in PACKED_STREAM_KERNELS and int(rest[0]) == pack:
+            assert ops["LDG.128"] > 0 and ops["STG.128"] > 0 and ops["GLOBAL.16"] == 0, (where, ops)
+        elif r.kernel == "norm_fwd_packed_kernel":
+            c = int(rest[0])
+            assert (ops["LDG.128"], ops["STG.128"], ops["GLOBAL.16"]) == (4 * c, 2 * c, 0), (where, ops)
+        elif r.kernel == "norm_bwd_packed_kernel":
+            c = int(rest[0])
+            assert (ops["LDG.128"], ops["STG.128"], ops["GLOBAL.16"]) == (7 * c, c * (1 + 2 * pack // 4), 0), (where, ops)
+        else:
+            continue
+        seen.add((r.kernel, element, r.arch))
+    kernels = {*PACKED_STREAM_KERNELS, "norm_fwd_packed_kernel", "norm_bwd_packed_kernel"}
+    archs = {int(a) for a in toolchain.cuda_archs()}
+    assert seen == {(k, e, a) for k in kernels for e in resources.CUDA_ELEMENT_TYPES for a in archs}
 
 
 # The key loops of the PLAIN forms (csrc/attention_fwd.cu, attention_bwd.cu: no mask tensor, padding mask, soft cap

@@ -46,7 +46,7 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | No
     residual = None if residual is None else unit_last_stride(residual)
     mod = _ext.module_for(x.device)
     rows, n = x.shape
-    chunks = max(mod.norm_backward_chunks(rows), 1)
+    chunks = max(mod.norm_backward_chunks(rows, n, _ext.dtype_code(mod, x.dtype)), 1)
     dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     dw = torch.empty_like(weight)
     db = torch.empty_like(weight) if has_bias else None

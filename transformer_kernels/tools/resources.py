@@ -75,7 +75,7 @@ class Resources:
     stack_bytes: int  # local memory frame: where spills go
     shared_bytes: int
     tensor_core_instrs: int
-    # CUDA rows: counts of the SASS opcodes of `SASS_OPCODES` (ldmatrix, cp.async) in the kernel
+    # CUDA rows: counts of the SASS opcodes of `SASS_OPCODES` (ldmatrix, cp.async, global access widths) in the kernel
     sass_ops: dict[str, int] | None = None
     # CUDA rows of `KEY_LOOP_KERNELS`: the key loop's SASS (`key_loop`)
     key_loop: KeyLoop | None = None
@@ -108,8 +108,11 @@ def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
     return out
 
 
-# ldmatrix and cp.async as SASS names them (LDSM.16.M88.4, LDGSTS.E.BYPASS.128 ...).
-SASS_OPCODES = {"LDSM": ("LDSM",), "LDGSTS": ("LDGSTS",)}
+# ldmatrix and cp.async as SASS names them (LDSM.16.M88.4, LDGSTS.E.BYPASS.128 ...), and global loads/stores by
+# width: 16 bytes an access (what the element-wise and norm kernels' packs compile to) and 2 bytes (one fp16/bf16
+# element an access). A name with a modifier matches itself followed by anything (LDG.E.128 also LDG.E.128.SYS).
+SASS_OPCODES = {"LDSM": ("LDSM",), "LDGSTS": ("LDGSTS",), "LDG.128": ("LDG.E.128",), "STG.128": ("STG.E.128",),
+                "GLOBAL.16": ("LDG.E.U16", "LDG.E.S16", "STG.E.U16")}
 
 
 def count_opcodes(sass: str, opcodes: dict[str, tuple[str, ...]] = SASS_OPCODES) -> dict[str, dict[str, int]]:
@@ -121,7 +124,8 @@ def count_opcodes(sass: str, opcodes: dict[str, tuple[str, ...]] = SASS_OPCODES)
         # opcode follows a space (after the address or a predicate) and its modifiers follow a dot: " HMMA." is
         # never part of another name (HFMA2.MMA is not a tensor-core instruction). str.count: a \b regex over the
         # ~900k lines of one arch of _C took 12 s.
-        counts[name] = {key: sum(body.count(f" {op}.") for op in ops) for key, ops in opcodes.items()}
+        counts[name] = {key: sum(body.count(f" {op}" if "." in op else f" {op}.") for op in ops)
+                        for key, ops in opcodes.items()}
     return counts
 
 
