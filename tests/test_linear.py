@@ -1,5 +1,7 @@
 """linear / gated_linear / qkv_projection / out_projection / feed_forward against the reference."""
 
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -345,7 +347,7 @@ class _PackWidths:
     """Stands in for the CUDA module: records the elements per global access (csrc/epilogue.cu: `pack_width`) each
     element-wise launch takes, then launches it."""
 
-    PROBES = {"epilogue_forward": lambda m, d: m.epilogue_pack_width(d),
+    PROBES: ClassVar = {"epilogue_forward": lambda m, d: m.epilogue_pack_width(d),
               "activation_backward": lambda m, d: m.activation_backward_pack_width(d),
               "head_split": lambda m, d: m.head_layout_pack_width(d, False),
               "head_merge": lambda m, d: m.head_layout_pack_width(d, True)}
