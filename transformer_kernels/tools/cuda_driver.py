@@ -58,16 +58,21 @@ def run(device: torch.device) -> list[str]:
     ops.varlen_attention(q, k, v, cu, cu, 70, 70, is_causal=True, backend="cuda").sum().backward()
     ran.append("varlen attention forward/backward PLAIN (packed sequences)")
     x, w, b = randn(37, 64), randn(96, 64), randn(96)
-    ops.linear(x, w, b, "gelu", residual=randn(37, 96), dropout_p=0.1, backend="cuda").sum().backward()
+    # Rows of whole 16-byte packs take the packed element-wise kernels (csrc/epilogue.cu); a dense gradient keeps the
+    # activation backward packed too (.sum()'s is a stride-0 view: one element an access), and 70 halves a row take
+    # one element an access both ways.
+    ops.linear(x, w, b, "gelu", residual=randn(37, 96), dropout_p=0.1, backend="cuda").backward(randn(37, 96))
     ops.gated_linear(x, w, randn(96, 64), b, randn(96), "silu", backend="cuda").sum().backward()
+    ops.linear(x, randn(70, 64), None, "silu", backend="cuda").backward(randn(37, 70))
     ran.append("linear, gated_linear (epilogue, activation backward)")
     xs = randn(2, 19, 64)
     q, k, v = ops.qkv_projection(xs, randn(3 * 64, 64), randn(3 * 64), 4, backend="cuda")
     ops.out_projection(q, randn(64, 64), randn(64), residual=randn(2, 19, 64), backend="cuda").sum().backward()
     ran.append("qkv_projection, out_projection (head split/merge)")
-    y = randn(23, 700)
-    ops.layer_norm(y, randn(700), randn(700), residual=randn(23, 700), backend="cuda").sum().backward()
-    ops.rms_norm(y, randn(700), backend="cuda").sum().backward()
+    # 704 halves a row: the packed norm kernels (csrc/norm.cu); 700: the general ones
+    y = randn(23, 704)
+    ops.layer_norm(y, randn(704), randn(704), residual=randn(23, 704), backend="cuda").sum().backward()
+    ops.rms_norm(randn(23, 700), randn(700), backend="cuda").sum().backward()
     ran.append("layer_norm, rms_norm forward/backward")
     q, k = randn(2, 5, 4, 80).transpose(1, 2), randn(2, 2, 5, 80)
     table = torch.rand(9, 32, device=device, generator=g)
