@@ -336,6 +336,9 @@ def test_triton_linear_backward_evaluates_the_activation_derivative_once_per_ele
     with testing.count_interpreted_work() as backward:
         y.backward(torch.randn(m, n, generator=g))
     assert forward.erf_elements == m * n and backward.erf_elements == m * n
+    # exactly those passes: the forward one GEMM with its epilogue, the backward the dZ pass and the two GEMMs
+    assert forward.launches == ["matmul_kernel"]
+    assert sorted(backward.launches) == ["dact_kernel", "matmul_kernel", "matmul_kernel"], backward.launches
     # the backward's products: dX = dZ·W and dW = dZᵀ·X, 2·M·N·K FLOPs each, as the forward's one
     assert backward.matmul_flops == 2 * forward.matmul_flops == 2 * (2 * m * n * k)
     if dropout_p == 0.0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -150,11 +150,12 @@ class InterpretedWork:
     matmul_flops: int = 0
     atomic_elements: int = 0
     erf_elements: int = 0
+    launches: list[str] = field(default_factory=list)  # the kernels launched, by name, in order
 
 
 @contextlib.contextmanager
 def count_interpreted_work() -> Iterator[InterpretedWork]:
-    """Counts the tensor-core work and atomics of every Triton kernel the interpreter runs in the block: exact,
+    """Counts the tensor-core work, atomics and launches of every Triton kernel the interpreter runs in the block: exact,
     unlike a timing, and a kernel that issues more products cannot hide them."""
     from triton.runtime import interpreter
 
@@ -175,11 +176,19 @@ def count_interpreted_work() -> Iterator[InterpretedWork]:
         work.erf_elements += arg.data.size
         return erf(self, arg)
 
+    run = interpreter.InterpretedFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        work.launches.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
     builder.create_dot, builder.create_atomic_rmw, builder.create_erf = create_dot, create_atomic_rmw, create_erf
+    interpreter.InterpretedFunction.run = counted_run
     try:
         yield work
     finally:
         builder.create_dot, builder.create_atomic_rmw, builder.create_erf = dot, rmw, erf
+        interpreter.InterpretedFunction.run = run
 
 
 def peak_allocated_bytes(fn) -> int:
