@@ -162,14 +162,28 @@ def test_flash_attn_with_kvcache(backend, paged, rotary, causal, interleaved, de
     assert lse.shape == (3, 4, 2) and lse.dtype == torch.float32
 
 
+def test_flash_attn_with_kvcache_passes_alibi_slopes(device):
+    # flash-attn's rule on a cache: the new queries sit at each sequence's end (`ops.attention_with_kvcache`, whose
+    # tests check the bias against the reference); here: the slopes reach it, as the same call through the op shows.
+    import transformer_kernels as tk
+    g = torch.Generator().manual_seed(2)
+    k_cache, v_cache = (torch.randn(2, 40, 2, 16, generator=g).to(device) for _ in range(2))
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g).to(device) for n in (4, 2, 2))
+    lens, slopes = torch.tensor([5, 30], dtype=torch.int32, device=device), torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(3)]
+    ours = fa.flash_attn_with_kvcache(q, *caches[0], k, v, cache_seqlens=lens, alibi_slopes=slopes.to(device))
+    op = tk.ops.attention_with_kvcache(q, *caches[1], k, v, lens, alibi_slopes=slopes.to(device))
+    plain = fa.flash_attn_with_kvcache(q, *caches[2], k, v, cache_seqlens=lens)
+    torch.testing.assert_close(ours, op)
+    assert (ours - plain).abs().max() > 0.05
+
+
 def test_refused_by_name_and_bad_windows(device):
     q = torch.randn(1, 4, 2, 16, device=device)
     for kw, name in (({"softcap": 30.0, "backend": "triton"}, "softcap"),
                      ({"return_attn_probs": True}, "return_attn_probs"), ({"deterministic": True}, "deterministic")):
         with pytest.raises(NotImplementedError, match=name):
             fa.flash_attn_func(q, q, q, **kw)
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):  # the dense and varlen functions take them
-        fa.flash_attn_with_kvcache(q, q, q, alibi_slopes=torch.ones(2, device=device))
     with pytest.raises(ValueError, match="window_size"):
         fa.flash_attn_func(q, q, q, window_size=(-2, 0))
     with pytest.raises(NotImplementedError, match="cache_batch_idx"):

@@ -89,6 +89,55 @@ def test_new_keys_and_values_are_appended_in_place():
     torch.testing.assert_close(out.double(), _expected(q, k_cache, v_cache, table, [1, 38, 96]), atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["slopes[H]", "slopes[B,H]"])
+def test_alibi_over_a_paged_cache_takes_each_sequences_positions(backend, per_sequence):
+    # Two new queries appended at each sequence's end: query i of sequence b sits at lens[b] + i, so its bias is
+    # −slope·|lens[b] + i − j| over that sequence's keys only (the gathered copy runs to the table's capacity). Not
+    # causal, so the first query also sees a key after it: a bias with the wrong diagonal is then no longer a
+    # per-row constant (which the softmax would cancel).
+    q, k_cache, v_cache, table = _paged()
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(B, 2, H, D, generator=g)
+    k_new, v_new = (torch.randn(B, 2, HKV, D, generator=g) for _ in range(2))
+    slopes = torch.rand((B, H) if per_sequence else (H,), generator=g) + 0.2
+    lens = [0, 37, 94]
+    out = tk.ops.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, torch.tensor(lens, dtype=torch.int32),
+                                        table, alibi_slopes=slopes, backend=backend)
+    for b, n in enumerate(lens):
+        keys, values = (c[table[b].long()].flatten(0, 1)[:n + 2].permute(1, 0, 2)[None].double()
+                        for c in (k_cache, v_cache))
+        qb = q[b:b + 1].transpose(1, 2).double()
+        sb = slopes[b] if per_sequence else slopes
+        expected = reference.scaled_dot_product_attention(qb, keys, values, enable_gqa=True,
+                                                          causal_alignment="bottom_right", alibi_slopes=sb.double())
+        torch.testing.assert_close(out[b:b + 1].double(), expected.transpose(1, 2), atol=2e-6, rtol=1e-5)
+        plain = reference.scaled_dot_product_attention(qb, keys, values, enable_gqa=True)
+        assert (plain - expected).abs().max() > 0.05  # the bias moved the output: a backend that dropped it fails
+
+
+def test_alibi_on_a_decoding_step_leaves_the_paged_kernel_for_the_gathered_path():
+    # The Triton paged-decode kernel has no ALiBi: a step with slopes runs the gathered path (a float mask holding the
+    # bias), one with none the kernel; both against the reference.
+    q, k_cache, v_cache, table = _paged()
+    slopes = torch.linspace(0.1, 0.8, H)
+    lens = torch.tensor([0, 37, 96], dtype=torch.int32)
+    with count_interpreted_work() as work:
+        out = tk.ops.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, block_table=table,
+                                            alibi_slopes=slopes, backend="triton")
+    assert "attn_decode_paged_kernel" not in work.launches
+    for b, n in enumerate(lens.tolist()):
+        keys, values = (c[table[b].long()].flatten(0, 1)[:n].permute(1, 0, 2)[None].double() for c in (k_cache, v_cache))
+        qb = q[b:b + 1].transpose(1, 2).double()
+        expected = (reference.scaled_dot_product_attention(qb, keys, values, enable_gqa=True,
+                                                           causal_alignment="bottom_right", alibi_slopes=slopes.double())
+                    if n else torch.zeros_like(qb))
+        torch.testing.assert_close(out[b:b + 1].double(), expected.transpose(1, 2), atol=2e-6, rtol=1e-5)
+    with count_interpreted_work() as work:
+        tk.ops.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, block_table=table, backend="triton")
+    assert "attn_decode_paged_kernel" in work.launches
+
+
 def test_paged_decode_opcheck():
     q, k_cache, v_cache, table = _paged()
     args = (q.transpose(1, 2), k_cache, v_cache, table, torch.tensor([0, 37, 96], dtype=torch.int32), 0.2, 10, "triton")

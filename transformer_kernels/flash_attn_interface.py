@@ -14,8 +14,8 @@ is `ops.attention_with_kvcache`: k/v appended into the cache in place (index wri
 ``cache_seqlens``, device tensors: no host sync), a decoding step on triton reading the cache, paged or dense, in
 place through the block table, anything else through a gathered copy and a mask of each sequence's valid keys;
 ``softcap`` caps the scores in the CUDA kernels (`attention`'s rule: `auto` picks cuda); ``alibi_slopes`` is
-`attention`'s and `varlen_attention`'s. Refused by name (``NotImplementedError``) rather than ignored:
-``alibi_slopes`` on the KV-cache function, ``return_attn_probs``, ``deterministic=True`` (our
+`attention`'s, `varlen_attention`'s and `attention_with_kvcache`'s (there, each sequence's queries sit at its end).
+Refused by name (``NotImplementedError``) rather than ignored: ``return_attn_probs``, ``deterministic=True`` (our
 attention backward is deterministic under ``torch.use_deterministic_algorithms(True)``), ``cache_batch_idx``,
 ``cache_leftpad``, ``block_table`` on the varlen functions.
 """
@@ -150,7 +150,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
     (``[positions, R/2]``) k is rotated at those positions, and q at the same ones when causal or windowed, else all at
     ``cache_seqlens``. ``num_splits`` is a scheduling hint (ours plans its own split-KV). Returns ``[B, Lq, H, D]``
     (and the fp32 ``[B, H, Lq]`` log-sum-exp with ``return_softmax_lse``). Inference only, as flash-attn's."""
-    _refuse(alibi_slopes, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
+    _refuse(cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
     window = check_window(window_size, "window_size")
     if (k is None) != (v is None):
         raise ValueError("flash_attn_with_kvcache: pass both k and v, or neither")
@@ -161,7 +161,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
         q, k = _rotate_new(q, k, rotary_cos, rotary_sin, rotary_interleaved, start, along=causal or window != (-1, -1),
                            backend=backend)
     return ops.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale=softmax_scale,
-                                      is_causal=causal, window=window, softcap=softcap,
+                                      is_causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                                       return_lse=return_softmax_lse, backend=backend)
 
 

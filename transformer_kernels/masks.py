@@ -41,9 +41,10 @@ def band_mask(lq: int, lk: int, offset: int | Tensor, left: int, right: int, dev
     return keep & (rel <= right) if right >= 0 else keep
 
 
-def alibi_bias(slopes: Tensor, lq: int, lk: int, offset: int) -> Tensor:
+def alibi_bias(slopes: Tensor, lq: int, lk: int, offset: int | Tensor) -> Tensor:
     """ALiBi's bias (Press et al.; BLOOM, MPT), fp32 ``[H, Lq, Lk]`` from slopes ``[H]`` or ``[B, H, Lq, Lk]`` from
     ``[B, H]``: −slope·|i + offset − j| for query i and key j, ``offset`` the diagonal (0 top-left, Lk − Lq
-    bottom-right: flash-attn's ``alibi_slopes`` rule). Built on the device from the shapes: no host sync."""
+    bottom-right: flash-attn's ``alibi_slopes`` rule), an int or a ``[B, 1, 1, 1]`` tensor (a diagonal per sequence:
+    the result is ``[B, H, Lq, Lk]``). Built on the device from the shapes: no host sync."""
     dist = (torch.arange(lk, device=slopes.device) - torch.arange(lq, device=slopes.device)[:, None] - offset).abs()
     return -slopes.float()[..., None, None] * dist

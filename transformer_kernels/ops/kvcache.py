@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..masks import band_mask
-from ._checks import check_softcap, check_window, describe
+from ..masks import alibi_bias, band_mask
+from ._checks import check_alibi_slopes, check_softcap, check_window, describe
 from ._dispatch import call, custom_op
 from ._sinks import lse_of
 from .attention import FAMILY, attention
@@ -87,18 +87,22 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: T
                            v_new: Tensor | None = None, cache_seqlens: int | Tensor | None = None,
                            block_table: Tensor | None = None, *, scale: float | None = None, is_causal: bool = False,
                            window: tuple[int, int] | None = None, softcap: float | None = None,
-                           return_lse: bool = False, backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                           alibi_slopes: Tensor | None = None, return_lse: bool = False,
+                           backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """q ``[B, Lq, H, D]``; k_cache/v_cache ``[B, L_cache, Hkv, D]``, or paged ``[num_blocks, block_size, Hkv, D]``
     with ``block_table`` int32 ``[B, max_blocks]`` (sequence b's key j in block ``block_table[b, j // block_size]``);
     optional k_new/v_new ``[B, L_new, Hkv, D]`` written into the cache in place at positions ``cache_seqlens[b] + i``
     (device index writes: no host sync; the cache must have room); ``cache_seqlens`` an int or int32 ``[B]`` (None:
     the whole cache). Sequence b attends over its first ``cache_seqlens[b] + L_new`` keys, causal and window aligned
-    bottom-right (flash-attn's rule), ``softcap`` as in `attention`. Returns ``[B, Lq, H, D]`` contiguous (and the
+    bottom-right (flash-attn's rule), ``softcap`` as in `attention`, ``alibi_slopes`` (``[H]`` or ``[B, H]``) as
+    flash-attn's: −slope·|(cache_seqlens[b] + L_new − Lq + i) − j| for query i and key j, each sequence's queries
+    sitting at its end. Returns ``[B, Lq, H, D]`` contiguous (and the
     fp32 ``[B, H, Lq]`` log-sum-exp with ``return_lse``)."""
     _check(q, k_cache, v_cache, k_new, v_new, block_table)
     left, right = (-1, -1) if window is None else check_window(window)
     check_softcap(softcap)
-    b, lq, _, d = q.shape
+    b, lq, heads, d = q.shape
+    check_alibi_slopes(alibi_slopes, b, heads, q.device)
     device = q.device
     paged = block_table is not None
     block = k_cache.shape[1]
@@ -116,7 +120,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: T
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     heads_first = q.transpose(1, 2)  # [B, H, Lq, D] view
     name = backends.resolve_for(OP, FAMILY, device, backend, heads_first, k_cache, v_cache)
-    if lq == 1 and name == "triton" and not softcap and v_cache.shape[-1] == d:
+    if lq == 1 and name == "triton" and not softcap and alibi_slopes is None and v_cache.shape[-1] == d:
         # One query at the end of its sequence: causal changes nothing and a window's right side sees past the keys.
         table = block_table if paged else torch.arange(b, dtype=torch.int32, device=device)[:, None]
         out, row_max, inv_l = call(_paged_decode, heads_first, k_cache, v_cache, table, seqlens, scale, left, name)
@@ -127,6 +131,11 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: T
     else:
         keys, values = k_cache[:b], v_cache[:b]
     mask = _visible(lq, keys.shape[1], seqlens, is_causal, (left, right))
+    if alibi_slopes is not None:
+        # The gathered keys run to the capacity, not to each sequence's end: the bias takes each sequence's diagonal
+        # (its queries' positions) and the hidden keys stay −inf.
+        bias = alibi_bias(alibi_slopes, lq, keys.shape[1], (seqlens - lq).view(b, 1, 1, 1))
+        mask = bias.masked_fill(~mask, float("-inf"))
     out = attention(heads_first, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale,
                     enable_gqa=q.shape[2] != keys.shape[2], return_lse=return_lse, softcap=softcap, backend=name)
     if return_lse:
