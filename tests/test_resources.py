@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import re
 
 import pytest
 
@@ -280,4 +281,11 @@ def test_every_triton_gemm_config_compiles_without_spills_on_tensor_cores():
         assert r.shared_bytes <= resources.MAX_SHARED[r.arch]
         if r.kernel == "matmul":
             assert r.tensor_core_instrs > 0, f"{where} does not use tensor cores"
+            if r.variant.startswith(("fp16", "bf16")):
+                # mma.sync (HMMA.16816: 16·8·16 products a warp) needs at least M·N·K / (2048 · warps) instructions in
+                # the K loop's body; a wgmma (HGMMA.64xNx16) does 64·N·16 for four warps at once, so the count falls
+                # below that bound exactly when the tile compiled to wgmma: every fp16/bf16 GEMM tile on sm_90 (issue
+                # 30), none on sm_80, which has no wgmma.
+                m, n, k, w = (int(re.search(rf"{f}=(\d+)", r.variant).group(1)) for f in ("M", "N", "K", "w"))
+                assert (r.tensor_core_instrs < m * n * k / (2048 * w)) == (r.arch == 90), (where, r.tensor_core_instrs)
 
