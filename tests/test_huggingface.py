@@ -242,6 +242,36 @@ def test_gemma2_attention_softcap_matches_eager(backend):
     _loss_and_grads_match(eager, ours)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_bloom_alibi_runs_from_the_slopes_and_matches_eager(backend, monkeypatch):
+    # BLOOM computes its own attention (no attention implementation to set) with an ALiBi bias tensor: the swapped
+    # BloomAttention hands the kernels the model's slopes instead. Training loss and every gradient (the fused LM
+    # loss too), logits at the real positions of a left-padded batch, greedy generation with the cache.
+    cfg = transformers.BloomConfig(vocab_size=hft.VOCAB, hidden_size=32, n_layer=2, n_head=4, hidden_dropout=0.0,
+                                   attention_dropout=0.0)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    eager = transformers.BloomForCausalLM(cfg)
+    ours = tk.convert(copy.deepcopy(eager), backend=backend)
+    assert {k: ours.tk_swapped[k] for k in ("BloomAttention", "BloomMLP", "BloomForCausalLM loss")} == {
+        "BloomAttention": 2, "BloomMLP": 2, "BloomForCausalLM loss": 1}
+    slopes = []
+    real_attention = tk.ops.attention
+    monkeypatch.setattr(tk.ops, "attention", lambda *a, **kw: slopes.append(kw["alibi_slopes"]) or real_attention(*a, **kw))
+    _loss_and_grads_match(eager, ours)
+    expected = torch.tensor([2.0 ** (-8 * h / 4) for h in range(1, 5)])  # ALiBi's geometric slopes for 4 heads
+    assert len(slopes) == 2 and all(torch.equal(s, expected) for s in slopes)
+    eager.eval(), ours.eval()
+    ids = torch.randint(3, hft.VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        a, b = (m(input_ids=ids, attention_mask=mask).logits for m in (eager, ours))
+    torch.testing.assert_close(b[mask.bool()], a[mask.bool()], rtol=1e-5, atol=1e-5)
+    tokens = [m.generate(ids[:1], max_new_tokens=4, do_sample=False) for m in (eager, ours)]
+    assert torch.equal(tokens[0], tokens[1])
+
+
 def test_unknown_and_subclassed_modules_are_left_alone():
     # A user's subclass, even one named like ours, may change forward: never swapped.
     user_norm = type("LayerNorm", (nn.LayerNorm,), {})

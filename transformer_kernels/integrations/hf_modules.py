@@ -15,9 +15,12 @@ What is swapped (matched by exact class, so a user subclass with its own forward
 - BART: the encoder and decoder layers' ``fc1`` with the activation in its epilogue (the layer's own activation
   becomes the identity);
 - T5: ``T5DenseActDense`` and ``T5DenseGatedActDense`` (gated GELU through ``gated_linear``);
+- BLOOM: ``BloomAttention`` (its query/key/value and output GEMMs, the attention with ALiBi from the slopes instead of
+  BLOOM's bias tensor, the output's dropout and residual in the epilogue) and ``BloomMLP`` (GELU and the residual in
+  the epilogues); BLOOM does not take an attention implementation, so its own attention class is what is swapped;
 - Llama/Mistral/Qwen2 ``*MLP``: swiglu through ``gated_linear``, then ``down_proj``;
 - Llama/Mistral/Qwen2/Qwen3/Gemma 1-3 attention: ``apply_rotary_pos_emb`` runs ``rotary`` (q and k in one launch);
-- the causal-LM (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, GPT-2), masked-LM (BERT), T5 and BART losses: with labels in
+- the causal-LM (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, GPT-2, BLOOM), masked-LM (BERT), T5 and BART losses: with labels in
   training the loss is ``linear_cross_entropy`` of the head's input, and the ``[tokens, vocab]`` logits are never
   built.
 """
@@ -48,6 +51,7 @@ _ACTIVATIONS = {
     "ReLU": "relu",
     "SiLU": "silu",
     "SiLUActivation": "silu",
+    "BloomGelu": "gelu_tanh",
 }
 
 
@@ -142,6 +146,52 @@ def _gated_mlp(self: nn.Module, x: Tensor) -> Tensor:
     return ops.linear(h, d.weight, d.bias, backend=self.tk_backend)
 
 
+def _bloom_slopes(self: nn.Module, device: torch.device) -> Tensor:
+    """BLOOM's ALiBi slopes ``[H]`` fp32, read from the model's own `build_alibi_tensor` (slope · position) at
+    position 1, made once per device and kept outside the module's state (no new buffer in its state_dict)."""
+    cache = self.__dict__.setdefault("tk_alibi_slopes", {})
+    if device not in cache:
+        modeling = sys.modules[type(self).tk_original_forward.__module__]
+        alibi = modeling.build_alibi_tensor(torch.ones(1, 2, device=device), self.num_heads, torch.float32)
+        cache[device] = alibi.view(self.num_heads, 2)[:, 1].contiguous()
+    return cache[device]
+
+
+def _bloom_attention(self: nn.Module, hidden_states: Tensor, residual: Tensor, alibi: Tensor,
+                     attention_mask: Tensor | None, layer_past=None, use_cache: bool = False,
+                     output_attentions: bool = False, **kwargs):
+    # BLOOM adds slope·(key position) (its `alibi` tensor, read as positions along the attention mask) to the
+    # scores. Over the keys a causal row sees, that is ALiBi's −slope·(i − j) plus a constant per row, which the
+    # softmax cancels: the kernels take the slopes (`alibi_slopes`, bottom-right for a cache) and no bias tensor.
+    qkv, dense = self.query_key_value, self.dense
+    if (output_attentions or (self.pretraining_tp > 1 and self.slow_but_exact)
+            or not _same_dtype(hidden_states, qkv.weight, dense.weight) or residual.dtype != hidden_states.dtype):
+        return self.tk_original_forward(hidden_states, residual, alibi, attention_mask, layer_past, use_cache,
+                                        output_attentions, **kwargs)
+    q, k, v = self._reshape(ops.linear(hidden_states, qkv.weight, qkv.bias, backend=self.tk_backend))
+    if layer_past is not None:
+        k, v = layer_past.update(k, v, self.layer_idx)
+    lq = q.shape[2]
+    # transformers hands BLOOM a causal mask; without one the layer is still causal (a decoder).
+    out = ops.attention(q, k, v, attn_mask=attention_mask, dropout_p=_dropout(self, self.attention_dropout.p),
+                        is_causal=attention_mask is None and lq > 1, scale=self.inv_norm_factor,
+                        causal_alignment="bottom_right", alibi_slopes=_bloom_slopes(self, q.device),
+                        backend=self.tk_backend)
+    context = out.transpose(1, 2).reshape(q.shape[0], lq, -1)
+    return ops.linear(context, dense.weight, dense.bias, residual=residual,
+                      dropout_p=_dropout(self, self.hidden_dropout), backend=self.tk_backend), None
+
+
+def _bloom_mlp(self: nn.Module, hidden_states: Tensor, residual: Tensor) -> Tensor:
+    up, down = self.dense_h_to_4h, self.dense_4h_to_h
+    if ((self.pretraining_tp > 1 and self.slow_but_exact) or not _same_dtype(hidden_states, up.weight, down.weight)
+            or residual.dtype != hidden_states.dtype):
+        return self.tk_original_forward(hidden_states, residual)
+    h = ops.linear(hidden_states, up.weight, up.bias, self.tk_activation, backend=self.tk_backend)
+    return ops.linear(h, down.weight, down.bias, residual=residual, dropout_p=_dropout(self, self.hidden_dropout),
+                      backend=self.tk_backend)
+
+
 # ---- the language-model loss without logits, and rotary through transformers' hook point ----------------------
 
 # Model class → (the module path of its vocabulary projection, whether the labels are shifted (causal LM) as
@@ -156,6 +206,7 @@ _LM_LOSSES: dict[str, tuple[str, bool]] = {
     "Gemma2ForCausalLM": ("lm_head", True),  # final_logit_softcapping becomes the op's softcap
     "Gemma3ForCausalLM": ("lm_head", True),
     "GPT2LMHeadModel": ("lm_head", True),
+    "BloomForCausalLM": ("lm_head", True),
     "BertForMaskedLM": ("cls.predictions.decoder", False),
     "T5ForConditionalGeneration": ("lm_head", False),
     "BartForConditionalGeneration": ("lm_head", False),
@@ -281,6 +332,8 @@ _SWAPS: dict[str, tuple[Callable, str | None]] = {
     "BertOutput": (_dense_dropout_residual_norm, None),
     "BertIntermediate": (_dense_activation, "intermediate_act_fn"),
     "GPT2MLP": (_gpt2_mlp, "act"),
+    "BloomAttention": (_bloom_attention, None),
+    "BloomMLP": (_bloom_mlp, "gelu_impl"),
     "T5DenseActDense": (_t5_dense, "act"),
     "T5DenseGatedActDense": (_t5_gated, "act"),
     "LlamaMLP": (_gated_mlp, "act_fn"),
@@ -321,10 +374,13 @@ def _swap(m: nn.Module, forward: Callable, backend: str | None, activation: str 
 
 
 def convert_hf_model(model: nn.Module, backend: str | None = None) -> Counter:
-    """Sets ``model``'s attention implementation to ``"transformer_kernels"`` and swaps in every module the table
-    above names. ``backend`` (None: the one in force at each call) is stored on the modules as ``tk_backend``.
-    Returns the count of swapped modules per original class (also logged)."""
-    model.set_attn_implementation(huggingface.NAME)
+    """Sets ``model``'s attention implementation to ``"transformer_kernels"`` (where the model takes one) and swaps in
+    every module the table above names. ``backend`` (None: the one in force at each call) is stored on the modules as
+    ``tk_backend``. Returns the count of swapped modules per original class (also logged)."""
+    # A model whose attention takes no implementation (BLOOM's computes its own) keeps its setting: its attention
+    # class is swapped below instead.
+    if model._can_set_attn_implementation():
+        model.set_attn_implementation(huggingface.NAME)
     swapped: Counter = Counter()
     skipped: Counter = Counter()
     for m in model.modules():
