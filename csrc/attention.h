@@ -74,13 +74,20 @@ struct AttentionArgs {
   // alibi[b·alibi_stride[0] + h·alibi_stride[1]] (fp32; null = none). Generated per score: no bias tensor is read.
   const float* alibi = nullptr;
   int64_t alibi_stride[2] = {0, 0};
+  // Shared memory per SM of the device (bytes; 0 = unknown): the forward's tile is chosen by it
+  // (`attention_forward_narrow`).
+  int64_t smem_per_sm = 0;
 };
 
 // Fills out, row_max (max score of the row, 0 when none is visible) and inv_l (1 / softmax sum, 0 when
 // none is visible).
 void attention_forward(const AttentionArgs& args, tk_stream_t stream);
-// The forward's query and key tile (BM, BN) for a dtype code and head dim: the split-KV plan needs them.
-void attention_forward_tile(int dtype, int64_t d, int* bm, int* bn);
+// Whether the fp16/bf16 forward takes its narrow key tile on a device with this much shared memory per SM: at
+// D = 128 the 64-key tiles (80 KiB) fit one block on a 100 KiB SM (sm_86, sm_89), the 32-key ones (48 KiB) two.
+bool attention_forward_narrow(int dtype, int64_t d, int64_t smem_per_sm);
+// The forward's query and key tile (BM, BN) for a dtype code, head dim and device (shared memory per SM; 0 =
+// unknown): the split-KV plan needs them.
+void attention_forward_tile(int dtype, int64_t d, int64_t smem_per_sm, int* bm, int* bn);
 // Whether `attention_forward` runs the PLAIN form of the fp16/bf16 forward for these arguments (csrc/attention_fwd.cu:
 // no mask tensor, padding mask, soft cap, ALiBi or dropout, a positive scale, K and V copied by 16 bytes).
 bool attention_forward_plain(const AttentionArgs& args);
@@ -88,7 +95,7 @@ bool attention_forward_plain(const AttentionArgs& args);
 void attention_backward(const AttentionArgs& args, tk_stream_t stream);
 // Dynamic shared memory each kernel launches with, for a dtype code and head dim (the resource report adds it to
 // the static shared memory a cubin declares): the forward's, and the dK/dV (dq false) or dQ kernel's.
-size_t attention_forward_smem(int dtype, int64_t d);
+size_t attention_forward_smem(int dtype, int64_t d, bool narrow = false);
 size_t attention_backward_smem(int dtype, int64_t d, bool dq);
 
 }  // namespace tk

@@ -11,11 +11,12 @@ namespace {
 
 // fp16/bf16 tiles: each of the 4 warps owns 16 query rows; K and V tiles are double-buffered. Q stays in
 // registers up to D = 128 (read from shared memory once; its space then holds the per-warp seen-key words), at
-// D = 256 in shared memory, where the output accumulator already takes 128 registers a lane.
-template <typename T, int DP>
+// D = 256 in shared memory, where the output accumulator already takes 128 registers a lane. NARROW: 32-key tiles
+// at D = 128 for 100 KiB SMs (`attention_forward_narrow`; FlashAttention-2 also takes 32-key tiles on sm_8x).
+template <typename T, int DP, bool NARROW = false>
 struct MmaFwdLayout {
   static constexpr int kWarps = kAttnThreads / 32;
-  static constexpr int BM = 16 * kWarps, BN = DP > 128 ? 32 : 64;
+  static constexpr int BM = 16 * kWarps, BN = DP > 128 || NARROW ? 32 : 64;
   static constexpr bool kQInRegs = DP <= 128;
   static constexpr size_t q = 0, k = q + sizeof(T) * BM * DP, v = k + 2 * sizeof(T) * BN * DP,
                           end = v + 2 * sizeof(T) * BN * DP;
@@ -42,9 +43,9 @@ __device__ __forceinline__ float natural_max(const AttentionArgs& a, float m) {
 // test), and a probability is 2^(s·c − m·c) with c = scale·log2(e) — one FFMA and one MUFU.EX2. The general
 // instantiation scores through `masked_score` in natural units (a float mask's −6e4 stays exact until the row max
 // is subtracted) and takes 2^((s − m)·log2(e)).
-template <typename T, int DP, bool PACKED, bool PLAIN>
+template <typename T, int DP, bool PACKED, bool PLAIN, bool NARROW>
 __global__ void __launch_bounds__(kAttnThreads, 1) attention_fwd_mma_kernel(AttentionArgs args) {
-  using L = MmaFwdLayout<T, DP>;
+  using L = MmaFwdLayout<T, DP, NARROW>;
   constexpr int BM = L::BM, BN = L::BN, NT = BN / 8, DT = DP / 8;
   TK_EXTERN_SHARED(unsigned char, smem);
   T* qs = reinterpret_cast<T*>(smem + L::q);
@@ -364,12 +365,22 @@ __global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(Atte
 template <typename T, int DP>
 using ForwardLayout = std::conditional_t<sizeof(T) == 2, MmaFwdLayout<T, DP>, FwdSmem<T, DP>>;
 
-void attention_forward_tile(int dtype, int64_t d, int* bm, int* bn) {
+// The driver keeps 1 KiB of an SM's shared memory per resident block.
+constexpr int64_t kSmemReservedPerBlock = 1024;
+
+bool attention_forward_narrow(int dtype, int64_t d, int64_t smem_per_sm) {
+  if (dtype == kFloat32 || d > 128 || d <= 64 || smem_per_sm <= 0) return false;
+  const auto fits_two = [&](size_t bytes) { return 2 * (static_cast<int64_t>(bytes) + kSmemReservedPerBlock) <= smem_per_sm; };
+  return !fits_two(MmaFwdLayout<__half, 128>::bytes) && fits_two(MmaFwdLayout<__half, 128, true>::bytes);
+}
+
+void attention_forward_tile(int dtype, int64_t d, int64_t smem_per_sm, int* bm, int* bn) {
+  const bool narrow = attention_forward_narrow(dtype, d, smem_per_sm);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_head_dim(d, [&](auto dp) {
       *bm = ForwardLayout<T, decltype(dp)::value>::BM;
-      *bn = ForwardLayout<T, decltype(dp)::value>::BN;
+      *bn = narrow ? MmaFwdLayout<T, 128, true>::BN : ForwardLayout<T, decltype(dp)::value>::BN;
     });
   });
 }
@@ -383,10 +394,15 @@ bool attention_forward_plain(const AttentionArgs& a) {
   return plain;
 }
 
-size_t attention_forward_smem(int dtype, int64_t d) {
+size_t attention_forward_smem(int dtype, int64_t d, bool narrow) {
   size_t bytes = 0;
   dispatch_dtype(dtype, [&](auto tag) {
-    dispatch_head_dim(d, [&](auto dp) { bytes = ForwardLayout<decltype(tag), decltype(dp)::value>::bytes; });
+    using T = decltype(tag);
+    dispatch_head_dim(d, [&](auto dp) {
+      constexpr int D = decltype(dp)::value;
+      if constexpr (sizeof(T) == 2 && D == 128) bytes = narrow ? MmaFwdLayout<T, D, true>::bytes : ForwardLayout<T, D>::bytes;
+      else bytes = ForwardLayout<T, D>::bytes;
+    });
   });
   return bytes;
 }
@@ -403,11 +419,21 @@ void attention_forward(const AttentionArgs& a, tk_stream_t stream) {
       const dim3 grid(static_cast<unsigned>(blocks), a.splits > 1 ? static_cast<unsigned>(a.splits) : 1u);
       if constexpr (sizeof(T) == 2) {
         const bool plain = plain_scores<T>(a);
-        const auto kernel = a.cu_q ? (plain ? attention_fwd_mma_kernel<T, D, true, true>
-                                            : attention_fwd_mma_kernel<T, D, true, false>)
-                                   : (plain ? attention_fwd_mma_kernel<T, D, false, true>
-                                            : attention_fwd_mma_kernel<T, D, false, false>);
-        launch(kernel, grid, dim3(kAttnThreads), L::bytes, stream, a);
+        const auto run = [&](auto narrow) {
+          constexpr bool N = decltype(narrow)::value;
+          const auto kernel = a.cu_q ? (plain ? attention_fwd_mma_kernel<T, D, true, true, N>
+                                              : attention_fwd_mma_kernel<T, D, true, false, N>)
+                                     : (plain ? attention_fwd_mma_kernel<T, D, false, true, N>
+                                              : attention_fwd_mma_kernel<T, D, false, false, N>);
+          launch(kernel, grid, dim3(kAttnThreads), MmaFwdLayout<T, D, N>::bytes, stream, a);
+        };
+        // The narrow tile is instantiated at D = 128 only (the one head dim whose wide tile fills a 100 KiB SM).
+        if constexpr (D == 128) {
+          if (attention_forward_narrow(a.dtype, a.D, a.smem_per_sm)) run(std::true_type{});
+          else run(std::false_type{});
+        } else {
+          run(std::false_type{});
+        }
       } else {
         launch(a.cu_q ? attention_fwd_fma_kernel<T, D, true> : attention_fwd_fma_kernel<T, D, false>, grid,
                dim3(kAttnThreads), L::bytes, stream, a);

@@ -181,6 +181,7 @@ tk::AttentionArgs attention_args(const py::dict& d) {
   a.softcap = d.contains("softcap") ? d["softcap"].cast<float>() : 0.0f;
   a.alibi = ptr<const float>(d["alibi"].cast<uintptr_t>());
   strides("alibi_stride", a.alibi_stride, 2);
+  a.smem_per_sm = d.contains("smem_per_sm") ? i64("smem_per_sm") : 0;
   if ((a.cu_q == nullptr) != (a.cu_k == nullptr)) throw std::invalid_argument("attention: cu_q and cu_k go together");
   if (a.Hkv <= 0 || a.H % a.Hkv != 0) throw std::invalid_argument("attention: H must be a multiple of Hkv >= 1");
   require_seed(a.dropout_p, a.seed);
@@ -275,16 +276,21 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
                                         py::arg("gelu") = static_cast<int>(tk::kActGelu),
                                         py::arg("gelu_tanh") = static_cast<int>(tk::kActGeluTanh),
                                         py::arg("silu") = static_cast<int>(tk::kActSilu));
-  m.def("attention_forward_tile", [](int dtype, int64_t d) {
+  m.def("attention_forward_tile", [](int dtype, int64_t d, int64_t smem_per_sm) {
     int bm = 0, bn = 0;
-    tk::attention_forward_tile(dtype, d, &bm, &bn);
+    tk::attention_forward_tile(dtype, d, smem_per_sm, &bm, &bn);
     return py::make_tuple(bm, bn);
-  }, "the attention forward's (BM, BN) for a dtype code and head dim");
+  }, "the attention forward's (BM, BN) for a dtype code, head dim and shared memory per SM (0: unknown)");
+  m.def("attention_forward_narrow", &tk::attention_forward_narrow,
+        "whether the fp16/bf16 forward takes its narrow key tile for a dtype code, head dim and shared memory per SM");
   m.def("attention_forward_plain", [](const py::dict& d) { return tk::attention_forward_plain(attention_args(d)); },
         "whether the attention forward runs its PLAIN form for an argument block (csrc/attention_fwd.cu)");
-  m.def("attention_smem", [](const std::string& pass, int dtype, int64_t d) {
-    return pass == "fwd" ? tk::attention_forward_smem(dtype, d) : tk::attention_backward_smem(dtype, d, pass == "dq");
-  }, "dynamic shared memory (bytes) of the attention kernel of a pass (fwd | dkdv | dq) for a dtype code and head dim");
+  m.def("attention_smem", [](const std::string& pass, int dtype, int64_t d, bool narrow) {
+    return pass == "fwd" ? tk::attention_forward_smem(dtype, d, narrow)
+                         : tk::attention_backward_smem(dtype, d, pass == "dq");
+  }, "dynamic shared memory (bytes) of the attention kernel of a pass (fwd | dkdv | dq) for a dtype code and head dim "
+     "(the forward's narrow key tile with narrow)", py::arg("pass"), py::arg("dtype"), py::arg("d"),
+     py::arg("narrow") = false);
   py::tuple head_dims(std::size(tk::kAttnHeadDims));
   for (std::size_t i = 0; i < std::size(tk::kAttnHeadDims); ++i) head_dims[i] = tk::kAttnHeadDims[i];
   m.attr("attention_head_dims") = head_dims;

@@ -698,7 +698,7 @@ def _cuda_tile(dtype, d):
     from transformer_kernels import _ext
 
     mod = _ext.module_for(torch.device("cpu"))
-    return mod.attention_forward_tile(_ext.dtype_code(mod, dtype), d)
+    return mod.attention_forward_tile(_ext.dtype_code(mod, dtype), d, 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -94,6 +94,57 @@ def test_plain_forward_packed(causal, window, device):
     check_varlen("cuda", [130, 0, 1, 70], [200, 3, 0, 140], 2, 1, 64, torch.float16, device, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_narrow_forward_tile_on_a_100_kib_sm(dtype, device, monkeypatch):
+    # sm_86/sm_89 (100 KiB of shared memory per SM) take the 32-key forward tile at D = 128 (64-key tiles fit one
+    # block): the launcher's choice follows the device's shared memory, set here as such a device reports it. Both
+    # forms, dense and packed, and the split-KV decoding path (its splits are whole 32-key tiles) against the
+    # reference; the argument block carries the shared memory and the binding names the tile it selects.
+    host = _ext.load("_C_host")
+    monkeypatch.setattr(cuda_attention, "smem_per_sm", lambda device: 100 * 1024)
+    assert host.attention_forward_narrow(host.dtype_codes[str(dtype).split(".")[1]], 128, 100 * 1024)
+    assert host.attention_forward_tile(host.dtype_codes["float16"], 128, 100 * 1024) == (64, 32)
+    assert host.attention_forward_tile(host.dtype_codes["float16"], 128, 164 * 1024) == (64, 64)
+    plans = []
+    real_plan = cuda_attention._forward_plan
+    monkeypatch.setattr(cuda_attention, "_forward_plan", lambda *a: plans.append(real_plan(*a)) or plans[-1])
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 64, 128, generator=g).to(dtype).to(device)
+    k, v = (torch.randn(1, 1, 150, 128, generator=g).to(dtype).to(device) for _ in range(2))
+    kpm = torch.zeros(1, 150, dtype=torch.bool, device=device)
+    kpm[0, 140:] = True
+    mask = (torch.randn(64, 150, generator=g) > -1.0).to(device)
+    for kw in ({"is_causal": True, "causal_alignment": "bottom_right", "window": (70, -1)},  # PLAIN, cut tiles
+               {"attn_mask": mask, "key_padding_mask": kpm, "is_causal": True}):  # the general form
+
+        def ours(q, k, v, kw=kw):
+            return tk.ops.attention(q, k, v, enable_gqa=True, **kw, backend="cuda")
+
+        def ref(q, k, v, kw=kw):
+            return reference.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw, low_precision=True)
+
+        assert_rows(compare(ours, ref, {"q": q, "k": k, "v": v}, grad_of=("q", "k", "v")))
+    step = torch.randn(1, 2, 1, 128, generator=g).to(dtype).to(device)
+    torch.testing.assert_close(tk.ops.attention(step, k, v, enable_gqa=True, backend="cuda").float(),
+                               reference.scaled_dot_product_attention(step.float(), k.float(), v.float(),
+                                                                      enable_gqa=True), atol=2e-2, rtol=2e-2)
+    assert plans[-1][1] > 1  # the decoding step was split
+    assert plans and all(args["smem_per_sm"] == 100 * 1024 for args, _ in plans)
+    forwards = []
+
+    class Recorder:  # the module, recording the shared memory each forward launch carries
+        def __getattr__(self, name):
+            real = getattr(host, name)
+            if name != "attention_forward":
+                return real
+            return lambda args, stream: forwards.append(args["smem_per_sm"]) or real(args, stream)
+
+    monkeypatch.setattr(cuda_attention._ext, "module_for", lambda device: Recorder())
+    check_varlen("cuda", [70, 0, 33], [90, 5, 40], 2, 1, 128, dtype, device, is_causal=True,
+                 causal_alignment="bottom_right")
+    assert forwards and set(forwards) == {100 * 1024}
+
+
 def _forward_form(q, k, v, mask=None, kpm=None, scale=0.125, dropout_p=0.0, softcap=0.0, window=None, alibi=None):
     host = _ext.load("_C_host")
     band = cuda_attention._key_band(window is not None, window, q.shape[2], k.shape[2])

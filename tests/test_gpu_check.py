@@ -61,12 +61,18 @@ def test_the_sanitizer_driver_runs_every_cuda_kernel_on_the_simulator(monkeypatc
     monkeypatch.setattr(cuda_attention, "attention_backward",
                         lambda *a, **kw: mask_grads.append(a[-1]) or backward(*a, **kw))
     host = _ext.load("_C_host")
-    forward, forms = host.attention_forward, []
-    monkeypatch.setattr(host, "attention_forward",
-                        lambda args, stream: forms.append(host.attention_forward_plain(args)) or forward(args, stream))
+    forward, forms, narrow = host.attention_forward, [], []
+
+    def record(args, stream):
+        forms.append(host.attention_forward_plain(args))
+        narrow.append(host.attention_forward_narrow(args["dtype"], args["D"], args["smem_per_sm"]))
+        return forward(args, stream)
+
+    monkeypatch.setattr(host, "attention_forward", record)
     ran = cuda_driver.run(torch.device("cpu"))
-    assert forms.count(True) == 3  # the PLAIN forward ran (dense, the decoding step, packed), the general the rest
-    assert len(ran) == 14 and any("warp" in r for r in ran) and any("block" in r for r in ran)
+    assert forms.count(True) == 4  # the PLAIN forward ran (dense, narrow, the decoding step, packed), the general the rest
+    assert narrow.count(True) == 2  # the narrow key tile's two forms
+    assert len(ran) == 15 and any("warp" in r for r in ran) and any("block" in r for r in ran)
     assert any(p.splits > 1 for p in plans)  # the split-KV forward and its combine kernel ran
     assert mask_grads.count(True) == 3  # the dQ kernel wrote the mask's gradient
     assert any("varlen" in r for r in ran)

@@ -60,6 +60,14 @@ def _band_span(band: tuple[bool, int, int], block_m: int, block_n: int, lk: int)
     return min(lk, left + right + block_m + block_n) if on else lk
 
 
+def smem_per_sm(device: torch.device) -> int:
+    """Shared memory per SM of a CUDA device in bytes (0 elsewhere: the simulator's devices, where the kernels take
+    the tiles of an unknown device)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
+
+
 def _args(mod, q, k, v, mask, kpm, scale, band: tuple[bool, int, int], causal_offset, dropout_p, seed,
           softcap: float = 0.0, alibi: torch.Tensor | None = None) -> dict:
     """The bindings' argument block; ``band`` is `_key_band`'s (causal and window); ``alibi`` fp32 slopes ``[B, H]``
@@ -79,7 +87,7 @@ def _args(mod, q, k, v, mask, kpm, scale, band: tuple[bool, int, int], causal_of
         "seed": ptr(seed), "dtype": _ext.dtype_code(mod, q.dtype),
         "out": 0, "row_max": 0, "inv_l": 0, "dout": 0, "do_stride": [0] * 4, "delta": 0, "dq": 0, "dk": 0, "dv": 0,
         "dmask": 0, "splits": 1, "split_len": 0, "o_part": 0, "m_part": 0, "l_part": 0,
-        "cu_q": 0, "cu_k": 0, "total_q": 0, "total_k": 0,
+        "cu_q": 0, "cu_k": 0, "total_q": 0, "total_k": 0, "smem_per_sm": 0,
     }
 
 
@@ -148,10 +156,11 @@ def _forward_plan(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p
     """(the forward's arguments to ``mod`` but the pointers, the number of KV splits)."""
     b, h, lq, d = q.shape
     args = _args(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p, None, softcap, alibi)
+    args["smem_per_sm"] = smem_per_sm(q.device)  # the forward's key tile follows it (csrc: attention_forward_narrow)
     splits = 1
     if b * h * lq * d:
         # Split-KV when the plain grid would not fill the GPU (decoding): partials merged by a second kernel.
-        block_m, block_n = mod.attention_forward_tile(args["dtype"], d)
+        block_m, block_n = mod.attention_forward_tile(args["dtype"], d, args["smem_per_sm"])
         plan = split_plan(b, h, lq, _band_span(band, block_m, block_n, k.shape[2]), block_m, block_n, block_m, q.device)
         if plan.splits > 1:
             splits = plan.splits
@@ -198,7 +207,8 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
     if out.numel() and cu_q.numel() > 1:
         args = _packed_args(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p, seed,
                             softcap, window, alibi)
-        args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr()}
+        args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr(),
+                 "smem_per_sm": smem_per_sm(q.device)}
         mod.attention_forward(args, stream(q))
     return out, row_max, inv_l
 

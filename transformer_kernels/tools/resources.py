@@ -43,6 +43,9 @@ RESOURCE_TABLE = Path(__file__).resolve().parents[1] / "kernels" / "aot_resource
 
 # Shared memory a block may use, per arch (opt-in maximum, bytes).
 MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# Shared memory of an SM, per arch (what torch reports as shared_memory_per_multiprocessor; the driver keeps 1 KiB of
+# it per resident block).
+SMEM_PER_SM = {80: 164 * 1024, 86: 100 * 1024, 89: 100 * 1024, 90: 228 * 1024}
 MAX_REGISTERS = 65536  # per SM, all arches here
 MAX_THREADS_PER_SM = {80: 2048, 86: 1536, 89: 1536, 90: 2048}
 
@@ -334,14 +337,17 @@ CUDA_ELEMENT_TYPES = {"float": "float32", "__half": "float16", "__nv_bfloat16": 
 
 
 def _dynamic_shared(kernel: str, variant: str) -> int:
-    """Dynamic shared memory of a CUDA kernel instantiation ('__half, 128, false'), as its launcher passes it."""
+    """Dynamic shared memory of a CUDA kernel instantiation ('__half, 128, false'), as its launcher passes it; the
+    fp16/bf16 forward's fifth template argument is its narrow key tile."""
     if kernel not in ATTENTION_SMEM_PASS:
         return 0
     from .. import _ext
 
     host = _ext.load("_C_host")
-    element, d = variant.split(", ")[:2]
-    return host.attention_smem(ATTENTION_SMEM_PASS[kernel], host.dtype_codes[CUDA_ELEMENT_TYPES[element]], int(d))
+    element, d, *rest = variant.split(", ")
+    narrow = kernel == "attention_fwd_mma_kernel" and rest[-1] == "true"
+    return host.attention_smem(ATTENTION_SMEM_PASS[kernel], host.dtype_codes[CUDA_ELEMENT_TYPES[element]], int(d),
+                               narrow)
 
 
 def _built_extension() -> tuple[Path, list[str], str] | None:
