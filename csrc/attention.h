@@ -96,6 +96,9 @@ void attention_backward(const AttentionArgs& args, tk_stream_t stream);
 // Dynamic shared memory each kernel launches with, for a dtype code and head dim (the resource report adds it to
 // the static shared memory a cubin declares): the forward's, and the dK/dV (dq false) or dQ kernel's.
 size_t attention_forward_smem(int dtype, int64_t d, bool narrow = false);
-size_t attention_backward_smem(int dtype, int64_t d, bool dq);
+size_t attention_backward_smem(int dtype, int64_t d, bool dq, bool narrow = false);
+// Whether the fp16/bf16 backward takes its narrow tiles (dK/dV 16 queries, dQ 16 keys at D = 128) on a device with
+// this much shared memory per SM: the 64/65 KiB tiles fit one block on a 100 KiB SM, the 48 KiB ones two.
+bool attention_backward_narrow(int dtype, int64_t d, int64_t smem_per_sm);
 
 }  // namespace tk

@@ -159,10 +159,11 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_fma_kernel(Att
 // of the GQA group in turn) stream through two cp.async stages; K and V stay in shared memory. At D = 256 a lane
 // cannot hold both 16 x 256 accumulators: the query loop runs once per 128-column half of dK/dV (DC), recomputing
 // Sᵀ and dPᵀ.
-template <typename T, int DP>
+// NARROW (`attention_backward_narrow`): 16-query tiles at D = 128, 48 KiB, two blocks on a 100 KiB SM (sm_86, sm_89).
+template <typename T, int DP, bool NARROW = false>
 struct MmaDkdvLayout {
   static constexpr int kWarps = kAttnThreads / 32;
-  static constexpr int BN = 16 * kWarps, BM = DP <= 64 ? 64 : 4096 / DP, DC = DP > 128 ? 128 : DP;
+  static constexpr int BN = 16 * kWarps, BM = DP <= 64 ? 64 : (NARROW ? 2048 : 4096) / DP, DC = DP > 128 ? 128 : DP;
   static constexpr size_t k = 0, v = k + sizeof(T) * BN * DP, q = v + sizeof(T) * BN * DP,
                           dout = q + 2 * sizeof(T) * BM * DP, stats = dout + 2 * sizeof(T) * BM * DP,
                           hash = stats + 2 * 3 * sizeof(float) * BM, bytes = hash + 2 * sizeof(uint32_t) * BM;
@@ -228,9 +229,9 @@ struct QueryTiles : TwoStages<QueryTiles<T, BM, DP, PACKED, PLAIN>> {
 
 // PLAIN (`plain_scores`, with Q and dO copied by 16 bytes): raw products, position tests only on query tiles the
 // band crosses (a key past Lk needs none: its row is never written), P = 2^(s·c − max·log2 e)·(1/sum).
-template <typename T, int DP, bool PACKED, bool PLAIN>
+template <typename T, int DP, bool PACKED, bool PLAIN, bool NARROW>
 __global__ void __launch_bounds__(kAttnThreads, 1) attention_dkdv_mma_kernel(AttentionArgs args) {
-  using L = MmaDkdvLayout<T, DP>;
+  using L = MmaDkdvLayout<T, DP, NARROW>;
   constexpr int BM = L::BM, BN = L::BN, NT = BM / 8, DC = L::DC;
   TK_EXTERN_SHARED(unsigned char, smem);
   T* ks = reinterpret_cast<T*>(smem + L::k);
@@ -335,11 +336,12 @@ __device__ __forceinline__ void zero_mask_grad_outside(const AttentionArgs& a, f
 // fp16/bf16 dQ in the forward's register-resident form (attention_fwd.cu): 4 warps of 16 query rows, S = Q·Kᵀ and
 // dP = dO·Vᵀ as mma.sync accumulators, dS = P·(dP - delta) elementwise in registers, dQ += dS·K with the
 // accumulator in registers; K/V tiles double-buffered through cp.async, Q and dO read by ldmatrix from shared
-// memory every tile. Key tiles shrink with the head dim to keep shared memory at 64 KiB (D = 128) and 96 KiB (256).
-template <typename T, int DP>
+// memory every tile. Key tiles shrink with the head dim to keep shared memory at 64 KiB (D = 128) and 96 KiB (256);
+// NARROW: 16-key tiles at D = 128, 48 KiB, two blocks on a 100 KiB SM.
+template <typename T, int DP, bool NARROW = false>
 struct MmaDqLayout {
   static constexpr int kWarps = kAttnThreads / 32;
-  static constexpr int BM = 16 * kWarps, BN = DP <= 64 ? 64 : 4096 / DP;
+  static constexpr int BM = 16 * kWarps, BN = DP <= 64 ? 64 : (NARROW ? 2048 : 4096) / DP;
   static constexpr size_t q = 0, dout = q + sizeof(T) * BM * DP, k = dout + sizeof(T) * BM * DP,
                           v = k + 2 * sizeof(T) * BN * DP, seen = v + 2 * sizeof(T) * BN * DP,
                           bytes = seen + sizeof(uint32_t) * kWarps * seen_words<BN / 8>();
@@ -349,9 +351,9 @@ struct MmaDqLayout {
 // (kAttnThreads, 1): without the minimum, ptxas aimed at three blocks per SM (168 registers) and spilled 8 bytes.
 // PLAIN (`plain_scores`): the forward's PLAIN form — raw products, interior key tiles first with no position test
 // (up to D = 128), K/V copies by position, P = 2^(s·c − max·log2 e)·(1/sum) with c = scale·log2 e.
-template <typename T, int DP, bool PACKED, bool PLAIN>
+template <typename T, int DP, bool PACKED, bool PLAIN, bool NARROW>
 __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_mma_kernel(AttentionArgs args) {
-  using L = MmaDqLayout<T, DP>;
+  using L = MmaDqLayout<T, DP, NARROW>;
   constexpr int BM = L::BM, BN = L::BN, NT = BN / 8, DT = DP / 8;
   TK_EXTERN_SHARED(unsigned char, smem);
   T* qs = reinterpret_cast<T*>(smem + L::q);
@@ -493,13 +495,13 @@ __global__ void __launch_bounds__(kAttnThreads, 1) attention_dq_fma_kernel(Atten
 
 // The dK/dV mma kernel for a call. At D = 256 there is no PLAIN form: its 2 x 128-column accumulators take 128
 // registers and the PLAIN instantiation spilled 24 bytes at 255 on sm_90.
-template <typename T, int D>
+template <typename T, int D, bool N>
 auto dkdv_mma_kernel(bool packed, bool plain) {
   if constexpr (D <= 128) {
     if (plain)
-      return packed ? attention_dkdv_mma_kernel<T, D, true, true> : attention_dkdv_mma_kernel<T, D, false, true>;
+      return packed ? attention_dkdv_mma_kernel<T, D, true, true, N> : attention_dkdv_mma_kernel<T, D, false, true, N>;
   }
-  return packed ? attention_dkdv_mma_kernel<T, D, true, false> : attention_dkdv_mma_kernel<T, D, false, false>;
+  return packed ? attention_dkdv_mma_kernel<T, D, true, false, N> : attention_dkdv_mma_kernel<T, D, false, false, N>;
 }
 
 }  // namespace
@@ -510,12 +512,25 @@ using DkdvLayout = std::conditional_t<sizeof(T) == 2, MmaDkdvLayout<T, DP>, BwdS
 template <typename T, int DP>
 using DqLayout = std::conditional_t<sizeof(T) == 2, MmaDqLayout<T, DP>, BwdSmem<T, DP>>;
 
-size_t attention_backward_smem(int dtype, int64_t d, bool dq) {
+bool attention_backward_narrow(int dtype, int64_t d, int64_t smem_per_sm) {
+  if (dtype == kFloat32 || d > 128 || d <= 64 || smem_per_sm <= 0) return false;
+  const auto fit = [&](size_t bytes) { return two_blocks_fit(bytes, smem_per_sm); };
+  const bool wide = fit(MmaDkdvLayout<__half, 128>::bytes) && fit(MmaDqLayout<__half, 128>::bytes);
+  return !wide && fit(MmaDkdvLayout<__half, 128, true>::bytes) && fit(MmaDqLayout<__half, 128, true>::bytes);
+}
+
+size_t attention_backward_smem(int dtype, int64_t d, bool dq, bool narrow) {
   size_t bytes = 0;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_head_dim(d, [&](auto dp) {
       constexpr int D = decltype(dp)::value;
+      if constexpr (sizeof(T) == 2 && D == 128) {
+        if (narrow) {
+          bytes = dq ? MmaDqLayout<T, D, true>::bytes : MmaDkdvLayout<T, D, true>::bytes;
+          return;
+        }
+      }
       bytes = dq ? DqLayout<T, D>::bytes : DkdvLayout<T, D>::bytes;
     });
   });
@@ -544,13 +559,27 @@ void attention_backward(const AttentionArgs& a, tk_stream_t stream) {
         const bool plain = plain_scores<T>(a);
         const bool plain_keys = plain && copies_by_16_bytes<T>(a.q, a.q_stride) &&
                                 copies_by_16_bytes<T>(a.dout, a.do_stride);
-        launch(dkdv_mma_kernel<T, D>(a.cu_q != nullptr, plain_keys), key_grid, dim3(kAttnThreads), K::bytes, stream,
-               a);
-        const auto dq_kernel = a.cu_q ? (plain ? attention_dq_mma_kernel<T, D, true, true>
-                                               : attention_dq_mma_kernel<T, D, true, false>)
-                                      : (plain ? attention_dq_mma_kernel<T, D, false, true>
-                                               : attention_dq_mma_kernel<T, D, false, false>);
-        launch(dq_kernel, query_grid, dim3(kAttnThreads), Q::bytes, stream, a);
+        const auto run = [&](auto narrow) {
+          constexpr bool N = decltype(narrow)::value;
+          using KN = MmaDkdvLayout<T, D, N>;
+          using QN = MmaDqLayout<T, D, N>;
+          const dim3 keys(static_cast<unsigned>(a.B * a.Hkv * ((a.Lk + KN::BN - 1) / KN::BN)));
+          const dim3 queries(static_cast<unsigned>(a.B * a.H * ((a.Lq + QN::BM - 1) / QN::BM)));
+          launch(dkdv_mma_kernel<T, D, N>(a.cu_q != nullptr, plain_keys), keys, dim3(kAttnThreads), KN::bytes, stream,
+                 a);
+          const auto dq_kernel = a.cu_q ? (plain ? attention_dq_mma_kernel<T, D, true, true, N>
+                                                 : attention_dq_mma_kernel<T, D, true, false, N>)
+                                        : (plain ? attention_dq_mma_kernel<T, D, false, true, N>
+                                                 : attention_dq_mma_kernel<T, D, false, false, N>);
+          launch(dq_kernel, queries, dim3(kAttnThreads), QN::bytes, stream, a);
+        };
+        // The narrow tiles are instantiated at D = 128 only (as the forward's).
+        if constexpr (D == 128) {
+          if (attention_backward_narrow(a.dtype, a.D, a.smem_per_sm)) run(std::true_type{});
+          else run(std::false_type{});
+        } else {
+          run(std::false_type{});
+        }
       } else {
         launch(a.cu_q ? attention_dkdv_fma_kernel<T, D, true> : attention_dkdv_fma_kernel<T, D, false>, key_grid,
                dim3(kAttnThreads), K::bytes, stream, a);

@@ -28,6 +28,11 @@ struct BwdTile {
   static constexpr int BM = DP > 128 ? 8 : BN;
 };
 constexpr size_t kMaxBlockSmem = 99 * 1024;
+// Whether two blocks of `bytes` of dynamic shared memory fit an SM of `smem_per_sm` (the driver keeps 1 KiB of it per
+// resident block): the narrow tiles' rule (`attention_forward_narrow`, `attention_backward_narrow`).
+inline bool two_blocks_fit(size_t bytes, int64_t smem_per_sm) {
+  return 2 * (static_cast<int64_t>(bytes) + 1024) <= smem_per_sm;
+}
 // The mma kernels exponentiate in log2 units (`exp2_approx`: one MUFU.EX2).
 constexpr float kLog2e = 1.4426950408889634f;
 

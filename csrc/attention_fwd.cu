@@ -365,13 +365,10 @@ __global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(Atte
 template <typename T, int DP>
 using ForwardLayout = std::conditional_t<sizeof(T) == 2, MmaFwdLayout<T, DP>, FwdSmem<T, DP>>;
 
-// The driver keeps 1 KiB of an SM's shared memory per resident block.
-constexpr int64_t kSmemReservedPerBlock = 1024;
-
 bool attention_forward_narrow(int dtype, int64_t d, int64_t smem_per_sm) {
   if (dtype == kFloat32 || d > 128 || d <= 64 || smem_per_sm <= 0) return false;
-  const auto fits_two = [&](size_t bytes) { return 2 * (static_cast<int64_t>(bytes) + kSmemReservedPerBlock) <= smem_per_sm; };
-  return !fits_two(MmaFwdLayout<__half, 128>::bytes) && fits_two(MmaFwdLayout<__half, 128, true>::bytes);
+  return !two_blocks_fit(MmaFwdLayout<__half, 128>::bytes, smem_per_sm) &&
+         two_blocks_fit(MmaFwdLayout<__half, 128, true>::bytes, smem_per_sm);
 }
 
 void attention_forward_tile(int dtype, int64_t d, int64_t smem_per_sm, int* bm, int* bn) {

@@ -283,13 +283,15 @@ PYBIND11_MODULE(TK_MODULE_NAME, m) {
   }, "the attention forward's (BM, BN) for a dtype code, head dim and shared memory per SM (0: unknown)");
   m.def("attention_forward_narrow", &tk::attention_forward_narrow,
         "whether the fp16/bf16 forward takes its narrow key tile for a dtype code, head dim and shared memory per SM");
+  m.def("attention_backward_narrow", &tk::attention_backward_narrow,
+        "whether the fp16/bf16 backward takes its narrow tiles for a dtype code, head dim and shared memory per SM");
   m.def("attention_forward_plain", [](const py::dict& d) { return tk::attention_forward_plain(attention_args(d)); },
         "whether the attention forward runs its PLAIN form for an argument block (csrc/attention_fwd.cu)");
   m.def("attention_smem", [](const std::string& pass, int dtype, int64_t d, bool narrow) {
     return pass == "fwd" ? tk::attention_forward_smem(dtype, d, narrow)
-                         : tk::attention_backward_smem(dtype, d, pass == "dq");
+                         : tk::attention_backward_smem(dtype, d, pass == "dq", narrow);
   }, "dynamic shared memory (bytes) of the attention kernel of a pass (fwd | dkdv | dq) for a dtype code and head dim "
-     "(the forward's narrow key tile with narrow)", py::arg("pass"), py::arg("dtype"), py::arg("d"),
+     "(its narrow tile with narrow)", py::arg("pass"), py::arg("dtype"), py::arg("d"),
      py::arg("narrow") = false);
   py::tuple head_dims(std::size(tk::kAttnHeadDims));
   for (std::size_t i = 0; i < std::size(tk::kAttnHeadDims); ++i) head_dims[i] = tk::kAttnHeadDims[i];

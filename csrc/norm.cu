@@ -1,11 +1,12 @@
 // LayerNorm / RMSNorm forward and backward, a block per row. The residual is added in fp32; the statistics take
 // two passes (mean, then the centred variance: no cancellation).
 //
-// Rows of up to kNormPackThreads · 8 packs (16384 fp16/bf16 or 8192 fp32 columns) with 16-byte aligned rows take the
-// packed kernels: each thread holds its packs of the row in registers, so the row is read from memory once (the
-// general kernel reads it three times in the forward and twice in the backward) with 16-byte accesses, and the
-// backward keeps its dW/dB partials in registers across its rows (the general kernel adds them into global memory
-// per row) and loads the next row before reducing this one. Other rows take the general kernels (any length).
+// Aligned rows of whole 16-byte packs, up to kNormPackThreads threads holding kNormPackMaxChunksForward packs each
+// (16384 fp16/bf16 or 8192 fp32 columns; the backward kNormPackMaxChunksBackward: 4096 / 2048), take the packed
+// kernels: each thread holds its packs of the row in registers, so the row is read from memory once (the general
+// kernel reads it three times in the forward and twice in the backward) with 16-byte accesses, and the backward
+// keeps its dW/dB partials in registers across its rows (the general kernel adds them into global memory per row)
+// and loads the next row before reducing this one. Other rows take the general kernels (any length).
 #include "launch.cuh"
 #include "norm.h"
 

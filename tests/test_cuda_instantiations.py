@@ -96,13 +96,16 @@ def test_plain_forward_packed(causal, window, device):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_narrow_forward_tile_on_a_100_kib_sm(dtype, device, monkeypatch):
-    # sm_86/sm_89 (100 KiB of shared memory per SM) take the 32-key forward tile at D = 128 (64-key tiles fit one
-    # block): the launcher's choice follows the device's shared memory, set here as such a device reports it. Both
-    # forms, dense and packed, and the split-KV decoding path (its splits are whole 32-key tiles) against the
-    # reference; the argument block carries the shared memory and the binding names the tile it selects.
+    # sm_86/sm_89 (100 KiB of shared memory per SM) take the narrow tiles at D = 128 (the wide ones fit one block):
+    # the forward's 32 keys, dK/dV's 16 queries, dQ's 16 keys. The launchers' choice follows the device's shared
+    # memory, set here as such a device reports it. Both forms, dense and packed, forward and every gradient, and the
+    # split-KV decoding path (its splits are whole 32-key tiles) against the reference; the argument blocks carry the
+    # shared memory and the bindings name the tiles it selects.
     host = _ext.load("_C_host")
-    monkeypatch.setattr(cuda_attention, "smem_per_sm", lambda device: 100 * 1024)
-    assert host.attention_forward_narrow(host.dtype_codes[str(dtype).split(".")[1]], 128, 100 * 1024)
+    monkeypatch.setattr(_ext, "smem_per_sm", lambda device: 100 * 1024)
+    code = host.dtype_codes[str(dtype).split(".")[1]]
+    assert host.attention_forward_narrow(code, 128, 100 * 1024) and host.attention_backward_narrow(code, 128, 100 * 1024)
+    assert not host.attention_backward_narrow(code, 128, 164 * 1024)
     assert host.attention_forward_tile(host.dtype_codes["float16"], 128, 100 * 1024) == (64, 32)
     assert host.attention_forward_tile(host.dtype_codes["float16"], 128, 164 * 1024) == (64, 64)
     plans = []
@@ -132,17 +135,20 @@ def test_narrow_forward_tile_on_a_100_kib_sm(dtype, device, monkeypatch):
     assert plans and all(args["smem_per_sm"] == 100 * 1024 for args, _ in plans)
     forwards = []
 
-    class Recorder:  # the module, recording the shared memory each forward launch carries
+    class Recorder:  # the module, recording the shared memory each attention launch carries
         def __getattr__(self, name):
             real = getattr(host, name)
-            if name != "attention_forward":
+            if name not in ("attention_forward", "attention_backward"):
                 return real
-            return lambda args, stream: forwards.append(args["smem_per_sm"]) or real(args, stream)
+            return lambda args, stream: forwards.append((name, args["smem_per_sm"])) or real(args, stream)
 
     monkeypatch.setattr(cuda_attention._ext, "module_for", lambda device: Recorder())
     check_varlen("cuda", [70, 0, 33], [90, 5, 40], 2, 1, 128, dtype, device, is_causal=True,
                  causal_alignment="bottom_right")
-    assert forwards and set(forwards) == {100 * 1024}
+    assert set(forwards) == {("attention_forward", 100 * 1024), ("attention_backward", 100 * 1024)}
+    forwards.clear()
+    tk.ops.attention(q.detach().requires_grad_(), k, v, enable_gqa=True, is_causal=True, backend="cuda").sum().backward()
+    assert set(forwards) == {("attention_forward", 100 * 1024), ("attention_backward", 100 * 1024)}
 
 
 def _forward_form(q, k, v, mask=None, kpm=None, scale=0.125, dropout_p=0.0, softcap=0.0, window=None, alibi=None):

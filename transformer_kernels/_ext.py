@@ -75,6 +75,14 @@ def module_for(device: torch.device) -> ModuleType:
     return load("_C" if device.type == "cuda" else "_C_host")
 
 
+def smem_per_sm(device: torch.device) -> int:
+    """Shared memory per SM of a CUDA device in bytes, as the launchers pick tiles by it (csrc/attention_*.cu: the
+    narrow tiles of 100 KiB SMs); 0 for the simulator's devices (the tiles of an unknown device)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
+
+
 def dtype_code(mod: ModuleType, dtype: torch.dtype) -> int:
     """csrc/types.h's DType code of a torch dtype."""
     return mod.dtype_codes[str(dtype).removeprefix("torch.")]

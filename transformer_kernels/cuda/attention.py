@@ -60,14 +60,6 @@ def _band_span(band: tuple[bool, int, int], block_m: int, block_n: int, lk: int)
     return min(lk, left + right + block_m + block_n) if on else lk
 
 
-def smem_per_sm(device: torch.device) -> int:
-    """Shared memory per SM of a CUDA device in bytes (0 elsewhere: the simulator's devices, where the kernels take
-    the tiles of an unknown device)."""
-    if device.type != "cuda":
-        return 0
-    return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
-
-
 def _args(mod, q, k, v, mask, kpm, scale, band: tuple[bool, int, int], causal_offset, dropout_p, seed,
           softcap: float = 0.0, alibi: torch.Tensor | None = None) -> dict:
     """The bindings' argument block; ``band`` is `_key_band`'s (causal and window); ``alibi`` fp32 slopes ``[B, H]``
@@ -156,7 +148,7 @@ def _forward_plan(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p
     """(the forward's arguments to ``mod`` but the pointers, the number of KV splits)."""
     b, h, lq, d = q.shape
     args = _args(mod, q, k, v, mask, kpm, scale, band, causal_offset, dropout_p, None, softcap, alibi)
-    args["smem_per_sm"] = smem_per_sm(q.device)  # the forward's key tile follows it (csrc: attention_forward_narrow)
+    args["smem_per_sm"] = _ext.smem_per_sm(q.device)  # the forward's key tile follows it (csrc: attention_forward_narrow)
     splits = 1
     if b * h * lq * d:
         # Split-KV when the plain grid would not fill the GPU (decoding): partials merged by a second kernel.
@@ -189,7 +181,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                  seed, softcap, alibi)
     args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr(),
              "dout": dout.data_ptr(), "do_stride": list(dout.stride()), "delta": delta.data_ptr(),
-             "dq": dq.data_ptr(), "dk": dk.data_ptr(), "dv": dv.data_ptr(), "dmask": ptr(dmask)}
+             "dq": dq.data_ptr(), "dk": dk.data_ptr(), "dv": dv.data_ptr(), "dmask": ptr(dmask),
+             "smem_per_sm": _ext.smem_per_sm(q.device)}  # the backward's tiles follow it (attention_backward_narrow)
     mod.attention_backward(args, stream(q))
     return dq, dk, dv, dmask
 
@@ -208,7 +201,7 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
         args = _packed_args(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, bottom_right, dropout_p, seed,
                             softcap, window, alibi)
         args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr(),
-                 "smem_per_sm": smem_per_sm(q.device)}
+                 "smem_per_sm": _ext.smem_per_sm(q.device)}
         mod.attention_forward(args, stream(q))
     return out, row_max, inv_l
 
@@ -235,6 +228,6 @@ def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     do_stride[0] = 0
     args |= {"out": out.data_ptr(), "row_max": row_max.data_ptr(), "inv_l": inv_l.data_ptr(),
              "dout": dout.data_ptr(), "do_stride": do_stride, "delta": delta.data_ptr(),
-             "dq": dq.data_ptr(), "dk": dk.data_ptr(), "dv": dv.data_ptr()}
+             "dq": dq.data_ptr(), "dk": dk.data_ptr(), "dv": dv.data_ptr(), "smem_per_sm": _ext.smem_per_sm(q.device)}
     mod.attention_backward(args, stream(q))
     return dq, dk, dv

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from .. import _ext, ops
 from .testing import force_softmax_algo
 
 
@@ -43,18 +43,17 @@ def run(device: torch.device) -> list[str]:
     ops.attention(q, k, v, is_causal=True, enable_gqa=True, causal_alignment="bottom_right", window=(90, 0),
                   backend="cuda").sum().backward()
     ran.append("attention forward/backward PLAIN D=64 (causal, window)")
-    # The forward's narrow 32-key tile at D = 128, which a 100 KiB SM (sm_86, sm_89) takes: both forms, as such a
-    # device's launcher would choose it (forward only: the backward kernels have one tile).
-    from ..cuda import attention as cuda_attention
-    real_smem, cuda_attention.smem_per_sm = cuda_attention.smem_per_sm, lambda device: 100 * 1024
+    # The narrow tiles at D = 128 (the forward's 32 keys, dK/dV's 16 queries, dQ's 16 keys), which a 100 KiB SM
+    # (sm_86, sm_89) takes: both forms, as such a device's launchers would choose them.
+    real_smem, _ext.smem_per_sm = _ext.smem_per_sm, lambda device: 100 * 1024
     try:
-        with torch.no_grad():
-            q, k, v = randn(1, 2, 70, 128), randn(1, 1, 100, 128), randn(1, 1, 100, 128)
-            ops.attention(q, k, v, is_causal=True, enable_gqa=True, causal_alignment="bottom_right", backend="cuda")
-            ops.attention(q, k, v, attn_mask=randn(70, 100) > 0, enable_gqa=True, backend="cuda")
+        q, k, v = randn(1, 2, 40, 128), randn(1, 1, 70, 128), randn(1, 1, 70, 128)
+        ops.attention(q, k, v, is_causal=True, enable_gqa=True, causal_alignment="bottom_right",
+                      backend="cuda").sum().backward()
+        ops.attention(q, k, v, attn_mask=randn(40, 70) > 0, enable_gqa=True, backend="cuda").sum().backward()
     finally:
-        cuda_attention.smem_per_sm = real_smem
-    ran.append("attention forward D=128 narrow key tile (PLAIN and general)")
+        _ext.smem_per_sm = real_smem
+    ran.append("attention forward/backward D=128 narrow tiles (PLAIN and general)")
     q, k, v = randn(1, 4, 1, 64), randn(1, 2, 300, 64), randn(1, 2, 300, 64)
     ops.attention(q, k, v, enable_gqa=True, backend="cuda").sum().backward()
     ran.append("attention decoding step (split-KV forward and its combine kernel)")

@@ -338,14 +338,14 @@ CUDA_ELEMENT_TYPES = {"float": "float32", "__half": "float16", "__nv_bfloat16": 
 
 def _dynamic_shared(kernel: str, variant: str) -> int:
     """Dynamic shared memory of a CUDA kernel instantiation ('__half, 128, false'), as its launcher passes it; the
-    fp16/bf16 forward's fifth template argument is its narrow key tile."""
+    fp16/bf16 (mma) kernels' fifth template argument is their narrow tile."""
     if kernel not in ATTENTION_SMEM_PASS:
         return 0
     from .. import _ext
 
     host = _ext.load("_C_host")
     element, d, *rest = variant.split(", ")
-    narrow = kernel == "attention_fwd_mma_kernel" and rest[-1] == "true"
+    narrow = kernel in KEY_LOOP_KERNELS and rest[-1] == "true"
     return host.attention_smem(ATTENTION_SMEM_PASS[kernel], host.dtype_codes[CUDA_ELEMENT_TYPES[element]], int(d),
                                narrow)
 
