@@ -74,8 +74,8 @@ struct AttentionArgs {
   // alibi[b·alibi_stride[0] + h·alibi_stride[1]] (fp32; null = none). Generated per score: no bias tensor is read.
   const float* alibi = nullptr;
   int64_t alibi_stride[2] = {0, 0};
-  // Shared memory per SM of the device (bytes; 0 = unknown): the forward's tile is chosen by it
-  // (`attention_forward_narrow`).
+  // Shared memory per SM of the device (bytes; 0 = unknown): the tiles are chosen by it (`attention_forward_narrow`,
+  // `attention_backward_narrow`).
   int64_t smem_per_sm = 0;
 };
 

@@ -563,15 +563,14 @@ void attention_backward(const AttentionArgs& a, tk_stream_t stream) {
           constexpr bool N = decltype(narrow)::value;
           using KN = MmaDkdvLayout<T, D, N>;
           using QN = MmaDqLayout<T, D, N>;
-          const dim3 keys(static_cast<unsigned>(a.B * a.Hkv * ((a.Lk + KN::BN - 1) / KN::BN)));
-          const dim3 queries(static_cast<unsigned>(a.B * a.H * ((a.Lq + QN::BM - 1) / QN::BM)));
-          launch(dkdv_mma_kernel<T, D, N>(a.cu_q != nullptr, plain_keys), keys, dim3(kAttnThreads), KN::bytes, stream,
-                 a);
+          static_assert(KN::BN == K::BN && QN::BM == Q::BM, "narrow tiles shrink the streamed side only: same grids");
+          launch(dkdv_mma_kernel<T, D, N>(a.cu_q != nullptr, plain_keys), key_grid, dim3(kAttnThreads), KN::bytes,
+                 stream, a);
           const auto dq_kernel = a.cu_q ? (plain ? attention_dq_mma_kernel<T, D, true, true, N>
                                                  : attention_dq_mma_kernel<T, D, true, false, N>)
                                         : (plain ? attention_dq_mma_kernel<T, D, false, true, N>
                                                  : attention_dq_mma_kernel<T, D, false, false, N>);
-          launch(dq_kernel, queries, dim3(kAttnThreads), QN::bytes, stream, a);
+          launch(dq_kernel, query_grid, dim3(kAttnThreads), QN::bytes, stream, a);
         };
         // The narrow tiles are instantiated at D = 128 only (as the forward's).
         if constexpr (D == 128) {
