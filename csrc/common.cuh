@@ -179,6 +179,19 @@ __device__ __forceinline__ void store_pack(void* base, int64_t offset, const Pac
   }
 }
 
+// A pack as fp32 values; zeros for a null pointer (an absent bias).
+template <typename T, int V>
+__device__ __forceinline__ void load_floats(const void* p, int64_t offset, float (&out)[V]) {
+  if (!p) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = 0.0f;
+    return;
+  }
+  const Pack<T, V> v = load_pack<T, V>(p, offset);
+#pragma unroll
+  for (int j = 0; j < V; ++j) out[j] = to_float(v.v[j]);
+}
+
 // Host side of the same contract: every pointer aligned to `bytes` (null pointers are) and every element
 // stride/extent a multiple of `elements`, so each pack of a row starts aligned.
 inline bool packs_fit(std::initializer_list<const void*> ptrs, std::initializer_list<int64_t> extents, int bytes,
@@ -188,6 +201,13 @@ inline bool packs_fit(std::initializer_list<const void*> ptrs, std::initializer_
   for (int64_t e : extents)
     if (e % elements != 0) return false;
   return true;
+}
+
+// Elements of a DType code in a 16-byte pack (kVec16 of its type).
+inline int vec16_of(int dtype) {
+  int v = 1;
+  dispatch_dtype(dtype, [&](auto tag) { v = kVec16<decltype(tag)>; });
+  return v;
 }
 
 // Splits a flat row index into the (i0, i1, i2) of a [d0, d1, d2, cols] view and returns the

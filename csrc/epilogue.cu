@@ -50,18 +50,6 @@ __device__ __forceinline__ int64_t pack_column() {
 __device__ __forceinline__ int64_t first_row() { return static_cast<int64_t>(blockIdx.y) * kRows; }
 __device__ __forceinline__ int64_t row_step() { return static_cast<int64_t>(gridDim.y) * kRows; }
 
-template <typename T, int V>
-__device__ __forceinline__ void load_floats(const void* p, int64_t offset, float (&out)[V]) {
-  if (!p) {
-#pragma unroll
-    for (int j = 0; j < V; ++j) out[j] = 0.0f;
-    return;
-  }
-  const Pack<T, V> v = load_pack<T, V>(p, offset);
-#pragma unroll
-  for (int j = 0; j < V; ++j) out[j] = to_float(v.v[j]);
-}
-
 template <typename T, int V, int ACT>
 __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs a) {
   const int64_t n0 = pack_column<V>();
@@ -229,12 +217,6 @@ void dispatch_activation(int act, F&& f) {
     case kActSilu: f(std::integral_constant<int, kActSilu>{}); break;
     default: throw std::invalid_argument("unknown activation code " + std::to_string(act));
   }
-}
-
-int vec16_of(int dtype) {
-  int v = 1;
-  dispatch_dtype(dtype, [&](auto tag) { v = kVec16<decltype(tag)>; });
-  return v;
 }
 
 }  // namespace

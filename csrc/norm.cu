@@ -285,8 +285,7 @@ void dispatch_packs(int c, F&& f) {
 
 NormPlan norm_plan(const NormArgs& a, bool backward) {
   NormPlan plan{0, kNormThreads, a.rows < kNormMaxChunks ? a.rows : kNormMaxChunks};
-  int vec = 1;
-  dispatch_dtype(a.dtype, [&](auto tag) { vec = kVec16<decltype(tag)>; });
+  const int vec = vec16_of(a.dtype);
   if (a.cols == 0 || a.cols % vec != 0) return plan;
   const int64_t packs = a.cols / vec;
   const int max_packs = backward ? kNormPackMaxChunksBackward : kNormPackMaxChunksForward;

@@ -75,12 +75,18 @@ def module_for(device: torch.device) -> ModuleType:
     return load("_C" if device.type == "cuda" else "_C_host")
 
 
+_smem_per_sm: dict[torch.device, int] = {}
+
+
 def smem_per_sm(device: torch.device) -> int:
     """Shared memory per SM of a CUDA device in bytes, as the launchers pick tiles by it (csrc/attention_*.cu: the
-    narrow tiles of 100 KiB SMs); 0 for the simulator's devices (the tiles of an unknown device)."""
+    narrow tiles of 100 KiB SMs), read once per device (the attention backward asks on every call); 0 for the
+    simulator's devices (the tiles of an unknown device)."""
     if device.type != "cuda":
         return 0
-    return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
+    if device not in _smem_per_sm:
+        _smem_per_sm[device] = torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
+    return _smem_per_sm[device]
 
 
 def dtype_code(mod: ModuleType, dtype: torch.dtype) -> int:

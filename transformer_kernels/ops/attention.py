@@ -240,9 +240,9 @@ def attention(
     return (out, row_lse(row_max, inv_l)) if return_lse else out
 
 
-def _alibi_into_mask(attn_mask: Tensor | None, slopes: Tensor, lq: int, lk: int, offset: int) -> Tensor:
-    """``attn_mask`` with ALiBi's bias added (`masks.alibi_bias`): fp32 ``[1 or B, H, Lq, Lk]``, −inf where a bool
-    mask hides a key; a float mask's gradient flows through the sum."""
+def _alibi_into_mask(attn_mask: Tensor | None, slopes: Tensor, lq: int, lk: int, offset: int | Tensor) -> Tensor:
+    """``attn_mask`` with ALiBi's bias added (`masks.alibi_bias`; ``offset`` an int or a diagonal per sequence):
+    fp32 ``[1 or B, H, Lq, Lk]``, −inf where a bool mask hides a key; a float mask's gradient flows through the sum."""
     bias = alibi_bias(slopes, lq, lk, offset)
     bias = bias.unsqueeze(0) if bias.dim() == 3 else bias
     if attn_mask is None:

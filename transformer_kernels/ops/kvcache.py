@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..masks import alibi_bias, band_mask
+from ..masks import band_mask
 from ._checks import check_alibi_slopes, check_softcap, check_window, describe
 from ._dispatch import call, custom_op
 from ._sinks import lse_of
-from .attention import FAMILY, attention
+from .attention import FAMILY, _alibi_into_mask, attention
 
 OP = "attention"  # the backend order of attention
 
@@ -134,8 +134,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: T
     if alibi_slopes is not None:
         # The gathered keys run to the capacity, not to each sequence's end: the bias takes each sequence's diagonal
         # (its queries' positions) and the hidden keys stay −inf.
-        bias = alibi_bias(alibi_slopes, lq, keys.shape[1], (seqlens - lq).view(b, 1, 1, 1))
-        mask = bias.masked_fill(~mask, float("-inf"))
+        mask = _alibi_into_mask(mask, alibi_slopes, lq, keys.shape[1], (seqlens - lq).view(b, 1, 1, 1))
     out = attention(heads_first, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale,
                     enable_gqa=q.shape[2] != keys.shape[2], return_lse=return_lse, softcap=softcap, backend=name)
     if return_lse:
