@@ -3,15 +3,16 @@
 Forward: one program per (query tile, batch·head), folded into grid x so any B·H fits (or, when that grid would not
 fill the GPU, per key split too: `attn_fwd_split_kernel` + `attn_fwd_combine_kernel`). The query tile stays
 in registers while key/value tiles stream past it; the softmax is online (running max and sum, rescaling the
-accumulator) in fp32, in the exp2 domain. Scores stay in natural units until after the max is subtracted
-(see `_score_tile`), so rows whose scores all sit near -6e4 keep full precision. With a causal mask the key
-loop runs in two stages: tiles every query of the tile may see (no causal compare), then the diagonal tiles
-(masked); tiles above the diagonal are never visited. The row max and the reciprocal row sum are saved for
-the backward pass.
+accumulator) in fp32, in the exp2 domain: the scale folded into one FMA per score, except under a float mask,
+whose scores stay in natural units until after the max is subtracted (see `_score_tile`), so rows whose scores
+all sit near -6e4 keep full precision. The key loop runs in two stages: interior tiles (every key exists and,
+causal, every query of the tile may see it: no visibility test without a mask or padding), then the edge tiles
+(the last partial tile, the diagonal); tiles above the diagonal are never visited. The row max and the
+reciprocal row sum are saved for the backward pass.
 
-Backward (deterministic, no atomics): a preprocess computes delta = rowsum(dO·O); one program per key tile
-accumulates dK and dV over every query tile of every query head in its GQA group; a separate pass per query
-tile accumulates dQ. Only for a float mask that requires grad (T5's position bias) a last pass writes dS, the mask's gradient.
+Backward: a preprocess computes delta = rowsum(dO·O); one program per key tile accumulates dK and dV over every
+query tile of every query head in its GQA group (and dQ with atomics, or a separate pass per query tile:
+`_backward_passes`). Only for a float mask that requires grad a last pass writes its gradient dS.
 
 Masks (read through their strides, never expanded): a bool or float `attn_mask` viewed as [B, H, Lq, Lk]
 (stride 0 on broadcast dims), a `[B, Lk]` key-padding mask (True = padding), and causal with an offset
@@ -100,9 +101,13 @@ def _key_tile(k_base, v_base, start_n, offs_n, stride_kn, stride_vn, WIDE: tl.co
 
 
 @triton.jit
-def _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM: tl.constexpr):
-    # Keys that exist and are not padding: the only columns ever loaded from K and V.
-    ok = offs_n < seqlen_k
+def _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM: tl.constexpr, EDGE: tl.constexpr):
+    # Keys that exist and are not padding: the only columns ever loaded from K and V. A tile that is not an EDGE
+    # one lies wholly below seqlen_k: no bound test.
+    if EDGE:
+        ok = offs_n < seqlen_k
+    else:
+        ok = tl.full(offs_n.shape, 1, tl.int1)
     if HAS_KPM:
         ok = ok & (tl.load(kpm_ptr + kpm_row + offs_n * stride_kpm_n, mask=ok, other=1) == 0)
     return ok
@@ -145,20 +150,37 @@ def _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, first, h, num_heads, k_bas
               stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q,
               seqlen_k, sm_scale, causal_offset, dropout_p, seed,
               MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-              WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
+              WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr,
+              EDGE: tl.constexpr):
+    # EDGE: the tile may hold keys past seqlen_k or, with IS_CAUSAL, above the diagonal. The key loops visit the
+    # interior tiles (neither) first; with no mask and no padding their scores need no visibility test at all.
+    # fp32 (the accuracy path) tests every tile in natural units, as before this form: its D = 128 tiles spilled
+    # (8-16 bytes on sm_80, where ptxas took 80-96 registers) with the interior form.
+    fp32 = q.dtype == tl.float32
+    edge = EDGE or fp32
     offs_n = start_n + tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
-    col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
+    col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM, edge)
     k_base, v_base, rel_n = _key_tile(k_base, v_base, start_n, offs_n, stride_kn, stride_vn, WIDE)
     kt = tl.load(k_base + rel_n[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
     qk = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
-    s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
-                             stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    # A row with nothing visible yet has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if MASK_KIND == FLOAT_MASK or fp32:
+        s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
+                                 stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with nothing visible yet has max -inf: subtract 0 instead so exp2(-inf) = 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2((s - m_safe[:, None]) * LOG2E)
+    else:
+        if edge or HAS_KPM or MASK_KIND != 0:
+            qk, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base,
+                                      stride_mask_m, stride_mask_n, 1.0, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * sm_scale)  # = the max of the scaled scores (sm_scale > 0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # One FMA per score (FlashAttention's form): the scale folded into the exp2 argument. Without a float mask a
+        # score is q·k alone, so the natural-units argument of `_score_tile` does not arise.
+        p = tl.exp2(qk * (sm_scale * LOG2E) - (m_safe * LOG2E)[:, None])
     alpha = tl.exp2((m_i - m_safe) * LOG2E)
-    p = tl.exp2((s - m_safe[:, None]) * LOG2E)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
     if MASK_KIND != 0:
@@ -233,6 +255,16 @@ def _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M: tl.constexpr
     return hi, full
 
 
+@triton.jit
+def _interior_end(full, seqlen_k, q, BLOCK_N: tl.constexpr):
+    # The end of the forward's interior tiles: those of `_key_range`'s `full` that also lie wholly inside the keys
+    # (the rest are EDGE tiles, `_fwd_tile`). A multiple of BLOCK_N: `full` is one or is above seqlen_k's last one.
+    # fp32 (the accuracy path) keeps `full`: its tiles test every key (`_fwd_tile`).
+    if q.dtype == tl.float32:
+        return full
+    return tl.minimum(full, seqlen_k // BLOCK_N * BLOCK_N)
+
+
 @triton.jit(do_not_specialize=["causal_offset"])
 def attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, row_max_ptr, inv_l_ptr, mask_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
@@ -264,19 +296,19 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    for start_n in range(0, full, BLOCK_N):
+    hi, interior = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    interior = _interior_end(interior, seqlen_k, q, BLOCK_N)
+    for start_n in range(0, interior, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, bq, h, num_heads, k_base, v_base, kpm_ptr,
                                   kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn,
                                   offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
-                                  MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
-    if IS_CAUSAL:
-        for start_n in range(full, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, bq, h, num_heads, k_base, v_base,
-                                      kpm_ptr, kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
-                                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
-                                      causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, VARLEN,
-                                      BLOCK_N, INTERPRETED)
+                                  MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED, False)
+    for start_n in range(interior, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, bq, h, num_heads, k_base, v_base,
+                                  kpm_ptr, kpm_row, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
+                                  stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
+                                  causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, IS_CAUSAL, DROPOUT, WIDE, VARLEN,
+                                  BLOCK_N, INTERPRETED, True)
     # A row with no visible key has l = 0: its output and (through inv_l = 0) its gradients are zeros.
     inv_l = tl.where(l_i == 0.0, 0.0, 1.0 / tl.where(l_i == 0.0, 1.0, l_i))
     out = acc * inv_l[:, None]
@@ -315,21 +347,21 @@ def attn_fwd_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    hi, interior = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    interior = _interior_end(interior, seqlen_k, q, BLOCK_N)
     lo_n = split * split_len
     hi_n = tl.minimum(lo_n + split_len, hi)
-    for start_n in range(lo_n, tl.minimum(hi_n, full), BLOCK_N):
+    for start_n in range(lo_n, tl.minimum(hi_n, interior), BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, 0, h, num_heads, k_base, v_base, kpm_ptr,
                                   b * stride_kpm_b, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n, stride_kn,
                                   stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p,
-                                  seed, MASK_KIND, HAS_KPM, False, DROPOUT, False, False, BLOCK_N, INTERPRETED)
-    if IS_CAUSAL:
-        for start_n in range(tl.maximum(lo_n, full), hi_n, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, 0, h, num_heads, k_base, v_base,
-                                      kpm_ptr, b * stride_kpm_b, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
-                                      stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
-                                      causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, False, False,
-                                      BLOCK_N, INTERPRETED)
+                                  seed, MASK_KIND, HAS_KPM, False, DROPOUT, False, False, BLOCK_N, INTERPRETED, False)
+    for start_n in range(tl.maximum(lo_n, interior), hi_n, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, start_m, start_n, bh, 0, h, num_heads, k_base, v_base,
+                                  kpm_ptr, b * stride_kpm_b, stride_kpm_n, mask_base, stride_mask_m, stride_mask_n,
+                                  stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
+                                  causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, IS_CAUSAL, DROPOUT, False, False,
+                                  BLOCK_N, INTERPRETED, True)
     total_rows = (tl.num_programs(0) // tl.cdiv(seqlen_q, BLOCK_M)).to(tl.int64) * seqlen_q  # B·H·Lq
     rows = split * total_rows + bh.to(tl.int64) * seqlen_q + offs_m
     row_ok = offs_m < seqlen_q
@@ -462,7 +494,7 @@ def attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    col_ok = _key_cols(kpm_ptr, b * stride_kpm_b, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
+    col_ok = _key_cols(kpm_ptr, b * stride_kpm_b, stride_kpm_n, offs_n, seqlen_k, HAS_KPM, True)
     kv_ok = col_ok[:, None] & d_ok[None, :]
     k_base, v_base, rel_n = _key_tile(k_ptr + bk * stride_kb + hk * stride_kh,
                                       v_ptr + bk * stride_vb + hk * stride_vh, start_n, offs_n, stride_kn, stride_vn,
@@ -511,7 +543,7 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, 
              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
              WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
+    col_ok = _key_cols(kpm_ptr, kpm_row, stride_kpm_n, offs_n, seqlen_k, HAS_KPM, True)
     kv_ok = col_ok[:, None] & (offs_d[None, :] < D)
     k_base, v_base, rel_n = _key_tile(k_base, v_base, start_n, offs_n, stride_kn, stride_vn, WIDE)
     k = tl.load(k_base + rel_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
@@ -605,7 +637,7 @@ def attn_bwd_dmask_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
     do = _load_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
-    col_ok = _key_cols(kpm_ptr, b * stride_kpm_b, stride_kpm_n, offs_n, seqlen_k, HAS_KPM)
+    col_ok = _key_cols(kpm_ptr, b * stride_kpm_b, stride_kpm_n, offs_n, seqlen_k, HAS_KPM, True)
     kv_ok = col_ok[:, None] & (offs_d[None, :] < D)
     k_base, v_base, rel_n = _key_tile(k_ptr + b * stride_kb + hk * stride_kh, v_ptr + b * stride_vb + hk * stride_vh,
                                       start_n, offs_n, stride_kn, stride_vn, WIDE)
@@ -691,20 +723,20 @@ def attn_decode_gqa_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi, full = _key_range(0, 1, seqlen_k, causal_offset, 1, BLOCK_N, IS_CAUSAL)
+    hi, interior = _key_range(0, 1, seqlen_k, causal_offset, 1, BLOCK_N, IS_CAUSAL)
+    interior = _interior_end(interior, seqlen_k, q, BLOCK_N)
     lo_n = split * split_len
     hi_n = tl.minimum(lo_n + split_len, hi)
-    for start_n in range(lo_n, tl.minimum(hi_n, full), BLOCK_N):
+    for start_n in range(lo_n, tl.minimum(hi_n, interior), BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, 0, start_n, 0, 0, 0, num_heads, k_base, v_base, kpm_ptr,
                                   b * stride_kpm_b, stride_kpm_n, mask_ptr + b * stride_mask_b, 0, stride_mask_n,
                                   stride_kn, stride_vn, offs_m, offs_d, D, 1, seqlen_k, sm_scale, causal_offset, 0.0, 0,
-                                  MASK_KIND, HAS_KPM, False, False, False, False, BLOCK_N, INTERPRETED)
-    if IS_CAUSAL:
-        for start_n in range(tl.maximum(lo_n, full), hi_n, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, 0, start_n, 0, 0, 0, num_heads, k_base, v_base, kpm_ptr,
-                                      b * stride_kpm_b, stride_kpm_n, mask_ptr + b * stride_mask_b, 0, stride_mask_n,
-                                      stride_kn, stride_vn, offs_m, offs_d, D, 1, seqlen_k, sm_scale, causal_offset,
-                                      0.0, 0, MASK_KIND, HAS_KPM, True, False, False, False, BLOCK_N, INTERPRETED)
+                                  MASK_KIND, HAS_KPM, False, False, False, False, BLOCK_N, INTERPRETED, False)
+    for start_n in range(tl.maximum(lo_n, interior), hi_n, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, 0, start_n, 0, 0, 0, num_heads, k_base, v_base, kpm_ptr,
+                                  b * stride_kpm_b, stride_kpm_n, mask_ptr + b * stride_mask_b, 0, stride_mask_n,
+                                  stride_kn, stride_vn, offs_m, offs_d, D, 1, seqlen_k, sm_scale, causal_offset,
+                                  0.0, 0, MASK_KIND, HAS_KPM, IS_CAUSAL, False, False, False, BLOCK_N, INTERPRETED, True)
     _store_gqa_partials(o_part_ptr, m_part_ptr, l_part_ptr, acc, m_i, l_i, b, heads, row_ok, split, num_heads, group,
                         offs_d, BLOCK_M)
 
@@ -777,11 +809,15 @@ class TileConfig:
 # dots; FMA dots above D = 64) needs the smallest. dkdv keeps K, V, dK and dV of its key tile resident, so its tiles
 # are the smallest. ptxas caps some 8-warp fp32 kernels at 80 or 128 registers, so a smaller tile can spill where a
 # larger one does not (or more warps help): the fp32 entries at D = 128/256 are the candidates that compiled clean.
+# The 2-byte plain forward at D = 64/128 also offers 128-row tiles and a third stage (issue 26): once its interior
+# tiles lost their visibility tests (`_fwd_tile`) they compiled with 0 spills on both arches (at most 237 registers
+# on sm_80, 228 on sm_90; measured 2026-12-07), and autotune times them against the 64-row tiles on the GPU.
 _FWD = {
     ("plain", 2, 16): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
     ("plain", 2, 32): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
-    ("plain", 2, 64): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
-    ("plain", 2, 128): [TileConfig(64, 64, 8, 2), TileConfig(64, 32, 4, 2)],
+    ("plain", 2, 64): [TileConfig(128, 64, 8, 2), TileConfig(128, 64, 8, 3), TileConfig(128, 32, 8, 2)],
+    ("plain", 2, 128): [TileConfig(128, 64, 8, 2), TileConfig(128, 64, 8, 3), TileConfig(64, 64, 8, 2),
+                        TileConfig(64, 32, 4, 2)],
     ("plain", 2, 256): [TileConfig(64, 32, 8, 2), TileConfig(32, 32, 4, 2)],
     ("plain", 4, 16): [TileConfig(128, 64, 8, 2), TileConfig(128, 32, 8, 2)],
     ("plain", 4, 32): [TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2)],
@@ -856,6 +892,7 @@ _WIDE_TILES = {
 # Packed sequences (VARLEN) keep a sequence's bounds and 64-bit first rows in registers: where a tile of the class
 # spilled with them, these replace it (each compiled with 0 spills on sm_80 and sm_90); the WIDE form likewise.
 _VARLEN_TILES = {
+    ("fwd", ("all", 2, 128)): [TileConfig(64, 32, 8, 2)],
     ("dkdv", ("all", 4, 16)): [TileConfig(16, 32, 4, 1), TileConfig(16, 16, 8, 1)],
     ("dkdv", ("plain", 4, 32)): [TileConfig(16, 16, 8, 1)],
     ("dkdv", ("plain", 4, 64)): [TileConfig(16, 32, 8, 1)],

@@ -275,6 +275,40 @@ def test_every_triton_attention_config_compiles_without_spills_on_tensor_cores(a
         assert any(r.kernel == kernel for r in attention_rows), kernel
 
 
+# The Triton attention forward, 2-byte "plain" class (causal at most), its preferred tile: SASS instructions in the
+# interior key loop (`resources.KeyLoop`, innermost loops) per m16n8k16-equivalent of its two products, i.e.
+# 2·M·N·D / (2048·warps) (the loop's HMMA count on sm_80; sm_90's wgmma do the same work in fewer instructions).
+# Interior tiles take no visibility test and one FMA per score (issue 26). Measured 2026-12-07 (triton 3.9), fp16,
+# sm_80 / sm_90, D = 16 / 32 / 64 / 128 / 256: 14.5 / 16.2, 8.4 / 8.5, 5.3 / 4.9, 4.0 / 3.0, 9.4 / 7.8; before (every
+# tile tested, natural units; at D = 128 a 64-row tile): 25.8 / 27.6, 13.6 / 14.1, 8.3 / 7.8, 10.1 / 8.6, 10.8 / 8.6.
+TRITON_FWD_LOOP_BUDGET = {80: {16: 16.0, 32: 9.5, 64: 6.0, 128: 4.5, 256: 10.0},
+                          90: {16: 18.0, 32: 9.5, 64: 5.5, 128: 3.5, 256: 8.5}}
+
+
+def test_triton_attention_forward_interior_loop_is_within_budget(attention_rows):
+    rows = {(r.kernel, r.variant, r.arch): r for r in attention_rows}
+    for arch, budget in TRITON_FWD_LOOP_BUDGET.items():
+        assert set(budget) == set(triton_attention.HEAD_DIM_BLOCKS), arch
+        for d, most in budget.items():
+            c = triton_attention.PASSES["fwd"][("plain", 2, d)][0]
+            units = 2 * c.block_m * c.block_n * d / (2048 * c.num_warps)
+            for dtype in ("fp16", "bf16"):
+                label = f"{dtype} D={d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} plain"
+                loop = rows[("attn_fwd", label, arch)].key_loop
+                assert loop is not None and loop.instructions / units <= most, (label, arch, loop)
+
+
+def test_triton_attention_forward_is_wgmma_on_sm_90(attention_rows):
+    for r in attention_rows:
+        where = f"{r.kernel} {r.variant} sm_{r.arch}"
+        if r.arch != 90:
+            assert r.wgmma_instrs == 0, where  # sm_80 has no wgmma
+        elif r.kernel == "attn_fwd" and r.variant.startswith(("fp16", "bf16")) \
+                and int(re.search(r"M=(\d+)", r.variant).group(1)) >= 64:
+            # wgmma works on 64-row slices of a warpgroup: every forward tile of 64+ rows takes it for both products
+            assert r.wgmma_instrs == r.tensor_core_instrs > 0, (where, r.wgmma_instrs, r.tensor_core_instrs)
+
+
 def test_every_triton_norm_config_compiles_without_spills():
     rows = resources.triton_report(["norm"])
     assert len(rows) == len(triton_norm.aot_variants()) * len(resources.TRITON_ARCHS)
@@ -316,10 +350,6 @@ def test_every_triton_gemm_config_compiles_without_spills_on_tensor_cores():
         if r.kernel == "matmul":
             assert r.tensor_core_instrs > 0, f"{where} does not use tensor cores"
             if r.variant.startswith(("fp16", "bf16")):
-                # mma.sync (HMMA.16816: 16·8·16 products a warp) needs at least M·N·K / (2048 · warps) instructions in
-                # the K loop's body; a wgmma (HGMMA.64xNx16) does 64·N·16 for four warps at once, so the count falls
-                # below that bound exactly when the tile compiled to wgmma: every fp16/bf16 GEMM tile on sm_90 (issue
-                # 30), none on sm_80, which has no wgmma.
-                m, n, k, w = (int(re.search(rf"{f}=(\d+)", r.variant).group(1)) for f in ("M", "N", "K", "w"))
-                assert (r.tensor_core_instrs < m * n * k / (2048 * w)) == (r.arch == 90), (where, r.tensor_core_instrs)
+                # every fp16/bf16 GEMM tile is wgmma (HGMMA) on sm_90 (issue 30), mma.sync on sm_80, which has no wgmma
+                assert r.wgmma_instrs == (r.tensor_core_instrs if r.arch == 90 else 0), (where, r.wgmma_instrs)
 

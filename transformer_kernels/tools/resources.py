@@ -54,7 +54,8 @@ MAX_THREADS_PER_SM = {80: 2048, 86: 1536, 89: 1536, 90: 2048}
 class KeyLoop:
     """A kernel's key loop read from its SASS: the loop (a backward branch and the code from its target to it) with
     the most tensor-core instructions, the shorter of equals (a peeled loop's interior body, whose tiles need no
-    position test); ``nested``: another loop inside it (then ``instructions`` counts that body once, not per trip)."""
+    position test); ``nested``: another loop inside it (then ``instructions`` counts that body once, not per trip).
+    Triton rows take innermost loops only: the dK/dV pass's query loops sit inside its loop over the GQA group."""
 
     instructions: int
     tensor_core: int
@@ -80,8 +81,11 @@ class Resources:
     tensor_core_instrs: int
     # CUDA rows: counts of the SASS opcodes of `SASS_OPCODES` (ldmatrix, cp.async, global access widths) in the kernel
     sass_ops: dict[str, int] | None = None
-    # CUDA rows of `KEY_LOOP_KERNELS`: the key loop's SASS (`key_loop`)
+    # CUDA rows of `KEY_LOOP_KERNELS` and Triton rows with a tensor-core loop: the key loop's SASS (`key_loop`)
     key_loop: KeyLoop | None = None
+    # Triton rows: the tensor-core instructions that are wgmma (HGMMA, sm_90); the rest are mma.sync (HMMA). CUDA rows
+    # keep 0: csrc/ptx.cuh issues mma.sync only.
+    wgmma_instrs: int = 0
 
     @property
     def occupancy(self) -> float | None:
@@ -137,9 +141,9 @@ KEY_LOOP_KERNELS = ("attention_fwd_mma_kernel", "attention_dkdv_mma_kernel", "at
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
-def key_loop(body: str) -> KeyLoop | None:
-    """The key loop (`KeyLoop`) of one function's SASS (a `cuobjdump --dump-sass` section); None without a loop that
-    holds a tensor-core instruction."""
+def key_loop(body: str, innermost: bool = False) -> KeyLoop | None:
+    """The key loop (`KeyLoop`) of one function's SASS (a `cuobjdump --dump-sass` section), among the loops with no
+    loop inside if ``innermost``; None without a loop that holds a tensor-core instruction."""
     code = [(int(a, 16), op.split(".")[0], rest) for a, op, rest in _SASS_LINE.findall(body)]
     loops = []
     for addr, op, rest in code:
@@ -151,17 +155,19 @@ def key_loop(body: str) -> KeyLoop | None:
         ops = [op for a, op, _ in code if start <= a <= end]
         tc = sum(op in TENSOR_CORE_OPCODES for op in ops)
         nested = any(start <= s2 and e2 <= end and (s2, e2) != (start, end) for s2, e2 in loops)
+        if nested and innermost:
+            continue
         if tc and (best is None or (tc, -len(ops)) > (best.tensor_core, -best.instructions)):
             best = KeyLoop(len(ops), tc, nested)
     return best
 
 
-def key_loops(sass: str) -> dict[str, KeyLoop]:
-    """cuobjdump --dump-sass → {function: its key loop} for the functions of `KEY_LOOP_KERNELS`."""
+def key_loops(sass: str, kernels: tuple[str, ...] = KEY_LOOP_KERNELS, innermost: bool = False) -> dict[str, KeyLoop]:
+    """cuobjdump --dump-sass → {function: its key loop (`key_loop`)} for the functions named by ``kernels``."""
     sections = re.split(r"^\s*Function : (\S+)", sass, flags=re.M)
     out = {}
     for name, body in zip(sections[1::2], sections[2::2], strict=True):
-        if any(k in name for k in KEY_LOOP_KERNELS) and (loop := key_loop(body)) is not None:
+        if any(k in name for k in kernels) and (loop := key_loop(body, innermost)) is not None:
             out[name] = loop
     return out
 
@@ -171,15 +177,18 @@ def count_tensor_core(sass: str) -> dict[str, int]:
     return {f: c["tc"] for f, c in count_opcodes(sass, {"tc": TENSOR_CORE_OPCODES}).items()}
 
 
-def _cuobjdump(cubin: Path) -> tuple[dict[str, dict[str, int]], dict[str, int], dict[str, dict[str, int]],
-                                     dict[str, KeyLoop]]:
-    """Per function of a cubin: resource usage, tensor-core instructions, the `SASS_OPCODES` counts, key loops."""
+def _cuobjdump(cubin: Path, opcodes: dict[str, tuple[str, ...]] = SASS_OPCODES,
+               loop_kernels: tuple[str, ...] = KEY_LOOP_KERNELS, innermost: bool = False,
+               ) -> tuple[dict[str, dict[str, int]], dict[str, int], dict[str, dict[str, int]], dict[str, KeyLoop]]:
+    """Per function of a cubin: resource usage, tensor-core instructions, the ``opcodes`` counts, key loops (of the
+    functions named by ``loop_kernels``; `key_loop`)."""
     tool = toolchain.triton_tool("cuobjdump")
     if tool is None:
         raise RuntimeError("cuobjdump not found (ships with triton and with the CUDA toolkit)")
     usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
     sass = subprocess.run([tool, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
-    return parse_resource_usage(usage), count_tensor_core(sass), count_opcodes(sass), key_loops(sass)
+    return (parse_resource_usage(usage), count_tensor_core(sass), count_opcodes(sass, opcodes),
+            key_loops(sass, loop_kernels, innermost))
 
 
 # ---- Triton ----------------------------------------------------------------------------------
@@ -215,12 +224,15 @@ def compile_variant(v, arch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        usage, tc, _, _ = _cuobjdump(cubin)
-    name = compiled.metadata.name
+        name = compiled.metadata.name
+        usage, tc, ops, loops = _cuobjdump(cubin, {"wgmma": ("HGMMA",)}, (name,), innermost=True)
     u = usage[name]
     row = asdict(Resources("triton", v.kernel_name, v.label, arch, v.num_warps * 32, u["REG"],
-                           max(u["STACK"], u["LOCAL"]), max(u["SHARED"], compiled.metadata.shared), tc.get(name, 0)))
-    del row["sass_ops"], row["key_loop"]  # counted for CUDA kernels only; the committed table keeps its fields
+                           max(u["STACK"], u["LOCAL"]), max(u["SHARED"], compiled.metadata.shared), tc.get(name, 0),
+                           key_loop=loops.get(name), wgmma_instrs=ops[name]["wgmma"]))
+    del row["sass_ops"]  # counted for CUDA kernels only
+    if row["key_loop"] is None:
+        del row["key_loop"]
     return row
 
 
@@ -282,7 +294,7 @@ def triton_report(modules: Iterable[str] = TRITON_KERNEL_MODULES, jobs: int | No
         raise RuntimeError(f"Triton AOT compile failed:\n{proc.stderr[-4000:]}")
     if proc.stderr.strip():  # the child's summary: how many variants it compiled
         print(proc.stderr.strip().splitlines()[-1], file=sys.stderr)
-    return [Resources(**r) for r in json.loads(proc.stdout)]
+    return [_row_from_dict(r) for r in json.loads(proc.stdout)]
 
 
 # ---- CUDA C++ --------------------------------------------------------------------------------
