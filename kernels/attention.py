@@ -10,9 +10,9 @@ causal, every query of the tile may see it: no visibility test without a mask or
 (the last partial tile, the diagonal); tiles above the diagonal are never visited. The row max and the
 reciprocal row sum are saved for the backward pass.
 
-Backward: a preprocess computes delta = rowsum(dO·O); one program per key tile accumulates dK and dV over every
-query tile of every query head in its GQA group (and dQ with atomics, or a separate pass per query tile:
-`_backward_passes`). Only for a float mask that requires grad a last pass writes its gradient dS.
+Backward: a preprocess computes delta = rowsum(dO·O) and each row's log2 normaliser; one program per key tile
+accumulates dK and dV over every query tile of every query head in its GQA group (and dQ with atomics, or a separate
+pass per query tile: `_backward_passes`). Only for a float mask that requires grad a last pass writes its gradient dS.
 
 Masks (read through their strides, never expanded): a bool or float `attn_mask` viewed as [B, H, Lq, Lk]
 (stride 0 on broadcast dims), a `[B, Lk]` key-padding mask (True = padding), and causal with an offset
@@ -402,10 +402,13 @@ def attn_fwd_combine_kernel(o_part_ptr, m_part_ptr, l_part_ptr, out_ptr, row_max
 
 
 @triton.jit
-def attn_bwd_preprocess_kernel(out_ptr, do_ptr, delta_ptr, cu_q_ptr, stride_dob, stride_doh, stride_dom, num_heads,
-                               seqlen_q, D: tl.constexpr, WIDE: tl.constexpr, VARLEN: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax-backward correction, once per row.
+def attn_bwd_preprocess_kernel(out_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr, lse2_ptr, cu_q_ptr, stride_dob,
+                               stride_doh, stride_dom, num_heads, seqlen_q, D: tl.constexpr, WIDE: tl.constexpr,
+                               VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Once per row: delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij, the softmax-backward correction, and the log2
+    # normaliser lse2_i = m_i·log2(e) − log2(1/l_i) (FlashAttention's LSE in log2 units), so the passes recompute
+    # p = exp2(q·k·scale·log2(e) − lse2) with one FMA per score (`_probs`); log2 is a ~20-instruction software
+    # routine, here once per row instead of once per tile. A row that sees nothing has 1/l = 0: lse2 = +inf, p = 0.
     bh, start_m, b, h, _ = _query_tile(num_heads, 1, seqlen_q, BLOCK_M)
     bq, seqlen_q, _, _, _ = _sequence(b, cu_q_ptr, cu_q_ptr, seqlen_q, seqlen_q, 0, VARLEN)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -414,25 +417,41 @@ def attn_bwd_preprocess_kernel(out_ptr, do_ptr, delta_ptr, cu_q_ptr, stride_dob,
     rows = _row_index(bh, bq, h, num_heads, seqlen_q, offs_m, VARLEN)
     o = tl.load(out_ptr + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
     do = _load_rows(do_ptr, bq, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
-    tl.store(delta_ptr + rows, tl.sum(o * do.to(tl.float32), axis=1), mask=offs_m < seqlen_q)
-
-
-@triton.jit
-def _probs(q, kt, start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, seqlen_q, mask_base,
-           stride_mask_m, stride_mask_n, sm_scale, causal_offset,
-           MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WIDE: tl.constexpr, INTERPRETED: tl.constexpr):
-    # Recomputes the forward probabilities of one tile from the saved row max and reciprocal sum.
-    qk = _dot(q, kt, tl.zeros([q.shape[0], kt.shape[1]], tl.float32), INTERPRETED)
-    s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
-                             stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
     row_ok = offs_m < seqlen_q
+    tl.store(delta_ptr + rows, tl.sum(o * do.to(tl.float32), axis=1), mask=row_ok)
     m = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
-    inv_l = tl.load(inv_l_ptr + rows, mask=row_ok, other=0.0)
-    return tl.exp2((s - m[:, None]) * LOG2E) * inv_l[:, None], visible
+    inv_l = tl.load(inv_l_ptr + rows, mask=row_ok, other=1.0)
+    lse2 = m * LOG2E - tl.log2(tl.where(inv_l == 0.0, 1.0, inv_l))  # no log2(0) evaluated, even interpreted
+    tl.store(lse2_ptr + rows, tl.where(inv_l == 0.0, float("inf"), lse2), mask=row_ok)
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_base,
+def _probs(q, kt, start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr, lse2_ptr, seqlen_q,
+           mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset,
+           MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WIDE: tl.constexpr, INTERPRETED: tl.constexpr):
+    # Recomputes the forward probabilities of one tile and which are visible. Rows past seqlen_q load q and dO as 0
+    # and lse2 as +inf (1/l as 0): their probabilities and dS are exactly 0.
+    qk = _dot(q, kt, tl.zeros([q.shape[0], kt.shape[1]], tl.float32), INTERPRETED)
+    row_ok = offs_m < seqlen_q
+    if MASK_KIND == FLOAT_MASK or q.dtype == tl.float32:
+        # Natural units from the saved row max and 1/l: a float mask as in the forward (`_score_tile`), and fp32, the
+        # accuracy path, in its tested form (with lse2, 21 fp32 two-pass tiles at D = 32-256 took 8-72 bytes of stack).
+        s, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
+                                 stride_mask_n, sm_scale, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
+        m = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
+        inv_l = tl.load(inv_l_ptr + rows, mask=row_ok, other=0.0)
+        return tl.exp2((s - m[:, None]) * LOG2E) * inv_l[:, None], visible
+    # One FMA per score, as in the forward: the scale, max and 1/l folded into the exp2 argument (the preprocess's
+    # lse2). A hidden score is -inf here as there: p = 0.
+    qk, visible = _score_tile(qk, start_m, start_n, offs_m, offs_n, col_ok, seqlen_q, mask_base, stride_mask_m,
+                              stride_mask_n, 1.0, causal_offset, MASK_KIND, IS_CAUSAL, WIDE)
+    lse2 = tl.load(lse2_ptr + rows, mask=row_ok, other=float("inf"))
+    return tl.exp2(qk * (sm_scale * LOG2E) - lse2[:, None]), visible
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr, inv_l_ptr, lse2_ptr,
+               delta_ptr, mask_base,
                stride_mask_m, stride_mask_n, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
                offs_n, offs_d, col_ok, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr,
                MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr,
@@ -442,7 +461,7 @@ def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_p
     do = _load_rows(do_ptr, bq, h, stride_dob, stride_doh, stride_dom, start_m, offs_m, offs_d, seqlen_q, D, WIDE)
     rows = _row_index(bh, bq, h, num_heads, seqlen_q, offs_m, VARLEN)
     p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
-                        seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
+                        lse2_ptr, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
                         IS_CAUSAL, WIDE, INTERPRETED)
     dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, k.shape[0]], tl.float32), INTERPRETED)
     if DROPOUT:
@@ -469,9 +488,9 @@ def _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_p
 
 @triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, dq_acc_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr, cu_q_ptr,
-    cu_k_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob,
-    stride_doh, stride_dom,
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, dq_acc_ptr, row_max_ptr, inv_l_ptr, lse2_ptr, delta_ptr, mask_ptr, kpm_ptr,
+    cu_q_ptr, cu_k_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
     num_heads, group, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed_ptr, seqlen_q_class, seqlen_k_class,
     D: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -519,13 +538,13 @@ def attn_bwd_dkdv_kernel(
         if IS_CAUSAL:
             for start_m in range(lo, full, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr,
-                                    inv_l_ptr, delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb,
+                                    inv_l_ptr, lse2_ptr, delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb,
                                     stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok,
                                     D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr,
                                     MASK_KIND, True, DROPOUT, WIDE, VARLEN, BLOCK_M, FUSED_DQ, INTERPRETED)
         for start_m in range(full, seqlen_q, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, start_m, start_n, bh, bq, h, num_heads, q_ptr, do_ptr, row_max_ptr,
-                                inv_l_ptr, delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb, stride_qh,
+                                inv_l_ptr, lse2_ptr, delta_ptr, mask_base, stride_mask_m, stride_mask_n, stride_qb, stride_qh,
                                 stride_qm, stride_dob, stride_doh, stride_dom, offs_n, offs_d, col_ok, D, seqlen_q,
                                 seqlen_k, sm_scale, causal_offset, dropout_p, seed, dq_acc_ptr, MASK_KIND, False,
                                 DROPOUT, WIDE, VARLEN, BLOCK_M, FUSED_DQ, INTERPRETED)
@@ -538,8 +557,8 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, k_base, v_base, kpm_ptr, kpm_row,
-             stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn, offs_m,
-             offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+             stride_kpm_n, row_max_ptr, inv_l_ptr, lse2_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn,
+             offs_m,             offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
              WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -549,7 +568,7 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, 
     k = tl.load(k_base + rel_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
-                        seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
+                        lse2_ptr, seqlen_q, mask_base, stride_mask_m, stride_mask_n, sm_scale, causal_offset, MASK_KIND,
                         IS_CAUSAL, WIDE, INTERPRETED)
     dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
@@ -563,7 +582,7 @@ def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, 
 
 @triton.jit(do_not_specialize=["causal_offset"])
 def attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, row_max_ptr, inv_l_ptr, delta_ptr, mask_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, row_max_ptr, inv_l_ptr, lse2_ptr, delta_ptr, mask_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh,
     stride_dom,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, stride_kpm_b, stride_kpm_n,
@@ -594,13 +613,13 @@ def attn_bwd_dq_kernel(
     hi, full = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, full, BLOCK_N):
         dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, bq, h, num_heads, rows, k_base, v_base, kpm_ptr,
-                      b * stride_kpm_b, stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m, stride_mask_n,
+                      b * stride_kpm_b, stride_kpm_n, row_max_ptr, inv_l_ptr, lse2_ptr, mask_base, stride_mask_m, stride_mask_n,
                       stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p,
                       seed, MASK_KIND, HAS_KPM, False, DROPOUT, WIDE, VARLEN, BLOCK_N, INTERPRETED)
     if IS_CAUSAL:
         for start_n in range(full, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, delta, start_m, start_n, bh, bq, h, num_heads, rows, k_base, v_base, kpm_ptr,
-                          b * stride_kpm_b, stride_kpm_n, row_max_ptr, inv_l_ptr, mask_base, stride_mask_m,
+                          b * stride_kpm_b, stride_kpm_n, row_max_ptr, inv_l_ptr, lse2_ptr, mask_base, stride_mask_m,
                           stride_mask_n, stride_kn, stride_vn, offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale,
                           causal_offset, dropout_p, seed, MASK_KIND, HAS_KPM, True, DROPOUT, WIDE, VARLEN, BLOCK_N,
                           INTERPRETED)
@@ -644,8 +663,9 @@ def attn_bwd_dmask_kernel(
     k = tl.load(k_base + rel_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(v_base + rel_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     rows = bh.to(tl.int64) * seqlen_q + offs_m
+    # A float mask's probabilities come from the row max and 1/l (natural units): no lse2, row_max_ptr stands in.
     p, visible = _probs(q, tl.trans(k), start_m, start_n, offs_m, offs_n, col_ok, rows, row_max_ptr, inv_l_ptr,
-                        seqlen_q, mask_ptr + b * stride_mask_b + h * stride_mask_h, stride_mask_m, stride_mask_n,
+                        row_max_ptr, seqlen_q, mask_ptr + b * stride_mask_b + h * stride_mask_h, stride_mask_m, stride_mask_n,
                         sm_scale, causal_offset, FLOAT_MASK, IS_CAUSAL, WIDE, INTERPRETED)
     dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERPRETED)
     if DROPOUT:
@@ -838,7 +858,7 @@ _FWD = {
 _DKDV = {
     ("plain", 2, 16): [TileConfig(32, 128, 8, 2), TileConfig(64, 64, 8, 2)],
     ("plain", 2, 32): [TileConfig(64, 64, 8, 2), TileConfig(32, 64, 8, 2)],
-    ("plain", 2, 64): [TileConfig(32, 32, 8, 2), TileConfig(32, 32, 4, 2)],
+    ("plain", 2, 64): [TileConfig(32, 32, 8, 2)],
     ("plain", 2, 128): [TileConfig(32, 32, 8, 2), TileConfig(16, 64, 8, 1)],
     ("plain", 2, 256): [TileConfig(16, 32, 8, 1)],
     ("plain", 4, 16): [TileConfig(32, 32, 8, 2), TileConfig(32, 32, 4, 2)],
@@ -862,7 +882,7 @@ _DQ = {
     ("plain", 2, 32): [TileConfig(128, 32, 8, 2), TileConfig(64, 64, 8, 2)],
     ("plain", 2, 64): [TileConfig(128, 32, 8, 2), TileConfig(64, 64, 8, 2)],
     ("plain", 2, 128): [TileConfig(64, 64, 8, 2), TileConfig(64, 32, 8, 2)],
-    ("plain", 2, 256): [TileConfig(32, 64, 8, 2), TileConfig(32, 32, 8, 2)],
+    ("plain", 2, 256): [TileConfig(32, 64, 8, 1), TileConfig(16, 64, 8, 1)],
     ("plain", 4, 16): [TileConfig(128, 32, 8, 2), TileConfig(64, 64, 8, 2)],
     ("plain", 4, 32): [TileConfig(64, 32, 8, 2), TileConfig(16, 32, 8, 1)],
     ("plain", 4, 64): [TileConfig(16, 32, 8, 1), TileConfig(16, 32, 4, 1)],
@@ -902,6 +922,8 @@ _VARLEN_TILES = {
     ("dkdv", ("all", 4, 128)): [TileConfig(16, 64, 8, 1)],
     ("dkdv", ("plain", 4, 128)): [TileConfig(32, 16, 8, 1)],
     ("dq", ("plain", 4, 128)): [TileConfig(16, 16, 8, 1)],
+    ("dq", ("all", 2, 16)): [TileConfig(128, 32, 8, 2)],
+    ("dq", ("all", 2, 32)): [TileConfig(64, 32, 8, 2)],
 }
 _VARLEN_WIDE_TILES = {
     ("dkdv", ("plain", 4, 16)): TileConfig(16, 32, 4, 1),
@@ -912,6 +934,7 @@ _VARLEN_WIDE_TILES = {
     ("dq", ("all", 4, 128)): TileConfig(16, 32, 8, 1),
     ("dkdv", ("all", 4, 256)): TileConfig(16, 16, 8, 2),
     ("dkdv", ("plain", 4, 256)): TileConfig(16, 16, 16, 1),
+    ("dq", ("plain", 2, 64)): TileConfig(128, 32, 8, 2),
 }
 # Under the interpreter every tile costs a numpy call per op: one small fixed tile, no tuning.
 INTERPRETER_CONFIG = TileConfig(32, 32, 1, 1)
@@ -966,11 +989,11 @@ _FUSED_DQ_SPILLED = {
     (("plain", 2, 16), False, False): {TileConfig(32, 128, 8, 2)},
     (("plain", 2, 16), True, False): {TileConfig(32, 128, 8, 2)},
     (("plain", 2, 32), True, False): {TileConfig(64, 64, 8, 2)},
-    (("plain", 2, 64), False, False): {TileConfig(32, 32, 4, 2)},
     (("all", 2, 32), False, False): {TileConfig(32, 32, 8, 2), TileConfig(32, 32, 4, 2)},
     (("all", 2, 32), False, True): {TileConfig(32, 32, 4, 2)},
     (("all", 2, 64), False, False): {TileConfig(32, 32, 4, 2)},
     (("all", 2, 64), False, True): {TileConfig(32, 32, 4, 2)},
+    (("all", 2, 64), True, False): {TileConfig(32, 32, 4, 2)},
     (("all", 2, 256), False, False): {TileConfig(16, 32, 8, 1)},
     (("all", 2, 256), False, True): {TileConfig(16, 32, 8, 1)},
     (("all", 2, 256), True, False): {TileConfig(16, 32, 8, 1)},
@@ -1307,14 +1330,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     kind, m, ms, kp, kps = _mask_args(mask, kpm, q)
     block_d = head_dim_block(d, q.dtype)
     wide = spans_past_int32(q, k, v, dout, m)
-    delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    delta, lse2 = torch.empty((2, b, h, lq), dtype=torch.float32, device=q.device).unbind(0)
     common = dict(D=d, MASK_KIND=kind, HAS_KPM=kpm is not None, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
                   WIDE=wide, BLOCK_D=block_d, INTERPRETED=is_interpreted())
     sizes = (h, h // hkv, lq, lk, scale, causal_offset, dropout_p, q if seed is None else seed, length_class(lq),
              length_class(lk))
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *ms, *kps)
-    dq = _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, q, q, strides, sizes, b, common,
-                          varlen=False)
+    dq = _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, lse2, m, kp, q, q, strides, sizes, b,
+                          common, varlen=False)
     if mask_grad:
         c = dmask_tile(block_d, q.element_size(), wide)
         features = {name: value for name, value in common.items() if name != "MASK_KIND"}  # always a float mask
@@ -1350,19 +1373,19 @@ def varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     sizes = (h, h // hkv, max_q, max_k, scale, int(bottom_right), dropout_p, q if seed is None else seed,
              length_class(max_q), length_class(max_k))
     strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *_packed_strides(dout), *ms, *kps)
-    delta = torch.empty((total_q, h), dtype=torch.float32, device=q.device)
-    dq = _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, cu_q, cu_k, strides, sizes, batch,
-                          common, varlen=True)
+    delta, lse2 = torch.empty((2, total_q, h), dtype=torch.float32, device=q.device).unbind(0)
+    dq = _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, lse2, m, kp, cu_q, cu_k, strides, sizes,
+                          batch, common, varlen=True)
     return dq, dk, dv
 
 
-def _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, cu_q, cu_k, strides, sizes, batch,
-                     common, varlen: bool) -> torch.Tensor:
-    """delta, then dK/dV per key tile, and dQ; returns dq (q's shape and dtype, contiguous). ``sizes`` starts
+def _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, lse2, m, kp, cu_q, cu_k, strides, sizes,
+                     batch, common, varlen: bool) -> torch.Tensor:
+    """delta and lse2, then dK/dV per key tile, and dQ; returns dq (q's shape and dtype, contiguous). ``sizes`` starts
     (H, group, Lq, Lk) (the maxima when packed) and ``strides`` with dout's three at 9..11."""
     h, group, lq, lk = sizes[:4]
     attn_bwd_preprocess_kernel[(triton.cdiv(lq, PREPROCESS_BLOCK_M) * batch * h,)](
-        out, dout, delta, cu_q, *strides[9:12], h, lq, D=common["D"], WIDE=common["WIDE"], VARLEN=varlen,
+        out, dout, row_max, inv_l, delta, lse2, cu_q, *strides[9:12], h, lq, D=common["D"], WIDE=common["WIDE"], VARLEN=varlen,
         BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=common["BLOCK_D"])
     # Five matrix products where a fused tile fits (`fused_dq_tiles`): the dK/dV pass adds dS·K into an fp32 dQ with
     # atomics. Their order varies between runs, so under torch.use_deterministic_algorithms(True) dQ gets its own
@@ -1373,22 +1396,22 @@ def _backward_passes(dout, q, k, v, out, row_max, inv_l, dk, dv, delta, m, kp, c
     # Unfused, the kernel's dQ pointer is an empty fp32 view that nothing reads or writes.
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else delta[:0]
     _dkdv[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * batch * (h // group),)](
-        q, k, v, dout, dk, dv, dq_acc, row_max, inv_l, delta, m, kp, cu_q, cu_k, *strides, *sizes, **common,
+        q, k, v, dout, dk, dv, dq_acc, row_max, inv_l, lse2, delta, m, kp, cu_q, cu_k, *strides, *sizes, **common,
         VARLEN=varlen, FUSED_DQ=fused)
     if fused:
         return dq_acc.to(q.dtype)  # fused only for fp16/bf16 (`fused_dq_tiles`)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _dq[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * batch * h,)](
-        q, k, v, dout, dq, row_max, inv_l, delta, m, kp, cu_q, cu_k, *strides, *sizes, **common, VARLEN=varlen)
+        q, k, v, dout, dq, row_max, inv_l, lse2, delta, m, kp, cu_q, cu_k, *strides, *sizes, **common, VARLEN=varlen)
     return dq
 
 
 _AOT_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
 # Pointers and scalars that are neither q's dtype nor 32-bit ints (the rest of the AOT signature is derived from the
 # kernels); the masks' unit key strides are specialised as Triton does for a stride of 1.
-_AOT_TYPES = {"row_max_ptr": "*fp32", "inv_l_ptr": "*fp32", "delta_ptr": "*fp32", "ds_ptr": "*fp32", "kpm_ptr": "*u8",
-              "dq_acc_ptr": "*fp32", "sm_scale": "fp32", "dropout_p": "fp32", "seed_ptr": "*i64", "cu_q_ptr": "*i32",
-              "cu_k_ptr": "*i32",
+_AOT_TYPES = {"row_max_ptr": "*fp32", "inv_l_ptr": "*fp32", "lse2_ptr": "*fp32", "delta_ptr": "*fp32", "ds_ptr": "*fp32",
+              "kpm_ptr": "*u8", "dq_acc_ptr": "*fp32", "sm_scale": "fp32", "dropout_p": "fp32", "seed_ptr": "*i64",
+              "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
               "stride_mask_n": "constexpr", "stride_kpm_n": "constexpr"}
 # The most expensive feature set (float mask, key padding, causal, dropout), the cheapest (causal only), and the
 # packed-sequence forms (no mask or padding there), each compiled with the tiles of its class (`feature_class`).

@@ -298,6 +298,37 @@ def test_triton_attention_forward_interior_loop_is_within_budget(attention_rows)
                 assert loop is not None and loop.instructions / units <= most, (label, arch, loop)
 
 
+# The Triton attention backward, 2-byte "plain" class, its preferred tiles: SASS instructions in the innermost query
+# loop of dK/dV and the key loop of the deterministic dQ pass, per m16n8k16-equivalent of their products,
+# products·M·N·D / (2048·warps) with five products for dK/dV with the fused dQ (QKᵀ, dO·Vᵀ, dV, dK, dS·K), four without
+# (D = 16: its fused tile spilled) and three for dQ. The probabilities are recomputed with one FMA per score from the
+# preprocess's lse2 instead of (s·scale − m)·log2(e) then ·1/l (issue 26). Measured 2026-12-07 (triton 3.9), fp16,
+# D = 16 / 32 / 64 / 128 / 256, before -> now: dK/dV sm_80 73.7 -> 61.3, 20.8 -> 18.3, 17.1 -> 15.7, 12.8 -> 12.2,
+# 11.0 -> 10.6; sm_90 24.1 -> 20.9, 18.0 -> 15.4, 14.5 -> 13.2, 10.0 -> 9.4, 8.8 -> 8.3; dQ sm_80 22.4 -> 18.5,
+# 11.9 -> 9.9, 7.0 -> 6.0, 5.3 -> 4.8, 4.8 -> 4.8; sm_90 24.4 -> 20.3, 12.8 -> 10.8, 6.9 -> 5.9, 7.2 -> 6.1, 4.9 -> 5.0.
+# The D = 256 dQ pass changed its tile only (its two-stage tiles took stack with the new form): a guard there.
+TRITON_BWD_LOOP_BUDGET = {("dkdv", 80): {16: 62.0, 32: 18.5, 64: 16.0, 128: 12.5, 256: 10.75},
+                          ("dkdv", 90): {16: 21.5, 32: 15.75, 64: 13.5, 128: 9.6, 256: 8.5},
+                          ("dq", 80): {16: 19.0, 32: 10.25, 64: 6.25, 128: 5.0, 256: 5.0},
+                          ("dq", 90): {16: 21.0, 32: 11.0, 64: 6.25, 128: 6.5, 256: 5.25}}
+
+
+def test_triton_attention_backward_loops_are_within_budget(attention_rows):
+    rows = {(r.kernel, r.variant, r.arch): r for r in attention_rows}
+    for (pass_name, arch), budget in TRITON_BWD_LOOP_BUDGET.items():
+        assert set(budget) == set(triton_attention.HEAD_DIM_BLOCKS), (pass_name, arch)
+        for d, most in budget.items():
+            c = triton_attention.PASSES[pass_name][("plain", 2, d)][0]
+            fused = pass_name == "dkdv" and c in triton_attention.fused_dq_tiles(d, 2, "plain", False, False)
+            products = 3 if pass_name == "dq" else 5 if fused else 4
+            units = products * c.block_m * c.block_n * d / (2048 * c.num_warps)
+            for dtype in ("fp16", "bf16"):
+                label = (f"{dtype} D={d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} plain"
+                         + ("" if pass_name == "dq" or fused else " two-pass"))
+                loop = rows[(f"attn_{pass_name}", label, arch)].key_loop
+                assert loop is not None and loop.instructions / units <= most, (label, arch, loop)
+
+
 def test_triton_attention_forward_is_wgmma_on_sm_90(attention_rows):
     for r in attention_rows:
         where = f"{r.kernel} {r.variant} sm_{r.arch}"
