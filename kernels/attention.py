@@ -558,7 +558,7 @@ def attn_bwd_dkdv_kernel(
 @triton.jit
 def _dq_tile(dq, q, do, delta, start_m, start_n, bh, first, h, num_heads, rows, k_base, v_base, kpm_ptr, kpm_row,
              stride_kpm_n, row_max_ptr, inv_l_ptr, lse2_ptr, mask_base, stride_mask_m, stride_mask_n, stride_kn, stride_vn,
-             offs_m,             offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
+             offs_m, offs_d, D, seqlen_q, seqlen_k, sm_scale, causal_offset, dropout_p, seed,
              MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
              WIDE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
