@@ -285,6 +285,11 @@ TRITON_FWD_LOOP_BUDGET = {80: {16: 16.0, 32: 9.5, 64: 6.0, 128: 4.5, 256: 10.0},
                           90: {16: 18.0, 32: 9.5, 64: 5.5, 128: 3.5, 256: 8.5}}
 
 
+def _plain_label(dtype: str, d: int, c, suffix: str = "") -> str:
+    # The resource-table label of a 2-byte "plain" attention tile (`triton_attention.aot_variant`).
+    return f"{dtype} D={d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} plain{suffix}"
+
+
 def test_triton_attention_forward_interior_loop_is_within_budget(attention_rows):
     rows = {(r.kernel, r.variant, r.arch): r for r in attention_rows}
     for arch, budget in TRITON_FWD_LOOP_BUDGET.items():
@@ -293,7 +298,7 @@ def test_triton_attention_forward_interior_loop_is_within_budget(attention_rows)
             c = triton_attention.PASSES["fwd"][("plain", 2, d)][0]
             units = 2 * c.block_m * c.block_n * d / (2048 * c.num_warps)
             for dtype in ("fp16", "bf16"):
-                label = f"{dtype} D={d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} plain"
+                label = _plain_label(dtype, d, c)
                 loop = rows[("attn_fwd", label, arch)].key_loop
                 assert loop is not None and loop.instructions / units <= most, (label, arch, loop)
 
@@ -323,8 +328,7 @@ def test_triton_attention_backward_loops_are_within_budget(attention_rows):
             products = 3 if pass_name == "dq" else 5 if fused else 4
             units = products * c.block_m * c.block_n * d / (2048 * c.num_warps)
             for dtype in ("fp16", "bf16"):
-                label = (f"{dtype} D={d} M={c.block_m} N={c.block_n} w={c.num_warps} s={c.num_stages} plain"
-                         + ("" if pass_name == "dq" or fused else " two-pass"))
+                label = _plain_label(dtype, d, c, "" if pass_name == "dq" or fused else " two-pass")
                 loop = rows[(f"attn_{pass_name}", label, arch)].key_loop
                 assert loop is not None and loop.instructions / units <= most, (label, arch, loop)
 
