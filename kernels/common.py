@@ -62,3 +62,18 @@ def dropout_keep(seed, rows, cols, dropout_p):
     row_hash = _mix32(_mix32(rows.to(tl.uint32) ^ k0) ^ (rows >> 32).to(tl.uint32) ^ k1)
     draw = _mix32(row_hash[:, None] ^ cols.to(tl.uint32)[None, :])
     return (draw >> 8) >= tl.cast(dropout_p * 16777216.0, tl.uint32)
+
+
+
+def _interpret_with_one_patch_per_launch() -> None:
+    """Under the interpreter, `triton.language` patched once per launch, not at every helper call
+    (kernels/interpreter.py)."""
+    from .config import is_interpreted
+    from .interpreter import skip_repeated_patching
+
+    if is_interpreted():
+        skip_repeated_patching()
+
+
+# Last in the file: Triton keys each compiled kernel by its helpers' first lines too, so nothing above may move.
+_interpret_with_one_patch_per_launch()

@@ -1,5 +1,6 @@
 """The CUDA host simulator (csrc/host/simt.h) and the proof that the tests can see a missing barrier."""
 
+import ctypes
 import importlib.util
 import shutil
 import subprocess
@@ -230,29 +231,34 @@ def pristine_objects(tmp_path_factory):
     return out
 
 
-def build_mutant(tmp_path, objects, file, occurrence, tag):
+# A mutant build keeps every barrier of its file behind a switch, `tk_mutant_removed_barrier` (-1: none removed; k: the
+# k-th `__syncthreads();` of the file's text is skipped), so one build serves every barrier of the file.
+SWITCH = "tk_mutant_removed_barrier"
+
+
+def build_mutant(tmp_path, objects, file, tag):
+    """(the module, its switch as a ctypes int) of the simulator build whose ``file`` has its barriers switchable."""
     src = tmp_path / "csrc"
     shutil.copytree(toolchain.csrc_dir(), src)
-    text = (src / file).read_text()
-    parts = text.split("__syncthreads();")
-    assert len(parts) > occurrence + 1, f"{file} has no barrier #{occurrence}"
-    mutated = "__syncthreads();".join(parts[: occurrence + 1]) + "/* barrier removed */" + \
-        "__syncthreads();".join(parts[occurrence + 1:])
-    (src / file).write_text(mutated)
+    parts = (src / file).read_text().split("__syncthreads();")
+    switched = "".join(f"{part}do {{ if ({SWITCH} != {k}) __syncthreads(); }} while (0);"
+                       for k, part in enumerate(parts[:-1]))
+    (src / file).write_text(f'extern "C" int {SWITCH};\n' + switched + parts[-1])
+    (src / "host" / "mutant_switch.cpp").write_text(f'extern "C" int {SWITCH} = -1;\n')
     name = f"_tk_mutant_{tag}"
     # A mutated header reaches every kernel file; a mutated .cu only itself.
     rebuilt = [s for s in HOST_SOURCES if s == "bindings.cpp" or s == file or not file.endswith(".cu")]
     objs = {s: (objects / (s.replace("/", "_") + ".o")) for s in HOST_SOURCES}
-    for s in rebuilt:
+    for s in [*rebuilt, "host/mutant_switch.cpp"]:
         objs[s] = tmp_path / f"{name}.{s.replace('/', '_')}.o"
-    wait_all([compile_host(src, s, objs[s]) for s in rebuilt])
+    wait_all([compile_host(src, s, objs[s]) for s in [*rebuilt, "host/mutant_switch.cpp"]])
     out = tmp_path / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
     subprocess.run(["c++", "-shared", *map(str, objs.values()), "-o", str(out)], check=True, capture_output=True)
     spec = importlib.util.spec_from_file_location(name, out)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sys.modules[name] = module
-    return module
+    return module, ctypes.c_int.in_dll(ctypes.CDLL(str(out)), SWITCH)
 
 
 def max_error(ours, expected):
@@ -341,15 +347,14 @@ BOUNDS = {"softmax": (1e-5, 1e-3), "attention": (2e-2, 0.1), "attention_fp32": (
 
 @pytest.fixture(scope="module")
 def mutant_of(tmp_path_factory, pristine_objects):
-    """The simulator build without one barrier, built once per (file, occurrence): the norm's two directions share
-    theirs (a common.cuh mutant recompiles every kernel file, ~45 s on 2 busy cores)."""
+    """The switchable simulator build of a file (`build_mutant`), built once: a .cu file's recompiles that file
+    (~15 s for an attention file), common.cuh's every kernel file (~45 s on 2 busy cores)."""
     built = {}
 
-    def build(file, occurrence):
-        if (file, occurrence) not in built:
-            built[(file, occurrence)] = build_mutant(tmp_path_factory.mktemp("mutant"), pristine_objects, file,
-                                                     occurrence, f"{file.split('.')[0]}_{occurrence}")
-        return built[(file, occurrence)]
+    def build(file):
+        if file not in built:
+            built[file] = build_mutant(tmp_path_factory.mktemp("mutant"), pristine_objects, file, file.split(".")[0])
+        return built[file]
 
     return build
 
@@ -367,9 +372,13 @@ def test_removing_a_barrier_is_caught(mutant_of, monkeypatch, file, occurrence, 
 
     ok, caught = BOUNDS[op]
     assert error(C) < ok  # the real build passes the same check
-    mutant = mutant_of(file, occurrence)
+    mutant, removed = mutant_of(file)
     errors = []
-    for seed in range(4):
-        mutant.simt_seed(seed)
-        errors.append(error(mutant))
+    removed.value = occurrence
+    try:
+        for seed in range(4):
+            mutant.simt_seed(seed)
+            errors.append(error(mutant))
+    finally:
+        removed.value = -1
     assert max(errors) > caught, f"removing barrier #{occurrence} of {file} went unnoticed: errors {errors}"
