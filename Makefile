@@ -37,11 +37,11 @@ setup: .setup-stamp
 	$(PIP) install -q --no-build-isolation -e ".[test,bench,hf]"
 	@touch $@
 
-# One pytest worker per CPU, a test file per worker at a time (files own their module fixtures and build folders):
-# 13.7 minutes instead of 22 on 2 cores.
+# One pytest worker per CPU, a test file per worker at a time (files own their module fixtures and build folders),
+# in collection order: tests/conftest.py puts the long files first.
 TEST_WORKERS ?= auto
 test: setup
-	$(PYTHON) -m pytest -q -p no:benchmark -n $(TEST_WORKERS) --dist loadfile
+	$(PYTHON) -m pytest -q -p no:benchmark -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The floors of the supported ranges, proven: every op family's interpreted Triton tests under triton $(TRITON_FLOOR),
 # and the Hugging Face tests under the oldest transformers the `hf` extra admits (read from pyproject.toml), in a second

@@ -44,12 +44,12 @@ def _sanitized_build(name: str, runtime, tool: str, cxxflags: str):
 
 @pytest.fixture(scope="module")
 def asan_extension():
-    return _sanitized_build("asan", LIBASAN, "AddressSanitizer", "-O1 -g -fsanitize=address -fno-omit-frame-pointer")
+    return _sanitized_build("asan", LIBASAN, "AddressSanitizer", "-O1 -g1 -fsanitize=address -fno-omit-frame-pointer")
 
 
 @pytest.fixture(scope="module")
 def tsan_extension():
-    return _sanitized_build("tsan", LIBTSAN, "ThreadSanitizer", "-O1 -g -fsanitize=thread")
+    return _sanitized_build("tsan", LIBTSAN, "ThreadSanitizer", "-O1 -g1 -fsanitize=thread")
 
 
 @pytest.fixture(scope="module")
