@@ -42,6 +42,8 @@ def _sanitized_build(name: str, runtime, tool: str, cxxflags: str):
     return toolchain.instrumented_host_extension(name, cxxflags)[0]
 
 
+# -g1: line tables only, all a report's `file:line in function` needs; full debug info (-g) made the ASan build
+# 120 CPU seconds instead of 71 on 2 cores.
 @pytest.fixture(scope="module")
 def asan_extension():
     return _sanitized_build("asan", LIBASAN, "AddressSanitizer", "-O1 -g1 -fsanitize=address -fno-omit-frame-pointer")
