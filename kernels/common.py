@@ -64,7 +64,6 @@ def dropout_keep(seed, rows, cols, dropout_p):
     return (draw >> 8) >= tl.cast(dropout_p * 16777216.0, tl.uint32)
 
 
-
 def _interpret_with_one_patch_per_launch() -> None:
     """Under the interpreter, `triton.language` patched once per launch, not at every helper call
     (kernels/interpreter.py)."""

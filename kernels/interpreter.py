@@ -44,6 +44,9 @@ class _NothingToRestore:
         pass
 
 
+_NOTHING_TO_RESTORE = _NothingToRestore()
+
+
 def skip_repeated_patching() -> bool:
     """Makes the interpreter patch `triton.language` once per module per launch; True if it now does (False: this
     triton's interpreter lacks the two functions, left as it is). Idempotent."""
@@ -60,7 +63,7 @@ def skip_repeated_patching() -> bool:
     def patch_once(fn):
         langs = _languages(fn)
         if patched and langs <= patched[-1]:
-            return _NothingToRestore()
+            return _NOTHING_TO_RESTORE
         scope = patch(fn)
         if patched:
             patched[-1] |= langs

@@ -237,10 +237,12 @@ SWITCH = "tk_mutant_removed_barrier"
 
 
 def build_mutant(tmp_path, objects, file, tag):
-    """(the module, its switch as a ctypes int) of the simulator build whose ``file`` has its barriers switchable."""
+    """(the module, its switch as a ctypes int, the file's number of barriers) of the simulator build whose ``file``
+    has its barriers switchable."""
     src = tmp_path / "csrc"
     shutil.copytree(toolchain.csrc_dir(), src)
     parts = (src / file).read_text().split("__syncthreads();")
+    barriers = len(parts) - 1
     switched = "".join(f"{part}do {{ if ({SWITCH} != {k}) __syncthreads(); }} while (0);"
                        for k, part in enumerate(parts[:-1]))
     (src / file).write_text(f'extern "C" int {SWITCH};\n' + switched + parts[-1])
@@ -248,17 +250,18 @@ def build_mutant(tmp_path, objects, file, tag):
     name = f"_tk_mutant_{tag}"
     # A mutated header reaches every kernel file; a mutated .cu only itself.
     rebuilt = [s for s in HOST_SOURCES if s == "bindings.cpp" or s == file or not file.endswith(".cu")]
+    rebuilt.append("host/mutant_switch.cpp")
     objs = {s: (objects / (s.replace("/", "_") + ".o")) for s in HOST_SOURCES}
-    for s in [*rebuilt, "host/mutant_switch.cpp"]:
+    for s in rebuilt:
         objs[s] = tmp_path / f"{name}.{s.replace('/', '_')}.o"
-    wait_all([compile_host(src, s, objs[s]) for s in [*rebuilt, "host/mutant_switch.cpp"]])
+    wait_all([compile_host(src, s, objs[s]) for s in rebuilt])
     out = tmp_path / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
     subprocess.run(["c++", "-shared", *map(str, objs.values()), "-o", str(out)], check=True, capture_output=True)
     spec = importlib.util.spec_from_file_location(name, out)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sys.modules[name] = module
-    return module, ctypes.c_int.in_dll(ctypes.CDLL(str(out)), SWITCH)
+    return module, ctypes.c_int.in_dll(ctypes.CDLL(str(out)), SWITCH), barriers
 
 
 def max_error(ours, expected):
@@ -372,7 +375,8 @@ def test_removing_a_barrier_is_caught(mutant_of, monkeypatch, file, occurrence, 
 
     ok, caught = BOUNDS[op]
     assert error(C) < ok  # the real build passes the same check
-    mutant, removed = mutant_of(file)
+    mutant, removed, barriers = mutant_of(file)
+    assert occurrence < barriers, f"{file} has no barrier #{occurrence}"
     errors = []
     removed.value = occurrence
     try:
